@@ -1,0 +1,95 @@
+"""Small types shared by the engine, the store and everything above them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KVSegment:
+    """A run of `length` tokens of stored KV, laid out contiguously in paged blocks.
+
+    Token i lives at slot `start + i` of the virtual concatenation of `blocks`, so a
+    segment may begin and end in the middle of a block. `position` is the RoPE position
+    its first token was computed at. `shift` is a RoPE delta to apply to its keys when it
+    is attended (used to re-place standalone chunks at new positions; 0 = as stored).
+    """
+
+    blocks: tuple[int, ...]
+    start: int
+    length: int
+    position: int
+    shift: int = 0
+
+    def slots(self, block_size: int) -> list[int]:
+        return [
+            self.blocks[(self.start + i) // block_size] * block_size + (self.start + i) % block_size
+            for i in range(self.length)
+        ]
+
+    def end_slot(self) -> int:
+        """Offset, within the concatenation of `blocks`, just past the last token."""
+        return self.start + self.length
+
+    def sub(self, offset: int, length: int, block_size: int) -> KVSegment:
+        """The part of this segment from token `offset`, `length` tokens long (no copy)."""
+        first = (self.start + offset) // block_size
+        last = (self.start + offset + max(length, 1) - 1) // block_size
+        return KVSegment(
+            blocks=self.blocks[first : last + 1],
+            start=(self.start + offset) % block_size,
+            length=length,
+            position=self.position + offset,
+            shift=self.shift,
+        )
+
+
+class KVChunksError(Exception):
+    """Base of every error kvchunks raises on purpose; its message is one line for a user."""
+
+
+class InvalidInput(KVChunksError, ValueError):
+    """An argument, file or setting that cannot be used as given."""
+
+
+class ChunkNotFound(KVChunksError, KeyError):
+    """No chunk has this hash or hash prefix."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AmbiguousHash(KVChunksError, KeyError):
+    """A hash prefix matches more than one chunk."""
+
+    def __init__(self, prefix: str, candidates: list[str]):
+        self.prefix = prefix
+        self.candidates = sorted(candidates)
+        shown = ", ".join(c[:12] for c in self.candidates[:8])
+        more = f" and {len(self.candidates) - 8} more" if len(self.candidates) > 8 else ""
+        super().__init__(
+            f"hash prefix '{prefix}' is ambiguous: matches {shown}{more}; give more characters"
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ChunkInUse(KVChunksError):
+    """The chunk is still referenced (by views, or by a running generation)."""
+
+
+class ContextWindowExceeded(KVChunksError):
+    """More tokens than the model's context window."""
+
+
+class CapacityError(KVChunksError):
+    """No room left in the KV pool or a storage tier."""
+
+
+class ChunkFileError(KVChunksError):
+    """A chunk file that is corrupted, truncated, or from another model, dtype or shape."""
+
+
+class RegistryUnavailable(KVChunksError):
+    """The Redis server behind the registry cannot be reached."""

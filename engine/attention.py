@@ -1,0 +1,105 @@
+"""Paged attention over the KV pool, filtered to each sequence's visible segments.
+
+Each sequence in a batch attends to (a) a list of stored KV segments, which may start and
+end mid-block and belong to any chunks, fully visible, and (b) its own tokens, causally.
+The model writes each new token's K/V into the pool first (slot mapping), then attends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from kvchunks.engine.rotary import rotate
+
+
+@dataclass
+class SequenceAttention:
+    """Where one sequence's queries are in the flat batch and which pool slots they see."""
+
+    query_start: int
+    query_end: int
+    key_slots: torch.Tensor  # [T] flat pool slots: context segments first, then own tokens
+    mask: torch.Tensor | None  # [n, T] bool, None when the queries see only themselves, causally
+    key_cos: torch.Tensor | None = None  # [T, head_dim] RoPE delta for shifted segments
+    key_sin: torch.Tensor | None = None
+
+
+@dataclass
+class DecodeBatch:
+    """All sequences decode one token: keys padded to one length so one kernel serves all."""
+
+    key_slots: torch.Tensor  # [B, T] (padding points at slot 0 and is masked out)
+    mask: torch.Tensor  # [B, 1, 1, T] bool
+    key_cos: torch.Tensor | None = None  # [B, T, head_dim]
+    key_sin: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [N] where each new token's K/V is written
+    cos: torch.Tensor  # [N, head_dim] RoPE tables of the new tokens' positions
+    sin: torch.Tensor
+    sequences: list[SequenceAttention]
+    decode: DecodeBatch | None = None
+
+
+class AttentionBackend(Protocol):
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Store k, v [N, kv_heads, D] at meta.slot_mapping; return attention [N, heads, D]."""
+        ...
+
+
+class TorchAttention:
+    """Reference backend on torch's scaled_dot_product_attention (CPU and CUDA)."""
+
+    def __init__(self, kv_cache: torch.Tensor):
+        # [2, layers, blocks, block_size, kv_heads, head_dim] viewed as flat slots per layer.
+        self.k_slots = kv_cache[0].flatten(1, 2)
+        self.v_slots = kv_cache[1].flatten(1, 2)
+
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        k_cache, v_cache = self.k_slots[layer], self.v_slots[layer]
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        if meta.decode is not None:
+            return self._decode(q, k_cache, v_cache, meta.decode)
+        out = torch.empty_like(q)
+        for s in meta.sequences:
+            qs = q[s.query_start : s.query_end]
+            if s.mask is None:
+                ks, vs = k[s.query_start : s.query_end], v[s.query_start : s.query_end]
+            else:
+                ks, vs = k_cache[s.key_slots], v_cache[s.key_slots]
+                if s.key_cos is not None:
+                    ks = rotate(ks, s.key_cos, s.key_sin)
+            out[s.query_start : s.query_end] = _sdpa(qs[None], ks[None], vs[None], s.mask)[0]
+        return out
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, batch: DecodeBatch) -> torch.Tensor:
+        ks, vs = k_cache[batch.key_slots], v_cache[batch.key_slots]  # [B, T, kv_heads, D]
+        if batch.key_cos is not None:
+            ks = rotate(ks.flatten(0, 1), batch.key_cos.flatten(0, 1), batch.key_sin.flatten(0, 1))
+            ks = ks.view_as(vs)
+        return _sdpa(q[:, None], ks, vs, batch.mask)[:, 0]
+
+
+def _sdpa(q, k, v, mask) -> torch.Tensor:
+    """q [B, n, H, D], k/v [B, T, KVH, D] -> [B, n, H, D]; mask None means causal."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=mask is None,
+        enable_gqa=True,
+    )
+    return out.transpose(1, 2)

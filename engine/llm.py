@@ -1,0 +1,214 @@
+"""The engine's front door: vLLM-style `LLM(path).generate(prompts, SamplingParams(...))`,
+plus the lower-level calls the chunk store builds on (prefill against stored segments)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from kvchunks.common import ContextWindowExceeded, InvalidInput, KVSegment
+from kvchunks.engine.block_manager import BlockManager
+from kvchunks.engine.checkpoint import resolve_model
+from kvchunks.engine.config import EngineConfig, ModelConfig
+from kvchunks.engine.model_runner import ModelRunner
+from kvchunks.engine.sampler import sample
+from kvchunks.engine.sampling_params import SamplingParams
+from kvchunks.engine.scheduler import Scheduler
+from kvchunks.engine.sequence import Sequence
+
+Prompt = str | list[int] | list[dict]
+
+
+@dataclass
+class RequestOutput:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str | None
+    segment: KVSegment | None = None  # prompt + answer KV, kept only when asked (keep_kv)
+
+
+@dataclass
+class PrefillResult:
+    segment: KVSegment  # the new tokens' KV; the caller owns it (release with LLM.release)
+    logits: torch.Tensor  # [1, vocab] for the last token, or [n, vocab] with all_logits
+
+
+class LLM:
+    def __init__(self, model: str | Path | None = None, config: EngineConfig | None = None):
+        self.path = resolve_model(model)
+        self.config = config or EngineConfig()
+        self.model_config = ModelConfig.from_folder(self.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.runner = ModelRunner(self.path, self.model_config, self.config)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size)
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = sorted(eos)
+        self.scheduler = Scheduler(self.config, self.block_manager, self.eos_token_ids)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model_config.max_position_embeddings
+
+    # -- prompts -------------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a string, a token-id list, or chat messages (template applied)."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        if prompt and isinstance(prompt[0], dict):
+            ids = self.tokenizer.apply_chat_template(
+                prompt, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+            return list(ids)
+        if all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        raise InvalidInput("a prompt is a string, a list of token ids, or a list of chat messages")
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # -- generation ----------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt, batched continuously; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and not isinstance(prompts[0], (str, list))):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        seqs = [self.add_request(self.encode(p), sp) for p, sp in zip(prompts, params, strict=True)]
+        while not self.scheduler.is_finished():
+            self.step()
+        return [self._output(s) for s in seqs]
+
+    def add_request(
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        context: Seq[KVSegment] = (),
+        position: int | None = None,
+        keep_kv: bool = False,
+        continue_after: KVSegment | None = None,
+    ) -> Sequence:
+        """Queue a request that attends to `context` segments, then to its own tokens.
+
+        With keep_kv the KV of the prompt and the answer stays in the pool when it finishes
+        (`own_segment()`, owned by the caller). continue_after lets its tokens share the last
+        block of that segment when they follow it directly, so chunks need not waste blocks.
+        """
+        if not token_ids:
+            raise InvalidInput("empty prompt: give at least one token")
+        seq = Sequence(token_ids, params, context, position, keep_kv)
+        self._check_window(seq.position + len(token_ids) + params.max_tokens)
+        if continue_after is not None:
+            seq.blocks, seq.start = self.block_manager.continue_after(continue_after)
+        self.scheduler.add(seq)
+        return seq
+
+    def step(self) -> list[Sequence]:
+        """Run one scheduled batch (prefill or decode); return sequences that finished."""
+        seqs, _ = self.scheduler.schedule()
+        if not seqs:
+            raise InvalidInput("the KV pool cannot hold even one running request")
+        logits = self.runner.run(seqs)
+        finished = self.scheduler.postprocess(seqs, sample(logits, seqs))
+        for seq in finished:
+            if seq.keep_kv:
+                self.block_manager.seal(seq.own_segment())
+        return finished
+
+    def stream(self, seq: Sequence) -> Iterator[int]:
+        """Run the engine until seq finishes, yielding each new token of seq as it comes."""
+        emitted = seq.num_completion_tokens
+        while not seq.is_finished:
+            self.step()
+            new = seq.completion_token_ids[emitted:]
+            emitted += len(new)
+            yield from new
+
+    def abort(self, seq: Sequence) -> None:
+        self.scheduler.abort(seq)
+        if seq.keep_kv:
+            self.block_manager.seal(seq.own_segment())
+
+    # -- stored KV -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        token_ids: list[int],
+        context: Seq[KVSegment] = (),
+        position: int | None = None,
+        all_logits: bool = False,
+        continue_after: KVSegment | None = None,
+    ) -> PrefillResult:
+        """Compute and keep the KV of token_ids attending to the stored `context` segments.
+
+        Positions start at `position` (default: right after the context). The returned
+        segment's blocks belong to the caller.
+        """
+        if not token_ids:
+            raise InvalidInput("nothing to prefill: empty token list")
+        seq = Sequence(token_ids, SamplingParams(temperature=0), context, position, keep_kv=True)
+        self._check_window(seq.position + len(token_ids))
+        if continue_after is not None:
+            seq.blocks, seq.start = self.block_manager.continue_after(continue_after)
+        need = self.block_manager.blocks_needed(seq.start, len(token_ids)) - len(seq.blocks)
+        seq.blocks += self.block_manager.allocate(max(need, 0))
+        logits = self.runner.run([seq], all_logits=all_logits)
+        seq.num_computed = seq.num_tokens
+        segment = seq.own_segment()
+        self.block_manager.seal(segment)
+        return PrefillResult(segment, logits)
+
+    def retain(self, segment: KVSegment) -> None:
+        self.block_manager.retain(segment.blocks)
+
+    def release(self, segment: KVSegment) -> None:
+        self.block_manager.release(segment.blocks)
+
+    def read_kv(self, segment: KVSegment) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of a segment's K and V, each [layers, tokens, kv_heads, head_dim]."""
+        slots = self.runner.segment_slots(segment)
+        return self.runner.backend.k_slots[:, slots].clone(), self.runner.backend.v_slots[
+            :, slots
+        ].clone()
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, position: int) -> KVSegment:
+        """Put K and V [layers, tokens, kv_heads, head_dim] into new pool blocks."""
+        n = k.shape[1]
+        blocks = self.block_manager.allocate(self.block_manager.blocks_needed(0, n))
+        segment = KVSegment(tuple(blocks), 0, n, position)
+        slots = self.runner.segment_slots(segment)
+        self.runner.backend.k_slots[:, slots] = k.to(self.runner.kv_cache.dtype)
+        self.runner.backend.v_slots[:, slots] = v.to(self.runner.kv_cache.dtype)
+        self.block_manager.seal(segment)
+        return segment
+
+    def _check_window(self, total: int) -> None:
+        if total > self.max_model_len:
+            raise ContextWindowExceeded(
+                f"{total} tokens exceed the model's context window of {self.max_model_len}"
+            )
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        tokens = seq.completion_token_ids
+        return RequestOutput(
+            text=self.decode(tokens),
+            token_ids=tokens,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            finish_reason=seq.finish_reason,
+            segment=seq.own_segment() if seq.keep_kv else None,
+        )

@@ -1,0 +1,126 @@
+"""Holds the model and the KV pool; turns a batch of sequences into one forward pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from kvchunks.common import KVSegment
+from kvchunks.engine.attention import (
+    AttentionMetadata,
+    DecodeBatch,
+    SequenceAttention,
+    TorchAttention,
+)
+from kvchunks.engine.config import EngineConfig, ModelConfig
+from kvchunks.engine.model import CausalLM, load_weights
+from kvchunks.engine.rotary import cos_sin, inverse_frequencies
+from kvchunks.engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, folder: Path, model_config: ModelConfig, config: EngineConfig):
+        self.config = config
+        self.model_config = model_config
+        self.device = torch.device(config.device)
+        self.block_size = config.block_size
+        with torch.device(self.device):
+            self.model = CausalLM(model_config).to(config.torch_dtype)
+        load_weights(self.model, folder)
+        self.model.eval()
+        self.inv_freq = inverse_frequencies(model_config).to(self.device)
+        self.num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // self.block_bytes())
+        self.kv_cache = torch.zeros(
+            2,
+            model_config.num_layers,
+            self.num_blocks,
+            self.block_size,
+            model_config.num_kv_heads,
+            model_config.head_dim,
+            dtype=config.torch_dtype,
+            device=self.device,
+        )
+        self.backend = TorchAttention(self.kv_cache)
+
+    def block_bytes(self) -> int:
+        c = self.model_config
+        per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim
+        return per_token * self.block_size * self.config.torch_dtype.itemsize
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:
+        """Compute KV for every sequence's not-yet-computed tokens and return logits.
+
+        Logits are one row per sequence (its last token), or one row per new token when
+        all_logits is set.
+        """
+        input_ids, positions, slots, per_seq = [], [], [], []
+        offset = 0
+        for seq in seqs:
+            first, last = seq.num_computed, seq.num_tokens
+            input_ids += seq.token_ids[first:last]
+            positions.append(torch.arange(seq.position + first, seq.position + last))
+            own = self._own_slots(seq, last)
+            slots.append(own[first:])
+            per_seq.append(self._sequence_attention(seq, own, offset, offset + last - first))
+            offset += last - first
+        pos = torch.cat(positions).to(self.device)
+        cos, sin = cos_sin(self.inv_freq, pos)
+        meta = AttentionMetadata(torch.cat(slots), cos, sin, per_seq)
+        if all(s.query_end - s.query_start == 1 for s in per_seq):
+            meta.decode = self._decode_batch(per_seq)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, meta, self.backend)
+        if not all_logits:
+            hidden = hidden[[s.query_end - 1 for s in per_seq]]
+        return self.model.logits(hidden)
+
+    def _own_slots(self, seq: Sequence, num_tokens: int) -> torch.Tensor:
+        index = torch.arange(seq.start, seq.start + num_tokens, device=self.device)
+        blocks = torch.tensor(seq.blocks, dtype=torch.long, device=self.device)
+        return blocks[index // self.block_size] * self.block_size + index % self.block_size
+
+    def segment_slots(self, segment: KVSegment) -> torch.Tensor:
+        index = torch.arange(segment.start, segment.end_slot(), device=self.device)
+        blocks = torch.tensor(segment.blocks, dtype=torch.long, device=self.device)
+        return blocks[index // self.block_size] * self.block_size + index % self.block_size
+
+    def _sequence_attention(
+        self, seq: Sequence, own: torch.Tensor, q_start: int, q_end: int
+    ) -> SequenceAttention:
+        n = q_end - q_start
+        if not seq.context and seq.num_computed == 0:
+            return SequenceAttention(q_start, q_end, own, None)
+        ctx_slots = [self.segment_slots(s) for s in seq.context]
+        key_slots = torch.cat([*ctx_slots, own])
+        num_ctx = key_slots.numel() - own.numel()
+        query_idx = torch.arange(seq.num_computed, seq.num_computed + n, device=self.device)
+        own_idx = torch.arange(own.numel(), device=self.device)
+        causal = own_idx[None, :] <= query_idx[:, None]
+        mask = torch.cat([causal.new_ones(n, num_ctx), causal], dim=1)
+        attention = SequenceAttention(q_start, q_end, key_slots, mask)
+        if any(s.shift for s in seq.context):
+            attention.key_cos, attention.key_sin = self._key_rotation(seq, own.numel())
+        return attention
+
+    def _key_rotation(self, seq: Sequence, num_own: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE delta tables for every key of seq: its segments' shifts, 0 for its own tokens."""
+        shifts = [torch.full((s.length,), s.shift) for s in seq.context] + [torch.zeros(num_own)]
+        return cos_sin(self.inv_freq, torch.cat(shifts).to(self.device))
+
+    def _decode_batch(self, per_seq: list[SequenceAttention]) -> DecodeBatch:
+        key_slots = pad_sequence([s.key_slots for s in per_seq], batch_first=True)
+        lengths = torch.tensor([s.key_slots.numel() for s in per_seq], device=self.device)
+        valid = torch.arange(key_slots.shape[1], device=self.device)[None, :] < lengths[:, None]
+        batch = DecodeBatch(key_slots, valid[:, None, None, :])
+        if any(s.key_cos is not None for s in per_seq):
+            no_cos, no_sin = cos_sin(self.inv_freq, torch.zeros(key_slots.shape[1]))
+            tables = [
+                (s.key_cos, s.key_sin) if s.key_cos is not None else (no_cos, no_sin)
+                for s in per_seq
+            ]
+            batch.key_cos = pad_sequence([c for c, _ in tables], batch_first=True)
+            batch.key_sin = pad_sequence([s for _, s in tables], batch_first=True)
+        return batch

@@ -1,0 +1,132 @@
+"""Continuous batching: admit waiting sequences for prefill, otherwise decode all running."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from kvchunks.common import CapacityError
+from kvchunks.engine.block_manager import BlockManager
+from kvchunks.engine.config import EngineConfig
+from kvchunks.engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, eos_token_ids: list[int]):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.blocks = block_manager
+        self.eos_token_ids = set(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        need = self.blocks.blocks_needed(seq.start, seq.num_tokens + 1)
+        if need > self.blocks.num_blocks:
+            raise CapacityError(
+                f"request needs {need} KV blocks but the pool has {self.blocks.num_blocks}"
+            )
+        self.waiting.append(seq)
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """The next batch and whether it is a prefill batch."""
+        batch = self._admit()
+        if batch:
+            return batch, True
+        return self._decode_batch(), False
+
+    def _admit(self) -> list[Sequence]:
+        batch: list[Sequence] = []
+        tokens = 0
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            new_tokens = seq.num_tokens - seq.num_computed
+            over_budget = tokens + new_tokens > self.max_num_batched_tokens
+            if (batch and over_budget) or not self._grow(seq, seq.num_tokens):
+                break
+            tokens += new_tokens
+            seq.status = Status.RUNNING
+            self.waiting.popleft()
+            self.running.append(seq)
+            batch.append(seq)
+        return batch
+
+    def _decode_batch(self) -> list[Sequence]:
+        batch: list[Sequence] = []
+        while self.running:
+            seq = self.running.popleft()
+            while not self._grow(seq, seq.num_tokens):
+                if not self.running:
+                    self._preempt(seq)
+                    break
+                self._preempt(self.running.pop())
+            else:
+                batch.append(seq)
+        self.running.extend(batch)
+        return batch
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make sure seq has blocks for num_tokens own tokens; False if the pool is full."""
+        need = self.blocks.blocks_needed(seq.start, num_tokens) - len(seq.blocks)
+        if need <= 0:
+            return True
+        if need > self.blocks.num_free:
+            return False
+        seq.blocks += self.blocks.allocate(need)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a sequence's KV and queue it to be recomputed when there is room again."""
+        self.num_preemptions += 1
+        self.blocks.release(seq.blocks)
+        seq.blocks, seq.start, seq.num_computed = [], 0, 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
+        """Append sampled tokens; return the sequences that finished in this step."""
+        finished = []
+        for seq, token in zip(seqs, token_ids, strict=True):
+            seq.num_computed = seq.num_tokens
+            if seq.closing:
+                self._finish(seq)
+                finished.append(seq)
+                continue
+            seq.token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is None:
+                continue
+            seq.finish_reason = reason
+            if seq.keep_kv:
+                seq.closing = True  # one more step computes the last token's KV
+            else:
+                self._finish(seq)
+                finished.append(seq)
+        return finished
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if not p.ignore_eos and (token in self.eos_token_ids or token in p.stop_token_ids):
+            return "stop"
+        if seq.num_completion_tokens >= p.max_tokens:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence) -> None:
+        seq.status = Status.FINISHED
+        self.running.remove(seq)
+        if not seq.keep_kv:
+            self.blocks.release(seq.blocks)
+            seq.blocks = []
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a request now; with keep_kv its computed tokens' KV stays with it."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.finish_reason = seq.finish_reason or "abort"
+        if seq in self.running:
+            self._finish(seq)
+        seq.status = Status.FINISHED

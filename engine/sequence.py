@@ -1,0 +1,66 @@
+"""One request's state: its own tokens, their KV blocks, and the stored KV it attends to."""
+
+from __future__ import annotations
+
+from enum import Enum, auto
+from itertools import count
+
+import torch
+
+from kvchunks.common import KVSegment
+from kvchunks.engine.sampling_params import SamplingParams
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    _ids = count()
+
+    def __init__(
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        context: list[KVSegment] | tuple[KVSegment, ...] = (),
+        position: int | None = None,
+        keep_kv: bool = False,
+    ):
+        self.seq_id = next(Sequence._ids)
+        self.status = Status.WAITING
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.params = params
+        self.context = list(context)
+        self.position = sum(s.length for s in context) if position is None else position
+        self.keep_kv = keep_kv
+        self.num_computed = 0
+        self.blocks: list[int] = []
+        self.start = 0  # slot offset of the first own token in blocks[0]
+        self.closing = False  # finished, but the last token's KV is still to be computed
+        self.finish_reason: str | None = None
+        self.generator = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def own_segment(self) -> KVSegment:
+        """The KV this sequence computed itself, as a segment of its blocks."""
+        return KVSegment(tuple(self.blocks), self.start, self.num_computed, self.position)

@@ -1,0 +1,82 @@
+"""Shared fixtures: the default model (prepared once), its HF reference, tiny random models."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvchunks.engine import LLM, EngineConfig
+from kvchunks.engine.checkpoint import prepare_default_model
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return prepare_default_model()
+
+
+@pytest.fixture(scope="session")
+def llm(model_path: Path) -> LLM:
+    return LLM(model_path, EngineConfig(kv_cache_bytes=768 << 20))
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, model_path: Path):
+    """Build a small random-weight checkpoint of a given family (with the default tokenizer)."""
+    made: dict[str, Path] = {}
+
+    def build(family: str) -> Path:
+        if family in made:
+            return made[family]
+        import transformers
+
+        common = dict(
+            vocab_size=49152,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=2048,
+            rope_theta=10000.0,
+            eos_token_id=2,
+            bos_token_id=1,
+            tie_word_embeddings=False,
+        )
+        configs = {
+            "qwen2": transformers.Qwen2Config,
+            "qwen3": transformers.Qwen3Config,
+            "llama": transformers.LlamaConfig,
+        }
+        classes = {
+            "qwen2": transformers.Qwen2ForCausalLM,
+            "qwen3": transformers.Qwen3ForCausalLM,
+            "llama": transformers.LlamaForCausalLM,
+        }
+        torch.manual_seed(1234)
+        config = configs[family](**common)
+        model = classes[family](config)
+        with torch.no_grad():  # random, not zero, biases and norms so they matter in the test
+            for name, p in model.named_parameters():
+                if name.endswith("bias") or "norm" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+        folder = tmp_path_factory.mktemp(family)
+        model.save_pretrained(folder)
+        for f in model_path.glob("tokenizer*"):
+            shutil.copy(f, folder)
+        for f in model_path.glob("*.jinja"):
+            shutil.copy(f, folder)
+        made[family] = folder
+        return folder
+
+    return build

@@ -1,0 +1,108 @@
+"""Continuous batching, preemption, sampling and block accounting."""
+
+from __future__ import annotations
+
+import pytest
+from test_engine_reference import random_tokens
+
+from kvchunks.common import CapacityError, InvalidInput
+from kvchunks.engine import LLM, EngineConfig, SamplingParams
+from kvchunks.engine.block_manager import BlockManager
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+def prompts_of_lengths(lengths):
+    return [random_tokens(n, seed=100 + n) for n in lengths]
+
+
+def test_batched_equals_one_at_a_time(llm):
+    prompts = prompts_of_lengths([3, 17, 64, 100, 255, 256, 300, 511])
+    free_before = llm.block_manager.num_free
+    batched = llm.generate(prompts, GREEDY)
+    single = [llm.generate([p], GREEDY)[0] for p in prompts]
+    assert [o.token_ids for o in batched] == [o.token_ids for o in single]
+    assert all(len(o.token_ids) == 16 for o in batched)
+    assert llm.block_manager.num_free == free_before
+
+
+def test_preemption_under_a_small_pool_gives_the_same_answers(model_path, llm):
+    small = LLM(model_path, EngineConfig(num_blocks=6, block_size=16))
+    small.runner.model = llm.runner.model  # same weights, a tiny pool
+    prompts = prompts_of_lengths([20, 30, 25, 40])
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = [llm.generate([p], params)[0].token_ids for p in prompts]
+    assert [o.token_ids for o in small.generate(prompts, params)] == expected
+    assert small.scheduler.num_preemptions > 0
+    assert small.block_manager.num_free == 6
+
+
+def test_request_larger_than_the_pool_is_refused(model_path, llm):
+    small = LLM(model_path, EngineConfig(num_blocks=2, block_size=16))
+    with pytest.raises(CapacityError):
+        small.generate([random_tokens(40, seed=1)], GREEDY)
+    assert small.block_manager.num_free == 2
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(llm):
+    ids = random_tokens(30, seed=3)
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, max_tokens=12, seed=11)
+    a, b = llm.generate([ids, ids], seeded)
+    assert a.token_ids == b.token_ids
+    other = llm.generate([ids], SamplingParams(temperature=1.5, max_tokens=12, seed=12))[0]
+    assert other.token_ids != a.token_ids
+    top1 = SamplingParams(temperature=0.7, top_k=1, max_tokens=12, ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert llm.generate([ids], top1)[0].token_ids == llm.generate([ids], greedy)[0].token_ids
+
+
+def test_stop_tokens_and_max_tokens(llm):
+    ids = random_tokens(20, seed=4)
+    free = llm.generate([ids], GREEDY)[0].token_ids
+    stop = free[5]
+    first = free.index(stop)
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop]))
+    assert out[0].token_ids == free[: first + 1]
+    assert out[0].finish_reason == "stop"
+    assert llm.generate([ids], GREEDY)[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2), dict(max_tokens=0)],
+)
+def test_invalid_sampling_params_are_refused(kwargs):
+    with pytest.raises(InvalidInput):
+        SamplingParams(**kwargs)
+
+
+def test_prompt_forms(llm):
+    chat = [{"role": "user", "content": "Hi"}]
+    ids = llm.encode(chat)
+    assert llm.encode(ids) == ids
+    assert llm.tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+    text = llm.tokenizer.decode(ids)
+    assert llm.encode(text) == ids
+    with pytest.raises(InvalidInput):
+        llm.generate([[]], GREEDY)
+
+
+def test_block_manager_reference_counts_and_claims():
+    bm = BlockManager(num_blocks=4, block_size=8)
+    a = bm.allocate(2)
+    bm.retain(a)
+    bm.release(a)
+    assert bm.num_free == 2
+    from kvchunks.common import KVSegment
+
+    seg = KVSegment(tuple(a), 0, 11, 0)
+    bm.seal(seg)
+    blocks, start = bm.continue_after(seg)
+    assert (blocks, start) == ([a[1]], 3)
+    assert bm.continue_after(seg) == ([], 0)  # the tail is taken now
+    bm.release(a)
+    assert bm.num_free == 3
+    bm.release([a[1]])
+    assert bm.num_free == 4
+    with pytest.raises(CapacityError):
+        bm.allocate(5)

@@ -1,0 +1,98 @@
+"""Attention filtered to a list of stored KV segments, against masked HF references."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from reference import hf_logits
+from test_engine_reference import random_tokens
+
+from kvchunks.engine import SamplingParams
+
+
+def visible_mask(n: int, hidden: range, queries: range) -> torch.Tensor:
+    """Causal mask over n tokens in which `queries` cannot see the `hidden` tokens."""
+    mask = torch.ones(n, n).tril().bool()
+    for q in queries:
+        mask[q, hidden.start : hidden.stop] = False
+    return mask
+
+
+def test_timeline_continuation_equals_one_forward(llm, hf_model):
+    a, b, c = random_tokens(300, 1), random_tokens(200, 2), random_tokens(40, 3)
+    ra = llm.prefill(a)
+    rb = llm.prefill(b, context=[ra.segment], continue_after=ra.segment)
+    assert rb.segment.start == 300 % 256 and rb.segment.blocks[0] == ra.segment.blocks[-1]
+    rc = llm.prefill(c, context=[ra.segment, rb.segment], all_logits=True)
+    ref = hf_logits(hf_model, a + b + c)[500:]
+    for r in (ra, rb, rc):
+        llm.release(r.segment)
+    assert (rc.logits - ref).abs().max().item() <= 1e-4
+
+
+def test_hidden_middle_segment_equals_masked_reference(llm, hf_model):
+    a, b, c = random_tokens(300, 4), random_tokens(120, 5), random_tokens(30, 6)
+    ra = llm.prefill(a)
+    rb = llm.prefill(b, context=[ra.segment])
+    # b is filtered out: c sees only a, at the positions of the full timeline.
+    rc = llm.prefill(c, context=[ra.segment], position=420, all_logits=True)
+    mask = visible_mask(450, hidden=range(300, 420), queries=range(420, 450))
+    ref = hf_logits(hf_model, a + b + c, mask=mask)[420:]
+    for r in (ra, rb, rc):
+        llm.release(r.segment)
+    assert (rc.logits - ref).abs().max().item() <= 1e-4
+
+
+def test_sub_segments_hide_tokens_inside_a_block(llm, hf_model):
+    a, c = random_tokens(400, 7), random_tokens(20, 8)
+    ra = llm.prefill(a)
+    bs = llm.config.block_size
+    keep = [ra.segment.sub(0, 100, bs), ra.segment.sub(150, 250, bs)]
+    rc = llm.prefill(c, context=keep, position=400, all_logits=True)
+    ref = hf_logits(hf_model, a + c, mask=visible_mask(420, range(100, 150), range(400, 420)))
+    llm.release(ra.segment)
+    llm.release(rc.segment)
+    assert (rc.logits - ref[400:]).abs().max().item() <= 1e-4
+
+
+def test_shifted_segments_equal_block_diagonal_reference(llm, hf_model):
+    """Two standalone chunks re-placed at contiguous positions by rotating their keys."""
+    a, b, q = random_tokens(100, 9), random_tokens(80, 10), random_tokens(25, 11)
+    ra, rb = llm.prefill(a, position=0), llm.prefill(b, position=0)
+    shifted_b = dataclasses.replace(rb.segment, shift=100)
+    rq = llm.prefill(q, context=[ra.segment, shifted_b], position=180, all_logits=True)
+    mask = visible_mask(205, hidden=range(0, 100), queries=range(100, 180))
+    ref = hf_logits(hf_model, a + b + q, mask=mask)[180:]
+    for r in (ra, rb, rq):
+        llm.release(r.segment)
+    assert (rq.logits - ref).abs().max().item() <= 1e-4
+
+
+def test_generation_against_segments_equals_plain_generation(llm):
+    """Decoding with stored context (paged, filtered path) equals decoding the full prompt."""
+    doc, question = random_tokens(270, 12), random_tokens(15, 13)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = llm.generate([doc + question], params)[0].token_ids
+    rd = llm.prefill(doc)
+    seqs = [llm.add_request(question, params, context=[rd.segment]) for _ in range(3)]
+    while not all(s.is_finished for s in seqs):
+        llm.step()
+    llm.release(rd.segment)
+    assert all(s.completion_token_ids == expected for s in seqs)
+
+
+def test_keep_kv_returns_the_answer_kv(llm):
+    prompt = random_tokens(40, 14)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    seq = llm.add_request(prompt, params, keep_kv=True)
+    tokens = list(llm.stream(seq))
+    segment = seq.own_segment()
+    assert segment.length == 50 and len(tokens) == 10
+    k, v = llm.read_kv(segment)
+    fresh = llm.prefill(prompt + tokens)
+    k2, v2 = llm.read_kv(fresh.segment)
+    llm.release(segment)
+    llm.release(fresh.segment)
+    torch.testing.assert_close(k, k2, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(v, v2, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,84 @@
+"""The engine against Hugging Face transformers on the same checkpoint (float32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import hf_logits
+
+from kvchunks.engine import LLM, EngineConfig, SamplingParams
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [
+        {"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "content": "Why is the sky blue?"},
+    ],
+]
+
+
+def random_tokens(n: int, seed: int, vocab: int = 49152) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 1000])
+def test_prefill_logits_match_reference(llm, hf_model, n):
+    ids = random_tokens(n, seed=n)
+    result = llm.prefill(ids, all_logits=True)
+    try:
+        diff = (result.logits - hf_logits(hf_model, ids)).abs().max().item()
+    finally:
+        llm.release(result.segment)
+    assert diff <= 1e-4
+
+
+def hf_greedy(hf_model, ids: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=2,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def test_greedy_chat_matches_reference(llm, hf_model):
+    params = SamplingParams(temperature=0, max_tokens=32)
+    for chat, out in zip(CHATS, llm.generate(CHATS, params), strict=True):
+        expected = hf_greedy(hf_model, llm.encode(chat), 32)
+        # HF keeps going past EOS only up to its own stop; compare up to ours.
+        assert out.token_ids == expected[: len(out.token_ids)]
+        assert out.text == llm.decode(expected[: len(out.token_ids)])
+        assert out.text.strip()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+def test_random_weight_families_match_reference(tiny_checkpoint, family):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_checkpoint(family)
+    ours = LLM(folder, EngineConfig(kv_cache_bytes=64 << 20, block_size=16))
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = random_tokens(77, seed=7)
+    result = ours.prefill(ids, all_logits=True)
+    assert (result.logits - hf_logits(hf, ids)).abs().max().item() <= 1e-4
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    (out,) = ours.generate([ids], params)
+    with torch.no_grad():
+        expected = hf.generate(
+            torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32
+        )[0, len(ids) :].tolist()
+    assert out.token_ids == expected
+
+
+def test_bfloat16_runs_close_to_float32(model_path, llm):
+    bf16 = LLM(model_path, EngineConfig(kv_cache_bytes=64 << 20, dtype="bfloat16"))
+    ids = llm.encode(CHATS[0])
+    a = llm.prefill(ids)
+    b = bf16.prefill(ids)
+    llm.release(a.segment)
+    assert a.logits.argmax().item() == b.logits.argmax().item()
+    assert bf16.runner.kv_cache.dtype == torch.bfloat16
