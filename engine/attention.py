@@ -24,7 +24,7 @@ class SequenceAttention:
     query_end: int
     key_slots: torch.Tensor  # [T] flat pool slots: context segments first, then own tokens
     mask: torch.Tensor | None  # [n, T] bool, None when the queries see only themselves, causally
-    key_cos: torch.Tensor | None = None  # [T, head_dim] RoPE delta for shifted segments
+    key_cos: torch.Tensor | None = None  # [T, 1, head_dim] RoPE delta of shifted segments
     key_sin: torch.Tensor | None = None
 
 
@@ -34,14 +34,14 @@ class DecodeBatch:
 
     key_slots: torch.Tensor  # [B, T] (padding points at slot 0 and is masked out)
     mask: torch.Tensor  # [B, 1, 1, T] bool
-    key_cos: torch.Tensor | None = None  # [B, T, head_dim]
+    key_cos: torch.Tensor | None = None  # [B, T, 1, head_dim]
     key_sin: torch.Tensor | None = None
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [N] where each new token's K/V is written
-    cos: torch.Tensor  # [N, head_dim] RoPE tables of the new tokens' positions
+    cos: torch.Tensor  # [N, 1, head_dim] RoPE tables of the new tokens' positions
     sin: torch.Tensor
     sequences: list[SequenceAttention]
     decode: DecodeBatch | None = None
@@ -77,7 +77,7 @@ class TorchAttention:
             if s.mask is None:
                 ks, vs = k[s.query_start : s.query_end], v[s.query_start : s.query_end]
             else:
-                ks, vs = k_cache[s.key_slots], v_cache[s.key_slots]
+                ks, vs = k_cache.index_select(0, s.key_slots), v_cache.index_select(0, s.key_slots)
                 if s.key_cos is not None:
                     ks = rotate(ks, s.key_cos, s.key_sin)
             out[s.query_start : s.query_end] = _sdpa(qs[None], ks[None], vs[None], s.mask)[0]
@@ -85,7 +85,11 @@ class TorchAttention:
 
     @staticmethod
     def _decode(q, k_cache, v_cache, batch: DecodeBatch) -> torch.Tensor:
-        ks, vs = k_cache[batch.key_slots], v_cache[batch.key_slots]  # [B, T, kv_heads, D]
+        # index_select on the flat slot list is far faster than 2-D advanced indexing on CPU.
+        flat = batch.key_slots.flatten()
+        shape = (*batch.key_slots.shape, *k_cache.shape[1:])  # [B, T, kv_heads, D]
+        ks = k_cache.index_select(0, flat).view(shape)
+        vs = v_cache.index_select(0, flat).view(shape)
         if batch.key_cos is not None:
             ks = rotate(ks.flatten(0, 1), batch.key_cos.flatten(0, 1), batch.key_sin.flatten(0, 1))
             ks = ks.view_as(vs)

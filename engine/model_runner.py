@@ -67,7 +67,7 @@ class ModelRunner:
             per_seq.append(self._sequence_attention(seq, own, offset, offset + last - first))
             offset += last - first
         pos = torch.cat(positions).to(self.device)
-        cos, sin = cos_sin(self.inv_freq, pos)
+        cos, sin = cos_sin(self.inv_freq, pos, self.config.torch_dtype)
         meta = AttentionMetadata(torch.cat(slots), cos, sin, per_seq)
         if all(s.query_end - s.query_start == 1 for s in per_seq):
             meta.decode = self._decode_batch(per_seq)
@@ -108,7 +108,7 @@ class ModelRunner:
     def _key_rotation(self, seq: Sequence, num_own: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE delta tables for every key of seq: its segments' shifts, 0 for its own tokens."""
         shifts = [torch.full((s.length,), s.shift) for s in seq.context] + [torch.zeros(num_own)]
-        return cos_sin(self.inv_freq, torch.cat(shifts).to(self.device))
+        return cos_sin(self.inv_freq, torch.cat(shifts).to(self.device), self.config.torch_dtype)
 
     def _decode_batch(self, per_seq: list[SequenceAttention]) -> DecodeBatch:
         key_slots = pad_sequence([s.key_slots for s in per_seq], batch_first=True)
@@ -116,7 +116,9 @@ class ModelRunner:
         valid = torch.arange(key_slots.shape[1], device=self.device)[None, :] < lengths[:, None]
         batch = DecodeBatch(key_slots, valid[:, None, None, :])
         if any(s.key_cos is not None for s in per_seq):
-            no_cos, no_sin = cos_sin(self.inv_freq, torch.zeros(key_slots.shape[1]))
+            no_cos, no_sin = cos_sin(
+                self.inv_freq, torch.zeros(key_slots.shape[1]), self.config.torch_dtype
+            )
             tables = [
                 (s.key_cos, s.key_sin) if s.key_cos is not None else (no_cos, no_sin)
                 for s in per_seq

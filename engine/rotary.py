@@ -35,20 +35,23 @@ def _llama3_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [N, head_dim] for integer positions (which may be negative deltas)."""
+def cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [N, 1, head_dim] for integer positions (which may be negative deltas).
+
+    Computed in float32 like the reference implementation, then cast to the model's dtype.
+    """
     freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply RoPE to x [N, heads, head_dim] with tables [N, head_dim].
+    """Apply RoPE to x [N, heads, head_dim] with tables [N, 1, head_dim].
 
     RoPE composes: rotating a key computed at position p by cos_sin(delta) gives exactly the
     key at position p + delta, which is how stored chunks are re-placed without recompute.
     """
-    half = x.shape[-1] // 2
-    rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    return x * cos + rotated_half * sin
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
