@@ -1,0 +1,332 @@
+"""KV on disk: one safetensors file per chunk, checked on every read.
+
+Tensors `k` and `v`, each [num_layers, T, num_kv_heads, head_dim]: one tensor per side rather
+than per layer, because a chunk is always loaded whole and two entries keep the header small.
+
+`__metadata__` (safetensors allows strings only):
+    format         "kvchunks-kv"
+    version        "1"
+    fingerprint    model fingerprint the KV was computed with (64 hex digits)
+    dtype          the KV's dtype in the model: float32, bfloat16 or float16
+    compression    "none": stored in `dtype`; "bf16": stored down-cast to bfloat16 (lossy,
+                   declared so a reader casts back to `dtype`)
+    shape          "L,T,H,D"
+    sha256         SHA-256 of the stored `k` bytes followed by the stored `v` bytes
+    record         base64 of the msgpack chunk record (ChunkInfo.to_record)
+    record_sha256  SHA-256 of those msgpack bytes, so a flipped token id is caught too
+
+Readers parse the header themselves, with size limits, before safetensors sees the file, and
+every problem is a ChunkFileError with one line. Nothing here uses pickle or torch.load.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import json
+import os
+import secrets
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import safetensors.torch
+import torch
+
+from kvchunks.common import ChunkFileError, InvalidInput
+from kvchunks.store.chunk import ChunkInfo, is_hash, pack_record, unpack_record
+
+FORMAT = "kvchunks-kv"
+VERSION = "1"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = {d: n for n, d in DTYPES.items()}
+_STORED = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # safetensors' names
+_ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
+COMPRESSIONS = ("none", "bf16")
+MAX_HEADER_BYTES = 64 << 20  # a record holds token ids and text: far below this
+_META_KEYS = (
+    "format",
+    "version",
+    "fingerprint",
+    "dtype",
+    "compression",
+    "shape",
+    "sha256",
+    "record",
+    "record_sha256",
+)
+
+
+@dataclass(frozen=True)
+class KVHeader:
+    fingerprint: str
+    dtype: str  # the KV's dtype in the model, after undoing `compression`
+    compression: str
+    shape: tuple[int, int, int, int]  # (num_layers, T, num_kv_heads, head_dim)
+    sha256: str
+    record: dict[str, Any]
+
+
+def kv_path(data_dir: Path, chunk_hash: str) -> Path:
+    """Canonical location of a chunk's KV: <data_dir>/kv/<hash[:2]>/<hash>.safetensors."""
+    if not is_hash(chunk_hash):
+        raise InvalidInput(f"{chunk_hash!r} is not a full chunk hash")
+    return Path(data_dir) / "kv" / chunk_hash[:2] / f"{chunk_hash}.safetensors"
+
+
+def write_kv_file(
+    path: Path,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    record: dict[str, Any],
+    fingerprint: str,
+    compression: str = "none",
+) -> KVHeader:
+    """Write the chunk's KV atomically: a complete file at `path`, or no change at all."""
+    path = Path(path)
+    dtype, shape = _check_tensors(k, v, record)
+    if not is_hash(fingerprint):
+        raise InvalidInput("a model fingerprint is 64 hex digits")
+    if compression not in COMPRESSIONS:
+        raise InvalidInput(f"unknown compression {compression!r}; use one of {COMPRESSIONS}")
+    stored_dtype = torch.bfloat16 if compression == "bf16" else k.dtype
+    tensors = {
+        name: t.detach().to("cpu", stored_dtype).contiguous() for name, t in (("k", k), ("v", v))
+    }
+    packed = pack_record(record)
+    header = KVHeader(fingerprint, dtype, compression, shape, _tensor_sha256(tensors), record)
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "fingerprint": fingerprint,
+        "dtype": dtype,
+        "compression": compression,
+        "shape": ",".join(map(str, shape)),
+        "sha256": header.sha256,
+        "record": base64.b64encode(packed).decode("ascii"),
+        "record_sha256": hashlib.sha256(packed).hexdigest(),
+    }
+    if len(metadata["record"]) > MAX_HEADER_BYTES // 2:
+        raise InvalidInput(f"chunk record too large for a KV file ({len(packed)} bytes)")
+    _atomic_save(path, tensors, metadata)
+    return header
+
+
+def read_kv_header(path: Path) -> KVHeader:
+    """The file's metadata, checked, without reading the KV bytes."""
+    path = Path(path)
+    with _open(path) as f:
+        return _parse(f, os.fstat(f.fileno()).st_size, path)[0]
+
+
+def read_kv_file(
+    path: Path,
+    expect_fingerprint: str | None = None,
+    expect_dtype: str | torch.dtype | None = None,
+    expect_shape: tuple[int | None, ...] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], KVHeader]:
+    """Load and verify a chunk's KV: (k, v, record, header), k and v in the header's dtype.
+
+    `expect_shape` is (num_layers, T, num_kv_heads, head_dim); None in it matches any size.
+    """
+    path = Path(path)
+    with _open(path) as f:
+        # Check the header (sizes included) and the expectations before reading the KV.
+        header, _ = _parse(f, os.fstat(f.fileno()).st_size, path)
+        _check_expected(header, path, expect_fingerprint, expect_dtype, expect_shape)
+        f.seek(0)
+        data = f.read()
+    # Parse again from the bytes in hand, so the header and the KV come from one read.
+    header, spans = _parse(io.BytesIO(data), len(data), path)
+    digest = hashlib.sha256()
+    for start, end in spans:
+        digest.update(memoryview(data)[start:end])
+    if digest.hexdigest() != header.sha256:
+        raise ChunkFileError(f"chunk file {path} is corrupted: its KV fails the SHA-256 check")
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as e:  # safetensors raises its own error types for malformed files
+        raise ChunkFileError(f"chunk file {path} cannot be parsed: {_one_line(e)}") from e
+    dtype = DTYPES[header.dtype]
+    return tensors["k"].to(dtype), tensors["v"].to(dtype), header.record, header
+
+
+def _check_tensors(
+    k: torch.Tensor, v: torch.Tensor, record: dict[str, Any]
+) -> tuple[str, tuple[int, int, int, int]]:
+    if not (isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        raise InvalidInput("k and v must be tensors")
+    if k.dim() != 4 or k.shape != v.shape or k.dtype != v.dtype:
+        raise InvalidInput(
+            f"k and v must both be [layers, tokens, kv_heads, head_dim] of one dtype, "
+            f"got {tuple(k.shape)} {k.dtype} and {tuple(v.shape)} {v.dtype}"
+        )
+    if k.dtype not in _DTYPE_NAMES:
+        raise InvalidInput(f"KV dtype {k.dtype} is not one of {', '.join(DTYPES)}")
+    chunk = ChunkInfo.from_record(record)
+    if chunk.token_count != k.shape[1]:
+        raise InvalidInput(f"record has {chunk.token_count} tokens but the KV has {k.shape[1]}")
+    return _DTYPE_NAMES[k.dtype], tuple(k.shape)  # type: ignore[return-value]
+
+
+def _tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in ("k", "v"):
+        digest.update(tensors[name].view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Temp file in the target directory, fsync, rename over, fsync the directory: a crash
+    leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open(path: Path) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise ChunkFileError(f"chunk file {path} does not exist") from None
+    except OSError as e:
+        raise ChunkFileError(f"cannot read chunk file {path}: {e.strerror or e}") from e
+
+
+def _parse(f: BinaryIO, size: int, path: Path) -> tuple[KVHeader, list[tuple[int, int]]]:
+    """The checked header and the byte spans of `k` and `v` in the file."""
+
+    def bad(problem: str) -> ChunkFileError:
+        return ChunkFileError(f"chunk file {path} {problem}")
+
+    if size < 8:
+        raise bad(f"is truncated ({size} bytes)")
+    (length,) = struct.unpack("<Q", f.read(8))
+    if length > MAX_HEADER_BYTES:
+        raise bad(f"has a {length}-byte header (limit {MAX_HEADER_BYTES}): not a KV file")
+    if 8 + length > size:
+        raise bad(f"is truncated ({size} bytes, header alone needs {8 + length})")
+    try:
+        header = json.loads(f.read(length))
+    except (ValueError, RecursionError) as e:
+        raise bad(f"has an unreadable header ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise bad("has an unreadable header (not a JSON object)")
+    meta = header.pop("__metadata__", None)
+    if not (isinstance(meta, dict) and all(isinstance(meta.get(k), str) for k in _META_KEYS)):
+        raise bad("is not a kvchunks KV file (its metadata is missing or malformed)")
+    if meta["format"] != FORMAT or meta["version"] != VERSION:
+        raise bad(f"has format {meta['format'][:40]!r} version {meta['version'][:8]!r}")
+    kv = _parse_meta(meta, bad)
+    spans = _tensor_spans(header, kv, size - 8 - length, bad)
+    return kv, [(8 + length + start, 8 + length + end) for start, end in spans]
+
+
+def _parse_meta(meta: dict[str, str], bad: Callable[[str], ChunkFileError]) -> KVHeader:
+    if not (is_hash(meta["fingerprint"]) and is_hash(meta["sha256"])):
+        raise bad("has a malformed fingerprint or checksum")
+    if meta["dtype"] not in DTYPES or meta["compression"] not in COMPRESSIONS:
+        raise bad(
+            f"has unknown dtype/compression {meta['dtype'][:20]!r}/{meta['compression'][:20]!r}"
+        )
+    parts = meta["shape"].split(",")
+    if len(parts) != 4 or not all(p.isascii() and p.isdigit() and len(p) <= 12 for p in parts):
+        raise bad(f"has a malformed shape {meta['shape'][:60]!r}")
+    try:
+        packed = base64.b64decode(meta["record"], validate=True)
+    except (binascii.Error, ValueError):
+        raise bad("has a malformed record (not base64)") from None
+    if hashlib.sha256(packed).hexdigest() != meta["record_sha256"]:
+        raise bad("is corrupted: its chunk record fails the SHA-256 check")
+    try:
+        record = unpack_record(packed)
+        ChunkInfo.from_record(record)
+    except InvalidInput as e:
+        raise bad(f"has an invalid chunk record: {e}") from None
+    shape = tuple(int(p) for p in parts)
+    if record["token_count"] != shape[1]:
+        raise bad(f"has a record of {record['token_count']} tokens but KV for {shape[1]}")
+    return KVHeader(
+        meta["fingerprint"], meta["dtype"], meta["compression"], shape, meta["sha256"], record
+    )
+
+
+def _tensor_spans(
+    header: dict[str, Any], kv: KVHeader, data_size: int, bad: Callable[[str], ChunkFileError]
+) -> list[tuple[int, int]]:
+    """Check the `k`/`v` entries against the metadata and the file size; their byte spans."""
+    if sorted(header) != ["k", "v"]:
+        raise bad(f"holds tensors {sorted(header)[:4]}, expected k and v")
+    stored = "BF16" if kv.compression == "bf16" else _STORED[kv.dtype]
+    count = kv.shape[0] * kv.shape[1] * kv.shape[2] * kv.shape[3]
+    spans = []
+    for name in ("k", "v"):
+        entry = header[name]
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (
+            isinstance(entry, dict)
+            and entry.get("dtype") == stored
+            and entry.get("shape") == list(kv.shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and offsets[1] - offsets[0] == count * _ITEMSIZE[stored]
+            and offsets[0] >= 0
+        ):
+            raise bad(f"has a '{name}' tensor that does not match its metadata")
+        spans.append((offsets[0], offsets[1]))
+    end = max(e for _, e in spans)
+    if end > data_size:
+        raise bad(f"is truncated ({data_size} of {end} KV bytes)")
+    if end < data_size:
+        raise bad(f"has {data_size - end} unexpected bytes after its KV")
+    return spans
+
+
+def _check_expected(
+    kv: KVHeader,
+    path: Path,
+    fingerprint: str | None,
+    dtype: str | torch.dtype | None,
+    shape: tuple[int | None, ...] | None,
+) -> None:
+    if fingerprint is not None and kv.fingerprint != fingerprint:
+        raise ChunkFileError(
+            f"chunk file {path} was computed by another model (fingerprint "
+            f"{kv.fingerprint[:12]}, this model {fingerprint[:12]})"
+        )
+    if isinstance(dtype, torch.dtype):
+        dtype = _DTYPE_NAMES.get(dtype, str(dtype))
+    if dtype is not None and kv.dtype != dtype:
+        raise ChunkFileError(f"chunk file {path} holds {kv.dtype} KV, expected {dtype}")
+    if shape is not None and (
+        len(shape) != 4
+        or any(want not in (None, got) for want, got in zip(shape, kv.shape, strict=False))
+    ):
+        raise ChunkFileError(
+            f"chunk file {path} has KV shape {kv.shape}, expected {tuple(shape)} "
+            "(layers, tokens, kv_heads, head_dim)"
+        )
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__

@@ -1,0 +1,413 @@
+"""ChunkRegistry: chunk records, tags, provenance and contexts, kept in Redis.
+
+Key layout; every key starts with `<namespace>:` so several registries can share a server.
+
+    chunk:<h>            string  msgpack chunk record (ChunkInfo.to_record; is_active not kept)
+    hashes               zset    every chunk hash, all at score 0, so ZRANGEBYLEX finds prefixes
+    content:<c>          set     hashes of the chunks whose token ids have content hash <c>
+    tag:<t>              set     hashes of the chunks tagged <t> (each record lists its tags)
+    parents:<h>          list    <h>'s parents, in order, that are still in the registry
+    children:<h>         set     chunks that have <h> among their parents
+    contexts             set     names of the contexts ever written
+    ctx:<name>:active    list    the context's active chunk hashes; activation order = layout
+    ctx:<name>:settings  hash    setting name -> msgpack value (mode, auto_activate, ...)
+
+Every method takes full hashes; `resolve` turns a user's short prefix into one. Writes that
+touch several keys run in one MULTI/EXEC under WATCH, so a record and its index entries never
+disagree. Durability is the server's: the embedded server syncs its AOF before it replies.
+
+Provenance edges exist only between chunks in the registry: deleting a chunk removes it from
+its children's `parents` and its parents' `children`. The chunk record's `parent_chunks`
+keeps the list as computed, since the chunk's hash was derived from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, ParamSpec, TypeVar
+
+import msgpack
+import redis
+
+from kvchunks.common import (
+    AmbiguousHash,
+    ChunkInUse,
+    ChunkNotFound,
+    InvalidInput,
+    RegistryUnavailable,
+)
+from kvchunks.store.chunk import ChunkInfo, check_tag, is_hash, pack_record, unpack_record
+
+MIN_PREFIX = 4
+# Fields a chunk may change after it is stored. The rest either define its hash (tokens,
+# position, parents), have their own methods (ref_count: add_ref; is_active: contexts) or
+# never change (created_at).
+UPDATABLE = frozenset(
+    [
+        "segments",
+        "tier",
+        "metadata",
+        "text",
+        "role",
+        "kind",
+        "layout",
+        "sources",
+        "tags",
+        "generation_params",
+    ]
+)
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_HEX = re.compile(r"[0-9a-f]+")
+_BATCH = 512
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def check_name(name: object, what: str = "context") -> str:
+    """Context and namespace names: 1 to 64 letters, digits, '-', '_' or '.'."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidInput(f"invalid {what} name {name!r}: use 1 to 64 letters, digits, - _ .")
+    return name
+
+
+def _redis_errors(method: Callable[P, R]) -> Callable[P, R]:
+    """Turn a failing Redis (down, refusing writes, out of memory) into RegistryUnavailable."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except redis.RedisError as e:
+            detail = " ".join(str(e).split()) or type(e).__name__
+            raise RegistryUnavailable(f"the chunk registry's Redis failed: {detail}") from e
+
+    return wrapper
+
+
+class ChunkRegistry:
+    """Chunk metadata, tags, provenance graph and contexts over one Redis client."""
+
+    def __init__(self, client: redis.Redis, namespace: str = "kvchunks"):
+        if client.connection_pool.connection_kwargs.get("decode_responses"):
+            raise InvalidInput("the registry needs a Redis client with decode_responses=False")
+        self._redis = client
+        self.namespace = check_name(namespace, "namespace")
+
+    # -- chunks ------------------------------------------------------------------------
+
+    @_redis_errors
+    def put(self, chunk: ChunkInfo) -> bool:
+        """Store a new chunk with its index entries and provenance edges, atomically.
+
+        Returns False, changing nothing, when the hash is already stored (deduplication).
+        """
+        key, hashes = self._chunk_key(chunk.hash), self._key("hashes")
+        data = self._pack(chunk)
+
+        def store(pipe: redis.client.Pipeline) -> bool:
+            if pipe.exists(key):
+                return False
+            parents = chunk.parent_chunks
+            present = pipe.zmscore(hashes, parents) if parents else []
+            live = [p for p, score in zip(parents, present, strict=True) if score is not None]
+            pipe.multi()
+            pipe.set(key, data)
+            pipe.zadd(hashes, {chunk.hash: 0})
+            pipe.sadd(self._key("content", chunk.content_hash), chunk.hash)
+            for tag in chunk.tags:
+                pipe.sadd(self._key("tag", tag), chunk.hash)
+            if live:
+                pipe.rpush(self._key("parents", chunk.hash), *live)
+            for parent in live:
+                pipe.sadd(self._key("children", parent), chunk.hash)
+            return True
+
+        # Watching the hash index serialises put/delete: a parent cannot vanish mid-put.
+        return self._redis.transaction(store, key, hashes, value_from_callable=True)
+
+    @_redis_errors
+    def get(self, chunk_hash: str, context: str | None = None) -> ChunkInfo:
+        """The chunk; with `context`, `is_active` says whether it is active there."""
+        return self.get_many([chunk_hash], context)[0]
+
+    @_redis_errors
+    def get_many(self, hashes: Iterable[str], context: str | None = None) -> list[ChunkInfo]:
+        """Several chunks in the order asked; ChunkNotFound names the first one missing."""
+        hashes = [self._check_hash(h) for h in hashes]
+        chunks = self._load_many(hashes, context)
+        for h, chunk in zip(hashes, chunks, strict=True):
+            if chunk is None:
+                raise ChunkNotFound(f"no chunk {h}")
+        return chunks  # type: ignore[return-value]
+
+    @_redis_errors
+    def exists(self, chunk_hash: str) -> bool:
+        return bool(self._redis.exists(self._chunk_key(chunk_hash)))
+
+    @_redis_errors
+    def update(self, chunk_hash: str, **changes: Any) -> ChunkInfo:
+        """Change fields of a stored chunk (see UPDATABLE); tag index entries follow `tags`."""
+        fixed = sorted(set(changes) - UPDATABLE)
+        if fixed:
+            raise InvalidInput(
+                f"cannot update {', '.join(fixed)}; updatable: {', '.join(sorted(UPDATABLE))}"
+            )
+        if "tags" in changes:
+            changes["tags"] = list(dict.fromkeys(check_tag(t) for t in changes["tags"]))
+        return self._modify(chunk_hash, lambda chunk: dataclasses.replace(chunk, **changes))
+
+    @_redis_errors
+    def add_tag(self, chunk_hash: str, tag: str) -> ChunkInfo:
+        check_tag(tag)
+        return self._modify(
+            chunk_hash,
+            lambda c: c if tag in c.tags else dataclasses.replace(c, tags=[*c.tags, tag]),
+        )
+
+    @_redis_errors
+    def remove_tag(self, chunk_hash: str, tag: str) -> ChunkInfo:
+        check_tag(tag)
+        return self._modify(
+            chunk_hash, lambda c: dataclasses.replace(c, tags=[t for t in c.tags if t != tag])
+        )
+
+    @_redis_errors
+    def add_ref(self, chunk_hash: str, delta: int = 1) -> int:
+        """Add `delta` (may be negative) to the chunk's reference count; the new count."""
+
+        def change(chunk: ChunkInfo) -> ChunkInfo:
+            if chunk.ref_count + delta < 0:
+                raise InvalidInput(f"reference count of chunk {chunk.hash[:12]} would go below 0")
+            return dataclasses.replace(chunk, ref_count=chunk.ref_count + delta)
+
+        return self._modify(chunk_hash, change).ref_count
+
+    @_redis_errors
+    def delete(self, chunk_hash: str, force: bool = False) -> None:
+        """Remove the chunk, its index entries, its provenance edges, and its place in every
+        context. A chunk still referenced (ref_count > 0) raises ChunkInUse unless `force`."""
+        key, hashes = self._chunk_key(chunk_hash), self._key("hashes")
+        parents_key = self._key("parents", chunk_hash)
+        children_key = self._key("children", chunk_hash)
+        contexts_key = self._key("contexts")
+
+        def remove(pipe: redis.client.Pipeline) -> None:
+            chunk = self._load(pipe, chunk_hash)
+            if chunk.ref_count and not force:
+                raise ChunkInUse(
+                    f"chunk {chunk_hash[:12]} is still referenced {chunk.ref_count} time(s) "
+                    "by views or running generations; delete those first"
+                )
+            parents = set(_strs(pipe.lrange(parents_key, 0, -1)))
+            children = _strs(pipe.smembers(children_key))
+            contexts = _strs(pipe.smembers(contexts_key))
+            pipe.multi()
+            pipe.delete(key, parents_key, children_key)
+            pipe.zrem(hashes, chunk_hash)
+            pipe.srem(self._key("content", chunk.content_hash), chunk_hash)
+            for tag in chunk.tags:
+                pipe.srem(self._key("tag", tag), chunk_hash)
+            for parent in parents:
+                pipe.srem(self._key("children", parent), chunk_hash)
+            for child in children:
+                pipe.lrem(self._key("parents", child), 0, chunk_hash)
+            for name in contexts:
+                pipe.lrem(self._active_key(name), 0, chunk_hash)
+
+        self._redis.transaction(remove, key, hashes, parents_key, children_key, contexts_key)
+
+    @_redis_errors
+    def resolve(self, ref: str) -> str:
+        """The full hash for a full hash or a unique prefix of at least 4 hex digits."""
+        prefix = ref.strip().lower() if isinstance(ref, str) else ""
+        if not (_HEX.fullmatch(prefix) and MIN_PREFIX <= len(prefix) <= 64):
+            raise InvalidInput(
+                f"{ref!r} is not a chunk hash: give its first {MIN_PREFIX} to 64 hex digits"
+            )
+        low = b"[" + prefix.encode()
+        matches = _strs(self._redis.zrangebylex(self._key("hashes"), low, low + b"\xff"))
+        if not matches:
+            raise ChunkNotFound(f"no chunk has hash or prefix '{prefix}'")
+        if len(matches) > 1:
+            raise AmbiguousHash(prefix, matches)
+        return matches[0]
+
+    @_redis_errors
+    def list_chunks(
+        self, pattern: str | None = None, tag: str | None = None, context: str | None = None
+    ) -> list[ChunkInfo]:
+        """Chunks in creation order, filtered by `tag` and by a glob `pattern`.
+
+        The pattern matches, case-insensitively, the hash, the text, metadata["source"] or
+        any tag; without any of * ? [ it matches as a substring ("abc" means "*abc*").
+        """
+        if tag is None:
+            hashes = _strs(self._redis.zrange(self._key("hashes"), 0, -1))
+        else:
+            hashes = _strs(self._redis.smembers(self._key("tag", check_tag(tag))))
+        # A chunk deleted between the index read and the record read is simply not listed.
+        chunks = [c for c in self._load_many(hashes, context) if c is not None]
+        if pattern:
+            chunks = [c for c in chunks if _matches(c, pattern)]
+        return sorted(chunks, key=lambda c: (c.created_at, c.hash))
+
+    @_redis_errors
+    def by_content(self, content_hash: str) -> list[str]:
+        """Hashes of every chunk with these token ids, in any context."""
+        if not is_hash(content_hash):
+            raise InvalidInput(f"{content_hash!r} is not a content hash (64 hex digits)")
+        return sorted(_strs(self._redis.smembers(self._key("content", content_hash))))
+
+    @_redis_errors
+    def parents(self, chunk_hash: str) -> list[str]:
+        """The chunk's parents still in the registry, in computation order."""
+        self._check_hash(chunk_hash)
+        return _strs(self._redis.lrange(self._key("parents", chunk_hash), 0, -1))
+
+    @_redis_errors
+    def children(self, chunk_hash: str) -> list[str]:
+        self._check_hash(chunk_hash)
+        return sorted(_strs(self._redis.smembers(self._key("children", chunk_hash))))
+
+    # -- contexts ----------------------------------------------------------------------
+
+    @_redis_errors
+    def contexts(self) -> list[str]:
+        return sorted(_strs(self._redis.smembers(self._key("contexts"))))
+
+    @_redis_errors
+    def active(self, context: str) -> list[str]:
+        """The context's active chunk hashes in activation (= layout) order."""
+        return _strs(self._redis.lrange(self._active_key(context), 0, -1))
+
+    @_redis_errors
+    def activate(self, context: str, chunk_hash: str) -> bool:
+        """Append the chunk to the context's active list; False if it was already there."""
+        key, active_key = self._chunk_key(chunk_hash), self._active_key(context)
+
+        def append(pipe: redis.client.Pipeline) -> bool:
+            if not pipe.exists(key):
+                raise ChunkNotFound(f"no chunk {chunk_hash}")
+            if pipe.lpos(active_key, chunk_hash) is not None:
+                return False
+            pipe.multi()
+            pipe.rpush(active_key, chunk_hash)
+            pipe.sadd(self._key("contexts"), context)
+            return True
+
+        return self._redis.transaction(append, key, active_key, value_from_callable=True)
+
+    @_redis_errors
+    def deactivate(self, context: str, chunk_hash: str) -> bool:
+        """Remove the chunk from the context's active list; False if it was not active."""
+        active_key = self._active_key(context)
+        if not self.exists(chunk_hash):
+            raise ChunkNotFound(f"no chunk {chunk_hash}")
+        return bool(self._redis.lrem(active_key, 0, chunk_hash))
+
+    @_redis_errors
+    def clear_context(self, context: str) -> None:
+        """Deactivate every chunk of the context (its settings stay)."""
+        self._redis.delete(self._active_key(context))
+
+    @_redis_errors
+    def settings(self, context: str) -> dict[str, Any]:
+        """The context's settings as stored ({} for a context never configured)."""
+        stored = self._redis.hgetall(self._key("ctx", check_name(context), "settings"))
+        return {k.decode(): msgpack.unpackb(v, raw=False) for k, v in stored.items()}
+
+    @_redis_errors
+    def update_settings(self, context: str, values: dict[str, Any]) -> None:
+        """Set some of the context's settings (values: msgpack types), keeping the others."""
+        if not values:
+            return
+        packed = {}
+        for name, value in values.items():
+            if not isinstance(name, str) or not name:
+                raise InvalidInput(f"invalid setting name {name!r}")
+            try:
+                packed[name] = msgpack.packb(value, use_bin_type=True)
+            except (TypeError, ValueError, OverflowError) as e:
+                raise InvalidInput(f"setting {name} cannot be stored: {e}") from e
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key("ctx", check_name(context), "settings"), mapping=packed)
+            pipe.sadd(self._key("contexts"), context)
+            pipe.execute()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.namespace, *parts))
+
+    def _chunk_key(self, chunk_hash: str) -> str:
+        return self._key("chunk", self._check_hash(chunk_hash))
+
+    def _active_key(self, context: str) -> str:
+        return self._key("ctx", check_name(context), "active")
+
+    @staticmethod
+    def _check_hash(chunk_hash: str) -> str:
+        if not is_hash(chunk_hash):
+            raise InvalidInput(
+                f"{chunk_hash!r} is not a full chunk hash (64 hex digits); resolve prefixes first"
+            )
+        return chunk_hash
+
+    @staticmethod
+    def _pack(chunk: ChunkInfo) -> bytes:
+        record = chunk.to_record()
+        record["is_active"] = False  # per context, never stored with the chunk
+        return pack_record(record)
+
+    def _load(self, pipe: redis.client.Pipeline, chunk_hash: str) -> ChunkInfo:
+        data = pipe.get(self._chunk_key(chunk_hash))
+        if data is None:
+            raise ChunkNotFound(f"no chunk {chunk_hash}")
+        return ChunkInfo.from_record(unpack_record(data))
+
+    def _load_many(self, hashes: list[str], context: str | None) -> list[ChunkInfo | None]:
+        active = set(self.active(context)) if context is not None else set()
+        chunks: list[ChunkInfo | None] = []
+        for start in range(0, len(hashes), _BATCH):
+            batch = hashes[start : start + _BATCH]
+            records = self._redis.mget([self._key("chunk", h) for h in batch])
+            for h, data in zip(batch, records, strict=True):
+                chunk = None if data is None else ChunkInfo.from_record(unpack_record(data))
+                if chunk is not None:
+                    chunk.is_active = h in active
+                chunks.append(chunk)
+        return chunks
+
+    def _modify(self, chunk_hash: str, change: Callable[[ChunkInfo], ChunkInfo]) -> ChunkInfo:
+        """Read-modify-write one record under WATCH, keeping the tag index in step."""
+        key = self._chunk_key(chunk_hash)
+
+        def apply(pipe: redis.client.Pipeline) -> ChunkInfo:
+            old = self._load(pipe, chunk_hash)
+            new = change(old)
+            pipe.multi()
+            pipe.set(key, self._pack(new))
+            for tag in set(new.tags) - set(old.tags):
+                pipe.sadd(self._key("tag", tag), chunk_hash)
+            for tag in set(old.tags) - set(new.tags):
+                pipe.srem(self._key("tag", tag), chunk_hash)
+            return new
+
+        return self._redis.transaction(apply, key, value_from_callable=True)
+
+
+def _strs(values: Iterable[bytes]) -> list[str]:
+    return [v.decode() for v in values]
+
+
+def _matches(chunk: ChunkInfo, pattern: str) -> bool:
+    glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+    glob = glob.lower()
+    source = chunk.metadata.get("source")
+    fields = [chunk.hash, chunk.text, *chunk.tags, *([source] if isinstance(source, str) else [])]
+    return any(fnmatch.fnmatchcase(f.lower(), glob) for f in fields)

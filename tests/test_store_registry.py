@@ -1,0 +1,319 @@
+"""ChunkRegistry against a real embedded Redis: records, prefixes, tags, provenance, contexts."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from kvchunks.common import AmbiguousHash, ChunkInUse, ChunkNotFound, InvalidInput
+from kvchunks.store.chunk import ChunkInfo, SourceSpan
+from kvchunks.store.hashing import chunk_hash, content_hash, context_hash, model_fingerprint
+from kvchunks.store.redis_server import close, connect_embedded
+from kvchunks.store.registry import ChunkRegistry
+
+FP = model_fingerprint("LlamaForCausalLM", "ab" * 32, "float32", 256)
+
+
+def make_chunk(tokens: list[int], parents: tuple[ChunkInfo, ...] = (), **fields) -> ChunkInfo:
+    positions, at = [], 0
+    for parent in parents:
+        positions.append((parent.hash, at))
+        at += parent.token_count
+    return ChunkInfo(
+        hash=chunk_hash(FP, context_hash(positions), at, tokens),
+        content_hash=content_hash(tokens),
+        token_ids=list(tokens),
+        parent_chunks=[p.hash for p in parents],
+        position=at,
+        layout="timeline" if parents else "standalone",
+        **fields,
+    )
+
+
+def fake_hash(prefix: str, fill: str = "0") -> str:
+    return prefix + fill * (64 - len(prefix))
+
+
+def chunk_with_hash(h: str, **fields) -> ChunkInfo:
+    return ChunkInfo(hash=h, content_hash=content_hash([1]), token_ids=[1], **fields)
+
+
+@pytest.fixture(scope="module")
+def redis_client(tmp_path_factory):
+    client = connect_embedded(tmp_path_factory.mktemp("registry"))
+    yield client
+    close(client)
+
+
+@pytest.fixture
+def reg(redis_client) -> ChunkRegistry:
+    return ChunkRegistry(redis_client, namespace=f"t-{uuid.uuid4().hex[:12]}")
+
+
+def test_put_get_round_trip(reg):
+    chunk = make_chunk(
+        [1, 2, 3],
+        role="system",
+        tags=["facts"],
+        metadata={"source": "a.txt", "n": 3},
+        text="abc",
+        sources=[SourceSpan("ab" * 32, 0, 3)],
+        generation_params={"temperature": 0.5, "seed": None},
+    )
+    assert reg.put(chunk) is True
+    assert reg.get(chunk.hash) == chunk
+    assert reg.exists(chunk.hash)
+
+
+def test_put_of_an_existing_hash_changes_nothing(reg):
+    chunk = make_chunk([1, 2, 3], text="first")
+    assert reg.put(chunk)
+    again = make_chunk([1, 2, 3], text="second", tags=["x"])
+    assert reg.put(again) is False
+    assert reg.get(chunk.hash).text == "first"
+    assert reg.list_chunks(tag="x") == []
+
+
+def test_unknown_and_malformed_hashes(reg):
+    with pytest.raises(ChunkNotFound):
+        reg.get(fake_hash("dead"))
+    with pytest.raises(InvalidInput):
+        reg.get("dead")  # a prefix: resolve it first
+    assert not reg.exists(fake_hash("dead"))
+
+
+def test_resolve_prefixes_git_style(reg):
+    a, b, c = fake_hash("abcd0", "1"), fake_hash("abcd1", "2"), fake_hash("ffff", "3")
+    for h in (a, b, c):
+        reg.put(chunk_with_hash(h))
+    assert reg.resolve(a) == a
+    assert reg.resolve("abcd0") == a
+    assert reg.resolve("ABCD1") == b
+    assert reg.resolve(" ffff ") == c
+    with pytest.raises(AmbiguousHash) as info:
+        reg.resolve("abcd")
+    assert info.value.candidates == [a, b]
+    assert a[:12] in str(info.value) and b[:12] in str(info.value)
+    with pytest.raises(ChunkNotFound):
+        reg.resolve("abce")
+    for bad in ("abc", "xyz1", "", "abcd-", "a" * 65):
+        with pytest.raises(InvalidInput):
+            reg.resolve(bad)
+
+
+def test_tags_index_follows_the_record(reg):
+    one, two = make_chunk([1]), make_chunk([2], tags=["x"])
+    reg.put(one)
+    reg.put(two)
+    reg.add_tag(one.hash, "x")
+    reg.add_tag(one.hash, "x")  # idempotent
+    assert reg.get(one.hash).tags == ["x"]
+    assert {c.hash for c in reg.list_chunks(tag="x")} == {one.hash, two.hash}
+    reg.remove_tag(one.hash, "x")
+    assert [c.hash for c in reg.list_chunks(tag="x")] == [two.hash]
+    reg.update(two.hash, tags=["y", "z"])
+    assert reg.list_chunks(tag="x") == []
+    assert [c.hash for c in reg.list_chunks(tag="z")] == [two.hash]
+    with pytest.raises(InvalidInput):
+        reg.add_tag(one.hash, "has space")
+
+
+def test_content_hash_finds_the_same_tokens_in_any_context(reg):
+    doc = make_chunk([9, 9])
+    again = make_chunk([5, 6], parents=(doc,))
+    alone = make_chunk([5, 6])
+    for chunk in (doc, again, alone):
+        reg.put(chunk)
+    assert again.hash != alone.hash
+    assert reg.by_content(content_hash([5, 6])) == sorted([again.hash, alone.hash])
+
+
+def test_provenance_edges_and_their_removal(reg, redis_client):
+    a = make_chunk([1])
+    b = make_chunk([2], parents=(a,))
+    c = make_chunk([3], parents=(a, b))
+    for chunk in (a, b, c):
+        reg.put(chunk)
+    assert reg.parents(c.hash) == [a.hash, b.hash]
+    assert reg.children(a.hash) == sorted([b.hash, c.hash])
+    assert reg.children(b.hash) == [c.hash]
+
+    reg.delete(b.hash)
+    assert reg.parents(c.hash) == [a.hash]
+    assert reg.children(a.hash) == [c.hash]
+    assert reg.get(c.hash).parent_chunks == [a.hash, b.hash]  # the record keeps its history
+    leftover = [k for k in redis_client.keys(f"{reg.namespace}:*") if b.hash.encode() in k]
+    assert leftover == []
+
+
+def test_edges_only_to_parents_that_exist(reg):
+    ghost = make_chunk([7])
+    child = make_chunk([8], parents=(ghost,))
+    reg.put(child)
+    assert reg.parents(child.hash) == []
+    reg.put(ghost)
+    assert reg.children(ghost.hash) == []
+
+
+def test_delete_cleans_every_index_and_context(reg, redis_client):
+    keep, gone = make_chunk([1]), make_chunk([2], tags=["t"])
+    reg.put(keep)
+    reg.put(gone)
+    for ctx in ("one", "two"):
+        reg.activate(ctx, gone.hash)
+        reg.activate(ctx, keep.hash)
+    reg.delete(gone.hash)
+    assert not reg.exists(gone.hash)
+    assert reg.active("one") == [keep.hash] and reg.active("two") == [keep.hash]
+    assert reg.list_chunks(tag="t") == []
+    assert reg.by_content(gone.content_hash) == []
+    with pytest.raises(ChunkNotFound):
+        reg.resolve(gone.hash[:8])
+    with pytest.raises(ChunkNotFound):
+        reg.delete(gone.hash)
+    assert not any(gone.hash.encode() in k for k in redis_client.keys(f"{reg.namespace}:*"))
+
+
+def test_referenced_chunk_is_not_deleted(reg):
+    source = make_chunk([1, 2])
+    reg.put(source)
+    assert reg.add_ref(source.hash) == 1
+    with pytest.raises(ChunkInUse):
+        reg.delete(source.hash)
+    assert reg.exists(source.hash)
+    assert reg.add_ref(source.hash, -1) == 0
+    with pytest.raises(InvalidInput):
+        reg.add_ref(source.hash, -1)
+    assert reg.get(source.hash).ref_count == 0
+    reg.add_ref(source.hash, 2)
+    reg.delete(source.hash, force=True)
+    assert not reg.exists(source.hash)
+
+
+def test_concurrent_reference_counts_are_not_lost(reg):
+    chunk = make_chunk([4])
+    reg.put(chunk)
+
+    def bump():
+        for _ in range(50):
+            reg.add_ref(chunk.hash)
+
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert reg.get(chunk.hash).ref_count == 200
+
+
+def test_update_changes_only_updatable_fields(reg):
+    chunk = make_chunk([1, 2])
+    reg.put(chunk)
+    updated = reg.update(chunk.hash, tier="disk", metadata={"source": "b"})
+    assert updated.tier == "disk" and reg.get(chunk.hash).metadata == {"source": "b"}
+    for field, value in (("token_ids", [3]), ("hash", "0" * 64), ("ref_count", 3)):
+        with pytest.raises(InvalidInput, match="cannot update"):
+            reg.update(chunk.hash, **{field: value})
+    with pytest.raises(InvalidInput):
+        reg.update(chunk.hash, tier="tape")
+    assert reg.get(chunk.hash).tier == "disk"
+
+
+def test_contexts_are_ordered_idempotent_and_independent(reg):
+    a, b, c = (make_chunk([i], created_at=float(i)) for i in (1, 2, 3))
+    for chunk in (a, b, c):
+        reg.put(chunk)
+    assert reg.activate("alice", c.hash) and reg.activate("alice", a.hash)
+    assert reg.activate("alice", c.hash) is False
+    assert reg.activate("bob", b.hash)
+    assert reg.active("alice") == [c.hash, a.hash]
+    assert reg.active("bob") == [b.hash]
+    assert reg.get(a.hash, context="alice").is_active
+    assert not reg.get(a.hash, context="bob").is_active
+    assert [x.is_active for x in reg.list_chunks(context="bob")] == [False, True, False]
+
+    assert reg.deactivate("alice", c.hash) is True
+    assert reg.deactivate("alice", c.hash) is False
+    assert reg.active("alice") == [a.hash]
+    reg.activate("alice", c.hash)
+    assert reg.active("alice") == [a.hash, c.hash]  # re-activation appends
+    reg.clear_context("alice")
+    assert reg.active("alice") == [] and reg.active("bob") == [b.hash]
+    assert reg.contexts() == ["alice", "bob"]
+    with pytest.raises(ChunkNotFound):
+        reg.activate("alice", fake_hash("beef"))
+
+
+def test_concurrent_activation_adds_once(reg):
+    chunk = make_chunk([5])
+    reg.put(chunk)
+    results: list[bool] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(reg.activate("ctx", chunk.hash)))
+        for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] * 7 + [True]
+    assert reg.active("ctx") == [chunk.hash]
+
+
+@pytest.mark.parametrize("name", ["", "a b", "x" * 65, "a:b", "ctx/1", "é", None])
+def test_invalid_context_names(reg, name):
+    with pytest.raises(InvalidInput):
+        reg.active(name)
+    with pytest.raises(InvalidInput):
+        reg.update_settings(name, {"mode": "exact"})
+
+
+def test_context_settings_keep_their_types(reg):
+    assert reg.settings("default") == {}
+    reg.update_settings("default", {"mode": "reuse", "auto_activate": True, "n": 3})
+    reg.update_settings("default", {"auto_activate": False, "extra": None})
+    assert reg.settings("default") == {
+        "mode": "reuse",
+        "auto_activate": False,
+        "n": 3,
+        "extra": None,
+    }
+    assert reg.settings("other") == {}
+    assert reg.contexts() == ["default"]
+    with pytest.raises(InvalidInput):
+        reg.update_settings("default", {"bad": object()})
+
+
+def test_list_filters_by_glob_and_tag_in_creation_order(reg):
+    first = make_chunk([1], text="The capital of France", created_at=1.0)
+    second = make_chunk([2], text="pasta recipes", tags=["food"], created_at=2.0)
+    third = make_chunk([3], metadata={"source": "notes/Paris.md"}, created_at=3.0)
+    for chunk in (third, first, second):
+        reg.put(chunk)
+
+    def hashes(**kw):
+        return [c.hash for c in reg.list_chunks(**kw)]
+
+    assert hashes() == [first.hash, second.hash, third.hash]
+    assert hashes(pattern="capital") == [first.hash]  # no glob characters: substring
+    assert hashes(pattern="the CAPITAL*") == [first.hash]  # case-insensitive glob
+    assert hashes(pattern="*.md") == [third.hash]  # metadata source
+    assert hashes(pattern="foo?") == [second.hash]  # tags
+    assert hashes(pattern=second.hash[:10]) == [second.hash]  # hash
+    assert hashes(pattern="fr*") == []  # a glob is anchored
+    assert hashes(tag="food", pattern="pasta*") == [second.hash]
+    assert hashes(tag="none") == []
+
+
+def test_namespaces_are_isolated(redis_client):
+    one = ChunkRegistry(redis_client, namespace="iso-one")
+    two = ChunkRegistry(redis_client, namespace="iso-two")
+    chunk = make_chunk([42])
+    one.put(chunk)
+    one.activate("default", chunk.hash)
+    assert two.list_chunks() == [] and two.active("default") == []
+    assert not two.exists(chunk.hash)
+    with pytest.raises(InvalidInput):
+        ChunkRegistry(redis_client, namespace="bad:name")
