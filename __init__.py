@@ -1,4 +1,11 @@
-"""kvchunks: a KV-cache context manager for LLM inference."""
+"""kvchunks: a KV-cache context manager for LLM inference.
+
+Imports are lazy so that `kvchunks.store` and the CLI's help do not pay for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 from kvchunks.common import (
     AmbiguousHash,
@@ -11,7 +18,15 @@ from kvchunks.common import (
     KVChunksError,
     RegistryUnavailable,
 )
-from kvchunks.engine.sampling_params import SamplingParams
+
+_LAZY = {
+    "ContextManager": "kvchunks.actors.context_manager",
+    "GenerationResult": "kvchunks.actors.context_manager",
+    "ChunkInfo": "kvchunks.store.chunk",
+    "SamplingParams": "kvchunks.engine.sampling_params",
+    "connect": "kvchunks.actors.client",
+    "Client": "kvchunks.actors.client",
+}
 
 __all__ = [
     "AmbiguousHash",
@@ -23,5 +38,11 @@ __all__ = [
     "InvalidInput",
     "KVChunksError",
     "RegistryUnavailable",
-    "SamplingParams",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kvchunks' has no attribute {name!r}")

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
+
+HOME_ENV = "KVCHUNKS_HOME"
+
+
+def data_dir() -> Path:
+    """Where kvchunks keeps models, chunk KV and the embedded Redis: `KVCHUNKS_HOME`, else
+    `~/.local/share/kvchunks`."""
+    home = os.environ.get(HOME_ENV)
+    return Path(home).expanduser() if home else Path.home() / ".local" / "share" / "kvchunks"
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,19 @@ class KVSegment:
             position=self.position + offset,
             shift=self.shift,
         )
+
+
+def slice_segments(
+    segments: list[KVSegment], start: int, length: int, block_size: int
+) -> list[KVSegment]:
+    """Tokens [start, start + length) of the concatenation of `segments`, as segments."""
+    out, offset = [], 0
+    for seg in segments:
+        lo, hi = max(start, offset), min(start + length, offset + seg.length)
+        if lo < hi:
+            out.append(seg.sub(lo - offset, hi - lo, block_size))
+        offset += seg.length
+    return out
 
 
 class KVChunksError(Exception):

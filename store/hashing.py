@@ -61,12 +61,16 @@ def weights_digest(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def context_hash(parents: list[tuple[str, int]]) -> str:
+def context_hash(parents: list[tuple[str, int]], combine: str = "") -> str:
     """Hash of the KV context a chunk was computed in: ordered (parent hash, position) pairs.
 
-    An empty list is the context of a standalone chunk and has its own fixed hash.
+    `combine` names how the parents' KV was combined when that changes the result (a
+    composition mode); empty when they form one timeline. An empty list is the context of
+    a standalone chunk and has its own fixed hash.
     """
     h = _hasher(b"context")
+    if combine:
+        h.update(_field(combine.encode()))
     h.update(_u64(len(parents)))
     for parent, position in parents:
         if not is_hash(parent):

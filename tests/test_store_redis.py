@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 import kvchunks
-from kvchunks.common import InvalidInput, RegistryUnavailable
+from kvchunks.common import InvalidInput, RegistryUnavailable, data_dir
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.hashing import content_hash
 from kvchunks.store.redis_server import (
@@ -25,7 +25,6 @@ from kvchunks.store.redis_server import (
     connect,
     connect_embedded,
     connect_url,
-    default_data_dir,
     redact,
 )
 from kvchunks.store.registry import ChunkRegistry
@@ -245,9 +244,9 @@ def test_unusable_data_dir_is_registry_unavailable(tmp_path):
 
 def test_default_data_dir_follows_kvchunks_home(tmp_path, monkeypatch):
     monkeypatch.setenv("KVCHUNKS_HOME", str(tmp_path))
-    assert default_data_dir() == tmp_path
+    assert data_dir() == tmp_path
     monkeypatch.delenv("KVCHUNKS_HOME")
-    assert default_data_dir() == Path.home() / ".local" / "share" / "kvchunks"
+    assert data_dir() == Path.home() / ".local" / "share" / "kvchunks"
 
 
 def test_redact_hides_only_the_password():

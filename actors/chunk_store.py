@@ -1,0 +1,353 @@
+"""The shared chunk pool of one engine: chunk records in the registry, their KV in the engine's
+paged pool and in safetensors files, and the three ways of combining stored KV.
+
+Every context (activation set) of a process works on one ChunkStore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvchunks.common import ChunkFileError, InvalidInput, KVSegment, data_dir, slice_segments
+from kvchunks.engine import LLM, EngineConfig
+from kvchunks.engine.chat import ChatFormat
+from kvchunks.store.chunk import ChunkInfo, SourceSpan
+from kvchunks.store.hashing import (
+    chunk_hash,
+    content_hash,
+    context_hash,
+    model_fingerprint,
+    weights_digest,
+)
+from kvchunks.store.kv_file import kv_path, read_kv_file, write_kv_file
+from kvchunks.store.redis_server import connect
+from kvchunks.store.registry import ChunkRegistry
+
+MODES = ("exact", "reuse", "realign")
+_DIGESTS: dict[str, str] = {}  # weights digest by file stamp: hashing 0.5 GB once is enough
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Tokens [start, end) of a chunk that owns KV (not a view)."""
+
+    chunk: ChunkInfo
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def key(self) -> tuple[str, int, int]:
+        return (self.chunk.hash, self.start, self.end)
+
+
+@dataclass
+class AttentionContext:
+    """What a new chunk attends to, and where its tokens go."""
+
+    segments: list[KVSegment]
+    position: int
+    combine: str  # "" when the context is one timeline (all modes agree), else the mode
+    scratch: list[KVSegment] = field(default_factory=list)  # recomputed KV to free after use
+
+
+class ChunkStore:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        home: str | Path | None = None,
+        redis_url: str | None = None,
+        engine_config: EngineConfig | None = None,
+        llm: LLM | None = None,
+        namespace: str = "kvchunks",
+    ):
+        self.home = Path(home) if home is not None else data_dir()
+        self.llm = llm or LLM(model, engine_config)
+        self.chat = ChatFormat(self.llm.tokenizer)
+        self.block_size = self.llm.config.block_size
+        self.registry = ChunkRegistry(connect(self.home, redis_url), namespace)
+        self.fingerprint = self._fingerprint()
+        self.kv: dict[str, list[KVSegment]] = {}  # resident KV of chunks that own KV
+        self.stats: Counter[str] = Counter()
+
+    @property
+    def window(self) -> int:
+        return self.llm.max_model_len
+
+    # -- records --------------------------------------------------------------------------
+
+    def get(self, ref: str, context: str | None = None) -> ChunkInfo:
+        return self.describe(self.registry.get(self.registry.resolve(ref), context))
+
+    def describe(self, chunk: ChunkInfo) -> ChunkInfo:
+        """Fill in what only this process knows: whether and where its KV is in the pool."""
+        if chunk.layout == "view":
+            resident = all(s.hash in self.kv for s in chunk.sources)
+            chunk.segments = self.segments(chunk) if resident else []
+        else:
+            chunk.segments = list(self.kv.get(chunk.hash, []))
+            resident = chunk.hash in self.kv
+        chunk.tier = "gpu" if resident else "disk"
+        return chunk
+
+    # -- KV residency -----------------------------------------------------------------------
+
+    def pieces(self, chunk: ChunkInfo) -> list[Piece]:
+        if chunk.layout != "view":
+            return [Piece(chunk, 0, chunk.token_count)]
+        owners = {c.hash: c for c in self.registry.get_many({s.hash for s in chunk.sources})}
+        return [Piece(owners[s.hash], s.offset, s.offset + s.length) for s in chunk.sources]
+
+    def segments(self, chunk: ChunkInfo) -> list[KVSegment]:
+        """The chunk's KV in the pool, in token order (loaded or recomputed if needed)."""
+        return [seg for p in self.pieces(chunk) for seg in self._piece_segments(p)]
+
+    def _piece_segments(self, piece: Piece) -> list[KVSegment]:
+        stored = self.ensure_resident(piece.chunk)
+        return slice_segments(stored, piece.start, piece.length, self.block_size)
+
+    def ensure_resident(self, chunk: ChunkInfo) -> list[KVSegment]:
+        """The KV of a chunk that owns KV: from the pool, else its file, else recomputed."""
+        if chunk.hash not in self.kv:
+            self.kv[chunk.hash] = self._load_file(chunk) or self._recompute(chunk)
+        return self.kv[chunk.hash]
+
+    def _load_file(self, chunk: ChunkInfo) -> list[KVSegment] | None:
+        path = kv_path(self.home, chunk.hash)
+        if not path.exists():
+            return None
+        c = self.llm.model_config
+        shape = (c.num_layers, chunk.token_count, c.num_kv_heads, c.head_dim)
+        try:
+            k, v, _, _ = read_kv_file(path, self.fingerprint, self.llm.config.dtype, shape)
+        except ChunkFileError:  # a damaged file is never used: the chunk is recomputed instead
+            self.stats["bad_files"] += 1
+            return None
+        self.stats["file_loads"] += 1
+        return [self.llm.write_kv(k, v, chunk.position)]
+
+    def _recompute(self, chunk: ChunkInfo) -> list[KVSegment]:
+        self.stats["recomputes"] += 1
+        parents = self.registry.get_many(chunk.parent_chunks)
+        context = self.context_of(parents, chunk.metadata.get("mode", "reuse"))
+        try:
+            result = self.llm.prefill(chunk.token_ids, context.segments, chunk.position)
+        finally:
+            self.free(context.scratch)
+        self._write_file(chunk, [result.segment])
+        return [result.segment]
+
+    def read_kv(self, segments: list[KVSegment]) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [self.llm.read_kv(s) for s in segments]
+        return torch.cat([k for k, _ in parts], 1), torch.cat([v for _, v in parts], 1)
+
+    def free(self, segments: list[KVSegment]) -> None:
+        for seg in segments:
+            self.llm.release(seg)
+
+    def evict(self, chunk_hash: str) -> None:
+        self.free(self.kv.pop(chunk_hash, []))
+
+    # -- the three modes ----------------------------------------------------------------------
+
+    def timeline_prefix(self, pieces: list[Piece]) -> int:
+        """How many leading pieces sit exactly where, and after what, they were computed."""
+        layout: list[tuple[str, int, int]] = []
+        offset = 0
+        for i, piece in enumerate(pieces):
+            expected = self._computed_after(piece)
+            if _merged(layout) != expected or piece.chunk.position + piece.start != offset:
+                return i
+            layout.append(piece.key())
+            offset += piece.length
+        return len(pieces)
+
+    def _computed_after(self, piece: Piece) -> list[tuple[str, int, int]]:
+        parents = self.registry.get_many(piece.chunk.parent_chunks)
+        before = [p.key() for parent in parents for p in self.pieces(parent)]
+        if piece.start:
+            before.append((piece.chunk.hash, 0, piece.start))
+        return _merged(before)
+
+    def attention_context(self, pieces: list[Piece], mode: str) -> AttentionContext:
+        if mode not in MODES:
+            raise InvalidInput(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        total = sum(p.length for p in pieces)
+        prefix = self.timeline_prefix(pieces)
+        if prefix == len(pieces):
+            return AttentionContext(self._stored(pieces), total, "")
+        if mode == "reuse":
+            end = max(p.chunk.position + p.end for p in pieces)
+            return AttentionContext(self._stored(pieces), end, mode)
+        if mode == "realign":
+            return AttentionContext(self._realigned(pieces), total, mode)
+        return self._exact(pieces, prefix, total)
+
+    def _stored(self, pieces: list[Piece]) -> list[KVSegment]:
+        return [seg for p in pieces for seg in self._piece_segments(p)]
+
+    def _realigned(self, pieces: list[Piece]) -> list[KVSegment]:
+        out, offset = [], 0
+        for seg in self._stored(pieces):
+            out.append(dataclasses.replace(seg, shift=offset - seg.position))
+            offset += seg.length
+        return out
+
+    def _exact(self, pieces: list[Piece], prefix: int, total: int) -> AttentionContext:
+        reused = self._stored(pieces[:prefix])
+        start = sum(p.length for p in pieces[:prefix])
+        rest = [t for p in pieces[prefix:] for t in p.chunk.token_ids[p.start : p.end]]
+        scratch = self.llm.prefill(rest, reused, start).segment
+        return AttentionContext([*reused, scratch], total, "exact", [scratch])
+
+    # -- making chunks --------------------------------------------------------------------------
+
+    def new_record(
+        self,
+        tokens: list[int],
+        parents: list[ChunkInfo],
+        position: int,
+        combine: str,
+        mode: str,
+        **fields,
+    ) -> ChunkInfo:
+        """The record of a chunk computed at `position` after `parents`, combined as named."""
+        placed = [(p.hash, p.position) for p in parents]
+        address = chunk_hash(self.fingerprint, context_hash(placed, combine), position, tokens)
+        metadata = {"mode": mode, "timestamp": time.time(), **fields.pop("metadata", {})}
+        return ChunkInfo(
+            hash=address,
+            content_hash=content_hash(tokens),
+            token_ids=list(tokens),
+            position=position,
+            layout="timeline" if parents else "standalone",
+            parent_chunks=[p.hash for p in parents],
+            metadata=metadata,
+            text=fields.pop("text", None) or self.llm.tokenizer.decode(tokens),
+            **fields,
+        )
+
+    def register(self, chunk: ChunkInfo, segments: list[KVSegment]) -> ChunkInfo:
+        """Store a computed chunk: KV file first, then the record. Duplicates are dropped."""
+        if self.registry.exists(chunk.hash):
+            self.free(segments)
+            return self.get(chunk.hash)
+        if chunk.layout != "view":
+            self._write_file(chunk, segments)
+            self.kv[chunk.hash] = segments
+        self.registry.put(dataclasses.replace(chunk, segments=[]))
+        return self.describe(self.registry.get(chunk.hash))
+
+    def _write_file(self, chunk: ChunkInfo, segments: list[KVSegment]) -> None:
+        k, v = self.read_kv(segments)
+        record = dataclasses.replace(chunk, segments=[], is_active=False).to_record()
+        write_kv_file(kv_path(self.home, chunk.hash), k, v, record, self.fingerprint)
+
+    def context_of(self, parents: list[ChunkInfo], mode: str) -> AttentionContext:
+        return self.attention_context([p for c in parents for p in self.pieces(c)], mode)
+
+    def compute(
+        self,
+        tokens: list[int],
+        parents: list[ChunkInfo],
+        mode: str,
+        ctx: AttentionContext | None = None,
+        **fields,
+    ) -> ChunkInfo:
+        """A chunk of `tokens` computed against `parents` in `mode` (or the stored duplicate).
+
+        `ctx` is the parents' attention context when the caller has built it already (and
+        frees its scratch KV itself).
+        """
+        own_ctx = ctx is None
+        ctx = ctx or self.context_of(parents, mode)
+        try:
+            chunk = self.new_record(tokens, parents, ctx.position, ctx.combine, mode, **fields)
+            if self.registry.exists(chunk.hash):
+                return self.get(chunk.hash)
+            result = self.llm.prefill(tokens, ctx.segments, ctx.position)
+        finally:
+            if own_ctx:
+                self.free(ctx.scratch)
+        return self.register(chunk, [result.segment])
+
+    def make_view(self, kind: str, spans: list[SourceSpan], **fields) -> ChunkInfo:
+        """A composed or split chunk over other chunks' KV: no copy, sources kept by refcount."""
+        owners = {c.hash: c for c in self.registry.get_many({s.hash for s in spans})}
+        tokens = [
+            t for s in spans for t in owners[s.hash].token_ids[s.offset : s.offset + s.length]
+        ]
+        placed = [(s.hash, s.offset) for s in spans]
+        address = chunk_hash(self.fingerprint, context_hash(placed, kind), 0, tokens)
+        if self.registry.exists(address):
+            return self.get(address)
+        first = owners[spans[0].hash]
+        chunk = ChunkInfo(
+            hash=address,
+            content_hash=content_hash(tokens),
+            token_ids=tokens,
+            role=first.role,
+            kind=kind,
+            position=first.position + spans[0].offset,
+            layout="view",
+            parent_chunks=list(dict.fromkeys(s.hash for s in spans)),
+            sources=spans,
+            text=self.llm.tokenizer.decode(tokens),
+            **fields,
+        )
+        self.registry.put(chunk)
+        for source in chunk.parent_chunks:
+            self.registry.add_ref(source, 1)
+        return self.describe(self.registry.get(address))
+
+    def delete(self, chunk: ChunkInfo) -> None:
+        self.registry.delete(chunk.hash)
+        if chunk.layout == "view":
+            for source in chunk.parent_chunks:
+                if self.registry.exists(source):
+                    self.registry.add_ref(source, -1)
+            return
+        self.evict(chunk.hash)
+        kv_path(self.home, chunk.hash).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Give every resident chunk's pool blocks back to the engine."""
+        for resident in list(self.kv):
+            self.evict(resident)
+
+    def _fingerprint(self) -> str:
+        files = sorted(self.llm.path.glob("*.safetensors"))
+        stamp = ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+        if stamp not in _DIGESTS:
+            cache = self.home / "fingerprints.json"
+            known = json.loads(cache.read_text()) if cache.exists() else {}
+            if stamp not in known:
+                known[stamp] = weights_digest(files)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cache.write_text(json.dumps(known))
+            _DIGESTS[stamp] = known[stamp]
+        c = self.llm.model_config
+        return model_fingerprint(
+            c.architecture, known[stamp], self.llm.config.dtype, self.block_size
+        )
+
+
+def _merged(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """Adjacent ranges of the same chunk joined, so one layout has one spelling."""
+    out: list[tuple[str, int, int]] = []
+    for h, start, end in ranges:
+        if out and out[-1][0] == h and out[-1][2] == start:
+            out[-1] = (h, out[-1][1], end)
+        else:
+            out.append((h, start, end))
+    return out
