@@ -338,7 +338,7 @@ class ChunkStore:
             _DIGESTS[stamp] = known[stamp]
         c = self.llm.model_config
         return model_fingerprint(
-            c.architecture, known[stamp], self.llm.config.dtype, self.block_size
+            c.architecture, _DIGESTS[stamp], self.llm.config.dtype, self.block_size
         )
 
 

@@ -80,3 +80,27 @@ def tiny_checkpoint(tmp_path_factory, model_path: Path):
         return folder
 
     return build
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def make_cm(llm, home):
+    """ContextManagers on the session engine, each over a store in `home` (or another dir)."""
+    from kvchunks.actors.chunk_store import ChunkStore
+    from kvchunks.actors.context_manager import ContextManager
+
+    stores = []
+
+    def make(context: str = "default", at: Path | None = None, **settings) -> ContextManager:
+        store = ChunkStore(home=at or home, llm=llm)
+        stores.append(store)
+        return ContextManager(context=context, store=store, **settings)
+
+    yield make
+    for store in stores:
+        store.close()
+    assert llm.block_manager.num_free == llm.block_manager.num_blocks, "pool blocks leaked"
