@@ -1,0 +1,257 @@
+"""ContextManager behaviour: dedup, provenance, contexts, restart, export/import, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvchunks.common import (
+    AmbiguousHash,
+    ChunkFileError,
+    ChunkInUse,
+    ChunkNotFound,
+    ContextWindowExceeded,
+    InvalidInput,
+)
+from kvchunks.engine import SamplingParams
+from kvchunks.store.kv_file import kv_path
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16)
+DOC = "The secret code of the vault is 4817. The vault is hidden under the old mill in Zurich."
+
+
+def snapshot(cm) -> tuple:
+    """Everything a bad call must leave unchanged: records, tags, active set, KV files."""
+    chunks = cm.list_chunks()
+    files = sorted(p.name for p in (cm.store.home / "kv").rglob("*.safetensors"))
+    return (
+        [(c.hash, tuple(c.tags), c.ref_count) for c in chunks],
+        [c.hash for c in cm.context().chunks],
+        files,
+    )
+
+
+def test_same_file_twice_is_one_chunk_and_one_kv_file(make_cm, tmp_path):
+    cm = make_cm()
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOC)
+    a = cm.load_file(doc)
+    b = cm.load_file(doc)
+    assert a.hash == b.hash and len(cm.list_chunks()) == 1
+    assert len(list((cm.store.home / "kv").rglob("*.safetensors"))) == 1
+    other = make_cm(at=tmp_path / "elsewhere").load_file(doc)
+    assert other.hash == a.hash  # stable across stores and processes: a content address
+
+
+def test_content_hash_finds_the_same_text_in_other_contexts(make_cm):
+    cm = make_cm(auto_activate=True)
+    doc = cm.add_chunk(DOC)
+    cm.activate_chunk(doc.hash)
+    first = cm.generate("Repeat: hello", GREEDY)
+    cm.clear()
+    alone = cm.generate("Repeat: hello", GREEDY)
+    assert alone.prompt_chunk.hash != first.prompt_chunk.hash
+    assert alone.prompt_chunk.content_hash == first.prompt_chunk.content_hash
+    same = cm.registry.by_content(first.prompt_chunk.content_hash)
+    assert set(same) == {first.prompt_chunk.hash, alone.prompt_chunk.hash}
+
+
+def test_generation_provenance(make_cm):
+    cm = make_cm()
+    doc = cm.add_chunk(DOC, tags=["facts"])
+    cm.activate_chunk(doc.hash[:6])
+    g = cm.generate("What is the code?", GREEDY)
+    assert g.prompt_chunk.parent_chunks == [doc.hash]
+    assert g.output_chunk.parent_chunks == [doc.hash, g.prompt_chunk.hash]
+    assert g.output_chunk.kind == "output" and g.output_chunk.role == "assistant"
+    assert g.output_chunk.generation_params["temperature"] == 0
+    assert g.output_chunk.generation_params["mode"] == "reuse"
+    assert set(cm.registry.children(doc.hash)) == {g.prompt_chunk.hash, g.output_chunk.hash}
+    assert not g.prompt_chunk.is_active and not g.output_chunk.is_active
+    assert g.text and g.output_chunk.text.startswith(g.text.strip()[:5])
+
+
+def test_output_granularity_per_n_tokens_and_manual(make_cm):
+    cm = make_cm(output_tokens=5)
+    g = cm.generate("Count from one to twenty.", SamplingParams(temperature=0, max_tokens=14))
+    sizes = [c.token_count for c in g.output_chunks]
+    assert len(sizes) >= 3 and all(s == 5 for s in sizes[:-1])
+    assert g.output_chunks[1].parent_chunks[-1] == g.output_chunks[0].hash
+    cm.configure(output_tokens="manual")
+    assert cm.generate("Say hi.", GREEDY).output_chunk is None
+    with cm.track_output() as out:
+        tracked = cm.generate("Say hi.", GREEDY)
+    assert out.get_chunk().hash == tracked.output_chunk.hash
+
+
+def test_contexts_are_independent_over_one_store(make_cm):
+    alice = make_cm("alice")
+    bob = alice.with_context("bob")
+    doc = alice.add_chunk(DOC)
+    alice.activate_chunk(doc.hash)
+    assert [c.hash for c in alice.context().chunks] == [doc.hash]
+    assert bob.context().chunks == []
+    assert alice.get_chunk(doc.hash).is_active and not bob.get_chunk(doc.hash).is_active
+    with_doc = alice.generate("What is the code of the vault?", GREEDY)
+    without = bob.generate("What is the code of the vault?", GREEDY)
+    assert with_doc.text != without.text
+
+
+def test_restart_keeps_chunks_tags_provenance_and_answers(make_cm, home):
+    cm = make_cm()
+    doc = cm.add_chunk(DOC, tags=["facts"])
+    cm.activate_chunk(doc.hash)
+    g = cm.generate("Where is the vault?", GREEDY)
+    cm.activate_chunk(g.prompt_chunk.hash)
+    cm.activate_chunk(g.output_chunk.hash)
+    before = cm.generate("And its code?", GREEDY)
+    listed = [(c.hash, c.tags, c.parent_chunks) for c in cm.list_chunks()]
+    cm.store.close()
+
+    again = make_cm(at=home)
+    assert [(c.hash, c.tags, c.parent_chunks) for c in again.list_chunks()] == listed
+    assert all(c.tier == "disk" for c in again.list_chunks())
+    assert [c.hash for c in again.context().chunks] == [
+        doc.hash,
+        g.prompt_chunk.hash,
+        g.output_chunk.hash,
+    ]
+    after = again.generate("And its code?", GREEDY)
+    assert after.text == before.text
+    assert again.store.stats["file_loads"] >= 3 and again.store.stats["recomputes"] == 0
+
+
+def test_corrupted_or_missing_kv_file_is_recomputed(make_cm, home):
+    cm = make_cm()
+    doc = cm.add_chunk(DOC)
+    k, _ = cm.store.read_kv(doc.segments)
+    cm.store.close()
+    path = kv_path(home, doc.hash)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    again = make_cm(at=home)
+    again.populate(doc.hash[:8])
+    assert again.store.stats["bad_files"] == 1 and again.store.stats["recomputes"] == 1
+    k2, _ = again.store.read_kv(again.get_chunk(doc.hash).segments)
+    torch.testing.assert_close(k2, k, atol=1e-5, rtol=1e-5)
+
+
+def test_export_import_between_data_directories(make_cm, tmp_path):
+    cm = make_cm()
+    doc = cm.add_chunk(DOC, tags=["facts"])
+    target = cm.export_chunk(doc.hash, "doc.kvc")
+    assert target.parent == (cm.store.home / "exports").resolve()
+    with pytest.raises(InvalidInput):
+        cm.export_chunk(doc.hash, "doc.kvc")
+    cm.export_chunk(doc.hash, "doc.kvc", force=True)
+    with pytest.raises(InvalidInput):
+        cm.export_chunk(doc.hash, "../../escape.kvc")
+    other = make_cm(at=tmp_path / "other")
+    imported = other.import_chunk(target)
+    assert imported.hash == doc.hash and imported.tags == ["facts"]
+    k1, v1 = cm.store.read_kv(doc.segments)
+    k2, v2 = other.store.read_kv(imported.segments)
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+def test_import_refuses_corrupted_and_foreign_files(make_cm, tmp_path, model_path):
+    cm = make_cm()
+    target = cm.export_chunk(cm.add_chunk(DOC).hash, tmp_path / "doc.kvc")
+    other = make_cm(at=tmp_path / "other")
+    before = snapshot(other)
+    broken = tmp_path / "broken.kvc"
+    broken.write_bytes(target.read_bytes()[:-50])
+    with pytest.raises(ChunkFileError):
+        other.import_chunk(broken)
+    from kvchunks.store.kv_file import read_kv_file, write_kv_file
+
+    k, v, record, _ = read_kv_file(target)
+    foreign = tmp_path / "foreign.kvc"
+    write_kv_file(foreign, k, v, record, "0" * 64)
+    with pytest.raises(ChunkFileError):
+        other.import_chunk(foreign)
+    wrong_dtype = tmp_path / "bf16.kvc"
+    write_kv_file(wrong_dtype, k.bfloat16(), v.bfloat16(), record, cm.store.fingerprint)
+    with pytest.raises(ChunkFileError):
+        other.import_chunk(wrong_dtype)
+    assert snapshot(other) == before
+
+
+def test_bad_input_is_refused_without_state_change(make_cm, tmp_path):
+    cm = make_cm()
+    a = cm.add_chunk(DOC)
+    cm.activate_chunk(a.hash)
+    view = cm.compose_chunks([a.hash, cm.add_chunk("Another document.").hash])
+    before = snapshot(cm)
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "binary.bin").write_bytes(b"\x00\x01\x02abc")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    cases = [
+        (ChunkNotFound, lambda: cm.activate_chunk("deadbeef")),
+        (InvalidInput, lambda: cm.activate_chunk("xyz!")),
+        (InvalidInput, lambda: cm.get_chunk("ab")),
+        (InvalidInput, lambda: cm.load_file(tmp_path / "missing.txt")),
+        (InvalidInput, lambda: cm.load_file(tmp_path / "empty.txt")),
+        (InvalidInput, lambda: cm.load_file(tmp_path / "binary.bin")),
+        (InvalidInput, lambda: cm.load_file(tmp_path / "latin1.txt")),
+        (InvalidInput, lambda: cm.add_chunk("")),
+        (InvalidInput, lambda: cm.add_chunk("x", role="robot")),
+        (InvalidInput, lambda: cm.generate("")),
+        (InvalidInput, lambda: cm.generate("hi", mode="fast")),
+        (InvalidInput, lambda: cm.split_chunk(a.hash, 0)),
+        (InvalidInput, lambda: cm.split_chunk(a.hash, a.token_count)),
+        (InvalidInput, lambda: cm.compose_chunks([a.hash])),
+        (InvalidInput, lambda: cm.tag_chunk(a.hash, "two words")),
+        (InvalidInput, lambda: cm.configure(mode="fast")),
+        (InvalidInput, lambda: cm.with_context("no spaces allowed")),
+        (ChunkInUse, lambda: cm.delete_chunk(a.hash)),
+        (ContextWindowExceeded, lambda: cm.add_chunk("word " * 9000)),
+        (ContextWindowExceeded, lambda: cm.generate("hi", SamplingParams(max_tokens=9000))),
+    ]
+    for error, call in cases:
+        with pytest.raises(error):
+            call()
+        assert snapshot(cm) == before, error
+    assert view.ref_count == 0 and cm.get_chunk(a.hash).ref_count == 1
+
+
+def test_ambiguous_prefix_lists_candidates(make_cm):
+    import dataclasses
+
+    cm = make_cm()
+    a = cm.add_chunk(DOC)
+    twin_hash = a.hash[:6] + ("0" if a.hash[6] != "0" else "1") + a.hash[7:]
+    cm.registry.put(dataclasses.replace(a, hash=twin_hash, segments=[]))
+    assert cm.get_chunk(a.hash[:7]).hash == a.hash
+    with pytest.raises(AmbiguousHash) as err:
+        cm.activate_chunk(a.hash[:6])
+    assert a.hash[:12] in str(err.value) and twin_hash[:12] in str(err.value)
+    assert cm.context().chunks == []
+
+
+def test_activation_past_the_window_is_refused(make_cm):
+    cm = make_cm()
+    page = cm.add_chunk("lorem ipsum dolor sit amet " * 200)
+    # Views cost no compute, so a window-sized context is cheap to build.
+    repeats = cm.store.window // page.token_count
+    book = cm.compose_chunks([page.hash] * repeats)
+    cm.activate_chunk(book.hash)
+    before = snapshot(cm)
+    with pytest.raises(ContextWindowExceeded):
+        cm.activate_chunk(page.hash)
+    assert snapshot(cm) == before
+
+
+def test_delete_with_views_needs_cascade(make_cm):
+    cm = make_cm()
+    a, b = cm.add_chunk(DOC), cm.add_chunk("Second document.")
+    view = cm.compose_chunks([a.hash, b.hash])
+    head, _ = cm.split_chunk(view.hash, 5)
+    assert cm.get_chunk(a.hash).ref_count >= 1
+    deleted = cm.delete_chunk(a.hash, cascade=True)
+    assert a.hash in deleted and view.hash in deleted and head.hash in deleted
+    assert not kv_path(cm.store.home, a.hash).exists()
+    with pytest.raises(ChunkNotFound):
+        cm.get_chunk(view.hash)
+    assert cm.get_chunk(b.hash).ref_count == 0
