@@ -301,36 +301,28 @@ class ContextManager:
         store = self.store
         ctx = store.context_of(active, mode)
         try:
-            prompt_chunk = store.compute(
+            record = store.new_record(
                 prompt_tokens,
                 active,
+                ctx.position,
+                ctx.combine,
                 mode,
-                ctx,
                 role="user",
                 kind="input",
                 text=prompt,
                 metadata={"source": "prompt", "context": self.context_name},
             )
-            prompt_kv = store.segments(prompt_chunk)
-            # The prompt's last token is computed again as the answer's first own token: its
-            # logits pick the first answer token, and the answer's KV follows in its blocks.
-            head = slice_segments(prompt_kv, 0, len(prompt_tokens) - 1, store.block_size)
-            seq = store.llm.add_request(
-                [prompt_tokens[-1]],
-                params,
-                [*ctx.segments, *head],
-                ctx.position + len(prompt_tokens) - 1,
-                keep_kv=True,
-                continue_after=prompt_kv[-1],
-            )
-            answer, ttft, interrupted = self._run(seq, on_text, started)
+            seq, fresh = self._start(record, ctx, params)
+            skip = len(prompt_tokens) if fresh else 1
+            answer, ttft, interrupted = self._run(seq, on_text, started, skip)
             elapsed = time.perf_counter() - started
-            answer_at = ctx.position + len(prompt_tokens)
+            prompt_chunk, prompt_kv = self._store_prompt(record, seq, fresh)
             outputs = self._store_answer(
                 seq,
+                skip,
                 [*active, prompt_chunk],
                 [*ctx.segments, *prompt_kv],
-                answer_at,
+                ctx.position + len(prompt_tokens),
                 ctx.combine,
                 mode,
                 params,
@@ -357,7 +349,41 @@ class ContextManager:
         self.last_generation = result
         return result
 
-    def _run(self, seq, on_text, started: float) -> tuple[list[int], float, bool]:
+    def _start(self, record: ChunkInfo, ctx, params: SamplingParams):
+        """Queue the answer: a new prompt is computed in the answer's own sequence, so its
+        last logits give the first answer token; a stored prompt is reused and only its last
+        token is computed again. Returns the sequence and whether the prompt is new."""
+        store, llm = self.store, self.store.llm
+        if not self.registry.exists(record.hash):
+            seq = llm.add_request(record.token_ids, params, ctx.segments, ctx.position, True)
+            return seq, True
+        prompt_kv = store.segments(store.get(record.hash))
+        head = slice_segments(prompt_kv, 0, record.token_count - 1, store.block_size)
+        seq = llm.add_request(
+            record.token_ids[-1:],
+            params,
+            [*ctx.segments, *head],
+            ctx.position + record.token_count - 1,
+            True,
+            continue_after=prompt_kv[-1],
+        )
+        return seq, False
+
+    def _store_prompt(self, record: ChunkInfo, seq, fresh: bool):
+        """The prompt chunk and its KV (from the answer's sequence when it was new)."""
+        store = self.store
+        if fresh:
+            own = seq.own_segment()
+            if own.length < record.token_count:  # interrupted before the prompt was read
+                store.llm.release(own)
+                raise KeyboardInterrupt
+            part = own.sub(0, record.token_count, store.block_size)
+            store.llm.retain(part)
+            store.register(record, [part])
+        chunk = store.get(record.hash)
+        return chunk, store.segments(chunk)
+
+    def _run(self, seq, on_text, started: float, skip: int) -> tuple[list[int], float, bool]:
         """Drive the engine until the answer is done; Ctrl-C keeps what was computed."""
         llm, ttft, shown = self.store.llm, 0.0, ""
         try:
@@ -370,12 +396,13 @@ class ContextManager:
                         shown = text
         except KeyboardInterrupt:
             llm.abort(seq)
-            return seq.completion_token_ids[: seq.num_computed - 1], ttft, True
+            return seq.completion_token_ids[: max(seq.num_computed - skip, 0)], ttft, True
         return seq.completion_token_ids, ttft, False
 
     def _store_answer(
         self,
         seq,
+        skip: int,
         parents: list[ChunkInfo],
         context: list[KVSegment],
         position: int,
@@ -385,15 +412,15 @@ class ContextManager:
         interrupted: bool,
     ) -> list[ChunkInfo]:
         """Turn the answer's KV into output chunk(s), closed the way the chat template closes
-        an assistant turn. Its first own token (the prompt's last, recomputed) is dropped."""
+        an assistant turn. The sequence's first `skip` own tokens are the prompt's."""
         llm, store = self.store.llm, self.store
         own = seq.own_segment()
-        answer = seq.completion_token_ids[: own.length - 1]
+        answer = seq.completion_token_ids[: max(own.length - skip, 0)]
         granularity = self.settings["output_tokens"]
         if not answer or (granularity == "manual" and not self._trackers):
             llm.release(own)
             return []
-        body = own.sub(1, len(answer), store.block_size)
+        body = own.sub(skip, len(answer), store.block_size)
         closing = [] if interrupted else store.chat.close_answer(answer)
         kv = [body]
         if closing:
