@@ -12,6 +12,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from kvchunks.engine.rotary import rotate
 
@@ -23,7 +24,10 @@ class SequenceAttention:
     query_start: int
     query_end: int
     key_slots: torch.Tensor  # [T] flat pool slots: context segments first, then own tokens
-    mask: torch.Tensor | None  # [n, T] bool, None when the queries see only themselves, causally
+    # Queries are the last of the sequence's own tokens, so they see every context key and
+    # their own keys causally: a causal mask aligned to the lower right. `fresh` means there
+    # is nothing before them, and the new K/V can be used directly, without a gather.
+    fresh: bool
     key_cos: torch.Tensor | None = None  # [T, 1, head_dim] RoPE delta of shifted segments
     key_sin: torch.Tensor | None = None
 
@@ -74,13 +78,15 @@ class TorchAttention:
         out = torch.empty_like(q)
         for s in meta.sequences:
             qs = q[s.query_start : s.query_end]
-            if s.mask is None:
+            if s.fresh:
                 ks, vs = k[s.query_start : s.query_end], v[s.query_start : s.query_end]
+                mask = None
             else:
                 ks, vs = k_cache.index_select(0, s.key_slots), v_cache.index_select(0, s.key_slots)
                 if s.key_cos is not None:
                     ks = rotate(ks, s.key_cos, s.key_sin)
-            out[s.query_start : s.query_end] = _sdpa(qs[None], ks[None], vs[None], s.mask)[0]
+                mask = causal_lower_right(len(qs), len(ks))
+            out[s.query_start : s.query_end] = _sdpa(qs[None], ks[None], vs[None], mask)[0]
         return out
 
     @staticmethod

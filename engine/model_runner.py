@@ -90,17 +90,10 @@ class ModelRunner:
     def _sequence_attention(
         self, seq: Sequence, own: torch.Tensor, q_start: int, q_end: int
     ) -> SequenceAttention:
-        n = q_end - q_start
         if not seq.context and seq.num_computed == 0:
-            return SequenceAttention(q_start, q_end, own, None)
-        ctx_slots = [self.segment_slots(s) for s in seq.context]
-        key_slots = torch.cat([*ctx_slots, own])
-        num_ctx = key_slots.numel() - own.numel()
-        query_idx = torch.arange(seq.num_computed, seq.num_computed + n, device=self.device)
-        own_idx = torch.arange(own.numel(), device=self.device)
-        causal = own_idx[None, :] <= query_idx[:, None]
-        mask = torch.cat([causal.new_ones(n, num_ctx), causal], dim=1)
-        attention = SequenceAttention(q_start, q_end, key_slots, mask)
+            return SequenceAttention(q_start, q_end, own, fresh=True)
+        key_slots = torch.cat([*(self.segment_slots(s) for s in seq.context), own])
+        attention = SequenceAttention(q_start, q_end, key_slots, fresh=False)
         if any(s.shift for s in seq.context):
             attention.key_cos, attention.key_sin = self._key_rotation(seq, own.numel())
         return attention

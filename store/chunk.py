@@ -186,12 +186,19 @@ def _is_number(value: object) -> bool:
     return type(value) in (int, float)
 
 
-def _is_count_list(value: object) -> bool:
-    return isinstance(value, list) and all(_is_count(v) for v in value)
+def _is_count_list(value: object, most: int | None = None) -> bool:
+    # set/min/max run in C: records carry thousands of token ids and are read on every toggle.
+    if not isinstance(value, list):
+        return False
+    if not value:
+        return True
+    return (
+        set(map(type, value)) == {int} and min(value) >= 0 and (most is None or max(value) <= most)
+    )
 
 
 def _is_token_list(value: object) -> bool:
-    return _is_count_list(value) and all(t <= MAX_TOKEN_ID for t in value)  # type: ignore[attr-defined]
+    return _is_count_list(value, MAX_TOKEN_ID)
 
 
 def _is_str_dict(value: object) -> bool:
