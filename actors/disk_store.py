@@ -1,0 +1,52 @@
+"""DiskStore: chunks' KV files on the disk of the node it runs on.
+
+Files are the store's safetensors format (`store/kv_file.py`), checked on every read:
+nothing read from disk is ever unpickled, and a file that fails its checks is not used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+
+from kvchunks.actors.kv_transfer import KVPayload
+from kvchunks.common import ChunkFileError, data_dir
+from kvchunks.store.kv_file import kv_path, read_kv_file, write_kv_file
+
+
+@ray.remote
+class DiskStore:
+    def __init__(self, home: str | None):
+        self.home = Path(home) if home else data_dir()
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def ready(self) -> str:
+        return self.node_id
+
+    def contains(self, chunk_hash: str) -> bool:
+        return kv_path(self.home, chunk_hash).exists()
+
+    def get(self, chunk_hash: str, fingerprint: str, dtype: str, shape: tuple) -> KVPayload | None:
+        """The chunk's KV from its file, if the file is there and passes every check."""
+        path = kv_path(self.home, chunk_hash)
+        if not path.exists():
+            return None
+        try:
+            k, v, _, _ = read_kv_file(path, fingerprint, dtype, shape)
+        except ChunkFileError:
+            return None
+        return KVPayload.from_tensors(k, v)
+
+    def put(self, chunk_hash: str, payload: KVPayload, record: dict, fingerprint: str) -> bool:
+        """Write the chunk's file unless it is there already (files are content-addressed)."""
+        path = kv_path(self.home, chunk_hash)
+        if path.exists():
+            return False
+        k, v = payload.tensors()
+        write_kv_file(path, k, v, record, fingerprint)
+        return True
+
+    def usage(self) -> dict:
+        files = list((self.home / "kv").glob("*/*.safetensors"))
+        return {"chunks": len(files), "bytes": sum(f.stat().st_size for f in files)}

@@ -1,0 +1,159 @@
+"""The ChunkRegistry actor: the one place a service's metadata changes are applied, in order.
+
+It owns the connection to Redis (and, with no URL, starts the embedded server that the
+workers on its node then join). Workers read records straight from Redis, which is fast and
+always consistent, but send every write here (`RegistryClient`), so writes from all workers
+and clients are applied one at a time, each durable in Redis before the call returns.
+
+It also keeps the shared pool's map: which worker holds which chunk's KV, and how many
+bytes. That map is soft state, rebuilt from the workers' reports: a restarted worker
+reports an empty pool, and the KV itself can always come back from a file or its tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import ray
+import redis
+
+from kvchunks.actors.remote import get
+from kvchunks.common import InvalidInput
+from kvchunks.store import redis_server
+from kvchunks.store.registry import ChunkRegistry
+
+# ChunkRegistry methods that change state; RegistryClient sends these to the actor.
+WRITES = (
+    "put",
+    "update",
+    "add_tag",
+    "remove_tag",
+    "add_ref",
+    "delete",
+    "activate",
+    "deactivate",
+    "clear_context",
+    "update_settings",
+)
+READS = (
+    "get",
+    "get_many",
+    "exists",
+    "resolve",
+    "list_chunks",
+    "by_content",
+    "parents",
+    "children",
+    "contexts",
+    "active",
+    "settings",
+)
+
+
+@ray.remote
+class RegistryActor:
+    def __init__(
+        self,
+        home: str | None,
+        redis_url: str | None,
+        workers: list[str],
+        namespace: str = "kvchunks",
+    ):
+        home_dir = Path(home) if home else None
+        self.url = redis_url or os.environ.get(redis_server.URL_ENV)
+        self.redis = redis_server.connect(home_dir, self.url)
+        self.registry = ChunkRegistry(self.redis, namespace)
+        self.workers = list(workers)
+        self.held: dict[str, dict[str, int]] = {w: {} for w in workers}  # worker -> hash -> bytes
+        self.pools: dict[str, dict] = {}  # worker -> its last reported pool figures
+
+    def ready(self) -> bool:
+        return True
+
+    def redis_url(self) -> str:
+        """Where workers read the registry: the given URL, or the embedded server's socket
+        (so a worker can never start a second embedded server by mistake)."""
+        return self.url or f"unix://{self.redis.socket_file}"
+
+    def call(self, method: str, *args, **kwargs):
+        """Run one ChunkRegistry method here (every write of the service comes through)."""
+        if method not in WRITES and method not in READS:
+            raise InvalidInput(f"the registry has no method {method!r}")
+        return getattr(self.registry, method)(*args, **kwargs)
+
+    # -- the shared pool's map ------------------------------------------------------------
+
+    def report(self, worker: str, held: dict[str, int], pool: dict) -> None:
+        """A worker's resident chunks (hash -> KV bytes) and pool figures, replacing the last."""
+        if worker not in self.held:
+            self.workers.append(worker)
+        self.held[worker] = held
+        self.pools[worker] = pool
+
+    def holders(self, chunk_hash: str) -> list[str]:
+        return [w for w in self.workers if chunk_hash in self.held.get(w, {})]
+
+    def placement(self, context: str) -> dict:
+        """For each worker: bytes of the context's active KV it holds, and its free blocks."""
+        owners = self._owners(self.registry.active(context))
+        held = {w: sum(self.held.get(w, {}).get(h, 0) for h in owners) for w in self.workers}
+        free = {w: self.pools.get(w, {}).get("blocks_free", 0) for w in self.workers}
+        return {"workers": list(self.workers), "held": held, "free": free}
+
+    def _owners(self, hashes: list[str]) -> list[str]:
+        """The chunks that own the KV of these chunks (a view reads its sources')."""
+        out: list[str] = []
+        for chunk in self.registry.get_many(hashes):
+            out += [s.hash for s in chunk.sources] if chunk.layout == "view" else [chunk.hash]
+        return list(dict.fromkeys(out))
+
+    def list_workers(self) -> list[str]:
+        return list(self.workers)
+
+    def summary(self) -> dict:
+        hashes_key = f"{self.registry.namespace}:hashes"  # see the key layout in store/registry.py
+        return {
+            "chunks": int(self.redis.zcard(hashes_key)),
+            "contexts": len(self.registry.contexts()),
+            "redis": self.redis.connection_pool.connection_kwargs.get("path")
+            or self.redis.connection_pool.connection_kwargs.get("host", "?"),
+        }
+
+    def shutdown(self) -> None:
+        """Close Redis (the embedded server stops with its last client) and exit."""
+        deadline = time.monotonic() + 5
+        # Killed workers' connections close with their processes; give the server a moment
+        # to notice, so that closing ours is the last one and the embedded server stops.
+        while time.monotonic() < deadline and self._other_clients():
+            time.sleep(0.1)
+        redis_server.close(self.redis)
+        ray.actor.exit_actor()
+
+    def _other_clients(self) -> int:
+        try:
+            return len(self.redis.client_list()) - 1
+        except redis.RedisError:
+            return 0
+
+
+class RegistryClient(ChunkRegistry):
+    """A ChunkRegistry that reads from Redis directly and sends every write to the actor."""
+
+    def __init__(self, client: redis.Redis, namespace: str, actor: ray.actor.ActorHandle):
+        super().__init__(client, namespace)
+        self._actor = actor
+
+
+def _through_actor(name: str):
+    def method(self: RegistryClient, *args, **kwargs):
+        return get(self._actor.call.remote(name, *args, **kwargs), f"registry {name}")
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = getattr(ChunkRegistry, name).__doc__
+    return method
+
+
+for _name in WRITES:
+    setattr(RegistryClient, _name, _through_actor(_name))

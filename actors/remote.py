@@ -1,0 +1,66 @@
+"""What every actor and every caller shares at the Ray boundary: the actors' names, and errors
+that reach the caller as the typed kvchunks exception an actor raised, in one line."""
+
+from __future__ import annotations
+
+import contextlib
+import copyreg
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+from ray import exceptions as rex
+
+from kvchunks.common import AmbiguousHash, KVChunksError
+
+NAMESPACE = "kvchunks"  # the Ray namespace of the service's named actors
+REGISTRY = "registry"
+TIER_MANAGER = "tier-manager"
+HOST_STORE = "host-store"
+DISK_STORE = "disk-store"
+
+
+def worker_name(index: int) -> str:
+    return f"worker-{index}"
+
+
+class ServiceUnavailable(KVChunksError):
+    """Ray, or the kvchunks actors on it, cannot be reached."""
+
+
+class WorkerDied(ServiceUnavailable):
+    """An InferenceWorker died while serving a call (Ray restarts it; the call may be retried)."""
+
+
+@contextlib.contextmanager
+def ray_errors(what: str) -> Iterator[None]:
+    """Raise an actor's kvchunks error as itself, and a dead actor as WorkerDied."""
+    try:
+        yield
+    except rex.RayTaskError as e:
+        cause = e.cause
+        if isinstance(cause, KVChunksError):
+            raise cause from None
+        if isinstance(cause, BaseException):
+            raise cause from e  # a bug or a TypeError: keep the remote traceback attached
+        raise
+    except (rex.RayActorError, rex.ActorUnavailableError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise WorkerDied(
+            f"{what} failed: the actor died or is restarting ({detail}); retry the call"
+        ) from None
+
+
+def get(refs: Any, what: str = "call") -> Any:
+    """`ray.get` with the errors above."""
+    with ray_errors(what):
+        return ray.get(refs)
+
+
+def _reduce_ambiguous(error: AmbiguousHash) -> tuple:
+    return AmbiguousHash, (error.prefix, error.candidates)
+
+
+# AmbiguousHash takes (prefix, candidates) but its args hold only the message, so the default
+# exception pickling cannot rebuild it: Ray would hand the caller an UnserializableException.
+copyreg.pickle(AmbiguousHash, _reduce_ambiguous)

@@ -1,0 +1,30 @@
+"""Router: which worker serves a context's next request.
+
+Shipping KV costs time and a recompute costs much more, so a request goes to the worker that
+already holds most of the bytes of its context's active chunks; among equals, to the one with
+the most free KV blocks; then to the first. Whatever the chosen worker lacks, it ships.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from kvchunks.actors.remote import get
+
+
+class Router:
+    def __init__(self, registry: ray.actor.ActorHandle, pinned: str | None = None):
+        self.registry = registry
+        self.pinned = pinned  # always this worker (tests, benchmarks, data locality by hand)
+
+    def pick(self, context: str) -> str:
+        if self.pinned is not None:
+            return self.pinned
+        placement = get(self.registry.placement.remote(context), "the registry")
+        return choose(placement["workers"], placement["held"], placement["free"])
+
+
+def choose(workers: list[str], held: dict[str, int], free: dict[str, int]) -> str:
+    """The worker holding most bytes, then with most free blocks, then the first listed."""
+    order = {w: i for i, w in enumerate(workers)}
+    return max(workers, key=lambda w: (held.get(w, 0), free.get(w, 0), -order[w]))

@@ -1,0 +1,203 @@
+"""A kvchunks service: its named actors on a Ray cluster, started, found, described, stopped.
+
+    registry       RegistryActor   Redis-backed chunk registry; every metadata write; pool map
+    host-store     HostStore       KV in host memory
+    disk-store     DiskStore       KV files on the head's disk
+    tier-manager   TierManager     moves KV between workers, host and disk
+    worker-<i>     InferenceWorker one per GPU (num_gpus=1), or CPU workers where there is none
+
+The singletons are pinned to the node that starts the service (the head, in cluster.yaml)
+and take no CPU. Workers restart after a crash (max_restarts=-1): their pool is rebuilt on
+demand from peers, files or tokens, since records and files outlive them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray import exceptions as rex
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from kvchunks.actors.disk_store import DiskStore
+from kvchunks.actors.host_store import HostStore
+from kvchunks.actors.registry_actor import RegistryActor
+from kvchunks.actors.remote import (
+    DISK_STORE,
+    HOST_STORE,
+    NAMESPACE,
+    REGISTRY,
+    TIER_MANAGER,
+    ServiceUnavailable,
+    get,
+    ray_errors,
+    worker_name,
+)
+from kvchunks.actors.tier_manager import TierManager
+from kvchunks.actors.worker import InferenceWorker
+from kvchunks.common import InvalidInput
+
+ActorHandle = ray.actor.ActorHandle
+
+
+@dataclass
+class Service:
+    registry: ActorHandle
+    tiers: ActorHandle
+    host: ActorHandle
+    disk: ActorHandle
+    workers: dict[str, ActorHandle]
+
+    def handles(self) -> list[ActorHandle]:
+        return [*self.workers.values(), self.tiers, self.host, self.disk, self.registry]
+
+
+def init_ray(address: str | None) -> bool:
+    """Connect this process to Ray at `address` (None: start a local Ray). True if this call
+    started a local Ray; nothing happens when Ray is already initialised here."""
+    if ray.is_initialized():
+        return False
+    options = {"namespace": NAMESPACE, "log_to_driver": False, "logging_level": logging.WARNING}
+    if address is None:
+        options["include_dashboard"] = False
+    try:
+        ray.init(address=address, **options)
+    except (ConnectionError, TimeoutError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise ServiceUnavailable(
+            f"no Ray cluster at {address!r} ({detail}); start one with `ray start --head`"
+        ) from None
+    return address is None
+
+
+def start(
+    workers: int | None = None,
+    *,
+    model: str | Path | None = None,
+    home: str | Path | None = None,
+    redis_url: str | None = None,
+    engine_options: dict | None = None,
+    cpus_per_worker: float = 1,
+    detached: bool = True,
+    timeout: float = 600,
+) -> Service:
+    """Start the service's actors on the connected cluster and wait until all are ready.
+
+    workers: InferenceWorkers to start (default: one per GPU in the cluster, else 1).
+    engine_options: EngineConfig fields for every worker (each resolves its own device).
+    redis_url: a Redis server every node can reach (needed with several nodes); without
+    one the registry actor runs the embedded server on its node.
+    """
+    if _lookup(REGISTRY) is not None:
+        raise InvalidInput("a kvchunks service already runs on this Ray cluster; stop it first")
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    names = [worker_name(i) for i in range(workers or max(gpus, 1))]
+    home_dir, model_dir = (str(p) if p else None for p in (home, model))
+    common = {"namespace": NAMESPACE, "lifetime": "detached" if detached else None}
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    single = {**common, "num_cpus": 0, "scheduling_strategy": here, "max_restarts": -1}
+    started: list[ActorHandle] = []
+    try:
+        registry = RegistryActor.options(name=REGISTRY, **single).remote(home_dir, redis_url, names)
+        started.append(registry)
+        url = get(registry.redis_url.remote(), "starting the registry")
+        host = HostStore.options(name=HOST_STORE, **single).remote()
+        disk = DiskStore.options(name=DISK_STORE, **single).remote(home_dir)
+        started += [host, disk]
+        get([host.ready.remote(), disk.ready.remote()], "starting the tier stores")
+        tiers = TierManager.options(name=TIER_MANAGER, max_concurrency=16, **single).remote()
+        started.append(tiers)
+        get(tiers.ready.remote(), "starting the tier manager")
+        resources = {"num_gpus": 1} if gpus else {"num_cpus": cpus_per_worker}
+        handles = {
+            name: InferenceWorker.options(
+                name=name, max_restarts=-1, max_concurrency=8, **resources, **common
+            ).remote(name, model_dir, home_dir, url, engine_options)
+            for name in names
+        }
+        started += handles.values()
+        _wait([w.ready.remote() for w in handles.values()], timeout)
+    except BaseException:
+        _kill(started)
+        raise
+    return Service(registry, tiers, host, disk, handles)
+
+
+def attach() -> Service:
+    """The running service's actors on the connected cluster."""
+    registry = _lookup(REGISTRY)
+    if registry is None:
+        raise ServiceUnavailable(
+            "no kvchunks service runs on this Ray cluster; start it with `kvchunks serve`"
+        )
+    names = get(registry.list_workers.remote(), "the registry")
+    others = [_lookup(n) for n in (TIER_MANAGER, HOST_STORE, DISK_STORE, *names)]
+    if any(h is None for h in others):
+        raise ServiceUnavailable(
+            "the kvchunks service is incomplete; `kvchunks stop` and serve again"
+        )
+    tiers, host, disk, *handles = others
+    return Service(registry, tiers, host, disk, dict(zip(names, handles, strict=True)))
+
+
+def stop(service: Service) -> list[str]:
+    """Kill the service's actors (workers first, the registry last so Redis closes cleanly).
+    Records and KV files stay on disk for the next service."""
+    _kill(service.handles()[:-1])
+    with contextlib.suppress(rex.RayError):
+        ray.get(service.registry.shutdown.remote(), timeout=30)
+    _kill([service.registry])
+    return [*service.workers, TIER_MANAGER, HOST_STORE, DISK_STORE, REGISTRY]
+
+
+def status(service: Service) -> dict:
+    """Workers and their pools, the registry, the tiers and the transfers between them."""
+    workers = [_worker_status(name, h) for name, h in service.workers.items()]
+    up = [w for w in workers if "blocks_total" in w]
+    gpu = {"chunks": sum(w["chunks"] for w in up), "bytes": sum(w["kv_bytes"] for w in up)}
+    return {
+        "workers": workers,
+        "registry": get(service.registry.summary.remote(), "the registry"),
+        "tiers": {
+            "gpu": gpu,
+            "cpu": get(service.host.usage.remote(), "the host store"),
+            "disk": get(service.disk.usage.remote(), "the disk store"),
+        },
+        "transfers": get(service.tiers.transfers.remote(), "the tier manager"),
+    }
+
+
+def _worker_status(name: str, handle: ActorHandle) -> dict:
+    try:
+        return ray.get(handle.status.remote(), timeout=10)
+    except (rex.RayError, TimeoutError):  # restarting (loading its model) or gone
+        return {"name": name, "state": "not responding"}
+
+
+def _wait(refs: list, timeout: float) -> None:
+    try:
+        with ray_errors("starting the workers"):
+            ray.get(refs, timeout=timeout)
+    except rex.GetTimeoutError:
+        raise ServiceUnavailable(
+            f"the workers were not ready after {timeout:.0f} s: does the cluster have a free GPU "
+            "(or CPU) for each? see `ray status`"
+        ) from None
+
+
+def _lookup(name: str) -> ActorHandle | None:
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def _kill(handles: list[ActorHandle]) -> None:
+    for handle in handles:
+        ray.kill(handle, no_restart=True)
+    for handle in handles:  # a killed actor's next call fails once it is really gone
+        with contextlib.suppress(rex.RayError, TimeoutError):
+            ray.get(handle.ready.remote(), timeout=30)
