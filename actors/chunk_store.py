@@ -8,16 +8,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from kvchunks.common import ChunkFileError, InvalidInput, KVSegment, data_dir, slice_segments
+from kvchunks.common import (
+    CapacityError,
+    ChunkFileError,
+    ChunkNotFound,
+    InvalidInput,
+    KVSegment,
+    data_dir,
+    slice_segments,
+)
 from kvchunks.engine import LLM, EngineConfig
 from kvchunks.engine.chat import ChatFormat
+from kvchunks.policies.budgets import TierBudgets
+from kvchunks.policies.lru import LRU
+from kvchunks.policies.prefetch import make_policy
 from kvchunks.store.chunk import ChunkInfo, SourceSpan
 from kvchunks.store.hashing import (
     chunk_hash,
@@ -26,11 +39,13 @@ from kvchunks.store.hashing import (
     model_fingerprint,
     weights_digest,
 )
+from kvchunks.store.host_memory import HostMemory
 from kvchunks.store.kv_file import kv_path, read_kv_file, write_kv_file
 from kvchunks.store.redis_server import connect
 from kvchunks.store.registry import ChunkRegistry
 
 MODES = ("exact", "reuse", "realign")
+TIER_ORDER = ("gpu", "cpu", "disk")
 _DIGESTS: dict[str, str] = {}  # weights digest by file stamp: hashing 0.5 GB once is enough
 
 
@@ -70,6 +85,8 @@ class ChunkStore:
         engine_config: EngineConfig | None = None,
         llm: LLM | None = None,
         namespace: str = "kvchunks",
+        budgets: TierBudgets | None = None,
+        prefetch_policy: str = "provenance",
     ):
         self.home = Path(home) if home is not None else data_dir()
         self.llm = llm or LLM(model, engine_config)
@@ -80,6 +97,19 @@ class ChunkStore:
         self.kv: dict[str, list[KVSegment]] = {}  # resident KV of chunks that own KV
         self.stats: Counter[str] = Counter()
         self._token_counts: dict[str, int] = {}
+        # Tiers: the pool (`gpu`), host memory (`cpu`) and the KV files (`disk`, which every
+        # chunk has from its creation on). A chunk's KV is in at most one of gpu and cpu.
+        self.budgets = budgets or TierBudgets.from_env()
+        self.host = HostMemory(self.budgets.cpu_bytes)
+        self.lru = LRU()
+        self.pinned: Counter[str] = Counter()  # chunks a running generation attends to
+        self.prefetch_policy = make_policy(prefetch_policy, self.registry)
+        # One lock for the pool and the tiers: background prefetches write into the pool
+        # between engine steps, never during one.
+        self.lock = threading.RLock()
+        self._transfers = ThreadPoolExecutor(1, thread_name_prefix="kvchunks-prefetch")
+        self._inflight: dict[str, Future] = {}
+        self._restore_tiers()
 
     @property
     def window(self) -> int:
@@ -92,14 +122,21 @@ class ChunkStore:
 
     def describe(self, chunk: ChunkInfo) -> ChunkInfo:
         """Fill in what only this process knows: whether and where its KV is in the pool."""
-        if chunk.layout == "view":
-            resident = all(s.hash in self.kv for s in chunk.sources)
-            chunk.segments = self.segments(chunk) if resident else []
+        owners = [s.hash for s in chunk.sources] if chunk.layout == "view" else [chunk.hash]
+        tiers = [self.tier_of(h) for h in owners]
+        chunk.tier = max(tiers, key=TIER_ORDER.index)  # a view is as far as its furthest source
+        if chunk.tier != "gpu":
+            chunk.segments = []
+        elif chunk.layout == "view":
+            chunk.segments = self.segments(chunk)
         else:
-            chunk.segments = list(self.kv.get(chunk.hash, []))
-            resident = chunk.hash in self.kv
-        chunk.tier = "gpu" if resident else "disk"
+            chunk.segments = list(self.kv[chunk.hash])
         return chunk
+
+    def tier_of(self, chunk_hash: str) -> str:
+        if chunk_hash in self.kv:
+            return "gpu"
+        return "cpu" if chunk_hash in self.host else "disk"
 
     def token_count(self, hashes: list[str]) -> int:
         """Total tokens of these chunks; counts never change for a hash, so they are cached."""
@@ -125,12 +162,29 @@ class ChunkStore:
         return slice_segments(stored, piece.start, piece.length, self.block_size)
 
     def ensure_resident(self, chunk: ChunkInfo) -> list[KVSegment]:
-        """The KV of a chunk that owns KV: from the pool, else its file, else recomputed."""
-        if chunk.hash not in self.kv:
-            self.kv[chunk.hash] = self._load_file(chunk) or self._recompute(chunk)
-        return self.kv[chunk.hash]
+        """The pool KV of a chunk that owns KV: already there, else from host memory, else
+        from its file, else recomputed from its tokens. Brought back transparently."""
+        with self.lock:
+            self.lru.touch(chunk.hash)
+            if chunk.hash in self.kv:
+                self.stats["pool_hits"] += 1
+                return self.kv[chunk.hash]
+            self.stats["pool_misses"] += 1
+            kv = self.host.pop(chunk.hash)
+            if kv is None:
+                kv = self._read_file(chunk)
+            if kv is None:
+                self.kv[chunk.hash] = self._recompute(chunk)
+            else:
+                self.kv[chunk.hash] = [self._write_pool(*kv, chunk.position)]
+            self._record_tier(chunk.hash, "gpu")
+            return self.kv[chunk.hash]
 
-    def _load_file(self, chunk: ChunkInfo) -> list[KVSegment] | None:
+    def _write_pool(self, k: torch.Tensor, v: torch.Tensor, position: int) -> KVSegment:
+        self.make_room(self.llm.block_manager.blocks_needed(0, k.shape[1]))
+        return self.llm.write_kv(k, v, position)
+
+    def _read_file(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
         path = kv_path(self.home, chunk.hash)
         if not path.exists():
             return None
@@ -142,16 +196,18 @@ class ChunkStore:
             self.stats["bad_files"] += 1
             return None
         self.stats["file_loads"] += 1
-        return [self.llm.write_kv(k, v, chunk.position)]
+        return k, v
 
     def _recompute(self, chunk: ChunkInfo) -> list[KVSegment]:
         self.stats["recomputes"] += 1
         parents = self.registry.get_many(chunk.parent_chunks)
         context = self.context_of(parents, chunk.metadata.get("mode", "reuse"))
         try:
+            self.make_room(self.llm.block_manager.blocks_needed(0, chunk.token_count))
             result = self.llm.prefill(chunk.token_ids, context.segments, chunk.position)
         finally:
             self.free(context.scratch)
+        kv_path(self.home, chunk.hash).unlink(missing_ok=True)  # the damaged file, if any
         self._write_file(chunk, [result.segment])
         return [result.segment]
 
@@ -165,6 +221,149 @@ class ChunkStore:
 
     def evict(self, chunk_hash: str) -> None:
         self.free(self.kv.pop(chunk_hash, []))
+
+    # -- tiers --------------------------------------------------------------------------------
+
+    def owners(self, chunk: ChunkInfo) -> list[ChunkInfo]:
+        """The chunks that own the KV a chunk reads: itself, or a view's sources."""
+        return list({p.chunk.hash: p.chunk for p in self.pieces(chunk)}.values())
+
+    def move_to_gpu(self, chunk: ChunkInfo) -> None:
+        for owner in self.owners(chunk):
+            self.ensure_resident(owner)
+
+    def move_to_cpu(self, chunk: ChunkInfo) -> None:
+        with self.lock:
+            for owner in self.owners(chunk):
+                if owner.hash in self.kv:
+                    self._demote(owner.hash)
+                elif owner.hash not in self.host:
+                    kv = self._read_file(owner)
+                    if kv is None:
+                        kv = self.read_kv(self.ensure_resident(owner))
+                        self.evict(owner.hash)
+                    self._make_host_room(kv[0].nbytes + kv[1].nbytes)
+                    self.host.put(owner.hash, *kv)
+                    self._record_tier(owner.hash, "cpu")
+                if owner.hash not in self.host:
+                    raise CapacityError(
+                        f"chunk {owner.hash[:12]} does not fit the cpu budget of "
+                        f"{self.budgets.cpu_bytes} bytes; archive it to disk instead"
+                    )
+
+    def archive_to_disk(self, chunk: ChunkInfo) -> None:
+        with self.lock:
+            for owner in self.owners(chunk):
+                self._drop_to_disk(owner.hash)
+
+    def _drop_to_disk(self, chunk_hash: str) -> None:
+        """Keep only the file (which every chunk has since its creation)."""
+        if not kv_path(self.home, chunk_hash).exists():  # lost: write it again first
+            chunk = self.registry.get(chunk_hash)
+            self._write_file(chunk, self.ensure_resident(chunk))
+        self.evict(chunk_hash)
+        self.host.pop(chunk_hash)
+        self.lru.forget(chunk_hash)
+        self._record_tier(chunk_hash, "disk")
+
+    def make_room(self, blocks: int) -> None:
+        """Free pool blocks for `blocks` new ones within the gpu budget, moving the least
+        recently used chunks that nothing needs right now down to the cpu tier."""
+        bm = self.llm.block_manager
+        budget = min(self.budgets.gpu_blocks or bm.num_blocks, bm.num_blocks)
+        protected = self._protected()
+        while bm.num_free < blocks or bm.num_blocks - bm.num_free + blocks > budget:
+            victim = next(self.lru.coldest(self.kv, protected.__contains__), None)
+            if victim is None:
+                raise CapacityError(
+                    f"the gpu tier is full: {blocks} more blocks needed, "
+                    f"{bm.num_free} free, budget {budget} of {bm.num_blocks}; every resident "
+                    "chunk is active or in use (deactivate some, or raise KVCHUNKS_GPU_BLOCKS)"
+                )
+            self._demote(victim)
+
+    def _protected(self) -> set[str]:
+        active = {h for name in self.registry.contexts() for h in self.registry.active(name)}
+        views = {c.hash: c for c in self.registry.get_many(active) if c.layout == "view"}
+        sources = {s.hash for view in views.values() for s in view.sources}
+        return active | sources | {h for h, n in self.pinned.items() if n > 0}
+
+    def _demote(self, chunk_hash: str) -> None:
+        """gpu -> cpu, or straight to disk when the chunk cannot fit host memory at all."""
+        k, v = self.read_kv(self.kv[chunk_hash])
+        nbytes = k.nbytes + v.nbytes
+        self.evict(chunk_hash)
+        self.stats["evictions"] += 1
+        if nbytes > self.host.budget_bytes:
+            self._record_tier(chunk_hash, "disk")
+            return
+        self._make_host_room(nbytes)
+        self.host.put(chunk_hash, k, v)
+        self._record_tier(chunk_hash, "cpu")
+
+    def _make_host_room(self, nbytes: int) -> None:
+        for victim in self.lru.coldest(list(self.host.kv), lambda h: False):
+            if self.host.fits(nbytes):
+                return
+            self._drop_to_disk(victim)
+
+    def _record_tier(self, chunk_hash: str, tier: str) -> None:
+        if self.registry.exists(chunk_hash):
+            self.registry.update(chunk_hash, tier=tier)
+
+    def _restore_tiers(self) -> None:
+        """Bring back what was in the gpu and cpu tiers when the store last ran."""
+        for chunk in self.registry.list_chunks():
+            if chunk.layout == "view" or chunk.tier == "disk":
+                continue
+            try:
+                if chunk.tier == "gpu":
+                    self.ensure_resident(chunk)
+                else:
+                    self.move_to_cpu(chunk)
+            except CapacityError:
+                self._record_tier(chunk.hash, "disk")
+
+    # -- prefetch -------------------------------------------------------------------------------
+
+    def on_activate(self, chunk: ChunkInfo, active: list[str]) -> None:
+        """Let the prefetch policy bring likely-needed chunks into the pool in the background."""
+        for neighbour in self.prefetch_policy.on_activate(chunk, active):
+            self.prefetch(neighbour)
+
+    def prefetch(self, chunk_hash: str) -> Future | None:
+        """Start bringing a chunk's KV into the pool in the background (None: nothing to do)."""
+        if chunk_hash in self.kv or chunk_hash in self._inflight:
+            return self._inflight.get(chunk_hash)
+        future = self._transfers.submit(self._prefetch_one, chunk_hash)
+        self._inflight[chunk_hash] = future
+        return future
+
+    def _prefetch_one(self, chunk_hash: str) -> None:
+        try:
+            chunk = self.registry.get(chunk_hash)
+            for owner in self.owners(chunk):
+                # The file is read without the lock, so it overlaps the engine's compute.
+                kv = (
+                    None
+                    if owner.hash in self.kv or owner.hash in self.host
+                    else (self._read_file(owner))
+                )
+                with self.lock:
+                    if owner.hash in self.kv:
+                        continue
+                    if kv is not None and owner.hash not in self.host:
+                        self.host.put(owner.hash, *kv)
+                    self.ensure_resident(owner)
+                    self.stats["prefetched"] += 1
+        except (CapacityError, ChunkNotFound):
+            self.stats["prefetch_skipped"] += 1
+        finally:
+            self._inflight.pop(chunk_hash, None)
+
+    def wait_for_transfers(self) -> None:
+        for future in list(self._inflight.values()):
+            future.result()
 
     # -- the three modes ----------------------------------------------------------------------
 
@@ -251,13 +450,24 @@ class ChunkStore:
             self.free(segments)
             return self.get(chunk.hash)
         if chunk.layout != "view":
-            self._write_file(chunk, segments)
+            try:
+                self._write_file(chunk, segments)
+            except Exception:
+                self.free(segments)
+                raise
             self.kv[chunk.hash] = segments
+            self.lru.touch(chunk.hash)
         self.registry.put(dataclasses.replace(chunk, segments=[]))
         return self.describe(self.registry.get(chunk.hash))
 
     def _write_file(self, chunk: ChunkInfo, segments: list[KVSegment]) -> None:
         k, v = self.read_kv(segments)
+        limit = self.budgets.disk_bytes
+        if limit is not None and self.disk_bytes() + k.nbytes + v.nbytes > limit:
+            raise CapacityError(
+                f"the disk tier is full: {self.disk_bytes()} of {limit} bytes used, chunk needs "
+                f"{k.nbytes + v.nbytes}; delete chunks or raise KVCHUNKS_DISK_BYTES"
+            )
         record = dataclasses.replace(chunk, segments=[], is_active=False).to_record()
         write_kv_file(kv_path(self.home, chunk.hash), k, v, record, self.fingerprint)
 
@@ -277,12 +487,17 @@ class ChunkStore:
         `ctx` is the parents' attention context when the caller has built it already (and
         frees its scratch KV itself).
         """
+        with self.lock:
+            return self._compute(tokens, parents, mode, ctx, fields)
+
+    def _compute(self, tokens, parents, mode, ctx, fields) -> ChunkInfo:
         own_ctx = ctx is None
         ctx = ctx or self.context_of(parents, mode)
         try:
             chunk = self.new_record(tokens, parents, ctx.position, ctx.combine, mode, **fields)
             if self.registry.exists(chunk.hash):
                 return self.get(chunk.hash)
+            self.make_room(self.llm.block_manager.blocks_needed(0, len(tokens)))
             result = self.llm.prefill(tokens, ctx.segments, ctx.position)
         finally:
             if own_ctx:
@@ -325,13 +540,21 @@ class ChunkStore:
                 if self.registry.exists(source):
                     self.registry.add_ref(source, -1)
             return
-        self.evict(chunk.hash)
-        kv_path(self.home, chunk.hash).unlink(missing_ok=True)
+        with self.lock:
+            self.evict(chunk.hash)
+            self.host.pop(chunk.hash)
+            self.lru.forget(chunk.hash)
+            kv_path(self.home, chunk.hash).unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Give every resident chunk's pool blocks back to the engine."""
-        for resident in list(self.kv):
-            self.evict(resident)
+        """Finish transfers and give every resident chunk's pool blocks back to the engine."""
+        self._transfers.shutdown(wait=True)
+        with self.lock:
+            for resident in list(self.kv):
+                self.evict(resident)
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in (self.home / "kv").rglob("*.safetensors"))
 
     def _fingerprint(self) -> str:
         files = sorted(self.llm.path.glob("*.safetensors"))

@@ -137,11 +137,14 @@ class Client:
         """Answer `prompt` on the worker holding most of the active chunks (see ContextManager);
         on_text receives the answer's text as it streams back."""
         self._worker = name = self._router.pick(self.context_name)
+        handle = self._service.workers[name]
+        get(handle.ready.remote(), f"{name} ready")  # waits while a crashed worker restarts
         track, stream = bool(self._trackers), on_text is not None
         result = None
         with ray_errors(f"{name} generate"):
-            call = self._service.workers[name].generate
-            for ref in call.remote(self.context_name, prompt, params, mode, track, stream):
+            for ref in handle.generate.remote(
+                self.context_name, prompt, params, mode, track, stream
+            ):
                 item = ray.get(ref)
                 if isinstance(item, str):
                     on_text(item)  # type: ignore[misc]

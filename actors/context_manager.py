@@ -229,9 +229,33 @@ class ContextManager:
 
     def populate(self, ref: str) -> ChunkInfo:
         """Bring the chunk's KV into the pool now (from its file, or recomputed)."""
+        return self.move_to_gpu(ref)
+
+    # -- tiers ------------------------------------------------------------------------------
+
+    def move_to_gpu(self, ref: str) -> ChunkInfo:
+        """Put the chunk's KV in the engine's pool (a view: its sources')."""
         chunk = self.registry.get(self.registry.resolve(ref))
-        self.store.segments(chunk)
+        self.store.move_to_gpu(chunk)
         return self._view(chunk.hash)
+
+    def move_to_cpu(self, ref: str) -> ChunkInfo:
+        """Keep the chunk's KV in host memory, freeing its pool blocks."""
+        chunk = self.registry.get(self.registry.resolve(ref))
+        self.store.move_to_cpu(chunk)
+        return self._view(chunk.hash)
+
+    def archive_to_disk(self, ref: str) -> ChunkInfo:
+        """Keep the chunk's KV only in its file, freeing pool blocks and host memory."""
+        chunk = self.registry.get(self.registry.resolve(ref))
+        self.store.archive_to_disk(chunk)
+        return self._view(chunk.hash)
+
+    def prefetch(self, ref: str) -> ChunkInfo:
+        """Start bringing the chunk's KV into the pool in the background."""
+        chunk_hash = self.registry.resolve(ref)
+        self.store.prefetch(chunk_hash)
+        return self._view(chunk_hash)
 
     # -- activation -------------------------------------------------------------------------
 
@@ -249,7 +273,9 @@ class ContextManager:
                     "deactivate something first"
                 )
             self.registry.activate(self.context_name, chunk_hash)
-        return self._view(chunk_hash)
+        chunk = self._view(chunk_hash)
+        self.store.on_activate(chunk, active)
+        return chunk
 
     def deactivate_chunk(self, ref: str) -> ChunkInfo:
         chunk_hash = self.registry.resolve(ref)
@@ -299,37 +325,46 @@ class ContextManager:
         self._check_fits(context_tokens + len(prompt_tokens) + params.max_tokens)
         started = time.perf_counter()
         store = self.store
-        ctx = store.context_of(active, mode)
+        in_use = [o.hash for c in active for o in store.owners(c)]
+        store.pinned.update(in_use)  # nothing this generation reads may be evicted meanwhile
         try:
-            record = store.new_record(
-                prompt_tokens,
-                active,
-                ctx.position,
-                ctx.combine,
-                mode,
-                role="user",
-                kind="input",
-                text=prompt,
-                metadata={"source": "prompt", "context": self.context_name},
-            )
-            seq, fresh = self._start(record, ctx, params)
-            skip = len(prompt_tokens) if fresh else 1
-            answer, ttft, interrupted = self._run(seq, on_text, started, skip)
-            elapsed = time.perf_counter() - started
-            prompt_chunk, prompt_kv = self._store_prompt(record, seq, fresh)
-            outputs = self._store_answer(
-                seq,
-                skip,
-                [*active, prompt_chunk],
-                [*ctx.segments, *prompt_kv],
-                ctx.position + len(prompt_tokens),
-                ctx.combine,
-                mode,
-                params,
-                interrupted,
-            )
+            with store.lock:
+                ctx = store.context_of(active, mode)
+            try:
+                record = store.new_record(
+                    prompt_tokens,
+                    active,
+                    ctx.position,
+                    ctx.combine,
+                    mode,
+                    role="user",
+                    kind="input",
+                    text=prompt,
+                    metadata={"source": "prompt", "context": self.context_name},
+                )
+                with store.lock:
+                    seq, fresh = self._start(record, ctx, params)
+                skip = len(prompt_tokens) if fresh else 1
+                answer, ttft, interrupted = self._run(seq, on_text, started, skip)
+                elapsed = time.perf_counter() - started
+                with store.lock:
+                    prompt_chunk, prompt_kv = self._store_prompt(record, seq, fresh)
+                    outputs = self._store_answer(
+                        seq,
+                        skip,
+                        [*active, prompt_chunk],
+                        [*ctx.segments, *prompt_kv],
+                        ctx.position + len(prompt_tokens),
+                        ctx.combine,
+                        mode,
+                        params,
+                        interrupted,
+                    )
+            finally:
+                with store.lock:
+                    store.free(ctx.scratch)
         finally:
-            store.free(ctx.scratch)
+            store.pinned.subtract(in_use)
         result = GenerationResult(
             text=store.llm.decode(answer),
             token_ids=answer,
@@ -354,6 +389,9 @@ class ContextManager:
         last logits give the first answer token; a stored prompt is reused and only its last
         token is computed again. Returns the sequence and whether the prompt is new."""
         store, llm = self.store, self.store.llm
+        store.make_room(
+            llm.block_manager.blocks_needed(0, record.token_count + params.max_tokens + 8)
+        )
         if not self.registry.exists(record.hash):
             seq = llm.add_request(record.token_ids, params, ctx.segments, ctx.position, True)
             return seq, True
@@ -387,7 +425,7 @@ class ContextManager:
         """Drive the engine until the answer is done; Ctrl-C keeps what was computed."""
         llm, ttft, shown = self.store.llm, 0.0, ""
         try:
-            for _ in llm.stream(seq):
+            for _ in llm.stream(seq, self.store.lock):
                 ttft = ttft or time.perf_counter() - started
                 if on_text:
                     text = llm.decode(seq.completion_token_ids)
@@ -395,7 +433,8 @@ class ContextManager:
                         on_text(text[len(shown) :])
                         shown = text
         except KeyboardInterrupt:
-            llm.abort(seq)
+            with self.store.lock:
+                llm.abort(seq)
             return seq.completion_token_ids[: max(seq.num_computed - skip, 0)], ttft, True
         return seq.completion_token_ids, ttft, False
 

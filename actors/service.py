@@ -114,7 +114,12 @@ def start(
         resources = {"num_gpus": 1} if gpus else {"num_cpus": cpus_per_worker}
         handles = {
             name: InferenceWorker.options(
-                name=name, max_restarts=-1, max_concurrency=8, **resources, **common
+                name=name,
+                max_restarts=-1,
+                max_task_retries=3,  # calls wait out a restart (generate does not: see there)
+                max_concurrency=8,
+                **resources,
+                **common,
             ).remote(name, model_dir, home_dir, url, engine_options)
             for name in names
         }

@@ -122,7 +122,9 @@ class InferenceWorker:
                 return getattr(manager, method)
             return getattr(manager, method)(*args, **(kwargs or {}))
 
-    @ray.method(num_returns="streaming")
+    # Never re-run by Ray after a crash: the caller gets WorkerDied instead of a generation
+    # that starts over (and streams its text twice) long after it gave up.
+    @ray.method(num_returns="streaming", max_task_retries=0)
     def generate(
         self,
         context: str,

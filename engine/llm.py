@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,11 +130,15 @@ class LLM:
                 self.block_manager.seal(seq.own_segment())
         return finished
 
-    def stream(self, seq: Sequence) -> Iterator[int]:
-        """Run the engine until seq finishes, yielding each new token of seq as it comes."""
+    def stream(self, seq: Sequence, lock: AbstractContextManager | None = None) -> Iterator[int]:
+        """Run the engine until seq finishes, yielding each new token of seq as it comes.
+
+        With a lock, each step holds it, so other threads may use the pool between steps.
+        """
         emitted = seq.num_completion_tokens
         while not seq.is_finished:
-            self.step()
+            with lock or nullcontext():
+                self.step()
             new = seq.completion_token_ids[emitted:]
             emitted += len(new)
             yield from new

@@ -105,12 +105,14 @@ def test_restart_keeps_chunks_tags_provenance_and_answers(make_cm, home):
     cm.activate_chunk(g.prompt_chunk.hash)
     cm.activate_chunk(g.output_chunk.hash)
     before = cm.generate("And its code?", GREEDY)
-    listed = [(c.hash, c.tags, c.parent_chunks) for c in cm.list_chunks()]
+    cm.move_to_cpu(g.prompt_chunk.hash)
+    cm.archive_to_disk(doc.hash)
+    listed = [(c.hash, c.tags, c.parent_chunks, c.tier) for c in cm.list_chunks()]
+    assert {c.tier for c in cm.list_chunks()} == {"gpu", "cpu", "disk"}
     cm.store.close()
 
     again = make_cm(at=home)
-    assert [(c.hash, c.tags, c.parent_chunks) for c in again.list_chunks()] == listed
-    assert all(c.tier == "disk" for c in again.list_chunks())
+    assert [(c.hash, c.tags, c.parent_chunks, c.tier) for c in again.list_chunks()] == listed
     assert [c.hash for c in again.context().chunks] == [
         doc.hash,
         g.prompt_chunk.hash,

@@ -1,0 +1,28 @@
+"""How much each tier may hold."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from kvchunks.common import InvalidInput
+
+
+@dataclass(frozen=True)
+class TierBudgets:
+    gpu_blocks: int | None = None  # None: the whole KV pool
+    cpu_bytes: int = 4 << 30
+    disk_bytes: int | None = None  # None: as much as the disk has
+
+    @classmethod
+    def from_env(cls) -> TierBudgets:
+        """KVCHUNKS_GPU_BLOCKS, KVCHUNKS_CPU_BYTES and KVCHUNKS_DISK_BYTES, where set."""
+        values = {}
+        for name in ("gpu_blocks", "cpu_bytes", "disk_bytes"):
+            raw = os.environ.get(f"KVCHUNKS_{name.upper()}")
+            if raw is None:
+                continue
+            if not raw.isdigit():
+                raise InvalidInput(f"KVCHUNKS_{name.upper()} must be a whole number, not {raw!r}")
+            values[name] = int(raw)
+        return cls(**values)

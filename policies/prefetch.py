@@ -1,0 +1,67 @@
+"""Which chunks to bring into the pool ahead of use, when a chunk is activated.
+
+A policy only names candidates; the tier machinery decides whether there is room and does
+the transfer in the background.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Protocol
+
+from kvchunks.store.chunk import ChunkInfo
+from kvchunks.store.registry import ChunkRegistry
+
+
+class PrefetchPolicy(Protocol):
+    def on_activate(self, chunk: ChunkInfo, active: list[str]) -> list[str]:
+        """Hashes worth having in the pool soon, given that `chunk` was just activated."""
+        ...
+
+
+class Explicit:
+    """Nothing is fetched ahead unless asked for with `prefetch(hash)`."""
+
+    def on_activate(self, chunk: ChunkInfo, active: list[str]) -> list[str]:
+        return []
+
+
+class ProvenanceNeighbours:
+    """The parents and children of an activated chunk: the conversation around it."""
+
+    def __init__(self, registry: ChunkRegistry, limit: int = 8):
+        self.registry = registry
+        self.limit = limit
+
+    def on_activate(self, chunk: ChunkInfo, active: list[str]) -> list[str]:
+        near = [*self.registry.parents(chunk.hash), *sorted(self.registry.children(chunk.hash))]
+        return [h for h in dict.fromkeys(near) if h not in active][: self.limit]
+
+
+class CoActivation:
+    """Chunks that were often active together with the activated one."""
+
+    def __init__(self, min_count: int = 2, limit: int = 8):
+        self.together: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        self.min_count = min_count
+        self.limit = limit
+
+    def on_activate(self, chunk: ChunkInfo, active: list[str]) -> list[str]:
+        for other in active:
+            if other != chunk.hash:
+                self.together[chunk.hash][other] += 1
+                self.together[other][chunk.hash] += 1
+        common = self.together[chunk.hash].most_common()
+        picks = [h for h, n in common if n >= self.min_count and h not in active]
+        return picks[: self.limit]
+
+
+def make_policy(name: str, registry: ChunkRegistry) -> PrefetchPolicy:
+    policies = {
+        "explicit": Explicit,
+        "provenance": lambda: ProvenanceNeighbours(registry),
+        "coactivation": CoActivation,
+    }
+    if name not in policies:
+        raise ValueError(f"unknown prefetch policy {name!r}; use one of {', '.join(policies)}")
+    return policies[name]()
