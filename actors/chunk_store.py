@@ -109,6 +109,8 @@ class ChunkStore:
         self.lock = threading.RLock()
         self._transfers = ThreadPoolExecutor(1, thread_name_prefix="kvchunks-prefetch")
         self._inflight: dict[str, Future] = {}
+        self._inflight_lock = threading.Lock()
+        self._closed = False
         self._restore_tiers()
 
     @property
@@ -127,8 +129,12 @@ class ChunkStore:
         chunk.tier = max(tiers, key=TIER_ORDER.index)  # a view is as far as its furthest source
         if chunk.tier != "gpu":
             chunk.segments = []
-        elif chunk.layout == "view":
-            chunk.segments = self.segments(chunk)
+        elif chunk.layout == "view":  # read straight from the pool: a listing is not a use
+            chunk.segments = [
+                seg
+                for p in self.pieces(chunk)
+                for seg in slice_segments(self.kv[p.chunk.hash], p.start, p.length, self.block_size)
+            ]
         else:
             chunk.segments = list(self.kv[chunk.hash])
         return chunk
@@ -327,17 +333,32 @@ class ChunkStore:
     # -- prefetch -------------------------------------------------------------------------------
 
     def on_activate(self, chunk: ChunkInfo, active: list[str]) -> None:
-        """Let the prefetch policy bring likely-needed chunks into the pool in the background."""
-        for neighbour in self.prefetch_policy.on_activate(chunk, active):
-            self.prefetch(neighbour)
+        """Bring the activated chunk, and what the prefetch policy expects next, into the pool
+        in the background, so the next generation finds them there."""
+        if not self._closed:  # the policy's own lookups run in the background too
+            self._transfers.submit(self._after_activation, chunk, active)
+
+    def _after_activation(self, chunk: ChunkInfo, active: list[str]) -> None:
+        for needed in [chunk.hash, *self.prefetch_policy.on_activate(chunk, active)]:
+            if self._claim(needed):
+                self._prefetch_one(needed)
 
     def prefetch(self, chunk_hash: str) -> Future | None:
-        """Start bringing a chunk's KV into the pool in the background (None: nothing to do)."""
-        if chunk_hash in self.kv or chunk_hash in self._inflight:
-            return self._inflight.get(chunk_hash)
-        future = self._transfers.submit(self._prefetch_one, chunk_hash)
-        self._inflight[chunk_hash] = future
-        return future
+        """Start bringing a chunk's KV into the pool in the background; the future is done
+        when it is there (None: it already is)."""
+        if chunk_hash in self.kv or self._closed:
+            return None
+        if self._claim(chunk_hash):
+            self._transfers.submit(self._prefetch_one, chunk_hash)
+        return self._inflight.get(chunk_hash)
+
+    def _claim(self, chunk_hash: str) -> bool:
+        """Mark a transfer as under way; False if one already is, or none is needed."""
+        with self._inflight_lock:
+            if chunk_hash in self.kv or chunk_hash in self._inflight:
+                return False
+            self._inflight[chunk_hash] = Future()
+            return True
 
     def _prefetch_one(self, chunk_hash: str) -> None:
         try:
@@ -359,11 +380,12 @@ class ChunkStore:
         except (CapacityError, ChunkNotFound):
             self.stats["prefetch_skipped"] += 1
         finally:
-            self._inflight.pop(chunk_hash, None)
+            with self._inflight_lock:
+                self._inflight.pop(chunk_hash).set_result(None)
 
     def wait_for_transfers(self) -> None:
-        for future in list(self._inflight.values()):
-            future.result()
+        """Block until every background transfer queued so far has finished."""
+        self._transfers.submit(lambda: None).result()
 
     # -- the three modes ----------------------------------------------------------------------
 
@@ -469,7 +491,8 @@ class ChunkStore:
                 f"{k.nbytes + v.nbytes}; delete chunks or raise KVCHUNKS_DISK_BYTES"
             )
         record = dataclasses.replace(chunk, segments=[], is_active=False).to_record()
-        write_kv_file(kv_path(self.home, chunk.hash), k, v, record, self.fingerprint)
+        path = kv_path(self.home, chunk.hash)
+        write_kv_file(path, k, v, record, self.fingerprint, self.budgets.disk_compression)
 
     def context_of(self, parents: list[ChunkInfo], mode: str) -> AttentionContext:
         return self.attention_context([p for c in parents for p in self.pieces(c)], mode)
@@ -548,6 +571,7 @@ class ChunkStore:
 
     def close(self) -> None:
         """Finish transfers and give every resident chunk's pool blocks back to the engine."""
+        self._closed = True
         self._transfers.shutdown(wait=True)
         with self.lock:
             for resident in list(self.kv):

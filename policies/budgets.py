@@ -13,6 +13,7 @@ class TierBudgets:
     gpu_blocks: int | None = None  # None: the whole KV pool
     cpu_bytes: int = 4 << 30
     disk_bytes: int | None = None  # None: as much as the disk has
+    disk_compression: str = "none"  # or "bf16": half the bytes, declared in each file
 
     @classmethod
     def from_env(cls) -> TierBudgets:
@@ -25,4 +26,7 @@ class TierBudgets:
             if not raw.isdigit():
                 raise InvalidInput(f"KVCHUNKS_{name.upper()} must be a whole number, not {raw!r}")
             values[name] = int(raw)
-        return cls(**values)
+        compression = os.environ.get("KVCHUNKS_DISK_COMPRESSION", "none")
+        if compression not in ("none", "bf16"):
+            raise InvalidInput(f"KVCHUNKS_DISK_COMPRESSION must be none or bf16, not {compression!r}")
+        return cls(**values, disk_compression=compression)

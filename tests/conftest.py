@@ -104,3 +104,21 @@ def make_cm(llm, home):
     for store in stores:
         store.close()
     assert llm.block_manager.num_free == llm.block_manager.num_blocks, "pool blocks leaked"
+
+
+@pytest.fixture
+def make_store(llm, home):
+    """ChunkStores on the session engine with given tier budgets."""
+    from kvchunks.actors.chunk_store import ChunkStore
+
+    stores = []
+
+    def make(at: Path | None = None, **kwargs):
+        store = ChunkStore(home=at or home, llm=llm, **kwargs)
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.close()
+    assert llm.block_manager.num_free == llm.block_manager.num_blocks, "pool blocks leaked"

@@ -1,0 +1,172 @@
+"""gpu / cpu / disk tiers: exact round trips, LRU under budgets, prefetch, concurrency."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from kvchunks.actors.context_manager import ContextManager
+from kvchunks.common import CapacityError
+from kvchunks.engine import SamplingParams
+from kvchunks.policies.budgets import TierBudgets
+from kvchunks.store.kv_file import kv_path
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+DOC = "The secret code of the vault is 4817. The vault is hidden under the old mill in Zurich."
+
+
+def kv_of(cm, chunk_hash):
+    return cm.store.read_kv(cm.store.segments(cm.registry.get(chunk_hash)))
+
+
+def test_round_trip_through_every_tier_is_bitwise(make_cm):
+    cm = make_cm()
+    doc = cm.add_chunk(DOC)
+    cm.activate_chunk(doc.hash)
+    k0, v0 = kv_of(cm, doc.hash)
+    answer = cm.generate("What is the code?", GREEDY).text
+    assert cm.move_to_cpu(doc.hash).tier == "cpu" and doc.hash not in cm.store.kv
+    assert cm.archive_to_disk(doc.hash).tier == "disk" and doc.hash not in cm.store.host
+    assert cm.move_to_gpu(doc.hash).tier == "gpu"
+    k1, v1 = kv_of(cm, doc.hash)
+    assert torch.equal(k0, k1) and torch.equal(v0, v1)
+    cm.archive_to_disk(doc.hash)
+    assert cm.generate("What is the code?", GREEDY).text == answer  # brought back on use
+    assert cm.get_chunk(doc.hash).tier == "gpu"
+
+
+def test_views_follow_their_sources(make_cm):
+    cm = make_cm()
+    a, b = cm.add_chunk(DOC), cm.add_chunk("Another document entirely.")
+    view = cm.compose_chunks([a.hash, b.hash])
+    assert cm.archive_to_disk(view.hash).tier == "disk"
+    assert cm.get_chunk(a.hash).tier == "disk" and cm.get_chunk(b.hash).tier == "disk"
+    cm.move_to_cpu(a.hash)
+    assert cm.get_chunk(view.hash).tier == "disk"  # as far as its furthest source
+    assert cm.move_to_gpu(view.hash).tier == "gpu"
+
+
+def test_lru_order_under_budgets_with_fifty_chunks(make_store):
+    probe = make_store(at=None)
+    one = ContextManager(store=probe).add_chunk("Item 000 is stored here.")
+    chunk_bytes = sum(t.nbytes for t in probe.read_kv(probe.kv[one.hash]))
+    probe.close()
+    gpu_chunks, cpu_chunks = 6, 10
+    budgets = TierBudgets(gpu_blocks=gpu_chunks, cpu_bytes=cpu_chunks * chunk_bytes)
+    store = make_store(budgets=budgets, prefetch_policy="explicit")
+    cm = ContextManager(store=store)
+    model: OrderedDict[str, None] = OrderedDict()  # the expected recency order
+
+    def touch(h):
+        model[h] = None
+        model.move_to_end(h)
+
+    made = []
+    for i in range(50):
+        made.append(cm.add_chunk(f"Item {i:03d} is stored here.").hash)
+        touch(made[-1])
+        if i % 7 == 6:  # use an old chunk again: it becomes the most recent
+            old = made[i // 2]
+            cm.move_to_gpu(old)
+            touch(old)
+        recent = list(model)[::-1]
+        expected_gpu = set(recent[:gpu_chunks])
+        expected_cpu = set(recent[gpu_chunks : gpu_chunks + cpu_chunks])
+        assert set(store.kv) == expected_gpu, i
+        assert set(store.host.kv) == expected_cpu, i
+        assert store.host.used_bytes <= budgets.cpu_bytes
+    tiers = {c.hash: c.tier for c in cm.list_chunks()}
+    assert sum(t == "disk" for t in tiers.values()) == 50 - gpu_chunks - cpu_chunks
+    assert all(kv_path(store.home, h).exists() for h in made)  # nothing is ever dropped
+
+
+def test_active_chunks_are_never_evicted_and_a_full_pool_fails_cleanly(make_store):
+    store = make_store(budgets=TierBudgets(gpu_blocks=3), prefetch_policy="explicit")
+    cm = ContextManager(store=store)
+    keep = [cm.add_chunk(f"Pinned fact number {i}.") for i in range(3)]
+    for c in keep:
+        cm.activate_chunk(c.hash)
+    before = ([c.hash for c in cm.list_chunks()], set(store.kv), store.disk_bytes())
+    with pytest.raises(CapacityError):
+        cm.add_chunk("One chunk too many.")
+    assert ([c.hash for c in cm.list_chunks()], set(store.kv), store.disk_bytes()) == before
+    cm.deactivate_chunk(keep[0].hash)
+    newer = cm.add_chunk("One chunk too many.")
+    assert cm.get_chunk(keep[0].hash).tier == "cpu"
+    assert {keep[1].hash, keep[2].hash, newer.hash} == set(store.kv)
+
+
+def test_disk_budget_is_a_clear_error_and_leaves_no_partial_file(make_store):
+    store = make_store(budgets=TierBudgets(disk_bytes=1))
+    cm = ContextManager(store=store)
+    with pytest.raises(CapacityError, match="disk tier is full"):
+        cm.add_chunk(DOC)
+    assert cm.list_chunks() == [] and not list((store.home / "kv").rglob("*"))[1:]
+    assert not [p for p in (store.home / "kv").rglob("*") if p.is_file()]
+
+
+def test_prefetch_brings_provenance_neighbours_before_use(make_store):
+    store = make_store()
+    cm = ContextManager(store=store)
+    doc = cm.add_chunk(DOC)
+    cm.activate_chunk(doc.hash)
+    g = cm.generate("Where is the vault?", GREEDY)
+    cm.clear()
+    for c in (doc, g.prompt_chunk, g.output_chunk):
+        cm.archive_to_disk(c.hash)
+    cm.activate_chunk(doc.hash)  # its children, the prompt and the answer, are prefetched
+    store.wait_for_transfers()
+    assert cm.get_chunk(g.prompt_chunk.hash).tier == "gpu"
+    assert cm.get_chunk(g.output_chunk.hash).tier == "gpu"
+    assert store.stats["prefetched"] >= 2
+    misses = store.stats["pool_misses"]
+    cm.activate_chunk(g.prompt_chunk.hash)
+    cm.activate_chunk(g.output_chunk.hash)
+    hits = store.stats["pool_hits"]
+    cm.generate("And its code?", GREEDY)
+    assert store.stats["pool_misses"] == misses and store.stats["pool_hits"] > hits
+
+
+def test_background_transfers_and_generation_do_not_disturb_each_other(make_store):
+    store = make_store(prefetch_policy="explicit")
+    cm = ContextManager(store=store)
+    docs = [cm.add_chunk(f"{DOC} Copy {i}. " * 20) for i in range(6)]
+    cm.activate_chunk(docs[0].hash)
+    expected = cm.generate("What is the code?", GREEDY).text
+    originals = {d.hash: kv_of(cm, d.hash) for d in docs}
+    for d in docs[1:]:
+        cm.archive_to_disk(d.hash)
+    answers = []
+    worker = threading.Thread(
+        target=lambda: answers.extend(
+            cm.with_context("default").generate("What is the code?", GREEDY).text
+            for _ in range(3)
+        )
+    )
+    worker.start()
+    for d in docs[1:]:
+        cm.prefetch(d.hash)
+    worker.join()
+    store.wait_for_transfers()
+    assert answers == [expected] * 3
+    for d in docs:
+        k, v = kv_of(cm, d.hash)
+        assert torch.equal(k, originals[d.hash][0]) and torch.equal(v, originals[d.hash][1])
+
+
+def test_bf16_disk_compression_is_declared_and_honoured(make_store):
+    store = make_store(budgets=TierBudgets(disk_compression="bf16"))
+    cm = ContextManager(store=store)
+    doc = cm.add_chunk(DOC)
+    k0, _ = kv_of(cm, doc.hash)
+    cm.archive_to_disk(doc.hash)
+    from kvchunks.store.kv_file import read_kv_header
+
+    header = read_kv_header(kv_path(store.home, doc.hash))
+    assert header.compression == "bf16" and header.dtype == "float32"
+    k1, _ = kv_of(cm, doc.hash)
+    assert k1.dtype == torch.float32 and not torch.equal(k0, k1)
+    torch.testing.assert_close(k1, k0, atol=0.1, rtol=0.02)
