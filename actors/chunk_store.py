@@ -219,6 +219,8 @@ class ChunkStore:
 
     def read_kv(self, segments: list[KVSegment]) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [self.llm.read_kv(s) for s in segments]
+        if len(parts) == 1:
+            return parts[0]
         return torch.cat([k for k, _ in parts], 1), torch.cat([v for _, v in parts], 1)
 
     def free(self, segments: list[KVSegment]) -> None:
@@ -277,8 +279,9 @@ class ChunkStore:
         recently used chunks that nothing needs right now down to the cpu tier."""
         bm = self.llm.block_manager
         budget = min(self.budgets.gpu_blocks or bm.num_blocks, bm.num_blocks)
-        protected = self._protected()
+        protected: set[str] | None = None
         while bm.num_free < blocks or bm.num_blocks - bm.num_free + blocks > budget:
+            protected = self._protected() if protected is None else protected
             victim = next(self.lru.coldest(self.kv, protected.__contains__), None)
             if victim is None:
                 raise CapacityError(
@@ -314,8 +317,7 @@ class ChunkStore:
             self._drop_to_disk(victim)
 
     def _record_tier(self, chunk_hash: str, tier: str) -> None:
-        if self.registry.exists(chunk_hash):
-            self.registry.update(chunk_hash, tier=tier)
+        self.registry.set_tier(chunk_hash, tier)
 
     def _restore_tiers(self) -> None:
         """Bring back what was in the gpu and cpu tiers when the store last ran."""

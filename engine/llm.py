@@ -187,9 +187,8 @@ class LLM:
     def read_kv(self, segment: KVSegment) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of a segment's K and V, each [layers, tokens, kv_heads, head_dim]."""
         slots = self.runner.segment_slots(segment)
-        return self.runner.backend.k_slots[:, slots].clone(), self.runner.backend.v_slots[
-            :, slots
-        ].clone()
+        backend = self.runner.backend
+        return backend.k_slots.index_select(1, slots), backend.v_slots.index_select(1, slots)
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, position: int) -> KVSegment:
         """Put K and V [layers, tokens, kv_heads, head_dim] into new pool blocks."""
@@ -197,8 +196,9 @@ class LLM:
         blocks = self.block_manager.allocate(self.block_manager.blocks_needed(0, n))
         segment = KVSegment(tuple(blocks), 0, n, position)
         slots = self.runner.segment_slots(segment)
-        self.runner.backend.k_slots[:, slots] = k.to(self.runner.kv_cache.dtype)
-        self.runner.backend.v_slots[:, slots] = v.to(self.runner.kv_cache.dtype)
+        dtype, device = self.runner.kv_cache.dtype, self.runner.device
+        self.runner.backend.k_slots.index_copy_(1, slots, k.to(device, dtype))
+        self.runner.backend.v_slots.index_copy_(1, slots, v.to(device, dtype))
         self.block_manager.seal(segment)
         return segment
 

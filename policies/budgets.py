@@ -28,5 +28,7 @@ class TierBudgets:
             values[name] = int(raw)
         compression = os.environ.get("KVCHUNKS_DISK_COMPRESSION", "none")
         if compression not in ("none", "bf16"):
-            raise InvalidInput(f"KVCHUNKS_DISK_COMPRESSION must be none or bf16, not {compression!r}")
+            raise InvalidInput(
+                f"KVCHUNKS_DISK_COMPRESSION must be none or bf16, not {compression!r}"
+            )
         return cls(**values, disk_compression=compression)

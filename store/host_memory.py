@@ -21,14 +21,15 @@ class HostMemory:
         return self.used_bytes + nbytes <= self.budget_bytes
 
     def put(self, chunk_hash: str, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.kv[chunk_hash] = (_host_copy(k), _host_copy(v))
+        """Keep k and v; tensors already in host memory are taken over, not copied."""
+        self.kv[chunk_hash] = (_to_host(k), _to_host(v))
 
     def pop(self, chunk_hash: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         return self.kv.pop(chunk_hash, None)
 
 
-def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    if t.device.type == "cuda":
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        return out.copy_(t, non_blocking=False)
-    return t.clone() if t.device.type == "cpu" else t.cpu()
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type == "cpu":
+        return t
+    # Pinned host memory makes the way back to the GPU a fast DMA copy.
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)

@@ -40,7 +40,14 @@ from kvchunks.common import (
     InvalidInput,
     RegistryUnavailable,
 )
-from kvchunks.store.chunk import ChunkInfo, check_tag, is_hash, pack_record, unpack_record
+from kvchunks.store.chunk import (
+    TIERS,
+    ChunkInfo,
+    check_tag,
+    is_hash,
+    pack_record,
+    unpack_record,
+)
 
 MIN_PREFIX = 4
 # Fields a chunk may change after it is stored. The rest either define its hash (tokens,
@@ -98,6 +105,15 @@ return 1
 """
 
 
+# A chunk's tier changes often and is one short field: it lives in its own hash, not in the
+# record, so a move costs one small write.
+_SET_TIER = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+
 class ChunkRegistry:
     """Chunk metadata, tags, provenance graph and contexts over one Redis client."""
 
@@ -107,6 +123,7 @@ class ChunkRegistry:
         self._redis = client
         self.namespace = check_name(namespace, "namespace")
         self._activate_script = client.register_script(_ACTIVATE)
+        self._set_tier_script = client.register_script(_SET_TIER)
 
     # -- chunks ------------------------------------------------------------------------
 
@@ -219,6 +236,7 @@ class ChunkRegistry:
             pipe.multi()
             pipe.delete(key, parents_key, children_key)
             pipe.zrem(hashes, chunk_hash)
+            pipe.hdel(self._key("tiers"), chunk_hash)
             pipe.srem(self._key("content", chunk.content_hash), chunk_hash)
             for tag in chunk.tags:
                 pipe.srem(self._key("tag", tag), chunk_hash)
@@ -306,6 +324,14 @@ class ChunkRegistry:
         return bool(added)
 
     @_redis_errors
+    def set_tier(self, chunk_hash: str, tier: str) -> bool:
+        """Record where the chunk's KV is; False if the chunk does not exist (any more)."""
+        if tier not in TIERS:
+            raise InvalidInput(f"unknown tier {tier!r}; use one of {', '.join(TIERS)}")
+        keys = [self._chunk_key(chunk_hash), self._key("tiers")]
+        return bool(self._set_tier_script(keys=keys, args=[chunk_hash, tier]))
+
+    @_redis_errors
     def deactivate(self, context: str, chunk_hash: str) -> bool:
         """Remove the chunk from the context's active list; False if it was not active."""
         pipe = self._redis.pipeline(transaction=False)
@@ -383,15 +409,17 @@ class ChunkRegistry:
             batch = hashes[start : start + _BATCH]
             pipe = self._redis.pipeline(transaction=False)
             pipe.mget([self._key("chunk", h) for h in batch])
+            pipe.hmget(self._key("tiers"), batch)
             if context is not None and start == 0:
                 pipe.lrange(self._active_key(check_name(context)), 0, -1)
-            records, *listed = pipe.execute()
+            records, tiers, *listed = pipe.execute()
             if listed:
                 active = set(_strs(listed[0]))
-            for h, data in zip(batch, records, strict=True):
+            for h, data, tier in zip(batch, records, tiers, strict=True):
                 chunk = None if data is None else ChunkInfo.from_record(unpack_record(data))
                 if chunk is not None:
                     chunk.is_active = h in active
+                    chunk.tier = tier.decode() if tier else chunk.tier
                 chunks.append(chunk)
         return chunks
 

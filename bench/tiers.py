@@ -1,0 +1,150 @@
+"""Tier moves against raw copies of the same bytes, and time to first token with the active
+chunks resident in each tier against HF transformers prefilling the same text, in one run.
+
+Prints one JSON object last: bandwidths in GB/s with their raw baselines and ratios
+(`bw_ratio_min`), and TTFT per tier with `ttft_disk_ratio` (HF over ours, disk-resident).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reuse import document, question  # noqa: E402
+
+from kvchunks.actors.context_manager import ContextManager  # noqa: E402
+from kvchunks.engine import EngineConfig, SamplingParams  # noqa: E402
+from kvchunks.store.kv_file import kv_path, read_kv_file, write_kv_file  # noqa: E402
+
+
+def best(fn, repeats: int) -> float:
+    """Fastest of several runs, in seconds: bandwidth is about what the path can do."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def raw_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def bandwidths(cm: ContextManager, chunk, repeats: int) -> dict:
+    store = cm.store
+    k, v = store.read_kv(store.segments(chunk))
+    nbytes = k.nbytes + v.nbytes
+    gb = nbytes / 1e9
+    scratch = Path(tempfile.mkdtemp())
+    raw_bytes = k.numpy().tobytes() + v.numpy().tobytes()
+    path = kv_path(store.home, chunk.hash)
+    record = chunk.to_record() | {"segments": [], "is_active": False}
+
+    def to_cpu():
+        cm.move_to_gpu(chunk.hash)
+        start = time.perf_counter()
+        cm.move_to_cpu(chunk.hash)
+        return time.perf_counter() - start
+
+    def to_gpu():
+        cm.move_to_cpu(chunk.hash)
+        start = time.perf_counter()
+        cm.move_to_gpu(chunk.hash)
+        return time.perf_counter() - start
+
+    figures = {
+        "gpu_to_cpu": (
+            min(to_cpu() for _ in range(repeats)),
+            best(lambda: (k.clone(), v.clone()), repeats),
+        ),
+        "cpu_to_gpu": (
+            min(to_gpu() for _ in range(repeats)),
+            best(lambda: (k.clone(), v.clone()), repeats),
+        ),
+        "cpu_to_disk": (
+            best(lambda: write_kv_file(path, k, v, record, store.fingerprint), repeats),
+            best(lambda: raw_write(scratch / "raw.bin", raw_bytes), repeats),
+        ),
+        "disk_to_cpu": (
+            best(lambda: read_kv_file(path, store.fingerprint), repeats),
+            best(lambda: (scratch / "raw.bin").read_bytes(), repeats),
+        ),
+    }
+    out = {"moved_bytes": nbytes}
+    for name, (ours, raw) in figures.items():
+        out[f"{name}_gb_s"] = round(gb / ours, 3)
+        out[f"raw_{name}_gb_s"] = round(gb / raw, 3)
+        out[f"{name}_ratio"] = round(raw / ours, 3)
+    out["bw_ratio_min"] = min(out[f"{name}_ratio"] for name in figures)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--context-tokens", type=int, default=2048)
+    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--question-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    cm = ContextManager(home=tempfile.mkdtemp(), engine_config=EngineConfig(kv_cache_bytes=1 << 30))
+    cm.configure(auto_activate=False)
+    llm, rng = cm.store.llm, random.Random(1)
+    per_chunk = args.context_tokens // args.chunks - 6  # the system framing adds ~6 tokens
+    chunks = [cm.add_chunk(document(rng, llm.tokenizer, per_chunk)) for _ in range(args.chunks)]
+    for c in chunks:
+        cm.activate_chunk(c.hash)
+    cm.store.wait_for_transfers()
+    result = bandwidths(cm, chunks[0], args.repeats)
+    cm.move_to_gpu(chunks[0].hash)
+
+    hf = AutoModelForCausalLM.from_pretrained(llm.path, dtype=torch.float32).eval()
+    one = SamplingParams(temperature=0, max_tokens=1)
+    context_ids = [t for c in chunks for t in c.token_ids]
+    moves = {"gpu": cm.move_to_gpu, "cpu": cm.move_to_cpu, "disk": cm.archive_to_disk}
+    hf_times = []
+    for tier, move in moves.items():
+        times = []
+        for _ in range(args.repeats):
+            for c in chunks:
+                move(c.hash)
+            assert all(cm.get_chunk(c.hash).tier == tier for c in chunks)
+            times.append(
+                cm.generate(question(rng, llm.tokenizer, args.question_tokens), one).ttft_s
+            )
+        result[f"ttft_{tier}_s"] = round(statistics.median(times), 4)
+    for _ in range(args.repeats):
+        ids = torch.tensor([context_ids + cm.store.chat.prompt(question(rng, llm.tokenizer, 32))])
+        start = time.perf_counter()
+        with torch.inference_mode():
+            hf(ids, logits_to_keep=1).logits.argmax(-1)
+        hf_times.append(time.perf_counter() - start)
+    hf_ttft = statistics.median(hf_times)
+    result["hf_ttft_s"] = round(hf_ttft, 4)
+    for tier in moves:
+        result[f"ttft_{tier}_ratio"] = round(hf_ttft / result[f"ttft_{tier}_s"], 2)
+    result["ttft_disk_ratio"] = result["ttft_disk_ratio"]
+    result["context_tokens"] = len(context_ids)
+    result["device"] = llm.config.device
+    cm.close()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
