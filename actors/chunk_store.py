@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from kvchunks.common import (
     CapacityError,
@@ -26,8 +27,9 @@ from kvchunks.common import (
     data_dir,
     slice_segments,
 )
-from kvchunks.engine import LLM, EngineConfig
+from kvchunks.engine import LLM, EngineConfig, ModelConfig
 from kvchunks.engine.chat import ChatFormat
+from kvchunks.engine.checkpoint import resolve_model
 from kvchunks.policies.budgets import TierBudgets
 from kvchunks.policies.lru import LRU
 from kvchunks.policies.prefetch import make_policy
@@ -89,9 +91,15 @@ class ChunkStore:
         prefetch_policy: str = "provenance",
     ):
         self.home = Path(home) if home is not None else data_dir()
-        self.llm = llm or LLM(model, engine_config)
-        self.chat = ChatFormat(self.llm.tokenizer)
-        self.block_size = self.llm.config.block_size
+        # The engine (weights and KV pool) starts on first use: listing, tagging or
+        # activating chunks needs only the registry, the model's config and its tokenizer.
+        self._llm = llm
+        self.path = llm.path if llm else resolve_model(model)
+        self.engine_config = llm.config if llm else (engine_config or EngineConfig())
+        self.model_config = ModelConfig.from_folder(self.path)
+        self.tokenizer = llm.tokenizer if llm else AutoTokenizer.from_pretrained(self.path)
+        self.chat = ChatFormat(self.tokenizer)
+        self.block_size = self.engine_config.block_size
         self.registry = ChunkRegistry(connect(self.home, redis_url), namespace)
         self.fingerprint = self._fingerprint()
         self.kv: dict[str, list[KVSegment]] = {}  # resident KV of chunks that own KV
@@ -111,11 +119,29 @@ class ChunkStore:
         self._inflight: dict[str, Future] = {}
         self._inflight_lock = threading.Lock()
         self._closed = False
-        self._restore_tiers()
+        if llm is not None:
+            self._restore_tiers()
+
+    @property
+    def llm(self) -> LLM:
+        """The engine, started on first use; it then brings back the recorded gpu/cpu tiers."""
+        if self._llm is None:
+            with self.lock:
+                if self._llm is None:
+                    self._llm = LLM(self.path, self.engine_config)
+                    self._restore_tiers()
+        return self._llm
+
+    @property
+    def engine_started(self) -> bool:
+        return self._llm is not None
 
     @property
     def window(self) -> int:
-        return self.llm.max_model_len
+        return self.model_config.max_position_embeddings
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # -- records --------------------------------------------------------------------------
 
@@ -124,6 +150,9 @@ class ChunkStore:
 
     def describe(self, chunk: ChunkInfo) -> ChunkInfo:
         """Fill in what only this process knows: whether and where its KV is in the pool."""
+        if not self.engine_started:  # nothing loaded here yet: the recorded tier stands
+            chunk.segments = []
+            return chunk
         owners = [s.hash for s in chunk.sources] if chunk.layout == "view" else [chunk.hash]
         tiers = [self.tier_of(h) for h in owners]
         chunk.tier = max(tiers, key=TIER_ORDER.index)  # a view is as far as its furthest source
@@ -194,10 +223,10 @@ class ChunkStore:
         path = kv_path(self.home, chunk.hash)
         if not path.exists():
             return None
-        c = self.llm.model_config
+        c = self.model_config
         shape = (c.num_layers, chunk.token_count, c.num_kv_heads, c.head_dim)
         try:
-            k, v, _, _ = read_kv_file(path, self.fingerprint, self.llm.config.dtype, shape)
+            k, v, _, _ = read_kv_file(path, self.fingerprint, self.engine_config.dtype, shape)
         except ChunkFileError:  # a damaged file is never used: the chunk is recomputed instead
             self.stats["bad_files"] += 1
             return None
@@ -337,7 +366,7 @@ class ChunkStore:
     def on_activate(self, chunk: ChunkInfo, active: list[str]) -> None:
         """Bring the activated chunk, and what the prefetch policy expects next, into the pool
         in the background, so the next generation finds them there."""
-        if not self._closed:  # the policy's own lookups run in the background too
+        if self.engine_started and not self._closed:  # lookups run in the background too
             self._transfers.submit(self._after_activation, chunk, active)
 
     def _after_activation(self, chunk: ChunkInfo, active: list[str]) -> None:
@@ -464,7 +493,7 @@ class ChunkStore:
             layout="timeline" if parents else "standalone",
             parent_chunks=[p.hash for p in parents],
             metadata=metadata,
-            text=fields.pop("text", None) or self.llm.tokenizer.decode(tokens),
+            text=fields.pop("text", None) or self.tokenizer.decode(tokens),
             **fields,
         )
 
@@ -550,7 +579,7 @@ class ChunkStore:
             layout="view",
             parent_chunks=list(dict.fromkeys(s.hash for s in spans)),
             sources=spans,
-            text=self.llm.tokenizer.decode(tokens),
+            text=self.tokenizer.decode(tokens),
             **fields,
         )
         self.registry.put(chunk)
@@ -575,6 +604,8 @@ class ChunkStore:
         """Finish transfers and give every resident chunk's pool blocks back to the engine."""
         self._closed = True
         self._transfers.shutdown(wait=True)
+        if not self.engine_started:
+            return
         with self.lock:
             for resident in list(self.kv):
                 self.evict(resident)
@@ -583,7 +614,7 @@ class ChunkStore:
         return sum(f.stat().st_size for f in (self.home / "kv").rglob("*.safetensors"))
 
     def _fingerprint(self) -> str:
-        files = sorted(self.llm.path.glob("*.safetensors"))
+        files = sorted(self.path.glob("*.safetensors"))
         stamp = ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
         if stamp not in _DIGESTS:
             cache = self.home / "fingerprints.json"
@@ -593,9 +624,9 @@ class ChunkStore:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 cache.write_text(json.dumps(known))
             _DIGESTS[stamp] = known[stamp]
-        c = self.llm.model_config
+        c = self.model_config
         return model_fingerprint(
-            c.architecture, _DIGESTS[stamp], self.llm.config.dtype, self.block_size
+            c.architecture, _DIGESTS[stamp], self.engine_config.dtype, self.block_size
         )
 
 

@@ -165,7 +165,7 @@ class ContextManager:
             return self.add_chunk(text, role, tags, metadata=meta)
         if split_tokens < 1:
             raise InvalidInput("split_tokens must be a positive number of tokens")
-        tok = self.store.llm.tokenizer
+        tok = self.store.tokenizer
         ids = tok.encode(text, add_special_tokens=False)
         parts = [tok.decode(ids[i : i + split_tokens]) for i in range(0, len(ids), split_tokens)]
         return [
@@ -366,7 +366,7 @@ class ContextManager:
         finally:
             store.pinned.subtract(in_use)
         result = GenerationResult(
-            text=store.llm.decode(answer),
+            text=store.decode(answer),
             token_ids=answer,
             prompt_chunk=self._view(prompt_chunk.hash),
             output_chunk=outputs[-1] if outputs else None,
@@ -526,10 +526,10 @@ class ContextManager:
         file = Path(path).expanduser()
         if not file.is_absolute() and not file.exists():
             file = self.store.home / "exports" / file
-        c = self.store.llm.model_config
+        c = self.store.model_config
         shape = (c.num_layers, None, c.num_kv_heads, c.head_dim)
         k, v, record, _ = read_kv_file(
-            file, self.store.fingerprint, self.store.llm.config.dtype, shape
+            file, self.store.fingerprint, self.store.engine_config.dtype, shape
         )
         chunk = ChunkInfo.from_record(record)
         if chunk.layout == "view" or k.shape[1] != chunk.token_count:

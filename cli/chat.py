@@ -1,0 +1,383 @@
+"""`kvchunks chat`: plain text generates with the active context; slash commands manage chunks.
+
+A slash command is a click command, looked up in one table (`SLASH`) and run with the chat's
+state: the chunk operations are the `kvchunks` subcommands themselves (commands.py), and the
+few that only make sense in a chat (/output, /stats, /help, /quit) are defined here. Tab
+completion reads the same click parameters: choices, file paths and chunk hashes.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import click
+from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter
+from prompt_toolkit.document import Document
+from prompt_toolkit.history import FileHistory
+from rich.table import Table
+
+from kvchunks.cli import commands, render
+from kvchunks.cli.commands import activate_all, json_option, say, show
+from kvchunks.cli.state import State, pass_state
+from kvchunks.common import InvalidInput, KVChunksError
+from kvchunks.store.chunk import ChunkInfo
+
+HISTORY_FILE = "chat_history"
+
+
+class Quit(Exception):
+    """Raised by /quit to leave the chat."""
+
+
+# -- the commands that only a chat has ----------------------------------------------------------
+
+
+@click.group()
+def output() -> None:
+    """The answers of generations: list, activate, delete or tag them."""
+
+
+@output.command("list")
+@json_option
+@pass_state
+def output_list(state: State, as_json: bool) -> None:
+    """List the answers generated in this context, oldest first."""
+    cm = state.manager
+    chunks = [
+        c
+        for c in cm.list_chunks()
+        if c.kind == "output" and c.metadata.get("context") == cm.context_name
+    ]
+    table = render.chunks_table(chunks, title=f"outputs of context '{cm.context_name}'")
+    show(state, as_json, [render.chunk_to_json(c) for c in chunks], table)
+
+
+@output.command("activate")
+@click.argument("refs", nargs=-1, metavar="[HASH...]")
+@pass_state
+def output_activate(state: State, refs: tuple[str, ...]) -> None:
+    """Activate answers; without HASH, the last prompt and its answer, so the conversation
+    goes on from them."""
+    cm = state.manager
+    last = cm.last_generation
+    turn = [last.prompt_chunk.hash, *(c.hash for c in last.output_chunks)] if last else []
+    for chunk in activate_all(cm, list(refs) or _required(turn)):
+        say(state, f"activated {render.describe(chunk)}")
+
+
+@output.command("delete")
+@click.argument("refs", nargs=-1, metavar="[HASH...]")
+@click.option("--cascade", is_flag=True, help="Also delete the views that read them.")
+@pass_state
+def output_delete(state: State, refs: tuple[str, ...], cascade: bool) -> None:
+    """Delete answers; without HASH, the last answer."""
+    cm = state.manager
+    hashes = [cm.get_chunk(ref).hash for ref in list(refs) or _required(_last_outputs(state))]
+    for chunk_hash in hashes:
+        deleted = cm.delete_chunk(chunk_hash, cascade=cascade)
+        say(state, f"deleted {', '.join(render.short(h) for h in deleted)}")
+
+
+@output.command("tag")
+@click.argument("tag")
+@click.argument("refs", nargs=-1, metavar="[HASH...]")
+@pass_state
+def output_tag(state: State, tag: str, refs: tuple[str, ...]) -> None:
+    """Tag answers with TAG; without HASH, the last answer."""
+    cm = state.manager
+    hashes = [cm.get_chunk(ref).hash for ref in list(refs) or _required(_last_outputs(state))]
+    for chunk_hash in hashes:
+        chunk = cm.tag_chunk(chunk_hash, tag)
+        say(state, f"tagged {render.short(chunk.hash)}; tags: {', '.join(chunk.tags)}")
+
+
+def _last_outputs(state: State) -> list[str]:
+    last = state.manager.last_generation
+    return [c.hash for c in last.output_chunks] if last else []
+
+
+def _required(hashes: list[str]) -> list[str]:
+    if not hashes:
+        raise InvalidInput("no answer generated in this chat yet; give a HASH (see /output list)")
+    return hashes
+
+
+@click.command()
+@pass_state
+def stats(state: State) -> None:
+    """Show pool usage, chunks per tier, store counters and the last generation's speed."""
+    cm = state.manager
+    pool = cm.store.llm.block_manager
+    chunks = cm.list_chunks()
+    table = render.stats_table(
+        (pool.num_blocks, pool.num_free, pool.block_size),
+        Counter(c.tier for c in chunks),
+        sum(c.is_active for c in chunks),
+        cm.store.stats,
+        cm.last_generation,
+    )
+    state.out.print(table)
+
+
+@click.command("help")
+@click.argument("name", required=False)
+@pass_state
+def help_(state: State, name: str | None) -> None:
+    """List the slash commands, or show the full help of one."""
+    if name is None:
+        state.out.print(help_table())
+        return
+    command = SLASH.get(name.lstrip("/"))
+    if command is None:
+        raise InvalidInput(f"no command /{name.lstrip('/')}; /help lists them")
+    click.echo(command.get_help(click.Context(command, info_name=f"/{name.lstrip('/')}")))
+
+
+@click.command("quit")
+def quit_() -> None:
+    """Leave the chat (Ctrl-D does too)."""
+    raise Quit
+
+
+# One table: slash command name -> click command. Chunk operations are the subcommands.
+SLASH: dict[str, click.Command] = {
+    "load": commands.load,
+    "save": commands.export,
+    "restore": commands.import_,
+    "list": commands.list_chunks,
+    "activate": commands.activate,
+    "deactivate": commands.deactivate,
+    "delete": commands.delete,
+    "context": commands.context,
+    "clear": commands.clear,
+    "info": commands.info,
+    "compose": commands.compose,
+    "split": commands.split,
+    "tag": commands.tag,
+    "populate": commands.populate,
+    "output": output,
+    "move": commands.move,
+    "prefetch": commands.prefetch,
+    "mode": commands.mode,
+    "auto": commands.auto,
+    "stats": stats,
+    "help": help_,
+    "quit": quit_,
+}
+
+
+def help_table() -> Table:
+    table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
+    table.add_column(no_wrap=True)
+    table.add_column()
+    for name, command in SLASH.items():
+        line = f"/{name} {usage(name, command)}".rstrip()
+        render.add_row(table, line, command.get_short_help_str(80))
+    render.add_row(table, "text", "anything not starting with / is a prompt: generate an answer")
+    table.caption = "HASH: a full hash or a unique prefix of 4+ hex digits; /help NAME for more"
+    return table
+
+
+def usage(name: str, command: click.Command) -> str:
+    if isinstance(command, click.Group):
+        return "|".join(command.commands)
+    pieces = command.collect_usage_pieces(click.Context(command, info_name=name))
+    return " ".join(p for p in pieces if p != "[OPTIONS]")
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+def run(state: State, sampling: dict) -> None:
+    Chat(state, sampling).loop()
+
+
+class Chat:
+    def __init__(self, state: State, sampling: dict):
+        self.state = state
+        self.sampling = sampling
+        self.manager = state.manager  # load the model before the first prompt
+        self._chunks: list[ChunkInfo] | None = None  # for completion; refreshed after each line
+        self.read = self._prompt_reader() if sys.stdin.isatty() else _read_line
+
+    def loop(self) -> None:
+        self.banner()
+        while True:
+            try:
+                line = self.read()
+            except KeyboardInterrupt:
+                continue
+            except EOFError:
+                break
+            try:
+                self.handle(line.strip())
+            except Quit:
+                break
+            finally:
+                self._chunks = None
+
+    def banner(self) -> None:
+        view = self.manager.context()
+        model = Path(self.state.model).name if self.state.model else self.state.address
+        say(
+            self.state,
+            f"kvchunks chat · {model} · context '{view.name}', mode {self.state.mode or view.mode}"
+            f", {len(view.chunks)} active chunk(s), {view.token_count} of {view.window} tokens",
+        )
+        say(
+            self.state,
+            "Type to generate; /help lists commands; Ctrl-C stops an answer; Ctrl-D leaves.",
+        )
+
+    def handle(self, line: str) -> None:
+        if not line:
+            return
+        try:
+            if line.startswith("/"):
+                self.slash(line[1:])
+            else:
+                self.generate(line)
+        except KVChunksError as e:
+            self.error(str(e))
+        except click.UsageError as e:
+            self.error(commands.usage_message(e))
+        except click.ClickException as e:
+            self.error(e.format_message())
+        except (KeyboardInterrupt, click.Abort):
+            self.error("interrupted")
+        except Quit:
+            raise
+        except Exception as e:  # a bug: say so in one line, and keep the chat (and its pool)
+            self.error(f"internal error, please report it: {type(e).__name__}: {e}")
+
+    def slash(self, text: str) -> None:
+        try:
+            words = shlex.split(text)
+        except ValueError as e:  # an unclosed quote
+            raise click.UsageError(str(e)) from e
+        name, args = (words[0], words[1:]) if words else ("help", [])
+        command = SLASH.get(name)
+        if command is None:
+            raise click.UsageError(f"unknown command /{name}; /help lists them")
+        command.main(args, prog_name=f"/{name}", standalone_mode=False, obj=self.state)
+
+    def generate(self, prompt: str) -> None:
+        result = commands.run_generation(self.state, prompt, self.sampling, commands.stream)
+        click.echo()
+        self.state.out.print(
+            render.generation_footer(result), style="dim", markup=False, highlight=False
+        )
+
+    def error(self, message: str) -> None:
+        self.state.err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+
+    def chunks(self) -> list[ChunkInfo]:
+        if self._chunks is None:
+            self._chunks = self.manager.list_chunks()
+        return self._chunks
+
+    def _prompt_reader(self) -> Callable[[], str]:
+        history = self.state.data_dir / HISTORY_FILE
+        history.parent.mkdir(parents=True, exist_ok=True)
+        session: PromptSession[str] = PromptSession(
+            history=FileHistory(str(history)),
+            completer=SlashCompleter(self),
+            complete_while_typing=False,
+        )
+        return lambda: session.prompt(f"{self.state.context}> ")
+
+
+def _read_line() -> str:
+    """Input that is not a terminal (a pipe, a file): one command or prompt per line."""
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line
+
+
+# -- completion ---------------------------------------------------------------------------------
+
+
+class SlashCompleter(Completer):
+    """Completes slash commands, then each argument by its click parameter: a choice, a file
+    path, or a chunk hash (any parameter whose metavar names HASH)."""
+
+    def __init__(self, chat: Chat):
+        self.chat = chat
+        self.paths = PathCompleter(expanduser=True)
+
+    def get_completions(self, document: Document, event: CompleteEvent) -> Iterator[Completion]:
+        text = document.text_before_cursor
+        if not text.startswith("/"):
+            return
+        words = text[1:].split()
+        if not words or text[-1].isspace():
+            words.append("")
+        if len(words) == 1:
+            yield from _words([f"/{n}" for n in SLASH], "/" + words[0])
+        elif words[0] in SLASH:
+            yield from self._argument(SLASH[words[0]], words[1:-1], words[-1], event)
+
+    def _argument(
+        self, command: click.Command, before: list[str], word: str, event: CompleteEvent
+    ) -> Iterator[Completion]:
+        if isinstance(command, click.Group):
+            if not before:
+                yield from _words(command.commands, word)
+            elif before[0] in command.commands:
+                yield from self._argument(command.commands[before[0]], before[1:], word, event)
+            return
+        if word.startswith("-"):
+            options = [o for p in command.params if isinstance(p, click.Option) for o in p.opts]
+            yield from _words(options, word)
+            return
+        param = _positional(command, before)
+        if param is None:
+            return
+        if isinstance(param.type, click.Choice):
+            yield from _words([str(c) for c in param.type.choices], word)
+        elif isinstance(param.type, click.Path):
+            yield from self.paths.get_completions(Document(word, len(word)), event)
+        elif "HASH" in (param.metavar or ""):
+            yield from self._hashes(word)
+
+    def _hashes(self, word: str) -> Iterator[Completion]:
+        try:
+            chunks = self.chat.chunks()
+        except KVChunksError:
+            return
+        for c in chunks:
+            if c.hash.startswith(word.lower()):
+                meta = f"{c.kind} · {c.token_count} tok · {render.preview(c.text, 40)}"
+                yield Completion(render.short(c.hash), -len(word), display_meta=meta)
+
+
+def _words(candidates: Iterable[str], word: str) -> Iterator[Completion]:
+    for candidate in candidates:
+        if candidate.startswith(word):
+            yield Completion(candidate, -len(word))
+
+
+def _positional(command: click.Command, before: list[str]) -> click.Parameter | None:
+    """The argument that the next word fills, given the words typed before it."""
+    options = {o: p for p in command.params if isinstance(p, click.Option) for o in p.opts}
+    count, takes_value = 0, False
+    for word in before:
+        if takes_value:
+            takes_value = False
+        elif word.startswith("-"):
+            option = options.get(word)
+            takes_value = option is not None and not option.is_flag
+        else:
+            count += 1
+    for param in command.params:
+        if isinstance(param, click.Argument):
+            if param.nargs == -1 or count < param.nargs:
+                return param
+            count -= param.nargs
+    return None

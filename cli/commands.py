@@ -1,0 +1,447 @@
+"""The chunk operations, each one click command: a `kvchunks` subcommand and, unchanged, the
+chat's slash command of the same name (`/save` and `/restore` are `export` and `import`).
+
+Every command checks what it can before it changes anything, so a bad input leaves the chunk
+pool and the context as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.console import RenderableType
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from kvchunks.cli import render
+from kvchunks.cli.state import State, pass_state
+from kvchunks.common import KVChunksError
+from kvchunks.store.chunk import ROLES, TIERS, ChunkInfo
+
+if TYPE_CHECKING:
+    from kvchunks.actors.context_manager import ContextManager, GenerationResult
+
+# kvchunks.actors.chunk_store.MODES, repeated here because that module imports torch and
+# `kvchunks --help` should not (a test keeps the two equal).
+MODES = ("exact", "reuse", "realign")
+LARGE_FILE = 16 << 10  # bytes; loading a bigger file shows a progress bar
+DEFAULT_SAMPLING = {"temperature": 0.0, "max_tokens": 256, "top_p": 1.0, "top_k": 0, "seed": None}
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document instead of text."
+)
+hash_argument = click.argument("ref", metavar="HASH")
+
+
+def say(state: State, line: str) -> None:
+    """One plain line of output (no markup: chunk text and paths may contain brackets)."""
+    state.out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def usage_message(e: click.UsageError) -> str:
+    hint = f" (see {e.ctx.command_path} --help)" if e.ctx else ""
+    return e.format_message() + hint
+
+
+def show(state: State, as_json: bool, document: Any, table: RenderableType) -> None:
+    if as_json:
+        click.echo(render.dumps(document))
+    else:
+        state.out.print(table)
+
+
+def sampling_options(f: Callable) -> Callable:
+    """--max-tokens, --temperature, --top-p, --top-k and --seed, as one dict `sampling`."""
+    options = [
+        click.option(
+            "--max-tokens", type=click.IntRange(min=1), help="Most tokens to generate [256]."
+        ),
+        click.option(
+            "--temperature", type=click.FloatRange(min=0), help="0 picks the likeliest token [0]."
+        ),
+        click.option(
+            "--top-p",
+            type=click.FloatRange(0, 1, min_open=True),
+            help="Sample from the likeliest tokens that make up this probability [1].",
+        ),
+        click.option(
+            "--top-k", type=click.IntRange(min=0), help="Sample from the K likeliest; 0: all [0]."
+        ),
+        click.option("--seed", type=int, help="Seed of the sampler, for repeatable answers."),
+    ]
+
+    @functools.wraps(f)
+    def wrapper(**kwargs):
+        given = {k: kwargs.pop(k) for k in DEFAULT_SAMPLING}
+        sampling = DEFAULT_SAMPLING | {k: v for k, v in given.items() if v is not None}
+        return f(sampling=sampling, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+# -- chunks -----------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--tag", "tags", multiple=True, help="Tag the new chunk(s); repeatable.")
+@click.option("--activate", is_flag=True, help="Activate the new chunk(s) in the context.")
+@click.option(
+    "--role",
+    type=click.Choice(ROLES),
+    default="system",
+    show_default=True,
+    help="Chat-template role the text is framed as.",
+)
+@click.option(
+    "--split",
+    "split_tokens",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Make one chunk per N tokens (for a file longer than the context window).",
+)
+@json_option
+@pass_state
+def load(
+    state: State,
+    file: Path,
+    tags: tuple[str, ...],
+    activate: bool,
+    role: str,
+    split_tokens: int | None,
+    as_json: bool,
+) -> None:
+    """Load a UTF-8 text FILE as a chunk; its KV is computed now."""
+    from kvchunks.actors.context_manager import read_text_file
+
+    read_text_file(file)  # a missing, empty or binary file is refused before the model loads
+    cm = state.manager
+    with _progress(state, file):
+        made = cm.load_file(file, role=role, tags=list(tags), split_tokens=split_tokens)
+    chunks = made if isinstance(made, list) else [made]
+    if activate:
+        chunks = activate_all(cm, [c.hash for c in chunks])
+    if as_json:
+        click.echo(render.dumps([render.chunk_to_json(c) for c in chunks]))
+        return
+    for c in chunks:
+        say(state, f"loaded {render.describe(c)}{', active' if c.is_active else ''} from {file}")
+
+
+@contextlib.contextmanager
+def _progress(state: State, file: Path) -> Iterator[None]:
+    size = file.stat().st_size
+    if size < LARGE_FILE or not state.err.is_terminal:
+        yield
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=state.err, transient=True) as progress:
+        progress.add_task(f"computing the KV of {file.name} ({size >> 10} KiB)", total=None)
+        yield
+
+
+@click.command("list")
+@click.argument("pattern", required=False)
+@click.option("--tag", help="Only chunks with this tag.")
+@json_option
+@pass_state
+def list_chunks(state: State, pattern: str | None, tag: str | None, as_json: bool) -> None:
+    """List chunks, oldest first.
+
+    PATTERN is a glob (or, without * ? [, a substring) matched against the hash, the text,
+    the source file and the tags, ignoring case.
+    """
+    chunks = state.manager.list_chunks(pattern, tag)
+    show(state, as_json, [render.chunk_to_json(c) for c in chunks], render.chunks_table(chunks))
+
+
+@click.command()
+@hash_argument
+@json_option
+@pass_state
+def info(state: State, ref: str, as_json: bool) -> None:
+    """Show everything about one chunk: provenance, tier, tags, metadata, blocks."""
+    cm = state.manager
+    chunk = cm.get_chunk(ref)
+    parents = cm.registry.get_many(cm.registry.parents(chunk.hash))
+    children = cm.registry.get_many(cm.registry.children(chunk.hash))
+    document = {
+        **render.chunk_to_json(chunk, tokens=True),
+        "parents": [p.hash for p in parents],
+        "children": [c.hash for c in children],
+    }
+    show(state, as_json, document, render.info_table(chunk, parents, children))
+
+
+@click.command()
+@click.argument("refs", nargs=-1, required=True, metavar="HASH...")
+@pass_state
+def activate(state: State, refs: tuple[str, ...]) -> None:
+    """Let the model see these chunks, after the ones already active (all or none)."""
+    cm = state.manager
+    for chunk in activate_all(cm, list(refs)):
+        say(state, f"activated {render.describe(chunk)}")
+    _window_line(state, cm)
+
+
+def activate_all(cm: ContextManager, refs: list[str]) -> list[ChunkInfo]:
+    """Activate in order; if one cannot be (unknown hash, window full), none is."""
+    hashes = [cm.get_chunk(ref).hash for ref in refs]
+    before = {c.hash for c in cm.context().chunks}
+    done: list[ChunkInfo] = []
+    try:
+        for chunk_hash in hashes:
+            done.append(cm.activate_chunk(chunk_hash))
+    except KVChunksError:
+        for chunk in done:
+            if chunk.hash not in before:
+                cm.deactivate_chunk(chunk.hash)
+        raise
+    return done
+
+
+@click.command()
+@click.argument("refs", nargs=-1, required=True, metavar="HASH...")
+@pass_state
+def deactivate(state: State, refs: tuple[str, ...]) -> None:
+    """Hide these chunks from the model (they stay stored)."""
+    cm = state.manager
+    hashes = [cm.get_chunk(ref).hash for ref in refs]
+    for chunk_hash in hashes:
+        say(state, f"deactivated {render.describe(cm.deactivate_chunk(chunk_hash))}")
+    _window_line(state, cm)
+
+
+def _window_line(state: State, cm: ContextManager) -> None:
+    view = cm.context()
+    say(state, f"{len(view.chunks)} active, {view.token_count} of {view.window} tokens")
+
+
+@click.command()
+@click.argument("refs", nargs=-1, required=True, metavar="HASH HASH...")
+@click.option("--tag", "tags", multiple=True, help="Tag the new chunk; repeatable.")
+@json_option
+@pass_state
+def compose(state: State, refs: tuple[str, ...], tags: tuple[str, ...], as_json: bool) -> None:
+    """Make one chunk that reads these chunks' KV in order (a view: nothing is copied)."""
+    view = state.manager.compose_chunks(list(refs), tags=list(tags))
+    if as_json:
+        click.echo(render.dumps(render.chunk_to_json(view)))
+    else:
+        say(state, f"composed {render.describe(view)} from {len(refs)} chunks")
+
+
+@click.command()
+@hash_argument
+@click.argument("at", type=int)
+@json_option
+@pass_state
+def split(state: State, ref: str, at: int, as_json: bool) -> None:
+    """Make two chunks of one, cut before token AT (views: nothing is copied)."""
+    head, tail = state.manager.split_chunk(ref, at)
+    if as_json:
+        click.echo(render.dumps([render.chunk_to_json(head), render.chunk_to_json(tail)]))
+    else:
+        say(state, f"split into {render.describe(head)} and {render.describe(tail)}")
+
+
+@click.command()
+@hash_argument
+@click.argument("tag")
+@click.option("--remove", is_flag=True, help="Take the tag off instead.")
+@pass_state
+def tag(state: State, ref: str, tag: str, remove: bool) -> None:
+    """Tag a chunk (or untag it with --remove)."""
+    cm = state.manager
+    chunk = cm.untag_chunk(ref, tag) if remove else cm.tag_chunk(ref, tag)
+    tags = ", ".join(chunk.tags) or "none"
+    say(state, f"{'untagged' if remove else 'tagged'} {render.short(chunk.hash)}; tags: {tags}")
+
+
+@click.command()
+@hash_argument
+@click.option("--cascade", is_flag=True, help="Also delete the views that read this chunk.")
+@pass_state
+def delete(state: State, ref: str, cascade: bool) -> None:
+    """Delete a chunk and its KV for good."""
+    deleted = state.manager.delete_chunk(ref, cascade=cascade)
+    say(state, f"deleted {', '.join(render.short(h) for h in deleted)}")
+
+
+@click.command()
+@hash_argument
+@pass_state
+def populate(state: State, ref: str) -> None:
+    """Bring a chunk's KV into the pool now (from its file, or recomputed)."""
+    chunk = state.manager.populate(ref)
+    say(state, f"populated {render.describe(chunk)} on {chunk.tier}")
+
+
+# -- tiers ------------------------------------------------------------------------------------
+
+
+@click.command()
+@hash_argument
+@click.argument("tier", type=click.Choice(TIERS), metavar="TIER")
+@pass_state
+def move(state: State, ref: str, tier: str) -> None:
+    """Move a chunk's KV to TIER: gpu (the pool), cpu (host memory) or disk."""
+    cm = state.manager
+    moves = {"gpu": cm.move_to_gpu, "cpu": cm.move_to_cpu, "disk": cm.archive_to_disk}
+    moves[tier](ref)
+    chunk = cm.get_chunk(ref)
+    say(state, f"moved {render.short(chunk.hash)} to {chunk.tier}")
+
+
+@click.command()
+@hash_argument
+@pass_state
+def prefetch(state: State, ref: str) -> None:
+    """Start bringing a chunk's KV towards the gpu pool in the background."""
+    cm = state.manager
+    cm.prefetch(ref)
+    say(state, f"prefetching {render.short(cm.get_chunk(ref).hash)}")
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+@click.command("export")
+@hash_argument
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+@pass_state
+def export(state: State, ref: str, file: Path, force: bool) -> None:
+    """Write a chunk (tokens, record, KV) to FILE for another data directory to import.
+
+    A relative FILE goes under <data dir>/exports and may not leave it.
+    """
+    cm = state.manager
+    target = cm.export_chunk(ref, file, force=force)
+    say(state, f"saved {render.short(cm.get_chunk(ref).hash)} to {target}")
+
+
+@click.command("import")
+@click.argument("file", type=click.Path(path_type=Path))
+@json_option
+@pass_state
+def import_(state: State, file: Path, as_json: bool) -> None:
+    """Add the chunk in FILE (written by export, same model); relative paths are also looked
+    up in <data dir>/exports."""
+    chunk = state.manager.import_chunk(file)
+    if as_json:
+        click.echo(render.dumps(render.chunk_to_json(chunk)))
+    else:
+        say(state, f"restored {render.describe(chunk)} from {file}")
+
+
+# -- context ----------------------------------------------------------------------------------
+
+
+@click.command()
+@json_option
+@pass_state
+def context(state: State, as_json: bool) -> None:
+    """Show the active chunks in layout order and their tokens against the window."""
+    view = state.manager.context()
+    show(state, as_json, render.context_to_json(view), render.context_table(view))
+
+
+@click.command()
+@pass_state
+def clear(state: State) -> None:
+    """Deactivate every chunk of the context (nothing is deleted)."""
+    cm = state.manager
+    count = len(cm.context().chunks)
+    cm.clear()
+    say(state, f"deactivated {count} chunk(s); context '{cm.context_name}' is empty")
+
+
+@click.command()
+@click.argument("mode", type=click.Choice(MODES), required=False, metavar="[MODE]")
+@pass_state
+def mode(state: State, mode: str | None) -> None:
+    """Show or set how the context combines chunks' KV: MODE is exact, reuse or realign.
+
+    exact recomputes what was computed in another context, reuse attends to the stored KV
+    as it is, realign re-places standalone chunks at contiguous positions.
+    """
+    cm = state.manager
+    if mode:
+        cm.configure(mode=mode)
+        state.mode = None  # the new setting applies, not a --mode given at start
+    stored = cm.settings["mode"]
+    override = f" for this session (the context's setting is {stored})" if state.mode else ""
+    say(state, f"mode: {state.mode or stored}{override}")
+
+
+@click.command()
+@click.argument("switch", type=click.Choice(["on", "off"]), required=False, metavar="[on|off]")
+@pass_state
+def auto(state: State, switch: str | None) -> None:
+    """Show or set whether each prompt and answer is activated after a generation."""
+    cm = state.manager
+    if switch:
+        cm.configure(auto_activate=switch == "on")
+    say(state, f"auto-activate: {'on' if cm.settings['auto_activate'] else 'off'}")
+
+
+# -- generation -------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("prompt")
+@sampling_options
+@json_option
+@pass_state
+def generate(state: State, prompt: str, sampling: dict, as_json: bool) -> None:
+    """Answer PROMPT with the active context, streaming the text; the prompt and the answer
+    become chunks (the footer on stderr names them)."""
+    if as_json:
+        click.echo(render.dumps(render.generation_to_json(run_generation(state, prompt, sampling))))
+        return
+    result = run_generation(state, prompt, sampling, on_text=stream)
+    click.echo()
+    state.err.print(render.generation_footer(result), markup=False, highlight=False)
+
+
+def run_generation(
+    state: State, prompt: str, sampling: dict, on_text: Callable[[str], None] | None = None
+) -> GenerationResult:
+    from kvchunks.engine import SamplingParams
+
+    params = SamplingParams(**sampling)
+    return state.manager.generate(prompt, params, mode=state.mode, on_text=on_text)
+
+
+def stream(text: str) -> None:
+    click.echo(text, nl=False)
+
+
+SUBCOMMANDS = [
+    load,
+    list_chunks,
+    info,
+    activate,
+    deactivate,
+    generate,
+    compose,
+    split,
+    tag,
+    delete,
+    populate,
+    move,
+    prefetch,
+    export,
+    import_,
+    context,
+    clear,
+    mode,
+    auto,
+]

@@ -1,0 +1,251 @@
+"""How chunks, contexts and statistics look: rich tables for people, plain dicts for `--json`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from rich.table import Table
+from rich.text import Text
+
+from kvchunks.store.chunk import TIERS, ChunkInfo
+
+if TYPE_CHECKING:
+    from kvchunks.actors.context_manager import ContextView, GenerationResult
+
+SHORT = 12  # hash characters shown; any unique prefix of 4 or more works as a reference
+
+
+def short(chunk_hash: str) -> str:
+    return chunk_hash[:SHORT]
+
+
+def preview(text: str, width: int = 60) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def describe(chunk: ChunkInfo) -> str:
+    """One line naming a chunk: short hash, token count and where it came from."""
+    return f"{short(chunk.hash)} ({chunk.token_count} tokens, {kind_label(chunk)})"
+
+
+def kind_label(chunk: ChunkInfo) -> str:
+    return f"{chunk.kind}, interrupted" if chunk.metadata.get("interrupted") else chunk.kind
+
+
+def add_row(table: Table, *cells: str) -> None:
+    """A row of plain text: chunk text, tags and paths may contain [brackets] (not markup)."""
+    table.add_row(*(Text(c) for c in cells))
+
+
+def dumps(document: Any) -> str:
+    return json.dumps(document, indent=2, ensure_ascii=False, default=str)
+
+
+# -- JSON -------------------------------------------------------------------------------------
+
+
+def chunk_to_json(chunk: ChunkInfo, tokens: bool = False) -> dict[str, Any]:
+    """A chunk as JSON-safe values (`tokens` adds the token ids)."""
+    doc = {
+        "hash": chunk.hash,
+        "content_hash": chunk.content_hash,
+        "role": chunk.role,
+        "kind": chunk.kind,
+        "tier": chunk.tier,
+        "layout": chunk.layout,
+        "position": chunk.position,
+        "token_count": chunk.token_count,
+        "is_active": chunk.is_active,
+        "tags": list(chunk.tags),
+        "metadata": chunk.metadata,
+        "parent_chunks": list(chunk.parent_chunks),
+        "sources": [vars(s) for s in chunk.sources],
+        "segments": [
+            {
+                "blocks": list(s.blocks),
+                "start": s.start,
+                "length": s.length,
+                "position": s.position,
+                "shift": s.shift,
+            }
+            for s in chunk.segments
+        ],
+        "generation_params": chunk.generation_params,
+        "ref_count": chunk.ref_count,
+        "created_at": chunk.created_at,
+        "text": chunk.text,
+    }
+    if tokens:
+        doc["token_ids"] = list(chunk.token_ids)
+    return doc
+
+
+def context_to_json(view: ContextView) -> dict[str, Any]:
+    return {
+        "name": view.name,
+        "mode": view.mode,
+        "auto_activate": view.auto_activate,
+        "window": view.window,
+        "token_count": view.token_count,
+        "chunks": [chunk_to_json(c) for c in view.chunks],
+    }
+
+
+def generation_to_json(result: GenerationResult) -> dict[str, Any]:
+    return {
+        "text": result.text,
+        "finish_reason": result.finish_reason,
+        "interrupted": result.interrupted,
+        "ttft_s": result.ttft_s,
+        "tokens_per_s": result.tokens_per_s,
+        "token_count": len(result.token_ids),
+        "prompt_chunk": chunk_to_json(result.prompt_chunk),
+        "output_chunk": chunk_to_json(result.output_chunk) if result.output_chunk else None,
+        "output_chunks": [chunk_to_json(c) for c in result.output_chunks],
+    }
+
+
+# -- tables -----------------------------------------------------------------------------------
+
+
+def chunks_table(chunks: list[ChunkInfo], title: str | None = None) -> Table:
+    table = _chunk_columns("active", title)
+    for c in chunks:
+        _add_chunk_row(table, c, "yes" if c.is_active else "")
+    table.caption = f"{len(chunks)} chunk(s)"
+    return table
+
+
+def context_table(view: ContextView) -> Table:
+    """The active chunks in layout order, and their total against the context window."""
+    table = _chunk_columns("#", f"context '{view.name}' (mode {view.mode})")
+    for i, c in enumerate(view.chunks, 1):
+        _add_chunk_row(table, c, str(i))
+    table.caption = (
+        f"{len(view.chunks)} active chunk(s), {view.token_count} of {view.window} tokens "
+        f"in the context window; auto-activate {'on' if view.auto_activate else 'off'}"
+    )
+    return table
+
+
+def _chunk_columns(mark: str, title: str | None) -> Table:
+    table = Table(title=title, title_justify="left", caption_justify="left", expand=True)
+    table.add_column(mark, justify="right", no_wrap=True)
+    table.add_column("hash", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("role", no_wrap=True)
+    table.add_column("tokens", justify="right", no_wrap=True)
+    table.add_column("tier", no_wrap=True)
+    table.add_column("tags", no_wrap=True)
+    table.add_column("text", overflow="ellipsis", no_wrap=True, ratio=1)
+    return table
+
+
+def _add_chunk_row(table: Table, c: ChunkInfo, mark: str) -> None:
+    add_row(
+        table,
+        mark,
+        short(c.hash),
+        kind_label(c),
+        c.role,
+        str(c.token_count),
+        c.tier,
+        ", ".join(c.tags),
+        preview(c.text),
+    )
+
+
+def info_table(chunk: ChunkInfo, parents: list[ChunkInfo], children: list[ChunkInfo]) -> Table:
+    table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    rows = [
+        ("hash", chunk.hash),
+        ("content hash", chunk.content_hash),
+        ("kind", f"{kind_label(chunk)} ({chunk.layout})"),
+        ("role", chunk.role),
+        ("tokens", f"{chunk.token_count} from position {chunk.position}"),
+        ("tier", chunk.tier),
+        ("active", "yes" if chunk.is_active else "no"),
+        ("tags", ", ".join(chunk.tags) or "-"),
+        ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(chunk.created_at))),
+        ("references", str(chunk.ref_count)),
+        ("metadata", _pairs(chunk.metadata)),
+        ("generation", _pairs(chunk.generation_params or {})),
+        ("parents", _chunk_lines(parents)),
+        ("children", _chunk_lines(children)),
+        ("sources", "\n".join(f"{short(s.hash)} [{s.offset}:+{s.length}]" for s in chunk.sources)),
+        ("blocks", _segments(chunk)),
+        ("text", preview(chunk.text, 400)),
+    ]
+    for name, value in rows:
+        if value:
+            add_row(table, name, value)
+    return table
+
+
+def stats_table(
+    pool: tuple[int, int, int],
+    tiers: Counter[str],
+    active: int,
+    store_stats: Counter[str],
+    last: GenerationResult | None,
+) -> Table:
+    num_blocks, num_free, block_size = pool
+    table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    add_row(
+        table,
+        "pool",
+        f"{num_blocks - num_free} of {num_blocks} blocks used ({block_size} tokens each), "
+        f"{num_free} free",
+    )
+    per_tier = ", ".join(f"{t} {tiers[t]}" for t in TIERS)
+    add_row(table, "chunks", f"{sum(tiers.values())} ({per_tier}), {active} active")
+    counters = ", ".join(f"{k} {v}" for k, v in sorted(store_stats.items()))
+    add_row(table, "store", counters or "no loads or recomputes yet")
+    if last is None:
+        add_row(table, "last generation", "none yet")
+    else:
+        add_row(
+            table,
+            "last generation",
+            f"{len(last.token_ids)} tokens, time to first token {last.ttft_s:.3f} s, "
+            f"{last.tokens_per_s:.1f} tokens/s{', interrupted' if last.interrupted else ''}",
+        )
+    return table
+
+
+def generation_footer(result: GenerationResult) -> str:
+    outputs = ", ".join(short(c.hash) for c in result.output_chunks) or "none"
+    state = result.finish_reason
+    if result.interrupted:
+        state = "interrupted; partial answer kept" if outputs != "none" else "interrupted"
+    return (
+        f"[prompt {short(result.prompt_chunk.hash)} · output {outputs} · "
+        f"{len(result.token_ids)} tokens · {state} · ttft {result.ttft_s:.2f} s · "
+        f"{result.tokens_per_s:.1f} tokens/s]"
+    )
+
+
+def _pairs(values: dict) -> str:
+    return "\n".join(f"{k}: {v}" for k, v in values.items())
+
+
+def _chunk_lines(chunks: list[ChunkInfo]) -> str:
+    return "\n".join(f"{describe(c)} {preview(c.text, 40)}" for c in chunks)
+
+
+def _segments(chunk: ChunkInfo) -> str:
+    if not chunk.segments:
+        return "not in the pool"
+    return "\n".join(
+        f"blocks {list(s.blocks)} from slot {s.start}, {s.length} tokens at position "
+        f"{s.position}" + (f", shift {s.shift}" if s.shift else "")
+        for s in chunk.segments
+    )

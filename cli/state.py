@@ -1,0 +1,65 @@
+"""What one `kvchunks` invocation (or one chat) works on: options, consoles, the open manager.
+
+The manager is opened on first use, so `--help`, usage errors and bad files never pay for
+loading the model. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+from rich.console import Console
+
+from kvchunks.common import data_dir
+
+if TYPE_CHECKING:
+    from kvchunks.actors.context_manager import ContextManager
+
+MODEL_ENV = "KVCHUNKS_MODEL"
+
+
+@dataclass
+class State:
+    model: str | None = None
+    home: Path | None = None
+    context: str = "default"
+    mode: str | None = None  # composition mode for this invocation's generations; None: setting
+    address: str | None = None
+    out: Console = field(default_factory=Console)
+    err: Console = field(default_factory=lambda: Console(stderr=True))
+    _manager: ContextManager | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home if self.home is not None else data_dir()
+
+    @property
+    def manager(self) -> ContextManager:
+        if self._manager is None:
+            self._manager = self._connect() if self.address else self._open()
+        return self._manager
+
+    def _open(self) -> ContextManager:
+        from kvchunks.actors.context_manager import ContextManager
+        from kvchunks.engine.checkpoint import resolve_model
+
+        model = resolve_model(self.model)  # prepares the default model (with its own progress)
+        self.model = str(model)
+        with self.err.status(f"loading {model.name}", spinner="dots"):
+            return ContextManager(model, context=self.context, home=self.home)
+
+    def _connect(self) -> ContextManager:
+        from kvchunks.actors.client import connect  # imports ray: only with --address
+
+        return connect(self.address, self.context)  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None
+
+
+pass_state = click.make_pass_decorator(State)

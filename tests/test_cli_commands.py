@@ -1,0 +1,162 @@
+"""The `kvchunks` subcommands, run in this process on one open ContextManager (the model
+loads once): --json documents, and bad inputs that give one line, exit 1 and change nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kvchunks.cli.main import cli
+from kvchunks.cli.state import State
+from kvchunks.store.chunk import ChunkInfo
+from kvchunks.store.hashing import content_hash
+
+
+class OpenState(State):
+    """Keeps its manager open between invocations (each would otherwise load the model)."""
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory, model_path):
+    opened = OpenState(model=str(model_path), home=tmp_path_factory.mktemp("cli_home"))
+    yield opened
+    State.close(opened)
+
+
+@pytest.fixture(scope="module")
+def doc(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli_files") / "vault.txt"
+    path.write_text("The secret code of the vault is 4817.\n")
+    return path
+
+
+def kvchunks(state: State, *args: str, status: int = 0):
+    result = CliRunner().invoke(cli, list(args), obj=state, env={"NO_COLOR": "1", "COLUMNS": "200"})
+    assert result.exit_code == status, (args, result.output, result.exception)
+    return result
+
+
+def as_json(state: State, *args: str):
+    return json.loads(kvchunks(state, *args, "--json").stdout)
+
+
+def snapshot(state: State) -> tuple:
+    return as_json(state, "list"), as_json(state, "context")
+
+
+def test_load_activate_generate_as_json(state, doc):
+    [chunk] = as_json(state, "load", str(doc), "--tag", "vault", "--activate")
+    assert chunk["is_active"] and chunk["tags"] == ["vault"] and chunk["role"] == "system"
+    assert chunk["metadata"]["source"] == str(doc) and chunk["token_count"] > 5
+    context = as_json(state, "context")
+    assert [c["hash"] for c in context["chunks"]] == [chunk["hash"]]
+    assert context["token_count"] == chunk["token_count"] and context["window"] == 8192
+    answer = as_json(
+        state, "generate", "What is the secret code of the vault?", "--max-tokens", "16"
+    )
+    assert "4817" in answer["text"] and answer["interrupted"] is False
+    assert answer["output_chunk"]["parent_chunks"] == [
+        chunk["hash"],
+        answer["prompt_chunk"]["hash"],
+    ]
+    assert answer["output_chunk"]["generation_params"]["max_tokens"] == 16
+    assert answer["ttft_s"] > 0 and answer["token_count"] > 0
+
+    streamed = kvchunks(state, "generate", "Say hello.", "--max-tokens", "4")
+    assert streamed.stdout.strip() and "[prompt " not in streamed.stdout  # the answer only
+    assert streamed.stderr.startswith("[prompt ")  # the footer names the chunks, on stderr
+
+
+def test_compose_split_tag_info_export_import(state, doc, tmp_path):
+    [chunk] = as_json(state, "list", "--tag", "vault")
+    h = chunk["hash"]
+    note = tmp_path / "note.txt"
+    note.write_text("Tea is served at five.\n")
+    [other] = as_json(state, "load", str(note))
+    view = as_json(state, "compose", h[:8], other["hash"][:8], "--tag", "pair")
+    assert view["kind"] == "composed" and view["tags"] == ["pair"]
+    assert view["token_count"] == chunk["token_count"] + other["token_count"]
+    head, tail = as_json(state, "split", h, "4")
+    assert (head["token_count"], tail["token_count"]) == (4, chunk["token_count"] - 4)
+    assert "tags: vault, facts" in kvchunks(state, "tag", h, "facts").stdout
+    assert "tags: vault" in kvchunks(state, "tag", h, "facts", "--remove").stdout
+    info = as_json(state, "info", h[:6])
+    assert {view["hash"], head["hash"], tail["hash"]} <= set(info["children"])
+    assert info["token_ids"] and info["parents"] == []
+    assert "blocks [" in kvchunks(state, "info", h).stdout
+
+    target = tmp_path / "other.kvc"
+    assert str(target) in kvchunks(state, "export", other["hash"], str(target)).stdout
+    kvchunks(state, "export", other["hash"], str(target), status=1)  # exists, no --force
+    kvchunks(state, "export", other["hash"], str(target), "--force")
+    deleted = kvchunks(state, "delete", other["hash"], "--cascade").stdout
+    assert other["hash"][:12] in deleted and view["hash"][:12] in deleted  # its view went too
+    assert as_json(state, "list", "Tea") == []
+    assert as_json(state, "import", str(target))["hash"] == other["hash"]
+
+
+def test_move_populate_mode_auto_clear(state):
+    h = as_json(state, "list", "--tag", "vault")[0]["hash"]
+    assert "to disk" in kvchunks(state, "move", h, "disk").stdout
+    assert "to gpu" in kvchunks(state, "move", h, "gpu").stdout
+    assert "on gpu" in kvchunks(state, "populate", h).stdout
+    assert "prefetching" in kvchunks(state, "prefetch", h).stdout
+    assert kvchunks(state, "mode", "realign").stdout == "mode: realign\n"
+    assert as_json(state, "context")["mode"] == "realign"
+    kvchunks(state, "mode", "reuse")
+    assert kvchunks(state, "auto", "on").stdout == "auto-activate: on\n"
+    assert as_json(state, "context")["auto_activate"] is True
+    kvchunks(state, "auto", "off")
+    assert "deactivated 1 chunk(s)" in kvchunks(state, "clear").stdout
+    assert as_json(state, "context")["chunks"] == []
+    assert "activated" in kvchunks(state, "activate", h).stdout
+
+
+def test_bad_inputs_give_one_line_exit_1_and_change_nothing(state, tmp_path):
+    cm = state.manager
+    small = as_json(state, "list", "--tag", "vault")[0]
+    inactive = next(c for c in as_json(state, "list") if not c["is_active"])
+    copies = -(-cm.store.window // small["token_count"]) + 1
+    big = as_json(state, "compose", *[small["hash"]] * copies)  # a view past the window
+    twin = small["hash"][:4] + ("0" if small["hash"][4] != "0" else "1") * 60
+    cm.registry.put(ChunkInfo(hash=twin, content_hash=content_hash([1]), token_ids=[1]))
+    existing = tmp_path / "taken.kvc"
+    existing.write_bytes(b"")
+    corrupt = tmp_path / "corrupt.kvc"
+    corrupt.write_bytes(b"\x00" * 64)
+    before = snapshot(state)
+    cases = {
+        ("info", "ffff0000"): "no chunk has hash or prefix",
+        ("info", small["hash"][:4]): f"matches {min(small['hash'], twin)[:12]}",
+        ("activate", big["hash"]): "over the context window of 8192",
+        ("activate", inactive["hash"], big["hash"]): "over the context window",  # all or none
+        ("deactivate", small["hash"], "ffff0000"): "no chunk has hash",
+        ("delete", small["hash"]): "is used by view(s)",
+        ("split", small["hash"], "0"): "split point must be between 1 and",
+        ("compose", small["hash"]): "compose needs at least two chunks",
+        ("tag", small["hash"], "two words"): "invalid tag",
+        ("export", small["hash"], str(existing)): "exists; pass force",
+        ("export", small["hash"], "../outside.kvc"): "leaves the exports directory",
+        ("export", big["hash"], "big.kvc"): "a view has no KV of its own",
+        ("import", str(corrupt)): "has an unreadable header",
+        ("import", str(tmp_path / "missing.kvc")): "does not exist",
+        ("generate", " "): "empty prompt",
+        ("generate", "Hi", "--max-tokens", "9000"): "exceed the context window",
+        ("list", "--tag", "two words"): "invalid tag",
+    }
+    try:
+        for args, message in cases.items():
+            result = kvchunks(state, *args, status=1)
+            lines = result.stderr.splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
+            assert message in lines[0], (args, lines[0])
+            assert result.stdout == ""
+        assert snapshot(state) == before
+    finally:
+        cm.registry.delete(twin)

@@ -1,0 +1,155 @@
+"""The `kvchunks` command without a model: help, usage errors, files refused before loading,
+benchmarks. Fast: nothing here loads the model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from kvchunks.cli.commands import MODES
+from kvchunks.cli.main import cli
+
+SUBCOMMANDS = [
+    "chat",
+    "load",
+    "list",
+    "info",
+    "activate",
+    "deactivate",
+    "generate",
+    "compose",
+    "split",
+    "tag",
+    "delete",
+    "populate",
+    "move",
+    "prefetch",
+    "export",
+    "import",
+    "context",
+    "clear",
+    "mode",
+    "auto",
+    "model",
+    "bench",
+]
+
+
+def invoke(args: list[str], home: Path | None = None):
+    env = {"KVCHUNKS_HOME": str(home)} if home else {}
+    return CliRunner().invoke(cli, args, env={"NO_COLOR": "1", "COLUMNS": "200", **env})
+
+
+def all_commands(group: click.Group = cli, path: tuple[str, ...] = ()):
+    for name, command in group.commands.items():
+        yield (*path, name), command
+        if isinstance(command, click.Group):
+            yield from all_commands(command, (*path, name))
+
+
+def test_group_help_lists_commands_and_global_options():
+    result = invoke(["--help"])
+    assert result.exit_code == 0
+    for name in SUBCOMMANDS:
+        assert f"  {name} " in result.output, name
+    for option in ["--model", "--data-dir", "--context", "--mode", "--address"]:
+        assert option in result.output
+    assert "KVCHUNKS_MODEL" in result.output and "KVCHUNKS_HOME" in result.output
+
+
+@pytest.mark.parametrize("path", [p for p, _ in all_commands()], ids=" ".join)
+def test_every_command_help_names_its_options_and_arguments(path):
+    command = dict(all_commands())[path]
+    result = invoke([*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert f"Usage: kvchunks {' '.join(path)}" in result.output
+    assert command.help and command.help.split()[0] in result.output
+    for param in command.params:
+        if isinstance(param, click.Option):
+            assert param.opts[-1] in result.output, (path, param.opts)
+            assert param.help, (path, param.opts)  # every option says what it does
+        else:
+            metavar = param.make_metavar(click.Context(command)).strip("[].")
+            assert metavar.split()[0] in result.output, (path, param.name)
+
+
+def test_help_and_usage_errors_do_not_import_torch():
+    code = (
+        "import sys\n"
+        "from kvchunks.cli.main import cli\n"
+        "cli(['--help'], standalone_mode=False)\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_modes_match_the_store():
+    from kvchunks.actors.chunk_store import MODES as STORE_MODES
+
+    assert MODES == STORE_MODES
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--mode", "fast", "list"],
+        ["mode", "fast"],
+        ["info"],
+        ["info", "abcd", "extra"],
+        ["split", "abcd", "middle"],
+        ["move", "abcd", "tape"],
+        ["load", "--split", "0", "x.txt"],
+        ["generate", "hi", "--temperature", "-1"],
+        ["auto", "maybe"],
+        ["no-such-command"],
+    ],
+    ids=" ".join,
+)
+def test_usage_errors_are_one_line_with_status_2(args, tmp_path):
+    result = invoke(args, tmp_path)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "--help" in lines[0]
+
+
+def test_bad_files_are_refused_before_the_model_loads(tmp_path):
+    home = tmp_path / "home"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\x00\x01\x02text")
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café".encode("latin-1"))
+    cases = {
+        tmp_path / "missing.txt": "no such file",
+        tmp_path: "no such file",
+        empty: "is empty",
+        binary: "looks binary",
+        latin: "not UTF-8",
+    }
+    for path, message in cases.items():
+        result = invoke(["load", str(path)], home)
+        assert result.exit_code == 1, result.output
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert not home.exists()  # no registry was started, nothing was written
+
+
+def test_bench_lists_runs_and_refuses_unknown_names():
+    listed = invoke(["bench"])
+    assert listed.exit_code == 0 and "engine" in listed.output.split()
+    unknown = invoke(["bench", "nope"])
+    assert unknown.exit_code == 1
+    assert unknown.stderr.startswith("error: no benchmark 'nope'; available: ")
+    assert "engine" in unknown.stderr
+    helped = invoke(["bench", "engine", "--help"])  # the options after NAME are the bench's
+    assert helped.exit_code == 0, helped.output
+    assert "--prefill-tokens" in helped.output
