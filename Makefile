@@ -21,7 +21,7 @@ model: install
 	$(BIN)/kvchunks model prepare
 
 demo: model
-	$(BIN)/python bench/demo.py
+	$(BIN)/kvchunks demo
 
 test: model
 	$(BIN)/ruff check .

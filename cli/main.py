@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from kvchunks.cli.commands import MODES, SUBCOMMANDS, sampling_options, usage_message
+from kvchunks.cli.demo import demo
 from kvchunks.cli.service import SERVICE_COMMANDS
 from kvchunks.cli.state import MODEL_ENV, State, pass_state
 from kvchunks.common import HOME_ENV, InvalidInput, KVChunksError
@@ -112,6 +113,7 @@ for command in SUBCOMMANDS:
     cli.add_command(command)
 for command in SERVICE_COMMANDS:  # serve, status, stop: the Ray actors
     cli.add_command(command)
+cli.add_command(demo)
 
 
 @cli.command()
