@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +180,36 @@ class ContextManager:
     def list_chunks(self, pattern: str | None = None, tag: str | None = None) -> list[ChunkInfo]:
         chunks = self.registry.list_chunks(pattern, tag, self.context_name)
         return [self.store.describe(c) for c in chunks]
+
+    def provenance(self, ref: str) -> tuple[list[ChunkInfo], list[ChunkInfo]]:
+        """The chunk's parents (what it was computed after, in order) and its children."""
+        chunk_hash = self.registry.resolve(ref)
+        parents = self.registry.get_many(self.registry.parents(chunk_hash), self.context_name)
+        children = self.registry.get_many(self.registry.children(chunk_hash), self.context_name)
+        return [self.store.describe(c) for c in parents], [self.store.describe(c) for c in children]
+
+    def stats(self) -> dict:
+        """Pool usage, chunks per tier, the store's counters and the last generation's speed."""
+        chunks = self.list_chunks()
+        pool = None
+        if self.store.engine_started:
+            bm = self.store.llm.block_manager
+            pool = {"blocks": bm.num_blocks, "free": bm.num_free, "block_size": bm.block_size}
+        last = self.last_generation
+        return {
+            "pool": pool,
+            "tiers": dict(Counter(c.tier for c in chunks)),
+            "active": sum(c.is_active for c in chunks),
+            "counters": dict(self.store.stats),
+            "last_generation": None
+            if last is None
+            else {
+                "tokens": len(last.token_ids),
+                "ttft_s": last.ttft_s,
+                "tokens_per_s": last.tokens_per_s,
+                "interrupted": last.interrupted,
+            },
+        }
 
     def tag_chunk(self, ref: str, tag: str) -> ChunkInfo:
         self.registry.add_tag(self.registry.resolve(ref), check_tag(tag))

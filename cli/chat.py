@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -111,17 +110,7 @@ def _required(hashes: list[str]) -> list[str]:
 @pass_state
 def stats(state: State) -> None:
     """Show pool usage, chunks per tier, store counters and the last generation's speed."""
-    cm = state.manager
-    pool = cm.store.llm.block_manager
-    chunks = cm.list_chunks()
-    table = render.stats_table(
-        (pool.num_blocks, pool.num_free, pool.block_size),
-        Counter(c.tier for c in chunks),
-        sum(c.is_active for c in chunks),
-        cm.store.stats,
-        cm.last_generation,
-    )
-    state.out.print(table)
+    state.out.print(render.stats_table(state.manager.stats()))
 
 
 @click.command("help")

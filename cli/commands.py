@@ -169,8 +169,7 @@ def info(state: State, ref: str, as_json: bool) -> None:
     """Show everything about one chunk: provenance, tier, tags, metadata, blocks."""
     cm = state.manager
     chunk = cm.get_chunk(ref)
-    parents = cm.registry.get_many(cm.registry.parents(chunk.hash))
-    children = cm.registry.get_many(cm.registry.children(chunk.hash))
+    parents, children = cm.provenance(chunk.hash)
     document = {
         **render.chunk_to_json(chunk, tokens=True),
         "parents": [p.hash for p in parents],

@@ -21,7 +21,9 @@ QUESTION = "What is the name of the night ferry, and who is its captain?"
 
 
 @click.command()
-@click.option("--max-tokens", type=int, default=48, show_default=True)
+@click.option(
+    "--max-tokens", type=int, default=48, show_default=True, help="Longest answer, in tokens."
+)
 @pass_state
 def demo(state: State, max_tokens: int) -> None:
     """Load a document, activate it, ask about it, and show the chunks."""

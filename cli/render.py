@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
@@ -188,35 +187,36 @@ def info_table(chunk: ChunkInfo, parents: list[ChunkInfo], children: list[ChunkI
     return table
 
 
-def stats_table(
-    pool: tuple[int, int, int],
-    tiers: Counter[str],
-    active: int,
-    store_stats: Counter[str],
-    last: GenerationResult | None,
-) -> Table:
-    num_blocks, num_free, block_size = pool
+def stats_table(stats: dict) -> Table:
+    """The figures of ContextManager.stats() as a two-column table."""
     table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
     table.add_column(style="bold", no_wrap=True)
     table.add_column()
-    add_row(
-        table,
-        "pool",
-        f"{num_blocks - num_free} of {num_blocks} blocks used ({block_size} tokens each), "
-        f"{num_free} free",
-    )
-    per_tier = ", ".join(f"{t} {tiers[t]}" for t in TIERS)
-    add_row(table, "chunks", f"{sum(tiers.values())} ({per_tier}), {active} active")
-    counters = ", ".join(f"{k} {v}" for k, v in sorted(store_stats.items()))
+    pool = stats["pool"]
+    if pool is None:
+        add_row(table, "pool", "engine not started in this process")
+    else:
+        used = pool["blocks"] - pool["free"]
+        add_row(
+            table,
+            "pool",
+            f"{used} of {pool['blocks']} blocks used ({pool['block_size']} tokens each), "
+            f"{pool['free']} free",
+        )
+    tiers = stats["tiers"]
+    per_tier = ", ".join(f"{t} {tiers.get(t, 0)}" for t in TIERS)
+    add_row(table, "chunks", f"{sum(tiers.values())} ({per_tier}), {stats['active']} active")
+    counters = ", ".join(f"{k} {v}" for k, v in sorted(stats["counters"].items()))
     add_row(table, "store", counters or "no loads or recomputes yet")
+    last = stats["last_generation"]
     if last is None:
         add_row(table, "last generation", "none yet")
     else:
         add_row(
             table,
             "last generation",
-            f"{len(last.token_ids)} tokens, time to first token {last.ttft_s:.3f} s, "
-            f"{last.tokens_per_s:.1f} tokens/s{', interrupted' if last.interrupted else ''}",
+            f"{last['tokens']} tokens, time to first token {last['ttft_s']:.3f} s, "
+            f"{last['tokens_per_s']:.1f} tokens/s{', interrupted' if last['interrupted'] else ''}",
         )
     return table
 

@@ -1,0 +1,98 @@
+"""A Ray job: answer questions about documents with the running kvchunks service.
+
+    ray start --head --include-dashboard=true --dashboard-port 8265
+    kvchunks serve --workers 2
+    ray job submit --address http://127.0.0.1:8265 --working-dir ./data -- \\
+        python -m kvchunks.cli.job --docs docs --questions questions.txt --out /tmp/answers.jsonl
+
+--docs and --questions are read inside the uploaded working directory; give --out as an
+absolute path (it is written on the node that runs the job's driver, the head). With Ray's
+token authentication on (`~/.ray/auth_token` exists), run `ray job submit` with
+RAY_AUTH_MODE=token in its environment.
+
+Every file in DOCS (sorted by name) becomes a chunk (a document loaded before is found
+again, not recomputed); each line of QUESTIONS is answered with all the documents active
+in the job's context, and written to OUT as one JSON line: question, answer, chunks (the
+documents' hashes), prompt_chunk and output_chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+MODES = ("exact", "reuse", "realign")
+
+
+@click.command()
+@click.option(
+    "--docs", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option(
+    "--questions", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--address", default="auto", show_default=True, help="Ray cluster address.")
+@click.option("--context", default="job", show_default=True, help="Context the job works in.")
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="realign",
+    show_default=True,
+    help="How the documents' KV is combined (they were computed separately).",
+)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+def main(
+    docs: Path, questions: Path, out: Path, address: str, context: str, mode: str, max_tokens: int
+) -> None:
+    """Load DOCS as chunks, answer each line of QUESTIONS with them active, write OUT."""
+    from kvchunks.common import KVChunksError
+
+    try:
+        count = run(docs, questions, out, address, context, mode, max_tokens)
+    except KVChunksError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    click.echo(f"answered {count} question(s): {out}")
+
+
+def run(
+    docs: Path, questions: Path, out: Path, address: str, context: str, mode: str, max_tokens: int
+) -> int:
+    from kvchunks.actors.client import connect
+    from kvchunks.actors.context_manager import read_text_file
+    from kvchunks.engine import SamplingParams
+
+    client = connect(address, context)
+    files = sorted(p for p in docs.iterdir() if p.is_file() and not p.name.startswith("."))
+    chunks = [
+        client.add_chunk(read_text_file(p), role="system", metadata={"source": p.name})
+        for p in files
+    ]
+    client.configure(auto_activate=False)  # every question sees the documents only
+    client.clear()
+    for chunk in chunks:
+        client.activate_chunk(chunk.hash)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    lines = [q.strip() for q in read_text_file(questions).splitlines() if q.strip()]
+    with out.open("w") as f:
+        for question in lines:
+            result = client.generate(question, params, mode)
+            output = result.output_chunk.hash if result.output_chunk else None
+            record = {
+                "question": question,
+                "answer": result.text,
+                "chunks": [c.hash for c in chunks],
+                "prompt_chunk": result.prompt_chunk.hash,
+                "output_chunk": output,
+            }
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+    return len(lines)
+
+
+if __name__ == "__main__":
+    main()
