@@ -62,6 +62,8 @@ class AttentionBackend(Protocol):
 class TorchAttention:
     """Reference backend on torch's scaled_dot_product_attention (CPU and CUDA)."""
 
+    padded_decode = True  # decode batches arrive as one padded DecodeBatch
+
     def __init__(self, kv_cache: torch.Tensor):
         # [2, layers, blocks, block_size, kv_heads, head_dim] viewed as flat slots per layer.
         self.k_slots = kv_cache[0].flatten(1, 2)

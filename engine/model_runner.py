@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from kvchunks.common import KVSegment
+from kvchunks.common import InvalidInput, KVSegment
 from kvchunks.engine.attention import (
     AttentionMetadata,
     DecodeBatch,
@@ -15,6 +15,7 @@ from kvchunks.engine.attention import (
     TorchAttention,
 )
 from kvchunks.engine.config import EngineConfig, ModelConfig
+from kvchunks.engine.flash_attention import FlashAttention, flash_attn_available
 from kvchunks.engine.model import CausalLM, load_weights
 from kvchunks.engine.rotary import cos_sin, inverse_frequencies
 from kvchunks.engine.sequence import Sequence
@@ -42,7 +43,19 @@ class ModelRunner:
             dtype=config.torch_dtype,
             device=self.device,
         )
-        self.backend = TorchAttention(self.kv_cache)
+        self.backend = self._backend()
+
+    def _backend(self) -> TorchAttention:
+        choice = self.config.attention_backend
+        usable = flash_attn_available(self.config.device, self.config.torch_dtype)
+        if choice == "flash-attn" and not usable:
+            raise InvalidInput(
+                "the flash-attn backend needs CUDA, float16/bfloat16 and `pip install "
+                "kvchunks[cuda]`; use attention_backend='torch' or 'auto'"
+            )
+        if choice != "torch" and usable:
+            return FlashAttention(self.kv_cache)
+        return TorchAttention(self.kv_cache)
 
     def block_bytes(self) -> int:
         c = self.model_config
@@ -69,7 +82,7 @@ class ModelRunner:
         pos = torch.cat(positions).to(self.device)
         cos, sin = cos_sin(self.inv_freq, pos, self.config.torch_dtype)
         meta = AttentionMetadata(torch.cat(slots), cos, sin, per_seq)
-        if all(s.query_end - s.query_start == 1 for s in per_seq):
+        if self.backend.padded_decode and all(s.query_end - s.query_start == 1 for s in per_seq):
             meta.decode = self._decode_batch(per_seq)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         hidden = self.model(ids, meta, self.backend)
