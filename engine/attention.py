@@ -34,8 +34,9 @@ class SequenceAttention:
 
 @dataclass
 class DecodeBatch:
-    """All sequences decode one token: keys padded to one length so one kernel serves all."""
+    """Sequences that each decode one token, keys padded to one length for one kernel."""
 
+    rows: torch.Tensor  # [B] which rows of the batch these are
     key_slots: torch.Tensor  # [B, T] (padding points at slot 0 and is masked out)
     mask: torch.Tensor  # [B, 1, 1, T] bool
     key_cos: torch.Tensor | None = None  # [B, T, 1, head_dim]
@@ -48,7 +49,7 @@ class AttentionMetadata:
     cos: torch.Tensor  # [N, 1, head_dim] RoPE tables of the new tokens' positions
     sin: torch.Tensor
     sequences: list[SequenceAttention]
-    decode: DecodeBatch | None = None
+    decode: list[DecodeBatch] | None = None  # set when every sequence decodes one token
 
 
 class AttentionBackend(Protocol):
@@ -62,7 +63,7 @@ class AttentionBackend(Protocol):
 class TorchAttention:
     """Reference backend on torch's scaled_dot_product_attention (CPU and CUDA)."""
 
-    padded_decode = True  # decode batches arrive as one padded DecodeBatch
+    padded_decode = True  # decode batches arrive as padded DecodeBatch groups
 
     def __init__(self, kv_cache: torch.Tensor):
         # [2, layers, blocks, block_size, kv_heads, head_dim] viewed as flat slots per layer.
@@ -76,7 +77,10 @@ class TorchAttention:
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
         if meta.decode is not None:
-            return self._decode(q, k_cache, v_cache, meta.decode)
+            out = torch.empty_like(q)
+            for group in meta.decode:
+                out.index_copy_(0, group.rows, self._decode(q, k_cache, v_cache, group))
+            return out
         out = torch.empty_like(q)
         for s in meta.sequences:
             qs = q[s.query_start : s.query_end]
@@ -101,7 +105,7 @@ class TorchAttention:
         if batch.key_cos is not None:
             ks = rotate(ks.flatten(0, 1), batch.key_cos.flatten(0, 1), batch.key_sin.flatten(0, 1))
             ks = ks.view_as(vs)
-        return _sdpa(q[:, None], ks, vs, batch.mask)[:, 0]
+        return _sdpa(q.index_select(0, batch.rows)[:, None], ks, vs, batch.mask)[:, 0]
 
 
 def _sdpa(q, k, v, mask) -> torch.Tensor:

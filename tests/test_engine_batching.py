@@ -17,7 +17,8 @@ def prompts_of_lengths(lengths):
 
 
 def test_batched_equals_one_at_a_time(llm):
-    prompts = prompts_of_lengths([3, 17, 64, 100, 255, 256, 300, 511])
+    # More than one decode group (of 8), with lengths around block boundaries.
+    prompts = prompts_of_lengths([3, 17, 64, 100, 255, 256, 300, 511, 40, 41, 128, 7])
     free_before = llm.block_manager.num_free
     batched = llm.generate(prompts, GREEDY)
     single = [llm.generate([p], GREEDY)[0] for p in prompts]

@@ -142,8 +142,7 @@ def test_background_transfers_and_generation_do_not_disturb_each_other(make_stor
     answers = []
     worker = threading.Thread(
         target=lambda: answers.extend(
-            cm.with_context("default").generate("What is the code?", GREEDY).text
-            for _ in range(3)
+            cm.with_context("default").generate("What is the code?", GREEDY).text for _ in range(3)
         )
     )
     worker.start()

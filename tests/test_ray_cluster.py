@@ -1,0 +1,144 @@
+"""The shared chunk pool with two CPU workers: shipping instead of recomputing, routing,
+a worker killed mid-generation, the tier stores, and `kvchunks status`."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import ray
+import ray_fixtures
+from click.testing import CliRunner
+
+from kvchunks.actors.client import connect
+from kvchunks.actors.remote import WorkerDied, get
+from kvchunks.actors.router import Router
+from kvchunks.cli.main import cli
+from kvchunks.engine import SamplingParams
+from kvchunks.store.kv_file import kv_path
+
+ray_cluster, ray_service = ray_fixtures.ray_cluster, ray_fixtures.ray_service  # used by name
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16)
+DOC = "The secret code of the vault is 4817. The vault is hidden under the old mill in Zurich."
+
+
+def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in {*after, *before}}
+
+
+def same_bits(a, b) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.k.tobytes() == b.k.tobytes()
+        and (a.v.tobytes() == b.v.tobytes())
+    )
+
+
+def test_chunk_made_on_one_worker_is_shipped_to_another(ray_service, make_cm):
+    s = ray_service
+    before = s.stats("worker-1")
+    doc = connect("auto", "ship-a", worker=0).add_chunk(DOC)
+    on_b = connect("auto", "ship-b", worker=1)
+    on_b.activate_chunk(doc.hash)
+    answer = on_b.generate("Where is the vault?", GREEDY)
+    moved = delta(s.stats("worker-1"), before)
+    assert moved["shipped"] == 1 and moved.get("recomputes", 0) == 0
+    assert moved.get("file_loads", 0) == 0
+    a, b = (ray.get(s.worker(w).read_kv.remote(doc.hash)) for w in ("worker-0", "worker-1"))
+    assert same_bits(a, b)
+    assert get(s.service.registry.holders.remote(doc.hash)) == ["worker-0", "worker-1"]
+    cm = make_cm("ship")  # the same, in this process
+    cm.activate_chunk(cm.add_chunk(DOC).hash)
+    local = cm.generate("Where is the vault?", GREEDY)
+    assert answer.text == local.text and answer.output_chunk.hash == local.output_chunk.hash
+
+
+def test_router_sends_a_context_to_the_worker_holding_its_chunks(ray_service):
+    s = ray_service
+    doc = connect("auto", "route-src", worker=1).add_chunk("Ilse's bicycle is green.")
+    client = connect("auto", "route")  # not pinned: the router decides
+    client.activate_chunk(doc.hash)
+    assert Router(s.service.registry).pick("route") == "worker-1"
+    before = {w: s.stats(w) for w in ("worker-0", "worker-1")}
+    answer = client.generate("What colour is Ilse's bicycle?", GREEDY)
+    assert get(s.service.registry.holders.remote(answer.prompt_chunk.hash)) == ["worker-1"]
+    for w in before:
+        assert delta(s.stats(w), before[w]).get("shipped", 0) == 0
+
+
+def test_killed_worker_loses_no_chunk_and_answers_the_same(ray_service):
+    s = ray_service
+    client = connect("auto", "kill", worker=1)
+    doc = client.add_chunk("Pelle the cat sleeps in the laundry basket every afternoon.")
+    client.activate_chunk(doc.hash)
+    first = client.generate("Where does Pelle sleep?", GREEDY)
+    failures: list[Exception] = []
+
+    def long_generation() -> None:
+        params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+        try:
+            client.with_context("kill-long").generate("Tell a long story about the sea.", params)
+        except WorkerDied as e:
+            failures.append(e)
+
+    thread = threading.Thread(target=long_generation)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not ray.get(s.worker("worker-1").status.remote())["busy"]:
+        assert time.monotonic() < deadline, "the long generation never started"
+        time.sleep(0.05)
+    time.sleep(1.0)  # well into the decode
+    ray.kill(s.worker("worker-1"), no_restart=False)
+    thread.join(60)
+    assert len(failures) == 1 and "\n" not in str(failures[0])
+    # Nothing acknowledged is lost: records in Redis, KV files on disk.
+    listed = {c.hash for c in connect("auto", "kill-check", worker=0).list_chunks()}
+    for chunk in (doc, first.prompt_chunk, first.output_chunk):
+        assert chunk.hash in listed and kv_path(ray_service.home, chunk.hash).exists()
+    again = client.generate("Where does Pelle sleep?", GREEDY)  # served by the restarted worker
+    assert again.text == first.text and again.output_chunk.hash == first.output_chunk.hash
+    assert s.stats("worker-1").get("recomputes", 0) == 0
+
+
+def test_tier_manager_moves_kv_through_host_memory(ray_service):
+    s, service = ray_service, ray_service.service
+    doc = connect("auto", "tiers", worker=0).add_chunk("The tram to Oerlikon runs every 7 minutes.")
+    assert get(service.tiers.offload.remote(doc.hash))
+    source = ray.get(s.worker("worker-0").read_kv.remote(doc.hash))
+    assert same_bits(ray.get(service.host.get.remote(doc.hash)), source)
+    for w in ("worker-0", "worker-1"):
+        ray.get(s.worker(w).evict.remote([doc.hash]))
+    before = get(service.tiers.transfers.remote())
+    connect("auto", "tiers", worker=1).populate(doc.hash)
+    assert delta(get(service.tiers.transfers.remote()), before)["from_host"] == 1
+    assert same_bits(ray.get(s.worker("worker-1").read_kv.remote(doc.hash)), source)
+    assert get(service.host.drop.remote(doc.hash))
+
+
+def test_status_shows_workers_pools_and_tiers(ray_service):
+    result = CliRunner().invoke(cli, ["status", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    workers = {w["name"]: w for w in report["workers"]}
+    assert set(workers) == {"worker-0", "worker-1"}
+    for w in workers.values():
+        assert 0 < w["blocks_free"] <= w["blocks_total"] and w["device"] == "cpu"
+    assert set(report["tiers"]) == {"gpu", "cpu", "disk"} and report["registry"]["chunks"] > 0
+    table = CliRunner().invoke(cli, ["status"])
+    assert table.exit_code == 0 and "worker-1" in table.output and "disk" in table.output
+
+
+@pytest.mark.parametrize("command", [["status"], ["stop"]])
+def test_commands_without_a_cluster_say_so(command, tmp_path):
+    from subprocess import run
+
+    from ray_fixtures import BIN
+
+    env = {"PATH": str(BIN), "HOME": str(tmp_path), "RAY_ADDRESS": "127.0.0.1:1"}
+    done = run([str(BIN / "kvchunks"), *command], env=env, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: no Ray cluster") and done.stderr.count("\n") == 1
