@@ -73,27 +73,36 @@ class TorchAttention:
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        k_cache, v_cache = self.k_slots[layer], self.v_slots[layer]
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        k_cache, v_cache = self.store(layer, k, v, meta)
+        out = torch.empty_like(q)
         if meta.decode is not None:
-            out = torch.empty_like(q)
             for group in meta.decode:
                 out.index_copy_(0, group.rows, self._decode(q, k_cache, v_cache, group))
             return out
-        out = torch.empty_like(q)
         for s in meta.sequences:
             qs = q[s.query_start : s.query_end]
-            if s.fresh:
-                ks, vs = k[s.query_start : s.query_end], v[s.query_start : s.query_end]
-                mask = None
-            else:
-                ks, vs = k_cache.index_select(0, s.key_slots), v_cache.index_select(0, s.key_slots)
-                if s.key_cos is not None:
-                    ks = rotate(ks, s.key_cos, s.key_sin)
-                mask = causal_lower_right(len(qs), len(ks))
+            ks, vs = self.keys(s, k, v, k_cache, v_cache)
+            mask = None if s.fresh else causal_lower_right(len(qs), len(ks))
             out[s.query_start : s.query_end] = _sdpa(qs[None], ks[None], vs[None], mask)[0]
         return out
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
+        """Write the new tokens' K/V into the pool; return the layer's flat slot views."""
+        k_cache, v_cache = self.k_slots[layer], self.v_slots[layer]
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        return k_cache, v_cache
+
+    @staticmethod
+    def keys(s: SequenceAttention, k, v, k_cache, v_cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V one sequence attends to: its fresh tokens, or its visible slots gathered
+        (and re-rotated where a segment is shifted)."""
+        if s.fresh:
+            return k[s.query_start : s.query_end], v[s.query_start : s.query_end]
+        ks, vs = k_cache.index_select(0, s.key_slots), v_cache.index_select(0, s.key_slots)
+        if s.key_cos is not None:
+            ks = rotate(ks, s.key_cos, s.key_sin)
+        return ks, vs
 
     @staticmethod
     def _decode(q, k_cache, v_cache, batch: DecodeBatch) -> torch.Tensor:

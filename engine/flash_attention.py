@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from kvchunks.engine.attention import AttentionMetadata, TorchAttention
-from kvchunks.engine.rotary import rotate
 
 
 def flash_attn_available(device: str, dtype: torch.dtype) -> bool:
@@ -36,17 +35,10 @@ class FlashAttention(TorchAttention):
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        k_cache, v_cache = self.k_slots[layer], self.v_slots[layer]
-        k_cache.index_copy_(0, meta.slot_mapping, k)
-        v_cache.index_copy_(0, meta.slot_mapping, v)
+        k_cache, v_cache = self.store(layer, k, v, meta)
         keys, values, q_lens, k_lens = [], [], [], []
         for s in meta.sequences:
-            if s.fresh:
-                ks, vs = k[s.query_start : s.query_end], v[s.query_start : s.query_end]
-            else:
-                ks, vs = k_cache.index_select(0, s.key_slots), v_cache.index_select(0, s.key_slots)
-                if s.key_cos is not None:
-                    ks = rotate(ks, s.key_cos, s.key_sin)
+            ks, vs = self.keys(s, k, v, k_cache, v_cache)
             keys.append(ks)
             values.append(vs)
             q_lens.append(s.query_end - s.query_start)
