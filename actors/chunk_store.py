@@ -43,6 +43,7 @@ from kvchunks.store.hashing import (
 )
 from kvchunks.store.host_memory import HostMemory
 from kvchunks.store.kv_file import kv_path, read_kv_file, write_kv_file
+from kvchunks.store.redis_server import close as close_redis
 from kvchunks.store.redis_server import connect
 from kvchunks.store.registry import ChunkRegistry
 
@@ -100,7 +101,8 @@ class ChunkStore:
         self.tokenizer = llm.tokenizer if llm else AutoTokenizer.from_pretrained(self.path)
         self.chat = ChatFormat(self.tokenizer)
         self.block_size = self.engine_config.block_size
-        self.registry = ChunkRegistry(connect(self.home, redis_url), namespace)
+        self._redis = connect(self.home, redis_url)
+        self.registry = ChunkRegistry(self._redis, namespace)
         self.fingerprint = self._fingerprint()
         self.kv: dict[str, list[KVSegment]] = {}  # resident KV of chunks that own KV
         self.stats: Counter[str] = Counter()
@@ -601,14 +603,14 @@ class ChunkStore:
             kv_path(self.home, chunk.hash).unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Finish transfers and give every resident chunk's pool blocks back to the engine."""
+        """Finish transfers, give the pool blocks back to the engine, disconnect from Redis."""
         self._closed = True
         self._transfers.shutdown(wait=True)
-        if not self.engine_started:
-            return
-        with self.lock:
-            for resident in list(self.kv):
-                self.evict(resident)
+        if self.engine_started:
+            with self.lock:
+                for resident in list(self.kv):
+                    self.evict(resident)
+        close_redis(self._redis)
 
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in (self.home / "kv").rglob("*.safetensors"))
