@@ -12,19 +12,16 @@ import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from reuse import document, question  # noqa: E402
-
-from kvchunks.actors.context_manager import ContextManager  # noqa: E402
-from kvchunks.engine import EngineConfig, SamplingParams  # noqa: E402
-from kvchunks.store.kv_file import kv_path, read_kv_file, write_kv_file  # noqa: E402
+from kvchunks.actors.context_manager import ContextManager
+from kvchunks.bench.reuse import document, question
+from kvchunks.engine import EngineConfig, SamplingParams
+from kvchunks.store.kv_file import kv_path, read_kv_file, write_kv_file
 
 
 def best(fn, repeats: int) -> float:
@@ -139,7 +136,6 @@ def main() -> None:
     result["hf_ttft_s"] = round(hf_ttft, 4)
     for tier in moves:
         result[f"ttft_{tier}_ratio"] = round(hf_ttft / result[f"ttft_{tier}_s"], 2)
-    result["ttft_disk_ratio"] = result["ttft_disk_ratio"]
     result["context_tokens"] = len(context_ids)
     result["device"] = llm.config.device
     cm.close()

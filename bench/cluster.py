@@ -1,0 +1,150 @@
+"""The Ray actor layer on a local two-worker cluster.
+
+1. activate_chunk's round trip through the client handle (median of --repeats), for a
+   routed client (the default: it asks the registry where the chunk is) and a pinned one.
+2. Time to first token on worker B for --tokens tokens of chunks computed on worker A:
+   their KV shipped from A through the object store, against B recomputing it. Measured at
+   the client, from the first activation to the first token streamed back.
+
+Prints one JSON object last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import ray
+
+from kvchunks.actors import service
+from kvchunks.actors.client import Client, connect
+from kvchunks.actors.remote import NAMESPACE
+from kvchunks.engine import SamplingParams
+from kvchunks.engine.checkpoint import resolve_model
+
+WORDS = [
+    "river",
+    "stone",
+    "lantern",
+    "harbour",
+    "meadow",
+    "copper",
+    "violin",
+    "orchard",
+    "glacier",
+    "compass",
+    "ember",
+    "thistle",
+    "falcon",
+    "quarry",
+    "saffron",
+    "tundra",
+    "beacon",
+    "willow",
+    "marble",
+    "cinder",
+]
+
+
+def document(i: int, tokens: int, tokenizer) -> str:
+    """A deterministic text of about `tokens` tokens, different for each i."""
+    words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(tokens * 2)]
+    ids = tokenizer.encode(" ".join(words), add_special_tokens=False)[: tokens - 8]
+    return tokenizer.decode(ids)
+
+
+def activate_rtt_ms(client: Client, chunk_hash: str, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        client.deactivate_chunk(chunk_hash)
+        start = time.perf_counter()
+        client.activate_chunk(chunk_hash)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def ttft_s(client: Client, hashes: list[str], prompt: str) -> float:
+    """From the first activation to the first answer token back at the client."""
+    first: list[float] = []
+    start = time.perf_counter()
+    for h in hashes:
+        client.activate_chunk(h)
+    params = SamplingParams(temperature=0, max_tokens=1)
+    client.generate(prompt, params, "realign", on_text=lambda _: first.append(time.perf_counter()))
+    return (first[0] if first else time.perf_counter()) - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=2048, help="context tokens on worker B")
+    parser.add_argument("--chunks", type=int, default=4, help="chunks they are split into")
+    parser.add_argument("--repeats", type=int, default=200, help="activate_chunk round trips")
+    parser.add_argument("--kv-cache-mb", type=int, default=512, help="each worker's KV pool")
+    args = parser.parse_args()
+
+    model = resolve_model(None)
+    ray.init(num_cpus=4, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False)
+    running = service.start(
+        2,
+        model=model,
+        home=tempfile.mkdtemp(prefix="kvchunks-bench-"),
+        engine_options={"kv_cache_bytes": args.kv_cache_mb << 20},
+        detached=False,
+    )
+    a, b = running.workers["worker-0"], running.workers["worker-1"]
+    try:
+        on_a = connect("auto", "bench-a", worker="worker-0")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        per_chunk = args.tokens // args.chunks
+        started = time.perf_counter()
+        chunks = [on_a.add_chunk(document(i, per_chunk, tokenizer)) for i in range(args.chunks)]
+        create_s = time.perf_counter() - started
+        hashes = [c.hash for c in chunks]
+        routed = activate_rtt_ms(connect("auto", "bench-rtt"), hashes[0], args.repeats)
+        pinned = activate_rtt_ms(on_a.with_context("bench-rtt-pinned"), hashes[0], args.repeats)
+
+        on_b = connect("auto", "bench-recompute", worker="worker-1")
+        # Warm both paths once on B (first prefill, first transfer), then start B over.
+        on_b.add_chunk("A short warm-up chunk computed on B.")
+        on_b.populate(on_a.add_chunk("A short warm-up chunk shipped from A.").hash)
+        ray.get(b.evict.remote())
+        ray.get(b.set_recompute_only.remote(True))
+        recompute = ttft_s(on_b, hashes, "Question one: what is this text about?")
+        recomputes = ray.get(b.status.remote())["stats"].get("recomputes", 0)
+        ray.get(b.set_recompute_only.remote(False))
+        ray.get(b.evict.remote())  # B starts over with nothing: A still holds the chunks
+        ship = ttft_s(
+            on_b.with_context("bench-ship"), hashes, "Question two: what is this text about?"
+        )
+        stats = ray.get(b.status.remote())["stats"]
+        threads = ray.get(a.status.remote())["threads"]
+    finally:
+        service.stop(running)
+        ray.shutdown()
+    result = {
+        "bench": "cluster",
+        "workers": 2,
+        "threads_per_worker": threads,
+        "context_tokens": sum(c.token_count for c in chunks),
+        "chunks": len(chunks),
+        "create_on_a_s": round(create_s, 3),
+        "activate_rtt_ms": round(routed, 3),
+        "activate_rtt_pinned_ms": round(pinned, 3),
+        "activate_rtt_goal_ms": 5,
+        "ttft_recompute_s": round(recompute, 3),
+        "ttft_ship_s": round(ship, 3),
+        "ship_ratio": round(recompute / ship, 2),
+        "ship_ratio_goal": 10,
+        "recomputed_on_b": recomputes,
+        "shipped_to_b": stats.get("shipped", 0),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
