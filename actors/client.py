@@ -8,7 +8,8 @@ types (ChunkInfo, ContextView and GenerationResult are dataclasses: they travel 
 Each method runs ContextManager's own code on a worker; errors arrive as the kvchunks
 exception the worker raised. Paths (load_file, export_chunk, import_chunk) are paths on the
 worker's node. A context's requests stick to one worker; generate() first re-routes to the
-worker holding most of the context's active KV.
+worker holding most of the context's active KV, and so do activate_chunk, populate,
+move_to_gpu and prefetch, counting the chunk they bring in.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def connect(
     """
     owns_ray = svc.init_ray(address)
     try:
-        if address is None and svc._lookup(svc.REGISTRY) is None:
+        if address is None and not svc.is_running():
             service = svc.start(
                 workers,
                 model=model,
@@ -92,6 +93,8 @@ class Client:
         self.last_generation: GenerationResult | None = None
 
     def _call(self, method: str, *args, **kwargs):
+        if method in _BRINGS_KV and args:  # go where the chunk is, rather than ship it here
+            self._worker = self._router.pick(self.context_name, args[0])
         name = self._worker
         handle = self._service.workers[name]
         return get(handle.call.remote(self.context_name, method, args, kwargs), f"{name} {method}")
@@ -102,7 +105,7 @@ class Client:
         """Stop the service and Ray if connect() started them here; else nothing."""
         if self._owns_ray:
             self._owns_ray = False
-            svc.stop(self._service)
+            svc.stop()
             ray.shutdown()
 
     def __enter__(self) -> Client:
@@ -156,6 +159,10 @@ class Client:
             tracker.chunks += result.output_chunks
         self.last_generation = result
         return result
+
+
+# Methods that bring a chunk's KV into the serving worker's pool (activation prefetches it).
+_BRINGS_KV = frozenset({"activate_chunk", "populate", "move_to_gpu", "prefetch"})
 
 
 def _forwarded(name: str, member: object) -> object:

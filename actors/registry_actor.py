@@ -5,13 +5,15 @@ workers on its node then join). Workers read records straight from Redis, which 
 always consistent, but send every write here (`RegistryClient`), so writes from all workers
 and clients are applied one at a time, each durable in Redis before the call returns.
 
-It also keeps the shared pool's map: which worker holds which chunk's KV, and how many
-bytes. That map is soft state, rebuilt from the workers' reports: a restarted worker
-reports an empty pool, and the KV itself can always come back from a file or its tokens.
+It also keeps the shared pool's map: which worker holds which chunk's KV (in its pool or
+its host memory), and how many bytes. That map is soft state, rebuilt from the workers'
+reports: a restarted worker reports an empty pool, and the KV itself can always come back
+from a file or its tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -20,8 +22,9 @@ import ray
 import redis
 
 from kvchunks.actors.remote import get
-from kvchunks.common import InvalidInput
+from kvchunks.common import InvalidInput, KVChunksError
 from kvchunks.store import redis_server
+from kvchunks.store.chunk import is_hash
 from kvchunks.store.registry import ChunkRegistry
 
 # ChunkRegistry methods that change state; RegistryClient sends these to the actor.
@@ -36,6 +39,7 @@ WRITES = (
     "deactivate",
     "clear_context",
     "update_settings",
+    "set_tier",
 )
 READS = (
     "get",
@@ -67,7 +71,9 @@ class RegistryActor:
         self.registry = ChunkRegistry(self.redis, namespace)
         self.workers = list(workers)
         self.held: dict[str, dict[str, int]] = {w: {} for w in workers}  # worker -> hash -> bytes
+        self.tiers: dict[str, dict[str, str]] = {}  # worker -> hash -> gpu / cpu
         self.pools: dict[str, dict] = {}  # worker -> its last reported pool figures
+        self.owners: dict[str, list[str]] = {}  # chunk -> chunks owning its KV (cache)
 
     def ready(self) -> bool:
         return True
@@ -85,29 +91,47 @@ class RegistryActor:
 
     # -- the shared pool's map ------------------------------------------------------------
 
-    def report(self, worker: str, held: dict[str, int], pool: dict) -> None:
-        """A worker's resident chunks (hash -> KV bytes) and pool figures, replacing the last."""
+    def report(self, worker: str, tiers: dict[str, str], held: dict[str, int], pool: dict) -> None:
+        """A worker's chunks (hash -> gpu or cpu, and KV bytes) and pool figures, replacing
+        what it reported before."""
         if worker not in self.held:
             self.workers.append(worker)
-        self.held[worker] = held
-        self.pools[worker] = pool
+        self.tiers[worker], self.held[worker], self.pools[worker] = tiers, held, pool
+
+    def pool_tiers(self) -> dict[str, str]:
+        """Each chunk held by some worker, and its best tier there (gpu before cpu)."""
+        best: dict[str, str] = {}
+        for tiers in self.tiers.values():
+            for chunk_hash, tier in tiers.items():
+                if best.get(chunk_hash) != "gpu":
+                    best[chunk_hash] = tier
+        return best
 
     def holders(self, chunk_hash: str) -> list[str]:
         return [w for w in self.workers if chunk_hash in self.held.get(w, {})]
 
-    def placement(self, context: str) -> dict:
-        """For each worker: bytes of the context's active KV it holds, and its free blocks."""
-        owners = self._owners(self.registry.active(context))
+    def placement(self, context: str, adding: str | None = None) -> dict:
+        """For each worker: bytes of the context's active KV it holds (with the chunk
+        `adding` refers to, about to be activated), and its free blocks."""
+        chunks = self.registry.active(context)
+        if adding is not None:
+            with contextlib.suppress(KVChunksError):  # the worker reports a bad ref properly
+                chunks.append(adding if is_hash(adding) else self.registry.resolve(adding))
+        try:
+            owners = self._owners(chunks)
+        except KVChunksError:  # a chunk deleted meanwhile, or a bad hash: route on nothing
+            owners = []
         held = {w: sum(self.held.get(w, {}).get(h, 0) for h in owners) for w in self.workers}
         free = {w: self.pools.get(w, {}).get("blocks_free", 0) for w in self.workers}
         return {"workers": list(self.workers), "held": held, "free": free}
 
     def _owners(self, hashes: list[str]) -> list[str]:
         """The chunks that own the KV of these chunks (a view reads its sources')."""
-        out: list[str] = []
-        for chunk in self.registry.get_many(hashes):
-            out += [s.hash for s in chunk.sources] if chunk.layout == "view" else [chunk.hash]
-        return list(dict.fromkeys(out))
+        missing = [h for h in hashes if h not in self.owners]
+        for chunk in self.registry.get_many(missing):  # a hash's owners never change
+            views = chunk.layout == "view"
+            self.owners[chunk.hash] = [s.hash for s in chunk.sources] if views else [chunk.hash]
+        return list(dict.fromkeys(o for h in hashes for o in self.owners[h]))
 
     def list_workers(self) -> list[str]:
         return list(self.workers)

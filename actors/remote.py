@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copyreg
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +19,9 @@ REGISTRY = "registry"
 TIER_MANAGER = "tier-manager"
 HOST_STORE = "host-store"
 DISK_STORE = "disk-store"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def worker_name(index: int) -> str:
@@ -44,7 +48,10 @@ def ray_errors(what: str) -> Iterator[None]:
         if isinstance(cause, BaseException):
             raise cause from e  # a bug or a TypeError: keep the remote traceback attached
         raise
-    except (rex.RayActorError, rex.ActorUnavailableError) as e:
+    except rex.RayActorError as e:  # ActorUnavailableError (restarting) included
+        if e.actor_init_failed:  # its message ends with the traceback's "Type: message" line
+            last = [line for line in _ANSI.sub("", str(e)).splitlines() if line.strip()][-1]
+            raise ServiceUnavailable(f"{what} failed: an actor could not start: {last}") from None
         detail = " ".join(str(e).split())[:200]
         raise WorkerDied(
             f"{what} failed: the actor died or is restarting ({detail}); retry the call"

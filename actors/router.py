@@ -17,10 +17,11 @@ class Router:
         self.registry = registry
         self.pinned = pinned  # always this worker (tests, benchmarks, data locality by hand)
 
-    def pick(self, context: str) -> str:
+    def pick(self, context: str, adding: str | None = None) -> str:
+        """The worker for `context` (counting the chunk `adding`, about to be activated)."""
         if self.pinned is not None:
             return self.pinned
-        placement = get(self.registry.placement.remote(context), "the registry")
+        placement = get(self.registry.placement.remote(context, adding), "the registry")
         return choose(placement["workers"], placement["held"], placement["free"])
 
 

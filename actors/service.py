@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +24,6 @@ import ray
 from ray import exceptions as rex
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from kvchunks.actors.disk_store import DiskStore
-from kvchunks.actors.host_store import HostStore
-from kvchunks.actors.registry_actor import RegistryActor
 from kvchunks.actors.remote import (
     DISK_STORE,
     HOST_STORE,
@@ -36,8 +35,6 @@ from kvchunks.actors.remote import (
     ray_errors,
     worker_name,
 )
-from kvchunks.actors.tier_manager import TierManager
-from kvchunks.actors.worker import InferenceWorker
 from kvchunks.common import InvalidInput
 
 ActorHandle = ray.actor.ActorHandle
@@ -51,15 +48,14 @@ class Service:
     disk: ActorHandle
     workers: dict[str, ActorHandle]
 
-    def handles(self) -> list[ActorHandle]:
-        return [*self.workers.values(), self.tiers, self.host, self.disk, self.registry]
-
 
 def init_ray(address: str | None) -> bool:
     """Connect this process to Ray at `address` (None: start a local Ray). True if this call
     started a local Ray; nothing happens when Ray is already initialised here."""
     if ray.is_initialized():
         return False
+    if address is not None:
+        _check_reachable(address)
     options = {"namespace": NAMESPACE, "log_to_driver": False, "logging_level": logging.WARNING}
     if address is None:
         options["include_dashboard"] = False
@@ -71,6 +67,21 @@ def init_ray(address: str | None) -> bool:
             f"no Ray cluster at {address!r} ({detail}); start one with `ray start --head`"
         ) from None
     return address is None
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once on a HOST:PORT where nothing listens (Ray would retry for many minutes)."""
+    target = os.environ.get("RAY_ADDRESS", address) if address == "auto" else address
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    if not (host and port.isdigit()):
+        return  # "auto" and friends: Ray finds (or misses) the local cluster quickly
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as e:
+        raise ServiceUnavailable(
+            f"no Ray cluster at {target} ({e.strerror or e}); start one with `ray start --head` "
+            "or check the address"
+        ) from None
 
 
 def start(
@@ -91,7 +102,14 @@ def start(
     redis_url: a Redis server every node can reach (needed with several nodes); without
     one the registry actor runs the embedded server on its node.
     """
-    if _lookup(REGISTRY) is not None:
+    # The actor classes import torch and the engine: only the command that starts them pays.
+    from kvchunks.actors.disk_store import DiskStore
+    from kvchunks.actors.host_store import HostStore
+    from kvchunks.actors.registry_actor import RegistryActor
+    from kvchunks.actors.tier_manager import TierManager
+    from kvchunks.actors.worker import InferenceWorker
+
+    if is_running():
         raise InvalidInput("a kvchunks service already runs on this Ray cluster; stop it first")
     gpus = int(ray.cluster_resources().get("GPU", 0))
     names = [worker_name(i) for i in range(workers or max(gpus, 1))]
@@ -125,10 +143,16 @@ def start(
         }
         started += handles.values()
         _wait([w.ready.remote() for w in handles.values()], timeout)
+        get(tiers.connect_workers.remote(names), "starting the tier manager")
     except BaseException:
-        _kill(started)
+        _shut_down(started[0] if started else None, started[1:])
         raise
     return Service(registry, tiers, host, disk, handles)
+
+
+def is_running() -> bool:
+    """Whether a kvchunks service runs on the connected cluster."""
+    return _lookup(REGISTRY) is not None
 
 
 def attach() -> Service:
@@ -148,27 +172,53 @@ def attach() -> Service:
     return Service(registry, tiers, host, disk, dict(zip(names, handles, strict=True)))
 
 
-def stop(service: Service) -> list[str]:
-    """Kill the service's actors (workers first, the registry last so Redis closes cleanly).
-    Records and KV files stay on disk for the next service."""
-    _kill(service.handles()[:-1])
-    with contextlib.suppress(rex.RayError):
-        ray.get(service.registry.shutdown.remote(), timeout=30)
-    _kill([service.registry])
-    return [*service.workers, TIER_MANAGER, HOST_STORE, DISK_STORE, REGISTRY]
+def stop() -> list[str]:
+    """Stop the service on the connected cluster, whatever part of it still runs: workers
+    first, the registry last. Records and KV files stay on disk for the next service."""
+    registry = _lookup(REGISTRY)
+    names = get(registry.list_workers.remote(), "the registry") if registry else _found_workers()
+    others = {n: _lookup(n) for n in (*names, TIER_MANAGER, HOST_STORE, DISK_STORE)}
+    others = {n: h for n, h in others.items() if h is not None}
+    if registry is None and not others:
+        raise ServiceUnavailable("no kvchunks service runs on this Ray cluster")
+    _shut_down(registry, list(others.values()))
+    return [*others, *([REGISTRY] if registry else [])]
+
+
+def _found_workers() -> list[str]:
+    names = []
+    while _lookup(worker_name(len(names))) is not None:
+        names.append(worker_name(len(names)))
+    return names
+
+
+def _shut_down(registry: ActorHandle | None, others: list[ActorHandle]) -> None:
+    """Kill the actors; the registry last, and asked first to close Redis (an embedded
+    server stops with its last client, instead of living on without its actor)."""
+    _kill(others)
+    if registry is not None:
+        with contextlib.suppress(rex.RayError):
+            ray.get(registry.shutdown.options(max_task_retries=0).remote(), timeout=30)
+        _kill([registry])
 
 
 def status(service: Service) -> dict:
     """Workers and their pools, the registry, the tiers and the transfers between them."""
     workers = [_worker_status(name, h) for name, h in service.workers.items()]
     up = [w for w in workers if "blocks_total" in w]
-    gpu = {"chunks": sum(w["chunks"] for w in up), "bytes": sum(w["kv_bytes"] for w in up)}
+    host = get(service.host.usage.remote(), "the host store")
     return {
         "workers": workers,
         "registry": get(service.registry.summary.remote(), "the registry"),
-        "tiers": {
-            "gpu": gpu,
-            "cpu": get(service.host.usage.remote(), "the host store"),
+        "tiers": {  # gpu: the workers' pools; cpu: their host memory, and the HostStore
+            "gpu": {
+                "chunks": sum(w["chunks"] for w in up),
+                "bytes": sum(w["kv_bytes"] for w in up),
+            },
+            "cpu": {
+                "chunks": host["chunks"] + sum(w["host_chunks"] for w in up),
+                "bytes": host["bytes"] + sum(w["host_bytes"] for w in up),
+            },
             "disk": get(service.disk.usage.remote(), "the disk store"),
         },
         "transfers": get(service.tiers.transfers.remote(), "the tier manager"),
@@ -205,4 +255,4 @@ def _kill(handles: list[ActorHandle]) -> None:
         ray.kill(handle, no_restart=True)
     for handle in handles:  # a killed actor's next call fails once it is really gone
         with contextlib.suppress(rex.RayError, TimeoutError):
-            ray.get(handle.ready.remote(), timeout=30)
+            ray.get(handle.ready.options(max_task_retries=0).remote(), timeout=30)

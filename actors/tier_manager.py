@@ -27,6 +27,12 @@ class TierManager:
     def ready(self) -> bool:
         return True
 
+    def connect_workers(self, names: list[str]) -> None:
+        """Look the workers up now: the first lookup imports their class (torch, the engine),
+        which should not land on the first transfer."""
+        for name in names:
+            self._worker(name)
+
     def fetch(self, chunk_hash: str, requester: str, node: str, spec: dict) -> ray.ObjectRef | None:
         """A ref to the chunk's KV from the cheapest place other than the requester's own pool:
         a peer's pool, then host memory, then the DiskStore when the requester is on another

@@ -14,11 +14,12 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 
 import ray
 import torch
 
-from kvchunks.actors.chunk_store import ChunkStore
+from kvchunks.actors.chunk_store import TIER_ORDER, ChunkStore
 from kvchunks.actors.context_manager import ContextManager, GenerationResult
 from kvchunks.actors.kv_transfer import KVPayload
 from kvchunks.actors.registry_actor import RegistryClient
@@ -29,7 +30,7 @@ from kvchunks.actors.remote import (
     ServiceUnavailable,
     get,
 )
-from kvchunks.common import HOME_ENV, InvalidInput, KVSegment
+from kvchunks.common import HOME_ENV, InvalidInput
 from kvchunks.engine import EngineConfig, SamplingParams
 from kvchunks.store import redis_server
 from kvchunks.store.chunk import ChunkInfo
@@ -45,29 +46,71 @@ def _nowhere(chunk: ChunkInfo) -> None:
     return None
 
 
+def _tier_rank(tier: str) -> int:
+    return TIER_ORDER.index(tier)
+
+
 def remote_methods() -> frozenset[str]:
     public = {name for name in dir(ContextManager) if not name.startswith("_")}
     return frozenset(public - CLIENT_SIDE)
 
 
 class SharedChunkStore(ChunkStore):
-    """A ChunkStore in a pool shared by several workers: KV missing here is first fetched
-    with `fetch_remote` (shipped, counted in stats["shipped"]), then loaded from its file or
-    recomputed as usual."""
+    """A ChunkStore in a pool shared by several workers.
+
+    KV that is in neither this pool nor this process's host memory is first fetched with
+    `fetch_remote` (shipped from a peer, counted in stats["shipped"]), and only then read
+    from its file or recomputed. A worker starts with an empty pool: the tiers recorded in
+    the shared registry say where a chunk was in some worker, not in this one.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fetch_remote: Fetch = _nowhere
+        self.pool_tiers: Callable[[], dict[str, str]] = dict  # hash -> best tier in the pool
         self.recompute_only = False  # for benchmarks: the cost the shared pool saves
+        self._shipping: dict[str, Future] = {}
+        self._shipping_lock = threading.Lock()
 
-    def ensure_resident(self, chunk: ChunkInfo) -> list[KVSegment]:
-        if chunk.hash not in self.kv:
-            if self.recompute_only:
-                self.kv[chunk.hash] = self._recompute(chunk)
-            elif (kv := self.fetch_remote(chunk)) is not None:
-                self.kv[chunk.hash] = [self.llm.write_kv(*kv, chunk.position)]
+    def _read_file(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # ChunkStore's step between host memory and recompute: a peer's copy comes first.
+        if self.recompute_only:
+            return None
+        kv = self._ship(chunk)
+        return kv if kv is not None else super()._read_file(chunk)
+
+    def _ship(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One transfer per chunk at a time: a call and a background prefetch that both need
+        the chunk share one copy."""
+        with self._shipping_lock:
+            pending = self._shipping.get(chunk.hash)
+            if pending is None:
+                self._shipping[chunk.hash] = mine = Future()
+        if pending is not None:
+            return pending.result()
+        kv = None
+        try:
+            kv = self.fetch_remote(chunk)
+            if kv is not None:
                 self.stats["shipped"] += 1
-        return super().ensure_resident(chunk)
+        finally:
+            with self._shipping_lock:
+                del self._shipping[chunk.hash]
+            mine.set_result(kv)
+        return kv
+
+    def _restore_tiers(self) -> None:
+        return None  # see the class docstring
+
+    def describe(self, chunk: ChunkInfo) -> ChunkInfo:
+        """As ChunkStore.describe, with the tier the chunk has anywhere in the pool."""
+        chunk = super().describe(chunk)
+        if chunk.tier != "gpu":
+            owners = [s.hash for s in chunk.sources] if chunk.layout == "view" else [chunk.hash]
+            pool = self.pool_tiers()
+            tiers = [min(self.tier_of(h), pool.get(h, "disk"), key=_tier_rank) for h in owners]
+            chunk.tier = max(tiers, key=_tier_rank)
+        return chunk
 
 
 @ray.remote
@@ -87,24 +130,27 @@ class InferenceWorker:
         registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
         self.registry, self.tiers = registry, ray.get_actor(TIER_MANAGER, namespace=NAMESPACE)
         config = EngineConfig(**(engine_options or {}))
-        self.store = SharedChunkStore(model, home=home, redis_url=redis_url, engine_config=config)
-        namespace = self.store.registry.namespace
-        self.store.registry = RegistryClient(
-            redis_server.connect_url(redis_url), namespace, registry
+        self.store = store = SharedChunkStore(
+            model, home=home, redis_url=redis_url, engine_config=config
         )
-        self.store.fetch_remote = self._fetch
+        namespace = store.registry.namespace
+        store.registry = RegistryClient(redis_server.connect_url(redis_url), namespace, registry)
+        store.fetch_remote = self._fetch
+        store.llm  # noqa: B018  (loads the model now: a worker is ready when it can serve)
         self.managers: dict[str, ContextManager] = {}
         self.methods = remote_methods()
-        self.lock = threading.Lock()  # the engine and the store serve one call at a time
-        c, llm = self.store.llm.model_config, self.store.llm
+        self.lock = threading.Lock()  # one API call at a time (background prefetches aside)
+        c, dtype = store.model_config, store.engine_config
         self.spec = {
-            "fingerprint": self.store.fingerprint,
-            "dtype": llm.config.dtype,
+            "fingerprint": store.fingerprint,
+            "dtype": dtype.dtype,
             "shape": (c.num_layers, None, c.num_kv_heads, c.head_dim),
         }
         self.token_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim
-        self.token_bytes *= llm.config.torch_dtype.itemsize
-        self.reported: set[str] | None = None
+        self.token_bytes *= dtype.torch_dtype.itemsize
+        self.reported: dict[str, str] | None = None
+        self.tiers_seen: dict[str, str] | None = None
+        store.pool_tiers = self._pool_tiers
         self._report()  # a restarted worker's pool is empty: forget what its last life held
 
     def ready(self) -> dict:
@@ -168,6 +214,7 @@ class InferenceWorker:
     @contextlib.contextmanager
     def _serving(self) -> Iterator[None]:
         with self.lock:
+            self.tiers_seen = None
             try:
                 yield
             finally:
@@ -181,15 +228,20 @@ class InferenceWorker:
     # -- the shared pool ------------------------------------------------------------------
 
     def read_kv(self, chunk_hash: str) -> KVPayload | None:
-        """A copy of the chunk's KV if it is in this pool (for a peer or a tier store).
+        """A copy of the chunk's KV from this pool or host memory (for a peer, a tier store).
 
-        Takes no lock: it only reads blocks of a stored chunk, which nothing writes, and a
-        worker that waits on a peer while that peer waits on it must not deadlock.
+        Takes no lock, so that two workers each waiting on the other cannot deadlock: it
+        reads the blocks, then checks that the chunk still owns them (eviction takes a
+        chunk out of the pool before it frees its blocks).
         """
-        segments = self.store.kv.get(chunk_hash)
-        if segments is None:
-            return None
-        return KVPayload.from_tensors(*self.store.read_kv(segments))
+        store = self.store
+        segments = store.kv.get(chunk_hash)
+        if segments is not None:
+            k, v = store.read_kv(segments)
+            if store.kv.get(chunk_hash) is segments:
+                return KVPayload.from_tensors(k, v)
+        host = store.host.kv.get(chunk_hash)
+        return KVPayload.from_tensors(*host) if host is not None else None
 
     def _fetch(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
         try:
@@ -204,14 +256,22 @@ class InferenceWorker:
         return payload.tensors()
 
     def _report(self) -> None:
-        """Tell the registry what this pool holds, when that changed."""
-        held = {
-            h: sum(s.length for s in segs) * self.token_bytes for h, segs in self.store.kv.items()
-        }
-        if set(held) == self.reported:
+        """Tell the registry what this pool and host memory hold, when that changed."""
+        store = self.store
+        tiers = dict.fromkeys(store.kv, "gpu") | dict.fromkeys(list(store.host.kv), "cpu")
+        if tiers == self.reported:
             return
-        get(self.registry.report.remote(self.name, held, self._pool()), "registry report")
-        self.reported = set(held)
+        held = {h: sum(s.length for s in segs) * self.token_bytes for h, segs in store.kv.items()}
+        held |= {h: k.nbytes + v.nbytes for h, (k, v) in list(store.host.kv.items())}
+        report = self.registry.report.remote(self.name, tiers, held, self._pool())
+        get(report, "registry report")
+        self.reported = tiers
+
+    def _pool_tiers(self) -> dict[str, str]:
+        """The pool's tiers, read once per call (describe asks for every chunk it shows)."""
+        if self.tiers_seen is None:
+            self.tiers_seen = get(self.registry.pool_tiers.remote(), "registry pool tiers")
+        return self.tiers_seen
 
     def _pool(self) -> dict:
         blocks = self.store.llm.block_manager
@@ -223,28 +283,30 @@ class InferenceWorker:
         return {**self.spec, "token_bytes": self.token_bytes, "block_size": self.store.block_size}
 
     def status(self) -> dict:
-        llm = self.store.llm
+        store = self.store
         return {
             "name": self.name,
             "node": self.node_id,
-            "device": str(llm.config.device),
+            "device": str(store.engine_config.device),
             "threads": torch.get_num_threads(),
             **self._pool(),
-            "block_size": self.store.block_size,
-            "chunks": len(self.store.kv),
-            "kv_bytes": sum(sum(s.length for s in v) for v in self.store.kv.values())
-            * self.token_bytes,
+            "block_size": store.block_size,
+            "chunks": len(store.kv),
+            "kv_bytes": sum(sum(s.length for s in v) for v in store.kv.values()) * self.token_bytes,
+            "host_chunks": len(store.host.kv),
+            "host_bytes": store.host.used_bytes,
             "contexts": sorted(self.managers),
-            "stats": dict(self.store.stats),
+            "stats": dict(store.stats),
             "busy": self.lock.locked(),
         }
 
     def evict(self, hashes: list[str] | None = None) -> int:
-        """Drop chunks' KV from this pool (all with None); files and records stay."""
+        """Leave chunks only in their files here (all with None): out of pool and host memory."""
         with self._serving():
-            chosen = list(self.store.kv) if hashes is None else hashes
+            store = self.store
+            chosen = [*store.kv, *store.host.kv] if hashes is None else hashes
             for chunk_hash in chosen:
-                self.store.evict(chunk_hash)
+                store.archive_to_disk(store.registry.get(chunk_hash))
             return len(chosen)
 
     def set_recompute_only(self, on: bool) -> None:

@@ -124,7 +124,7 @@ def main() -> None:
         stats = ray.get(b.status.remote())["stats"]
         threads = ray.get(a.status.remote())["threads"]
     finally:
-        service.stop(running)
+        service.stop()
         ray.shutdown()
     result = {
         "bench": "cluster",

@@ -93,9 +93,16 @@ def status(state: State, address: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
+    registry = report["registry"]
     console = Console()
     console.print(_workers_table(report))
     console.print(_tiers_table(report))
+    console.print(
+        f"registry: {registry['chunks']} chunk(s), {registry['contexts']} context(s), "
+        f"Redis at {registry['redis']}",
+        markup=False,
+        highlight=False,
+    )
 
 
 @click.command()
@@ -104,7 +111,7 @@ def status(state: State, address: str | None, as_json: bool) -> None:
 def stop(state: State, address: str | None) -> None:
     """Stop the kvchunks actors (chunk records and KV files stay on disk)."""
     service = _attach(state, address)
-    stopped = service.stop(service.attach())
+    stopped = service.stop()
     click.echo(f"stopped {len(stopped)} actors: {', '.join(stopped)}")
 
 
@@ -133,11 +140,7 @@ def _workers_table(report: dict) -> Table:
 
 
 def _tiers_table(report: dict) -> Table:
-    registry = report["registry"]
-    table = Table(
-        title=f"tiers ({registry['chunks']} chunks, {registry['contexts']} contexts)",
-        title_justify="left",
-    )
+    table = Table(title="tiers", title_justify="left")
     for column in ("tier", "chunks", "bytes"):
         table.add_column(column)
     for tier, usage in report["tiers"].items():

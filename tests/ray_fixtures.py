@@ -73,7 +73,7 @@ def _start_cluster() -> Cluster:
     import ray
 
     temp = tempfile.mkdtemp(prefix="kvray")  # short: Ray's socket paths must fit 107 bytes
-    gcs, dashboard, agent, client = (_free_port() for _ in range(4))
+    gcs, dashboard, agent, client = (free_port() for _ in range(4))
     # Token authentication would need ~/.ray/auth_token on every command line: not for a
     # throw-away loopback cluster.
     env = {
@@ -123,7 +123,7 @@ def _stop_cluster(cluster: Cluster) -> None:
     procs = {p.pid: p for root in roots for p in [root, *_children(root)] if p.pid != me}
     for proc in procs.values():
         _signal(proc.terminate)
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=5)
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
     for proc in alive:
         _signal(proc.kill)
 
@@ -152,15 +152,13 @@ def _start_service(cluster: Cluster, model: Path, home: Path) -> RayService:
 
 
 def _stop_service(running: RayService) -> None:
-    from click.testing import CliRunner
-
-    from kvchunks.cli.main import cli
-
-    result = CliRunner().invoke(cli, ["stop"])
-    assert result.exit_code == 0, result.output
+    cluster = _STATE["cluster"]
+    command = [str(BIN / "kvchunks"), "stop", "--address", cluster.address]
+    done = subprocess.run(command, env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -63,6 +63,7 @@ def scenario(cm, put) -> dict:
     out["answer_chunks"] = [brief(g.prompt_chunk), brief(g.output_chunk)]
     out["provenance"] = cm.get_chunk(g.output_chunk.hash).parent_chunks
     assert out["provenance"] == [a.hash, g.prompt_chunk.hash]
+    out["graph"] = [[brief(c) for c in side] for side in cm.provenance(g.prompt_chunk.hash)]
     view = cm.context()
     out["context"] = [view.name, view.mode, view.window, [c.hash for c in view.chunks]]
     composed = cm.compose_chunks([a.hash, b.hash])

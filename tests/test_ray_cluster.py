@@ -4,6 +4,7 @@ a worker killed mid-generation, the tier stores, and `kvchunks status`."""
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 
@@ -63,6 +64,8 @@ def test_router_sends_a_context_to_the_worker_holding_its_chunks(ray_service):
     client = connect("auto", "route")  # not pinned: the router decides
     client.activate_chunk(doc.hash)
     assert Router(s.service.registry).pick("route") == "worker-1"
+    # A chunk's tier is where it is in the whole pool, whichever worker answers.
+    assert connect("auto", "route", worker=0).get_chunk(doc.hash).tier == "gpu"
     before = {w: s.stats(w) for w in ("worker-0", "worker-1")}
     answer = client.generate("What colour is Ilse's bicycle?", GREEDY)
     assert get(s.service.registry.holders.remote(answer.prompt_chunk.hash)) == ["worker-1"]
@@ -132,13 +135,11 @@ def test_status_shows_workers_pools_and_tiers(ray_service):
     assert table.exit_code == 0 and "worker-1" in table.output and "disk" in table.output
 
 
-@pytest.mark.parametrize("command", [["status"], ["stop"]])
-def test_commands_without_a_cluster_say_so(command, tmp_path):
-    from subprocess import run
-
-    from ray_fixtures import BIN
-
-    env = {"PATH": str(BIN), "HOME": str(tmp_path), "RAY_ADDRESS": "127.0.0.1:1"}
-    done = run([str(BIN / "kvchunks"), *command], env=env, capture_output=True, text=True)
+@pytest.mark.parametrize("command", ["status", "stop"])
+def test_commands_without_a_cluster_say_so(command):
+    nowhere = f"127.0.0.1:{ray_fixtures.free_port()}"
+    kvchunks = str(ray_fixtures.BIN / "kvchunks")
+    done = subprocess.run([kvchunks, command, "--address", nowhere], capture_output=True, text=True)
     assert done.returncode == 1
-    assert done.stderr.startswith("error: no Ray cluster") and done.stderr.count("\n") == 1
+    assert done.stderr.startswith(f"error: no Ray cluster at {nowhere}")
+    assert done.stderr.count("\n") == 1

@@ -1,0 +1,26 @@
+"""cluster.yaml: a Ray cluster launcher config with a CPU head and GPU workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+CONFIG = Path(__file__).resolve().parent.parent / "cluster.yaml"
+
+
+def test_cluster_yaml_has_a_head_and_gpu_workers_that_serve_kvchunks():
+    config = yaml.safe_load(CONFIG.read_text())
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0 and head["max_workers"] == 0
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    assert workers and all(t["resources"]["GPU"] >= 1 for t in workers.values())
+    gpus = sum(t["min_workers"] * t["resources"]["GPU"] for t in workers.values())
+    assert config["max_workers"] >= sum(t["min_workers"] for t in workers.values())
+    setup = " ".join(config["setup_commands"])
+    assert "pip install" in setup and "~/kvchunks" in setup and "kvchunks model prepare" in setup
+    start = " ".join(config["head_start_ray_commands"])
+    assert "ray start --head" in start and "--include-dashboard=true" in start
+    assert f"kvchunks serve --workers {gpus}" in start and "--redis-url" in start
+    assert any("ray start --address" in c for c in config["worker_start_ray_commands"])
