@@ -122,7 +122,7 @@ class ChunkStore:
         self._inflight_lock = threading.Lock()
         self._closed = False
         if llm is not None:
-            self._restore_tiers()
+            self.restore_tiers()
 
     @property
     def llm(self) -> LLM:
@@ -131,7 +131,7 @@ class ChunkStore:
             with self.lock:
                 if self._llm is None:
                     self._llm = LLM(self.path, self.engine_config)
-                    self._restore_tiers()
+                    self.restore_tiers()
         return self._llm
 
     @property
@@ -209,7 +209,7 @@ class ChunkStore:
             self.stats["pool_misses"] += 1
             kv = self.host.pop(chunk.hash)
             if kv is None:
-                kv = self._read_file(chunk)
+                kv = self.load_kv(chunk)
             if kv is None:
                 self.kv[chunk.hash] = self._recompute(chunk)
             else:
@@ -221,7 +221,9 @@ class ChunkStore:
         self.make_room(self.llm.block_manager.blocks_needed(0, k.shape[1]))
         return self.llm.write_kv(k, v, position)
 
-    def _read_file(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def load_kv(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The chunk's KV from outside this process's pool and host memory: its file, if it
+        is there and sound. A store in a shared pool looks at its peers first."""
         path = kv_path(self.home, chunk.hash)
         if not path.exists():
             return None
@@ -277,7 +279,7 @@ class ChunkStore:
                 if owner.hash in self.kv:
                     self._demote(owner.hash)
                 elif owner.hash not in self.host:
-                    kv = self._read_file(owner)
+                    kv = self.load_kv(owner)
                     if kv is None:
                         kv = self.read_kv(self.ensure_resident(owner))
                         self.evict(owner.hash)
@@ -350,8 +352,9 @@ class ChunkStore:
     def _record_tier(self, chunk_hash: str, tier: str) -> None:
         self.registry.set_tier(chunk_hash, tier)
 
-    def _restore_tiers(self) -> None:
-        """Bring back what was in the gpu and cpu tiers when the store last ran."""
+    def restore_tiers(self) -> None:
+        """Bring back what was in the gpu and cpu tiers when the store last ran (called when
+        the engine starts; a store in a shared pool leaves that to on-demand loading)."""
         for chunk in self.registry.list_chunks():
             if chunk.layout == "view" or chunk.tier == "disk":
                 continue
@@ -401,7 +404,7 @@ class ChunkStore:
                 kv = (
                     None
                     if owner.hash in self.kv or owner.hash in self.host
-                    else (self._read_file(owner))
+                    else (self.load_kv(owner))
                 )
                 with self.lock:
                     if owner.hash in self.kv:

@@ -72,12 +72,12 @@ class SharedChunkStore(ChunkStore):
         self._shipping: dict[str, Future] = {}
         self._shipping_lock = threading.Lock()
 
-    def _read_file(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def load_kv(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
         # ChunkStore's step between host memory and recompute: a peer's copy comes first.
         if self.recompute_only:
             return None
         kv = self._ship(chunk)
-        return kv if kv is not None else super()._read_file(chunk)
+        return kv if kv is not None else super().load_kv(chunk)
 
     def _ship(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One transfer per chunk at a time: a call and a background prefetch that both need
@@ -99,7 +99,7 @@ class SharedChunkStore(ChunkStore):
             mine.set_result(kv)
         return kv
 
-    def _restore_tiers(self) -> None:
+    def restore_tiers(self) -> None:
         return None  # see the class docstring
 
     def describe(self, chunk: ChunkInfo) -> ChunkInfo:

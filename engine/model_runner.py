@@ -33,6 +33,7 @@ class ModelRunner:
             self.model = CausalLM(model_config).to(config.torch_dtype)
         load_weights(self.model, folder)
         self.model.eval()
+        self.model.prepare_for_decode()
         self.inv_freq = inverse_frequencies(model_config).to(self.device)
         self.num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // self.block_bytes())
         self.kv_cache = torch.zeros(
