@@ -14,15 +14,19 @@ move_to_gpu and prefetch, counting the chunk they bring in.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
 
 from kvchunks.actors import service as svc
-from kvchunks.actors.context_manager import ContextManager, GenerationResult, OutputTracker
+from kvchunks.actors.context_manager import (
+    ContextManager,
+    GenerationResult,
+    OutputTracker,
+    OutputTracking,
+)
 from kvchunks.actors.remote import ServiceUnavailable, WorkerDied, get, ray_errors, worker_name
 from kvchunks.actors.router import Router
 from kvchunks.actors.worker import remote_methods
@@ -72,7 +76,7 @@ def connect(
     return Client(service, context, pinned, owns_ray)
 
 
-class Client:
+class Client(OutputTracking):
     """ContextManager's methods over Ray (see the module docstring)."""
 
     def __init__(
@@ -120,15 +124,6 @@ class Client:
         if settings:
             client.configure(**settings)
         return client
-
-    @contextlib.contextmanager
-    def track_output(self) -> Iterator[OutputTracker]:
-        tracker = OutputTracker(self)  # type: ignore[arg-type]  # it needs compose_chunks only
-        self._trackers.append(tracker)
-        try:
-            yield tracker
-        finally:
-            self._trackers.remove(tracker)
 
     def generate(
         self,

@@ -66,7 +66,22 @@ class OutputTracker:
         return self.manager.compose_chunks([c.hash for c in self.chunks])
 
 
-class ContextManager:
+class OutputTracking:
+    """`track_output()`, shared by ContextManager and the Ray Client."""
+
+    _trackers: list[OutputTracker]
+
+    @contextlib.contextmanager
+    def track_output(self) -> Iterator[OutputTracker]:
+        tracker = OutputTracker(self)  # type: ignore[arg-type]  # it needs compose_chunks
+        self._trackers.append(tracker)
+        try:
+            yield tracker
+        finally:
+            self._trackers.remove(tracker)
+
+
+class ContextManager(OutputTracking):
     """Chunks, one named activation set over them, and generation with that set."""
 
     def __init__(
@@ -326,15 +341,6 @@ class ContextManager:
         self.registry.clear_context(self.context_name)
 
     # -- generation -------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def track_output(self) -> Iterator[OutputTracker]:
-        tracker = OutputTracker(self)
-        self._trackers.append(tracker)
-        try:
-            yield tracker
-        finally:
-            self._trackers.remove(tracker)
 
     def generate(
         self,
