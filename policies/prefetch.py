@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import Protocol
 
+from kvchunks.common import InvalidInput
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.registry import ChunkRegistry
 
@@ -63,5 +64,5 @@ def make_policy(name: str, registry: ChunkRegistry) -> PrefetchPolicy:
         "coactivation": CoActivation,
     }
     if name not in policies:
-        raise ValueError(f"unknown prefetch policy {name!r}; use one of {', '.join(policies)}")
+        raise InvalidInput(f"unknown prefetch policy {name!r}; use one of {', '.join(policies)}")
     return policies[name]()
