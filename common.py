@@ -111,6 +111,10 @@ class CapacityError(KVChunksError):
     """No room left in the KV pool or a storage tier."""
 
 
+class ConcurrentChange(KVChunksError):
+    """Another client changed the same state between this call's check and its write."""
+
+
 class ChunkFileError(KVChunksError):
     """A chunk file that is corrupted, truncated, or from another model, dtype or shape."""
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from kvchunks.actors.chunk_store import MODES, ChunkStore
 from kvchunks.common import (
     ChunkInUse,
+    ConcurrentChange,
     ContextWindowExceeded,
     InvalidInput,
     KVSegment,
@@ -24,6 +25,7 @@ from kvchunks.store.kv_file import read_kv_file, write_kv_file
 from kvchunks.store.registry import check_name
 
 DEFAULT_SETTINGS = {"mode": "reuse", "auto_activate": False, "output_tokens": None}
+ACTIVATE_ATTEMPTS = 5  # against other clients activating in the same context at once
 
 
 @dataclass
@@ -308,20 +310,30 @@ class ContextManager(OutputTracking):
     def activate_chunk(self, ref: str) -> ChunkInfo:
         """Let the model see this chunk, after the chunks already active (no KV is copied)."""
         chunk_hash = self.registry.resolve(ref)
-        active = self.registry.active(self.context_name)
-        if chunk_hash not in active:
-            total = self.store.token_count([*active, chunk_hash])
-            if total > self.store.window:
-                adding = self.store.token_count([chunk_hash])
-                raise ContextWindowExceeded(
-                    f"activating {chunk_hash[:12]} ({adding} tokens) would make {total} "
-                    f"active tokens, over the context window of {self.store.window}; "
-                    "deactivate something first"
-                )
-            self.registry.activate(self.context_name, chunk_hash)
+        for attempt in range(ACTIVATE_ATTEMPTS):
+            active = self.registry.active(self.context_name)
+            if chunk_hash in active:
+                break
+            self._check_window_after(active, chunk_hash)
+            try:  # the window check holds only if nobody activated something meanwhile
+                self.registry.activate(self.context_name, chunk_hash, expected=active)
+                break
+            except ConcurrentChange:
+                if attempt == ACTIVATE_ATTEMPTS - 1:
+                    raise
         chunk = self._view(chunk_hash)
         self.store.on_activate(chunk, active)
         return chunk
+
+    def _check_window_after(self, active: list[str], chunk_hash: str) -> None:
+        total = self.store.token_count([*active, chunk_hash])
+        if total > self.store.window:
+            adding = self.store.token_count([chunk_hash])
+            raise ContextWindowExceeded(
+                f"activating {chunk_hash[:12]} ({adding} tokens) would make {total} "
+                f"active tokens, over the context window of {self.store.window}; "
+                "deactivate something first"
+            )
 
     def deactivate_chunk(self, ref: str) -> ChunkInfo:
         chunk_hash = self.registry.resolve(ref)

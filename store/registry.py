@@ -37,6 +37,7 @@ from kvchunks.common import (
     AmbiguousHash,
     ChunkInUse,
     ChunkNotFound,
+    ConcurrentChange,
     InvalidInput,
     RegistryUnavailable,
 )
@@ -96,9 +97,14 @@ def _redis_errors(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+# With ARGV[3], the active list must still be what the caller checked (comma-joined), so a
+# check made on it (the context window) holds when the chunk is added.
 _ACTIVATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if redis.call('LPOS', KEYS[2], ARGV[1]) then return 0 end
+if ARGV[3] and table.concat(redis.call('LRANGE', KEYS[2], 0, -1), ',') ~= ARGV[3] then
+  return -2
+end
 redis.call('RPUSH', KEYS[2], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[2])
 return 1
@@ -314,13 +320,19 @@ class ChunkRegistry:
         return _strs(self._redis.lrange(self._active_key(context), 0, -1))
 
     @_redis_errors
-    def activate(self, context: str, chunk_hash: str) -> bool:
-        """Append the chunk to the context's active list; False if it was already there."""
+    def activate(self, context: str, chunk_hash: str, expected: list[str] | None = None) -> bool:
+        """Append the chunk to the context's active list; False if it was already there.
+
+        With `expected`, only if the active list is still exactly that (else ConcurrentChange).
+        """
         # One atomic script, one round trip: activation is on every request's path.
         keys = [self._chunk_key(chunk_hash), self._active_key(context), self._key("contexts")]
-        added = self._activate_script(keys=keys, args=[chunk_hash, context])
-        if added < 0:
+        args = [chunk_hash, context] + ([] if expected is None else [",".join(expected)])
+        added = self._activate_script(keys=keys, args=args)
+        if added == -1:
             raise ChunkNotFound(f"no chunk {chunk_hash}")
+        if added == -2:
+            raise ConcurrentChange(f"context {context}'s active chunks changed meanwhile")
         return bool(added)
 
     @_redis_errors

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -243,6 +245,51 @@ def test_activation_past_the_window_is_refused(make_cm):
     with pytest.raises(ContextWindowExceeded):
         cm.activate_chunk(page.hash)
     assert snapshot(cm) == before
+
+
+def test_concurrent_activations_never_pass_the_window(make_cm):
+    cm, other = make_cm("race"), make_cm("race")  # two clients of one context
+    page = cm.add_chunk("lorem ipsum dolor sit amet " * 200)
+    over_half = cm.store.window // (2 * page.token_count) + 1
+    books = [cm.compose_chunks([page.hash] * n) for n in (over_half, over_half + 1)]
+    assert all(b.token_count <= cm.store.window for b in books)
+    # Both read the empty active list before either writes: the race activation must settle.
+    barrier, results = threading.Barrier(2), {}
+    for manager in (cm, other):
+        manager.registry.active = _stalled_once(manager.registry.active, barrier)
+
+    def activate(manager, book) -> None:
+        try:
+            results[book.hash] = manager.activate_chunk(book.hash).hash
+        except ContextWindowExceeded as e:
+            results[book.hash] = e
+
+    racers = [
+        threading.Thread(target=activate, args=pair, name="racer")
+        for pair in zip((cm, other), books, strict=True)
+    ]
+    for t in racers:
+        t.start()
+    for t in racers:
+        t.join()
+    outcomes = sorted(type(r).__name__ for r in results.values())
+    assert outcomes == ["ContextWindowExceeded", "str"]
+    assert cm.context().token_count <= cm.store.window
+
+
+def _stalled_once(read, barrier: threading.Barrier):
+    """registry.active that makes each racer thread wait for the other after its first read."""
+    waited: set[int] = set()
+
+    def active(context: str) -> list[str]:
+        got = read(context)
+        me = threading.get_ident()
+        if threading.current_thread().name == "racer" and me not in waited:
+            waited.add(me)
+            barrier.wait(timeout=30)
+        return got
+
+    return active
 
 
 def test_delete_with_views_needs_cascade(make_cm):

@@ -7,7 +7,13 @@ import uuid
 
 import pytest
 
-from kvchunks.common import AmbiguousHash, ChunkInUse, ChunkNotFound, InvalidInput
+from kvchunks.common import (
+    AmbiguousHash,
+    ChunkInUse,
+    ChunkNotFound,
+    ConcurrentChange,
+    InvalidInput,
+)
 from kvchunks.store.chunk import ChunkInfo, SourceSpan
 from kvchunks.store.hashing import chunk_hash, content_hash, context_hash, model_fingerprint
 from kvchunks.store.redis_server import close, connect_embedded
@@ -317,3 +323,15 @@ def test_namespaces_are_isolated(redis_client):
     assert not two.exists(chunk.hash)
     with pytest.raises(InvalidInput):
         ChunkRegistry(redis_client, namespace="bad:name")
+
+
+def test_activation_checked_against_a_stale_list_changes_nothing(reg):
+    a, b = make_chunk([1]), make_chunk([2])
+    reg.put(a)
+    reg.put(b)
+    reg.activate("ctx", a.hash, expected=[])
+    with pytest.raises(ConcurrentChange):
+        reg.activate("ctx", b.hash, expected=[])  # checked before `a` came in
+    assert reg.active("ctx") == [a.hash]
+    assert reg.activate("ctx", b.hash, expected=[a.hash])
+    assert reg.active("ctx") == [a.hash, b.hash]
