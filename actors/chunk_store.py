@@ -33,6 +33,7 @@ from kvchunks.engine.checkpoint import resolve_model
 from kvchunks.policies.budgets import TierBudgets
 from kvchunks.policies.lru import LRU
 from kvchunks.policies.prefetch import make_policy
+from kvchunks.store.audit import registry_violations
 from kvchunks.store.chunk import ChunkInfo, SourceSpan
 from kvchunks.store.hashing import (
     chunk_hash,
@@ -224,6 +225,9 @@ class ChunkStore:
     def load_kv(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The chunk's KV from outside this process's pool and host memory: its file, if it
         is there and sound. A store in a shared pool looks at its peers first."""
+        return self._file_kv(chunk)
+
+    def _file_kv(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
         path = kv_path(self.home, chunk.hash)
         if not path.exists():
             return None
@@ -238,6 +242,8 @@ class ChunkStore:
         return k, v
 
     def _recompute(self, chunk: ChunkInfo) -> list[KVSegment]:
+        if self.registry.missing([chunk.hash]):  # its file went with it: do not make a new one
+            raise ChunkNotFound(f"chunk {chunk.hash[:12]} was deleted meanwhile")
         self.stats["recomputes"] += 1
         parents = self.registry.get_many(chunk.parent_chunks)
         context = self.context_of(parents, chunk.metadata.get("mode", "reuse"))
@@ -407,8 +413,8 @@ class ChunkStore:
                     else (self.load_kv(owner))
                 )
                 with self.lock:
-                    if owner.hash in self.kv:
-                        continue
+                    if owner.hash in self.kv or self.registry.missing([owner.hash]):
+                        continue  # there already, or deleted since the transfer started
                     if kv is not None and owner.hash not in self.host:
                         self.host.put(owner.hash, *kv)
                     self.ensure_resident(owner)
@@ -513,7 +519,10 @@ class ChunkStore:
             except Exception:
                 self.free(segments)
                 raise
-            self.kv[chunk.hash] = segments
+            if chunk.hash in self.kv:  # a copy from before the chunk was deleted: the same KV
+                self.free(segments)
+            else:
+                self.kv[chunk.hash] = segments
             self.lru.touch(chunk.hash)
         self.registry.put(dataclasses.replace(chunk, segments=[]))
         return self.describe(self.registry.get(chunk.hash))
@@ -600,10 +609,14 @@ class ChunkStore:
                     self.registry.add_ref(source, -1)
             return
         with self.lock:
-            self.evict(chunk.hash)
-            self.host.pop(chunk.hash)
-            self.lru.forget(chunk.hash)
+            self.drop(chunk.hash)
             kv_path(self.home, chunk.hash).unlink(missing_ok=True)
+
+    def drop(self, chunk_hash: str) -> None:
+        """Let go of a chunk's KV in this process: pool blocks, host memory, LRU place."""
+        self.evict(chunk_hash)
+        self.host.pop(chunk_hash)
+        self.lru.forget(chunk_hash)
 
     def close(self) -> None:
         """Finish transfers, give the pool blocks back to the engine, disconnect from Redis."""
@@ -614,6 +627,46 @@ class ChunkStore:
                 for resident in list(self.kv):
                     self.evict(resident)
         close_redis(self._redis)
+
+    def violations(self) -> list[str]:
+        """Broken invariants of the registry and of this store (empty: all hold): every
+        active chunk's KV can be had, and each pool block is owned exactly as counted."""
+        out = registry_violations(self.registry)
+        active = {h for name in self.registry.contexts() for h in self.registry.active(name)}
+        with self.lock:
+            for chunk in self.registry.get_many(active - set(self.registry.missing(active))):
+                out += [
+                    f"active chunk {chunk.hash[:12]}: KV of {owner.hash[:12]} cannot be loaded"
+                    for owner in self.owners(chunk)
+                    if owner.hash not in self.kv
+                    and owner.hash not in self.host
+                    and self._file_kv(owner) is None
+                ]
+            out += self._pool_violations()
+        return out
+
+    def _pool_violations(self) -> list[str]:
+        registered = set(self.kv) | set(self.host.kv)
+        out = [
+            f"chunk {h[:12]}: KV held, but not in the registry"
+            for h in sorted(set(self.registry.missing(registered)))
+        ]
+        out += [
+            f"chunk {h[:12]}: KV both in the pool and in host memory"
+            for h in sorted(set(self.kv) & set(self.host.kv))
+        ]
+        if not self.engine_started:
+            return out
+        bm = self.llm.block_manager
+        owned = Counter(b for segments in self.kv.values() for s in segments for b in s.blocks)
+        free = set(bm.free_ids)
+        for block in range(bm.num_blocks):
+            if bm.ref_counts[block] != owned[block] or (block in free) == bool(owned[block]):
+                out.append(
+                    f"pool block {block}: ref count {bm.ref_counts[block]}, held by "
+                    f"{owned[block]} resident segment(s), {'free' if block in free else 'in use'}"
+                )
+        return out
 
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in (self.home / "kv").rglob("*.safetensors"))

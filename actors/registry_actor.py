@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 import redis
 
-from kvchunks.actors.remote import get
+from kvchunks.actors.remote import NAMESPACE, get
 from kvchunks.common import InvalidInput, KVChunksError
 from kvchunks.store import redis_server
 from kvchunks.store.chunk import is_hash
@@ -45,6 +45,7 @@ READS = (
     "get",
     "get_many",
     "exists",
+    "missing",
     "resolve",
     "list_chunks",
     "by_content",
@@ -74,6 +75,7 @@ class RegistryActor:
         self.tiers: dict[str, dict[str, str]] = {}  # worker -> hash -> gpu / cpu
         self.pools: dict[str, dict] = {}  # worker -> its last reported pool figures
         self.owners: dict[str, list[str]] = {}  # chunk -> chunks owning its KV (cache)
+        self.handles: dict[str, ray.actor.ActorHandle] = {}  # worker -> its actor
 
     def ready(self) -> bool:
         return True
@@ -87,16 +89,38 @@ class RegistryActor:
         """Run one ChunkRegistry method here (every write of the service comes through)."""
         if method not in WRITES and method not in READS:
             raise InvalidInput(f"the registry has no method {method!r}")
-        return getattr(self.registry, method)(*args, **kwargs)
+        result = getattr(self.registry, method)(*args, **kwargs)
+        if method == "delete":
+            self._forget_everywhere(args[0])
+        return result
 
     # -- the shared pool's map ------------------------------------------------------------
 
-    def report(self, worker: str, tiers: dict[str, str], held: dict[str, int], pool: dict) -> None:
+    def report(
+        self, worker: str, tiers: dict[str, str], held: dict[str, int], pool: dict
+    ) -> list[str]:
         """A worker's chunks (hash -> gpu or cpu, and KV bytes) and pool figures, replacing
-        what it reported before."""
+        what it reported before. Returns the reported chunks that were deleted meanwhile (a
+        worker can load a chunk while another deletes it): the worker drops them."""
         if worker not in self.held:
             self.workers.append(worker)
+        known = self.tiers.get(worker, {})
+        deleted = self.registry.missing([h for h in tiers if h not in known])
+        for chunk_hash in deleted:
+            del tiers[chunk_hash]
+            held.pop(chunk_hash, None)
         self.tiers[worker], self.held[worker], self.pools[worker] = tiers, held, pool
+        return deleted
+
+    def _forget_everywhere(self, chunk_hash: str) -> None:
+        """A chunk was deleted through one worker: the others drop their copies too."""
+        self.owners.pop(chunk_hash, None)
+        for worker in self.holders(chunk_hash):
+            self.held[worker].pop(chunk_hash, None)
+            self.tiers.get(worker, {}).pop(chunk_hash, None)
+            if worker not in self.handles:
+                self.handles[worker] = ray.get_actor(worker, namespace=NAMESPACE)
+            self.handles[worker].forget.remote([chunk_hash])  # not awaited: it may be busy
 
     def pool_tiers(self) -> dict[str, str]:
         """Each chunk held by some worker, and its best tier there (gpu before cpu)."""

@@ -148,6 +148,8 @@ class InferenceWorker:
         }
         self.token_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim
         self.token_bytes *= dtype.torch_dtype.itemsize
+        self.deleted: set[str] = set()  # chunks deleted through other workers, to drop here
+        self.deleted_lock = threading.Lock()
         self.reported: dict[str, str] | None = None
         self.tiers_seen: dict[str, str] | None = None
         store.pool_tiers = self._pool_tiers
@@ -215,10 +217,24 @@ class InferenceWorker:
     def _serving(self) -> Iterator[None]:
         with self.lock:
             self.tiers_seen = None
+            with self.deleted_lock:
+                deleted, self.deleted = self.deleted, set()
+            self._drop(self.store.registry.missing(deleted))  # unless added again meanwhile
             try:
                 yield
             finally:
                 self._report()
+
+    def forget(self, hashes: list[str]) -> None:
+        """These chunks were deleted through another worker: drop them before the next call
+        (now could be in the middle of a generation that reads them)."""
+        with self.deleted_lock:
+            self.deleted.update(hashes)
+
+    def _drop(self, hashes: list[str]) -> None:
+        with self.store.lock:
+            for chunk_hash in hashes:
+                self.store.drop(chunk_hash)
 
     def _manager(self, context: str) -> ContextManager:
         if context not in self.managers:
@@ -264,8 +280,11 @@ class InferenceWorker:
         held = {h: sum(s.length for s in segs) * self.token_bytes for h, segs in store.kv.items()}
         held |= {h: k.nbytes + v.nbytes for h, (k, v) in list(store.host.kv.items())}
         report = self.registry.report.remote(self.name, tiers, held, self._pool())
-        get(report, "registry report")
+        deleted = get(report, "registry report")
         self.reported = tiers
+        if deleted:  # loaded here while another worker deleted them
+            self._drop(deleted)
+            self._report()
 
     def _pool_tiers(self) -> dict[str, str]:
         """The pool's tiers, read once per call (describe asks for every chunk it shows)."""
@@ -299,6 +318,12 @@ class InferenceWorker:
             "stats": dict(store.stats),
             "busy": self.lock.locked(),
         }
+
+    def violations(self) -> list[str]:
+        """The registry's and this worker's broken invariants (see ChunkStore.violations)."""
+        with self._serving():
+            self.store.wait_for_transfers()
+            return self.store.violations()
 
     def evict(self, hashes: list[str] | None = None) -> int:
         """Leave chunks only in their files here (all with None): out of pool and host memory."""

@@ -183,6 +183,15 @@ class ChunkRegistry:
         return bool(self._redis.exists(self._chunk_key(chunk_hash)))
 
     @_redis_errors
+    def missing(self, hashes: Iterable[str]) -> list[str]:
+        """Those of `hashes` that are not in the registry (deleted, or never stored)."""
+        hashes = [self._check_hash(h) for h in hashes]
+        pipe = self._redis.pipeline(transaction=False)
+        for h in hashes:
+            pipe.exists(self._chunk_key(h))
+        return [h for h, found in zip(hashes, pipe.execute(), strict=True) if not found]
+
+    @_redis_errors
     def update(self, chunk_hash: str, **changes: Any) -> ChunkInfo:
         """Change fields of a stored chunk (see UPDATABLE); tag index entries follow `tags`."""
         fixed = sorted(set(changes) - UPDATABLE)

@@ -58,6 +58,19 @@ def test_chunk_made_on_one_worker_is_shipped_to_another(ray_service, make_cm):
     assert answer.text == local.text and answer.output_chunk.hash == local.output_chunk.hash
 
 
+def test_chunk_deleted_through_one_worker_leaves_the_other_pool(ray_service):
+    s = ray_service
+    doc = connect("auto", "gone-a", worker=0).add_chunk("A chunk that two workers hold.")
+    on_b = connect("auto", "gone-b", worker=1)
+    on_b.populate(doc.hash)  # shipped: worker-1 holds a copy
+    assert get(s.service.registry.holders.remote(doc.hash)) == ["worker-0", "worker-1"]
+    connect("auto", "gone-a", worker=0).delete_chunk(doc.hash)
+    assert get(s.service.registry.holders.remote(doc.hash)) == []
+    assert ray.get(s.worker("worker-1").violations.remote()) == []  # its copy is gone
+    assert ray.get(s.worker("worker-1").read_kv.remote(doc.hash)) is None
+    assert not kv_path(s.home, doc.hash).exists()
+
+
 def test_router_sends_a_context_to_the_worker_holding_its_chunks(ray_service):
     s = ray_service
     doc = connect("auto", "route-src", worker=1).add_chunk("Ilse's bicycle is green.")
