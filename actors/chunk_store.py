@@ -43,7 +43,7 @@ from kvchunks.store.hashing import (
     weights_digest,
 )
 from kvchunks.store.host_memory import HostMemory
-from kvchunks.store.kv_file import kv_path, read_kv_file, write_kv_file
+from kvchunks.store.kv_file import kv_path, read_kv_file, remove_partial_files, write_kv_file
 from kvchunks.store.redis_server import close as close_redis
 from kvchunks.store.redis_server import connect
 from kvchunks.store.registry import ChunkRegistry
@@ -102,6 +102,7 @@ class ChunkStore:
         self.tokenizer = llm.tokenizer if llm else AutoTokenizer.from_pretrained(self.path)
         self.chat = ChatFormat(self.tokenizer)
         self.block_size = self.engine_config.block_size
+        remove_partial_files(self.home)  # left by a process killed while writing KV
         self._redis = connect(self.home, redis_url)
         self.registry = ChunkRegistry(self._redis, namespace)
         self.fingerprint = self._fingerprint()

@@ -184,7 +184,7 @@ def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     """Temp file in the target directory, fsync, rename over, fsync the directory: a crash
     leaves the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     try:
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
         fd = os.open(tmp, os.O_RDONLY)
@@ -201,6 +201,28 @@ def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_partial_files(data_dir: Path) -> int:
+    """Delete the temporary files of writers killed before their rename (a live writer's
+    stay: its pid, in the name, still runs). Returns how many were removed."""
+    removed = 0
+    for tmp in (Path(data_dir) / "kv").glob("*/.*.tmp"):
+        pid = tmp.name.split(".")[-3]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _open(path: Path) -> BinaryIO:
