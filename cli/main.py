@@ -20,6 +20,7 @@ from kvchunks.cli.demo import demo
 from kvchunks.cli.service import SERVICE_COMMANDS
 from kvchunks.cli.state import MODEL_ENV, State, pass_state
 from kvchunks.common import HOME_ENV, InvalidInput, KVChunksError
+from kvchunks.store.registry import check_name
 
 
 class Group(click.Group):
@@ -89,7 +90,7 @@ def apply_options(state: State, model, data_dir, context, mode, address) -> None
         state.home = data_dir
     if model is not None:
         state.model = str(model)
-    state.context = context or state.context
+    state.context = check_name(context) if context is not None else state.context
     state.mode = mode or state.mode
     state.address = address or state.address
 

@@ -4,15 +4,18 @@ loads once): --json documents, and bad inputs that give one line, exit 1 and cha
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from kv_files import raw_header, with_record, write_raw
 
 from kvchunks.cli.main import cli
 from kvchunks.cli.state import State
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.hashing import content_hash
+from kvchunks.store.kv_file import read_kv_file, write_kv_file
 
 
 class OpenState(State):
@@ -130,6 +133,8 @@ def test_bad_inputs_give_one_line_exit_1_and_change_nothing(state, tmp_path):
     existing.write_bytes(b"")
     corrupt = tmp_path / "corrupt.kvc"
     corrupt.write_bytes(b"\x00" * 64)
+    bad_files = chunk_files_gone_bad(state, small["hash"], tmp_path)
+    texts = text_files_gone_bad(tmp_path, cm.store.window)
     before = snapshot(state)
     cases = {
         ("info", "ffff0000"): "no chunk has hash or prefix",
@@ -146,13 +151,21 @@ def test_bad_inputs_give_one_line_exit_1_and_change_nothing(state, tmp_path):
         ("export", big["hash"], "big.kvc"): "a view has no KV of its own",
         ("import", str(corrupt)): "has an unreadable header",
         ("import", str(tmp_path / "missing.kvc")): "does not exist",
+        **{("import", str(path)): message for path, message in bad_files.items()},
+        **{("load", str(path)): message for path, message in texts.items()},
         ("generate", " "): "empty prompt",
+        ("--context", "no/such", "list"): "invalid context name",
         ("generate", "Hi", "--max-tokens", "9000"): "exceed the context window",
         ("list", "--tag", "two words"): "invalid tag",
     }
     try:
-        for args, message in cases.items():
-            result = kvchunks(state, *args, status=1)
+        usage = {  # click's checks: exit 2, as for any usage error
+            ("generate", "Hi", "--temperature", "-1"): "is not in the range x>=0",
+            ("generate", "Hi", "--top-p", "0"): "is not in the range 0<x<=1",
+            ("generate", "Hi", "--max-tokens", "0"): "is not in the range x>=1",
+        }
+        for args, message in [*cases.items(), *usage.items()]:
+            result = kvchunks(state, *args, status=2 if args in usage else 1)
             lines = result.stderr.splitlines()
             assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
             assert message in lines[0], (args, lines[0])
@@ -160,3 +173,53 @@ def test_bad_inputs_give_one_line_exit_1_and_change_nothing(state, tmp_path):
         assert snapshot(state) == before
     finally:
         cm.registry.delete(twin)
+
+
+def chunk_files_gone_bad(state: State, chunk_hash: str, at: Path) -> dict[Path, str]:
+    """Exports of one chunk, each damaged one way, and what importing it must say."""
+    good = at / "good.kvc"
+    kvchunks(state, "export", chunk_hash, str(good))
+    k, v, record, _ = read_kv_file(good)
+    store = state.manager.store
+    files: dict[Path, str] = {}
+
+    def bad(name: str, message: str) -> Path:
+        files[at / name] = message
+        return at / name
+
+    bad("truncated.kvc", "truncated").write_bytes(good.read_bytes()[:-100])
+    write_kv_file(bad("other-model.kvc", "another model"), k, v, record, "0" * 64)
+    write_kv_file(
+        bad("bf16.kvc", "holds bfloat16 KV, expected float32"),
+        k.bfloat16(),
+        v.bfloat16(),
+        record,
+        store.fingerprint,
+    )
+    narrow = k[..., :32].contiguous(), v[..., :32].contiguous()
+    write_kv_file(bad("shape.kvc", "shape"), *narrow, record, store.fingerprint)
+    header, body = raw_header(good)
+    header["__metadata__"]["sha256"] = "0" * 64  # well-formed, but not the data's
+    write_raw(bad("forged.kvc", "fails the SHA-256 check"), header, body)
+    huge = good.read_bytes()
+    bad("huge-header.kvc", "header").write_bytes((1 << 60).to_bytes(8, "little") + huge[8:])
+    shutil.copy(good, bad("huge-count.kvc", "record"))
+    with_record(at / "huge-count.kvc", record | {"token_count": 1 << 40})
+    shutil.copy(good, bad("wrong-types.kvc", "record"))
+    with_record(at / "wrong-types.kvc", record | {"token_ids": "not a list", "tags": 5})
+    return files
+
+
+def text_files_gone_bad(at: Path, window: int) -> dict[Path, str]:
+    files = {
+        at / "missing.txt": "no such file",
+        at / "empty.txt": "is empty",
+        at / "binary.bin": "looks binary",
+        at / "latin1.txt": "is not UTF-8",
+        at / "too-long.txt": "exceed the context window",
+    }
+    (at / "empty.txt").write_text(" \n")
+    (at / "binary.bin").write_bytes(b"\x00\x01\x02 abc")
+    (at / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (at / "too-long.txt").write_text("word " * (window + 100))
+    return files

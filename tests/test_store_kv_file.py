@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import pickle
@@ -13,6 +12,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import torch
+from kv_files import raw_header, with_record, write_raw
 
 from kvchunks.common import ChunkFileError, InvalidInput
 from kvchunks.store.chunk import ChunkInfo
@@ -57,26 +57,6 @@ def _raises_one_line(path: Path, match: str, **expect) -> ChunkFileError:
         read_kv_file(path, **expect)
     assert "\n" not in str(info.value)
     return info.value
-
-
-def _raw_header(path: Path) -> tuple[dict, bytes]:
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8 : 8 + n]), data[8 + n :]
-
-
-def _write_raw(path: Path, header: dict | bytes, body: bytes) -> None:
-    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + body)
-
-
-def _with_record(path: Path, record: object) -> None:
-    """Rewrite the file's record (with a matching record checksum, as an attacker would)."""
-    header, body = _raw_header(path)
-    packed = record if isinstance(record, bytes) else msgpack.packb(record)
-    header["__metadata__"]["record"] = base64.b64encode(packed).decode()
-    header["__metadata__"]["record_sha256"] = hashlib.sha256(packed).hexdigest()
-    _write_raw(path, header, body)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -143,12 +123,12 @@ def test_flipped_kv_byte_fails_the_checksum(kv_file):
 
 
 def test_flipped_record_byte_fails_the_record_checksum(kv_file):
-    header, body = _raw_header(kv_file)
+    header, body = raw_header(kv_file)
     record = base64.b64decode(header["__metadata__"]["record"])
     flipped = bytearray(record)
     flipped[len(flipped) // 2] ^= 0x01
     header["__metadata__"]["record"] = base64.b64encode(bytes(flipped)).decode()
-    _write_raw(kv_file, header, body)
+    write_raw(kv_file, header, body)
     _raises_one_line(kv_file, "record fails the SHA-256")
 
 
@@ -184,7 +164,7 @@ def test_huge_header_length_is_refused_before_reading(tmp_path):
 )
 def test_malformed_header_json(tmp_path, header):
     path = tmp_path / "bad.safetensors"
-    _write_raw(path, header, b"")
+    write_raw(path, header, b"")
     _raises_one_line(path, "header|metadata")
 
 
@@ -203,9 +183,9 @@ def test_malformed_header_json(tmp_path, header):
     ],
 )
 def test_hostile_metadata_values(kv_file, key, value, match):
-    header, body = _raw_header(kv_file)
+    header, body = raw_header(kv_file)
     header["__metadata__"][key] = value
-    _write_raw(kv_file, header, body)
+    write_raw(kv_file, header, body)
     _raises_one_line(kv_file, match)
 
 
@@ -225,24 +205,24 @@ def test_hostile_metadata_values(kv_file, key, value, match):
 def test_hostile_record_fields(kv_file, mutate):
     record = make_record()
     mutate(record)
-    _with_record(kv_file, record)
+    with_record(kv_file, record)
     _raises_one_line(kv_file, "record")
 
 
 def test_hostile_msgpack_record(kv_file):
     for packed in (b"\x91" * 100_000 + b"\xc0", b"\xc1", msgpack.packb([1, 2]), b"\xdb\xff\xff"):
-        _with_record(kv_file, packed)
+        with_record(kv_file, packed)
         _raises_one_line(kv_file, "record")
 
 
 def test_tensor_table_must_match_metadata(kv_file):
-    header, body = _raw_header(kv_file)
+    header, body = raw_header(kv_file)
     header["k"]["dtype"] = "F16"
-    _write_raw(kv_file, header, body)
+    write_raw(kv_file, header, body)
     _raises_one_line(kv_file, "'k' tensor")
     header["k"]["dtype"] = "F32"
     header["extra"] = header["v"]
-    _write_raw(kv_file, header, body)
+    write_raw(kv_file, header, body)
     _raises_one_line(kv_file, "expected k and v")
 
 
@@ -258,7 +238,7 @@ class _Planted:
 def test_planted_pickle_in_the_record_is_never_executed(kv_file, tmp_path):
     evil = _Planted()
     evil.marker = tmp_path / "pwned"
-    _with_record(kv_file, pickle.dumps(evil))
+    with_record(kv_file, pickle.dumps(evil))
     _raises_one_line(kv_file, "record")
     with pytest.raises(ChunkFileError):
         read_kv_header(kv_file)
