@@ -1,4 +1,5 @@
-"""Independent oracles: Hugging Face transformers on the same checkpoint, in float32."""
+"""Independent oracles: Hugging Face transformers on the same checkpoint, in float32, and the
+bytes of tensors for bitwise comparisons."""
 
 from __future__ import annotations
 
@@ -17,3 +18,8 @@ def hf_logits(hf_model, token_ids: list[int], mask=None, position_ids=None) -> t
         kwargs["position_ids"] = torch.tensor([position_ids])
     with torch.no_grad():
         return hf_model(ids, **kwargs).logits[0].float()
+
+
+def bits(t: torch.Tensor) -> bytes:
+    """A tensor's bytes: equal only if every element is bitwise equal (-0.0 is not 0.0)."""
+    return t.contiguous().view(torch.uint8).numpy().tobytes()

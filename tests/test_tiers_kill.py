@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import safetensors.torch
-import torch
+from reference import bits
 
 from kvchunks.store.kv_file import kv_path, read_kv_file
 
@@ -79,7 +79,3 @@ def test_kill_during_archive_leaves_the_chunk_intact_in_one_tier(
     for got in ((k, v), in_pool):
         assert all(bits(a) == bits(expected[n]) for a, n in zip(got, "kv", strict=True))
     assert store.violations() == []
-
-
-def bits(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
