@@ -6,11 +6,13 @@ Every context (activation set) of a process works on one ChunkStore.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,18 +160,21 @@ class ChunkStore:
             chunk.segments = []
             return chunk
         owners = [s.hash for s in chunk.sources] if chunk.layout == "view" else [chunk.hash]
-        tiers = [self.tier_of(h) for h in owners]
-        chunk.tier = max(tiers, key=TIER_ORDER.index)  # a view is as far as its furthest source
-        if chunk.tier != "gpu":
-            chunk.segments = []
-        elif chunk.layout == "view":  # read straight from the pool: a listing is not a use
-            chunk.segments = [
-                seg
-                for p in self.pieces(chunk)
-                for seg in slice_segments(self.kv[p.chunk.hash], p.start, p.length, self.block_size)
-            ]
-        else:
-            chunk.segments = list(self.kv[chunk.hash])
+        with self.lock:  # a generation or a prefetch may change the pool meanwhile
+            tiers = [self.tier_of(h) for h in owners]
+            chunk.tier = max(tiers, key=TIER_ORDER.index)  # a view: as far as its furthest source
+            if chunk.tier != "gpu":
+                chunk.segments = []
+            elif chunk.layout == "view":  # read straight from the pool: a listing is not a use
+                chunk.segments = [
+                    seg
+                    for p in self.pieces(chunk)
+                    for seg in slice_segments(
+                        self.kv[p.chunk.hash], p.start, p.length, self.block_size
+                    )
+                ]
+            else:
+                chunk.segments = list(self.kv[chunk.hash])
         return chunk
 
     def tier_of(self, chunk_hash: str) -> str:
@@ -247,12 +252,13 @@ class ChunkStore:
             raise ChunkNotFound(f"chunk {chunk.hash[:12]} was deleted meanwhile")
         self.stats["recomputes"] += 1
         parents = self.registry.get_many(chunk.parent_chunks)
-        context = self.context_of(parents, chunk.metadata.get("mode", "reuse"))
-        try:
-            self.make_room(self.llm.block_manager.blocks_needed(0, chunk.token_count))
-            result = self.llm.prefill(chunk.token_ids, context.segments, chunk.position)
-        finally:
-            self.free(context.scratch)
+        with self.pinning(parents):
+            context = self.context_of(parents, chunk.metadata.get("mode", "reuse"))
+            try:
+                self.make_room(self.llm.block_manager.blocks_needed(0, chunk.token_count))
+                result = self.llm.prefill(chunk.token_ids, context.segments, chunk.position)
+            finally:
+                self.free(context.scratch)
         kv_path(self.home, chunk.hash).unlink(missing_ok=True)  # the damaged file, if any
         self._write_file(chunk, [result.segment])
         return [result.segment]
@@ -479,6 +485,7 @@ class ChunkStore:
         reused = self._stored(pieces[:prefix])
         start = sum(p.length for p in pieces[:prefix])
         rest = [t for p in pieces[prefix:] for t in p.chunk.token_ids[p.start : p.end]]
+        self.make_room(self.llm.block_manager.blocks_needed(0, len(rest)))
         scratch = self.llm.prefill(rest, reused, start).segment
         return AttentionContext([*reused, scratch], total, "exact", [scratch])
 
@@ -561,17 +568,30 @@ class ChunkStore:
 
     def _compute(self, tokens, parents, mode, ctx, fields) -> ChunkInfo:
         own_ctx = ctx is None
-        ctx = ctx or self.context_of(parents, mode)
-        try:
-            chunk = self.new_record(tokens, parents, ctx.position, ctx.combine, mode, **fields)
-            if self.registry.exists(chunk.hash):
-                return self.get(chunk.hash)
-            self.make_room(self.llm.block_manager.blocks_needed(0, len(tokens)))
-            result = self.llm.prefill(tokens, ctx.segments, ctx.position)
-        finally:
-            if own_ctx:
-                self.free(ctx.scratch)
+        with self.pinning(parents):
+            ctx = ctx or self.context_of(parents, mode)
+            try:
+                chunk = self.new_record(tokens, parents, ctx.position, ctx.combine, mode, **fields)
+                if self.registry.exists(chunk.hash):
+                    return self.get(chunk.hash)
+                self.make_room(self.llm.block_manager.blocks_needed(0, len(tokens)))
+                result = self.llm.prefill(tokens, ctx.segments, ctx.position)
+            finally:
+                if own_ctx:
+                    self.free(ctx.scratch)
         return self.register(chunk, [result.segment])
+
+    @contextlib.contextmanager
+    def pinning(self, chunks: list[ChunkInfo]) -> Iterator[None]:
+        """Keep the KV these chunks read in the pool (no eviction) while the block runs."""
+        owners = [o.hash for c in chunks for o in self.owners(c)]
+        with self.lock:
+            self.pinned.update(owners)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.pinned.subtract(owners)
 
     def make_view(self, kind: str, spans: list[SourceSpan], **fields) -> ChunkInfo:
         """A composed or split chunk over other chunks' KV: no copy, sources kept by refcount."""

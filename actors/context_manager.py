@@ -374,9 +374,7 @@ class ContextManager(OutputTracking):
         self._check_fits(context_tokens + len(prompt_tokens) + params.max_tokens)
         started = time.perf_counter()
         store = self.store
-        in_use = [o.hash for c in active for o in store.owners(c)]
-        store.pinned.update(in_use)  # nothing this generation reads may be evicted meanwhile
-        try:
+        with store.pinning(active):  # nothing this generation reads may be evicted meanwhile
             with store.lock:
                 ctx = store.context_of(active, mode)
             try:
@@ -412,8 +410,6 @@ class ContextManager(OutputTracking):
             finally:
                 with store.lock:
                     store.free(ctx.scratch)
-        finally:
-            store.pinned.subtract(in_use)
         result = GenerationResult(
             text=store.decode(answer),
             token_ids=answer,

@@ -99,6 +99,30 @@ def test_active_chunks_are_never_evicted_and_a_full_pool_fails_cleanly(make_stor
     assert {keep[1].hash, keep[2].hash, newer.hash} == set(store.kv)
 
 
+@pytest.mark.parametrize("mode", ["exact", "reuse", "realign"])
+def test_gpu_budget_holds_in_the_middle_of_a_generation(make_store, monkeypatch, mode):
+    budget = 5  # one block per chunk: two active and three idle fill it
+    store = make_store(budgets=TierBudgets(gpu_blocks=budget), prefetch_policy="explicit")
+    cm = ContextManager(store=store, mode=mode)
+    a, b, *idle = (cm.add_chunk(f"Fact {i}: the {w} is red.") for i, w in enumerate("abxyz"))
+    for c in (a, b):  # b was not computed after a: exact mode recomputes it as scratch KV
+        cm.activate_chunk(c.hash)
+    bm, used = store.llm.block_manager, []
+    allocate = bm.allocate
+
+    def counted(n: int) -> list[int]:
+        blocks = allocate(n)
+        used.append(bm.num_blocks - bm.num_free)
+        return blocks
+
+    monkeypatch.setattr(bm, "allocate", counted)
+    cm.generate("Which fact is about y?", GREEDY)
+    assert used and max(used) <= budget, used
+    # Room for the answer (and exact mode's scratch KV) was made by moving idle chunks.
+    moved = [c for c in idle if cm.get_chunk(c.hash).tier == "cpu"]
+    assert len(moved) == (2 if mode == "exact" else 1)
+
+
 def test_disk_budget_is_a_clear_error_and_leaves_no_partial_file(make_store):
     store = make_store(budgets=TierBudgets(disk_bytes=1))
     cm = ContextManager(store=store)
