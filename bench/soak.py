@@ -187,7 +187,9 @@ class SoakClient:
         self._own(view, ("compose", parts))
 
     def split(self) -> None:
-        own = [h for h, _ in self.recipes_of_mine()]
+        # Documents only: a half of a view could read only a shared document, and so be
+        # another client's chunk too.
+        own = [h for h, recipe in self.recipes_of_mine() if recipe[0] == "text"]
         if not own:
             return
         source = self.rng.choice(own)
