@@ -374,7 +374,10 @@ class ContextManager(OutputTracking):
         self._check_fits(context_tokens + len(prompt_tokens) + params.max_tokens)
         started = time.perf_counter()
         store = self.store
-        with store.pinning(active):  # nothing this generation reads may be evicted meanwhile
+        with contextlib.ExitStack() as pins:
+            # Nothing this generation reads may be evicted meanwhile: the active chunks, and a
+            # stored prompt it continues from.
+            pins.enter_context(store.pinning(active))
             with store.lock:
                 ctx = store.context_of(active, mode)
             try:
@@ -389,6 +392,7 @@ class ContextManager(OutputTracking):
                     text=prompt,
                     metadata={"source": "prompt", "context": self.context_name},
                 )
+                pins.enter_context(store.pinning([record]))
                 with store.lock:
                     seq, fresh = self._start(record, ctx, params)
                 skip = len(prompt_tokens) if fresh else 1
@@ -434,14 +438,19 @@ class ContextManager(OutputTracking):
         last logits give the first answer token; a stored prompt is reused and only its last
         token is computed again. Returns the sequence and whether the prompt is new."""
         store, llm = self.store, self.store.llm
-        store.make_room(
-            llm.block_manager.blocks_needed(0, record.token_count + params.max_tokens + 8)
-        )
+        # The whole answer's blocks are taken now (reserve): background prefetches and other
+        # contexts allocate from the same pool between this request's steps.
         if not self.registry.exists(record.hash):
-            seq = llm.add_request(record.token_ids, params, ctx.segments, ctx.position, True)
+            store.make_room(
+                llm.block_manager.blocks_to_follow(None, record.token_count + params.max_tokens)
+            )
+            seq = llm.add_request(
+                record.token_ids, params, ctx.segments, ctx.position, True, reserve=True
+            )
             return seq, True
         prompt_kv = store.segments(store.get(record.hash))
         head = slice_segments(prompt_kv, 0, record.token_count - 1, store.block_size)
+        store.make_room(llm.block_manager.blocks_to_follow(prompt_kv[-1], 1 + params.max_tokens))
         seq = llm.add_request(
             record.token_ids[-1:],
             params,
@@ -449,6 +458,7 @@ class ContextManager(OutputTracking):
             ctx.position + record.token_count - 1,
             True,
             continue_after=prompt_kv[-1],
+            reserve=True,
         )
         return seq, False
 
@@ -508,6 +518,7 @@ class ContextManager(OutputTracking):
         closing = [] if interrupted else store.chat.close_answer(answer)
         kv = [body]
         if closing:
+            store.make_room(llm.block_manager.blocks_to_follow(own, len(closing)))
             end = llm.prefill(closing, [*context, body], position + len(answer), continue_after=own)
             kv.append(end.segment)
         tokens = answer + closing
@@ -580,8 +591,8 @@ class ContextManager(OutputTracking):
         if chunk.layout == "view" or k.shape[1] != chunk.token_count:
             raise InvalidInput(f"{file} does not hold a chunk's own KV")
         if not self.registry.exists(chunk.hash):
-            segment = self.store.llm.write_kv(k, v, chunk.position)
-            self.store.register(chunk, [segment])
+            with self.store.lock:
+                self.store.register(chunk, [self.store.write_pool(k, v, chunk.position)])
         return self.get_chunk(chunk.hash)
 
     # -- helpers ----------------------------------------------------------------------------

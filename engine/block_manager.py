@@ -59,17 +59,28 @@ class BlockManager:
         if segment.length and segment.end_slot() % self.block_size:
             self.claimed[segment.blocks[-1]] = segment.end_slot() % self.block_size
 
+    def _open_tail(self, segment: KVSegment) -> int:
+        """Slot offset in the segment's last block where following tokens can go (0: none)."""
+        if not segment.length:
+            return 0
+        offset = segment.end_slot() % self.block_size
+        return offset if offset and self.claimed[segment.blocks[-1]] == offset else 0
+
+    def blocks_to_follow(self, segment: KVSegment | None, num_tokens: int) -> int:
+        """New blocks for num_tokens that directly follow segment (continue_after) or start
+        afresh (None)."""
+        tail = self._open_tail(segment) if segment is not None else 0
+        return self.blocks_needed(tail, num_tokens) - (1 if tail else 0)
+
     def continue_after(self, segment: KVSegment) -> tuple[list[int], int]:
         """Blocks and start offset for tokens that directly follow `segment` in its last block.
 
         Returns ([], 0) when that tail is full or already taken: the caller starts a new block.
         """
-        if not segment.length:
+        offset = self._open_tail(segment)
+        if not offset:
             return [], 0
-        offset = segment.end_slot() % self.block_size
         last = segment.blocks[-1]
-        if offset == 0 or self.claimed[last] != offset:
-            return [], 0
         self.claimed[last] = self.block_size
         self.retain([last])
         return [last], offset

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from kvchunks.common import ContextWindowExceeded, InvalidInput, KVSegment
+from kvchunks.common import CapacityError, ContextWindowExceeded, InvalidInput, KVSegment
 from kvchunks.engine.block_manager import BlockManager
 from kvchunks.engine.checkpoint import resolve_model
 from kvchunks.engine.config import EngineConfig, ModelConfig
@@ -102,12 +102,16 @@ class LLM:
         position: int | None = None,
         keep_kv: bool = False,
         continue_after: KVSegment | None = None,
+        reserve: bool = False,
     ) -> Sequence:
         """Queue a request that attends to `context` segments, then to its own tokens.
 
         With keep_kv the KV of the prompt and the answer stays in the pool when it finishes
         (`own_segment()`, owned by the caller). continue_after lets its tokens share the last
         block of that segment when they follow it directly, so chunks need not waste blocks.
+        reserve allocates the blocks of the whole answer now (CapacityError if they are not
+        free), so nothing else that allocates from the pool meanwhile can starve it; the
+        blocks it does not use are freed when it finishes.
         """
         if not token_ids:
             raise InvalidInput("empty prompt: give at least one token")
@@ -115,8 +119,18 @@ class LLM:
         self._check_window(seq.position + len(token_ids) + params.max_tokens)
         if continue_after is not None:
             seq.blocks, seq.start = self.block_manager.continue_after(continue_after)
+        if reserve:
+            self._reserve(seq, len(token_ids) + params.max_tokens)
         self.scheduler.add(seq)
         return seq
+
+    def _reserve(self, seq: Sequence, num_tokens: int) -> None:
+        need = self.block_manager.blocks_needed(seq.start, num_tokens) - len(seq.blocks)
+        try:
+            seq.blocks += self.block_manager.allocate(max(need, 0))
+        except CapacityError:
+            self.block_manager.release(seq.blocks)  # the claim on continue_after's block
+            raise
 
     def step(self) -> list[Sequence]:
         """Run one scheduled batch (prefill or decode); return sequences that finished."""
@@ -170,8 +184,7 @@ class LLM:
         self._check_window(seq.position + len(token_ids))
         if continue_after is not None:
             seq.blocks, seq.start = self.block_manager.continue_after(continue_after)
-        need = self.block_manager.blocks_needed(seq.start, len(token_ids)) - len(seq.blocks)
-        seq.blocks += self.block_manager.allocate(max(need, 0))
+        self._reserve(seq, len(token_ids))
         logits = self.runner.run([seq], all_logits=all_logits)
         seq.num_computed = seq.num_tokens
         segment = seq.own_segment()

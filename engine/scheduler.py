@@ -118,15 +118,21 @@ class Scheduler:
     def _finish(self, seq: Sequence) -> None:
         seq.status = Status.FINISHED
         self.running.remove(seq)
-        if not seq.keep_kv:
-            self.blocks.release(seq.blocks)
-            seq.blocks = []
+        self._let_go(seq)
+
+    def _let_go(self, seq: Sequence) -> None:
+        """Free what a finished sequence no longer needs: every block, or with keep_kv the
+        blocks reserved for tokens it never computed."""
+        keep = self.blocks.blocks_needed(seq.start, seq.num_computed) if seq.keep_kv else 0
+        self.blocks.release(seq.blocks[keep:])
+        del seq.blocks[keep:]
 
     def abort(self, seq: Sequence) -> None:
         """Stop a request now; with keep_kv its computed tokens' KV stays with it."""
-        if seq in self.waiting:
-            self.waiting.remove(seq)
         seq.finish_reason = seq.finish_reason or "abort"
         if seq in self.running:
             self._finish(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+            self._let_go(seq)
         seq.status = Status.FINISHED

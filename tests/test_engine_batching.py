@@ -107,3 +107,33 @@ def test_block_manager_reference_counts_and_claims():
     assert bm.num_free == 4
     with pytest.raises(CapacityError):
         bm.allocate(5)
+
+
+def test_a_reserved_request_keeps_its_blocks_and_frees_the_unused_ones(model_path, llm):
+    small = LLM(model_path, EngineConfig(num_blocks=5, block_size=16))
+    small.runner.model = llm.runner.model
+    bm = small.block_manager
+    prompt = random_tokens(20, seed=5)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    expected = llm.generate([prompt], params)[0].token_ids
+    stop = SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[expected[5]])
+    seq = small.add_request(prompt, stop, keep_kv=True, reserve=True)
+    assert bm.num_free == 1  # 20 + 40 tokens: four blocks taken at once
+    others = bm.allocate(1)  # whatever else allocates meanwhile cannot take them
+    assert list(small.stream(seq)) == expected[: expected.index(expected[5]) + 1]
+    own = seq.own_segment()
+    assert own.length == 20 + len(seq.completion_token_ids)
+    assert len(own.blocks) == 2 and bm.num_free == 2  # the unused two went back
+    small.release(own)
+    bm.release(others)
+    assert bm.num_free == 5
+    # Without the reservation the same request starves once the pool is taken.
+    seq = small.add_request(prompt, params, keep_kv=True)
+    others = bm.allocate(5)
+    with pytest.raises(InvalidInput, match="cannot hold"):
+        small.step()
+    small.abort(seq)
+    bm.release(others)
+    with pytest.raises(CapacityError):  # a reservation that does not fit is refused at once
+        small.add_request(random_tokens(90, seed=6), params, keep_kv=True, reserve=True)
+    assert bm.num_free == 5 and small.scheduler.is_finished()

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 
 import pytest
 import torch
 
+from kvchunks.actors.chunk_store import ChunkStore
 from kvchunks.actors.context_manager import ContextManager
 from kvchunks.common import CapacityError
-from kvchunks.engine import SamplingParams
+from kvchunks.engine import LLM, EngineConfig, SamplingParams
 from kvchunks.policies.budgets import TierBudgets
 from kvchunks.store.kv_file import kv_path
 
@@ -193,3 +195,29 @@ def test_bf16_disk_compression_is_declared_and_honoured(make_store):
     k1, _ = kv_of(cm, doc.hash)
     assert k1.dtype == torch.float32 and not torch.equal(k0, k1)
     torch.testing.assert_close(k1, k0, atol=0.1, rtol=0.02)
+
+
+def test_a_generation_keeps_the_room_it_made(model_path, llm, home, monkeypatch):
+    small = LLM(model_path, EngineConfig(num_blocks=8, block_size=16))
+    small.runner.model = llm.runner.model  # same weights, a pool of 8 x 16 tokens
+    store = ChunkStore(home=home, llm=small, prefetch_policy="explicit")
+    cm = ContextManager(store=store)
+    doc = cm.add_chunk(DOC)
+    cm.activate_chunk(doc.hash)
+    expected = cm.generate("Where is the vault?", GREEDY).token_ids
+    idle = [cm.add_chunk(f"Idle fact {i}: the {w} is blue.") for i, w in enumerate("pqrst")]
+    run = cm._run
+
+    def prefetched_first(*args):
+        # What background prefetches may do between a request's admission and its first step:
+        # fill every free block of the pool.
+        for c in idle:
+            with contextlib.suppress(CapacityError):
+                store.move_to_gpu(store.registry.get(c.hash))
+        assert small.block_manager.num_free == 0
+        return run(*args)
+
+    monkeypatch.setattr(cm, "_run", prefetched_first)
+    assert cm.generate("Where is the vault?", GREEDY).token_ids == expected
+    store.close()
+    assert small.block_manager.num_free == 8
