@@ -220,11 +220,12 @@ class ChunkStore:
             if kv is None:
                 self.kv[chunk.hash] = self._recompute(chunk)
             else:
-                self.kv[chunk.hash] = [self._write_pool(*kv, chunk.position)]
+                self.kv[chunk.hash] = [self.write_pool(*kv, chunk.position)]
             self._record_tier(chunk.hash, "gpu")
             return self.kv[chunk.hash]
 
-    def _write_pool(self, k: torch.Tensor, v: torch.Tensor, position: int) -> KVSegment:
+    def write_pool(self, k: torch.Tensor, v: torch.Tensor, position: int) -> KVSegment:
+        """New pool blocks holding K and V, made room for within the gpu budget."""
         self.make_room(self.llm.block_manager.blocks_needed(0, k.shape[1]))
         return self.llm.write_kv(k, v, position)
 
@@ -251,7 +252,13 @@ class ChunkStore:
         if self.registry.missing([chunk.hash]):  # its file went with it: do not make a new one
             raise ChunkNotFound(f"chunk {chunk.hash[:12]} was deleted meanwhile")
         self.stats["recomputes"] += 1
-        parents = self.registry.get_many(chunk.parent_chunks)
+        try:
+            parents = self.registry.get_many(chunk.parent_chunks)
+        except ChunkNotFound as e:
+            raise ChunkNotFound(
+                f"the KV of chunk {chunk.hash[:12]} is lost and cannot be rebuilt: a chunk it "
+                f"was computed after is deleted ({e})"
+            ) from None
         with self.pinning(parents):
             context = self.context_of(parents, chunk.metadata.get("mode", "reuse"))
             try:
@@ -450,8 +457,13 @@ class ChunkStore:
             offset += piece.length
         return len(pieces)
 
-    def _computed_after(self, piece: Piece) -> list[tuple[str, int, int]]:
-        parents = self.registry.get_many(piece.chunk.parent_chunks)
+    def _computed_after(self, piece: Piece) -> list[tuple[str, int, int]] | None:
+        """The layout the piece's KV was computed after; None once a chunk of that layout is
+        deleted (no active layout can match it then)."""
+        try:
+            parents = self.registry.get_many(piece.chunk.parent_chunks)
+        except ChunkNotFound:
+            return None
         before = [p.key() for parent in parents for p in self.pieces(parent)]
         if piece.start:
             before.append((piece.chunk.hash, 0, piece.start))

@@ -312,3 +312,23 @@ def test_delete_with_views_needs_cascade(make_cm):
     with pytest.raises(ChunkNotFound):
         cm.get_chunk(view.hash)
     assert cm.get_chunk(b.hash).ref_count == 0
+
+
+def test_chunks_computed_after_a_deleted_chunk_keep_working(make_cm):
+    cm = make_cm()
+    doc = cm.add_chunk(DOC)
+    cm.activate_chunk(doc.hash)
+    g = cm.generate("Where is the vault?", GREEDY)
+    cm.clear()
+    for c in (g.prompt_chunk, g.output_chunk):
+        cm.activate_chunk(c.hash)
+    modes = ("reuse", "exact", "realign")
+    before = {m: cm.generate("And its code?", GREEDY, mode=m).token_ids for m in modes}
+    cm.delete_chunk(doc.hash)
+    # What the children attend to does not depend on whether their parent still exists.
+    assert {m: cm.generate("And its code?", GREEDY, mode=m).token_ids for m in modes} == before
+    # Their KV cannot be rebuilt without it, though: a lost file says so.
+    cm.archive_to_disk(g.output_chunk.hash)
+    kv_path(cm.store.home, g.output_chunk.hash).unlink()
+    with pytest.raises(ChunkNotFound, match="cannot be rebuilt"):
+        cm.populate(g.output_chunk.hash)
