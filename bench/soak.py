@@ -1,15 +1,18 @@
 """Many clients against one service at once, then proof that nothing went wrong.
 
 Each client works in its own context over the shared pool for --seconds: it loads documents,
-activates and deactivates them (and a few documents every client shares), composes and
-splits them, generates, deletes what it made, and moves chunks between tiers. Afterwards:
+activates and deactivates them (and a few documents every client shares, and its own prompts
+and answers), composes and splits them, generates, deletes what it made, and moves chunks
+between tiers. Afterwards:
 
 - every worker's invariants hold (ChunkStore.violations: reference counts, loadable active
   chunks, pool blocks owned exactly once, no dangling provenance);
 - every chunk a client was told it has, and did not delete, is there with its tokens, and
   its KV loads;
 - every answer equals a sequential replay: the same chunks activated in the same order, in
-  the same mode, the same prompt, one request at a time after the run.
+  the same mode, the same prompt, one request at a time after the run (documents and views
+  deleted meanwhile are made again; an answer that read a prompt or answer chunk deleted
+  since cannot be replayed and is counted as such).
 
 Errors are counted by type; only the documented refusals (below) are expected. Prints one
 JSON object last, with `ops_per_s`, latency percentiles per operation and
@@ -250,6 +253,7 @@ class SoakReport:
     lost: list[str]  # acknowledged chunks that are gone or do not load
     generations: int
     replay_mismatches: list[str]
+    unreplayable: int  # generations that read a prompt or answer chunk deleted since
 
     def summary(self) -> dict:
         def ms(values: list[float], q: float) -> float:
@@ -271,6 +275,7 @@ class SoakReport:
             "lost_chunks": len(self.lost),
             "generations": self.generations,
             "replay_mismatches": len(self.replay_mismatches),
+            "replayed": self.generations - self.unreplayable,
         }
 
 
@@ -303,6 +308,7 @@ def soak(first: Client, workers: list, clients: int, seconds: float) -> SoakRepo
         s.client.clear()  # what was active stays in the pool: room for the checks below
     lost = _lost(first, {h: n for s in soakers for h, n in s.mine.items()} | shared)
     generations = [g for log in logs for g in log.generations]
+    mismatches, unreplayable = _replay(first.with_context("soak-replay"), generations, recipes)
     latencies: dict[str, list[float]] = defaultdict(list)
     for log in logs:
         for op, values in log.latencies.items():
@@ -317,7 +323,8 @@ def soak(first: Client, workers: list, clients: int, seconds: float) -> SoakRepo
         violations=violations,
         lost=lost,
         generations=len(generations),
-        replay_mismatches=_replay(first.with_context("soak-replay"), generations, recipes),
+        replay_mismatches=mismatches,
+        unreplayable=unreplayable,
     )
 
 
@@ -337,19 +344,29 @@ def _lost(client: Client, acknowledged: dict[str, int]) -> list[str]:
     return lost
 
 
-def _replay(client: Client, generations: list[Generation], recipes: dict) -> list[str]:
-    """Each generation again, alone: the same chunks, order, mode and prompt."""
-    mismatches = []
+class Unreplayable(Exception):
+    """A generation attended to an answer or prompt chunk that was deleted since."""
+
+
+def _replay(client: Client, generations: list[Generation], recipes: dict) -> tuple[list[str], int]:
+    """Each generation again, alone: the same chunks, order, mode and prompt. Returns the
+    mismatches and how many generations could not be replayed (see Unreplayable)."""
+    mismatches, unreplayable = [], 0
     for g in generations:
         client.configure(mode=g.mode)
         client.clear()
-        for chunk_hash in g.active:
-            client.activate_chunk(_remade(client, chunk_hash, recipes))
+        try:
+            active = [_remade(client, chunk_hash, recipes) for chunk_hash in g.active]
+        except Unreplayable:
+            unreplayable += 1
+            continue
+        for chunk_hash in active:
+            client.activate_chunk(chunk_hash)
         again = client.generate(g.prompt, ANSWER).token_ids
         if again != g.token_ids:
             mismatches.append(f"{g.prompt!r} in {g.mode}: {g.token_ids} then {again}")
     client.clear()
-    return mismatches
+    return mismatches, unreplayable
 
 
 def _remade(client: Client, chunk_hash: str, recipes: dict) -> str:
@@ -358,6 +375,8 @@ def _remade(client: Client, chunk_hash: str, recipes: dict) -> str:
         return client.get_chunk(chunk_hash).hash
     except ChunkNotFound:
         pass
+    if chunk_hash not in recipes:  # an answer or a prompt: only its generation made it
+        raise Unreplayable(chunk_hash)
     kind, *args = recipes[chunk_hash]
     if kind == "text":
         made = client.add_chunk(args[0])
