@@ -32,11 +32,20 @@ class KVSegment:
     position: int
     shift: int = 0
 
-    def slots(self, block_size: int) -> list[int]:
-        return [
-            self.blocks[(self.start + i) // block_size] * block_size + (self.start + i) % block_size
-            for i in range(self.length)
-        ]
+    def slot_runs(self, block_size: int) -> list[tuple[int, int]]:
+        """The segment's pool slots as (first flat slot, count) runs; blocks that follow one
+        another in the pool make one run, so a copy of the segment is a few large copies."""
+        runs: list[tuple[int, int]] = []
+        at, end = self.start, self.end_slot()
+        while at < end:
+            count = min(block_size - at % block_size, end - at)
+            first = self.blocks[at // block_size] * block_size + at % block_size
+            if runs and sum(runs[-1]) == first:
+                runs[-1] = (runs[-1][0], runs[-1][1] + count)
+            else:
+                runs.append((first, count))
+            at += count
+        return runs
 
     def end_slot(self) -> int:
         """Offset, within the concatenation of `blocks`, just past the last token."""

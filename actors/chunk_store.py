@@ -271,10 +271,7 @@ class ChunkStore:
         return [result.segment]
 
     def read_kv(self, segments: list[KVSegment]) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [self.llm.read_kv(s) for s in segments]
-        if len(parts) == 1:
-            return parts[0]
-        return torch.cat([k for k, _ in parts], 1), torch.cat([v for _, v in parts], 1)
+        return self.llm.read_kv(segments)
 
     def free(self, segments: list[KVSegment]) -> None:
         for seg in segments:

@@ -197,23 +197,34 @@ class LLM:
     def release(self, segment: KVSegment) -> None:
         self.block_manager.release(segment.blocks)
 
-    def read_kv(self, segment: KVSegment) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copies of a segment's K and V, each [layers, tokens, kv_heads, head_dim]."""
-        slots = self.runner.segment_slots(segment)
-        backend = self.runner.backend
-        return backend.k_slots.index_select(1, slots), backend.v_slots.index_select(1, slots)
+    def read_kv(self, segments: Seq[KVSegment]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the segments' K and V in token order, each [layers, tokens, kv_heads,
+        head_dim]: one large copy per run of adjacent slots, not a gather per token."""
+        pool = self._flat_pool()
+        out = pool.new_empty(2, pool.shape[1], sum(s.length for s in segments), *pool.shape[3:])
+        offset = 0
+        for segment in segments:
+            for first, count in segment.slot_runs(self.config.block_size):
+                out[:, :, offset : offset + count] = pool[:, :, first : first + count]
+                offset += count
+        return out[0], out[1]
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, position: int) -> KVSegment:
         """Put K and V [layers, tokens, kv_heads, head_dim] into new pool blocks."""
         n = k.shape[1]
         blocks = self.block_manager.allocate(self.block_manager.blocks_needed(0, n))
         segment = KVSegment(tuple(blocks), 0, n, position)
-        slots = self.runner.segment_slots(segment)
-        dtype, device = self.runner.kv_cache.dtype, self.runner.device
-        self.runner.backend.k_slots.index_copy_(1, slots, k.to(device, dtype))
-        self.runner.backend.v_slots.index_copy_(1, slots, v.to(device, dtype))
+        pool, offset = self._flat_pool(), 0
+        for first, count in segment.slot_runs(self.config.block_size):
+            pool[0, :, first : first + count] = k[:, offset : offset + count]
+            pool[1, :, first : first + count] = v[:, offset : offset + count]
+            offset += count
         self.block_manager.seal(segment)
         return segment
+
+    def _flat_pool(self) -> torch.Tensor:
+        """The pool as [2, layers, slots, kv_heads, head_dim] (a view)."""
+        return self.runner.kv_cache.flatten(2, 3)
 
     def _check_window(self, total: int) -> None:
         if total > self.max_model_len:

@@ -89,10 +89,35 @@ def test_keep_kv_returns_the_answer_kv(llm):
     tokens = list(llm.stream(seq))
     segment = seq.own_segment()
     assert segment.length == 50 and len(tokens) == 10
-    k, v = llm.read_kv(segment)
+    k, v = llm.read_kv([segment])
     fresh = llm.prefill(prompt + tokens)
-    k2, v2 = llm.read_kv(fresh.segment)
+    k2, v2 = llm.read_kv([fresh.segment])
     llm.release(segment)
     llm.release(fresh.segment)
     torch.testing.assert_close(k, k2, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(v, v2, atol=1e-4, rtol=1e-4)
+
+
+def test_kv_reads_and_writes_copy_exactly_the_segments_slots(llm):
+    bm = llm.block_manager
+    a = llm.prefill(random_tokens(300, 21))
+    b = llm.prefill(random_tokens(230, 22), context=[a.segment], continue_after=a.segment)
+    assert b.segment.start == 300 % 256  # b begins mid-block
+    segments = [b.segment.sub(7, 220, 256), a.segment.sub(250, 50, 256)]
+    slots = torch.cat([llm.runner.segment_slots(s) for s in segments])
+    pool = llm.runner.kv_cache.flatten(2, 3)
+    k, v = llm.read_kv(segments)
+    assert torch.equal(k, pool[0].index_select(1, slots))
+    assert torch.equal(v, pool[1].index_select(1, slots))
+    # Make the next two free blocks non-adjacent: p, then p + 2.
+    p, after = bm.allocate(2)
+    bm.release([p])
+    bm.free_ids.rotate(1)
+    copy = llm.write_kv(k, v, position=0)
+    assert copy.blocks == (p, after + 1) and len(copy.slot_runs(256)) == 2
+    k2, v2 = llm.read_kv([copy])
+    assert torch.equal(k2, k) and torch.equal(v2, v)
+    assert torch.equal(pool[0].index_select(1, llm.runner.segment_slots(copy)), k)
+    for s in (a.segment, b.segment, copy):
+        llm.release(s)
+    bm.release([after])
