@@ -15,8 +15,9 @@ than per layer, because a chunk is always loaded whole and two entries keep the 
     record         base64 of the msgpack chunk record (ChunkInfo.to_record)
     record_sha256  SHA-256 of those msgpack bytes, so a flipped token id is caught too
 
-Readers parse the header themselves, with size limits, before safetensors sees the file, and
-every problem is a ChunkFileError with one line. Nothing here uses pickle or torch.load.
+Readers parse and check the header themselves, with size limits, and take the tensors as
+views of the checked byte spans; every problem is a ChunkFileError with one line. Nothing here
+uses pickle or torch.load.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import os
 import secrets
 import struct
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -48,6 +50,7 @@ _STORED = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # safetensor
 _ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
 COMPRESSIONS = ("none", "bf16")
 MAX_HEADER_BYTES = 64 << 20  # a record holds token ids and text: far below this
+_READ_STEP = 4 << 20  # bytes read per call while the previous ones are hashed
 _META_KEYS = (
     "format",
     "version",
@@ -136,23 +139,45 @@ def read_kv_file(
     path = Path(path)
     with _open(path) as f:
         # Check the header (sizes included) and the expectations before reading the KV.
-        header, _ = _parse(f, os.fstat(f.fileno()).st_size, path)
+        size = os.fstat(f.fileno()).st_size
+        header, spans = _parse(f, size, path)
         _check_expected(header, path, expect_fingerprint, expect_dtype, expect_shape)
         f.seek(0)
-        data = f.read()
+        data = bytearray(size)
+        digest = _read_hashed(f, data, spans, path)
     # Parse again from the bytes in hand, so the header and the KV come from one read.
-    header, spans = _parse(io.BytesIO(data), len(data), path)
-    digest = hashlib.sha256()
-    for start, end in spans:
-        digest.update(memoryview(data)[start:end])
-    if digest.hexdigest() != header.sha256:
+    (length,) = struct.unpack_from("<Q", data)
+    again = _parse(io.BytesIO(data[: 8 + min(length, MAX_HEADER_BYTES)]), size, path)
+    if again != (header, spans):
+        raise ChunkFileError(f"chunk file {path} changed while it was read")
+    if digest != header.sha256:
         raise ChunkFileError(f"chunk file {path} is corrupted: its KV fails the SHA-256 check")
-    try:
-        tensors = safetensors.torch.load(data)
-    except Exception as e:  # safetensors raises its own error types for malformed files
-        raise ChunkFileError(f"chunk file {path} cannot be parsed: {_one_line(e)}") from e
-    dtype = DTYPES[header.dtype]
-    return tensors["k"].to(dtype), tensors["v"].to(dtype), header.record, header
+    # The spans' dtype, shape and bounds are checked: the tensors are views of the buffer.
+    stored = torch.bfloat16 if header.compression == "bf16" else DTYPES[header.dtype]
+    k, v = (
+        torch.frombuffer(data, dtype=stored, count=(end - start) // stored.itemsize, offset=start)
+        .view(header.shape)
+        .to(DTYPES[header.dtype])
+        for start, end in spans
+    )
+    return k, v, header.record, header
+
+
+def _read_hashed(f: BinaryIO, data: bytearray, spans: list[tuple[int, int]], path: Path) -> str:
+    """Read the file into `data` while a second thread hashes the spans already read: reads
+    and SHA-256 release the GIL, so the check costs little more than the read from disk."""
+    view, digest, done = memoryview(data), hashlib.sha256(), 0
+    with ThreadPoolExecutor(1, thread_name_prefix="kvchunks-sha256") as hasher:
+        while done < len(data):
+            n = f.readinto(view[done : done + _READ_STEP])
+            if not n:
+                raise ChunkFileError(f"chunk file {path} changed size while it was read")
+            for start, end in spans:  # in file order, so the digest sees k, then v
+                lo, hi = max(start, done), min(end, done + n)
+                if lo < hi:
+                    hasher.submit(digest.update, view[lo:hi])
+            done += n
+    return digest.hexdigest()
 
 
 def _check_tensors(
