@@ -102,22 +102,25 @@ def test_kv_reads_and_writes_copy_exactly_the_segments_slots(llm):
     bm = llm.block_manager
     a = llm.prefill(random_tokens(300, 21))
     b = llm.prefill(random_tokens(230, 22), context=[a.segment], continue_after=a.segment)
-    assert b.segment.start == 300 % 256  # b begins mid-block
-    segments = [b.segment.sub(7, 220, 256), a.segment.sub(250, 50, 256)]
-    slots = torch.cat([llm.runner.segment_slots(s) for s in segments])
-    pool = llm.runner.kv_cache.flatten(2, 3)
-    k, v = llm.read_kv(segments)
-    assert torch.equal(k, pool[0].index_select(1, slots))
-    assert torch.equal(v, pool[1].index_select(1, slots))
-    # Make the next two free blocks non-adjacent: p, then p + 2.
-    p, after = bm.allocate(2)
-    bm.release([p])
-    bm.free_ids.rotate(1)
-    copy = llm.write_kv(k, v, position=0)
-    assert copy.blocks == (p, after + 1) and len(copy.slot_runs(256)) == 2
-    k2, v2 = llm.read_kv([copy])
-    assert torch.equal(k2, k) and torch.equal(v2, v)
-    assert torch.equal(pool[0].index_select(1, llm.runner.segment_slots(copy)), k)
-    for s in (a.segment, b.segment, copy):
-        llm.release(s)
-    bm.release([after])
+    made = [a.segment, b.segment]
+    try:
+        assert b.segment.start == 300 % 256  # b begins mid-block
+        segments = [b.segment.sub(7, 220, 256), a.segment.sub(250, 50, 256)]
+        slots = torch.cat([llm.runner.segment_slots(s) for s in segments])
+        pool = llm.runner.kv_cache.flatten(2, 3)
+        k, v = llm.read_kv(segments)
+        assert torch.equal(k, pool[0].index_select(1, slots))
+        assert torch.equal(v, pool[1].index_select(1, slots))
+        # The next two blocks handed out are not adjacent in the pool.
+        first = bm.free_ids[0]
+        second = next(x for x in bm.free_ids if x not in (first, first + 1))
+        bm.free_ids.remove(second)
+        bm.free_ids.insert(1, second)
+        made.append(llm.write_kv(k, v, position=0))
+        assert made[-1].blocks == (first, second) and len(made[-1].slot_runs(256)) == 2
+        k2, v2 = llm.read_kv([made[-1]])
+        assert torch.equal(k2, k) and torch.equal(v2, v)
+        assert torch.equal(pool[0].index_select(1, llm.runner.segment_slots(made[-1])), k)
+    finally:
+        for s in made:
+            llm.release(s)
