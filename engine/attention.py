@@ -114,7 +114,14 @@ class TorchAttention:
         if batch.key_cos is not None:
             ks = rotate(ks.flatten(0, 1), batch.key_cos.flatten(0, 1), batch.key_sin.flatten(0, 1))
             ks = ks.view_as(vs)
-        return _sdpa(q.index_select(0, batch.rows)[:, None], ks, vs, batch.mask)[:, 0]
+        # One query per head: the heads that share a KV head become the query rows of one
+        # attention over it, the same sums as GQA without expanding K and V per head.
+        rows = q.index_select(0, batch.rows)
+        grouped = rows.view(len(rows), ks.shape[2], -1, rows.shape[-1])
+        out = F.scaled_dot_product_attention(
+            grouped, ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=batch.mask
+        )
+        return out.view_as(rows)
 
 
 def _sdpa(q, k, v, mask) -> torch.Tensor:
