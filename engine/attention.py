@@ -36,7 +36,7 @@ class SequenceAttention:
 class DecodeBatch:
     """Sequences that each decode one token, keys padded to one length for one kernel."""
 
-    rows: torch.Tensor  # [B] which rows of the batch these are
+    rows: slice  # which rows of the batch these are
     key_slots: torch.Tensor  # [B, T] (padding points at slot 0 and is masked out)
     mask: torch.Tensor  # [B, 1, 1, T] bool
     key_cos: torch.Tensor | None = None  # [B, T, 1, head_dim]
@@ -77,7 +77,7 @@ class TorchAttention:
         out = torch.empty_like(q)
         if meta.decode is not None:
             for group in meta.decode:
-                out.index_copy_(0, group.rows, self._decode(q, k_cache, v_cache, group))
+                out[group.rows] = self._decode(q[group.rows], k_cache, v_cache, group)
             return out
         for s in meta.sequences:
             qs = q[s.query_start : s.query_end]
@@ -105,7 +105,7 @@ class TorchAttention:
         return ks, vs
 
     @staticmethod
-    def _decode(q, k_cache, v_cache, batch: DecodeBatch) -> torch.Tensor:
+    def _decode(rows, k_cache, v_cache, batch: DecodeBatch) -> torch.Tensor:
         # index_select on the flat slot list is far faster than 2-D advanced indexing on CPU.
         flat = batch.key_slots.flatten()
         shape = (*batch.key_slots.shape, *k_cache.shape[1:])  # [B, T, kv_heads, D]
@@ -116,7 +116,6 @@ class TorchAttention:
             ks = ks.view_as(vs)
         # One query per head: the heads that share a KV head become the query rows of one
         # attention over it, the same sums as GQA without expanding K and V per head.
-        rows = q.index_select(0, batch.rows)
         grouped = rows.view(len(rows), ks.shape[2], -1, rows.shape[-1])
         out = F.scaled_dot_product_attention(
             grouped, ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=batch.mask

@@ -72,9 +72,19 @@ class ModelRunner:
         Logits are one row per sequence (its last token), or one row per new token when
         all_logits is set.
         """
+        decode = (
+            self.backend.padded_decode
+            and not all_logits
+            and all(seq.num_tokens - seq.num_computed == 1 for seq in seqs)
+        )
+        # Decoding sequences are laid out by key count, so each padded group is a slice.
+        order = range(len(seqs))
+        if decode:
+            order = sorted(order, key=lambda i: _num_keys(seqs[i]))
         input_ids, positions, slots, per_seq = [], [], [], []
-        offset = 0
-        for seq in seqs:
+        last_rows, offset = [0] * len(seqs), 0
+        for i in order:
+            seq = seqs[i]
             first, last = seq.num_computed, seq.num_tokens
             input_ids += seq.token_ids[first:last]
             positions.append(torch.arange(seq.position + first, seq.position + last))
@@ -82,15 +92,16 @@ class ModelRunner:
             slots.append(own[first:])
             per_seq.append(self._sequence_attention(seq, own, offset, offset + last - first))
             offset += last - first
+            last_rows[i] = offset - 1
         pos = torch.cat(positions).to(self.device)
         cos, sin = cos_sin(self.inv_freq, pos, self.config.torch_dtype)
         meta = AttentionMetadata(torch.cat(slots), cos, sin, per_seq)
-        if self.backend.padded_decode and all(s.query_end - s.query_start == 1 for s in per_seq):
+        if decode:
             meta.decode = self._decode_groups(per_seq)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         hidden = self.model(ids, meta, self.backend)
         if not all_logits:
-            hidden = hidden[[s.query_end - 1 for s in per_seq]]
+            hidden = hidden[last_rows]  # one row per sequence, in the order given
         return self.model.logits(hidden)
 
     def _own_slots(self, seq: Sequence, num_tokens: int) -> torch.Tensor:
@@ -120,18 +131,19 @@ class ModelRunner:
         return cos_sin(self.inv_freq, torch.cat(shifts).to(self.device), self.config.torch_dtype)
 
     def _decode_groups(self, per_seq: list[SequenceAttention]) -> list[DecodeBatch]:
-        """Sequences sorted by key count and padded in small groups: one kernel per group
+        """Sequences (sorted by key count) padded in small groups: one kernel per group
         wastes far less on padding than one for the whole batch (measured fastest at ~8)."""
-        order = sorted(range(len(per_seq)), key=lambda i: per_seq[i].key_slots.numel())
-        groups = [order[i : i + DECODE_GROUP] for i in range(0, len(order), DECODE_GROUP)]
-        return [self._decode_batch([per_seq[i] for i in g], g) for g in groups]
+        return [
+            self._decode_batch(per_seq[i : i + DECODE_GROUP], i)
+            for i in range(0, len(per_seq), DECODE_GROUP)
+        ]
 
-    def _decode_batch(self, per_seq: list[SequenceAttention], rows: list[int]) -> DecodeBatch:
+    def _decode_batch(self, per_seq: list[SequenceAttention], first_row: int) -> DecodeBatch:
         key_slots = pad_sequence([s.key_slots for s in per_seq], batch_first=True)
         lengths = torch.tensor([s.key_slots.numel() for s in per_seq], device=self.device)
         valid = torch.arange(key_slots.shape[1], device=self.device)[None, :] < lengths[:, None]
         batch = DecodeBatch(
-            torch.tensor(rows, device=self.device), key_slots, valid[:, None, None, :]
+            slice(first_row, first_row + len(per_seq)), key_slots, valid[:, None, None, :]
         )
         if any(s.key_cos is not None for s in per_seq):
             no_cos, no_sin = cos_sin(
@@ -144,3 +156,8 @@ class ModelRunner:
             batch.key_cos = pad_sequence([c for c, _ in tables], batch_first=True)
             batch.key_sin = pad_sequence([s for _, s in tables], batch_first=True)
         return batch
+
+
+def _num_keys(seq: Sequence) -> int:
+    """How many keys the sequence's next token attends to."""
+    return sum(segment.length for segment in seq.context) + seq.num_tokens
