@@ -7,12 +7,11 @@ The model writes each new token's K/V into the pool first (slot mapping), then a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from kvchunks.engine.rotary import rotate
 
@@ -30,6 +29,18 @@ class SequenceAttention:
     fresh: bool
     key_cos: torch.Tensor | None = None  # [T, 1, head_dim] RoPE delta of shifted segments
     key_sin: torch.Tensor | None = None
+    _mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def mask(self) -> torch.Tensor | None:
+        """That lower-right causal mask [queries, keys] (None when fresh: plain causal), built
+        on first use and shared by every layer."""
+        if self.fresh:
+            return None
+        if self._mask is None:
+            n, t = self.query_end - self.query_start, self.key_slots.numel()
+            ones = torch.ones(n, t, dtype=torch.bool, device=self.key_slots.device)
+            self._mask = ones.tril(t - n)
+        return self._mask
 
 
 @dataclass
@@ -82,8 +93,7 @@ class TorchAttention:
         for s in meta.sequences:
             qs = q[s.query_start : s.query_end]
             ks, vs = self.keys(s, k, v, k_cache, v_cache)
-            mask = None if s.fresh else causal_lower_right(len(qs), len(ks))
-            out[s.query_start : s.query_end] = _sdpa(qs[None], ks[None], vs[None], mask)[0]
+            out[s.query_start : s.query_end] = _sdpa(qs[None], ks[None], vs[None], s.mask())[0]
         return out
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
