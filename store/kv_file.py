@@ -167,16 +167,19 @@ def _read_hashed(f: BinaryIO, data: bytearray, spans: list[tuple[int, int]], pat
     """Read the file into `data` while a second thread hashes the spans already read: reads
     and SHA-256 release the GIL, so the check costs little more than the read from disk."""
     view, digest, done = memoryview(data), hashlib.sha256(), 0
+    unhashed = list(spans)  # k, then v (the digest's order, whatever the file's), as read
     with ThreadPoolExecutor(1, thread_name_prefix="kvchunks-sha256") as hasher:
         while done < len(data):
             n = f.readinto(view[done : done + _READ_STEP])
             if not n:
                 raise ChunkFileError(f"chunk file {path} changed size while it was read")
-            for start, end in spans:  # in file order, so the digest sees k, then v
-                lo, hi = max(start, done), min(end, done + n)
-                if lo < hi:
-                    hasher.submit(digest.update, view[lo:hi])
             done += n
+            while unhashed and unhashed[0][0] < done:
+                start, end = unhashed.pop(0)
+                hasher.submit(digest.update, view[start : min(end, done)])
+                if end > done:  # the rest of this span once it is read
+                    unhashed.insert(0, (done, end))
+                    break
     return digest.hexdigest()
 
 
@@ -373,7 +376,3 @@ def _check_expected(
             f"chunk file {path} has KV shape {kv.shape}, expected {tuple(shape)} "
             "(layers, tokens, kv_heads, head_dim)"
         )
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__

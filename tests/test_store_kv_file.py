@@ -283,3 +283,17 @@ def test_overwrite_replaces_the_whole_file(kv_file):
     write_kv_file(kv_file, k, v, make_record(), OTHER_FP)
     k2, _, _, header = read_kv_file(kv_file, expect_fingerprint=OTHER_FP)
     assert header.dtype == "bfloat16" and torch.equal(k2, k)
+
+
+def test_v_stored_before_k_and_read_in_small_steps_verifies(kv_file, monkeypatch):
+    from kvchunks.store import kv_file as module
+
+    header, body = raw_header(kv_file)
+    (k0, k1), (v0, v1) = header["k"]["data_offsets"], header["v"]["data_offsets"]
+    header["v"]["data_offsets"] = [0, v1 - v0]  # a valid safetensors layout, v's bytes first
+    header["k"]["data_offsets"] = [v1 - v0, v1 - v0 + k1 - k0]
+    write_raw(kv_file, header, body[v0:v1] + body[k0:k1])
+    monkeypatch.setattr(module, "_READ_STEP", 100)  # the checksum is taken over many reads
+    k, v, _, _ = read_kv_file(kv_file, expect_fingerprint=FP)
+    want_k, want_v = make_kv()
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)
