@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 from kvchunks.common import CapacityError, KVSegment
 
 
@@ -21,7 +19,9 @@ class BlockManager:
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
         self.claimed = [0] * num_blocks
-        self.free_ids: deque[int] = deque(range(num_blocks))
+        # A stack: the blocks freed last are handed out first, while they are still in the
+        # caches, and blocks freed together come back in their old order (one run of slots).
+        self.free_ids: list[int] = list(range(num_blocks - 1, -1, -1))
 
     @property
     def num_free(self) -> int:
@@ -35,7 +35,7 @@ class BlockManager:
             raise CapacityError(
                 f"KV pool full: need {n} blocks, {len(self.free_ids)} free of {self.num_blocks}"
             )
-        blocks = [self.free_ids.popleft() for _ in range(n)]
+        blocks = [self.free_ids.pop() for _ in range(n)]
         for b in blocks:
             self.ref_counts[b] = 1
             self.claimed[b] = self.block_size
@@ -47,7 +47,7 @@ class BlockManager:
             self.ref_counts[b] += 1
 
     def release(self, blocks: list[int] | tuple[int, ...]) -> None:
-        for b in blocks:
+        for b in reversed(blocks):
             assert self.ref_counts[b] > 0, f"double free of block {b}"
             self.ref_counts[b] -= 1
             if self.ref_counts[b] == 0:

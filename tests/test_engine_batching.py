@@ -109,6 +109,16 @@ def test_block_manager_reference_counts_and_claims():
         bm.allocate(5)
 
 
+def test_blocks_freed_last_are_handed_out_first_in_their_old_order():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    assert bm.allocate(3) == [0, 1, 2]  # a fresh pool hands out adjacent blocks
+    middle = bm.allocate(3)
+    bm.allocate(1)
+    bm.release(middle)
+    assert bm.allocate(3) == middle  # still in the caches, and still one run of slots
+    assert bm.allocate(1) == [7]
+
+
 def test_a_reserved_request_keeps_its_blocks_and_frees_the_unused_ones(model_path, llm):
     small = LLM(model_path, EngineConfig(num_blocks=5, block_size=16))
     small.runner.model = llm.runner.model

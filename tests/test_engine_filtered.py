@@ -112,10 +112,10 @@ def test_kv_reads_and_writes_copy_exactly_the_segments_slots(llm):
         assert torch.equal(k, pool[0].index_select(1, slots))
         assert torch.equal(v, pool[1].index_select(1, slots))
         # The next two blocks handed out are not adjacent in the pool.
-        first = bm.free_ids[0]
+        first = bm.free_ids[-1]
         second = next(x for x in bm.free_ids if x not in (first, first + 1))
         bm.free_ids.remove(second)
-        bm.free_ids.insert(1, second)
+        bm.free_ids.insert(len(bm.free_ids) - 1, second)
         made.append(llm.write_kv(k, v, position=0))
         assert made[-1].blocks == (first, second) and len(made[-1].slot_runs(256)) == 2
         k2, v2 = llm.read_kv([made[-1]])
