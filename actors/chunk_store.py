@@ -49,6 +49,7 @@ from kvchunks.store.kv_file import kv_path, read_kv_file, remove_partial_files, 
 from kvchunks.store.redis_server import close as close_redis
 from kvchunks.store.redis_server import connect
 from kvchunks.store.registry import ChunkRegistry
+from kvchunks.store.tier_records import TierRecords
 
 MODES = ("exact", "reuse", "realign")
 TIER_ORDER = ("gpu", "cpu", "disk")
@@ -107,6 +108,7 @@ class ChunkStore:
         remove_partial_files(self.home)  # left by a process killed while writing KV
         self._redis = connect(self.home, redis_url)
         self.registry = ChunkRegistry(self._redis, namespace)
+        self.tier_records = TierRecords(self.registry)
         self.fingerprint = self._fingerprint()
         self.kv: dict[str, list[KVSegment]] = {}  # resident KV of chunks that own KV
         self.stats: Counter[str] = Counter()
@@ -152,7 +154,7 @@ class ChunkStore:
     # -- records --------------------------------------------------------------------------
 
     def get(self, ref: str, context: str | None = None) -> ChunkInfo:
-        return self.describe(self.registry.get(self.registry.resolve(ref), context))
+        return self.describe(self.registry.find(ref, context))
 
     def describe(self, chunk: ChunkInfo) -> ChunkInfo:
         """Fill in what only this process knows: whether and where its KV is in the pool."""
@@ -367,7 +369,7 @@ class ChunkStore:
             self._drop_to_disk(victim)
 
     def _record_tier(self, chunk_hash: str, tier: str) -> None:
-        self.registry.set_tier(chunk_hash, tier)
+        self.tier_records.record(chunk_hash, tier)
 
     def restore_tiers(self) -> None:
         """Bring back what was in the gpu and cpu tiers when the store last ran (called when
@@ -632,6 +634,7 @@ class ChunkStore:
         return self.describe(self.registry.get(address))
 
     def delete(self, chunk: ChunkInfo) -> None:
+        self.tier_records.flush()  # none may land on a chunk made again with this hash
         self.registry.delete(chunk.hash)
         if chunk.layout == "view":
             for source in chunk.parent_chunks:
@@ -656,6 +659,7 @@ class ChunkStore:
             with self.lock:
                 for resident in list(self.kv):
                     self.evict(resident)
+        self.tier_records.close()
         close_redis(self._redis)
 
     def violations(self) -> list[str]:

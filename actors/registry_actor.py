@@ -39,7 +39,7 @@ WRITES = (
     "deactivate",
     "clear_context",
     "update_settings",
-    "set_tier",
+    "set_tiers",
 )
 READS = (
     "get",
@@ -47,6 +47,7 @@ READS = (
     "exists",
     "missing",
     "resolve",
+    "find",
     "list_chunks",
     "by_content",
     "parents",

@@ -281,6 +281,17 @@ class ChunkRegistry:
         return matches[0]
 
     @_redis_errors
+    def find(self, ref: str, context: str | None = None) -> ChunkInfo:
+        """The chunk a full hash or a unique prefix names (a full hash costs one lookup)."""
+        full = ref.strip().lower() if isinstance(ref, str) else ""
+        if not is_hash(full):
+            return self.get(self.resolve(ref), context)
+        chunk = self._load_many([full], context)[0]
+        if chunk is None:
+            raise ChunkNotFound(f"no chunk has hash or prefix '{full}'")
+        return chunk
+
+    @_redis_errors
     def list_chunks(
         self, pattern: str | None = None, tag: str | None = None, context: str | None = None
     ) -> list[ChunkInfo]:
@@ -345,12 +356,16 @@ class ChunkRegistry:
         return bool(added)
 
     @_redis_errors
-    def set_tier(self, chunk_hash: str, tier: str) -> bool:
-        """Record where the chunk's KV is; False if the chunk does not exist (any more)."""
-        if tier not in TIERS:
-            raise InvalidInput(f"unknown tier {tier!r}; use one of {', '.join(TIERS)}")
-        keys = [self._chunk_key(chunk_hash), self._key("tiers")]
-        return bool(self._set_tier_script(keys=keys, args=[chunk_hash, tier]))
+    def set_tiers(self, tiers: dict[str, str]) -> None:
+        """Record where chunks' KV is (hash -> tier); chunks deleted meanwhile are skipped."""
+        unknown = sorted(set(tiers.values()) - set(TIERS))
+        if unknown:
+            raise InvalidInput(f"unknown tier {unknown[0]!r}; use one of {', '.join(TIERS)}")
+        pipe = self._redis.pipeline(transaction=False)
+        for chunk_hash, tier in tiers.items():
+            keys = [self._chunk_key(chunk_hash), self._key("tiers")]
+            self._set_tier_script(keys=keys, args=[chunk_hash, tier], client=pipe)
+        pipe.execute()
 
     @_redis_errors
     def deactivate(self, context: str, chunk_hash: str) -> bool:

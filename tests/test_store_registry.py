@@ -13,11 +13,13 @@ from kvchunks.common import (
     ChunkNotFound,
     ConcurrentChange,
     InvalidInput,
+    RegistryUnavailable,
 )
 from kvchunks.store.chunk import ChunkInfo, SourceSpan
 from kvchunks.store.hashing import chunk_hash, content_hash, context_hash, model_fingerprint
 from kvchunks.store.redis_server import close, connect_embedded
 from kvchunks.store.registry import ChunkRegistry
+from kvchunks.store.tier_records import TierRecords
 
 FP = model_fingerprint("LlamaForCausalLM", "ab" * 32, "float32", 256)
 
@@ -225,6 +227,34 @@ def test_update_changes_only_updatable_fields(reg):
     with pytest.raises(InvalidInput):
         reg.update(chunk.hash, tier="tape")
     assert reg.get(chunk.hash).tier == "disk"
+
+
+def test_tier_records_land_in_order_and_wait_out_a_failing_redis(reg, monkeypatch):
+    a, b = make_chunk([1]), make_chunk([2])
+    for chunk in (a, b):
+        reg.put(chunk)
+    records = TierRecords(reg)
+    for tier in ("gpu", "cpu", "disk", "cpu"):
+        records.record(a.hash, tier)
+    records.record(b.hash, "gpu")
+    records.record(fake_hash("ee"), "cpu")  # no such chunk: skipped
+    with pytest.raises(InvalidInput):
+        records.record(a.hash, "tape")
+    records.flush()
+    assert reg.get(a.hash).tier == "cpu" and reg.get(b.hash).tier == "gpu"
+    assert not reg.exists(fake_hash("ee"))
+
+    def refuse(tiers):
+        raise RegistryUnavailable("the chunk registry's Redis failed: down")
+
+    monkeypatch.setattr(reg, "set_tiers", refuse)
+    records.record(a.hash, "disk")
+    records.flush()
+    assert reg.get(a.hash).tier == "cpu"
+    monkeypatch.undo()
+    records.record(b.hash, "cpu")
+    records.close()
+    assert reg.get(a.hash).tier == "disk" and reg.get(b.hash).tier == "cpu"
 
 
 def test_contexts_are_ordered_idempotent_and_independent(reg):

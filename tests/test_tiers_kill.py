@@ -16,8 +16,8 @@ DOC = "The secret code of the vault is 4817. The vault is hidden under the old m
 
 # Makes a chunk, saves its KV as the reference, then archives it and is SIGKILLed at `point`:
 #   writing    the chunk's file was lost, the new one is written but not yet renamed
-#   recording  the pool blocks are freed, the tier is not yet recorded
-#   recorded   the tier "disk" is recorded, the call has not returned
+#   recording  the call returned, the tier is not yet recorded
+#   recorded   the tier "disk" is recorded, the records are not yet flushed
 CHILD = """
 import os, signal, sys
 import safetensors.torch
@@ -33,19 +33,21 @@ chunk = cm.add_chunk(text)
 k, v = store.read_kv(store.segments(chunk))
 safetensors.torch.save_file({"k": k, "v": v}, reference)
 print(chunk.hash, flush=True)
+store.tier_records.flush()
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
-set_tier = ChunkRegistry.set_tier
+set_tiers = ChunkRegistry.set_tiers
 if point == "writing":
     kv_file.kv_path(store.home, chunk.hash).unlink()
     kv_file.os.replace = die
 elif point == "recording":
-    ChunkRegistry.set_tier = die
+    ChunkRegistry.set_tiers = die
 else:
-    ChunkRegistry.set_tier = lambda self, *a: (set_tier(self, *a), die())
+    ChunkRegistry.set_tiers = lambda self, *a: (set_tiers(self, *a), die())
 cm.archive_to_disk(chunk.hash)
+store.tier_records.flush()
 print("archived: not killed", flush=True)
 """
 
