@@ -192,7 +192,7 @@ class ContextManager(OutputTracking):
         ]
 
     def get_chunk(self, ref: str) -> ChunkInfo:
-        return self._view(self.registry.resolve(ref))
+        return self.store.describe(self.registry.find(ref, self.context_name))
 
     def list_chunks(self, pattern: str | None = None, tag: str | None = None) -> list[ChunkInfo]:
         chunks = self.registry.list_chunks(pattern, tag, self.context_name)
@@ -238,7 +238,7 @@ class ContextManager(OutputTracking):
 
     def delete_chunk(self, ref: str, cascade: bool = False) -> list[str]:
         """Delete a chunk for good; views over it are refused unless cascade. Returns hashes."""
-        chunk = self.registry.get(self.registry.resolve(ref))
+        chunk = self.registry.find(ref)
         views = self._views_over(chunk.hash)
         if views and not cascade:
             shown = ", ".join(v[:12] for v in views)
@@ -260,14 +260,14 @@ class ContextManager(OutputTracking):
         """One chunk that reads the given chunks' KV in order (a view: nothing is copied)."""
         if len(refs) < 2:
             raise InvalidInput("compose needs at least two chunks")
-        chunks = [self.registry.get(self.registry.resolve(r)) for r in refs]
+        chunks = [self.registry.find(r) for r in refs]
         spans = [s for c in chunks for s in _spans(c)]
         view = self.store.make_view("composed", spans, tags=[check_tag(t) for t in tags or []])
         return self._view(view.hash)
 
     def split_chunk(self, ref: str, at: int) -> tuple[ChunkInfo, ChunkInfo]:
         """Two views of the chunk, split before token `at`."""
-        chunk = self.registry.get(self.registry.resolve(ref))
+        chunk = self.registry.find(ref)
         if not isinstance(at, int) or not 0 < at < chunk.token_count:
             raise InvalidInput(f"split point must be between 1 and {chunk.token_count - 1}")
         spans = _spans(chunk)
@@ -283,21 +283,21 @@ class ContextManager(OutputTracking):
 
     def move_to_gpu(self, ref: str) -> ChunkInfo:
         """Put the chunk's KV in the engine's pool (a view: its sources')."""
-        chunk = self.registry.get(self.registry.resolve(ref))
+        chunk = self.registry.find(ref, self.context_name)
         self.store.move_to_gpu(chunk)
-        return self._view(chunk.hash)
+        return self.store.describe(chunk)
 
     def move_to_cpu(self, ref: str) -> ChunkInfo:
         """Keep the chunk's KV in host memory, freeing its pool blocks."""
-        chunk = self.registry.get(self.registry.resolve(ref))
+        chunk = self.registry.find(ref, self.context_name)
         self.store.move_to_cpu(chunk)
-        return self._view(chunk.hash)
+        return self.store.describe(chunk)
 
     def archive_to_disk(self, ref: str) -> ChunkInfo:
         """Keep the chunk's KV only in its file, freeing pool blocks and host memory."""
-        chunk = self.registry.get(self.registry.resolve(ref))
+        chunk = self.registry.find(ref, self.context_name)
         self.store.archive_to_disk(chunk)
-        return self._view(chunk.hash)
+        return self.store.describe(chunk)
 
     def prefetch(self, ref: str) -> ChunkInfo:
         """Start bringing the chunk's KV into the pool in the background."""
@@ -554,7 +554,7 @@ class ContextManager(OutputTracking):
 
         A relative path lands in `<home>/exports`; it may not climb out of it.
         """
-        chunk = self.registry.get(self.registry.resolve(ref))
+        chunk = self.registry.find(ref)
         if chunk.layout == "view":
             raise InvalidInput("a view has no KV of its own: export the chunks it reads")
         target = self._export_path(path)
