@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import safetensors.torch
 import torch
 
 from kvchunks.common import ChunkFileError, InvalidInput
@@ -50,7 +49,8 @@ _STORED = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # safetensor
 _ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
 COMPRESSIONS = ("none", "bf16")
 MAX_HEADER_BYTES = 64 << 20  # a record holds token ids and text: far below this
-_READ_STEP = 4 << 20  # bytes read per call while the previous ones are hashed
+_READ_STEP = 2 << 20  # bytes read per call while the previous ones are hashed
+_UNHASHED = "0" * 64  # the checksum's place in a header being written
 _META_KEYS = (
     "format",
     "version",
@@ -97,11 +97,8 @@ def write_kv_file(
     if compression not in COMPRESSIONS:
         raise InvalidInput(f"unknown compression {compression!r}; use one of {COMPRESSIONS}")
     stored_dtype = torch.bfloat16 if compression == "bf16" else k.dtype
-    tensors = {
-        name: t.detach().to("cpu", stored_dtype).contiguous() for name, t in (("k", k), ("v", v))
-    }
+    tensors = [t.detach().to("cpu", stored_dtype).contiguous() for t in (k, v)]
     packed = pack_record(record)
-    header = KVHeader(fingerprint, dtype, compression, shape, _tensor_sha256(tensors), record)
     metadata = {
         "format": FORMAT,
         "version": VERSION,
@@ -109,14 +106,14 @@ def write_kv_file(
         "dtype": dtype,
         "compression": compression,
         "shape": ",".join(map(str, shape)),
-        "sha256": header.sha256,
+        "sha256": _UNHASHED,
         "record": base64.b64encode(packed).decode("ascii"),
         "record_sha256": hashlib.sha256(packed).hexdigest(),
     }
     if len(metadata["record"]) > MAX_HEADER_BYTES // 2:
         raise InvalidInput(f"chunk record too large for a KV file ({len(packed)} bytes)")
-    _atomic_save(path, tensors, metadata)
-    return header
+    digest = _atomic_save(path, _safetensors_header(tensors, metadata), tensors)
+    return KVHeader(fingerprint, dtype, compression, shape, digest, record)
 
 
 def read_kv_header(path: Path) -> KVHeader:
@@ -143,11 +140,11 @@ def read_kv_file(
         header, spans = _parse(f, size, path)
         _check_expected(header, path, expect_fingerprint, expect_dtype, expect_shape)
         f.seek(0)
-        data = bytearray(size)
+        data = memoryview(torch.empty(size, dtype=torch.uint8).numpy())  # not zeroed: all read
         digest = _read_hashed(f, data, spans, path)
     # Parse again from the bytes in hand, so the header and the KV come from one read.
     (length,) = struct.unpack_from("<Q", data)
-    again = _parse(io.BytesIO(data[: 8 + min(length, MAX_HEADER_BYTES)]), size, path)
+    again = _parse(io.BytesIO(data[: 8 + min(length, MAX_HEADER_BYTES)].tobytes()), size, path)
     if again != (header, spans):
         raise ChunkFileError(f"chunk file {path} changed while it was read")
     if digest != header.sha256:
@@ -163,20 +160,20 @@ def read_kv_file(
     return k, v, header.record, header
 
 
-def _read_hashed(f: BinaryIO, data: bytearray, spans: list[tuple[int, int]], path: Path) -> str:
+def _read_hashed(f: BinaryIO, data: memoryview, spans: list[tuple[int, int]], path: Path) -> str:
     """Read the file into `data` while a second thread hashes the spans already read: reads
     and SHA-256 release the GIL, so the check costs little more than the read from disk."""
-    view, digest, done = memoryview(data), hashlib.sha256(), 0
+    digest, done = hashlib.sha256(), 0
     unhashed = list(spans)  # k, then v (the digest's order, whatever the file's), as read
     with ThreadPoolExecutor(1, thread_name_prefix="kvchunks-sha256") as hasher:
         while done < len(data):
-            n = f.readinto(view[done : done + _READ_STEP])
+            n = f.readinto(data[done : done + _READ_STEP])
             if not n:
                 raise ChunkFileError(f"chunk file {path} changed size while it was read")
             done += n
             while unhashed and unhashed[0][0] < done:
                 start, end = unhashed.pop(0)
-                hasher.submit(digest.update, view[start : min(end, done)])
+                hasher.submit(digest.update, data[start : min(end, done)])
                 if end > done:  # the rest of this span once it is read
                     unhashed.insert(0, (done, end))
                     break
@@ -201,22 +198,47 @@ def _check_tensors(
     return _DTYPE_NAMES[k.dtype], tuple(k.shape)  # type: ignore[return-value]
 
 
-def _tensor_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in ("k", "v"):
-        digest.update(tensors[name].view(torch.uint8).numpy())
-    return digest.hexdigest()
+def _safetensors_header(tensors: list[torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The length-prefixed JSON header of a safetensors file holding `k` then `v`, padded
+    with spaces so that the tensor bytes start 8-byte aligned (as the format recommends)."""
+    entries: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in zip(("k", "v"), tensors, strict=True):
+        dtype = _STORED[_DTYPE_NAMES[t.dtype]]
+        entries[name] = {
+            "dtype": dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    blob = json.dumps(entries, separators=(",", ":")).encode()
+    blob += b" " * (-(8 + len(blob)) % 8)
+    return struct.pack("<Q", len(blob)) + blob
 
 
-def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Temp file in the target directory, fsync, rename over, fsync the directory: a crash
-    leaves the old file or the new one, never half of one."""
+def _atomic_save(path: Path, header: bytes, tensors: list[torch.Tensor]) -> str:
+    """Write header and tensors to a temp file in the target directory, fsync, rename over,
+    fsync the directory: a crash leaves the old file or the new one, never half of one.
+
+    The header's checksum is filled in last. The tensors are hashed on one thread while they
+    are written and flushed to disk on another, so the check costs little more than the
+    write. Returns the checksum.
+    """
+    at = header.index(b'"sha256":"' + _UNHASHED.encode()) + len(b'"sha256":"')
+    views = [memoryview(t.view(torch.uint8).numpy()) for t in tensors]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
     try:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        fd = os.open(tmp, os.O_RDONLY)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
+            with ThreadPoolExecutor(2, thread_name_prefix="kvchunks-write") as helpers:
+                hashed = helpers.submit(_sha256, views)
+                for part in (memoryview(header), *views):
+                    _write_all(fd, part)
+                synced = helpers.submit(os.fdatasync, fd)
+                digest = hashed.result()
+                synced.result()
+            os.pwrite(fd, digest.encode(), at)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -229,6 +251,19 @@ def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         os.fsync(fd)
     finally:
         os.close(fd)
+    return digest
+
+
+def _sha256(parts: list[memoryview]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def remove_partial_files(data_dir: Path) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import pickle
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+import safetensors
 import torch
 from kv_files import raw_header, with_record, write_raw
 
@@ -73,6 +75,18 @@ def test_round_trip_is_bitwise(tmp_path, dtype):
     assert torch.equal(v2.view(torch.uint8), v.view(torch.uint8))
     assert record2 == record and ChunkInfo.from_record(record2) == ChunkInfo.from_record(record)
     assert header == written and header.shape == SHAPE and header.compression == "none"
+    # A plain safetensors file: the library reads the same tensors and the filled-in checksum.
+    with safetensors.safe_open(path, "pt") as f:
+        assert f.metadata()["sha256"] == written.sha256
+        assert all(
+            torch.equal(f.get_tensor(n).view(torch.uint8), t.view(torch.uint8))
+            for n, t in (("k", k), ("v", v))
+        )
+    body = (
+        k.contiguous().view(torch.uint8).numpy().tobytes() + v.view(torch.uint8).numpy().tobytes()
+    )
+    assert hashlib.sha256(body).hexdigest() == written.sha256
+    assert (8 + struct.unpack("<Q", path.read_bytes()[:8])[0]) % 8 == 0  # aligned tensor bytes
 
 
 def test_canonical_location(tmp_path):
