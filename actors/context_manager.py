@@ -309,19 +309,20 @@ class ContextManager(OutputTracking):
 
     def activate_chunk(self, ref: str) -> ChunkInfo:
         """Let the model see this chunk, after the chunks already active (no KV is copied)."""
-        chunk_hash = self.registry.resolve(ref)
+        chunk = self.registry.find(ref, self.context_name)
         for attempt in range(ACTIVATE_ATTEMPTS):
             active = self.registry.active(self.context_name)
-            if chunk_hash in active:
+            if chunk.hash in active:
                 break
-            self._check_window_after(active, chunk_hash)
+            self._check_window_after(active, chunk.hash)
             try:  # the window check holds only if nobody activated something meanwhile
-                self.registry.activate(self.context_name, chunk_hash, expected=active)
+                self.registry.activate(self.context_name, chunk.hash, expected=active)
                 break
             except ConcurrentChange:
                 if attempt == ACTIVATE_ATTEMPTS - 1:
                     raise
-        chunk = self._view(chunk_hash)
+        chunk.is_active = True
+        chunk = self.store.describe(chunk)
         self.store.on_activate(chunk, active)
         return chunk
 
@@ -336,9 +337,10 @@ class ContextManager(OutputTracking):
             )
 
     def deactivate_chunk(self, ref: str) -> ChunkInfo:
-        chunk_hash = self.registry.resolve(ref)
-        self.registry.deactivate(self.context_name, chunk_hash)
-        return self._view(chunk_hash)
+        chunk = self.registry.find(ref, self.context_name)
+        self.registry.deactivate(self.context_name, chunk.hash)
+        chunk.is_active = False
+        return self.store.describe(chunk)
 
     def context(self) -> ContextView:
         s = self.settings
