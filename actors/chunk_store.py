@@ -158,8 +158,9 @@ class ChunkStore:
 
     def describe(self, chunk: ChunkInfo) -> ChunkInfo:
         """Fill in what only this process knows: whether and where its KV is in the pool."""
-        if not self.engine_started:  # nothing loaded here yet: the recorded tier stands
+        if not self.engine_started:  # no pool yet: the tier recorded, here or before, stands
             chunk.segments = []
+            chunk.tier = self.tier_records.latest(chunk.hash) or chunk.tier
             return chunk
         owners = [s.hash for s in chunk.sources] if chunk.layout == "view" else [chunk.hash]
         with self.lock:  # a generation or a prefetch may change the pool meanwhile

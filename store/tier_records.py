@@ -26,6 +26,7 @@ class TierRecords:
         self._registry = registry
         self.delay_s = delay_s
         self._pending: dict[str, str] = {}  # hash -> tier, not yet written
+        self._latest: dict[str, str] = {}  # hash -> the last tier recorded by this process
         self._closed = False
         self._queued = False  # a write is queued that will take the pending records along
         self._now = threading.Event()  # a flush is waiting: write without delay
@@ -36,12 +37,16 @@ class TierRecords:
         if tier not in TIERS:  # refused here: a bad record would block the ones behind it
             raise InvalidInput(f"unknown tier {tier!r}; use one of {', '.join(TIERS)}")
         with self._lock:
-            self._pending[chunk_hash] = tier
+            self._pending[chunk_hash] = self._latest[chunk_hash] = tier
             queued, self._queued = self._queued, True
         if self._closed:  # written at once: nothing runs behind a closed store
             self._write()
         elif not queued:
             self._writer.submit(self._write_soon)
+
+    def latest(self, chunk_hash: str) -> str | None:
+        """The tier this process last recorded for the chunk, written yet or not."""
+        return self._latest.get(chunk_hash)
 
     def flush(self) -> None:
         """Return once every record made so far is in the registry (or failed, logged)."""

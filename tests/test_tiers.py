@@ -40,6 +40,21 @@ def test_round_trip_through_every_tier_is_bitwise(make_cm):
     assert cm.get_chunk(doc.hash).tier == "gpu"
 
 
+def test_moves_before_the_engine_starts_report_the_tier_they_made(make_cm, model_path, home):
+    chunk = make_cm().add_chunk(DOC)
+    store = ChunkStore(model_path, home=home)  # another process: its engine is not started
+    try:
+        cm = ContextManager(store=store)
+        assert cm.move_to_cpu(chunk.hash).tier == "cpu" and chunk.hash in store.host
+        assert cm.get_chunk(chunk.hash).tier == "cpu"
+        assert cm.archive_to_disk(chunk.hash).tier == "disk"
+        assert [c.tier for c in cm.list_chunks()] == ["disk"]
+        assert not store.engine_started
+    finally:
+        store.close()
+    assert make_cm().get_chunk(chunk.hash).tier == "disk"  # written when the store closed
+
+
 def test_views_follow_their_sources(make_cm):
     cm = make_cm()
     a, b = cm.add_chunk(DOC), cm.add_chunk("Another document entirely.")
