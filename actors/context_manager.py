@@ -192,7 +192,7 @@ class ContextManager(OutputTracking):
         ]
 
     def get_chunk(self, ref: str) -> ChunkInfo:
-        return self.store.describe(self.registry.find(ref, self.context_name))
+        return self.store.get(ref, self.context_name)
 
     def list_chunks(self, pattern: str | None = None, tag: str | None = None) -> list[ChunkInfo]:
         chunks = self.registry.list_chunks(pattern, tag, self.context_name)
