@@ -40,6 +40,18 @@ def make_record(tokens: int = SHAPE[1]) -> dict:
     return chunk.to_record()
 
 
+def piece_tree_sha256(*tensors: torch.Tensor, piece: int = 1 << 20) -> str:
+    """The version 2 checksum, from its definition: SHA-256 over the SHA-256 of each 1 MiB
+    piece of k's bytes, then of v's."""
+    leaves = b""
+    for t in tensors:
+        data = t.contiguous().view(torch.uint8).numpy().tobytes()
+        leaves += b"".join(
+            hashlib.sha256(data[at : at + piece]).digest() for at in range(0, len(data), piece)
+        )
+    return hashlib.sha256(leaves).hexdigest()
+
+
 def make_kv(dtype: torch.dtype = torch.float32, shape=SHAPE) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     k = torch.randn(shape, generator=gen).to(dtype)
@@ -82,10 +94,7 @@ def test_round_trip_is_bitwise(tmp_path, dtype):
             torch.equal(f.get_tensor(n).view(torch.uint8), t.view(torch.uint8))
             for n, t in (("k", k), ("v", v))
         )
-    body = (
-        k.contiguous().view(torch.uint8).numpy().tobytes() + v.view(torch.uint8).numpy().tobytes()
-    )
-    assert hashlib.sha256(body).hexdigest() == written.sha256
+    assert piece_tree_sha256(k, v) == written.sha256
     assert (8 + struct.unpack("<Q", path.read_bytes()[:8])[0]) % 8 == 0  # aligned tensor bytes
 
 
@@ -134,6 +143,44 @@ def test_flipped_kv_byte_fails_the_checksum(kv_file):
     kv_file.write_bytes(bytes(data))
     _raises_one_line(kv_file, "SHA-256")
     assert read_kv_header(kv_file).fingerprint == FP  # the header alone is still fine
+
+
+BIG_SHAPE = (2, 2100, 2, 64)  # 2.05 MiB per tensor: three pieces each, the last one short
+
+
+def test_checksum_covers_every_piece_of_a_large_chunk(tmp_path):
+    k, v = make_kv(shape=BIG_SHAPE)
+    record = make_record(BIG_SHAPE[1])
+    path = tmp_path / "big.safetensors"
+    written = write_kv_file(path, k, v, record, FP)
+    assert written.sha256 == piece_tree_sha256(k, v) != piece_tree_sha256(v, k)
+    k2, v2, _, _ = read_kv_file(path, FP)
+    assert torch.equal(k2, k) and torch.equal(v2, v)
+    header, body = raw_header(path)
+    pieces = [0, 1 << 20, k.nbytes - 1, k.nbytes, len(body) - 1]  # k's first, k's last, v's
+    for at in pieces:
+        damaged = bytearray(body)
+        damaged[at] ^= 0x80
+        write_raw(path, header, bytes(damaged))
+        _raises_one_line(path, "SHA-256")
+    swapped = body[1 << 20 : 2 << 20] + body[: 1 << 20] + body[2 << 20 :]  # same leaves
+    write_raw(path, header, swapped)
+    _raises_one_line(path, "SHA-256")
+
+
+def test_version_1_files_are_still_read(tmp_path):
+    """Version 1 checked one SHA-256 over k's bytes then v's; such files load as before."""
+    k, v = make_kv(shape=BIG_SHAPE)
+    path = tmp_path / "old.safetensors"
+    write_kv_file(path, k, v, make_record(BIG_SHAPE[1]), FP)
+    header, body = raw_header(path)
+    header["__metadata__"] |= {"version": "1", "sha256": hashlib.sha256(body).hexdigest()}
+    write_raw(path, header, body)
+    k2, v2, _, read = read_kv_file(path, FP)
+    assert read.version == "1" and torch.equal(k2, k) and torch.equal(v2, v)
+    header["__metadata__"]["sha256"] = piece_tree_sha256(k, v)  # version 2's sum: refused
+    write_raw(path, header, body)
+    _raises_one_line(path, "SHA-256")
 
 
 def test_flipped_record_byte_fails_the_record_checksum(kv_file):
@@ -193,6 +240,7 @@ def test_malformed_header_json(tmp_path, header):
         ("compression", "zstd", "compression"),
         ("fingerprint", "zz", "fingerprint"),
         ("format", "something-else", "format"),
+        ("version", "3", "version"),  # from a newer kvchunks
         ("record", "!!!not base64!!!", "base64"),
     ],
 )
