@@ -29,7 +29,9 @@ from kvchunks.store.kv_file import kv_path, read_kv_file, write_kv_file
 
 
 def best(fn, repeats: int) -> float:
-    """Fastest of several runs, in seconds: bandwidth is about what the path can do."""
+    """Fastest of several runs, in seconds: bandwidth is about what the path can do. (Memory
+    copies run in blocks: taken in turn, each side's buffers would land where the other's were
+    just freed.)"""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -38,20 +40,24 @@ def best(fn, repeats: int) -> float:
     return min(times)
 
 
-def best_cold(fn, path: Path, repeats: int) -> float:
-    """Like best, with the file dropped from the page cache before each run: read from disk."""
-    times = []
-    for _ in range(repeats):
+def best_of_pairs(ours, raw, paths: tuple[Path, Path], repeats: int, cold: bool) -> tuple:
+    """Fastest of several runs of a file operation, ours and the raw one on its own file taken
+    in turn (the disk's speed drifts). `cold` drops the file from the page cache first."""
+    times = [(timed(ours, paths[0], cold), timed(raw, paths[1], cold)) for _ in range(repeats)]
+    return min(t for t, _ in times), min(t for _, t in times)
+
+
+def timed(fn, path: Path, cold: bool) -> float:
+    if cold:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def raw_write(path: Path, data: bytes) -> None:
@@ -66,9 +72,8 @@ def bandwidths(cm: ContextManager, chunk, repeats: int, move_repeats: int) -> di
     k, v = store.read_kv(store.segments(chunk))
     nbytes = k.nbytes + v.nbytes
     gb = nbytes / 1e9
-    scratch = Path(tempfile.mkdtemp())
     raw_bytes = k.numpy().tobytes() + v.numpy().tobytes()
-    path = kv_path(store.home, chunk.hash)
+    paths = (kv_path(store.home, chunk.hash), Path(tempfile.mkdtemp()) / "raw.bin")
     record = chunk.to_record() | {"segments": [], "is_active": False}
 
     def to_cpu():
@@ -84,12 +89,12 @@ def bandwidths(cm: ContextManager, chunk, repeats: int, move_repeats: int) -> di
         return time.perf_counter() - start
 
     def read_ours():
-        return read_kv_file(path, store.fingerprint)
+        return read_kv_file(paths[0], store.fingerprint)
 
     def read_raw():
-        return (scratch / "raw.bin").read_bytes()
+        return paths[1].read_bytes()
 
-    raw_write(scratch / "raw.bin", raw_bytes)
+    raw_write(paths[1], raw_bytes)
     figures = {
         "gpu_to_cpu": (
             min(to_cpu() for _ in range(move_repeats)),
@@ -99,16 +104,16 @@ def bandwidths(cm: ContextManager, chunk, repeats: int, move_repeats: int) -> di
             min(to_gpu() for _ in range(move_repeats)),
             best(lambda: (k.clone(), v.clone()), move_repeats),
         ),
-        "cpu_to_disk": (
-            best(lambda: write_kv_file(path, k, v, record, store.fingerprint), repeats),
-            best(lambda: raw_write(scratch / "raw.bin", raw_bytes), repeats),
+        "cpu_to_disk": best_of_pairs(
+            lambda: write_kv_file(paths[0], k, v, record, store.fingerprint),
+            lambda: raw_write(paths[1], raw_bytes),
+            paths,
+            repeats,
+            cold=False,
         ),
-        "disk_to_cpu": (
-            best_cold(read_ours, path, repeats),
-            best_cold(read_raw, scratch / "raw.bin", repeats),
-        ),
+        "disk_to_cpu": best_of_pairs(read_ours, read_raw, paths, repeats, cold=True),
     }
-    cached = {"disk_to_cpu_cached": (best(read_ours, repeats), best(read_raw, repeats))}
+    cached = {"disk_to_cpu_cached": best_of_pairs(read_ours, read_raw, paths, repeats, cold=False)}
     out = {"moved_bytes": nbytes}
     for name, (ours, raw) in (figures | cached).items():
         out[f"{name}_gb_s"] = round(gb / ours, 3)
