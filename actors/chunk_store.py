@@ -158,11 +158,17 @@ class ChunkStore:
 
     def describe(self, chunk: ChunkInfo) -> ChunkInfo:
         """Fill in what only this process knows: whether and where its KV is in the pool."""
-        if not self.engine_started:  # no pool yet: the tier recorded, here or before, stands
+        if not self.engine_started:  # no pool yet: the tiers recorded, here or before, stand
             chunk.segments = []
-            chunk.tier = self.tier_records.latest(chunk.hash) or chunk.tier
+            owners = (
+                self.registry.get_many(self._owner_hashes(chunk))
+                if chunk.layout == "view"
+                else [chunk]
+            )
+            tiers = [self.tier_records.latest(c.hash) or c.tier for c in owners]
+            chunk.tier = max(tiers, key=TIER_ORDER.index)
             return chunk
-        owners = [s.hash for s in chunk.sources] if chunk.layout == "view" else [chunk.hash]
+        owners = self._owner_hashes(chunk)
         with self.lock:  # a generation or a prefetch may change the pool meanwhile
             tiers = [self.tier_of(h) for h in owners]
             chunk.tier = max(tiers, key=TIER_ORDER.index)  # a view: as far as its furthest source
@@ -179,6 +185,14 @@ class ChunkStore:
             else:
                 chunk.segments = list(self.kv[chunk.hash])
         return chunk
+
+    @staticmethod
+    def _owner_hashes(chunk: ChunkInfo) -> list[str]:
+        return (
+            list(dict.fromkeys(s.hash for s in chunk.sources))
+            if chunk.layout == "view"
+            else [chunk.hash]
+        )
 
     def tier_of(self, chunk_hash: str) -> str:
         if chunk_hash in self.kv:

@@ -106,9 +106,11 @@ class SharedChunkStore(ChunkStore):
         """As ChunkStore.describe, with the tier the chunk has anywhere in the pool."""
         chunk = super().describe(chunk)
         if chunk.tier != "gpu":
-            owners = [s.hash for s in chunk.sources] if chunk.layout == "view" else [chunk.hash]
             pool = self.pool_tiers()
-            tiers = [min(self.tier_of(h), pool.get(h, "disk"), key=_tier_rank) for h in owners]
+            tiers = [
+                min(self.tier_of(h), pool.get(h, "disk"), key=_tier_rank)
+                for h in self._owner_hashes(chunk)
+            ]
             chunk.tier = max(tiers, key=_tier_rank)
         return chunk
 

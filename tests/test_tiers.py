@@ -66,6 +66,24 @@ def test_views_follow_their_sources(make_cm):
     assert cm.move_to_gpu(view.hash).tier == "gpu"
 
 
+def test_views_follow_their_sources_before_the_engine_starts(make_cm, model_path, home):
+    cm = make_cm()
+    a, b = cm.add_chunk(DOC), cm.add_chunk("Another document entirely.")
+    view = cm.compose_chunks([a.hash, b.hash])
+    cm.archive_to_disk(a.hash)
+    cm.store.tier_records.flush()
+    store = ChunkStore(model_path, home=home)  # another process: its engine is not started
+    try:
+        fresh = ContextManager(store=store)
+        assert fresh.get_chunk(view.hash).tier == "disk"  # a's tier, recorded by the other
+        fresh.move_to_cpu(a.hash)  # recorded by this store, not yet written
+        assert fresh.get_chunk(view.hash).tier == "cpu"  # a in cpu, b in gpu
+        assert {c.hash: c.tier for c in fresh.list_chunks()}[view.hash] == "cpu"
+        assert not store.engine_started
+    finally:
+        store.close()
+
+
 def test_lru_order_under_budgets_with_fifty_chunks(make_store):
     probe = make_store(at=None)
     one = ContextManager(store=probe).add_chunk("Item 000 is stored here.")
