@@ -116,7 +116,7 @@ class ChunkStore:
         # Tiers: the pool (`gpu`), host memory (`cpu`) and the KV files (`disk`, which every
         # chunk has from its creation on). A chunk's KV is in at most one of gpu and cpu.
         self.budgets = budgets or TierBudgets.from_env()
-        self.host = HostMemory(self.budgets.cpu_bytes)
+        self.host = HostMemory(self.budgets.cpu_bytes, pinned=torch.device(self.engine_config.device).type == "cuda")
         self.lru = LRU()
         self.pinned: Counter[str] = Counter()  # chunks a running generation attends to
         self.prefetch_policy = make_policy(prefetch_policy, self.registry)

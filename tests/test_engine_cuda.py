@@ -1,4 +1,5 @@
-"""CUDA paths: the torch backend on the GPU against HF, and flash-attn against torch."""
+"""CUDA paths: the torch backend on the GPU against HF, flash-attn against torch, and the
+pinned host tier."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import torch
 from reference import hf_logits
 from test_engine_reference import random_tokens
 
+from kvchunks.actors.chunk_store import ChunkStore
+from kvchunks.actors.context_manager import ContextManager
 from kvchunks.engine import LLM, EngineConfig, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -45,3 +48,22 @@ def test_flash_attn_matches_torch_backend(model_path):
         outs.append(rq.logits.float().cpu())
     assert (outs[0] - outs[1]).abs().max().item() < 0.1
     assert torch.equal(outs[0].argmax(-1), outs[1].argmax(-1))
+
+
+def test_host_tier_is_pinned_whichever_way_a_chunk_came(model_path, tmp_path):
+    config = EngineConfig(device="cuda", kv_cache_bytes=256 << 20)
+    store = ChunkStore(model_path, home=tmp_path, engine_config=config)
+    try:
+        cm = ContextManager(store=store)
+        from_pool = cm.add_chunk("The vault code is 4817.")
+        from_file = cm.add_chunk("The mill stands in Zurich.")
+        cm.archive_to_disk(from_file.hash)
+        k0, v0 = store.read_kv(store.segments(cm.registry.get(from_pool.hash)))
+        for chunk in (from_pool, from_file):
+            assert cm.move_to_cpu(chunk.hash).tier == "cpu"
+            assert all(t.is_pinned() for t in store.host.kv[chunk.hash])
+        cm.move_to_gpu(from_pool.hash)
+        k1, v1 = store.read_kv(store.segments(cm.registry.get(from_pool.hash)))
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+    finally:
+        store.close()
