@@ -116,7 +116,9 @@ class ChunkStore:
         # Tiers: the pool (`gpu`), host memory (`cpu`) and the KV files (`disk`, which every
         # chunk has from its creation on). A chunk's KV is in at most one of gpu and cpu.
         self.budgets = budgets or TierBudgets.from_env()
-        self.host = HostMemory(self.budgets.cpu_bytes, pinned=torch.device(self.engine_config.device).type == "cuda")
+        self.host = HostMemory(
+            self.budgets.cpu_bytes, pinned=torch.device(self.engine_config.device).type == "cuda"
+        )
         self.lru = LRU()
         self.pinned: Counter[str] = Counter()  # chunks a running generation attends to
         self.prefetch_policy = make_policy(prefetch_policy, self.registry)
@@ -258,7 +260,9 @@ class ChunkStore:
         c = self.model_config
         shape = (c.num_layers, chunk.token_count, c.num_kv_heads, c.head_dim)
         try:
-            k, v, _, _ = read_kv_file(path, self.fingerprint, self.engine_config.dtype, shape)
+            k, v, _, _ = read_kv_file(
+                path, self.fingerprint, self.engine_config.dtype, shape, self.host.buffer
+            )
         except ChunkFileError:  # a damaged file is never used: the chunk is recomputed instead
             self.stats["bad_files"] += 1
             return None
@@ -315,7 +319,7 @@ class ChunkStore:
                 elif owner.hash not in self.host:
                     kv = self.load_kv(owner)
                     if kv is None:
-                        kv = self.read_kv(self.ensure_resident(owner))
+                        kv = self.llm.read_kv(self.ensure_resident(owner), self.host.buffer)
                         self.evict(owner.hash)
                     self._make_host_room(kv[0].nbytes + kv[1].nbytes)
                     self.host.put(owner.hash, *kv)
@@ -366,7 +370,7 @@ class ChunkStore:
 
     def _demote(self, chunk_hash: str) -> None:
         """gpu -> cpu, or straight to disk when the chunk cannot fit host memory at all."""
-        k, v = self.read_kv(self.kv[chunk_hash])
+        k, v = self.llm.read_kv(self.kv[chunk_hash], self.host.buffer)
         nbytes = k.nbytes + v.nbytes
         self.evict(chunk_hash)
         self.stats["evictions"] += 1

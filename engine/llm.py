@@ -3,7 +3,8 @@ plus the lower-level calls the chunk store builds on (prefill against stored seg
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -197,11 +198,21 @@ class LLM:
     def release(self, segment: KVSegment) -> None:
         self.block_manager.release(segment.blocks)
 
-    def read_kv(self, segments: Seq[KVSegment]) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_kv(
+        self, segments: Seq[KVSegment], buffer: Callable[[int], torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the segments' K and V in token order, each [layers, tokens, kv_heads,
-        head_dim]: one large copy per run of adjacent slots, not a gather per token."""
+        head_dim]: one large copy per run of adjacent slots, not a gather per token.
+
+        `buffer(nbytes)`, when given, provides the memory to copy into (a flat uint8 tensor,
+        such as host memory for the cpu tier); else the copies are on the pool's device.
+        """
         pool = self._flat_pool()
-        out = pool.new_empty(2, pool.shape[1], sum(s.length for s in segments), *pool.shape[3:])
+        shape = (2, pool.shape[1], sum(s.length for s in segments), *pool.shape[3:])
+        if buffer is None:
+            out = pool.new_empty(shape)
+        else:
+            out = buffer(math.prod(shape) * pool.element_size()).view(pool.dtype).view(shape)
         offset = 0
         for segment in segments:
             for first, count in segment.slot_runs(self.config.block_size):

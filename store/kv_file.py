@@ -138,10 +138,13 @@ def read_kv_file(
     expect_fingerprint: str | None = None,
     expect_dtype: str | torch.dtype | None = None,
     expect_shape: tuple[int | None, ...] | None = None,
+    buffer: Callable[[int], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], KVHeader]:
     """Load and verify a chunk's KV: (k, v, record, header), k and v in the header's dtype.
 
     `expect_shape` is (num_layers, T, num_kv_heads, head_dim); None in it matches any size.
+    The file is read into `buffer(file_size)` (a flat uint8 tensor), by default new memory;
+    k and v are views of it unless the file's compression is undone.
     """
     path = Path(path)
     with _open(path) as f:
@@ -150,7 +153,8 @@ def read_kv_file(
         header, spans = _parse(f, size, path)
         _check_expected(header, path, expect_fingerprint, expect_dtype, expect_shape)
         f.seek(0)
-        data = memoryview(torch.empty(size, dtype=torch.uint8).numpy())  # not zeroed: all read
+        into = (buffer or _new_buffer)(size)
+        data = memoryview(into.numpy())  # not zeroed: every byte is read
         digest = _read_hashed(f, data, header, spans, path)
     # Parse again from the bytes in hand, so the header and the KV come from one read.
     (length,) = struct.unpack_from("<Q", data)
@@ -168,6 +172,10 @@ def read_kv_file(
         for start, end in spans
     )
     return k, v, header.record, header
+
+
+def _new_buffer(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
 
 
 def _read_hashed(
