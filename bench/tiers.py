@@ -73,7 +73,7 @@ def raw_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def bandwidths(cm: ContextManager, chunk, repeats: int, move_repeats: int) -> dict:
+def bandwidths(cm: ContextManager, chunk, file_repeats: int, move_repeats: int) -> dict:
     store = cm.store
     k, v = store.read_kv(store.segments(chunk))
     nbytes = k.nbytes + v.nbytes
@@ -102,7 +102,7 @@ def bandwidths(cm: ContextManager, chunk, repeats: int, move_repeats: int) -> di
             lambda: cm.move_to_cpu(chunk.hash),
             read_raw,
             paths,
-            repeats,
+            file_repeats,
             cold,
             before_ours=lambda: cm.archive_to_disk(chunk.hash),
         )
@@ -121,7 +121,7 @@ def bandwidths(cm: ContextManager, chunk, repeats: int, move_repeats: int) -> di
             lambda: write_kv_file(paths[0], k, v, record, store.fingerprint),
             lambda: raw_write(paths[1], raw_bytes),
             paths,
-            repeats,
+            file_repeats,
             cold=False,
         ),
         "disk_to_cpu": disk_to_cpu(cold=True),
@@ -142,8 +142,9 @@ def main() -> None:
     parser.add_argument("--context-tokens", type=int, default=2048)
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--question-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="for time to first token")
     parser.add_argument("--move-repeats", type=int, default=30, help="for gpu <-> cpu moves")
+    parser.add_argument("--file-repeats", type=int, default=10, help="for disk moves")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -156,7 +157,7 @@ def main() -> None:
     for c in chunks:
         cm.activate_chunk(c.hash)
     cm.store.wait_for_transfers()
-    result = bandwidths(cm, chunks[0], args.repeats, args.move_repeats)
+    result = bandwidths(cm, chunks[0], args.file_repeats, args.move_repeats)
 
     hf = AutoModelForCausalLM.from_pretrained(llm.path, dtype=torch.float32).eval()
     one = SamplingParams(temperature=0, max_tokens=1)

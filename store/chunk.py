@@ -6,6 +6,7 @@ safetensors header and read back from untrusted files: `from_record` checks ever
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from dataclasses import dataclass, field, fields
@@ -117,6 +118,15 @@ class ChunkInfo:
         _check(isinstance(self.text, str), "text", "a string")
         _check(_is_number(self.created_at), "created_at", "a number")
         _check(isinstance(self.is_active, bool), "is_active", "a bool")
+
+    def copy(self) -> ChunkInfo:
+        """A copy with lists and dicts of its own, made without checking the fields again."""
+        twin = copy.copy(self)
+        for name in ("token_ids", "segments", "parent_chunks", "sources", "tags"):
+            setattr(twin, name, list(getattr(self, name)))
+        twin.metadata = copy.deepcopy(self.metadata)
+        twin.generation_params = copy.deepcopy(self.generation_params)
+        return twin
 
     @property
     def token_count(self) -> int:

@@ -27,6 +27,7 @@ import dataclasses
 import fnmatch
 import functools
 import re
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any, ParamSpec, TypeVar
 
@@ -130,6 +131,7 @@ class ChunkRegistry:
         self.namespace = check_name(namespace, "namespace")
         self._activate_script = client.register_script(_ACTIVATE)
         self._set_tier_script = client.register_script(_SET_TIER)
+        self._parsed = ParsedRecords()
 
     # -- chunks ------------------------------------------------------------------------
 
@@ -436,7 +438,7 @@ class ChunkRegistry:
         data = pipe.get(self._chunk_key(chunk_hash))
         if data is None:
             raise ChunkNotFound(f"no chunk {chunk_hash}")
-        return ChunkInfo.from_record(unpack_record(data))
+        return self._parsed(chunk_hash, data)
 
     def _load_many(self, hashes: list[str], context: str | None) -> list[ChunkInfo | None]:
         active: set[str] = set()
@@ -452,7 +454,7 @@ class ChunkRegistry:
             if listed:
                 active = set(_strs(listed[0]))
             for h, data, tier in zip(batch, records, tiers, strict=True):
-                chunk = None if data is None else ChunkInfo.from_record(unpack_record(data))
+                chunk = None if data is None else self._parsed(h, data)
                 if chunk is not None:
                     chunk.is_active = h in active
                     chunk.tier = tier.decode() if tier else chunk.tier
@@ -487,3 +489,33 @@ def _matches(chunk: ChunkInfo, pattern: str) -> bool:
     source = chunk.metadata.get("source")
     fields = [chunk.hash, chunk.text, *chunk.tags, *([source] if isinstance(source, str) else [])]
     return any(fnmatch.fnmatchcase(f.lower(), glob) for f in fields)
+
+
+class ParsedRecords:
+    """Chunk records parsed and checked once per content. A record read again unchanged comes
+    back as a copy of its last parse: checking thousands of token ids costs more than the
+    read. Keeps the latest records up to `max_tokens` token ids in all."""
+
+    def __init__(self, max_tokens: int = 1 << 20):
+        self.max_tokens = max_tokens
+        self._records: dict[str, tuple[bytes, ChunkInfo]] = {}  # oldest first
+        self._tokens = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, chunk_hash: str, data: bytes) -> ChunkInfo:
+        with self._lock:
+            known = self._records.get(chunk_hash)
+        if known is None or known[0] != data:
+            known = (data, ChunkInfo.from_record(unpack_record(data)))
+            self._keep(chunk_hash, known)
+        return known[1].copy()
+
+    def _keep(self, chunk_hash: str, parsed: tuple[bytes, ChunkInfo]) -> None:
+        with self._lock:
+            old = self._records.pop(chunk_hash, None)
+            self._tokens -= old[1].token_count if old else 0
+            self._records[chunk_hash] = parsed
+            self._tokens += parsed[1].token_count
+            while self._tokens > self.max_tokens and len(self._records) > 1:
+                dropped = self._records.pop(next(iter(self._records)))
+                self._tokens -= dropped[1].token_count

@@ -229,6 +229,38 @@ def test_update_changes_only_updatable_fields(reg):
     assert reg.get(chunk.hash).tier == "disk"
 
 
+def test_records_read_again_are_copies_and_changes_are_seen(reg, redis_client):
+    chunk = make_chunk([5, 6, 7], metadata={"source": "a", "pages": [1, 2]}, tags=["x"])
+    reg.put(chunk)
+    first = reg.get(chunk.hash)
+    first.token_ids.append(8)
+    first.tags.append("y")
+    first.metadata["pages"].append(3)
+    again = reg.get(chunk.hash)  # parsed before: a copy of that parse, untouched by the above
+    assert again == chunk and again is not first
+    reg.update(chunk.hash, tags=["z"])  # another writer's change: a new record, parsed anew
+    assert reg.get(chunk.hash).tags == ["z"]
+    # A record damaged in Redis is checked again, however often the good one was read.
+    key = reg._chunk_key(chunk.hash)
+    redis_client.set(key, redis_client.get(key).replace(b"\xa6source", b"\xa6sourcf"))
+    assert reg.get(chunk.hash).metadata["sourcf"] == "a"
+    redis_client.set(key, b"\x81\xa7version\x63")
+    with pytest.raises(InvalidInput, match="version"):
+        reg.get(chunk.hash)
+
+
+def test_parsed_records_are_kept_up_to_a_number_of_tokens(reg):
+    reg._parsed.max_tokens = 10
+    chunks = [make_chunk([i, i + 1, i + 2, i + 3]) for i in range(0, 40, 4)]
+    for chunk in chunks:
+        reg.put(chunk)
+        reg.get(chunk.hash)
+    assert list(reg._parsed._records) == [c.hash for c in chunks[-2:]]  # 8 tokens of at most 10
+    assert [c.token_ids for c in reg.get_many([c.hash for c in chunks])] == [
+        c.token_ids for c in chunks
+    ]
+
+
 def test_tier_records_land_in_order_and_wait_out_a_failing_redis(reg, monkeypatch):
     a, b = make_chunk([1]), make_chunk([2])
     for chunk in (a, b):
