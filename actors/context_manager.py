@@ -309,9 +309,10 @@ class ContextManager(OutputTracking):
 
     def activate_chunk(self, ref: str) -> ChunkInfo:
         """Let the model see this chunk, after the chunks already active (no KV is copied)."""
-        chunk = self.registry.find(ref, self.context_name)
+        chunk, active = self.registry.find_with_active(ref, self.context_name)
         for attempt in range(ACTIVATE_ATTEMPTS):
-            active = self.registry.active(self.context_name)
+            if attempt:  # someone changed the active chunks since they were read
+                active = self.registry.active(self.context_name)
             if chunk.hash in active:
                 break
             self._check_window_after(active, chunk.hash)

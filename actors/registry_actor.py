@@ -48,6 +48,7 @@ READS = (
     "missing",
     "resolve",
     "find",
+    "find_with_active",
     "list_chunks",
     "by_content",
     "parents",

@@ -174,7 +174,7 @@ class ChunkRegistry:
     def get_many(self, hashes: Iterable[str], context: str | None = None) -> list[ChunkInfo]:
         """Several chunks in the order asked; ChunkNotFound names the first one missing."""
         hashes = [self._check_hash(h) for h in hashes]
-        chunks = self._load_many(hashes, context)
+        chunks = self._load_many(hashes, context)[0]
         for h, chunk in zip(hashes, chunks, strict=True):
             if chunk is None:
                 raise ChunkNotFound(f"no chunk {h}")
@@ -285,13 +285,18 @@ class ChunkRegistry:
     @_redis_errors
     def find(self, ref: str, context: str | None = None) -> ChunkInfo:
         """The chunk a full hash or a unique prefix names (a full hash costs one lookup)."""
+        return self.find_with_active(ref, context)[0]
+
+    @_redis_errors
+    def find_with_active(self, ref: str, context: str | None) -> tuple[ChunkInfo, list[str]]:
+        """As `find`, with the context's active chunk hashes read in the same round trip."""
         full = ref.strip().lower() if isinstance(ref, str) else ""
         if not is_hash(full):
-            return self.get(self.resolve(ref), context)
-        chunk = self._load_many([full], context)[0]
-        if chunk is None:
+            full = self.resolve(ref)
+        chunks, active = self._load_many([full], context)
+        if chunks[0] is None:
             raise ChunkNotFound(f"no chunk has hash or prefix '{full}'")
-        return chunk
+        return chunks[0], active
 
     @_redis_errors
     def list_chunks(
@@ -307,7 +312,7 @@ class ChunkRegistry:
         else:
             hashes = _strs(self._redis.smembers(self._key("tag", check_tag(tag))))
         # A chunk deleted between the index read and the record read is simply not listed.
-        chunks = [c for c in self._load_many(hashes, context) if c is not None]
+        chunks = [c for c in self._load_many(hashes, context)[0] if c is not None]
         if pattern:
             chunks = [c for c in chunks if _matches(c, pattern)]
         return sorted(chunks, key=lambda c: (c.created_at, c.hash))
@@ -440,8 +445,11 @@ class ChunkRegistry:
             raise ChunkNotFound(f"no chunk {chunk_hash}")
         return self._parsed(chunk_hash, data)
 
-    def _load_many(self, hashes: list[str], context: str | None) -> list[ChunkInfo | None]:
-        active: set[str] = set()
+    def _load_many(
+        self, hashes: list[str], context: str | None
+    ) -> tuple[list[ChunkInfo | None], list[str]]:
+        """The chunks (None where missing) and, with `context`, its active chunk hashes."""
+        active: list[str] = []
         chunks: list[ChunkInfo | None] = []
         for start in range(0, len(hashes), _BATCH):
             batch = hashes[start : start + _BATCH]
@@ -452,14 +460,14 @@ class ChunkRegistry:
                 pipe.lrange(self._active_key(check_name(context)), 0, -1)
             records, tiers, *listed = pipe.execute()
             if listed:
-                active = set(_strs(listed[0]))
+                active = _strs(listed[0])
             for h, data, tier in zip(batch, records, tiers, strict=True):
                 chunk = None if data is None else self._parsed(h, data)
                 if chunk is not None:
                     chunk.is_active = h in active
                     chunk.tier = tier.decode() if tier else chunk.tier
                 chunks.append(chunk)
-        return chunks
+        return chunks, active
 
     def _modify(self, chunk_hash: str, change: Callable[[ChunkInfo], ChunkInfo]) -> ChunkInfo:
         """Read-modify-write one record under WATCH, keeping the tag index in step."""

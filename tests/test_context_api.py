@@ -264,7 +264,8 @@ def test_concurrent_activations_never_pass_the_window(make_cm):
     # Both read the empty active list before either writes: the race activation must settle.
     barrier, results = threading.Barrier(2), {}
     for manager in (cm, other):
-        manager.registry.active = _stalled_once(manager.registry.active, barrier)
+        registry = manager.registry
+        registry.find_with_active = _stalled_once(registry.find_with_active, barrier)
 
     def activate(manager, book) -> None:
         try:
@@ -286,18 +287,18 @@ def test_concurrent_activations_never_pass_the_window(make_cm):
 
 
 def _stalled_once(read, barrier: threading.Barrier):
-    """registry.active that makes each racer thread wait for the other after its first read."""
+    """A registry read that makes each racer thread wait for the other after its first one."""
     waited: set[int] = set()
 
-    def active(context: str) -> list[str]:
-        got = read(context)
+    def stalled(*args):
+        got = read(*args)
         me = threading.get_ident()
         if threading.current_thread().name == "racer" and me not in waited:
             waited.add(me)
             barrier.wait(timeout=30)
         return got
 
-    return active
+    return stalled
 
 
 def test_delete_with_views_needs_cascade(make_cm):

@@ -300,6 +300,9 @@ def test_contexts_are_ordered_idempotent_and_independent(reg):
     assert reg.active("bob") == [b.hash]
     assert reg.get(a.hash, context="alice").is_active
     assert not reg.get(a.hash, context="bob").is_active
+    found, active = reg.find_with_active(a.hash[:8], "alice")  # one read for both
+    assert found.hash == a.hash and found.is_active and active == [c.hash, a.hash]
+    assert reg.find_with_active(b.hash, "alice")[1] == [c.hash, a.hash]
     assert [x.is_active for x in reg.list_chunks(context="bob")] == [False, True, False]
 
     assert reg.deactivate("alice", c.hash) is True
