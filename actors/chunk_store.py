@@ -313,22 +313,19 @@ class ChunkStore:
 
     def move_to_cpu(self, chunk: ChunkInfo) -> None:
         with self.lock:
-            for owner in self.owners(chunk):
+            owners = self.owners(chunk)
+            for owner in owners:  # refused before anything moves
+                nbytes = self._kv_bytes(owner.token_count)
+                if nbytes > self.host.budget_bytes:
+                    raise CapacityError(
+                        f"chunk {owner.hash[:12]} ({nbytes} bytes of KV) does not fit the cpu "
+                        f"budget of {self.host.budget_bytes} bytes; archive it to disk instead"
+                    )
+            for owner in owners:
                 if owner.hash in self.kv:
                     self._demote(owner.hash)
                 elif owner.hash not in self.host:
-                    kv = self.load_kv(owner)
-                    if kv is None:
-                        kv = self.llm.read_kv(self.ensure_resident(owner), self.host.buffer)
-                        self.evict(owner.hash)
-                    self._make_host_room(kv[0].nbytes + kv[1].nbytes)
-                    self.host.put(owner.hash, *kv)
-                    self._record_tier(owner.hash, "cpu")
-                if owner.hash not in self.host:
-                    raise CapacityError(
-                        f"chunk {owner.hash[:12]} does not fit the cpu budget of "
-                        f"{self.budgets.cpu_bytes} bytes; archive it to disk instead"
-                    )
+                    self._load_into_host(owner)
 
     def archive_to_disk(self, chunk: ChunkInfo) -> None:
         with self.lock:
@@ -368,24 +365,39 @@ class ChunkStore:
         sources = {s.hash for view in views.values() for s in view.sources}
         return active | sources | {h for h, n in self.pinned.items() if n > 0}
 
+    def _load_into_host(self, chunk: ChunkInfo) -> None:
+        """disk -> cpu, for a chunk that fits host memory."""
+        nbytes = self._kv_bytes(chunk.token_count)
+        self._make_host_room(nbytes)  # first: the chunks it moves out leave it their buffers
+        kv = self.load_kv(chunk)
+        if kv is None:  # no sound file: computed in the pool, which may fill host memory
+            kv = self.llm.read_kv(self.ensure_resident(chunk), self.host.buffer)
+            self.evict(chunk.hash)
+            self._make_host_room(nbytes)
+        self.host.put(chunk.hash, *kv)
+        self._record_tier(chunk.hash, "cpu")
+
     def _demote(self, chunk_hash: str) -> None:
-        """gpu -> cpu, or straight to disk when the chunk cannot fit host memory at all."""
-        k, v = self.llm.read_kv(self.kv[chunk_hash], self.host.buffer)
-        nbytes = k.nbytes + v.nbytes
+        """gpu -> cpu, or straight to disk (its file) when the chunk cannot fit host memory."""
+        segments = self.kv[chunk_hash]
+        nbytes = self._kv_bytes(sum(s.length for s in segments))
+        fits = nbytes <= self.host.budget_bytes
+        kv = self.llm.read_kv(segments, self.host.buffer) if fits else None
         self.evict(chunk_hash)
         self.stats["evictions"] += 1
-        if nbytes > self.host.budget_bytes:
-            self._record_tier(chunk_hash, "disk")
-            return
-        self._make_host_room(nbytes)
-        self.host.put(chunk_hash, k, v)
-        self._record_tier(chunk_hash, "cpu")
+        if kv is not None:
+            self._make_host_room(nbytes)
+            self.host.put(chunk_hash, *kv)
+        self._record_tier(chunk_hash, "cpu" if fits else "disk")
 
     def _make_host_room(self, nbytes: int) -> None:
         for victim in self.lru.coldest(list(self.host.kv), lambda h: False):
             if self.host.fits(nbytes):
                 return
             self._drop_to_disk(victim)
+
+    def _kv_bytes(self, tokens: int) -> int:
+        return self.model_config.kv_bytes(tokens, self.engine_config.torch_dtype)
 
     def _record_tier(self, chunk_hash: str, tier: str) -> None:
         self.tier_records.record(chunk_hash, tier)

@@ -69,6 +69,10 @@ class ModelConfig:
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
         )
 
+    def kv_bytes(self, tokens: int, dtype: torch.dtype) -> int:
+        """Bytes of K and V for `tokens` tokens in every layer."""
+        return 2 * self.num_layers * tokens * self.num_kv_heads * self.head_dim * dtype.itemsize
+
     @classmethod
     def from_folder(cls, path: Path) -> ModelConfig:
         config_file = Path(path) / "config.json"

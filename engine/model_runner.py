@@ -61,9 +61,7 @@ class ModelRunner:
         return TorchAttention(self.kv_cache)
 
     def block_bytes(self) -> int:
-        c = self.model_config
-        per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim
-        return per_token * self.block_size * self.config.torch_dtype.itemsize
+        return self.model_config.kv_bytes(self.block_size, self.config.torch_dtype)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:

@@ -158,6 +158,26 @@ def test_gpu_budget_holds_in_the_middle_of_a_generation(make_store, monkeypatch,
     assert len(moved) == (2 if mode == "exact" else 1)
 
 
+def test_a_chunk_larger_than_host_memory_is_refused_and_moves_nothing(make_store):
+    probe = make_store(at=None)
+    small = ContextManager(store=probe).add_chunk("A short note.")
+    small_bytes = sum(t.nbytes for t in probe.read_kv(probe.kv[small.hash]))
+    probe.close()
+    store = make_store(budgets=TierBudgets(cpu_bytes=small_bytes * 4))
+    cm = ContextManager(store=store)
+    note = cm.add_chunk("A short note.")
+    big = cm.add_chunk(DOC * 8)
+    cm.move_to_cpu(note.hash)
+    cm.archive_to_disk(big.hash)
+    with pytest.raises(CapacityError, match="does not fit the cpu budget"):
+        cm.move_to_cpu(big.hash)  # from disk
+    assert cm.get_chunk(big.hash).tier == "disk" and set(store.host.kv) == {note.hash}
+    cm.move_to_gpu(big.hash)
+    with pytest.raises(CapacityError, match="does not fit the cpu budget"):
+        cm.move_to_cpu(big.hash)  # from the pool: it stays there
+    assert cm.get_chunk(big.hash).tier == "gpu" and set(store.host.kv) == {note.hash}
+
+
 def test_disk_budget_is_a_clear_error_and_leaves_no_partial_file(make_store):
     store = make_store(budgets=TierBudgets(disk_bytes=1))
     cm = ContextManager(store=store)
