@@ -213,11 +213,15 @@ class LLM:
             out = pool.new_empty(shape)
         else:
             out = buffer(math.prod(shape) * pool.element_size()).view(pool.dtype).view(shape)
+        # Runs are gathered on the pool's device, then cross to another device in one copy.
+        gathered = out if out.device == pool.device else pool.new_empty(shape)
         offset = 0
         for segment in segments:
             for first, count in segment.slot_runs(self.config.block_size):
-                out[:, :, offset : offset + count] = pool[:, :, first : first + count]
+                gathered[:, :, offset : offset + count] = pool[:, :, first : first + count]
                 offset += count
+        if gathered is not out:
+            out.copy_(gathered)
         return out[0], out[1]
 
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, position: int) -> KVSegment:
