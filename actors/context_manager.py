@@ -338,10 +338,7 @@ class ContextManager(OutputTracking):
             )
 
     def deactivate_chunk(self, ref: str) -> ChunkInfo:
-        chunk = self.registry.find(ref, self.context_name)
-        self.registry.deactivate(self.context_name, chunk.hash)
-        chunk.is_active = False
-        return self.store.describe(chunk)
+        return self.store.describe(self.registry.find_and_deactivate(ref, self.context_name))
 
     def context(self) -> ContextView:
         s = self.settings

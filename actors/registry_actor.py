@@ -37,6 +37,7 @@ WRITES = (
     "delete",
     "activate",
     "deactivate",
+    "find_and_deactivate",
     "clear_context",
     "update_settings",
     "set_tiers",

@@ -290,13 +290,15 @@ class ChunkRegistry:
     @_redis_errors
     def find_with_active(self, ref: str, context: str | None) -> tuple[ChunkInfo, list[str]]:
         """As `find`, with the context's active chunk hashes read in the same round trip."""
-        full = ref.strip().lower() if isinstance(ref, str) else ""
-        if not is_hash(full):
-            full = self.resolve(ref)
+        full = self._full_hash(ref)
         chunks, active = self._load_many([full], context)
         if chunks[0] is None:
             raise ChunkNotFound(f"no chunk has hash or prefix '{full}'")
         return chunks[0], active
+
+    def _full_hash(self, ref: str) -> str:
+        full = ref.strip().lower() if isinstance(ref, str) else ""
+        return full if is_hash(full) else self.resolve(ref)
 
     @_redis_errors
     def list_chunks(
@@ -386,6 +388,21 @@ class ChunkRegistry:
         return bool(removed)
 
     @_redis_errors
+    def find_and_deactivate(self, ref: str, context: str) -> ChunkInfo:
+        """Remove the chunk a hash or prefix names from the context's active list and return
+        it, read in the same round trip. A chunk that does not exist is in no active list, so
+        ChunkNotFound changes nothing."""
+        full = self._full_hash(ref)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.get(self._chunk_key(full))
+        pipe.hget(self._key("tiers"), full)
+        pipe.lrem(self._active_key(check_name(context)), 0, full)
+        data, tier, _ = pipe.execute()
+        if data is None:
+            raise ChunkNotFound(f"no chunk has hash or prefix '{full}'")
+        return self._with_state(full, data, tier, is_active=False)
+
+    @_redis_errors
     def clear_context(self, context: str) -> None:
         """Deactivate every chunk of the context (its settings stay)."""
         self._redis.delete(self._active_key(context))
@@ -461,13 +478,20 @@ class ChunkRegistry:
             records, tiers, *listed = pipe.execute()
             if listed:
                 active = _strs(listed[0])
-            for h, data, tier in zip(batch, records, tiers, strict=True):
-                chunk = None if data is None else self._parsed(h, data)
-                if chunk is not None:
-                    chunk.is_active = h in active
-                    chunk.tier = tier.decode() if tier else chunk.tier
-                chunks.append(chunk)
+            chunks += [
+                None if data is None else self._with_state(h, data, tier, h in active)
+                for h, data, tier in zip(batch, records, tiers, strict=True)
+            ]
         return chunks, active
+
+    def _with_state(
+        self, chunk_hash: str, data: bytes, tier: bytes | None, is_active: bool
+    ) -> ChunkInfo:
+        """The chunk from its record, with the tier recorded apart and its activity."""
+        chunk = self._parsed(chunk_hash, data)
+        chunk.is_active = is_active
+        chunk.tier = tier.decode() if tier else chunk.tier
+        return chunk
 
     def _modify(self, chunk_hash: str, change: Callable[[ChunkInfo], ChunkInfo]) -> ChunkInfo:
         """Read-modify-write one record under WATCH, keeping the tag index in step."""

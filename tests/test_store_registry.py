@@ -303,6 +303,13 @@ def test_contexts_are_ordered_idempotent_and_independent(reg):
     found, active = reg.find_with_active(a.hash[:8], "alice")  # one read for both
     assert found.hash == a.hash and found.is_active and active == [c.hash, a.hash]
     assert reg.find_with_active(b.hash, "alice")[1] == [c.hash, a.hash]
+    gone = reg.find_and_deactivate(a.hash[:8], "alice")  # read and removed in one round trip
+    assert gone.hash == a.hash and not gone.is_active and reg.active("alice") == [c.hash]
+    with pytest.raises(ChunkNotFound):
+        reg.find_and_deactivate(fake_hash("beef"), "alice")
+    assert reg.find_and_deactivate(b.hash, "alice").hash == b.hash  # was not active there
+    assert reg.active("alice") == [c.hash] and reg.active("bob") == [b.hash]
+    reg.activate("alice", a.hash)
     assert [x.is_active for x in reg.list_chunks(context="bob")] == [False, True, False]
 
     assert reg.deactivate("alice", c.hash) is True
