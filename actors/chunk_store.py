@@ -385,7 +385,7 @@ class ChunkStore:
         kv = self.llm.read_kv(segments, self.host.buffer) if fits else None
         self.evict(chunk_hash)
         self.stats["evictions"] += 1
-        if kv is not None:
+        if fits:
             self._make_host_room(nbytes)
             self.host.put(chunk_hash, *kv)
         self._record_tier(chunk_hash, "cpu" if fits else "disk")

@@ -153,7 +153,7 @@ def read_kv_file(
         header, spans = _parse(f, size, path)
         _check_expected(header, path, expect_fingerprint, expect_dtype, expect_shape)
         f.seek(0)
-        into = (buffer or _new_buffer)(size)
+        into = buffer(size) if buffer else torch.empty(size, dtype=torch.uint8)
         data = memoryview(into.numpy())  # not zeroed: every byte is read
         digest = _read_hashed(f, data, header, spans, path)
     # Parse again from the bytes in hand, so the header and the KV come from one read.
@@ -172,10 +172,6 @@ def read_kv_file(
         for start, end in spans
     )
     return k, v, header.record, header
-
-
-def _new_buffer(nbytes: int) -> torch.Tensor:
-    return torch.empty(nbytes, dtype=torch.uint8)
 
 
 def _read_hashed(
