@@ -126,8 +126,10 @@ class ChunkStore:
         # between engine steps, never during one.
         self.lock = threading.RLock()
         self._transfers = ThreadPoolExecutor(1, thread_name_prefix="kvchunks-prefetch")
-        self._inflight: dict[str, Future] = {}
+        self._inflight: dict[str, Future] = {}  # hash -> done when in the pool
         self._inflight_lock = threading.Lock()
+        self._loading: dict[str, Future] = {}  # hash -> its KV, once loaded
+        self._loading_lock = threading.Lock()
         self._closed = False
         if llm is not None:
             self.restore_tiers()
@@ -249,8 +251,27 @@ class ChunkStore:
         return self.llm.write_kv(k, v, position)
 
     def load_kv(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The chunk's KV from outside this process's pool and host memory: its file, if it
-        is there and sound. A store in a shared pool looks at its peers first."""
+        """The chunk's KV from outside this process's pool and host memory (`fetch_kv`), one
+        load per chunk at a time: a generation that needs a chunk that a prefetch is loading
+        waits for that load instead of reading the file again. The loader holds no lock."""
+        with self._loading_lock:
+            pending = self._loading.get(chunk.hash)
+            if pending is None:
+                self._loading[chunk.hash] = mine = Future()
+        if pending is not None:
+            return pending.result()
+        kv = None
+        try:
+            kv = self.fetch_kv(chunk)
+        finally:
+            with self._loading_lock:
+                del self._loading[chunk.hash]
+            mine.set_result(kv)
+        return kv
+
+    def fetch_kv(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The chunk's KV from its file, if it is there and sound (a store in a shared pool
+        asks its peers first)."""
         return self._file_kv(chunk)
 
     def _file_kv(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -14,7 +14,6 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 
 import ray
 import torch
@@ -69,35 +68,16 @@ class SharedChunkStore(ChunkStore):
         self.fetch_remote: Fetch = _nowhere
         self.pool_tiers: Callable[[], dict[str, str]] = dict  # hash -> best tier in the pool
         self.recompute_only = False  # for benchmarks: the cost the shared pool saves
-        self._shipping: dict[str, Future] = {}
-        self._shipping_lock = threading.Lock()
 
-    def load_kv(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def fetch_kv(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
         # ChunkStore's step between host memory and recompute: a peer's copy comes first.
         if self.recompute_only:
             return None
-        kv = self._ship(chunk)
-        return kv if kv is not None else super().load_kv(chunk)
-
-    def _ship(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """One transfer per chunk at a time: a call and a background prefetch that both need
-        the chunk share one copy."""
-        with self._shipping_lock:
-            pending = self._shipping.get(chunk.hash)
-            if pending is None:
-                self._shipping[chunk.hash] = mine = Future()
-        if pending is not None:
-            return pending.result()
-        kv = None
-        try:
-            kv = self.fetch_remote(chunk)
-            if kv is not None:
-                self.stats["shipped"] += 1
-        finally:
-            with self._shipping_lock:
-                del self._shipping[chunk.hash]
-            mine.set_result(kv)
-        return kv
+        kv = self.fetch_remote(chunk)
+        if kv is not None:
+            self.stats["shipped"] += 1
+            return kv
+        return super().fetch_kv(chunk)
 
     def restore_tiers(self) -> None:
         return None  # see the class docstring

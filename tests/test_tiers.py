@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
 
 import pytest
 import torch
 
+from kvchunks.actors import chunk_store
 from kvchunks.actors.chunk_store import ChunkStore
 from kvchunks.actors.context_manager import ContextManager
 from kvchunks.common import CapacityError
@@ -209,6 +211,24 @@ def test_prefetch_brings_provenance_neighbours_before_use(make_store):
     assert store.stats["pool_misses"] == misses and store.stats["pool_hits"] > hits
 
 
+def test_coactivation_prefetches_chunks_often_active_together(make_store):
+    store = make_store(prefetch_policy="coactivation")
+    cm = ContextManager(store=store)
+    doc, often, once = (cm.add_chunk(f"{DOC} Note {i}.") for i in range(3))
+    for partner in (often, often, once):
+        cm.activate_chunk(partner.hash)
+        cm.activate_chunk(doc.hash)
+        cm.clear()
+    store.wait_for_transfers()
+    for c in (often, once):
+        cm.archive_to_disk(c.hash)
+    prefetched = store.stats["prefetched"]
+    cm.activate_chunk(doc.hash)  # active together twice with `often`, once with `once`
+    store.wait_for_transfers()
+    assert cm.get_chunk(often.hash).tier == "gpu" and cm.get_chunk(once.hash).tier == "disk"
+    assert store.stats["prefetched"] == prefetched + 1
+
+
 def test_background_transfers_and_generation_do_not_disturb_each_other(make_store):
     store = make_store(prefetch_policy="explicit")
     cm = ContextManager(store=store)
@@ -233,6 +253,64 @@ def test_background_transfers_and_generation_do_not_disturb_each_other(make_stor
     for d in docs:
         k, v = kv_of(cm, d.hash)
         assert torch.equal(k, originals[d.hash][0]) and torch.equal(v, originals[d.hash][1])
+
+
+def gate_file_reads(monkeypatch, hashes) -> tuple[dict, dict, Counter]:
+    """Stall reads of these chunks' files until released: (started, release, reads)."""
+    started = {h: threading.Event() for h in hashes}
+    release = {h: threading.Event() for h in hashes}
+    reads: Counter[str] = Counter()
+    read = chunk_store.read_kv_file
+
+    def gated(path, *args):
+        chunk_hash = path.stem
+        reads[chunk_hash] += 1
+        if chunk_hash in release:
+            started[chunk_hash].set()
+            assert release[chunk_hash].wait(60)
+        return read(path, *args)
+
+    monkeypatch.setattr(chunk_store, "read_kv_file", gated)
+    return started, release, reads
+
+
+def test_a_generation_waits_only_for_the_chunk_it_needs(make_store, monkeypatch):
+    store = make_store(prefetch_policy="explicit")
+    cm = ContextManager(store=store)
+    needed = cm.add_chunk(DOC)
+    other = cm.add_chunk("The lighthouse keeper owns three goats and a red boat.")
+    cm.activate_chunk(needed.hash)
+    expected = cm.generate("Where is the vault?", GREEDY).text
+    for c in (needed, other):
+        cm.archive_to_disk(c.hash)
+    started, release, reads = gate_file_reads(monkeypatch, [needed.hash, other.hash])
+    release[needed.hash].set()
+    cm.prefetch(other.hash)
+    assert started[other.hash].wait(60)
+    # The prefetch of `other` is stuck in its read: a generation that needs only `needed`
+    # does not wait for it.
+    assert cm.generate("Where is the vault?", GREEDY).text == expected
+    assert other.hash not in store.kv
+    release[other.hash].set()
+    store.wait_for_transfers()
+    assert other.hash in store.kv and reads == {needed.hash: 1, other.hash: 1}
+
+    # A generation that needs a chunk still being read waits for that read, not a second one.
+    cm.archive_to_disk(needed.hash)
+    started, release, reads = gate_file_reads(monkeypatch, [needed.hash])
+    cm.prefetch(needed.hash)
+    assert started[needed.hash].wait(60)
+    misses, answers = store.stats["pool_misses"], []
+    generation = threading.Thread(
+        target=lambda: answers.append(cm.generate("Where is the vault?", GREEDY).text)
+    )
+    generation.start()
+    while store.stats["pool_misses"] == misses:  # it has asked for the chunk
+        time.sleep(0.01)
+    time.sleep(0.2)
+    release[needed.hash].set()
+    generation.join(60)
+    assert answers == [expected] and reads == {needed.hash: 1}
 
 
 def test_bf16_disk_compression_is_declared_and_honoured(make_store):
