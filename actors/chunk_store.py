@@ -162,32 +162,42 @@ class ChunkStore:
 
     def describe(self, chunk: ChunkInfo) -> ChunkInfo:
         """Fill in what only this process knows: whether and where its KV is in the pool."""
-        if not self.engine_started:  # no pool yet: the tiers recorded, here or before, stand
-            chunk.segments = []
-            owners = (
-                self.registry.get_many(self._owner_hashes(chunk))
-                if chunk.layout == "view"
-                else [chunk]
-            )
-            tiers = [self.tier_records.latest(c.hash) or c.tier for c in owners]
-            chunk.tier = max(tiers, key=TIER_ORDER.index)
-            return chunk
-        owners = self._owner_hashes(chunk)
+        return self.describe_many([chunk])[0]
+
+    def describe_many(self, chunks: list[ChunkInfo]) -> list[ChunkInfo]:
+        """`describe` for each chunk; a listing reads its views' sources once, not per view."""
+        if not self.engine_started:
+            return self._recorded_tiers(chunks)
         with self.lock:  # a generation or a prefetch may change the pool meanwhile
-            tiers = [self.tier_of(h) for h in owners]
-            chunk.tier = max(tiers, key=TIER_ORDER.index)  # a view: as far as its furthest source
-            if chunk.tier != "gpu":
-                chunk.segments = []
-            elif chunk.layout == "view":  # read straight from the pool: a listing is not a use
-                chunk.segments = [
-                    seg
-                    for p in self.pieces(chunk)
-                    for seg in slice_segments(
-                        self.kv[p.chunk.hash], p.start, p.length, self.block_size
-                    )
-                ]
-            else:
-                chunk.segments = list(self.kv[chunk.hash])
+            return [self._pool_state(c) for c in chunks]
+
+    def _recorded_tiers(self, chunks: list[ChunkInfo]) -> list[ChunkInfo]:
+        """No pool yet: the tiers recorded, here or before, stand (a view's: its furthest
+        source's). Sources not among `chunks` are read in one round trip."""
+        known = {c.hash: c for c in chunks}
+        wanted = list(dict.fromkeys(h for c in chunks for h in self._owner_hashes(c)))
+        if missing := [h for h in wanted if h not in known]:
+            known |= {c.hash: c for c in self.registry.get_many(missing)}
+        for chunk in chunks:
+            owners = self._owner_hashes(chunk)
+            tiers = [self.tier_records.latest(h) or known[h].tier for h in owners]
+            chunk.tier = max(tiers, key=TIER_ORDER.index)
+            chunk.segments = []
+        return chunks
+
+    def _pool_state(self, chunk: ChunkInfo) -> ChunkInfo:
+        tiers = [self.tier_of(h) for h in self._owner_hashes(chunk)]
+        chunk.tier = max(tiers, key=TIER_ORDER.index)  # a view: as far as its furthest source
+        if chunk.tier != "gpu":
+            chunk.segments = []
+        elif chunk.layout == "view":  # read straight from the pool: a listing is not a use
+            chunk.segments = [
+                seg
+                for p in self.pieces(chunk)
+                for seg in slice_segments(self.kv[p.chunk.hash], p.start, p.length, self.block_size)
+            ]
+        else:
+            chunk.segments = list(self.kv[chunk.hash])
         return chunk
 
     @staticmethod

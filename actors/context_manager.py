@@ -196,14 +196,15 @@ class ContextManager(OutputTracking):
 
     def list_chunks(self, pattern: str | None = None, tag: str | None = None) -> list[ChunkInfo]:
         chunks = self.registry.list_chunks(pattern, tag, self.context_name)
-        return [self.store.describe(c) for c in chunks]
+        return self.store.describe_many(chunks)
 
     def provenance(self, ref: str) -> tuple[list[ChunkInfo], list[ChunkInfo]]:
         """The chunk's parents (what it was computed after, in order) and its children."""
         chunk_hash = self.registry.resolve(ref)
         parents = self.registry.get_many(self.registry.parents(chunk_hash), self.context_name)
         children = self.registry.get_many(self.registry.children(chunk_hash), self.context_name)
-        return [self.store.describe(c) for c in parents], [self.store.describe(c) for c in children]
+        described = self.store.describe_many([*parents, *children])
+        return described[: len(parents)], described[len(parents) :]
 
     def stats(self) -> dict:
         """Pool usage, chunks per tier, the store's counters and the last generation's speed."""
@@ -343,7 +344,7 @@ class ContextManager(OutputTracking):
     def context(self) -> ContextView:
         s = self.settings
         chunks = self.registry.get_many(self.registry.active(self.context_name), self.context_name)
-        chunks = [self.store.describe(c) for c in chunks]
+        chunks = self.store.describe_many(chunks)
         return ContextView(
             self.context_name, s["mode"], s["auto_activate"], chunks, self.store.window
         )

@@ -82,17 +82,17 @@ class SharedChunkStore(ChunkStore):
     def restore_tiers(self) -> None:
         return None  # see the class docstring
 
-    def describe(self, chunk: ChunkInfo) -> ChunkInfo:
-        """As ChunkStore.describe, with the tier the chunk has anywhere in the pool."""
-        chunk = super().describe(chunk)
-        if chunk.tier != "gpu":
-            pool = self.pool_tiers()
-            tiers = [
-                min(self.tier_of(h), pool.get(h, "disk"), key=_tier_rank)
-                for h in self._owner_hashes(chunk)
-            ]
-            chunk.tier = max(tiers, key=_tier_rank)
-        return chunk
+    def describe_many(self, chunks: list[ChunkInfo]) -> list[ChunkInfo]:
+        """As ChunkStore.describe_many, with the tier each chunk has anywhere in the pool."""
+        for chunk in super().describe_many(chunks):
+            if chunk.tier != "gpu":
+                pool = self.pool_tiers()
+                tiers = [
+                    min(self.tier_of(h), pool.get(h, "disk"), key=_tier_rank)
+                    for h in self._owner_hashes(chunk)
+                ]
+                chunk.tier = max(tiers, key=_tier_rank)
+        return chunks
 
 
 @ray.remote

@@ -68,7 +68,9 @@ def test_views_follow_their_sources(make_cm):
     assert cm.move_to_gpu(view.hash).tier == "gpu"
 
 
-def test_views_follow_their_sources_before_the_engine_starts(make_cm, model_path, home):
+def test_views_follow_their_sources_before_the_engine_starts(
+    make_cm, model_path, home, monkeypatch
+):
     cm = make_cm()
     a, b = cm.add_chunk(DOC), cm.add_chunk("Another document entirely.")
     view = cm.compose_chunks([a.hash, b.hash])
@@ -81,6 +83,14 @@ def test_views_follow_their_sources_before_the_engine_starts(make_cm, model_path
         fresh.move_to_cpu(a.hash)  # recorded by this store, not yet written
         assert fresh.get_chunk(view.hash).tier == "cpu"  # a in cpu, b in gpu
         assert {c.hash: c.tier for c in fresh.list_chunks()}[view.hash] == "cpu"
+        fresh.activate_chunk(view.hash)
+        reads = []
+        get_many = store.registry.get_many
+        monkeypatch.setattr(store.registry, "get_many", lambda *a: reads.append(a) or get_many(*a))
+        fresh.list_chunks()  # the sources are listed too: no more reads
+        assert reads == []
+        assert [c.tier for c in fresh.context().chunks] == ["cpu"]  # the view, then its sources
+        assert [list(hashes) for hashes, *_ in reads] == [[view.hash], [a.hash, b.hash]]
         assert not store.engine_started
     finally:
         store.close()
