@@ -93,7 +93,7 @@ class ChunkStore:
         llm: LLM | None = None,
         namespace: str = "kvchunks",
         budgets: TierBudgets | None = None,
-        prefetch_policy: str = "provenance",
+        prefetch_policy: str | None = None,  # None: KVCHUNKS_PREFETCH_POLICY, else provenance
     ):
         self.home = Path(home) if home is not None else data_dir()
         # The engine (weights and KV pool) starts on first use: listing, tagging or

@@ -6,12 +6,15 @@ the transfer in the background.
 
 from __future__ import annotations
 
+import os
 from collections import Counter, defaultdict
 from typing import Protocol
 
 from kvchunks.common import InvalidInput
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.registry import ChunkRegistry
+
+POLICY_ENV = "KVCHUNKS_PREFETCH_POLICY"
 
 
 class PrefetchPolicy(Protocol):
@@ -35,7 +38,8 @@ class ProvenanceNeighbours:
         self.limit = limit
 
     def on_activate(self, chunk: ChunkInfo, active: list[str]) -> list[str]:
-        near = [*self.registry.parents(chunk.hash), *sorted(self.registry.children(chunk.hash))]
+        # The parents are in the record (a deleted one is skipped by the transfer): one read.
+        near = [*chunk.parent_chunks, *self.registry.children(chunk.hash)]
         return [h for h in dict.fromkeys(near) if h not in active][: self.limit]
 
 
@@ -57,12 +61,18 @@ class CoActivation:
         return picks[: self.limit]
 
 
-def make_policy(name: str, registry: ChunkRegistry) -> PrefetchPolicy:
+def make_policy(name: str | None, registry: ChunkRegistry) -> PrefetchPolicy:
+    """The policy called `name`; None: the one KVCHUNKS_PREFETCH_POLICY names, else
+    provenance neighbours."""
     policies = {
         "explicit": Explicit,
         "provenance": lambda: ProvenanceNeighbours(registry),
         "coactivation": CoActivation,
     }
-    if name not in policies:
-        raise InvalidInput(f"unknown prefetch policy {name!r}; use one of {', '.join(policies)}")
-    return policies[name]()
+    chosen = name if name is not None else os.environ.get(POLICY_ENV, "provenance")
+    if chosen not in policies:
+        where = "" if name is not None else f" in {POLICY_ENV}"
+        raise InvalidInput(
+            f"unknown prefetch policy {chosen!r}{where}; use one of {', '.join(policies)}"
+        )
+    return policies[chosen]()

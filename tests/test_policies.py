@@ -7,7 +7,13 @@ import pytest
 from kvchunks.common import InvalidInput
 from kvchunks.policies.budgets import TierBudgets
 from kvchunks.policies.lru import LRU
-from kvchunks.policies.prefetch import CoActivation, Explicit, make_policy
+from kvchunks.policies.prefetch import (
+    POLICY_ENV,
+    CoActivation,
+    Explicit,
+    ProvenanceNeighbours,
+    make_policy,
+)
 from kvchunks.store.chunk import ChunkInfo
 
 
@@ -57,8 +63,15 @@ def test_coactivation_picks_chunks_active_together_often_enough():
     assert policy.on_activate(b, []) == [a.hash]  # counted both ways
 
 
-def test_policies_are_chosen_by_name():
-    assert isinstance(make_policy("explicit", registry=None), Explicit)
+def test_policies_are_chosen_by_name_or_from_the_environment(monkeypatch):
+    monkeypatch.delenv(POLICY_ENV, raising=False)
+    assert isinstance(make_policy(None, registry=None), ProvenanceNeighbours)
+    monkeypatch.setenv(POLICY_ENV, "coactivation")
+    assert isinstance(make_policy(None, registry=None), CoActivation)
+    assert isinstance(make_policy("explicit", registry=None), Explicit)  # a name wins
     assert make_policy("explicit", registry=None).on_activate(chunk("a"), []) == []
-    with pytest.raises(InvalidInput, match="unknown prefetch policy 'nearest'"):
+    with pytest.raises(InvalidInput, match="unknown prefetch policy 'nearest'; use one of"):
         make_policy("nearest", registry=None)
+    monkeypatch.setenv(POLICY_ENV, "nearest")
+    with pytest.raises(InvalidInput, match=f"'nearest' in {POLICY_ENV}; use one of"):
+        make_policy(None, registry=None)
