@@ -175,18 +175,18 @@ class ChunkStore:
         """No pool yet: the tiers recorded, here or before, stand (a view's: its furthest
         source's). Sources not among `chunks` are read in one round trip."""
         known = {c.hash: c for c in chunks}
-        wanted = list(dict.fromkeys(h for c in chunks for h in self._owner_hashes(c)))
+        wanted = list(dict.fromkeys(h for c in chunks for h in self.owner_hashes(c)))
         if missing := [h for h in wanted if h not in known]:
             known |= {c.hash: c for c in self.registry.get_many(missing)}
         for chunk in chunks:
-            owners = self._owner_hashes(chunk)
+            owners = self.owner_hashes(chunk)
             tiers = [self.tier_records.latest(h) or known[h].tier for h in owners]
             chunk.tier = max(tiers, key=TIER_ORDER.index)
             chunk.segments = []
         return chunks
 
     def _pool_state(self, chunk: ChunkInfo) -> ChunkInfo:
-        tiers = [self.tier_of(h) for h in self._owner_hashes(chunk)]
+        tiers = [self.tier_of(h) for h in self.owner_hashes(chunk)]
         chunk.tier = max(tiers, key=TIER_ORDER.index)  # a view: as far as its furthest source
         if chunk.tier != "gpu":
             chunk.segments = []
@@ -201,7 +201,7 @@ class ChunkStore:
         return chunk
 
     @staticmethod
-    def _owner_hashes(chunk: ChunkInfo) -> list[str]:
+    def owner_hashes(chunk: ChunkInfo) -> list[str]:
         return (
             list(dict.fromkeys(s.hash for s in chunk.sources))
             if chunk.layout == "view"
@@ -450,6 +450,10 @@ class ChunkStore:
     # -- prefetch -------------------------------------------------------------------------------
 
     def on_activate(self, chunk: ChunkInfo, active: list[str]) -> None:
+        """`prefetch_for_activation` (a store in a shared pool may hand it to a peer)."""
+        self.prefetch_for_activation(chunk, active)
+
+    def prefetch_for_activation(self, chunk: ChunkInfo, active: list[str]) -> None:
         """Bring the activated chunk, and what the prefetch policy expects next, into the pool
         in the background, so the next generation finds them there."""
         if self.engine_started and not self._closed:  # lookups run in the background too

@@ -8,8 +8,10 @@ types (ChunkInfo, ContextView and GenerationResult are dataclasses: they travel 
 Each method runs ContextManager's own code on a worker; errors arrive as the kvchunks
 exception the worker raised. Paths (load_file, export_chunk, import_chunk) are paths on the
 worker's node. A context's requests stick to one worker; generate() first re-routes to the
-worker holding most of the context's active KV, and so do activate_chunk, populate,
-move_to_gpu and prefetch, counting the chunk they bring in.
+worker holding most of the context's active KV, and so do populate, move_to_gpu and
+prefetch, counting the chunk they bring in. activate_chunk stays on the context's worker (no
+routing round trip): the prefetch it starts runs on the worker the router picks, and the
+context's next calls follow it there.
 """
 
 from __future__ import annotations
@@ -99,9 +101,14 @@ class Client(OutputTracking):
     def _call(self, method: str, *args, **kwargs):
         if method in _BRINGS_KV and args:  # go where the chunk is, rather than ship it here
             self._worker = self._router.pick(self.context_name, args[0])
-        name = self._worker
-        handle = self._service.workers[name]
-        return get(handle.call.remote(self.context_name, method, args, kwargs), f"{name} {method}")
+        name, routed = self._worker, self._router.pinned is None
+        call = self._service.workers[name].call.remote(
+            self.context_name, method, args, kwargs, routed
+        )
+        result, moved_to = get(call, f"{name} {method}")
+        if moved_to is not None:  # the context's KV is being gathered there (see worker.call)
+            self._worker = moved_to
+        return result
 
     # -- methods that need the client's side ------------------------------------------------
 
@@ -156,8 +163,8 @@ class Client(OutputTracking):
         return result
 
 
-# Methods that bring a chunk's KV into the serving worker's pool (activation prefetches it).
-_BRINGS_KV = frozenset({"activate_chunk", "populate", "move_to_gpu", "prefetch"})
+# Methods that bring a chunk's KV into the serving worker's pool.
+_BRINGS_KV = frozenset({"populate", "move_to_gpu", "prefetch"})
 
 
 def _forwarded(name: str, member: object) -> object:

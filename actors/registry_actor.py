@@ -138,14 +138,18 @@ class RegistryActor:
         return [w for w in self.workers if chunk_hash in self.held.get(w, {})]
 
     def placement(self, context: str, adding: str | None = None) -> dict:
-        """For each worker: bytes of the context's active KV it holds (with the chunk
-        `adding` refers to, about to be activated), and its free blocks."""
+        """`placement_of` the context's active chunks (with the chunk `adding` refers to,
+        about to be activated)."""
         chunks = self.registry.active(context)
         if adding is not None:
             with contextlib.suppress(KVChunksError):  # the worker reports a bad ref properly
                 chunks.append(adding if is_hash(adding) else self.registry.resolve(adding))
+        return self.placement_of(chunks)
+
+    def placement_of(self, hashes: list[str]) -> dict:
+        """For each worker: bytes of these chunks' KV it holds, and its free blocks."""
         try:
-            owners = self._owners(chunks)
+            owners = self._owners(hashes)
         except KVChunksError:  # a chunk deleted meanwhile, or a bad hash: route on nothing
             owners = []
         held = {w: sum(self.held.get(w, {}).get(h, 0) for h in owners) for w in self.workers}

@@ -21,8 +21,17 @@ class Router:
         """The worker for `context` (counting the chunk `adding`, about to be activated)."""
         if self.pinned is not None:
             return self.pinned
-        placement = get(self.registry.placement.remote(context, adding), "the registry")
-        return choose(placement["workers"], placement["held"], placement["free"])
+        return _best(get(self.registry.placement.remote(context, adding), "the registry"))
+
+    def pick_for(self, hashes: list[str]) -> str:
+        """The worker for a request that reads these chunks."""
+        if self.pinned is not None:
+            return self.pinned
+        return _best(get(self.registry.placement_of.remote(hashes), "the registry"))
+
+
+def _best(placement: dict) -> str:
+    return choose(placement["workers"], placement["held"], placement["free"])
 
 
 def choose(workers: list[str], held: dict[str, int], free: dict[str, int]) -> str:

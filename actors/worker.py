@@ -10,10 +10,12 @@ the registry actor, so requests can be routed to the worker that holds their chu
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import ray
 import torch
@@ -29,6 +31,7 @@ from kvchunks.actors.remote import (
     ServiceUnavailable,
     get,
 )
+from kvchunks.actors.router import Router
 from kvchunks.common import HOME_ENV, InvalidInput
 from kvchunks.engine import EngineConfig, SamplingParams
 from kvchunks.store import redis_server
@@ -39,10 +42,15 @@ CLIENT_SIDE = frozenset({"close", "with_context", "track_output", "generate"})
 
 
 Fetch = Callable[[ChunkInfo], "tuple[torch.Tensor, torch.Tensor] | None"]
+HandOver = Callable[[ChunkInfo, list[str]], bool]
 
 
 def _nowhere(chunk: ChunkInfo) -> None:
     return None
+
+
+def _keep(chunk: ChunkInfo, active: list[str]) -> bool:
+    return False
 
 
 def _tier_rank(tier: str) -> int:
@@ -66,6 +74,7 @@ class SharedChunkStore(ChunkStore):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fetch_remote: Fetch = _nowhere
+        self.hand_over: HandOver = _keep
         self.pool_tiers: Callable[[], dict[str, str]] = dict  # hash -> best tier in the pool
         self.recompute_only = False  # for benchmarks: the cost the shared pool saves
 
@@ -82,6 +91,17 @@ class SharedChunkStore(ChunkStore):
     def restore_tiers(self) -> None:
         return None  # see the class docstring
 
+    def on_activate(self, chunk: ChunkInfo, active: list[str]) -> None:
+        """Prefetch for the activation on the worker that the context's next request will be
+        routed to: here, or handed over to that peer. Clients activate through the worker
+        they last used, so the routing lookup is off the activation's path."""
+        if self.engine_started and not self._closed:
+            self._transfers.submit(self._prefetch_where_routed, chunk, active, self.hand_over)
+
+    def _prefetch_where_routed(self, chunk: ChunkInfo, active: list[str], hand_over) -> None:
+        if not hand_over(chunk, active):
+            self._after_activation(chunk, active)
+
     def describe_many(self, chunks: list[ChunkInfo]) -> list[ChunkInfo]:
         """As ChunkStore.describe_many, with the tier each chunk has anywhere in the pool."""
         for chunk in super().describe_many(chunks):
@@ -89,7 +109,7 @@ class SharedChunkStore(ChunkStore):
                 pool = self.pool_tiers()
                 tiers = [
                     min(self.tier_of(h), pool.get(h, "disk"), key=_tier_rank)
-                    for h in self._owner_hashes(chunk)
+                    for h in self.owner_hashes(chunk)
                 ]
                 chunk.tier = max(tiers, key=_tier_rank)
         return chunks
@@ -118,6 +138,9 @@ class InferenceWorker:
         namespace = store.registry.namespace
         store.registry = RegistryClient(redis_server.connect_url(redis_url), namespace, registry)
         store.fetch_remote = self._fetch
+        self.router = Router(registry)
+        self.peers: dict[str, ray.actor.ActorHandle] = {}
+        self.redirects: dict[str, str] = {}  # context -> where its last prefetch was handed
         store.llm  # noqa: B018  (loads the model now: a worker is ready when it can serve)
         self.managers: dict[str, ContextManager] = {}
         self.methods = remote_methods()
@@ -142,15 +165,30 @@ class InferenceWorker:
 
     # -- the API --------------------------------------------------------------------------
 
-    def call(self, context: str, method: str, args: tuple = (), kwargs: dict | None = None):
-        """Run ContextManager.<method>(*args, **kwargs) for `context`."""
+    def call(
+        self,
+        context: str,
+        method: str,
+        args: tuple = (),
+        kwargs: dict | None = None,
+        routed: bool = True,
+    ) -> tuple[Any, str | None]:
+        """Run ContextManager.<method>(*args, **kwargs) for `context`: its result, and the
+        worker that a routed caller should send the context's next calls to, if not here.
+
+        Routed callers activate through the worker they last used, without asking the router
+        first: the prefetch an activation starts goes to the worker the router picks, and
+        that worker is named in the reply to the next call. A caller pinned to this worker
+        passes routed=False: its activations prefetch here."""
         if method not in self.methods:
             raise InvalidInput(f"ContextManager has no remote method {method!r}")
-        with self._serving():
+        with self._serving(context if routed else None):
             manager = self._manager(context)
             if isinstance(getattr(ContextManager, method), property):
-                return getattr(manager, method)
-            return getattr(manager, method)(*args, **(kwargs or {}))
+                result = getattr(manager, method)
+            else:
+                result = getattr(manager, method)(*args, **(kwargs or {}))
+        return result, self.redirects.pop(context, None) if routed else None
 
     # Never re-run by Ray after a crash: the caller gets WorkerDied instead of a generation
     # that starts over (and streams its text twice) long after it gave up.
@@ -196,8 +234,14 @@ class InferenceWorker:
                 return manager.generate(prompt, params, mode, on_text)
 
     @contextlib.contextmanager
-    def _serving(self) -> Iterator[None]:
+    def _serving(self, routed_context: str | None = None) -> Iterator[None]:
+        """One call at a time, after dropping chunks deleted elsewhere, and report the pool
+        after it. With `routed_context`, the call's activations prefetch where the router
+        sends that context (see `call`); else here."""
         with self.lock:
+            self.store.hand_over = (
+                functools.partial(self._hand_over, routed_context) if routed_context else _keep
+            )
             self.tiers_seen = None
             with self.deleted_lock:
                 deleted, self.deleted = self.deleted, set()
@@ -252,6 +296,29 @@ class InferenceWorker:
         if payload is None or payload.shape != expected or payload.dtype != self.spec["dtype"]:
             return None
         return payload.tensors()
+
+    def _hand_over(self, context: str, chunk: ChunkInfo, active: list[str]) -> bool:
+        """Have the worker that the router picks for the context's chunks prefetch for the
+        activation, if that is another one (True: handed over, not awaited)."""
+        needed = [*active, *self.store.owner_hashes(chunk)]
+        if all(h in self.store.kv for h in needed):  # all here: no worker holds more
+            return False
+        try:
+            best = self.router.pick_for(needed)
+            if best == self.name:
+                return False
+            if best not in self.peers:
+                self.peers[best] = ray.get_actor(best, namespace=NAMESPACE)
+            self.peers[best].prefetch_for_activation.remote(chunk, active)
+        except (ServiceUnavailable, ValueError):  # no router, or no such peer: prefetch here
+            return False
+        self.redirects[context] = best
+        self.store.stats["prefetch_handed_over"] += 1
+        return True
+
+    def prefetch_for_activation(self, chunk: ChunkInfo, active: list[str]) -> None:
+        """Prefetch for an activation made through another worker (see _hand_over)."""
+        self.store.prefetch_for_activation(chunk, active)
 
     def _report(self) -> None:
         """Tell the registry what this pool and host memory hold, when that changed."""

@@ -86,6 +86,46 @@ def test_router_sends_a_context_to_the_worker_holding_its_chunks(ray_service):
         assert delta(s.stats(w), before[w]).get("shipped", 0) == 0
 
 
+def wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_activation_prefetches_on_the_worker_the_router_picks(ray_service):
+    s = ray_service
+    on_1 = connect("auto", "handover", worker=1)
+    anchor = on_1.add_chunk("Ilse keeps her green bicycle in the shed behind the house.")
+    docs = [
+        on_1.add_chunk(f"The shed's key number {i} hangs under the third stone.") for i in (1, 2)
+    ]
+    on_1.activate_chunk(anchor.hash)  # worker-1 holds the context's KV
+    ray.get(s.worker("worker-1").evict.remote([d.hash for d in docs]))  # now only in files
+    before = {w: s.stats(w) for w in ("worker-0", "worker-1")}
+    # A routed client whose context last went to worker-0 activates there: no routing round
+    # trip first, and the prefetch goes to worker-1, where the router sends the context.
+    get(s.worker("worker-0").call.remote("handover", "activate_chunk", (docs[0].hash,)))
+    wait_for(
+        lambda: delta(s.stats("worker-1"), before["worker-1"]).get("prefetched", 0) == 1,
+        "worker-1 never prefetched the chunk",
+    )
+    on_0 = delta(s.stats("worker-0"), before["worker-0"])
+    assert on_0.get("prefetch_handed_over") == 1 and on_0.get("prefetched", 0) == 0
+    # The context's next call on worker-0 tells the caller to move to worker-1, once.
+    for moved_to in ("worker-1", None):
+        call = s.worker("worker-0").call.remote("handover", "get_chunk", (docs[0].hash,))
+        assert get(call)[1] == moved_to
+    on_1.get_chunk(docs[0].hash)  # a call on worker-1 reports its pool
+    assert get(s.service.registry.holders.remote(docs[0].hash)) == ["worker-1"]
+    assert Router(s.service.registry).pick("handover") == "worker-1"
+    # A client pinned to worker-0 has its activations prefetched there.
+    connect("auto", "handover", worker=0).activate_chunk(docs[1].hash)
+    assert ray.get(s.worker("worker-0").violations.remote()) == []  # waits for its transfers
+    assert ray.get(s.worker("worker-0").read_kv.remote(docs[1].hash)) is not None
+    assert delta(s.stats("worker-0"), before["worker-0"]).get("prefetch_handed_over") == 1
+
+
 def test_killed_worker_loses_no_chunk_and_answers_the_same(ray_service):
     s = ray_service
     client = connect("auto", "kill", worker=1)
