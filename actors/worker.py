@@ -67,8 +67,10 @@ class SharedChunkStore(ChunkStore):
 
     KV that is in neither this pool nor this process's host memory is first fetched with
     `fetch_remote` (shipped from a peer, counted in stats["shipped"]), and only then read
-    from its file or recomputed. A worker starts with an empty pool: the tiers recorded in
-    the shared registry say where a chunk was in some worker, not in this one.
+    from its file or recomputed. An activation's prefetch may be handed to the peer that the
+    context's requests are routed to (`hand_over`). A worker starts with an empty pool: the
+    tiers recorded in the shared registry say where a chunk was in some worker, not in this
+    one.
     """
 
     def __init__(self, *args, **kwargs):
@@ -98,7 +100,9 @@ class SharedChunkStore(ChunkStore):
         if self.engine_started and not self._closed:
             self._transfers.submit(self._prefetch_where_routed, chunk, active, self.hand_over)
 
-    def _prefetch_where_routed(self, chunk: ChunkInfo, active: list[str], hand_over) -> None:
+    def _prefetch_where_routed(
+        self, chunk: ChunkInfo, active: list[str], hand_over: HandOver
+    ) -> None:
         if not hand_over(chunk, active):
             self._after_activation(chunk, active)
 
