@@ -315,7 +315,9 @@ def test_a_generation_waits_only_for_the_chunk_it_needs(make_store, monkeypatch)
         target=lambda: answers.append(cm.generate("Where is the vault?", GREEDY).text)
     )
     generation.start()
-    while store.stats["pool_misses"] == misses:  # it has asked for the chunk
+    deadline = time.monotonic() + 60
+    while store.stats["pool_misses"] == misses:  # until it has asked for the chunk
+        assert time.monotonic() < deadline and generation.is_alive()
         time.sleep(0.01)
     time.sleep(0.2)
     release[needed.hash].set()
