@@ -106,7 +106,7 @@ class Client(OutputTracking):
             self.context_name, method, args, kwargs, routed
         )
         result, moved_to = get(call, f"{name} {method}")
-        if moved_to is not None:  # the context's KV is being gathered there (see worker.call)
+        if moved_to in self._service.workers:  # the context's KV gathers there (worker.call)
             self._worker = moved_to
         return result
 
