@@ -229,6 +229,7 @@ class InferenceWorker:
         yield outcome["result"]
 
     def _generate(self, context, prompt, params, mode, track, on_text) -> GenerationResult:
+        self.redirects.pop(context, None)  # the client routed this request: that choice stands
         with self._serving():
             manager = self._manager(context)
             if not track:

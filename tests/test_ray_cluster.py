@@ -98,7 +98,7 @@ def test_activation_prefetches_on_the_worker_the_router_picks(ray_service):
     on_1 = connect("auto", "handover", worker=1)
     anchor = on_1.add_chunk("Ilse keeps her green bicycle in the shed behind the house.")
     docs = [
-        on_1.add_chunk(f"The shed's key number {i} hangs under the third stone.") for i in (1, 2)
+        on_1.add_chunk(f"The shed's key number {i} hangs under the third stone.") for i in (1, 2, 3)
     ]
     on_1.activate_chunk(anchor.hash)  # worker-1 holds the context's KV
     ray.get(s.worker("worker-1").evict.remote([d.hash for d in docs]))  # now only in files
@@ -119,11 +119,21 @@ def test_activation_prefetches_on_the_worker_the_router_picks(ray_service):
     on_1.get_chunk(docs[0].hash)  # a call on worker-1 reports its pool
     assert get(s.service.registry.holders.remote(docs[0].hash)) == ["worker-1"]
     assert Router(s.service.registry).pick("handover") == "worker-1"
+    # A generation sent to worker-0 (by the router, say) supersedes a redirect not yet given.
+    get(s.worker("worker-0").call.remote("handover", "activate_chunk", (docs[1].hash,)))
+    wait_for(
+        lambda: delta(s.stats("worker-0"), before["worker-0"])["prefetch_handed_over"] == 2,
+        "worker-0 never handed the second prefetch over",
+    )
+    stream = s.worker("worker-0").generate.remote("handover", "Where is the key?", GREEDY)
+    assert [ray.get(ref) for ref in stream][-1].text
+    call = s.worker("worker-0").call.remote("handover", "get_chunk", (docs[1].hash,))
+    assert get(call)[1] is None
     # A client pinned to worker-0 has its activations prefetched there.
-    connect("auto", "handover", worker=0).activate_chunk(docs[1].hash)
+    connect("auto", "handover", worker=0).activate_chunk(docs[2].hash)
     assert ray.get(s.worker("worker-0").violations.remote()) == []  # waits for its transfers
-    assert ray.get(s.worker("worker-0").read_kv.remote(docs[1].hash)) is not None
-    assert delta(s.stats("worker-0"), before["worker-0"]).get("prefetch_handed_over") == 1
+    assert ray.get(s.worker("worker-0").read_kv.remote(docs[2].hash)) is not None
+    assert delta(s.stats("worker-0"), before["worker-0"]).get("prefetch_handed_over") == 2
 
 
 def test_killed_worker_loses_no_chunk_and_answers_the_same(ray_service):
