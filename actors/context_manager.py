@@ -373,8 +373,9 @@ class ContextManager(OutputTracking):
         prompt_tokens = self.store.chat.prompt(prompt)
         context_tokens = sum(c.token_count for c in active)
         self._check_fits(context_tokens + len(prompt_tokens) + params.max_tokens)
-        started = time.perf_counter()
         store = self.store
+        store.llm  # noqa: B018  (starts the engine on first use: not part of the first token)
+        started = time.perf_counter()
         with contextlib.ExitStack() as pins:
             # Nothing this generation reads may be evicted meanwhile: the active chunks, and a
             # stored prompt it continues from.
