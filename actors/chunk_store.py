@@ -12,7 +12,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -506,7 +506,11 @@ class ChunkStore:
 
     def wait_for_transfers(self) -> None:
         """Block until every background transfer queued so far has finished."""
-        self._transfers.submit(lambda: None).result()
+        self.after_transfers(lambda: None).result()
+
+    def after_transfers(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` in the background once every transfer queued so far has finished."""
+        return self._transfers.submit(fn)
 
     # -- the three modes ----------------------------------------------------------------------
 

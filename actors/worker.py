@@ -160,6 +160,7 @@ class InferenceWorker:
         self.deleted: set[str] = set()  # chunks deleted through other workers, to drop here
         self.deleted_lock = threading.Lock()
         self.reported: dict[str, str] | None = None
+        self.report_lock = threading.Lock()  # calls and background prefetches both report
         self.tiers_seen: dict[str, str] | None = None
         store.pool_tiers = self._pool_tiers
         self._report()  # a restarted worker's pool is empty: forget what its last life held
@@ -322,23 +323,31 @@ class InferenceWorker:
         return True
 
     def prefetch_for_activation(self, chunk: ChunkInfo, active: list[str]) -> None:
-        """Prefetch for an activation made through another worker (see _hand_over)."""
+        """Prefetch for an activation made through another worker (see _hand_over), and
+        report the pool when it is done: no call of this worker's may come to report it."""
         self.store.prefetch_for_activation(chunk, active)
+        self.store.after_transfers(self._report)
 
     def _report(self) -> None:
         """Tell the registry what this pool and host memory hold, when that changed."""
+        with self.report_lock:
+            while deleted := self._report_once():  # loaded here while deleted elsewhere
+                self._drop(deleted)
+
+    def _report_once(self) -> list[str]:
         store = self.store
-        tiers = dict.fromkeys(store.kv, "gpu") | dict.fromkeys(list(store.host.kv), "cpu")
-        if tiers == self.reported:
-            return
-        held = {h: sum(s.length for s in segs) * self.token_bytes for h, segs in store.kv.items()}
-        held |= {h: k.nbytes + v.nbytes for h, (k, v) in list(store.host.kv.items())}
-        report = self.registry.report.remote(self.name, tiers, held, self._pool())
-        deleted = get(report, "registry report")
+        with store.lock:  # background transfers change the pool meanwhile
+            tiers = dict.fromkeys(store.kv, "gpu") | dict.fromkeys(store.host.kv, "cpu")
+            if tiers == self.reported:
+                return []
+            held = {
+                h: sum(s.length for s in segs) * self.token_bytes for h, segs in store.kv.items()
+            }
+            held |= {h: k.nbytes + v.nbytes for h, (k, v) in store.host.kv.items()}
+            pool = self._pool()
+        deleted = get(self.registry.report.remote(self.name, tiers, held, pool), "registry report")
         self.reported = tiers
-        if deleted:  # loaded here while another worker deleted them
-            self._drop(deleted)
-            self._report()
+        return deleted
 
     def _pool_tiers(self) -> dict[str, str]:
         """The pool's tiers, read once per call (describe asks for every chunk it shows)."""

@@ -116,8 +116,10 @@ def test_activation_prefetches_on_the_worker_the_router_picks(ray_service):
     for moved_to in ("worker-1", None):
         call = s.worker("worker-0").call.remote("handover", "get_chunk", (docs[0].hash,))
         assert get(call)[1] == moved_to
-    on_1.get_chunk(docs[0].hash)  # a call on worker-1 reports its pool
-    assert get(s.service.registry.holders.remote(docs[0].hash)) == ["worker-1"]
+    wait_for(  # worker-1 reports what it prefetched, with no call of its own to do it
+        lambda: get(s.service.registry.holders.remote(docs[0].hash)) == ["worker-1"],
+        "worker-1 never reported the chunk it prefetched",
+    )
     assert Router(s.service.registry).pick("handover") == "worker-1"
     # A generation sent to worker-0 (by the router, say) supersedes a redirect not yet given.
     get(s.worker("worker-0").call.remote("handover", "activate_chunk", (docs[1].hash,)))
