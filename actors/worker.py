@@ -155,8 +155,7 @@ class InferenceWorker:
             "dtype": dtype.dtype,
             "shape": (c.num_layers, None, c.num_kv_heads, c.head_dim),
         }
-        self.token_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim
-        self.token_bytes *= dtype.torch_dtype.itemsize
+        self.token_bytes = c.kv_bytes(1, dtype.torch_dtype)
         self.deleted: set[str] = set()  # chunks deleted through other workers, to drop here
         self.deleted_lock = threading.Lock()
         self.reported: dict[str, str] | None = None
