@@ -47,12 +47,20 @@ def hf_greedy(hf_model, ids: list[int], max_new_tokens: int) -> list[int]:
 
 def test_greedy_chat_matches_reference(llm, hf_model):
     params = SamplingParams(temperature=0, max_tokens=32)
+    eos = hf_eos_ids(hf_model)
     for chat, out in zip(CHATS, llm.generate(CHATS, params), strict=True):
         expected = hf_greedy(hf_model, llm.encode(chat), 32)
-        # HF keeps going past EOS only up to its own stop; compare up to ours.
-        assert out.token_ids == expected[: len(out.token_ids)]
-        assert out.text == llm.decode(expected[: len(out.token_ids)])
+        # The whole answer, its end included: an early stop or a missed one is a mismatch.
+        assert out.token_ids == expected
+        assert out.finish_reason == ("stop" if expected[-1] in eos else "length")
+        assert out.text == llm.decode(expected)
         assert out.text.strip()
+
+
+def hf_eos_ids(hf_model) -> set[int]:
+    """The tokens HF's generate stops at, from its own generation config."""
+    eos = hf_model.generation_config.eos_token_id
+    return set(eos) if isinstance(eos, list) else {eos}
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
