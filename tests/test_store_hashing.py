@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvchunks.common import InvalidInput
+from kvchunks.engine import SamplingParams
 from kvchunks.store.hashing import (
     chunk_hash,
     content_hash,
@@ -92,12 +93,18 @@ def test_different_token_lists_have_different_hashes(a, b):
     assert (chunk_hash(FP, ctx, 0, a) == chunk_hash(FP, ctx, 0, b)) == (a == b)
 
 
-def test_content_hash_ignores_context_and_position():
-    tokens = [5, 6, 7]
-    assert content_hash(tokens) == content_hash(list(tokens))
-    assert chunk_hash(FP, context_hash([]), 0, tokens) != chunk_hash(
-        FP, context_hash([(B, 0)]), 3, tokens
-    )
+def test_content_hash_ignores_context_and_position(make_cm):
+    """The same question asked after a document and alone: two chunks (different context and
+    position) with one content hash, by which the registry finds both."""
+    after_doc, alone = make_cm("after-doc"), make_cm("alone")
+    after_doc.activate_chunk(after_doc.add_chunk("The vault code is 4817.").hash)
+    one = SamplingParams(temperature=0, max_tokens=1)
+    prompts = [cm.generate("What is the code?", one).prompt_chunk for cm in (after_doc, alone)]
+    assert prompts[0].hash != prompts[1].hash and prompts[0].position != prompts[1].position
+    assert prompts[0].token_ids == prompts[1].token_ids
+    shared = content_hash(prompts[0].token_ids)
+    assert [p.content_hash for p in prompts] == [shared, shared]
+    assert after_doc.registry.by_content(shared) == sorted(p.hash for p in prompts)
 
 
 @pytest.mark.parametrize(
