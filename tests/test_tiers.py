@@ -239,27 +239,35 @@ def test_coactivation_prefetches_chunks_often_active_together(make_store):
     assert store.stats["prefetched"] == prefetched + 1
 
 
-def test_background_transfers_and_generation_do_not_disturb_each_other(make_store):
+def test_background_transfers_and_generation_do_not_disturb_each_other(make_store, monkeypatch):
     store = make_store(prefetch_policy="explicit")
     cm = ContextManager(store=store)
     docs = [cm.add_chunk(f"{DOC} Copy {i}. " * 20) for i in range(6)]
     cm.activate_chunk(docs[0].hash)
     expected = cm.generate("What is the code?", GREEDY).text
     originals = {d.hash: kv_of(cm, d.hash) for d in docs}
-    for d in docs[1:]:
+    later = docs[1:]
+    for d in later:
         cm.archive_to_disk(d.hash)
-    answers = []
-    worker = threading.Thread(
-        target=lambda: answers.extend(
-            cm.with_context("default").generate("What is the code?", GREEDY).text for _ in range(3)
-        )
-    )
-    worker.start()
-    for d in docs[1:]:
+    started, release, reads = gate_file_reads(monkeypatch, [d.hash for d in later])
+    for d in later:
         cm.prefetch(d.hash)
-    worker.join()
-    store.wait_for_transfers()
-    assert answers == [expected] * 3
+    assert started[later[0].hash].wait(60)  # the prefetches are under way before it starts
+    landed_mid_generation: list[bool] = []
+
+    def after_first_token(_text: str) -> None:
+        # Let the prefetches finish now: their KV lands in the pool between this
+        # generation's steps, and its remaining tokens are computed after that.
+        if not landed_mid_generation:
+            for event in release.values():
+                event.set()
+            store.wait_for_transfers()
+            landed_mid_generation.append(all(d.hash in store.kv for d in later))
+
+    answer = cm.generate("What is the code?", GREEDY, on_text=after_first_token)
+    assert landed_mid_generation == [True] and answer.text == expected
+    assert len(answer.token_ids) > 1 and reads == {d.hash: 1 for d in later}
+    assert cm.generate("What is the code?", GREEDY).text == expected
     for d in docs:
         k, v = kv_of(cm, d.hash)
         assert torch.equal(k, originals[d.hash][0]) and torch.equal(v, originals[d.hash][1])
@@ -329,15 +337,16 @@ def test_bf16_disk_compression_is_declared_and_honoured(make_store):
     store = make_store(budgets=TierBudgets(disk_compression="bf16"))
     cm = ContextManager(store=store)
     doc = cm.add_chunk(DOC)
-    k0, _ = kv_of(cm, doc.hash)
+    k0, v0 = kv_of(cm, doc.hash)
     cm.archive_to_disk(doc.hash)
     from kvchunks.store.kv_file import read_kv_header
 
     header = read_kv_header(kv_path(store.home, doc.hash))
     assert header.compression == "bf16" and header.dtype == "float32"
-    k1, _ = kv_of(cm, doc.hash)
+    k1, v1 = kv_of(cm, doc.hash)
     assert k1.dtype == torch.float32 and not torch.equal(k0, k1)
-    torch.testing.assert_close(k1, k0, atol=0.1, rtol=0.02)
+    # Exactly the bfloat16 round trip: nothing lost beyond the down-cast itself.
+    assert torch.equal(k1, k0.bfloat16().float()) and torch.equal(v1, v0.bfloat16().float())
 
 
 def test_a_generation_keeps_the_room_it_made(model_path, llm, home, monkeypatch):
