@@ -20,18 +20,24 @@ ray_cluster, ray_service = ray_fixtures.ray_cluster, ray_fixtures.ray_service  #
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 DOC_A = "Varden Isle notes: the lighthouse keeper is Oskar Lind. He rings the bell at dawn."
 DOC_B = "Varden Isle notes: the ferry leaves Brekke harbour twice a day, at nine and at four."
+APIS = ("ContextManager", "Client")
 RESULTS: dict[str, dict] = {}
 
 
-@pytest.fixture(params=["ContextManager", "Client"])
-def api(request):
-    """(name, the API object, a function that stores a raw chunk record in its registry)."""
-    if request.param == "ContextManager":
+def open_api(request: pytest.FixtureRequest, name: str) -> tuple:
+    """(the API object, a function that stores a raw chunk record in its registry)."""
+    if name == "ContextManager":
         cm = request.getfixturevalue("make_cm")("ray-api")
-        return request.param, cm, cm.registry.put
+        return cm, cm.registry.put
     service = request.getfixturevalue("ray_service").service
     client = connect("auto", "ray-api")
-    return request.param, client, lambda chunk: get(service.registry.call.remote("put", chunk))
+    return client, lambda chunk: get(service.registry.call.remote("put", chunk))
+
+
+@pytest.fixture(params=APIS)
+def api(request):
+    """(name, the API object, its raw record writer): see open_api."""
+    return request.param, *open_api(request, request.param)
 
 
 def brief(chunk) -> tuple:
@@ -104,9 +110,12 @@ def test_api_scenario(api):
     assert RESULTS[name]["dedup"] and RESULTS[name]["left"] == []
 
 
-def test_client_answers_equal_context_manager_answers():
-    if len(RESULTS) < 2:
-        pytest.skip("needs both runs of test_api_scenario")
+def test_client_answers_equal_context_manager_answers(request):
+    # Run on its own (or after test_api_scenario failed for one side), it makes the missing
+    # side's results itself rather than compare nothing.
+    for name in APIS:
+        if name not in RESULTS:
+            RESULTS[name] = scenario(*open_api(request, name))
     for key, expected in RESULTS["ContextManager"].items():
         assert RESULTS["Client"][key] == expected, key
 
