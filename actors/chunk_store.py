@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from kvchunks.actors.modes import combination, recompute_of, split_combination
 from kvchunks.common import (
     CapacityError,
     ChunkFileError,
     ChunkNotFound,
-    InvalidInput,
     KVSegment,
     data_dir,
     slice_segments,
@@ -39,6 +39,7 @@ from kvchunks.store.audit import registry_violations
 from kvchunks.store.chunk import ChunkInfo, SourceSpan
 from kvchunks.store.hashing import (
     chunk_hash,
+    composition_key,
     content_hash,
     context_hash,
     model_fingerprint,
@@ -51,9 +52,12 @@ from kvchunks.store.redis_server import connect
 from kvchunks.store.registry import ChunkRegistry
 from kvchunks.store.tier_records import TierRecords
 
-MODES = ("exact", "reuse", "realign")
 TIER_ORDER = ("gpu", "cpu", "disk")
 _DIGESTS: dict[str, str] = {}  # weights digest by file stamp: hashing 0.5 GB once is enough
+# The layer whose K/V deviation picks the tokens `realign` recomputes. Deviations at layer 0
+# only reflect each token's own position; from layer 1 on they show what a token missed of
+# the chunks before it (CacheBlend selects at layer 1 as well).
+SELECTION_LAYER = 1
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,20 @@ class AttentionContext:
 
     segments: list[KVSegment]
     position: int
-    combine: str  # "" when the context is one timeline (all modes agree), else the mode
-    scratch: list[KVSegment] = field(default_factory=list)  # recomputed KV to free after use
+    combine: str  # "" when the context is one timeline (all modes agree), else its name
+    reused: int = 0  # context tokens whose KV was used as it was stored or derived before
+    recomputed: int = 0  # context tokens whose KV was computed for this context now
+    held: list[str] = field(default_factory=list)  # derived KV pinned until `release`
+
+
+@dataclass
+class Composition:
+    """Derived KV: chunks computed apart, placed one after another and partly or wholly
+    recomputed in that order. It can always be made again, so under pressure it is dropped
+    rather than moved down a tier, and it goes when a chunk it was made from is deleted."""
+
+    segment: KVSegment
+    sources: frozenset[str]  # the chunks (owning KV) it was made from
 
 
 class ChunkStore:
@@ -111,6 +127,7 @@ class ChunkStore:
         self.tier_records = TierRecords(self.registry)
         self.fingerprint = self._fingerprint()
         self.kv: dict[str, list[KVSegment]] = {}  # resident KV of chunks that own KV
+        self.compositions: dict[str, Composition] = {}  # derived KV by composition key
         self.stats: Counter[str] = Counter()
         self._token_counts: dict[str, int] = {}
         # Tiers: the pool (`gpu`), host memory (`cpu`) and the KV files (`disk`, which every
@@ -312,12 +329,12 @@ class ChunkStore:
                 f"was computed after is deleted ({e})"
             ) from None
         with self.pinning(parents):
-            context = self.context_of(parents, chunk.metadata.get("mode", "reuse"))
+            context = self.context_of(parents, *recorded_combination(chunk))
             try:
                 self.make_room(self.llm.block_manager.blocks_needed(0, chunk.token_count))
                 result = self.llm.prefill(chunk.token_ids, context.segments, chunk.position)
             finally:
-                self.free(context.scratch)
+                self.release(context)
         kv_path(self.home, chunk.hash).unlink(missing_ok=True)  # the damaged file, if any
         self._write_file(chunk, [result.segment])
         return [result.segment]
@@ -381,14 +398,18 @@ class ChunkStore:
         protected: set[str] | None = None
         while bm.num_free < blocks or bm.num_blocks - bm.num_free + blocks > budget:
             protected = self._protected() if protected is None else protected
-            victim = next(self.lru.coldest(self.kv, protected.__contains__), None)
+            resident = [*self.kv, *self.compositions]
+            victim = next(self.lru.coldest(resident, protected.__contains__), None)
             if victim is None:
                 raise CapacityError(
                     f"the gpu tier is full: {blocks} more blocks needed, "
                     f"{bm.num_free} free, budget {budget} of {bm.num_blocks}; every resident "
                     "chunk is active or in use (deactivate some, or raise KVCHUNKS_GPU_BLOCKS)"
                 )
-            self._demote(victim)
+            if victim in self.compositions:
+                self._drop_composition(victim)
+            else:
+                self._demote(victim)
 
     def _protected(self) -> set[str]:
         active = {h for name in self.registry.contexts() for h in self.registry.active(name)}
@@ -538,37 +559,107 @@ class ChunkStore:
             before.append((piece.chunk.hash, 0, piece.start))
         return _merged(before)
 
-    def attention_context(self, pieces: list[Piece], mode: str) -> AttentionContext:
-        if mode not in MODES:
-            raise InvalidInput(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    def attention_context(
+        self, pieces: list[Piece], mode: str, recompute: float | None = None
+    ) -> AttentionContext:
+        """What a new chunk computed after `pieces` attends to, in `mode`. The caller hands it
+        back with `release` (it may hold derived KV in the pool)."""
+        combine = combination(mode, recompute)
         total = sum(p.length for p in pieces)
         prefix = self.timeline_prefix(pieces)
         if prefix == len(pieces):
-            return AttentionContext(self._stored(pieces), total, "")
+            return AttentionContext(self._stored(pieces), total, "", reused=total)
         if mode == "reuse":
             end = max(p.chunk.position + p.end for p in pieces)
-            return AttentionContext(self._stored(pieces), end, mode)
-        if mode == "realign":
-            return AttentionContext(self._realigned(pieces), total, mode)
-        return self._exact(pieces, prefix, total)
+            return AttentionContext(self._stored(pieces), end, combine, reused=total)
+        # pieces[end:] were computed after exactly this composition of pieces[:end] (a
+        # conversation continued over it): their stored KV follows the derived KV as it is.
+        end = self._continuation_start(pieces, prefix, combine)
+        head, tail = self._stored(pieces[:prefix]), self._stored(pieces[end:])
+        key, composed, recomputed = self._composition(pieces, prefix, end, combine, head)
+        return AttentionContext(
+            [*head, composed.segment, *tail],
+            total,
+            combine,
+            reused=total - recomputed,
+            recomputed=recomputed,
+            held=[key],
+        )
+
+    def release(self, ctx: AttentionContext) -> None:
+        """The caller no longer attends to ctx: its derived KV may be dropped under pressure."""
+        with self.lock:
+            self.pinned.subtract(ctx.held)
 
     def _stored(self, pieces: list[Piece]) -> list[KVSegment]:
         return [seg for p in pieces for seg in self._piece_segments(p)]
 
-    def _realigned(self, pieces: list[Piece]) -> list[KVSegment]:
-        out, offset = [], 0
-        for seg in self._stored(pieces):
-            out.append(dataclasses.replace(seg, shift=offset - seg.position))
-            offset += seg.length
-        return out
+    def _continuation_start(self, pieces: list[Piece], prefix: int, combine: str) -> int:
+        """Where the trailing pieces that continue the composition before them begin."""
+        end, offset = len(pieces), sum(p.length for p in pieces)
+        while end > prefix + 1:
+            piece = pieces[end - 1]
+            offset -= piece.length
+            before = _merged([p.key() for p in pieces[: end - 1]])
+            continues = (
+                piece.chunk.metadata.get("combine") == combine
+                and piece.chunk.position + piece.start == offset
+                and self._computed_after(piece) == before
+            )
+            if not continues:
+                break
+            end -= 1
+        return end
 
-    def _exact(self, pieces: list[Piece], prefix: int, total: int) -> AttentionContext:
-        reused = self._stored(pieces[:prefix])
-        start = sum(p.length for p in pieces[:prefix])
-        rest = [t for p in pieces[prefix:] for t in p.chunk.token_ids[p.start : p.end]]
-        self.make_room(self.llm.block_manager.blocks_needed(0, len(rest)))
-        scratch = self.llm.prefill(rest, reused, start).segment
-        return AttentionContext([*reused, scratch], total, "exact", [scratch])
+    def _composition(
+        self, pieces: list[Piece], prefix: int, end: int, combine: str, head: list[KVSegment]
+    ) -> tuple[str, Composition, int]:
+        """The derived KV of pieces[prefix:end] composed after pieces[:prefix]: kept from an
+        earlier call, or made now; pinned for the caller. Returns its key, it, and how many
+        tokens were computed now."""
+        key = composition_key(_merged([p.key() for p in pieces[:end]]), combine)
+        with self.lock:
+            recomputed = 0
+            if key in self.compositions:
+                self.stats["composition_hits"] += 1
+            else:
+                recomputed = self._compose(key, pieces[prefix:end], combine, head)
+            self.lru.touch(key)
+            self.pinned[key] += 1
+            return key, self.compositions[key], recomputed
+
+    def _compose(self, key: str, parts: list[Piece], combine: str, head: list[KVSegment]) -> int:
+        start = sum(s.length for s in head)
+        tokens = [t for p in parts for t in p.chunk.token_ids[p.start : p.end]]
+        self.make_room(self.llm.block_manager.blocks_needed(0, len(tokens)))
+        if combine == "exact":
+            segment = self.llm.prefill(tokens, head, start).segment
+            chosen = tokens
+        else:
+            segment = self.llm.place(self._stored(parts), start)
+            try:
+                chosen = self._select(tokens, segment, head, recompute_of(combine))
+                self.llm.recompute(segment, tokens, chosen, head)
+            except BaseException:
+                self.llm.release(segment)
+                raise
+        self.compositions[key] = Composition(segment, frozenset(p.chunk.hash for p in parts))
+        self.stats["composition_tokens_recomputed"] += len(chosen)
+        return len(chosen)
+
+    def _select(
+        self, tokens: list[int], placed: KVSegment, head: list[KVSegment], fraction: float
+    ) -> list[int]:
+        """Which tokens of a composition to recompute: `fraction` of them, those whose KV at
+        an early layer moves most when computed in the composition (see SELECTION_LAYER)."""
+        budget = round(fraction * len(tokens))
+        if budget >= len(tokens):
+            return list(range(len(tokens)))
+        if budget == 0:
+            return []
+        self.make_room(self.llm.block_manager.blocks_needed(0, len(tokens)))  # its scratch
+        deviation = self.llm.kv_deviation(tokens, placed, head, SELECTION_LAYER)
+        return sorted(deviation.topk(budget).indices.tolist())
 
     # -- making chunks --------------------------------------------------------------------------
 
@@ -584,7 +675,12 @@ class ChunkStore:
         """The record of a chunk computed at `position` after `parents`, combined as named."""
         placed = [(p.hash, p.position) for p in parents]
         address = chunk_hash(self.fingerprint, context_hash(placed, combine), position, tokens)
-        metadata = {"mode": mode, "timestamp": time.time(), **fields.pop("metadata", {})}
+        metadata = {
+            "mode": mode,
+            "combine": combine,
+            "timestamp": time.time(),
+            **fields.pop("metadata", {}),
+        }
         return ChunkInfo(
             hash=address,
             content_hash=content_hash(tokens),
@@ -628,29 +724,17 @@ class ChunkStore:
         path = kv_path(self.home, chunk.hash)
         write_kv_file(path, k, v, record, self.fingerprint, self.budgets.disk_compression)
 
-    def context_of(self, parents: list[ChunkInfo], mode: str) -> AttentionContext:
-        return self.attention_context([p for c in parents for p in self.pieces(c)], mode)
+    def context_of(
+        self, parents: list[ChunkInfo], mode: str, recompute: float | None = None
+    ) -> AttentionContext:
+        return self.attention_context([p for c in parents for p in self.pieces(c)], mode, recompute)
 
     def compute(
-        self,
-        tokens: list[int],
-        parents: list[ChunkInfo],
-        mode: str,
-        ctx: AttentionContext | None = None,
-        **fields,
+        self, tokens: list[int], parents: list[ChunkInfo], mode: str, **fields
     ) -> ChunkInfo:
-        """A chunk of `tokens` computed against `parents` in `mode` (or the stored duplicate).
-
-        `ctx` is the parents' attention context when the caller has built it already (and
-        frees its scratch KV itself).
-        """
-        with self.lock:
-            return self._compute(tokens, parents, mode, ctx, fields)
-
-    def _compute(self, tokens, parents, mode, ctx, fields) -> ChunkInfo:
-        own_ctx = ctx is None
-        with self.pinning(parents):
-            ctx = ctx or self.context_of(parents, mode)
+        """A chunk of `tokens` computed against `parents` in `mode` (or the stored duplicate)."""
+        with self.lock, self.pinning(parents):
+            ctx = self.context_of(parents, mode)
             try:
                 chunk = self.new_record(tokens, parents, ctx.position, ctx.combine, mode, **fields)
                 if self.registry.exists(chunk.hash):
@@ -658,9 +742,8 @@ class ChunkStore:
                 self.make_room(self.llm.block_manager.blocks_needed(0, len(tokens)))
                 result = self.llm.prefill(tokens, ctx.segments, ctx.position)
             finally:
-                if own_ctx:
-                    self.free(ctx.scratch)
-        return self.register(chunk, [result.segment])
+                self.release(ctx)
+            return self.register(chunk, [result.segment])
 
     @contextlib.contextmanager
     def pinning(self, chunks: list[ChunkInfo]) -> Iterator[None]:
@@ -716,10 +799,19 @@ class ChunkStore:
             kv_path(self.home, chunk.hash).unlink(missing_ok=True)
 
     def drop(self, chunk_hash: str) -> None:
-        """Let go of a chunk's KV in this process: pool blocks, host memory, LRU place."""
+        """Let go of a chunk's KV in this process: pool blocks, host memory, LRU place, and the
+        derived KV made from it."""
         self.evict(chunk_hash)
         self.host.pop(chunk_hash)
         self.lru.forget(chunk_hash)
+        for key, composition in list(self.compositions.items()):
+            if chunk_hash in composition.sources:
+                self._drop_composition(key)
+
+    def _drop_composition(self, key: str) -> None:
+        self.llm.release(self.compositions.pop(key).segment)
+        self.lru.forget(key)
+        self.stats["compositions_dropped"] += 1
 
     def close(self) -> None:
         """Finish transfers, give the pool blocks back to the engine, disconnect from Redis."""
@@ -729,6 +821,8 @@ class ChunkStore:
             with self.lock:
                 for resident in list(self.kv):
                     self.evict(resident)
+                for key in list(self.compositions):
+                    self._drop_composition(key)
         self.tier_records.close()
         close_redis(self._redis)
 
@@ -801,3 +895,12 @@ def _merged(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
         else:
             out.append((h, start, end))
     return out
+
+
+def recorded_combination(chunk: ChunkInfo) -> tuple[str, float | None]:
+    """The mode and recompute fraction a chunk was computed with (records from before the
+    combination was recorded name the mode alone)."""
+    combine = chunk.metadata.get("combine")
+    if combine is None:
+        return chunk.metadata.get("mode", "reuse"), None
+    return split_combination(combine) if combine else ("reuse", None)

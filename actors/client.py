@@ -138,6 +138,7 @@ class Client(OutputTracking):
         params: SamplingParams | None = None,
         mode: str | None = None,
         on_text: Callable[[str], None] | None = None,
+        recompute: float | None = None,
     ) -> GenerationResult:
         """Answer `prompt` on the worker holding most of the active chunks (see ContextManager);
         on_text receives the answer's text as it streams back."""
@@ -148,7 +149,7 @@ class Client(OutputTracking):
         result = None
         with ray_errors(f"{name} generate"):
             for ref in handle.generate.remote(
-                self.context_name, prompt, params, mode, track, stream
+                self.context_name, prompt, params, mode, track, stream, recompute
             ):
                 item = ray.get(ref)
                 if isinstance(item, str):

@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvchunks.actors.chunk_store import MODES, ChunkStore
+from kvchunks.actors.chunk_store import ChunkStore
+from kvchunks.actors.modes import DEFAULT_MODE, check_mode, check_recompute
 from kvchunks.common import (
     ChunkInUse,
     ConcurrentChange,
@@ -24,7 +25,13 @@ from kvchunks.store.chunk import ChunkInfo, SourceSpan, check_tag
 from kvchunks.store.kv_file import read_kv_file, write_kv_file
 from kvchunks.store.registry import check_name
 
-DEFAULT_SETTINGS = {"mode": "reuse", "auto_activate": False, "output_tokens": None}
+# recompute None: realign's default fraction (modes.DEFAULT_RECOMPUTE).
+DEFAULT_SETTINGS = {
+    "mode": DEFAULT_MODE,
+    "recompute": None,
+    "auto_activate": False,
+    "output_tokens": None,
+}
 ACTIVATE_ATTEMPTS = 5  # against other clients activating in the same context at once
 
 
@@ -39,6 +46,12 @@ class GenerationResult:
     interrupted: bool = False
     ttft_s: float = 0.0
     tokens_per_s: float = 0.0
+    mode: str = DEFAULT_MODE  # the mode asked for (all agree when the context is one timeline)
+    recompute: float | None = None  # realign's fraction as asked (None: the default)
+    # Active-context tokens whose KV was used as stored (or derived by an earlier
+    # generation), and those computed for this generation; the prompt is not counted.
+    tokens_reused: int = 0
+    tokens_recomputed: int = 0
 
 
 @dataclass
@@ -48,6 +61,7 @@ class ContextView:
     auto_activate: bool
     chunks: list[ChunkInfo]
     window: int
+    recompute: float | None = None
 
     @property
     def token_count(self) -> int:
@@ -130,12 +144,17 @@ class ContextManager(OutputTracking):
         return {**DEFAULT_SETTINGS, **self.registry.settings(self.context_name)}
 
     def configure(self, **settings) -> dict:
-        """Set context settings: mode (exact/reuse/realign), auto_activate, output_tokens."""
+        """Set context settings: mode (exact/reuse/realign), recompute (realign's fraction;
+        a new mode without one clears it), auto_activate, output_tokens."""
         unknown = set(settings) - set(DEFAULT_SETTINGS)
         if unknown:
             raise InvalidInput(f"unknown setting(s) {', '.join(sorted(unknown))}")
         if "mode" in settings:
-            _check_mode(settings["mode"])
+            check_mode(settings["mode"])
+            settings.setdefault("recompute", None)
+        if "recompute" in settings:
+            mode = settings.get("mode", self.settings["mode"])
+            check_recompute(mode, settings["recompute"])
         tokens = settings.get("output_tokens")
         if (
             tokens is not None
@@ -346,7 +365,12 @@ class ContextManager(OutputTracking):
         chunks = self.registry.get_many(self.registry.active(self.context_name), self.context_name)
         chunks = self.store.describe_many(chunks)
         return ContextView(
-            self.context_name, s["mode"], s["auto_activate"], chunks, self.store.window
+            self.context_name,
+            s["mode"],
+            s["auto_activate"],
+            chunks,
+            self.store.window,
+            s["recompute"],
         )
 
     def clear(self) -> None:
@@ -361,14 +385,21 @@ class ContextManager(OutputTracking):
         params: SamplingParams | None = None,
         mode: str | None = None,
         on_text: Callable[[str], None] | None = None,
+        recompute: float | None = None,
     ) -> GenerationResult:
         """Answer `prompt` attending to the active chunks; the prompt and the answer become
-        chunks whose parents are the active chunks (and, for the answer, the prompt)."""
+        chunks whose parents are the active chunks (and, for the answer, the prompt).
+
+        mode and recompute default to the context's settings; recompute (realign only) is
+        the fraction of the composed chunks' tokens whose KV is computed again in order."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidInput("empty prompt")
         params = params or SamplingParams(temperature=0, max_tokens=256)
         settings = self.settings
-        mode = _check_mode(mode or settings["mode"])
+        mode = mode or settings["mode"]
+        if mode == settings["mode"]:  # the context's fraction goes with the context's mode
+            recompute = _first(recompute, settings["recompute"])
+        check_recompute(check_mode(mode), recompute)
         active = self.registry.get_many(self.registry.active(self.context_name))
         prompt_tokens = self.store.chat.prompt(prompt)
         context_tokens = sum(c.token_count for c in active)
@@ -381,7 +412,7 @@ class ContextManager(OutputTracking):
             # stored prompt it continues from.
             pins.enter_context(store.pinning(active))
             with store.lock:
-                ctx = store.context_of(active, mode)
+                ctx = store.context_of(active, mode, recompute)
             try:
                 record = store.new_record(
                     prompt_tokens,
@@ -414,8 +445,7 @@ class ContextManager(OutputTracking):
                         interrupted,
                     )
             finally:
-                with store.lock:
-                    store.free(ctx.scratch)
+                store.release(ctx)
         result = GenerationResult(
             text=store.decode(answer),
             token_ids=answer,
@@ -426,6 +456,10 @@ class ContextManager(OutputTracking):
             interrupted=interrupted,
             ttft_s=ttft,
             tokens_per_s=(len(answer) - 1) / max(elapsed - ttft, 1e-9) if answer else 0.0,
+            mode=mode,
+            recompute=recompute,
+            tokens_reused=ctx.reused,
+            tokens_recomputed=ctx.recomputed,
         )
         if settings["auto_activate"]:
             for chunk in [prompt_chunk, *outputs]:
@@ -626,10 +660,9 @@ def read_text_file(path: str | Path) -> str:
         raise InvalidInput(f"{file} is not UTF-8 text (byte {e.start}); convert it first") from e
 
 
-def _check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise InvalidInput(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    return mode
+def _first(*values):
+    """The first value that is not None."""
+    return next((v for v in values if v is not None), None)
 
 
 def _spans(chunk: ChunkInfo) -> list[SourceSpan]:

@@ -205,17 +205,19 @@ class InferenceWorker:
         mode: str | None = None,
         track: bool = False,
         stream: bool = False,
+        recompute: float | None = None,
     ) -> Iterator[str | GenerationResult]:
         """Yield the answer's new text as it comes (with `stream`), then the result."""
+        request = (context, prompt, params, mode, recompute, track)
         if not stream:
-            yield self._generate(context, prompt, params, mode, track, None)
+            yield self._generate(*request, None)
             return
         pieces: queue.Queue = queue.Queue()
         outcome: dict = {}
 
         def run() -> None:
             try:
-                outcome["result"] = self._generate(context, prompt, params, mode, track, pieces.put)
+                outcome["result"] = self._generate(*request, pieces.put)
             except BaseException as e:  # handed to the caller below, as raised
                 outcome["error"] = e
             finally:
@@ -228,15 +230,17 @@ class InferenceWorker:
             raise outcome["error"]
         yield outcome["result"]
 
-    def _generate(self, context, prompt, params, mode, track, on_text) -> GenerationResult:
+    def _generate(
+        self, context, prompt, params, mode, recompute, track, on_text
+    ) -> GenerationResult:
         self.redirects.pop(context, None)  # the client routed this request: that choice stands
         with self._serving():
             manager = self._manager(context)
             if not track:
-                return manager.generate(prompt, params, mode, on_text)
+                return manager.generate(prompt, params, mode, on_text, recompute)
             # The client tracks outputs; the manager must know, for output_tokens="manual".
             with manager.track_output():
-                return manager.generate(prompt, params, mode, on_text)
+                return manager.generate(prompt, params, mode, on_text, recompute)
 
     @contextlib.contextmanager
     def _serving(self, routed_context: str | None = None) -> Iterator[None]:

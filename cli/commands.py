@@ -17,6 +17,7 @@ import click
 from rich.console import RenderableType
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from kvchunks.actors.modes import MODES
 from kvchunks.cli import render
 from kvchunks.cli.state import State, pass_state
 from kvchunks.common import KVChunksError
@@ -25,9 +26,6 @@ from kvchunks.store.chunk import ROLES, TIERS, ChunkInfo
 if TYPE_CHECKING:
     from kvchunks.actors.context_manager import ContextManager, GenerationResult
 
-# kvchunks.actors.chunk_store.MODES, repeated here because that module imports torch and
-# `kvchunks --help` should not (a test keeps the two equal).
-MODES = ("exact", "reuse", "realign")
 LARGE_FILE = 16 << 10  # bytes; loading a bigger file shows a progress bar
 DEFAULT_SAMPLING = {"temperature": 0.0, "max_tokens": 256, "top_p": 1.0, "top_k": 0, "seed": None}
 
@@ -364,20 +362,21 @@ def clear(state: State) -> None:
 
 @click.command()
 @click.argument("mode", type=click.Choice(MODES), required=False, metavar="[MODE]")
+@click.argument("recompute", type=float, required=False, metavar="[RECOMPUTE]")
 @pass_state
-def mode(state: State, mode: str | None) -> None:
-    """Show or set how the context combines chunks' KV: MODE is exact, reuse or realign.
+def mode(state: State, mode: str | None, recompute: float | None) -> None:
+    """Show or set how the context combines chunks' KV: MODE is exact, reuse or realign,
+    and RECOMPUTE (realign only) the fraction of tokens computed again, from 0 to 1.
 
     exact recomputes what was computed in another context, reuse attends to the stored KV
-    as it is, realign re-places standalone chunks at contiguous positions.
+    as it is, realign re-places chunks at contiguous positions and recomputes the tokens
+    whose KV the composition changes most (default fraction when RECOMPUTE is left out).
     """
     cm = state.manager
     if mode:
-        cm.configure(mode=mode)
-        state.mode = None  # the new setting applies, not a --mode given at start
-    stored = cm.settings["mode"]
-    override = f" for this session (the context's setting is {stored})" if state.mode else ""
-    say(state, f"mode: {state.mode or stored}{override}")
+        cm.configure(mode=mode, recompute=recompute)
+        state.mode = state.recompute = None  # the new setting applies, not options at start
+    say(state, f"mode: {render.mode_line(state.mode, state.recompute, cm.settings)}")
 
 
 @click.command()
@@ -416,7 +415,9 @@ def run_generation(
     from kvchunks.engine import SamplingParams
 
     params = SamplingParams(**sampling)
-    return state.manager.generate(prompt, params, mode=state.mode, on_text=on_text)
+    return state.manager.generate(
+        prompt, params, mode=state.mode, on_text=on_text, recompute=state.recompute
+    )
 
 
 def stream(text: str) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-MODES = ("exact", "reuse", "realign")
+from kvchunks.actors.modes import DEFAULT_MODE, MODES
 
 
 @click.command()
@@ -40,19 +40,33 @@ MODES = ("exact", "reuse", "realign")
 @click.option(
     "--mode",
     type=click.Choice(MODES),
-    default="realign",
+    default=DEFAULT_MODE,
     show_default=True,
     help="How the documents' KV is combined (they were computed separately).",
 )
+@click.option(
+    "--recompute",
+    type=float,
+    help="With realign: the fraction of the documents' tokens computed again in order (0-1).",
+)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 def main(
-    docs: Path, questions: Path, out: Path, address: str, context: str, mode: str, max_tokens: int
+    docs: Path,
+    questions: Path,
+    out: Path,
+    address: str,
+    context: str,
+    mode: str,
+    recompute: float | None,
+    max_tokens: int,
 ) -> None:
     """Load DOCS as chunks, answer each line of QUESTIONS with them active, write OUT."""
+    from kvchunks.actors.modes import check_recompute
     from kvchunks.common import KVChunksError
 
     try:
-        count = run(docs, questions, out, address, context, mode, max_tokens)
+        check_recompute(mode, recompute)  # before anything is loaded
+        count = run(docs, questions, out, address, context, (mode, recompute), max_tokens)
     except KVChunksError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -60,8 +74,15 @@ def main(
 
 
 def run(
-    docs: Path, questions: Path, out: Path, address: str, context: str, mode: str, max_tokens: int
+    docs: Path,
+    questions: Path,
+    out: Path,
+    address: str,
+    context: str,
+    combine: tuple[str, float | None],
+    max_tokens: int,
 ) -> int:
+    """Answer the questions; `combine` is the mode and realign's recompute fraction."""
     from kvchunks.actors.client import connect
     from kvchunks.actors.context_manager import read_text_file
     from kvchunks.engine import SamplingParams
@@ -80,7 +101,7 @@ def run(
     lines = [q.strip() for q in read_text_file(questions).splitlines() if q.strip()]
     with out.open("w") as f:
         for question in lines:
-            result = client.generate(question, params, mode)
+            result = client.generate(question, params, combine[0], recompute=combine[1])
             output = result.output_chunk.hash if result.output_chunk else None
             record = {
                 "question": question,
@@ -88,6 +109,9 @@ def run(
                 "chunks": [c.hash for c in chunks],
                 "prompt_chunk": result.prompt_chunk.hash,
                 "output_chunk": output,
+                "mode": result.mode,
+                "tokens_reused": result.tokens_reused,
+                "tokens_recomputed": result.tokens_recomputed,
             }
             f.write(json.dumps(record) + "\n")
             f.flush()

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import click
 
-from kvchunks.cli.commands import MODES, SUBCOMMANDS, sampling_options, usage_message
+from kvchunks.actors.modes import MODES
+from kvchunks.cli.commands import SUBCOMMANDS, sampling_options, usage_message
 from kvchunks.cli.demo import demo
 from kvchunks.cli.service import SERVICE_COMMANDS
 from kvchunks.cli.state import MODEL_ENV, State, pass_state
@@ -74,6 +75,12 @@ def state_options(f: Callable) -> Callable:
             "setting (see `kvchunks mode`).",
         ),
         click.option(
+            "--recompute",
+            type=float,
+            help="With realign: the fraction of the active chunks' tokens whose KV is computed "
+            "again in order, from 0 to 1. Default: the context's setting.",
+        ),
+        click.option(
             "--address",
             help="Work on a kvchunks service on this Ray cluster instead of in this process.",
         ),
@@ -83,7 +90,7 @@ def state_options(f: Callable) -> Callable:
     return f
 
 
-def apply_options(state: State, model, data_dir, context, mode, address) -> None:
+def apply_options(state: State, model, data_dir, context, mode, recompute, address) -> None:
     """Set the options that were given; the data directory also holds the default model."""
     if data_dir is not None:
         os.environ[HOME_ENV] = str(data_dir)
@@ -92,6 +99,7 @@ def apply_options(state: State, model, data_dir, context, mode, address) -> None
         state.model = str(model)
     state.context = check_name(context) if context is not None else state.context
     state.mode = mode or state.mode
+    state.recompute = recompute if recompute is not None else state.recompute
     state.address = address or state.address
 
 

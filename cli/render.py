@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
+from kvchunks.actors.modes import DEFAULT_RECOMPUTE
 from kvchunks.store.chunk import TIERS, ChunkInfo
 
 if TYPE_CHECKING:
@@ -87,6 +88,7 @@ def context_to_json(view: ContextView) -> dict[str, Any]:
     return {
         "name": view.name,
         "mode": view.mode,
+        "recompute": view.recompute,
         "auto_activate": view.auto_activate,
         "window": view.window,
         "token_count": view.token_count,
@@ -102,6 +104,10 @@ def generation_to_json(result: GenerationResult) -> dict[str, Any]:
         "ttft_s": result.ttft_s,
         "tokens_per_s": result.tokens_per_s,
         "token_count": len(result.token_ids),
+        "mode": result.mode,
+        "recompute": result.recompute,
+        "tokens_reused": result.tokens_reused,
+        "tokens_recomputed": result.tokens_recomputed,
         "prompt_chunk": chunk_to_json(result.prompt_chunk),
         "output_chunk": chunk_to_json(result.output_chunk) if result.output_chunk else None,
         "output_chunks": [chunk_to_json(c) for c in result.output_chunks],
@@ -228,9 +234,21 @@ def generation_footer(result: GenerationResult) -> str:
         state = "interrupted; partial answer kept" if outputs != "none" else "interrupted"
     return (
         f"[prompt {short(result.prompt_chunk.hash)} · output {outputs} · "
-        f"{len(result.token_ids)} tokens · {state} · ttft {result.ttft_s:.2f} s · "
-        f"{result.tokens_per_s:.1f} tokens/s]"
+        f"{len(result.token_ids)} tokens · {state} · {result.mode} · "
+        f"{result.tokens_reused} reused, {result.tokens_recomputed} recomputed · "
+        f"ttft {result.ttft_s:.2f} s · {result.tokens_per_s:.1f} tokens/s]"
     )
+
+
+def mode_line(mode: str | None, recompute: float | None, settings: dict) -> str:
+    """The mode generations use: this run's choice, else the context's setting."""
+    chosen = mode or settings["mode"]
+    if chosen == "realign":
+        fraction = recompute if recompute is not None else settings["recompute"]
+        chosen += f" (recompute {DEFAULT_RECOMPUTE if fraction is None else fraction:g})"
+    if mode and mode != settings["mode"]:
+        chosen += f" for this session (the context's setting is {settings['mode']})"
+    return chosen
 
 
 def _pairs(values: dict) -> str:

@@ -27,6 +27,7 @@ class State:
     home: Path | None = None
     context: str = "default"
     mode: str | None = None  # composition mode for this invocation's generations; None: setting
+    recompute: float | None = None  # realign's fraction for them; None: the setting's
     address: str | None = None
     out: Console = field(default_factory=Console)
     err: Console = field(default_factory=lambda: Console(stderr=True))

@@ -29,17 +29,23 @@ class SequenceAttention:
     fresh: bool
     key_cos: torch.Tensor | None = None  # [T, 1, head_dim] RoPE delta of shifted segments
     key_sin: torch.Tensor | None = None
+    # Selective recompute: queries are some of the keys, not the last ones; each sees the
+    # keys up to its own index here. None: the lower-right causal rule above.
+    visible: torch.Tensor | None = None  # [queries] index of each query's own key
     _mask: torch.Tensor | None = field(default=None, repr=False)
 
     def mask(self) -> torch.Tensor | None:
-        """That lower-right causal mask [queries, keys] (None when fresh: plain causal), built
-        on first use and shared by every layer."""
+        """The visibility mask [queries, keys] (None when fresh: plain causal), built on first
+        use and shared by every layer."""
         if self.fresh:
             return None
         if self._mask is None:
             n, t = self.query_end - self.query_start, self.key_slots.numel()
-            ones = torch.ones(n, t, dtype=torch.bool, device=self.key_slots.device)
-            self._mask = ones.tril(t - n)
+            keys = torch.arange(t, device=self.key_slots.device)
+            if self.visible is None:
+                self._mask = keys[None, :] <= keys[t - n :, None]
+            else:
+                self._mask = keys[None, :] <= self.visible[:, None]
         return self._mask
 
 

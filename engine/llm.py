@@ -18,6 +18,7 @@ from kvchunks.engine.block_manager import BlockManager
 from kvchunks.engine.checkpoint import resolve_model
 from kvchunks.engine.config import EngineConfig, ModelConfig
 from kvchunks.engine.model_runner import ModelRunner
+from kvchunks.engine.rotary import cos_sin, rotate
 from kvchunks.engine.sampler import sample
 from kvchunks.engine.sampling_params import SamplingParams
 from kvchunks.engine.scheduler import Scheduler
@@ -191,6 +192,69 @@ class LLM:
         segment = seq.own_segment()
         self.block_manager.seal(segment)
         return PrefillResult(segment, logits)
+
+    @torch.inference_mode()
+    def place(self, segments: Seq[KVSegment], position: int) -> KVSegment:
+        """A copy of the segments' KV in new blocks, as one run of tokens from `position` on.
+
+        Each segment's keys are re-rotated from the positions they were computed at to where
+        they land (RoPE composes: R(p') = R(p' - p) R(p)), once, so the copy is attended as
+        plain contiguous KV. The returned segment belongs to the caller.
+        """
+        k, v = self.read_kv(segments)
+        deltas, at = [], position
+        for segment in segments:
+            deltas.append(torch.full((segment.length,), at - segment.position))
+            at += segment.length
+        shifts = torch.cat(deltas).to(self.runner.device)
+        cos, sin = cos_sin(self.runner.inv_freq, shifts, self.config.torch_dtype)
+        return self.write_kv(rotate(k, cos, sin), v, position)
+
+    @torch.inference_mode()
+    def kv_deviation(
+        self, token_ids: list[int], target: KVSegment, context: Seq[KVSegment], layer: int
+    ) -> torch.Tensor:
+        """For each token of `target` (the stored KV of token_ids, placed after `context`):
+        the squared distance between its K and V at `layer` and theirs computed in that
+        context. Only the first layer + 1 layers are run, in scratch blocks freed after."""
+        seq = Sequence(token_ids, SamplingParams(temperature=0), context, target.position, True)
+        self._reserve(seq, len(token_ids))
+        try:
+            self.runner.run([seq], num_layers=layer + 1)
+            pool = self._flat_pool()[:, layer]  # [2, slots, kv_heads, head_dim]
+            fresh = self.runner.segment_slots(KVSegment(tuple(seq.blocks), 0, seq.num_tokens, 0))
+            stored = self.runner.segment_slots(target)
+            diff = (pool.index_select(1, fresh) - pool.index_select(1, stored)).float()
+            return diff.square().sum(dim=(0, 2, 3))
+        finally:
+            self.block_manager.release(seq.blocks)
+
+    def recompute(
+        self,
+        target: KVSegment,
+        token_ids: list[int],
+        indices: list[int],
+        context: Seq[KVSegment] = (),
+    ) -> None:
+        """Compute again, in place, the KV of target's tokens at `indices` (sorted), each
+        attending to `context` and to target's tokens up to it, with the other tokens' KV as
+        stored (CacheBlend's fusion: the chosen tokens take in what they missed; all of them
+        chosen equals a full prefill). The caller must own target's blocks alone."""
+        if not indices:
+            return
+        self._check_window(target.position + target.length)
+        runner = self.runner
+        chosen = torch.tensor(indices, device=runner.device)
+        own = runner.segment_slots(target)
+        before = [runner.segment_slots(s) for s in context]
+        keys = torch.cat([*before, own])
+        runner.recompute(
+            [token_ids[i] for i in indices],
+            target.position + chosen,
+            own[chosen],
+            keys,
+            keys.numel() - own.numel() + chosen,
+        )
 
     def retain(self, segment: KVSegment) -> None:
         self.block_manager.retain(segment.blocks)

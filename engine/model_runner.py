@@ -47,6 +47,8 @@ class ModelRunner:
             device=self.device,
         )
         self.backend = self._backend()
+        # Selective recompute needs an arbitrary visibility mask, which only torch's SDPA takes.
+        self.masked_backend = TorchAttention(self.kv_cache)
 
     def _backend(self) -> TorchAttention:
         choice = self.config.attention_backend
@@ -64,15 +66,19 @@ class ModelRunner:
         return self.model_config.kv_bytes(self.block_size, self.config.torch_dtype)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:
+    def run(
+        self, seqs: list[Sequence], all_logits: bool = False, num_layers: int | None = None
+    ) -> torch.Tensor | None:
         """Compute KV for every sequence's not-yet-computed tokens and return logits.
 
         Logits are one row per sequence (its last token), or one row per new token when
-        all_logits is set.
+        all_logits is set. With num_layers, only those first layers' KV is computed (None
+        is returned).
         """
         decode = (
             self.backend.padded_decode
             and not all_logits
+            and num_layers is None
             and all(seq.num_tokens - seq.num_computed == 1 for seq in seqs)
         )
         # Decoding sequences are laid out by key count, so each padded group is a slice.
@@ -97,10 +103,33 @@ class ModelRunner:
         if decode:
             meta.decode = self._decode_groups(per_seq)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, meta, self.backend)
+        hidden = self.model(ids, meta, self.backend, num_layers)
+        if num_layers is not None:
+            return None
         if not all_logits:
             hidden = hidden[last_rows]  # one row per sequence, in the order given
         return self.model.logits(hidden)
+
+    @torch.inference_mode()
+    def recompute(
+        self,
+        token_ids: list[int],
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        key_slots: torch.Tensor,
+        visible: torch.Tensor,
+    ) -> None:
+        """Compute the KV of some tokens of a stored run again, writing it over their slots.
+
+        Token i sits at key index visible[i] of key_slots and sees the keys up to it. Each
+        layer writes the new K/V before attending, so at every layer the chosen tokens see
+        each other's recomputed KV and the other tokens' stored KV.
+        """
+        cos, sin = cos_sin(self.inv_freq, positions.to(self.device), self.config.torch_dtype)
+        attention = SequenceAttention(0, len(token_ids), key_slots, fresh=False, visible=visible)
+        meta = AttentionMetadata(slots, cos, sin, [attention])
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        self.model(ids, meta, self.masked_backend)
 
     def _own_slots(self, seq: Sequence, num_tokens: int) -> torch.Tensor:
         index = torch.arange(seq.start, seq.start + num_tokens, device=self.device)

@@ -80,6 +80,21 @@ def context_hash(parents: list[tuple[str, int]], combine: str = "") -> str:
     return h.hexdigest()
 
 
+def composition_key(layout: list[tuple[str, int, int]], combine: str) -> str:
+    """The address of derived KV: the token ranges [start, end) of chunks it lays out, in
+    order, and the name of how they were combined."""
+    h = _hasher(b"composition")
+    h.update(_field(combine.encode()))
+    h.update(_u64(len(layout)))
+    for chunk, start, end in layout:
+        if not is_hash(chunk):
+            raise InvalidInput(f"composition part {chunk!r} is not a full chunk hash")
+        h.update(bytes.fromhex(chunk))
+        h.update(_u64(start))
+        h.update(_u64(end))
+    return h.hexdigest()
+
+
 def chunk_hash(
     fingerprint: str, context_hash: str, position_offset: int, token_ids: Sequence[int]
 ) -> str:

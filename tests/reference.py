@@ -23,3 +23,28 @@ def hf_logits(hf_model, token_ids: list[int], mask=None, position_ids=None) -> t
 def bits(t: torch.Tensor) -> bytes:
     """A tensor's bytes: equal only if every element is bitwise equal (-0.0 is not 0.0)."""
     return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def hf_greedy(
+    hf_model,
+    token_ids: list[int],
+    steps: int,
+    blocks: tuple[tuple[int, int], ...] = (),
+    hidden: range = range(0),
+    hidden_from: int = 0,
+) -> list[int]:
+    """Greedy tokens of an HF step-by-step loop (one full forward per step) at positions
+    0..n-1 under a mask: the tokens of each (start, end) in `blocks` see only their own
+    range (chunks computed standalone), and tokens from index `hidden_from` on, generated
+    ones included, do not see the `hidden` tokens."""
+    ids, out = list(token_ids), []
+    for _ in range(steps):
+        n = len(ids)
+        mask = torch.ones(n, n).tril().bool()
+        for start, end in blocks:
+            mask[start:end, :start] = False
+        mask[hidden_from:, hidden.start : hidden.stop] = False
+        token = int(hf_logits(hf_model, ids, mask=mask)[-1].argmax())
+        out.append(token)
+        ids.append(token)
+    return out

@@ -70,10 +70,15 @@ def test_load_activate_generate_as_json(state, doc):
     ]
     assert answer["output_chunk"]["generation_params"]["max_tokens"] == 16
     assert answer["ttft_s"] > 0 and answer["token_count"] > 0
+    assert answer["mode"] == "realign" and answer["tokens_recomputed"] == 0  # one timeline
+    assert answer["tokens_reused"] == chunk["token_count"]
 
     streamed = kvchunks(state, "generate", "Say hello.", "--max-tokens", "4")
     assert streamed.stdout.strip() and "[prompt " not in streamed.stdout  # the answer only
     assert streamed.stderr.startswith("[prompt ")  # the footer names the chunks, on stderr
+    assert f"realign · {chunk['token_count']} reused, 0 recomputed" in streamed.stderr
+    refused = kvchunks(state, "--mode", "exact", "--recompute", "0.2", "generate", "Hi", status=1)
+    assert "applies to realign only" in refused.stderr
 
 
 def test_compose_split_tag_info_export_import(state, doc, tmp_path):
@@ -110,9 +115,16 @@ def test_move_populate_mode_auto_clear(state):
     assert "to gpu" in kvchunks(state, "move", h, "gpu").stdout
     assert "on gpu" in kvchunks(state, "populate", h).stdout
     assert "prefetching" in kvchunks(state, "prefetch", h).stdout
-    assert kvchunks(state, "mode", "realign").stdout == "mode: realign\n"
+    assert kvchunks(state, "mode", "realign").stdout == "mode: realign (recompute 0.15)\n"
+    assert kvchunks(state, "mode", "realign", "0.3").stdout == "mode: realign (recompute 0.3)\n"
     assert as_json(state, "context")["mode"] == "realign"
+    assert as_json(state, "context")["recompute"] == 0.3
+    for bad in (["exact", "0.2"], ["realign", "1.5"], ["reuse", "0"]):
+        done = kvchunks(state, "mode", *bad, status=1)
+        assert done.stderr.count("\n") == 1 and "recompute" in done.stderr
+    assert as_json(state, "context")["recompute"] == 0.3  # unchanged by the refusals
     kvchunks(state, "mode", "reuse")
+    assert as_json(state, "context")["recompute"] is None
     assert kvchunks(state, "auto", "on").stdout == "auto-activate: on\n"
     assert as_json(state, "context")["auto_activate"] is True
     kvchunks(state, "auto", "off")

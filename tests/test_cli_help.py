@@ -11,7 +11,6 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from kvchunks.cli.commands import MODES
 from kvchunks.cli.main import cli
 
 SUBCOMMANDS = [
@@ -87,12 +86,6 @@ def test_help_and_usage_errors_do_not_import_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-
-
-def test_modes_match_the_store():
-    from kvchunks.actors.chunk_store import MODES as STORE_MODES
-
-    assert MODES == STORE_MODES
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,7 @@ def test_generation_provenance(make_cm):
     assert g.output_chunk.parent_chunks == [doc.hash, g.prompt_chunk.hash]
     assert g.output_chunk.kind == "output" and g.output_chunk.role == "assistant"
     assert g.output_chunk.generation_params["temperature"] == 0
-    assert g.output_chunk.generation_params["mode"] == "reuse"
+    assert g.output_chunk.generation_params["mode"] == "realign"  # the default
     assert set(cm.registry.children(doc.hash)) == {g.prompt_chunk.hash, g.output_chunk.hash}
     assert not g.prompt_chunk.is_active and not g.output_chunk.is_active
     assert g.text and g.output_chunk.text.startswith(g.text.strip()[:5])

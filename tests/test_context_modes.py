@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-from reference import hf_logits
+import dataclasses
 
+import pytest
+import torch
+from reference import hf_greedy, hf_logits
+
+from kvchunks.common import InvalidInput
 from kvchunks.engine import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
@@ -12,14 +16,15 @@ DOC_A = "The secret code of the vault is 4817. The vault is hidden under the old
 DOC_B = "Marie's favourite colour is teal, and she keeps three cats named Io, Europa and Callisto."
 
 
-def prompt_logits(cm, question: str, mode: str) -> tuple[list[int], torch.Tensor]:
+def prompt_logits(cm, question: str, mode: str, recompute=None) -> tuple[list[int], torch.Tensor]:
     """Logits of the question's tokens attending to cm's active chunks in `mode`."""
     store = cm.store
     active = store.registry.get_many(store.registry.active(cm.context_name))
     tokens = store.chat.prompt(question)
-    ctx = store.context_of(active, mode)
+    ctx = store.context_of(active, mode, recompute)
     result = store.llm.prefill(tokens, ctx.segments, ctx.position, all_logits=True)
-    store.free([*ctx.scratch, result.segment])
+    store.free([result.segment])
+    store.release(ctx)
     return tokens, result.logits
 
 
@@ -78,8 +83,10 @@ def test_conversation_in_reuse_equals_exact_and_reference(make_cm, hf_model, llm
     assert (reuse - ref).abs().max().item() <= 1e-4
     assert (exact - ref).abs().max().item() <= 1e-4
     expected = hf_greedy_text(hf_model, llm, history + q, 24)
+    cm.configure(auto_activate=False)  # each generation below sees the same three chunks
     assert cm.generate("And its code?", GREEDY, mode="reuse").text == expected
-    assert cm.with_context("chat").generate("And its code?", GREEDY, mode="exact").text == expected
+    assert cm.generate("And its code?", GREEDY, mode="exact").text == expected
+    assert [c.hash for c in cm.context().chunks] == [c.hash for c in active]
 
 
 def test_reuse_with_a_turn_deactivated_equals_masked_reference(make_cm, hf_model):
@@ -107,7 +114,7 @@ def test_realign_equals_block_diagonal_reference(make_cm, hf_model):
     a, b = cm.add_chunk(DOC_A), cm.add_chunk(DOC_B)
     cm.activate_chunk(a.hash)
     cm.activate_chunk(b.hash)
-    q, logits = prompt_logits(cm, "What colour does Marie like?", "realign")
+    q, logits = prompt_logits(cm, "What colour does Marie like?", "realign", recompute=0)
     ids = tokens_of(cm, [a, b]) + q
     n = len(ids)
     mask = torch.ones(n, n).tril().bool()
@@ -142,3 +149,153 @@ def test_views_attend_exactly_like_their_sources(make_cm):
     assert composed.segments and {s.blocks[0] for s in composed.segments} <= {
         s.blocks[0] for s in a.segments + b.segments
     }
+
+
+def two_documents(make_cm, **settings):
+    cm = make_cm(**settings)
+    a, b = cm.add_chunk(DOC_A), cm.add_chunk(DOC_B)
+    cm.activate_chunk(a.hash)
+    cm.activate_chunk(b.hash)
+    return cm, a, b
+
+
+def test_realign_generation_decodes_like_block_diagonal_reference(make_cm, hf_model):
+    cm, a, b = two_documents(make_cm)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    g = cm.generate("What colour does Marie like?", params, mode="realign", recompute=0)
+    ids = tokens_of(cm, [a, b]) + g.prompt_chunk.token_ids
+    span = (a.token_count, a.token_count + b.token_count)
+    assert g.token_ids == hf_greedy(hf_model, ids, 12, blocks=(span,))
+
+
+def test_hidden_turn_generation_decodes_like_masked_reference(make_cm, hf_model):
+    cm, doc, first = conversation(make_cm)
+    second = cm.generate("What is its code?", GREEDY)
+    cm.configure(auto_activate=False)
+    cm.deactivate_chunk(first.prompt_chunk.hash)
+    cm.deactivate_chunk(first.output_chunk.hash)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    g = cm.generate("Say it again.", params, mode="reuse")
+    timeline = [doc, first.prompt_chunk, first.output_chunk, second.prompt_chunk]
+    history = tokens_of(cm, [*timeline, second.output_chunk])
+    gap = range(doc.token_count, timeline[-1].position)
+    assert g.prompt_chunk.position == len(history)  # positions as in the full timeline
+    ids = history + g.prompt_chunk.token_ids
+    assert g.token_ids == hf_greedy(hf_model, ids, 12, hidden=gap, hidden_from=len(history))
+
+
+def test_reuse_of_separate_chunks_equals_overlapping_positions_reference(make_cm, hf_model):
+    """Separately loaded chunks in `reuse` keep the positions they were computed at (all
+    from 0) and see nothing of each other; the question starts after the longest."""
+    cm, a, b = two_documents(make_cm)
+    q, logits = prompt_logits(cm, "What is the code of the vault?", "reuse")
+    ids = tokens_of(cm, [a, b]) + q
+    longest = max(a.token_count, b.token_count)
+    positions = [*range(a.token_count), *range(b.token_count), *range(longest, longest + len(q))]
+    n = len(ids)
+    mask = torch.ones(n, n).tril().bool()
+    mask[a.token_count : a.token_count + b.token_count, : a.token_count] = False
+    ref = hf_logits(hf_model, ids, mask=mask, position_ids=positions)[-len(q) :]
+    assert (logits - ref).abs().max().item() <= 1e-4
+
+
+def test_realign_recomputing_everything_equals_exact_and_reference(make_cm, hf_model):
+    cm, a, b = two_documents(make_cm)
+    q, full = prompt_logits(cm, "What is the code of the vault?", "realign", recompute=1.0)
+    _, exact = prompt_logits(cm, "What is the code of the vault?", "exact")
+    ref = hf_logits(hf_model, tokens_of(cm, [a, b]) + q)[-len(q) :]
+    assert (full - ref).abs().max().item() <= 1e-4
+    assert (full - exact).abs().max().item() <= 1e-4
+
+
+def test_realign_without_recompute_is_plain_replacement_bitwise(make_cm, llm):
+    cm, a, b = two_documents(make_cm)
+    q, logits = prompt_logits(cm, "What is the code of the vault?", "realign", recompute=0)
+    sa, sb = cm.store.segments(a), cm.store.segments(b)
+    shifted = [*sa, *(dataclasses.replace(s, shift=a.token_count) for s in sb)]
+    plain = llm.prefill(q, shifted, a.token_count + b.token_count, all_logits=True)
+    llm.release(plain.segment)
+    assert torch.equal(logits, plain.logits)
+    _, partial = prompt_logits(cm, "What is the code of the vault?", "realign", recompute=0.15)
+    assert (partial - logits).abs().max().item() > 1e-3  # recompute really changes the KV
+
+
+def test_one_timeline_is_the_same_in_every_mode_and_setting(make_cm):
+    cm, doc, first = conversation(make_cm)
+    settings = [("reuse", None), ("exact", None), ("realign", 0.0), ("realign", 0.15)]
+    settings.append(("realign", 1.0))
+    results = [prompt_logits(cm, "And its code?", m, r)[1] for m, r in settings]
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+    active_tokens = cm.context().token_count
+    g = cm.generate("And its code?", GREEDY, mode="realign", recompute=0.3)
+    assert g.tokens_recomputed == 0 and g.tokens_reused == active_tokens
+
+
+def test_second_question_over_a_composition_recomputes_nothing(make_cm, tmp_path):
+    cm, a, b = two_documents(make_cm)
+    first = cm.generate("Who has three cats?", GREEDY)
+    assert first.mode == "realign" and first.tokens_recomputed > 0
+    assert first.tokens_reused + first.tokens_recomputed == a.token_count + b.token_count
+    second = cm.generate("What is the code of the vault?", GREEDY)
+    assert second.tokens_recomputed == 0
+    assert second.tokens_reused == a.token_count + b.token_count
+    # The same question over a composition made just now (another store) answers the same.
+    fresh, fa, fb = two_documents(make_cm, at=tmp_path / "fresh")
+    assert (fa.hash, fb.hash) == (a.hash, b.hash)
+    again = fresh.generate("What is the code of the vault?", GREEDY)
+    assert again.tokens_recomputed == first.tokens_recomputed
+    assert again.token_ids == second.token_ids
+    assert again.output_chunk.hash == second.output_chunk.hash
+
+
+def test_a_conversation_over_a_composition_continues_without_recompute(make_cm):
+    cm, a, b = two_documents(make_cm, auto_activate=True)
+    first = cm.generate("Who has three cats?", GREEDY)
+    assert len(cm.context().chunks) == 4
+    second = cm.generate("And what are their names?", GREEDY)
+    assert second.tokens_recomputed == 0  # the first answer continues the composition
+    assert second.prompt_chunk.parent_chunks == [a.hash, b.hash, *_turn(first)]
+
+
+def _turn(g) -> list[str]:
+    return [g.prompt_chunk.hash, g.output_chunk.hash]
+
+
+def test_derived_kv_goes_with_its_sources_and_under_pressure(make_cm):
+    cm, a, b = two_documents(make_cm)
+    store = cm.store
+    cm.generate("Who has three cats?", GREEDY)
+    assert len(store.compositions) == 1
+    assert [c.hash for c in cm.list_chunks()].count(a.hash) == 1
+    assert len(cm.list_chunks()) == 4  # two documents, a prompt and an answer: nothing derived
+    cm.deactivate_chunk(b.hash)
+    with store.lock:  # pressure: room for the whole pool but the active document
+        store.make_room(store.llm.block_manager.num_blocks - 1)
+    assert not store.compositions and store.stats["compositions_dropped"] == 1
+    cm.activate_chunk(b.hash)
+    again = cm.generate("Who has three cats?", GREEDY)
+    assert again.tokens_recomputed > 0 and len(store.compositions) == 1  # made again
+    cm.delete_chunk(b.hash)
+    assert not store.compositions
+
+
+def test_bad_recompute_settings_are_refused_and_change_nothing(make_cm):
+    cm, a, b = two_documents(make_cm)
+    before = (cm.settings, [c.hash for c in cm.list_chunks()])
+    refusals = [
+        lambda: cm.generate("Hi", GREEDY, mode="exact", recompute=0.2),
+        lambda: cm.generate("Hi", GREEDY, mode="reuse", recompute=0.0),
+        lambda: cm.generate("Hi", GREEDY, mode="realign", recompute=1.5),
+        lambda: cm.generate("Hi", GREEDY, recompute=-0.1),
+        lambda: cm.generate("Hi", GREEDY, recompute="half"),
+        lambda: cm.configure(recompute=2),
+        lambda: cm.configure(mode="exact", recompute=0.5),
+    ]
+    for refuse in refusals:
+        with pytest.raises(InvalidInput, match="recompute"):
+            refuse()
+    assert (cm.settings, [c.hash for c in cm.list_chunks()]) == before
+    assert not cm.store.compositions
+    cm.configure(recompute=0.3)
+    cm.configure(mode="exact")  # a new mode without a fraction clears it
+    assert cm.settings["recompute"] is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from reference import hf_logits
+from reference import hf_greedy, hf_logits
 from test_engine_reference import random_tokens
 
 from kvchunks.engine import SamplingParams
@@ -124,3 +124,76 @@ def test_kv_reads_and_writes_copy_exactly_the_segments_slots(llm):
     finally:
         for s in made:
             llm.release(s)
+
+
+def test_placed_copy_attends_bitwise_like_shifted_segments(llm):
+    """`place` rotates keys once into a copy; attending to the copy is the same arithmetic as
+    re-rotating the stored keys at every attention."""
+    a, b, q = random_tokens(100, 31), random_tokens(300, 32), random_tokens(20, 33)
+    ra, rb = llm.prefill(a, position=0), llm.prefill(b, position=0)
+    placed = llm.place([rb.segment], position=100)
+    shifted = llm.prefill(q, [ra.segment, dataclasses.replace(rb.segment, shift=100)], 400, True)
+    copied = llm.prefill(q, [ra.segment, placed], 400, all_logits=True)
+    for s in (ra.segment, rb.segment, placed, shifted.segment, copied.segment):
+        llm.release(s)
+    assert placed.position == 100 and placed.length == 300
+    assert torch.equal(copied.logits, shifted.logits)
+
+
+def test_recompute_of_every_token_equals_one_forward(llm, hf_model):
+    """Selective recompute of all tokens of a placed chunk is a full prefill in that context."""
+    a, b, q = random_tokens(150, 34), random_tokens(280, 35), random_tokens(20, 36)
+    ra, rb = llm.prefill(a), llm.prefill(b, position=0)
+    placed = llm.place([rb.segment], position=150)
+    llm.recompute(placed, b, list(range(len(b))), [ra.segment])
+    rq = llm.prefill(q, [ra.segment, placed], 430, all_logits=True)
+    fresh = llm.prefill(b, [ra.segment])
+    k, v = llm.read_kv([placed])
+    k_ref, v_ref = llm.read_kv([fresh.segment])
+    for s in (ra.segment, rb.segment, placed, rq.segment, fresh.segment):
+        llm.release(s)
+    assert (rq.logits - hf_logits(hf_model, a + b + q)[430:]).abs().max().item() <= 1e-4
+    torch.testing.assert_close(k, k_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(v, v_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_recompute_changes_only_the_chosen_tokens(llm):
+    a, b = random_tokens(60, 37), random_tokens(90, 38)
+    ra, rb = llm.prefill(a), llm.prefill(b, position=0)
+    placed = llm.place([rb.segment], position=60)
+    k0, v0 = llm.read_kv([placed])
+    deviation = llm.kv_deviation(b, placed, [ra.segment], layer=1)
+    chosen = [0, 1, 2, 40, 89]
+    llm.recompute(placed, b, chosen, [ra.segment])
+    k1, v1 = llm.read_kv([placed])
+    for s in (ra.segment, rb.segment, placed):
+        llm.release(s)
+    assert deviation.shape == (90,) and bool((deviation > 0).all())
+    moved = ((k1 != k0).flatten(2).any(-1) | (v1 != v0).flatten(2).any(-1)).any(0)
+    assert moved.nonzero().flatten().tolist() == chosen
+
+
+def test_batch_mixing_shifted_and_plain_sequences_decodes_like_hf(llm, hf_model):
+    """Greedy decode of three sequences in one batch: chunks re-placed by shifted keys,
+    a hidden middle segment, and plain stored context, each against an HF step loop."""
+    a, b, c = random_tokens(90, 41), random_tokens(70, 42), random_tokens(50, 43)
+    q = random_tokens(12, 44)
+    ra, rb = llm.prefill(a), llm.prefill(b, position=0)
+    rc = llm.prefill(c, context=[ra.segment])  # a then c: one timeline at 0..139
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    shifted = [ra.segment, dataclasses.replace(rb.segment, shift=90)]
+    seqs = [
+        llm.add_request(q, params, shifted, position=160),
+        llm.add_request(q, params, [ra.segment], position=140),  # c hidden
+        llm.add_request(q, params, [ra.segment, rc.segment]),
+    ]
+    while not all(s.is_finished for s in seqs):
+        llm.step()
+    for r in (ra, rb, rc):
+        llm.release(r.segment)
+    expected = [
+        hf_greedy(hf_model, a + b + q, 10, blocks=((90, 160),)),
+        hf_greedy(hf_model, a + c + q, 10, hidden=range(90, 140), hidden_from=140),
+        hf_greedy(hf_model, a + c + q, 10),
+    ]
+    assert [s.completion_token_ids for s in seqs] == expected

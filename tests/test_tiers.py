@@ -152,7 +152,7 @@ def test_gpu_budget_holds_in_the_middle_of_a_generation(make_store, monkeypatch,
     store = make_store(budgets=TierBudgets(gpu_blocks=budget), prefetch_policy="explicit")
     cm = ContextManager(store=store, mode=mode)
     a, b, *idle = (cm.add_chunk(f"Fact {i}: the {w} is red.") for i, w in enumerate("abxyz"))
-    for c in (a, b):  # b was not computed after a: exact mode recomputes it as scratch KV
+    for c in (a, b):  # b was not computed after a: exact and realign derive KV for it
         cm.activate_chunk(c.hash)
     bm, used = store.llm.block_manager, []
     allocate = bm.allocate
@@ -165,9 +165,9 @@ def test_gpu_budget_holds_in_the_middle_of_a_generation(make_store, monkeypatch,
     monkeypatch.setattr(bm, "allocate", counted)
     cm.generate("Which fact is about y?", GREEDY)
     assert used and max(used) <= budget, used
-    # Room for the answer (and exact mode's scratch KV) was made by moving idle chunks.
+    # Room for the answer (and the derived KV of b after a) was made by moving idle chunks.
     moved = [c for c in idle if cm.get_chunk(c.hash).tier == "cpu"]
-    assert len(moved) == (2 if mode == "exact" else 1)
+    assert len(moved) == (1 if mode == "reuse" else 2)
 
 
 def test_a_chunk_larger_than_host_memory_is_refused_and_moves_nothing(make_store):

@@ -1,0 +1,60 @@
+"""The three ways of combining stored KV (DESIGN.md section 4), and their settings.
+
+Plain Python without torch, so that the command line can name them without loading the
+engine.
+"""
+
+from __future__ import annotations
+
+from kvchunks.common import InvalidInput
+
+MODES = ("exact", "reuse", "realign")
+DEFAULT_MODE = "realign"
+# The fraction of a composition's tokens that `realign` recomputes when none is given:
+# the smallest on bench/fidelity.py's curve that keeps answers about as good as `exact`.
+DEFAULT_RECOMPUTE = 0.15
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise InvalidInput(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    return mode
+
+
+def check_recompute(mode: str, recompute: float | None) -> float | None:
+    """A recompute fraction is for `realign` only, and lies in [0, 1]."""
+    if recompute is None:
+        return None
+    if mode != "realign":
+        raise InvalidInput(
+            f"a recompute fraction applies to realign only, not to {mode}; "
+            "use --mode realign or leave the fraction out"
+        )
+    if isinstance(recompute, bool) or not isinstance(recompute, (int, float)):
+        raise InvalidInput(f"recompute must be a number from 0 to 1, not {recompute!r}")
+    if not 0 <= recompute <= 1:
+        raise InvalidInput(f"recompute must be from 0 to 1 (a fraction of tokens), not {recompute}")
+    return float(recompute)
+
+
+def combination(mode: str, recompute: float | None = None) -> str:
+    """The name of what a chunk computed in this mode attends to, part of its content
+    address: "realign" alone is plain re-placement (nothing recomputed)."""
+    check_mode(mode)
+    check_recompute(mode, recompute)
+    if mode != "realign":
+        return mode
+    fraction = DEFAULT_RECOMPUTE if recompute is None else recompute
+    return f"realign:{fraction:g}" if fraction else "realign"
+
+
+def recompute_of(combine: str) -> float:
+    """The recompute fraction a combination name stands for."""
+    _, _, fraction = combine.partition(":")
+    return float(fraction) if fraction else 0.0
+
+
+def split_combination(combine: str) -> tuple[str, float | None]:
+    """(mode, recompute) back from a combination name ("" is one timeline: any mode)."""
+    mode = combine.partition(":")[0] or "reuse"
+    return mode, (recompute_of(combine) if mode == "realign" else None)
