@@ -7,7 +7,8 @@ Prints one JSON object last: bandwidths in GB/s with their raw baselines and rat
 disk -> cpu is `move_to_cpu` of an archived chunk against a plain read of the same bytes, both
 files dropped from the page cache before each read. The same moves with the files in the page
 cache are reported as `disk_to_cpu_cached_*`, outside `bw_ratio_min`: there the SHA-256 check
-that every load makes bounds a read.
+that every load makes bounds a read. Likewise the disk TTFT (`ttft_disk_s`) drops the chunk
+files from the page cache before each run; `ttft_disk_cached_s` reads them from it.
 """
 
 from __future__ import annotations
@@ -55,15 +56,21 @@ def best_of_pairs(
 
 def timed(fn, path: Path, cold: bool) -> float:
     if cold:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        drop_from_page_cache(path)
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """The next read of the file comes from the disk (written pages are synced first: the
+    kernel drops only clean ones)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def raw_write(path: Path, data: bytes) -> None:
@@ -78,7 +85,7 @@ def bandwidths(cm: ContextManager, chunk, file_repeats: int, move_repeats: int) 
     k, v = store.read_kv(store.segments(chunk))
     nbytes = k.nbytes + v.nbytes
     gb = nbytes / 1e9
-    raw_bytes = k.numpy().tobytes() + v.numpy().tobytes()
+    raw_bytes = k.cpu().numpy().tobytes() + v.cpu().numpy().tobytes()
     paths = (kv_path(store.home, chunk.hash), Path(tempfile.mkdtemp()) / "raw.bin")
     record = chunk.to_record() | {"segments": [], "is_active": False}
 
@@ -137,6 +144,65 @@ def bandwidths(cm: ContextManager, chunk, file_repeats: int, move_repeats: int) 
     return out
 
 
+def placements(cm: ContextManager, chunks: list) -> dict:
+    """Per TTFT row: the tier the active chunks are in, and how to put them there."""
+    files = [kv_path(cm.store.home, c.hash) for c in chunks]
+
+    def to(move, then=lambda path: None):
+        def place() -> None:
+            for c in chunks:
+                move(c.hash)
+            for path in files:
+                then(path)
+
+        return place
+
+    return {
+        "gpu": ("gpu", to(cm.move_to_gpu)),
+        "cpu": ("cpu", to(cm.move_to_cpu)),
+        "disk": ("disk", to(cm.archive_to_disk, drop_from_page_cache)),
+        "disk_cached": ("disk", to(cm.archive_to_disk, Path.read_bytes)),
+    }
+
+
+def ttft_by_tier(cm: ContextManager, chunks: list, rng, args) -> dict[str, float]:
+    """Median time to first token of a new question with the chunks active in each tier."""
+    llm, one = cm.store.llm, SamplingParams(temperature=0, max_tokens=1)
+    out = {}
+    for row, (tier, place) in placements(cm, chunks).items():
+        times = []
+        for _ in range(args.repeats):
+            place()
+            assert all(cm.get_chunk(c.hash).tier == tier for c in chunks)
+            ask = question(rng, llm.tokenizer, args.question_tokens)
+            times.append(cm.generate(ask, one).ttft_s)
+        out[row] = statistics.median(times)
+    return out
+
+
+def hf_ttft(hf, cm: ContextManager, context_ids: list[int], rng, args) -> float:
+    """HF prefilling the same context and a question of the same length: the median."""
+    llm, times = cm.store.llm, []
+    for _ in range(args.repeats):
+        ask = cm.store.chat.prompt(question(rng, llm.tokenizer, args.question_tokens))
+        ids = torch.tensor([context_ids + ask], device=llm.config.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            hf(ids, logits_to_keep=1).logits.argmax(-1).item()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+SMOKE = {
+    "context_tokens": 256,
+    "chunks": 2,
+    "question_tokens": 8,
+    "repeats": 1,
+    "move_repeats": 2,
+    "file_repeats": 2,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--context-tokens", type=int, default=2048)
@@ -145,7 +211,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="for time to first token")
     parser.add_argument("--move-repeats", type=int, default=30, help="for gpu <-> cpu moves")
     parser.add_argument("--file-repeats", type=int, default=10, help="for disk moves")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
     args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
 
     from transformers import AutoModelForCausalLM
 
@@ -159,31 +228,15 @@ def main() -> None:
     cm.store.wait_for_transfers()
     result = bandwidths(cm, chunks[0], args.file_repeats, args.move_repeats)
 
-    hf = AutoModelForCausalLM.from_pretrained(llm.path, dtype=torch.float32).eval()
-    one = SamplingParams(temperature=0, max_tokens=1)
+    hf = AutoModelForCausalLM.from_pretrained(llm.path, dtype=llm.config.torch_dtype).eval()
+    hf.to(llm.config.device)
+    ttft = ttft_by_tier(cm, chunks, rng, args)
     context_ids = [t for c in chunks for t in c.token_ids]
-    moves = {"gpu": cm.move_to_gpu, "cpu": cm.move_to_cpu, "disk": cm.archive_to_disk}
-    hf_times = []
-    for tier, move in moves.items():
-        times = []
-        for _ in range(args.repeats):
-            for c in chunks:
-                move(c.hash)
-            assert all(cm.get_chunk(c.hash).tier == tier for c in chunks)
-            times.append(
-                cm.generate(question(rng, llm.tokenizer, args.question_tokens), one).ttft_s
-            )
-        result[f"ttft_{tier}_s"] = round(statistics.median(times), 4)
-    for _ in range(args.repeats):
-        ids = torch.tensor([context_ids + cm.store.chat.prompt(question(rng, llm.tokenizer, 32))])
-        start = time.perf_counter()
-        with torch.inference_mode():
-            hf(ids, logits_to_keep=1).logits.argmax(-1)
-        hf_times.append(time.perf_counter() - start)
-    hf_ttft = statistics.median(hf_times)
-    result["hf_ttft_s"] = round(hf_ttft, 4)
-    for tier in moves:
-        result[f"ttft_{tier}_ratio"] = round(hf_ttft / result[f"ttft_{tier}_s"], 2)
+    theirs = hf_ttft(hf, cm, context_ids, rng, args)
+    for row, ours in ttft.items():
+        result[f"ttft_{row}_s"] = round(ours, 4)
+        result[f"ttft_{row}_ratio"] = round(theirs / ours, 2)
+    result["hf_ttft_s"] = round(theirs, 4)
     result["context_tokens"] = len(context_ids)
     result["device"] = llm.config.device
     cm.close()
