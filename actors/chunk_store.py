@@ -694,22 +694,30 @@ class ChunkStore:
         )
 
     def register(self, chunk: ChunkInfo, segments: list[KVSegment]) -> ChunkInfo:
-        """Store a computed chunk: KV file first, then the record. Duplicates are dropped."""
-        if self.registry.exists(chunk.hash):
-            self.free(segments)
-            return self.get(chunk.hash)
-        if chunk.layout != "view":
-            try:
-                self._write_file(chunk, segments)
-            except Exception:
+        """Store a computed chunk: KV file first, then the record. Duplicates are dropped.
+
+        The store owns `segments` from here on; if storing fails (a full disk, Redis gone),
+        they are freed and nothing of the chunk is left."""
+        written = False
+        try:
+            if self.registry.exists(chunk.hash):
                 self.free(segments)
-                raise
+                return self.get(chunk.hash)
+            if chunk.layout != "view":
+                self._write_file(chunk, segments)
+                written = True
+            self.registry.put(dataclasses.replace(chunk, segments=[]))
+        except BaseException:
+            self.free(segments)
+            if written:
+                kv_path(self.home, chunk.hash).unlink(missing_ok=True)
+            raise
+        if chunk.layout != "view":
             if chunk.hash in self.kv:  # a copy from before the chunk was deleted: the same KV
                 self.free(segments)
             else:
                 self.kv[chunk.hash] = segments
             self.lru.touch(chunk.hash)
-        self.registry.put(dataclasses.replace(chunk, segments=[]))
         return self.describe(self.registry.get(chunk.hash))
 
     def _write_file(self, chunk: ChunkInfo, segments: list[KVSegment]) -> None:

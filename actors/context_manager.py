@@ -499,18 +499,22 @@ class ContextManager(OutputTracking):
         return seq, False
 
     def _store_prompt(self, record: ChunkInfo, seq, fresh: bool):
-        """The prompt chunk and its KV (from the answer's sequence when it was new)."""
+        """The prompt chunk and its KV (from the answer's sequence when it was new). If it
+        cannot be stored, the sequence's KV is let go."""
         store = self.store
-        if fresh:
-            own = seq.own_segment()
-            if own.length < record.token_count:  # interrupted before the prompt was read
-                store.llm.release(own)
-                raise KeyboardInterrupt
-            part = own.sub(0, record.token_count, store.block_size)
-            store.llm.retain(part)
-            store.register(record, [part])
-        chunk = store.get(record.hash)
-        return chunk, store.segments(chunk)
+        try:
+            if fresh:
+                own = seq.own_segment()
+                if own.length < record.token_count:  # interrupted before the prompt was read
+                    raise KeyboardInterrupt
+                part = own.sub(0, record.token_count, store.block_size)
+                store.llm.retain(part)
+                store.register(record, [part])
+            chunk = store.get(record.hash)
+            return chunk, store.segments(chunk)
+        except BaseException:
+            store.llm.release(seq.own_segment())
+            raise
 
     def _run(self, seq, on_text, started: float, skip: int) -> tuple[list[int], float, bool]:
         """Drive the engine until the answer is done; Ctrl-C keeps what was computed."""
@@ -547,40 +551,47 @@ class ContextManager(OutputTracking):
         own = seq.own_segment()
         answer = seq.completion_token_ids[: max(own.length - skip, 0)]
         granularity = self.settings["output_tokens"]
-        if not answer or (granularity == "manual" and not self._trackers):
-            llm.release(own)
-            return []
-        body = own.sub(skip, len(answer), store.block_size)
-        closing = [] if interrupted else store.chat.close_answer(answer)
-        kv = [body]
-        if closing:
-            store.make_room(llm.block_manager.blocks_to_follow(own, len(closing)))
-            end = llm.prefill(closing, [*context, body], position + len(answer), continue_after=own)
-            kv.append(end.segment)
-        tokens = answer + closing
-        size = granularity if isinstance(granularity, int) else len(tokens)
-        generation = {**params.to_dict(), "mode": mode}
-        meta = {"source": "generation", "context": self.context_name, "interrupted": interrupted}
+        kv = [own.sub(skip, len(answer), store.block_size)]
         outputs: list[ChunkInfo] = []
-        for start in range(0, len(tokens), size):
-            part = slice_segments(kv, start, min(size, len(tokens) - start), store.block_size)
-            for seg in part:
-                llm.retain(seg)
-            record = store.new_record(
-                tokens[start : start + size],
-                [*parents, *outputs],
-                position + start,
-                combine,
-                mode,
-                role="assistant",
-                kind="output",
-                generation_params=generation,
-                metadata=meta,
-                text=llm.decode(tokens[start : start + size]),
-            )
-            outputs.append(store.register(record, part))
-        llm.release(own)
-        store.free(kv[1:])
+        try:  # each output stored takes its own references; the sequence's are let go after
+            if not answer or (granularity == "manual" and not self._trackers):
+                return []
+            closing = [] if interrupted else store.chat.close_answer(answer)
+            if closing:
+                store.make_room(llm.block_manager.blocks_to_follow(own, len(closing)))
+                kv.append(
+                    llm.prefill(
+                        closing, [*context, kv[0]], position + len(answer), continue_after=own
+                    ).segment
+                )
+            tokens = answer + closing
+            size = granularity if isinstance(granularity, int) else len(tokens)
+            generation = {**params.to_dict(), "mode": mode}
+            meta = {
+                "source": "generation",
+                "context": self.context_name,
+                "interrupted": interrupted,
+            }
+            for start in range(0, len(tokens), size):
+                part = slice_segments(kv, start, min(size, len(tokens) - start), store.block_size)
+                for seg in part:
+                    llm.retain(seg)
+                record = store.new_record(
+                    tokens[start : start + size],
+                    [*parents, *outputs],
+                    position + start,
+                    combine,
+                    mode,
+                    role="assistant",
+                    kind="output",
+                    generation_params=generation,
+                    metadata=meta,
+                    text=llm.decode(tokens[start : start + size]),
+                )
+                outputs.append(store.register(record, part))
+        finally:
+            llm.release(own)
+            store.free(kv[1:])
         return [self._view(c.hash) for c in outputs]
 
     # -- files ------------------------------------------------------------------------------

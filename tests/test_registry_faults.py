@@ -102,11 +102,6 @@ def test_every_call_while_redis_is_down_is_refused_and_changes_nothing(cm, serve
     assert cm.generate("Who keeps the lighthouse?", GREEDY).token_ids == answer
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a generation whose answer cannot be stored (Redis gone) keeps its sequence's "
-    "pool blocks",
-)
 def test_redis_dying_during_a_generation_leaves_no_half_made_answer(cm, server):
     before, holding = recorded(cm), held(cm)
     tokens: list[str] = []
