@@ -54,10 +54,6 @@ from kvchunks.store.tier_records import TierRecords
 
 TIER_ORDER = ("gpu", "cpu", "disk")
 _DIGESTS: dict[str, str] = {}  # weights digest by file stamp: hashing 0.5 GB once is enough
-# The layer whose K/V deviation picks the tokens `realign` recomputes. Deviations at layer 0
-# only reflect each token's own position; from layer 1 on they show what a token missed of
-# the chunks before it (CacheBlend selects at layer 1 as well).
-SELECTION_LAYER = 1
 
 
 @dataclass(frozen=True)
@@ -637,8 +633,9 @@ class ChunkStore:
             chosen = tokens
         else:
             segment = self.llm.place(self._stored(parts), start)
+            budget = round(recompute_of(combine) * len(tokens))
+            chosen = leading_tokens([p.length for p in parts], budget)
             try:
-                chosen = self._select(tokens, segment, head, recompute_of(combine))
                 self.llm.recompute(segment, tokens, chosen, head)
             except BaseException:
                 self.llm.release(segment)
@@ -646,20 +643,6 @@ class ChunkStore:
         self.compositions[key] = Composition(segment, frozenset(p.chunk.hash for p in parts))
         self.stats["composition_tokens_recomputed"] += len(chosen)
         return len(chosen)
-
-    def _select(
-        self, tokens: list[int], placed: KVSegment, head: list[KVSegment], fraction: float
-    ) -> list[int]:
-        """Which tokens of a composition to recompute: `fraction` of them, those whose KV at
-        an early layer moves most when computed in the composition (see SELECTION_LAYER)."""
-        budget = round(fraction * len(tokens))
-        if budget >= len(tokens):
-            return list(range(len(tokens)))
-        if budget == 0:
-            return []
-        self.make_room(self.llm.block_manager.blocks_needed(0, len(tokens)))  # its scratch
-        deviation = self.llm.kv_deviation(tokens, placed, head, SELECTION_LAYER)
-        return sorted(deviation.topk(budget).indices.tolist())
 
     # -- making chunks --------------------------------------------------------------------------
 
@@ -912,3 +895,26 @@ def recorded_combination(chunk: ChunkInfo) -> tuple[str, float | None]:
     if combine is None:
         return chunk.metadata.get("mode", "reuse"), None
     return split_combination(combine) if combine else ("reuse", None)
+
+
+def leading_tokens(lengths: list[int], budget: int) -> list[int]:
+    """Which tokens of chunks laid out one after another `realign` recomputes: the first
+    ones of each chunk, `budget` in all, shared as evenly as the chunks' lengths allow.
+
+    A chunk computed on its own starts with the tokens every later token leans on (the
+    attention sinks of its own start); in a composition they must become ordinary tokens
+    that have seen the chunks before them. Measured on bench/fidelity.py, this beat
+    choosing the tokens whose KV moves most at an early layer (CacheBlend's rule), at no
+    cost for the choice itself (see the README).
+    """
+    taken = [0] * len(lengths)
+    left = min(budget, sum(lengths))
+    while left:
+        growing = [i for i, n in enumerate(lengths) if taken[i] < n]
+        share = max(1, left // len(growing))
+        for i in growing:
+            more = min(share, lengths[i] - taken[i], left)
+            taken[i] += more
+            left -= more
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    return [start + j for start, n in zip(starts, taken, strict=True) for j in range(n)]

@@ -193,7 +193,9 @@ def teacher_forced(cm: ContextManager, question: str, answer: list[int], mode, r
     prompt = store.chat.prompt(question)
     ctx = store.context_of(active, mode, recompute)
     try:
-        result = store.llm.prefill(prompt + answer, ctx.segments, ctx.position, all_logits=True)
+        with store.lock:
+            store.make_room(store.llm.block_manager.blocks_needed(0, len(prompt + answer)))
+            result = store.llm.prefill(prompt + answer, ctx.segments, ctx.position, True)
         store.free([result.segment])
     finally:
         store.release(ctx)

@@ -210,25 +210,6 @@ class LLM:
         cos, sin = cos_sin(self.runner.inv_freq, shifts, self.config.torch_dtype)
         return self.write_kv(rotate(k, cos, sin), v, position)
 
-    @torch.inference_mode()
-    def kv_deviation(
-        self, token_ids: list[int], target: KVSegment, context: Seq[KVSegment], layer: int
-    ) -> torch.Tensor:
-        """For each token of `target` (the stored KV of token_ids, placed after `context`):
-        the squared distance between its K and V at `layer` and theirs computed in that
-        context. Only the first layer + 1 layers are run, in scratch blocks freed after."""
-        seq = Sequence(token_ids, SamplingParams(temperature=0), context, target.position, True)
-        self._reserve(seq, len(token_ids))
-        try:
-            self.runner.run([seq], num_layers=layer + 1)
-            pool = self._flat_pool()[:, layer]  # [2, slots, kv_heads, head_dim]
-            fresh = self.runner.segment_slots(KVSegment(tuple(seq.blocks), 0, seq.num_tokens, 0))
-            stored = self.runner.segment_slots(target)
-            diff = (pool.index_select(1, fresh) - pool.index_select(1, stored)).float()
-            return diff.square().sum(dim=(0, 2, 3))
-        finally:
-            self.block_manager.release(seq.blocks)
-
     def recompute(
         self,
         target: KVSegment,

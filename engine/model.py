@@ -98,18 +98,13 @@ class CausalLM(nn.Module):
         self.lm_head_t: torch.Tensor | None = None
 
     def forward(
-        self,
-        input_ids: torch.Tensor,
-        meta: AttentionMetadata,
-        backend: AttentionBackend,
-        num_layers: int | None = None,
+        self, input_ids: torch.Tensor, meta: AttentionMetadata, backend: AttentionBackend
     ) -> torch.Tensor:
-        """Hidden states [N, hidden] for a flat batch of tokens; with num_layers, only the
-        KV of the first layers is wanted and the hidden states after them are returned."""
+        """Hidden states [N, hidden] for a flat batch of tokens."""
         x = self.embed_tokens(input_ids)
-        for layer in self.layers[:num_layers]:
+        for layer in self.layers:
             x = layer(x, meta, backend)
-        return x if num_layers is not None else self.norm(x)
+        return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if len(hidden) <= 4 and self.lm_head_t is not None:

@@ -66,19 +66,15 @@ class ModelRunner:
         return self.model_config.kv_bytes(self.block_size, self.config.torch_dtype)
 
     @torch.inference_mode()
-    def run(
-        self, seqs: list[Sequence], all_logits: bool = False, num_layers: int | None = None
-    ) -> torch.Tensor | None:
+    def run(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:
         """Compute KV for every sequence's not-yet-computed tokens and return logits.
 
         Logits are one row per sequence (its last token), or one row per new token when
-        all_logits is set. With num_layers, only those first layers' KV is computed (None
-        is returned).
+        all_logits is set.
         """
         decode = (
             self.backend.padded_decode
             and not all_logits
-            and num_layers is None
             and all(seq.num_tokens - seq.num_computed == 1 for seq in seqs)
         )
         # Decoding sequences are laid out by key count, so each padded group is a slice.
@@ -103,9 +99,7 @@ class ModelRunner:
         if decode:
             meta.decode = self._decode_groups(per_seq)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, meta, self.backend, num_layers)
-        if num_layers is not None:
-            return None
+        hidden = self.model(ids, meta, self.backend)
         if not all_logits:
             hidden = hidden[last_rows]  # one row per sequence, in the order given
         return self.model.logits(hidden)

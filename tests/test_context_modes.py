@@ -8,6 +8,7 @@ import pytest
 import torch
 from reference import hf_greedy, hf_logits
 
+from kvchunks.actors.chunk_store import leading_tokens
 from kvchunks.common import InvalidInput
 from kvchunks.engine import SamplingParams
 
@@ -299,3 +300,10 @@ def test_bad_recompute_settings_are_refused_and_change_nothing(make_cm):
     cm.configure(recompute=0.3)
     cm.configure(mode="exact")  # a new mode without a fraction clears it
     assert cm.settings["recompute"] is None
+
+
+def test_realign_recomputes_each_chunks_leading_tokens_evenly():
+    assert leading_tokens([10, 3, 10], 9) == [0, 1, 2, 10, 11, 12, 13, 14, 15]
+    assert leading_tokens([10, 3, 10], 12) == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14, 15, 16]
+    assert leading_tokens([4, 4], 100) == list(range(8))
+    assert leading_tokens([4, 4], 0) == []

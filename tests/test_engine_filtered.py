@@ -162,13 +162,11 @@ def test_recompute_changes_only_the_chosen_tokens(llm):
     ra, rb = llm.prefill(a), llm.prefill(b, position=0)
     placed = llm.place([rb.segment], position=60)
     k0, v0 = llm.read_kv([placed])
-    deviation = llm.kv_deviation(b, placed, [ra.segment], layer=1)
     chosen = [0, 1, 2, 40, 89]
     llm.recompute(placed, b, chosen, [ra.segment])
     k1, v1 = llm.read_kv([placed])
     for s in (ra.segment, rb.segment, placed):
         llm.release(s)
-    assert deviation.shape == (90,) and bool((deviation > 0).all())
     moved = ((k1 != k0).flatten(2).any(-1) | (v1 != v0).flatten(2).any(-1)).any(0)
     assert moved.nonzero().flatten().tolist() == chosen
 
