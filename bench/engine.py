@@ -136,7 +136,7 @@ def hf_continuous_batch(hf, prompts, out_lens) -> float:
         ]
         done = {}
         while len(done) < len(ids):
-            result = manager.get_result(timeout=60)
+            result = manager.get_result(timeout=600)  # None: it stopped, or hangs
             assert result is not None, "HF's continuous batching stopped"
             if result.is_finished():
                 done[result.request_id] = len(result.generated_tokens)
@@ -158,7 +158,8 @@ def bench_batch(llm, hf, pad: int, workload, repeats: int) -> dict[str, float | 
         runs["hf_continuous"] = lambda p, n: hf_continuous_batch(hf, p, n)
     rates: dict[str, float | None] = {"hf_continuous": None}
     for name, run in runs.items():
-        run(*warm)
+        if name != "hf_continuous":  # its manager warms itself up in every session
+            run(*warm)
         rates[name] = median_of(lambda run=run: useful / run(prompts, out_lens), repeats)
     return rates
 
@@ -170,6 +171,7 @@ SMOKE = {
     "prompt_range": (8, 24),
     "output_range": (2, 6),
     "repeats": 1,
+    "kv_cache_mb": 256,
 }
 
 
@@ -188,6 +190,7 @@ def main() -> None:
     parser.add_argument("--output-range", type=token_range, default=(64, 128), help="MIN-MAX")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--kv-cache-mb", type=int, default=2048, help="the engine's KV pool")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
     args = parser.parse_args()
     if args.smoke:
@@ -196,7 +199,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(args.model)
-    llm = LLM(path, EngineConfig(dtype=args.dtype, kv_cache_bytes=2 << 30))
+    llm = LLM(path, EngineConfig(dtype=args.dtype, kv_cache_bytes=args.kv_cache_mb << 20))
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=llm.config.torch_dtype).eval()
     hf.to(llm.config.device)
     rng = random.Random(0)
