@@ -36,6 +36,9 @@ def in_process_answers(make_cm, work, max_tokens: int) -> list[dict]:
                 "chunks": [d.hash for d in docs],
                 "prompt_chunk": g.prompt_chunk.hash,
                 "output_chunk": g.output_chunk.hash,
+                "mode": g.mode,
+                "tokens_reused": g.tokens_reused,
+                "tokens_recomputed": g.tokens_recomputed,
             }
         )
     return rows
