@@ -848,6 +848,7 @@ class ChunkStore:
             return out
         bm = self.llm.block_manager
         owned = Counter(b for segments in self.kv.values() for s in segments for b in s.blocks)
+        owned.update(b for c in self.compositions.values() for b in c.segment.blocks)
         free = set(bm.free_ids)
         for block in range(bm.num_blocks):
             if bm.ref_counts[block] != owned[block] or (block in free) == bool(owned[block]):

@@ -105,7 +105,8 @@ def main() -> None:
 
     cm = ContextManager(home=tempfile.mkdtemp(), engine_config=EngineConfig(kv_cache_bytes=1 << 30))
     llm, rng = cm.store.llm, random.Random(0)
-    hf = AutoModelForCausalLM.from_pretrained(llm.path, dtype=torch.float32).eval()
+    device = llm.config.device  # HF runs where the engine does
+    hf = AutoModelForCausalLM.from_pretrained(llm.path, dtype=torch.float32).eval().to(device)
     docs = [cm.add_chunk(document(rng, llm.tokenizer, args.doc_tokens)) for _ in range(args.docs)]
     for doc in docs:
         cm.activate_chunk(doc.hash)
@@ -115,7 +116,7 @@ def main() -> None:
     ours, theirs, default = [], [], []
     for _ in range(args.repeats):
         q = question(rng, llm.tokenizer, args.question_tokens)
-        ids = torch.tensor([context_ids + cm.store.chat.prompt(q)])
+        ids = torch.tensor([context_ids + cm.store.chat.prompt(q)], device=device)
         start = time.perf_counter()
         with torch.inference_mode():
             hf(ids, logits_to_keep=1).logits.argmax(-1)

@@ -233,6 +233,8 @@ def test_bad_inputs_are_one_line_and_change_nothing(chat, tmp_path):
         f"/restore {corrupt}": "not a KV file",
         f"/restore {tmp_path / 'missing.kvc'}": "does not exist",
         "/mode fast": "'fast' is not one of 'exact', 'reuse', 'realign'",
+        "/mode exact 0.2": "applies to realign only",
+        "/mode realign 1.5": "recompute must be from 0 to 1",
         "/auto maybe": "is not one of 'on', 'off'",
         f"/split {doc} 0": "split point must be between 1 and",
         f"/split {doc} 99999": "split point must be between 1 and",
@@ -278,7 +280,7 @@ def test_tab_completion_and_history(chat):
     chat.child.send("\x15")  # Ctrl-U: clear the line
     chat.child.send("/mod\t")
     chat.child.expect_exact("/mode")
-    assert chat.run("").startswith("mode: reuse")
+    assert chat.run("").startswith("mode: realign (recompute 0.15)")
     history = (chat.home / "chat_history").read_text()
     assert f"/load {chat.files / 'vault.txt'} --tag vault" in history
 
