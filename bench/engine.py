@@ -4,12 +4,14 @@ Prints one JSON object last: prefill tokens/s at 2,048 tokens, decode tokens/s a
 and useful output tokens/s for 32 concurrent requests of different prompt and output lengths,
 each with the engine/HF ratio. Every figure is the median of --repeats runs after a warm-up.
 
-The batch is measured against two HF baselines. `batch_ratio`: one left-padded `generate`
-call, which prefills every prompt padded to the longest and decodes the longest output for
-every request (what a plain HF user gets; HF does more work than the useful tokens counted).
-`batch_equal_work_ratio`: HF's own continuous batching (`generate_batch`'s manager), each
-request with its own output length and no padding, so both sides compute the same tokens
-(null where the installed transformers has no continuous batching).
+The batch is measured three ways. `batch_ratio`: against one left-padded `generate` call,
+which prefills every prompt padded to the longest and decodes the longest output for every
+request (what a plain HF user gets; HF does more work than the useful tokens counted).
+`batch_equal_work_ratio`: the same requests against HF's own continuous batching
+(`generate_batch`'s manager), each request with its own output length and no padding, so both
+sides compute the same tokens (null where the installed transformers has none).
+`batch_uniform_ratio`: requests that all have the same prompt and output lengths (the middle
+of both ranges), against one `generate` call: equal work on HF's plainest path, no padding.
 """
 
 from __future__ import annotations
@@ -145,23 +147,34 @@ def hf_continuous_batch(hf, prompts, out_lens) -> float:
     return took
 
 
-def bench_batch(llm, hf, pad: int, workload, repeats: int) -> dict[str, float | None]:
-    """Useful output tokens/s: ours, HF padded, HF continuous (None if not installed)."""
-    prompts, out_lens = workload
-    useful = sum(out_lens)
-    warm = (prompts[:4], [min(out_lens)] * len(prompts[:4]))
+def batch_runners(llm, hf, pad: int) -> dict:
+    """Per system, a function running (prompts, output lengths) that returns its seconds."""
     runs = {
         "ours": lambda p, n: elapsed(lambda: ours_batch(llm, p, n)),
         "hf_padded": lambda p, n: elapsed(lambda: hf_padded_batch(hf, pad, p, n)),
     }
     if hasattr(hf, "continuous_batching_context_manager"):
         runs["hf_continuous"] = lambda p, n: hf_continuous_batch(hf, p, n)
-    rates: dict[str, float | None] = {"hf_continuous": None}
+    return runs
+
+
+def bench_batch(runs: dict, workload, repeats: int) -> dict[str, float]:
+    """Useful output tokens/s of each system on the workload, the median after a warm-up."""
+    prompts, out_lens = workload
+    useful = sum(out_lens)
+    warm = (prompts[:4], [min(out_lens)] * len(prompts[:4]))
+    rates = {}
     for name, run in runs.items():
         if name != "hf_continuous":  # its manager warms itself up in every session
             run(*warm)
         rates[name] = median_of(lambda run=run: useful / run(prompts, out_lens), repeats)
     return rates
+
+
+def uniform_workload(rng: random.Random, args) -> tuple[list[list[int]], list[int]]:
+    """As many requests, each with the middle prompt length and the middle output length."""
+    prompt, output = sum(args.prompt_range) // 2, sum(args.output_range) // 2
+    return [random_ids(rng, prompt) for _ in range(args.requests)], [output] * args.requests
 
 
 SMOKE = {
@@ -206,9 +219,11 @@ def main() -> None:
 
     prefill = bench_prefill(llm, hf, random_ids(rng, args.prefill_tokens), args.repeats)
     decode = bench_decode(llm, hf, random_ids(rng, 32), args.decode_tokens, args.repeats)
-    pad = llm.tokenizer.pad_token_id or 2
-    batch = bench_batch(llm, hf, pad, batch_workload(rng, args), args.repeats)
-    continuous = batch["hf_continuous"]
+    runs = batch_runners(llm, hf, llm.tokenizer.pad_token_id or 2)
+    batch = bench_batch(runs, batch_workload(rng, args), args.repeats)
+    plain = {name: runs[name] for name in ("ours", "hf_padded")}
+    uniform = bench_batch(plain, uniform_workload(rng, args), args.repeats)
+    continuous = batch.get("hf_continuous")
     result = {
         "device": llm.config.device,
         "cpu": platform.processor() or platform.machine(),
@@ -230,6 +245,10 @@ def main() -> None:
         "batch_ratio": round(batch["ours"] / batch["hf_padded"], 3),
         "hf_continuous_batch_tok_s": continuous and round(continuous, 1),
         "batch_equal_work_ratio": continuous and round(batch["ours"] / continuous, 3),
+        "batch_uniform_lengths": [sum(args.prompt_range) // 2, sum(args.output_range) // 2],
+        "batch_uniform_tok_s": round(uniform["ours"], 1),
+        "hf_batch_uniform_tok_s": round(uniform["hf_padded"], 1),
+        "batch_uniform_ratio": round(uniform["ours"] / uniform["hf_padded"], 3),
     }
     print(json.dumps(result))
 
