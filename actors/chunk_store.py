@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from kvchunks.actors.modes import combination, recompute_of, split_combination
 from kvchunks.common import (
     CapacityError,
     ChunkFileError,
@@ -51,8 +50,8 @@ from kvchunks.store.redis_server import close as close_redis
 from kvchunks.store.redis_server import connect
 from kvchunks.store.registry import ChunkRegistry
 from kvchunks.store.tier_records import TierRecords
+from kvchunks.vocabulary import combination, farthest_tier, recompute_of, split_combination
 
-TIER_ORDER = ("gpu", "cpu", "disk")
 _DIGESTS: dict[str, str] = {}  # weights digest by file stamp: hashing 0.5 GB once is enough
 
 
@@ -194,13 +193,13 @@ class ChunkStore:
         for chunk in chunks:
             owners = self.owner_hashes(chunk)
             tiers = [self.tier_records.latest(h) or known[h].tier for h in owners]
-            chunk.tier = max(tiers, key=TIER_ORDER.index)
+            chunk.tier = farthest_tier(tiers)
             chunk.segments = []
         return chunks
 
     def _pool_state(self, chunk: ChunkInfo) -> ChunkInfo:
         tiers = [self.tier_of(h) for h in self.owner_hashes(chunk)]
-        chunk.tier = max(tiers, key=TIER_ORDER.index)  # a view: as far as its furthest source
+        chunk.tier = farthest_tier(tiers)  # a view: as far as its furthest source
         if chunk.tier != "gpu":
             chunk.segments = []
         elif chunk.layout == "view":  # read straight from the pool: a listing is not a use

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvchunks.actors.chunk_store import ChunkStore
-from kvchunks.actors.modes import DEFAULT_MODE, check_mode, check_recompute
 from kvchunks.common import (
     ChunkInUse,
     ConcurrentChange,
@@ -24,6 +23,7 @@ from kvchunks.engine import EngineConfig, SamplingParams
 from kvchunks.store.chunk import ChunkInfo, SourceSpan, check_tag
 from kvchunks.store.kv_file import read_kv_file, write_kv_file
 from kvchunks.store.registry import check_name
+from kvchunks.vocabulary import DEFAULT_MODE, check_mode, check_recompute
 
 # recompute None: realign's default fraction (modes.DEFAULT_RECOMPUTE).
 DEFAULT_SETTINGS = {

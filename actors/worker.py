@@ -20,7 +20,7 @@ from typing import Any
 import ray
 import torch
 
-from kvchunks.actors.chunk_store import TIER_ORDER, ChunkStore
+from kvchunks.actors.chunk_store import ChunkStore
 from kvchunks.actors.context_manager import ContextManager, GenerationResult
 from kvchunks.actors.kv_transfer import KVPayload
 from kvchunks.actors.registry_actor import RegistryClient
@@ -36,6 +36,7 @@ from kvchunks.common import HOME_ENV, InvalidInput
 from kvchunks.engine import EngineConfig, SamplingParams
 from kvchunks.store import redis_server
 from kvchunks.store.chunk import ChunkInfo
+from kvchunks.vocabulary import farthest_tier, nearest_tier
 
 # ContextManager methods a client runs here; the others live in the client (see client.py).
 CLIENT_SIDE = frozenset({"close", "with_context", "track_output", "generate"})
@@ -51,10 +52,6 @@ def _nowhere(chunk: ChunkInfo) -> None:
 
 def _keep(chunk: ChunkInfo, active: list[str]) -> bool:
     return False
-
-
-def _tier_rank(tier: str) -> int:
-    return TIER_ORDER.index(tier)
 
 
 def remote_methods() -> frozenset[str]:
@@ -112,10 +109,10 @@ class SharedChunkStore(ChunkStore):
             if chunk.tier != "gpu":
                 pool = self.pool_tiers()
                 tiers = [
-                    min(self.tier_of(h), pool.get(h, "disk"), key=_tier_rank)
+                    nearest_tier([self.tier_of(h), pool.get(h, "disk")])
                     for h in self.owner_hashes(chunk)
                 ]
-                chunk.tier = max(tiers, key=_tier_rank)
+                chunk.tier = farthest_tier(tiers)
         return chunks
 
 

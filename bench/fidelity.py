@@ -25,8 +25,8 @@ from pydoc_data.topics import topics
 import torch
 
 from kvchunks.actors.context_manager import ContextManager
-from kvchunks.actors.modes import DEFAULT_RECOMPUTE
 from kvchunks.engine import EngineConfig, SamplingParams
+from kvchunks.vocabulary import DEFAULT_RECOMPUTE
 
 # (sentence planted in a passage, question, word the answer must contain)
 FACTS = [

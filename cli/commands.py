@@ -17,11 +17,11 @@ import click
 from rich.console import RenderableType
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from kvchunks.actors.modes import MODES
 from kvchunks.cli import render
 from kvchunks.cli.state import State, pass_state
 from kvchunks.common import KVChunksError
-from kvchunks.store.chunk import ROLES, TIERS, ChunkInfo
+from kvchunks.store.chunk import ChunkInfo
+from kvchunks.vocabulary import MODES, ROLES, TIERS
 
 if TYPE_CHECKING:
     from kvchunks.actors.context_manager import ContextManager, GenerationResult

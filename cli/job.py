@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from kvchunks.actors.modes import DEFAULT_MODE, MODES
+from kvchunks.vocabulary import DEFAULT_MODE, MODES
 
 
 @click.command()
@@ -61,8 +61,8 @@ def main(
     max_tokens: int,
 ) -> None:
     """Load DOCS as chunks, answer each line of QUESTIONS with them active, write OUT."""
-    from kvchunks.actors.modes import check_recompute
     from kvchunks.common import KVChunksError
+    from kvchunks.vocabulary import check_recompute
 
     try:
         check_recompute(mode, recompute)  # before anything is loaded

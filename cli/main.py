@@ -15,13 +15,13 @@ from pathlib import Path
 
 import click
 
-from kvchunks.actors.modes import MODES
 from kvchunks.cli.commands import SUBCOMMANDS, sampling_options, usage_message
 from kvchunks.cli.demo import demo
 from kvchunks.cli.service import SERVICE_COMMANDS
 from kvchunks.cli.state import MODEL_ENV, State, pass_state
 from kvchunks.common import HOME_ENV, InvalidInput, KVChunksError
 from kvchunks.store.registry import check_name
+from kvchunks.vocabulary import MODES
 
 
 class Group(click.Group):

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
-from kvchunks.actors.modes import DEFAULT_RECOMPUTE
-from kvchunks.store.chunk import TIERS, ChunkInfo
+from kvchunks.store.chunk import ChunkInfo
+from kvchunks.vocabulary import DEFAULT_RECOMPUTE, TIERS
 
 if TYPE_CHECKING:
     from kvchunks.actors.context_manager import ContextView, GenerationResult

@@ -6,8 +6,8 @@ from __future__ import annotations
 from functools import cached_property
 
 from kvchunks.common import InvalidInput
+from kvchunks.vocabulary import ROLES
 
-ROLES = ("system", "user", "assistant", "raw")
 _ANCHOR = [{"role": "system", "content": "\x00"}]
 
 

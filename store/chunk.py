@@ -15,19 +15,9 @@ from typing import Any
 import msgpack
 
 from kvchunks.common import InvalidInput, KVSegment
+from kvchunks.vocabulary import KINDS, LAYOUTS, ROLES, TIERS
 
 RECORD_VERSION = 1
-
-ROLES = ("system", "user", "assistant", "raw")
-KINDS = ("input", "output", "composed", "split")
-TIERS = ("gpu", "cpu", "disk")
-# How the chunk's KV positions relate to other chunks:
-#   standalone: computed with an empty context at `position`; can be re-placed anywhere
-#               (realign mode) because nothing before it was attended.
-#   timeline:   computed after its `parent_chunks`, at `position` in that sequence; valid as
-#               stored only behind the same prefix (reuse mode), else realigned or recomputed.
-#   view:       a composed or split chunk; it owns no KV and reads its `sources`' segments.
-LAYOUTS = ("standalone", "timeline", "view")
 
 MAX_TOKEN_ID = 2**31 - 1  # token ids are hashed as int32
 _HEX64 = re.compile(r"[0-9a-f]{64}")

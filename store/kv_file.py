@@ -46,12 +46,13 @@ import torch
 
 from kvchunks.common import ChunkFileError, InvalidInput
 from kvchunks.store.chunk import ChunkInfo, is_hash, pack_record, unpack_record
+from kvchunks.vocabulary import DTYPES
 
 FORMAT = "kvchunks-kv"
 VERSION = "2"
 READABLE_VERSIONS = ("1", VERSION)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DTYPE_NAMES = {d: n for n, d in DTYPES.items()}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
+_DTYPE_NAMES = {d: n for n, d in TORCH_DTYPES.items()}
 _STORED = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # safetensors' names
 _ITEMSIZE = {"F32": 4, "BF16": 2, "F16": 2}
 COMPRESSIONS = ("none", "bf16")
@@ -164,11 +165,11 @@ def read_kv_file(
     if digest != header.sha256:
         raise ChunkFileError(f"chunk file {path} is corrupted: its KV fails the SHA-256 check")
     # The spans' dtype, shape and bounds are checked: the tensors are views of the buffer.
-    stored = torch.bfloat16 if header.compression == "bf16" else DTYPES[header.dtype]
+    stored = torch.bfloat16 if header.compression == "bf16" else TORCH_DTYPES[header.dtype]
     k, v = (
         torch.frombuffer(data, dtype=stored, count=(end - start) // stored.itemsize, offset=start)
         .view(header.shape)
-        .to(DTYPES[header.dtype])
+        .to(TORCH_DTYPES[header.dtype])
         for start, end in spans
     )
     return k, v, header.record, header

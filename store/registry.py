@@ -42,14 +42,8 @@ from kvchunks.common import (
     InvalidInput,
     RegistryUnavailable,
 )
-from kvchunks.store.chunk import (
-    TIERS,
-    ChunkInfo,
-    check_tag,
-    is_hash,
-    pack_record,
-    unpack_record,
-)
+from kvchunks.store.chunk import ChunkInfo, check_tag, is_hash, pack_record, unpack_record
+from kvchunks.vocabulary import TIERS
 
 MIN_PREFIX = 4
 # Fields a chunk may change after it is stored. The rest either define its hash (tokens,

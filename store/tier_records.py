@@ -15,8 +15,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from kvchunks.common import InvalidInput, KVChunksError
-from kvchunks.store.chunk import TIERS
 from kvchunks.store.registry import ChunkRegistry
+from kvchunks.vocabulary import TIERS
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,37 @@
-"""The three ways of combining stored KV (DESIGN.md section 4), and their settings.
+"""The product's vocabulary: the names of modes, roles, kinds, layouts, tiers and dtypes, and
+the checks of a user's choice among them.
 
-Plain Python without torch, so that the command line can name them without loading the
-engine.
+Plain Python that imports nothing heavy, so every layer (and the command line, before it
+loads anything) names these things from one place.
 """
 
 from __future__ import annotations
 
 from kvchunks.common import InvalidInput
+
+ROLES = ("system", "user", "assistant", "raw")
+KINDS = ("input", "output", "composed", "split")
+# How a chunk's KV positions relate to other chunks:
+#   standalone: computed with an empty context at `position`; can be re-placed anywhere
+#               (realign mode) because nothing before it was attended.
+#   timeline:   computed after its `parent_chunks`, at `position` in that sequence; valid as
+#               stored only behind the same prefix (reuse mode), else realigned or recomputed.
+#   view:       a composed or split chunk; it owns no KV and reads its `sources`' segments.
+LAYOUTS = ("standalone", "timeline", "view")
+TIERS = ("gpu", "cpu", "disk")  # nearest first: a view is as far as its furthest source
+DTYPES = ("float32", "bfloat16", "float16")  # of the KV pool and KV files
+
+
+def farthest_tier(tiers: list[str]) -> str:
+    """The tier furthest from the engine among `tiers` (what a view over them waits for)."""
+    return max(tiers, key=TIERS.index)
+
+
+def nearest_tier(tiers: list[str]) -> str:
+    return min(tiers, key=TIERS.index)
+
+
+# The three ways of combining stored KV (DESIGN.md section 4), and their settings.
 
 MODES = ("exact", "reuse", "realign")
 DEFAULT_MODE = "realign"
