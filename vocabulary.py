@@ -1,11 +1,13 @@
-"""The product's vocabulary: the names of modes, roles, kinds, layouts, tiers and dtypes, and
-the checks of a user's choice among them.
+"""The product's vocabulary: the names of modes, roles, kinds, layouts, tiers and dtypes, the
+checks of a user's choice among them, and the checks of the names and tags a user gives.
 
 Plain Python that imports nothing heavy, so every layer (and the command line, before it
 loads anything) names these things from one place.
 """
 
 from __future__ import annotations
+
+import re
 
 from kvchunks.common import InvalidInput
 
@@ -83,3 +85,27 @@ def split_combination(combine: str) -> tuple[str, float | None]:
     """(mode, recompute) back from a combination name ("" is one timeline: any mode)."""
     mode = combine.partition(":")[0] or "reuse"
     return mode, (recompute_of(combine) if mode == "realign" else None)
+
+
+# Names a user gives: contexts and namespaces, and tags. Both become parts of Redis keys.
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def check_name(name: object, what: str = "context") -> str:
+    """Context and namespace names: 1 to 64 letters, digits, '-', '_' or '.'."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidInput(f"invalid {what} name {name!r}: use 1 to 64 letters, digits, - _ .")
+    return name
+
+
+def check_tag(tag: object) -> str:
+    """A tag is 1..64 printable characters without whitespace (it becomes part of a Redis key)."""
+    if (
+        not isinstance(tag, str)
+        or not 1 <= len(tag) <= 64
+        or not tag.isprintable()
+        or any(c.isspace() for c in tag)
+    ):
+        raise InvalidInput(f"invalid tag {tag!r}: use 1 to 64 printable characters, no spaces")
+    return tag

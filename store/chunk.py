@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 
 from kvchunks.common import InvalidInput, KVSegment
-from kvchunks.vocabulary import KINDS, LAYOUTS, ROLES, TIERS
+from kvchunks.vocabulary import KINDS, LAYOUTS, ROLES, TIERS, check_tag
 
 RECORD_VERSION = 1
 
@@ -26,18 +26,6 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 def is_hash(value: object) -> bool:
     """Whether `value` is a full chunk hash: 64 lowercase hex digits."""
     return isinstance(value, str) and _HEX64.fullmatch(value) is not None
-
-
-def check_tag(tag: object) -> str:
-    """A tag is 1..64 printable characters without whitespace (it becomes part of a Redis key)."""
-    if (
-        not isinstance(tag, str)
-        or not 1 <= len(tag) <= 64
-        or not tag.isprintable()
-        or any(c.isspace() for c in tag)
-    ):
-        raise InvalidInput(f"invalid tag {tag!r}: use 1 to 64 printable characters, no spaces")
-    return tag
 
 
 @dataclass(frozen=True)

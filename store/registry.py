@@ -42,8 +42,8 @@ from kvchunks.common import (
     InvalidInput,
     RegistryUnavailable,
 )
-from kvchunks.store.chunk import ChunkInfo, check_tag, is_hash, pack_record, unpack_record
-from kvchunks.vocabulary import TIERS
+from kvchunks.store.chunk import ChunkInfo, is_hash, pack_record, unpack_record
+from kvchunks.vocabulary import TIERS, check_name, check_tag
 
 MIN_PREFIX = 4
 # Fields a chunk may change after it is stored. The rest either define its hash (tokens,
@@ -63,19 +63,11 @@ UPDATABLE = frozenset(
         "generation_params",
     ]
 )
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEX = re.compile(r"[0-9a-f]+")
 _BATCH = 512
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def check_name(name: object, what: str = "context") -> str:
-    """Context and namespace names: 1 to 64 letters, digits, '-', '_' or '.'."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise InvalidInput(f"invalid {what} name {name!r}: use 1 to 64 letters, digits, - _ .")
-    return name
 
 
 def _redis_errors(method: Callable[P, R]) -> Callable[P, R]:
