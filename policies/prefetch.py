@@ -12,9 +12,14 @@ from typing import Protocol
 
 from kvchunks.common import InvalidInput
 from kvchunks.store.chunk import ChunkInfo
-from kvchunks.store.registry import ChunkRegistry
 
 POLICY_ENV = "KVCHUNKS_PREFETCH_POLICY"
+
+
+class Provenance(Protocol):
+    """What a policy reads of the registry: the chunks computed after a chunk."""
+
+    def children(self, chunk_hash: str) -> list[str]: ...
 
 
 class PrefetchPolicy(Protocol):
@@ -33,7 +38,7 @@ class Explicit:
 class ProvenanceNeighbours:
     """The parents and children of an activated chunk: the conversation around it."""
 
-    def __init__(self, registry: ChunkRegistry, limit: int = 8):
+    def __init__(self, registry: Provenance, limit: int = 8):
         self.registry = registry
         self.limit = limit
 
@@ -61,7 +66,7 @@ class CoActivation:
         return picks[: self.limit]
 
 
-def make_policy(name: str | None, registry: ChunkRegistry) -> PrefetchPolicy:
+def make_policy(name: str | None, registry: Provenance) -> PrefetchPolicy:
     """The policy called `name`; None: the one KVCHUNKS_PREFETCH_POLICY names, else
     provenance neighbours."""
     policies = {
