@@ -17,6 +17,7 @@ import click
 
 from kvchunks.cli.commands import SUBCOMMANDS, sampling_options, usage_message
 from kvchunks.cli.demo import demo
+from kvchunks.cli.model import model
 from kvchunks.cli.service import SERVICE_COMMANDS
 from kvchunks.cli.state import MODEL_ENV, State, pass_state
 from kvchunks.common import HOME_ENV, InvalidInput, KVChunksError
@@ -123,6 +124,7 @@ for command in SUBCOMMANDS:
 for command in SERVICE_COMMANDS:  # serve, status, stop: the Ray actors
     cli.add_command(command)
 cli.add_command(demo)
+cli.add_command(model)
 
 
 @cli.command()
@@ -140,20 +142,6 @@ def chat(state: State, sampling: dict, **options) -> None:
 
     apply_options(state, **options)
     run(state, sampling)
-
-
-@cli.group()
-def model() -> None:
-    """Manage models."""
-
-
-@model.command("prepare")
-@click.option("--force", is_flag=True, help="Convert again even if the model is already there.")
-def model_prepare(force: bool) -> None:
-    """Convert the default model (SmolLM2-135M-Instruct) to safetensors in the data directory."""
-    from kvchunks.engine.checkpoint import prepare_default_model
-
-    click.echo(prepare_default_model(force=force))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

@@ -45,9 +45,9 @@ class State:
 
     def _open(self) -> ContextManager:
         from kvchunks.actors.context_manager import ContextManager
-        from kvchunks.engine.checkpoint import resolve_model
+        from kvchunks.cli.model import resolve
 
-        model = resolve_model(self.model)  # prepares the default model (with its own progress)
+        model = resolve(self.model)  # prepares the default model (with its own progress)
         self.model = str(model)
         with self.err.status(f"loading {model.name}", spinner="dots"):
             return ContextManager(model, context=self.context, home=self.home)

