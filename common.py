@@ -77,6 +77,22 @@ def slice_segments(
     return out
 
 
+def read_text_file(path: str | Path) -> str:
+    """A file's text, refusing what is missing, empty, binary or not UTF-8."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise InvalidInput(f"no such file: {file}")
+    data = file.read_bytes()
+    if not data.strip():
+        raise InvalidInput(f"{file} is empty")
+    if b"\x00" in data[:8192]:
+        raise InvalidInput(f"{file} looks binary; load text files only")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"{file} is not UTF-8 text (byte {e.start}); convert it first") from e
+
+
 class KVChunksError(Exception):
     """Base of every error kvchunks raises on purpose; its message is one line for a user."""
 

@@ -12,6 +12,7 @@ import shlex
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from prompt_toolkit import PromptSession
@@ -24,7 +25,9 @@ from kvchunks.cli import commands, render
 from kvchunks.cli.commands import activate_all, json_option, say, show
 from kvchunks.cli.state import State, pass_state
 from kvchunks.common import InvalidInput, KVChunksError
-from kvchunks.store.chunk import ChunkInfo
+
+if TYPE_CHECKING:
+    from kvchunks import ChunkInfo
 
 HISTORY_FILE = "chat_history"
 

@@ -19,12 +19,11 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from kvchunks.cli import render
 from kvchunks.cli.state import State, pass_state
-from kvchunks.common import KVChunksError
-from kvchunks.store.chunk import ChunkInfo
+from kvchunks.common import KVChunksError, read_text_file
 from kvchunks.vocabulary import MODES, ROLES, TIERS
 
 if TYPE_CHECKING:
-    from kvchunks.actors.context_manager import ContextManager, GenerationResult
+    from kvchunks import ChunkInfo, ContextManager, GenerationResult
 
 LARGE_FILE = 16 << 10  # bytes; loading a bigger file shows a progress bar
 DEFAULT_SAMPLING = {"temperature": 0.0, "max_tokens": 256, "top_p": 1.0, "top_k": 0, "seed": None}
@@ -116,8 +115,6 @@ def load(
     as_json: bool,
 ) -> None:
     """Load a UTF-8 text FILE as a chunk; its KV is computed now."""
-    from kvchunks.actors.context_manager import read_text_file
-
     read_text_file(file)  # a missing, empty or binary file is refused before the model loads
     cm = state.manager
     with _progress(state, file):
@@ -412,7 +409,7 @@ def generate(state: State, prompt: str, sampling: dict, as_json: bool) -> None:
 def run_generation(
     state: State, prompt: str, sampling: dict, on_text: Callable[[str], None] | None = None
 ) -> GenerationResult:
-    from kvchunks.engine import SamplingParams
+    from kvchunks import SamplingParams
 
     params = SamplingParams(**sampling)
     return state.manager.generate(

@@ -27,7 +27,7 @@ QUESTION = "What is the name of the night ferry, and who is its captain?"
 @pass_state
 def demo(state: State, max_tokens: int) -> None:
     """Load a document, activate it, ask about it, and show the chunks."""
-    from kvchunks.engine import SamplingParams
+    from kvchunks import SamplingParams
 
     path = state.data_dir / "demo" / "harbor-notes.txt"
     path.parent.mkdir(parents=True, exist_ok=True)

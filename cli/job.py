@@ -83,9 +83,9 @@ def run(
     max_tokens: int,
 ) -> int:
     """Answer the questions; `combine` is the mode and realign's recompute fraction."""
+    from kvchunks import SamplingParams
     from kvchunks.actors.client import connect
-    from kvchunks.actors.context_manager import read_text_file
-    from kvchunks.engine import SamplingParams
+    from kvchunks.common import read_text_file
 
     client = connect(address, context)
     files = sorted(p for p in docs.iterdir() if p.is_file() and not p.name.startswith("."))

@@ -21,8 +21,7 @@ from kvchunks.cli.model import model
 from kvchunks.cli.service import SERVICE_COMMANDS
 from kvchunks.cli.state import MODEL_ENV, State, pass_state
 from kvchunks.common import HOME_ENV, InvalidInput, KVChunksError
-from kvchunks.store.registry import check_name
-from kvchunks.vocabulary import MODES
+from kvchunks.vocabulary import MODES, check_name
 
 
 class Group(click.Group):

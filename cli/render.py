@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
-from kvchunks.store.chunk import ChunkInfo
 from kvchunks.vocabulary import DEFAULT_RECOMPUTE, TIERS
 
 if TYPE_CHECKING:
-    from kvchunks.actors.context_manager import ContextView, GenerationResult
+    from kvchunks import ChunkInfo, GenerationResult
+    from kvchunks.service.context_manager import ContextView  # not exported by kvchunks yet
 
 SHORT = 12  # hash characters shown; any unique prefix of 4 or more works as a reference
 

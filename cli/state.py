@@ -16,7 +16,7 @@ from rich.console import Console
 from kvchunks.common import data_dir
 
 if TYPE_CHECKING:
-    from kvchunks.actors.context_manager import ContextManager
+    from kvchunks import ContextManager
 
 MODEL_ENV = "KVCHUNKS_MODEL"
 
@@ -44,7 +44,7 @@ class State:
         return self._manager
 
     def _open(self) -> ContextManager:
-        from kvchunks.actors.context_manager import ContextManager
+        from kvchunks import ContextManager
         from kvchunks.cli.model import resolve
 
         model = resolve(self.model)  # prepares the default model (with its own progress)
