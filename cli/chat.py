@@ -22,7 +22,8 @@ from prompt_toolkit.history import FileHistory
 from rich.table import Table
 
 from kvchunks.cli import commands, render
-from kvchunks.cli.commands import activate_all, json_option, say, show
+from kvchunks.cli.commands import activate_all
+from kvchunks.cli.shared import json_option, say, show, usage_message
 from kvchunks.cli.state import State, pass_state
 from kvchunks.common import InvalidInput, KVChunksError
 
@@ -237,7 +238,7 @@ class Chat:
         except KVChunksError as e:
             self.error(str(e))
         except click.UsageError as e:
-            self.error(commands.usage_message(e))
+            self.error(usage_message(e))
         except click.ClickException as e:
             self.error(e.format_message())
         except (KeyboardInterrupt, click.Abort):

@@ -8,16 +8,15 @@ pool and the context as they were.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import RenderableType
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from kvchunks.cli import render
+from kvchunks.cli.shared import hash_argument, json_option, sampling_options, say, show
 from kvchunks.cli.state import State, pass_state
 from kvchunks.common import KVChunksError, read_text_file
 from kvchunks.vocabulary import MODES, ROLES, TIERS
@@ -26,61 +25,6 @@ if TYPE_CHECKING:
     from kvchunks import ChunkInfo, ContextManager, GenerationResult
 
 LARGE_FILE = 16 << 10  # bytes; loading a bigger file shows a progress bar
-DEFAULT_SAMPLING = {"temperature": 0.0, "max_tokens": 256, "top_p": 1.0, "top_k": 0, "seed": None}
-
-json_option = click.option(
-    "--json", "as_json", is_flag=True, help="Print one JSON document instead of text."
-)
-hash_argument = click.argument("ref", metavar="HASH")
-
-
-def say(state: State, line: str) -> None:
-    """One plain line of output (no markup: chunk text and paths may contain brackets)."""
-    state.out.print(line, markup=False, highlight=False, soft_wrap=True)
-
-
-def usage_message(e: click.UsageError) -> str:
-    hint = f" (see {e.ctx.command_path} --help)" if e.ctx else ""
-    return e.format_message() + hint
-
-
-def show(state: State, as_json: bool, document: Any, table: RenderableType) -> None:
-    if as_json:
-        click.echo(render.dumps(document))
-    else:
-        state.out.print(table)
-
-
-def sampling_options(f: Callable) -> Callable:
-    """--max-tokens, --temperature, --top-p, --top-k and --seed, as one dict `sampling`."""
-    options = [
-        click.option(
-            "--max-tokens", type=click.IntRange(min=1), help="Most tokens to generate [256]."
-        ),
-        click.option(
-            "--temperature", type=click.FloatRange(min=0), help="0 picks the likeliest token [0]."
-        ),
-        click.option(
-            "--top-p",
-            type=click.FloatRange(0, 1, min_open=True),
-            help="Sample from the likeliest tokens that make up this probability [1].",
-        ),
-        click.option(
-            "--top-k", type=click.IntRange(min=0), help="Sample from the K likeliest; 0: all [0]."
-        ),
-        click.option("--seed", type=int, help="Seed of the sampler, for repeatable answers."),
-    ]
-
-    @functools.wraps(f)
-    def wrapper(**kwargs):
-        given = {k: kwargs.pop(k) for k in DEFAULT_SAMPLING}
-        sampling = DEFAULT_SAMPLING | {k: v for k, v in given.items() if v is not None}
-        return f(sampling=sampling, **kwargs)
-
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper
-
 
 # -- chunks -----------------------------------------------------------------------------------
 
@@ -122,11 +66,11 @@ def load(
     chunks = made if isinstance(made, list) else [made]
     if activate:
         chunks = activate_all(cm, [c.hash for c in chunks])
-    if as_json:
-        click.echo(render.dumps([render.chunk_to_json(c) for c in chunks]))
-        return
-    for c in chunks:
-        say(state, f"loaded {render.describe(c)}{', active' if c.is_active else ''} from {file}")
+    lines = [
+        f"loaded {render.describe(c)}{', active' if c.is_active else ''} from {file}"
+        for c in chunks
+    ]
+    show(state, as_json, [render.chunk_to_json(c) for c in chunks], lines)
 
 
 @contextlib.contextmanager
@@ -225,10 +169,8 @@ def _window_line(state: State, cm: ContextManager) -> None:
 def compose(state: State, refs: tuple[str, ...], tags: tuple[str, ...], as_json: bool) -> None:
     """Make one chunk that reads these chunks' KV in order (a view: nothing is copied)."""
     view = state.manager.compose_chunks(list(refs), tags=list(tags))
-    if as_json:
-        click.echo(render.dumps(render.chunk_to_json(view)))
-    else:
-        say(state, f"composed {render.describe(view)} from {len(refs)} chunks")
+    line = f"composed {render.describe(view)} from {len(refs)} chunks"
+    show(state, as_json, render.chunk_to_json(view), line)
 
 
 @click.command()
@@ -239,10 +181,8 @@ def compose(state: State, refs: tuple[str, ...], tags: tuple[str, ...], as_json:
 def split(state: State, ref: str, at: int, as_json: bool) -> None:
     """Make two chunks of one, cut before token AT (views: nothing is copied)."""
     head, tail = state.manager.split_chunk(ref, at)
-    if as_json:
-        click.echo(render.dumps([render.chunk_to_json(head), render.chunk_to_json(tail)]))
-    else:
-        say(state, f"split into {render.describe(head)} and {render.describe(tail)}")
+    line = f"split into {render.describe(head)} and {render.describe(tail)}"
+    show(state, as_json, [render.chunk_to_json(head), render.chunk_to_json(tail)], line)
 
 
 @click.command()
@@ -329,10 +269,8 @@ def import_(state: State, file: Path, as_json: bool) -> None:
     """Add the chunk in FILE (written by export, same model); relative paths are also looked
     up in <data dir>/exports."""
     chunk = state.manager.import_chunk(file)
-    if as_json:
-        click.echo(render.dumps(render.chunk_to_json(chunk)))
-    else:
-        say(state, f"restored {render.describe(chunk)} from {file}")
+    line = f"restored {render.describe(chunk)} from {file}"
+    show(state, as_json, render.chunk_to_json(chunk), line)
 
 
 # -- context ----------------------------------------------------------------------------------

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import click
 
-from kvchunks.cli.commands import SUBCOMMANDS, sampling_options, usage_message
+from kvchunks.cli.commands import SUBCOMMANDS
 from kvchunks.cli.demo import demo
 from kvchunks.cli.model import model
 from kvchunks.cli.service import SERVICE_COMMANDS
+from kvchunks.cli.shared import sampling_options, usage_message
 from kvchunks.cli.state import MODEL_ENV, State, pass_state
 from kvchunks.common import HOME_ENV, InvalidInput, KVChunksError
 from kvchunks.vocabulary import MODES, check_name

@@ -1,0 +1,77 @@
+"""What the commands (and the chat's own) share: the common options and arguments, and how a
+result is printed: one JSON document with --json, else plain lines or a table."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import click
+from rich.console import RenderableType
+
+from kvchunks.cli import render
+from kvchunks.cli.state import State
+
+DEFAULT_SAMPLING = {"temperature": 0.0, "max_tokens": 256, "top_p": 1.0, "top_k": 0, "seed": None}
+
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document instead of text."
+)
+hash_argument = click.argument("ref", metavar="HASH")
+
+
+def say(state: State, line: str) -> None:
+    """One plain line of output (no markup: chunk text and paths may contain brackets)."""
+    state.out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def show(
+    state: State, as_json: bool, document: Any, text: str | list[str] | RenderableType
+) -> None:
+    """`document` as JSON with --json; else `text`: a plain line, plain lines, or a table."""
+    if as_json:
+        click.echo(render.dumps(document))
+    elif isinstance(text, str):
+        say(state, text)
+    elif isinstance(text, list):
+        for line in text:
+            say(state, line)
+    else:
+        state.out.print(text)
+
+
+def usage_message(e: click.UsageError) -> str:
+    hint = f" (see {e.ctx.command_path} --help)" if e.ctx else ""
+    return e.format_message() + hint
+
+
+def sampling_options(f: Callable) -> Callable:
+    """--max-tokens, --temperature, --top-p, --top-k and --seed, as one dict `sampling`."""
+    options = [
+        click.option(
+            "--max-tokens", type=click.IntRange(min=1), help="Most tokens to generate [256]."
+        ),
+        click.option(
+            "--temperature", type=click.FloatRange(min=0), help="0 picks the likeliest token [0]."
+        ),
+        click.option(
+            "--top-p",
+            type=click.FloatRange(0, 1, min_open=True),
+            help="Sample from the likeliest tokens that make up this probability [1].",
+        ),
+        click.option(
+            "--top-k", type=click.IntRange(min=0), help="Sample from the K likeliest; 0: all [0]."
+        ),
+        click.option("--seed", type=int, help="Seed of the sampler, for repeatable answers."),
+    ]
+
+    @functools.wraps(f)
+    def wrapper(**kwargs):
+        given = {k: kwargs.pop(k) for k in DEFAULT_SAMPLING}
+        sampling = DEFAULT_SAMPLING | {k: v for k, v in given.items() if v is not None}
+        return f(sampling=sampling, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
