@@ -20,12 +20,16 @@ from kvchunks.common import (
 )
 
 _LAZY = {
-    "ContextManager": "kvchunks.actors.context_manager",
-    "GenerationResult": "kvchunks.actors.context_manager",
+    "ContextManager": "kvchunks.service.context_manager",
+    "GenerationResult": "kvchunks.service.generation",
+    "ContextView": "kvchunks.service.context_settings",
     "ChunkInfo": "kvchunks.store.chunk",
     "SamplingParams": "kvchunks.engine.sampling_params",
     "connect": "kvchunks.actors.client",
     "Client": "kvchunks.actors.client",
+    # The default model's set-up, for the command line (`kvchunks model prepare`).
+    "resolve_model": "kvchunks.engine.checkpoint",
+    "prepare_default_model": "kvchunks.engine.checkpoint",
 }
 
 __all__ = [

@@ -23,18 +23,21 @@ from pathlib import Path
 import ray
 
 from kvchunks.actors import service as svc
-from kvchunks.actors.context_manager import (
-    ContextManager,
-    GenerationResult,
-    OutputTracker,
-    OutputTracking,
+from kvchunks.actors.remote import (
+    CONTEXT_METHODS,
+    ServiceUnavailable,
+    WorkerDied,
+    get,
+    ray_errors,
+    worker_name,
 )
-from kvchunks.actors.remote import ServiceUnavailable, WorkerDied, get, ray_errors, worker_name
 from kvchunks.actors.router import Router
-from kvchunks.actors.worker import remote_methods
 from kvchunks.common import InvalidInput
 from kvchunks.engine import SamplingParams
-from kvchunks.store.registry import check_name
+from kvchunks.service.context_manager import ContextManager
+from kvchunks.service.generation import GenerationResult
+from kvchunks.service.output_tracking import OutputTracker, OutputTracking
+from kvchunks.vocabulary import check_name
 
 __all__ = ["Client", "ServiceUnavailable", "WorkerDied", "connect"]
 
@@ -183,5 +186,5 @@ def _forwarded(name: str, member: object) -> object:
 
 
 # One method per ContextManager method, so new ones (tiers, ...) reach the Client by themselves.
-for _name in sorted(remote_methods()):
+for _name in sorted(CONTEXT_METHODS):
     setattr(Client, _name, _forwarded(_name, getattr(ContextManager, _name)))

@@ -1,7 +1,9 @@
 """DiskStore: chunks' KV files on the disk of the node it runs on.
 
-Files are the store's safetensors format (`store/kv_file.py`), checked on every read:
-nothing read from disk is ever unpickled, and a file that fails its checks is not used.
+Files are the store's safetensors format (`store/kv_file.py`), written by the workers when
+chunks are made and checked on every read: nothing read from disk is ever unpickled, and a
+file that fails its checks is not used. It serves workers on other nodes. A plain class,
+wrapped by `ray.remote` at the end.
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ import ray
 
 from kvchunks.actors.kv_transfer import KVPayload
 from kvchunks.common import ChunkFileError, data_dir
-from kvchunks.store.kv_file import kv_path, read_kv_file, write_kv_file
+from kvchunks.store.kv_file import kv_path, read_kv_file
 
 
-@ray.remote
 class DiskStore:
     def __init__(self, home: str | None):
         self.home = Path(home) if home else data_dir()
@@ -38,15 +39,9 @@ class DiskStore:
             return None
         return KVPayload.from_tensors(k, v)
 
-    def put(self, chunk_hash: str, payload: KVPayload, record: dict, fingerprint: str) -> bool:
-        """Write the chunk's file unless it is there already (files are content-addressed)."""
-        path = kv_path(self.home, chunk_hash)
-        if path.exists():
-            return False
-        k, v = payload.tensors()
-        write_kv_file(path, k, v, record, fingerprint)
-        return True
-
     def usage(self) -> dict:
         files = list((self.home / "kv").glob("*/*.safetensors"))
         return {"chunks": len(files), "bytes": sum(f.stat().st_size for f in files)}
+
+
+DiskStoreActor = ray.remote(DiskStore)

@@ -67,6 +67,7 @@ class RegistryActor:
         home: str | None,
         redis_url: str | None,
         workers: list[str],
+        host_store: ray.actor.ActorHandle | None = None,
         namespace: str = "kvchunks",
     ):
         home_dir = Path(home) if home else None
@@ -79,6 +80,7 @@ class RegistryActor:
         self.pools: dict[str, dict] = {}  # worker -> its last reported pool figures
         self.owners: dict[str, list[str]] = {}  # chunk -> chunks owning its KV (cache)
         self.handles: dict[str, ray.actor.ActorHandle] = {}  # worker -> its actor
+        self.host_store = host_store
 
     def ready(self) -> bool:
         return True
@@ -116,8 +118,11 @@ class RegistryActor:
         return deleted
 
     def _forget_everywhere(self, chunk_hash: str) -> None:
-        """A chunk was deleted through one worker: the others drop their copies too."""
+        """A chunk was deleted through one worker: the others, and the HostStore, drop their
+        copies too."""
         self.owners.pop(chunk_hash, None)
+        if self.host_store is not None:
+            self.host_store.drop.remote(chunk_hash)  # not awaited
         for worker in self.holders(chunk_hash):
             self.held[worker].pop(chunk_hash, None)
             self.tiers.get(worker, {}).pop(chunk_hash, None)
@@ -196,7 +201,9 @@ class RegistryActor:
 class RegistryClient(ChunkRegistry):
     """A ChunkRegistry that reads from Redis directly and sends every write to the actor."""
 
-    def __init__(self, client: redis.Redis, namespace: str, actor: ray.actor.ActorHandle):
+    def __init__(
+        self, client: redis.Redis, actor: ray.actor.ActorHandle, namespace: str = "kvchunks"
+    ):
         super().__init__(client, namespace)
         self._actor = actor
 

@@ -20,6 +20,39 @@ TIER_MANAGER = "tier-manager"
 HOST_STORE = "host-store"
 DISK_STORE = "disk-store"
 
+# ContextManager's methods that a Client runs on a worker through InferenceWorker.call. The
+# others run in the client (close, with_context, track_output) or have their own actor
+# method (generate streams). Written out so that a client need not import the engine to
+# know them; tests/test_ray_api.py checks the list against ContextManager.
+CONTEXT_METHODS = frozenset(
+    {
+        "activate_chunk",
+        "add_chunk",
+        "archive_to_disk",
+        "clear",
+        "compose_chunks",
+        "configure",
+        "context",
+        "deactivate_chunk",
+        "delete_chunk",
+        "export_chunk",
+        "get_chunk",
+        "import_chunk",
+        "list_chunks",
+        "load_file",
+        "move_to_cpu",
+        "move_to_gpu",
+        "populate",
+        "prefetch",
+        "provenance",
+        "settings",
+        "split_chunk",
+        "stats",
+        "tag_chunk",
+        "untag_chunk",
+    }
+)
+
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 

@@ -103,11 +103,11 @@ def start(
     one the registry actor runs the embedded server on its node.
     """
     # The actor classes import torch and the engine: only the command that starts them pays.
-    from kvchunks.actors.disk_store import DiskStore
-    from kvchunks.actors.host_store import HostStore
+    from kvchunks.actors.disk_store import DiskStoreActor
+    from kvchunks.actors.host_store import HostStoreActor
     from kvchunks.actors.registry_actor import RegistryActor
-    from kvchunks.actors.tier_manager import TierManager
-    from kvchunks.actors.worker import InferenceWorker
+    from kvchunks.actors.tier_manager import TierManagerActor
+    from kvchunks.actors.worker import InferenceWorkerActor
 
     if is_running():
         raise InvalidInput("a kvchunks service already runs on this Ray cluster; stop it first")
@@ -117,35 +117,38 @@ def start(
     common = {"namespace": NAMESPACE, "lifetime": "detached" if detached else None}
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     single = {**common, "num_cpus": 0, "scheduling_strategy": here, "max_restarts": -1}
-    started: list[ActorHandle] = []
+    registry, started = None, []  # started: the actors other than the registry
     try:
-        registry = RegistryActor.options(name=REGISTRY, **single).remote(home_dir, redis_url, names)
-        started.append(registry)
-        url = get(registry.redis_url.remote(), "starting the registry")
-        host = HostStore.options(name=HOST_STORE, **single).remote()
-        disk = DiskStore.options(name=DISK_STORE, **single).remote(home_dir)
+        host = HostStoreActor.options(name=HOST_STORE, **single).remote()
+        disk = DiskStoreActor.options(name=DISK_STORE, **single).remote(home_dir)
         started += [host, disk]
         get([host.ready.remote(), disk.ready.remote()], "starting the tier stores")
-        tiers = TierManager.options(name=TIER_MANAGER, max_concurrency=16, **single).remote()
+        registry = RegistryActor.options(name=REGISTRY, **single).remote(
+            home_dir, redis_url, names, host
+        )
+        url = get(registry.redis_url.remote(), "starting the registry")
+        tiers = TierManagerActor.options(name=TIER_MANAGER, max_concurrency=16, **single).remote(
+            registry, host, disk
+        )
         started.append(tiers)
         get(tiers.ready.remote(), "starting the tier manager")
         resources = {"num_gpus": 1} if gpus else {"num_cpus": cpus_per_worker}
         handles = {
-            name: InferenceWorker.options(
+            name: InferenceWorkerActor.options(
                 name=name,
                 max_restarts=-1,
                 max_task_retries=3,  # calls wait out a restart (generate does not: see there)
                 max_concurrency=8,
                 **resources,
                 **common,
-            ).remote(name, model_dir, home_dir, url, engine_options)
+            ).remote(name, registry, tiers, host, model_dir, home_dir, url, engine_options)
             for name in names
         }
         started += handles.values()
         _wait([w.ready.remote() for w in handles.values()], timeout)
         get(tiers.connect_workers.remote(names), "starting the tier manager")
     except BaseException:
-        _shut_down(started[0] if started else None, started[1:])
+        _shut_down(registry, started)
         raise
     return Service(registry, tiers, host, disk, handles)
 

@@ -1,126 +1,57 @@
 """InferenceWorker: one engine and its paged KV pool behind a Ray actor.
 
-It is a ContextManager per context name over one ChunkStore, nothing more: every API call
-runs the plain in-process code. What it adds is the shared pool: a chunk whose KV is not in
-this worker's pool is shipped from a peer (or host memory) through the object store before
-the file or a recompute is tried, and every change of what the pool holds is reported to
-the registry actor, so requests can be routed to the worker that holds their chunks.
+A plain class, wrapped by `ray.remote` at the end of this file. It is a ContextManager per
+context name over one ChunkStore, nothing more: every API call runs the plain in-process
+code. What it adds is the shared pool, through collaborators handed to the store: KV that is
+not in this worker's pool is shipped from a peer or the node's HostStore before the file or
+a recompute is tried (SharedTiers.load); KV leaving the pool goes to the HostStore, so it
+outlives this worker (SharedTiers.spill); an activation's prefetch may be handed to the
+worker the router picks (`_hand_over`); and every change of what the pool holds is reported
+to the registry actor, so requests can be routed to the worker that holds their chunks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
+import contextvars
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import ray
 import torch
 
-from kvchunks.actors.chunk_store import ChunkStore
-from kvchunks.actors.context_manager import ContextManager, GenerationResult
 from kvchunks.actors.kv_transfer import KVPayload
 from kvchunks.actors.registry_actor import RegistryClient
-from kvchunks.actors.remote import (
-    NAMESPACE,
-    REGISTRY,
-    TIER_MANAGER,
-    ServiceUnavailable,
-    get,
-)
+from kvchunks.actors.remote import CONTEXT_METHODS, NAMESPACE, ServiceUnavailable, get
 from kvchunks.actors.router import Router
-from kvchunks.common import HOME_ENV, InvalidInput
+from kvchunks.actors.shared_tiers import SharedTiers
+from kvchunks.common import HOME_ENV, InvalidInput, data_dir
 from kvchunks.engine import EngineConfig, SamplingParams
+from kvchunks.service.chunk_store import ChunkStore
+from kvchunks.service.context_manager import ContextManager
+from kvchunks.service.generation import GenerationResult
+from kvchunks.service.model_host import ModelHost
+from kvchunks.service.pieces import owner_hashes
 from kvchunks.store import redis_server
 from kvchunks.store.chunk import ChunkInfo
-from kvchunks.vocabulary import farthest_tier, nearest_tier
 
-# ContextManager methods a client runs here; the others live in the client (see client.py).
-CLIENT_SIDE = frozenset({"close", "with_context", "track_output", "generate"})
-
-
-Fetch = Callable[[ChunkInfo], "tuple[torch.Tensor, torch.Tensor] | None"]
-HandOver = Callable[[ChunkInfo, list[str]], bool]
+# The context whose routed call is running (None: a caller pinned to this worker). The store
+# reads it when an activation's prefetch decides where to run (see `call`).
+ROUTED_CONTEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "routed_context", default=None
+)
 
 
-def _nowhere(chunk: ChunkInfo) -> None:
-    return None
-
-
-def _keep(chunk: ChunkInfo, active: list[str]) -> bool:
-    return False
-
-
-def remote_methods() -> frozenset[str]:
-    public = {name for name in dir(ContextManager) if not name.startswith("_")}
-    return frozenset(public - CLIENT_SIDE)
-
-
-class SharedChunkStore(ChunkStore):
-    """A ChunkStore in a pool shared by several workers.
-
-    KV that is in neither this pool nor this process's host memory is first fetched with
-    `fetch_remote` (shipped from a peer, counted in stats["shipped"]), and only then read
-    from its file or recomputed. An activation's prefetch may be handed to the peer that the
-    context's requests are routed to (`hand_over`). A worker starts with an empty pool: the
-    tiers recorded in the shared registry say where a chunk was in some worker, not in this
-    one.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fetch_remote: Fetch = _nowhere
-        self.hand_over: HandOver = _keep
-        self.pool_tiers: Callable[[], dict[str, str]] = dict  # hash -> best tier in the pool
-        self.recompute_only = False  # for benchmarks: the cost the shared pool saves
-
-    def fetch_kv(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
-        # ChunkStore's step between host memory and recompute: a peer's copy comes first.
-        if self.recompute_only:
-            return None
-        kv = self.fetch_remote(chunk)
-        if kv is not None:
-            self.stats["shipped"] += 1
-            return kv
-        return super().fetch_kv(chunk)
-
-    def restore_tiers(self) -> None:
-        return None  # see the class docstring
-
-    def on_activate(self, chunk: ChunkInfo, active: list[str]) -> None:
-        """Prefetch for the activation on the worker that the context's next request will be
-        routed to: here, or handed over to that peer. Clients activate through the worker
-        they last used, so the routing lookup is off the activation's path."""
-        if self.engine_started and not self._closed:
-            self._transfers.submit(self._prefetch_where_routed, chunk, active, self.hand_over)
-
-    def _prefetch_where_routed(
-        self, chunk: ChunkInfo, active: list[str], hand_over: HandOver
-    ) -> None:
-        if not hand_over(chunk, active):
-            self._after_activation(chunk, active)
-
-    def describe_many(self, chunks: list[ChunkInfo]) -> list[ChunkInfo]:
-        """As ChunkStore.describe_many, with the tier each chunk has anywhere in the pool."""
-        for chunk in super().describe_many(chunks):
-            if chunk.tier != "gpu":
-                pool = self.pool_tiers()
-                tiers = [
-                    nearest_tier([self.tier_of(h), pool.get(h, "disk")])
-                    for h in self.owner_hashes(chunk)
-                ]
-                chunk.tier = farthest_tier(tiers)
-        return chunks
-
-
-@ray.remote
 class InferenceWorker:
     def __init__(
         self,
         name: str,
+        registry: ray.actor.ActorHandle,
+        tier_manager: ray.actor.ActorHandle,
+        host_store: ray.actor.ActorHandle,
         model: str | None,
         home: str | None,
         redis_url: str,
@@ -130,35 +61,38 @@ class InferenceWorker:
             os.environ[HOME_ENV] = home
         self.name = name
         self.node_id = ray.get_runtime_context().get_node_id()
-        registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
-        self.registry, self.tiers = registry, ray.get_actor(TIER_MANAGER, namespace=NAMESPACE)
-        config = EngineConfig(**(engine_options or {}))
-        self.store = store = SharedChunkStore(
-            model, home=home, redis_url=redis_url, engine_config=config
-        )
-        namespace = store.registry.namespace
-        store.registry = RegistryClient(redis_server.connect_url(redis_url), namespace, registry)
-        store.fetch_remote = self._fetch
+        self.registry, self.tier_manager, self.host_store = registry, tier_manager, host_store
         self.router = Router(registry)
+        engine = ModelHost(model, data_dir(), EngineConfig(**(engine_options or {})))
+        self.spec = {
+            "fingerprint": engine.fingerprint,
+            "dtype": engine.engine_config.dtype,
+            "shape": engine.kv_shape(None),
+        }
+        self.token_bytes = engine.kv_bytes(1)
+        self.shared = SharedTiers(tier_manager, name, self.node_id, self.spec)
+        # A worker starts with an empty pool: the tiers recorded in the shared registry say
+        # where a chunk was in some worker, not in this one, so nothing is restored.
+        self.store = ChunkStore(
+            engine,
+            home=home,
+            registry=RegistryClient(redis_server.connect_url(redis_url), registry),
+            peers=self.shared,
+            spill=self.shared.spill,
+            hand_over=self._hand_over,
+            pool_tiers=self._pool_tiers,
+            restore=False,
+        )
         self.peers: dict[str, ray.actor.ActorHandle] = {}
         self.redirects: dict[str, str] = {}  # context -> where its last prefetch was handed
-        store.llm  # noqa: B018  (loads the model now: a worker is ready when it can serve)
+        engine.llm  # noqa: B018  (loads the model now: a worker is ready when it can serve)
         self.managers: dict[str, ContextManager] = {}
-        self.methods = remote_methods()
         self.lock = threading.Lock()  # one API call at a time (background prefetches aside)
-        c, dtype = store.model_config, store.engine_config
-        self.spec = {
-            "fingerprint": store.fingerprint,
-            "dtype": dtype.dtype,
-            "shape": (c.num_layers, None, c.num_kv_heads, c.head_dim),
-        }
-        self.token_bytes = c.kv_bytes(1, dtype.torch_dtype)
         self.deleted: set[str] = set()  # chunks deleted through other workers, to drop here
         self.deleted_lock = threading.Lock()
         self.reported: dict[str, str] | None = None
         self.report_lock = threading.Lock()  # calls and background prefetches both report
         self.tiers_seen: dict[str, str] | None = None
-        store.pool_tiers = self._pool_tiers
         self._report()  # a restarted worker's pool is empty: forget what its last life held
 
     def ready(self) -> dict:
@@ -181,7 +115,7 @@ class InferenceWorker:
         first: the prefetch an activation starts goes to the worker the router picks, and
         that worker is named in the reply to the next call. A caller pinned to this worker
         passes routed=False: its activations prefetch here."""
-        if method not in self.methods:
+        if method not in CONTEXT_METHODS:
             raise InvalidInput(f"ContextManager has no remote method {method!r}")
         with self._serving(context if routed else None):
             manager = self._manager(context)
@@ -245,9 +179,7 @@ class InferenceWorker:
         after it. With `routed_context`, the call's activations prefetch where the router
         sends that context (see `call`); else here."""
         with self.lock:
-            self.store.hand_over = (
-                functools.partial(self._hand_over, routed_context) if routed_context else _keep
-            )
+            routing = ROUTED_CONTEXT.set(routed_context)
             self.tiers_seen = None
             with self.deleted_lock:
                 deleted, self.deleted = self.deleted, set()
@@ -255,6 +187,7 @@ class InferenceWorker:
             try:
                 yield
             finally:
+                ROUTED_CONTEXT.reset(routing)
                 self._report()
 
     def forget(self, hashes: list[str]) -> None:
@@ -264,9 +197,8 @@ class InferenceWorker:
             self.deleted.update(hashes)
 
     def _drop(self, hashes: list[str]) -> None:
-        with self.store.lock:
-            for chunk_hash in hashes:
-                self.store.drop(chunk_hash)
+        for chunk_hash in hashes:
+            self.store.tiers.forget(chunk_hash)
 
     def _manager(self, context: str) -> ContextManager:
         if context not in self.managers:
@@ -282,33 +214,23 @@ class InferenceWorker:
         reads the blocks, then checks that the chunk still owns them (eviction takes a
         chunk out of the pool before it frees its blocks).
         """
-        store = self.store
-        segments = store.kv.get(chunk_hash)
+        tiers = self.store.tiers
+        segments = tiers.kv.get(chunk_hash)
         if segments is not None:
-            k, v = store.read_kv(segments)
-            if store.kv.get(chunk_hash) is segments:
+            k, v = self.store.model.llm.read_kv(segments)
+            if tiers.kv.get(chunk_hash) is segments:
                 return KVPayload.from_tensors(k, v)
-        host = store.host.kv.get(chunk_hash)
+        host = tiers.host.kv.get(chunk_hash)
         return KVPayload.from_tensors(*host) if host is not None else None
 
-    def _fetch(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
-        try:
-            ref = get(self.tiers.fetch.remote(chunk.hash, self.name, self.node_id, self.spec))
-            payload = get(ref, "KV transfer") if ref is not None else None
-        except ServiceUnavailable:  # the peer died meanwhile: the file or a recompute will do
-            return None
-        layers, _, heads, dim = self.spec["shape"]
-        expected = (layers, chunk.token_count, heads, dim)
-        if payload is None or payload.shape != expected or payload.dtype != self.spec["dtype"]:
-            return None
-        return payload.tensors()
-
-    def _hand_over(self, context: str, chunk: ChunkInfo, active: list[str]) -> bool:
+    def _hand_over(self, chunk: ChunkInfo, active: list[str]) -> bool:
         """Have the worker that the router picks for the context's chunks prefetch for the
-        activation, if that is another one (True: handed over, not awaited)."""
-        needed = [*active, *self.store.owner_hashes(chunk)]
-        if all(h in self.store.kv for h in needed):  # all here: no worker holds more
-            return False
+        activation, if that is another one (True: handed over, not awaited). Only for a
+        routed call (see `call`)."""
+        context = ROUTED_CONTEXT.get()
+        needed = [*active, *owner_hashes(chunk)]
+        if context is None or all(h in self.store.tiers.kv for h in needed):
+            return False  # pinned here, or all here: no worker holds more
         try:
             best = self.router.pick_for(needed)
             if best == self.name:
@@ -325,8 +247,8 @@ class InferenceWorker:
     def prefetch_for_activation(self, chunk: ChunkInfo, active: list[str]) -> None:
         """Prefetch for an activation made through another worker (see _hand_over), and
         report the pool when it is done: no call of this worker's may come to report it."""
-        self.store.prefetch_for_activation(chunk, active)
-        self.store.after_transfers(self._report)
+        self.store.prefetcher.prefetch_for_activation(chunk, active)
+        self.store.prefetcher.after_transfers(self._report)
 
     def _report(self) -> None:
         """Tell the registry what this pool and host memory hold, when that changed."""
@@ -335,7 +257,7 @@ class InferenceWorker:
                 self._drop(deleted)
 
     def _report_once(self) -> list[str]:
-        store = self.store
+        store = self.store.tiers
         with store.lock:  # background transfers change the pool meanwhile
             tiers = dict.fromkeys(store.kv, "gpu") | dict.fromkeys(store.host.kv, "cpu")
             if tiers == self.reported:
@@ -350,35 +272,39 @@ class InferenceWorker:
         return deleted
 
     def _pool_tiers(self) -> dict[str, str]:
-        """The pool's tiers, read once per call (describe asks for every chunk it shows)."""
+        """The shared pool's tiers (the workers' pools and host memory, then the HostStore),
+        read once per call (describe asks for every chunk it shows)."""
         if self.tiers_seen is None:
-            self.tiers_seen = get(self.registry.pool_tiers.remote(), "registry pool tiers")
+            held = get(self.registry.pool_tiers.remote(), "registry pool tiers")
+            in_host = get(self.host_store.hashes.remote(), "the host store")
+            self.tiers_seen = dict.fromkeys(in_host, "cpu") | held
         return self.tiers_seen
 
     def _pool(self) -> dict:
-        blocks = self.store.llm.block_manager
-        return {"blocks_free": blocks.num_free, "blocks_total": blocks.num_blocks}
+        usage = self.store.model.llm.pool_usage()
+        return {"blocks_free": usage["free"], "blocks_total": usage["blocks"]}
 
     # -- operations -----------------------------------------------------------------------
 
     def info(self) -> dict:
-        return {**self.spec, "token_bytes": self.token_bytes, "block_size": self.store.block_size}
+        block_size = self.store.model.block_size
+        return {**self.spec, "token_bytes": self.token_bytes, "block_size": block_size}
 
     def status(self) -> dict:
-        store = self.store
+        store, tiers = self.store, self.store.tiers
         return {
             "name": self.name,
             "node": self.node_id,
-            "device": str(store.engine_config.device),
+            "device": str(store.model.engine_config.device),
             "threads": torch.get_num_threads(),
             **self._pool(),
-            "block_size": store.block_size,
-            "chunks": len(store.kv),
-            "kv_bytes": sum(sum(s.length for s in v) for v in store.kv.values()) * self.token_bytes,
-            "host_chunks": len(store.host.kv),
-            "host_bytes": store.host.used_bytes,
+            "block_size": store.model.block_size,
+            "chunks": len(tiers.kv),
+            "kv_bytes": sum(sum(s.length for s in v) for v in tiers.kv.values()) * self.token_bytes,
+            "host_chunks": len(tiers.host.kv),
+            "host_bytes": tiers.host.used_bytes,
             "contexts": sorted(self.managers),
-            "stats": dict(store.stats),
+            "stats": dict(store.stats + self.shared.stats),
             "busy": self.lock.locked(),
         }
 
@@ -391,11 +317,11 @@ class InferenceWorker:
     def evict(self, hashes: list[str] | None = None) -> int:
         """Leave chunks only in their files here (all with None): out of pool and host memory."""
         with self._serving():
-            store = self.store
-            chosen = [*store.kv, *store.host.kv] if hashes is None else hashes
+            tiers = self.store.tiers
+            chosen = [*tiers.kv, *tiers.host.kv] if hashes is None else hashes
             for chunk_hash in chosen:
-                store.archive_to_disk(store.registry.get(chunk_hash))
+                self.store.archive_to_disk(self.store.registry.get(chunk_hash))
             return len(chosen)
 
-    def set_recompute_only(self, on: bool) -> None:
-        self.store.recompute_only = on
+
+InferenceWorkerActor = ray.remote(InferenceWorker)

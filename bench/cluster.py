@@ -10,6 +10,8 @@
    files of A's chunks are not touched). Measured at the client, from the first load (B
    computing) or the first activation (shipped) to the first token streamed back; the
    median of --ttft-repeats runs of each.
+3. The same with A's chunks moved out of its pool into the node's HostStore (what an
+   eviction does): B loads them from host memory (`host_load_vs_recompute`).
 
 Prints one JSON object last.
 """
@@ -163,6 +165,14 @@ def main() -> None:
         ship, shipped = ttft_on_b(
             b, on_b, "ship", lambda run, client: hashes, keep, args.ttft_repeats
         )
+        for h in hashes:  # out of A's pool, into the node's HostStore
+            on_a.move_to_cpu(h)
+        moves = ray.get(running.tiers.transfers.remote())
+        host, from_host = ttft_on_b(
+            b, on_b, "host", lambda run, client: hashes, keep, args.ttft_repeats
+        )
+        host_loads = ray.get(running.tiers.transfers.remote()).get("from_host", 0)
+        host_loads -= moves.get("from_host", 0)
         threads = ray.get(a.status.remote())["threads"]
     finally:
         service.stop()
@@ -184,6 +194,11 @@ def main() -> None:
         "shipped_while_computing_per_run": computed["shipped"],
         "shipped_per_run": shipped["shipped"],
         "recomputed_while_shipping_per_run": shipped["recomputes"],
+        "ttft_host_s": round(host, 3),
+        "host_load_vs_recompute": round(recompute / host, 2),
+        "host_load_vs_recompute_goal": 10,
+        "host_loads_per_run": host_loads / args.ttft_repeats,
+        "recomputed_while_loading_from_host_per_run": from_host["recomputes"],
     }
     print(json.dumps(result))
 

@@ -24,8 +24,8 @@ from pydoc_data.topics import topics
 
 import torch
 
-from kvchunks.actors.context_manager import ContextManager
 from kvchunks.engine import EngineConfig, SamplingParams
+from kvchunks.service.context_manager import ContextManager
 from kvchunks.vocabulary import DEFAULT_RECOMPUTE
 
 # (sentence planted in a passage, question, word the answer must contain)
@@ -178,27 +178,29 @@ def candidate_cases(tokenizer, rng: random.Random, low: int, high: int) -> list[
 
 def hf_answer(hf, cm: ContextManager, passage: str, question: str, max_tokens: int) -> str:
     """HF transformers' greedy answer with only the fact's passage as context."""
-    ids = cm.store.chat.frame("system", passage) + cm.store.chat.prompt(question)
+    ids = cm.store.model.chat.frame("system", passage) + cm.store.model.chat.prompt(question)
     with torch.inference_mode():
         out = hf.generate(
             torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, pad_token_id=2
         )
-    return cm.store.decode(out[0, len(ids) :].tolist())
+    return cm.store.model.decode(out[0, len(ids) :].tolist())
 
 
 def teacher_forced(cm: ContextManager, question: str, answer: list[int], mode, recompute):
     """Log-probabilities along `answer` after the question, over the active chunks."""
     store = cm.store
     active = store.registry.get_many(store.registry.active(cm.context_name))
-    prompt = store.chat.prompt(question)
-    ctx = store.context_of(active, mode, recompute)
+    prompt = store.model.chat.prompt(question)
+    ctx = store.composer.context_of(active, mode, recompute)
     try:
         with store.lock:
-            store.make_room(store.llm.block_manager.blocks_needed(0, len(prompt + answer)))
-            result = store.llm.prefill(prompt + answer, ctx.segments, ctx.position, True)
-        store.free([result.segment])
+            store.tiers.make_room(
+                store.model.llm.block_manager.blocks_needed(0, len(prompt + answer))
+            )
+            result = store.model.llm.prefill(prompt + answer, ctx.segments, ctx.position, True)
+        store.tiers.free([result.segment])
     finally:
-        store.release(ctx)
+        store.composer.release(ctx)
     return torch.log_softmax(result.logits[len(prompt) - 1 : -1], dim=-1)
 
 
@@ -240,7 +242,7 @@ def fixed_case(cm: ContextManager, docs: list[str], question: str, decode_tokens
     cm.clear()
     chunks = [cm.add_chunk(text) for text in docs]
     tokens = [t for c in chunks for t in c.token_ids]
-    whole = cm.store.compute(tokens, [], "reuse", role="raw", kind="input")
+    whole = cm.store.maker.compute(tokens, [], "reuse", role="raw", kind="input")
     out: dict[str, list[float]] = {}
     for run in range(3):
         asked = f"{question} (run {run})"
@@ -284,8 +286,8 @@ def main() -> None:
 
     config = EngineConfig(kv_cache_bytes=1 << 30)
     cm = ContextManager(home=tempfile.mkdtemp(), engine_config=config)
-    tok = cm.store.tokenizer
-    hf = AutoModelForCausalLM.from_pretrained(cm.store.llm.path, dtype=torch.float32).eval()
+    tok = cm.store.model.tokenizer
+    hf = AutoModelForCausalLM.from_pretrained(cm.store.model.llm.path, dtype=torch.float32).eval()
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     fractions = [float(f) for f in args.fractions.split(",")]
     if DEFAULT_RECOMPUTE not in fractions:

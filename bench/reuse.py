@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from kvchunks.actors.chunk_store import ChunkStore
-from kvchunks.actors.context_manager import ContextManager
 from kvchunks.engine import EngineConfig, SamplingParams
+from kvchunks.service.chunk_store import ChunkStore
+from kvchunks.service.context_manager import ContextManager
 from kvchunks.store.redis_server import FSYNC_ENV
 
 WORDS = [
@@ -104,7 +104,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     cm = ContextManager(home=tempfile.mkdtemp(), engine_config=EngineConfig(kv_cache_bytes=1 << 30))
-    llm, rng = cm.store.llm, random.Random(0)
+    llm, rng = cm.store.model.llm, random.Random(0)
     device = llm.config.device  # HF runs where the engine does
     hf = AutoModelForCausalLM.from_pretrained(llm.path, dtype=torch.float32).eval().to(device)
     docs = [cm.add_chunk(document(rng, llm.tokenizer, args.doc_tokens)) for _ in range(args.docs)]
@@ -116,7 +116,7 @@ def main() -> None:
     ours, theirs, default = [], [], []
     for _ in range(args.repeats):
         q = question(rng, llm.tokenizer, args.question_tokens)
-        ids = torch.tensor([context_ids + cm.store.chat.prompt(q)], device=device)
+        ids = torch.tensor([context_ids + cm.store.model.chat.prompt(q)], device=device)
         start = time.perf_counter()
         with torch.inference_mode():
             hf(ids, logits_to_keep=1).logits.argmax(-1)

@@ -39,7 +39,6 @@ import torch
 
 from kvchunks.actors import service
 from kvchunks.actors.client import Client, connect
-from kvchunks.actors.context_manager import ContextManager
 from kvchunks.actors.remote import NAMESPACE
 from kvchunks.common import (
     CapacityError,
@@ -50,6 +49,7 @@ from kvchunks.common import (
 )
 from kvchunks.engine import EngineConfig, SamplingParams
 from kvchunks.engine.checkpoint import resolve_model
+from kvchunks.service.context_manager import ContextManager
 from kvchunks.store.kv_file import read_kv_file
 
 # What a client may be told under load without anything being wrong.

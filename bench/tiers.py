@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from kvchunks.actors.context_manager import ContextManager
 from kvchunks.bench.reuse import document, question
 from kvchunks.engine import EngineConfig, SamplingParams
+from kvchunks.service.context_manager import ContextManager
 from kvchunks.store.kv_file import kv_path, write_kv_file
 
 
@@ -82,7 +82,7 @@ def raw_write(path: Path, data: bytes) -> None:
 
 def bandwidths(cm: ContextManager, chunk, file_repeats: int, move_repeats: int) -> dict:
     store = cm.store
-    k, v = store.read_kv(store.segments(chunk))
+    k, v = store.model.llm.read_kv(store.composer.segments(chunk))
     nbytes = k.nbytes + v.nbytes
     gb = nbytes / 1e9
     raw_bytes = k.cpu().numpy().tobytes() + v.cpu().numpy().tobytes()
@@ -125,7 +125,7 @@ def bandwidths(cm: ContextManager, chunk, file_repeats: int, move_repeats: int) 
             best(lambda: (k.clone(), v.clone()), move_repeats),
         ),
         "cpu_to_disk": best_of_pairs(
-            lambda: write_kv_file(paths[0], k, v, record, store.fingerprint),
+            lambda: write_kv_file(paths[0], k, v, record, store.model.fingerprint),
             lambda: raw_write(paths[1], raw_bytes),
             paths,
             file_repeats,
@@ -167,7 +167,7 @@ def placements(cm: ContextManager, chunks: list) -> dict:
 
 def ttft_by_tier(cm: ContextManager, chunks: list, rng, args) -> dict[str, float]:
     """Median time to first token of a new question with the chunks active in each tier."""
-    llm, one = cm.store.llm, SamplingParams(temperature=0, max_tokens=1)
+    llm, one = cm.store.model.llm, SamplingParams(temperature=0, max_tokens=1)
     out = {}
     for row, (tier, place) in placements(cm, chunks).items():
         times = []
@@ -182,9 +182,9 @@ def ttft_by_tier(cm: ContextManager, chunks: list, rng, args) -> dict[str, float
 
 def hf_ttft(hf, cm: ContextManager, context_ids: list[int], rng, args) -> float:
     """HF prefilling the same context and a question of the same length: the median."""
-    llm, times = cm.store.llm, []
+    llm, times = cm.store.model.llm, []
     for _ in range(args.repeats):
-        ask = cm.store.chat.prompt(question(rng, llm.tokenizer, args.question_tokens))
+        ask = cm.store.model.chat.prompt(question(rng, llm.tokenizer, args.question_tokens))
         ids = torch.tensor([context_ids + ask], device=llm.config.device)
         start = time.perf_counter()
         with torch.inference_mode():
@@ -220,7 +220,7 @@ def main() -> None:
 
     cm = ContextManager(home=tempfile.mkdtemp(), engine_config=EngineConfig(kv_cache_bytes=1 << 30))
     cm.configure(auto_activate=False)
-    llm, rng = cm.store.llm, random.Random(1)
+    llm, rng = cm.store.model.llm, random.Random(1)
     per_chunk = args.context_tokens // args.chunks - 6  # the system framing adds ~6 tokens
     chunks = [cm.add_chunk(document(rng, llm.tokenizer, per_chunk)) for _ in range(args.chunks)]
     for c in chunks:

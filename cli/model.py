@@ -21,7 +21,7 @@ from kvchunks.common import InvalidInput
 def resolve(model: str | None) -> Path:
     """The checkpoint folder to load: the given one, else the default model, prepared here."""
     if model is not None:
-        from kvchunks.engine.checkpoint import resolve_model  # to become `from kvchunks import`
+        from kvchunks import resolve_model
 
         return resolve_model(model)
     return prepare()
@@ -29,7 +29,7 @@ def resolve(model: str | None) -> Path:
 
 def prepare(force: bool = False) -> Path:
     """The default model's folder, converted first if it is not there yet (or `force`)."""
-    from kvchunks.engine.checkpoint import prepare_default_model  # to become `from kvchunks`
+    from kvchunks import prepare_default_model
 
     bar = StepBar()
     try:

@@ -12,8 +12,7 @@ from rich.text import Text
 from kvchunks.vocabulary import DEFAULT_RECOMPUTE, TIERS
 
 if TYPE_CHECKING:
-    from kvchunks import ChunkInfo, GenerationResult
-    from kvchunks.service.context_manager import ContextView  # not exported by kvchunks yet
+    from kvchunks import ChunkInfo, ContextView, GenerationResult
 
 SHORT = 12  # hash characters shown; any unique prefix of 4 or more works as a reference
 

@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from kvchunks.common import CapacityError, ContextWindowExceeded, InvalidInput, KVSegment
+from kvchunks.common import (
+    CapacityError,
+    ContextWindowExceeded,
+    InvalidInput,
+    KVSegment,
+    slice_segments,
+)
 from kvchunks.engine.block_manager import BlockManager
 from kvchunks.engine.checkpoint import resolve_model
 from kvchunks.engine.config import EngineConfig, ModelConfig
@@ -237,11 +243,34 @@ class LLM:
             keys.numel() - own.numel() + chosen,
         )
 
+    # -- KV handles: what callers above the engine hold, without block arithmetic ---------
+
+    def blocks_for(self, num_tokens: int, after: KVSegment | None = None) -> int:
+        """New pool blocks that `num_tokens` tokens take: starting afresh, or (after) directly
+        following a segment in the open tail of its last block."""
+        return self.block_manager.blocks_to_follow(after, num_tokens)
+
+    def slice(self, segments: Seq[KVSegment], start: int, length: int) -> list[KVSegment]:
+        """Tokens [start, start + length) of the segments' concatenation (no copy, no
+        references taken: valid while the segments are held)."""
+        return slice_segments(list(segments), start, length, self.config.block_size)
+
+    def share(self, segments: Seq[KVSegment], start: int, length: int) -> list[KVSegment]:
+        """`slice`, with references taken: the caller owns the result and `release`s it."""
+        part = self.slice(segments, start, length)
+        for segment in part:
+            self.retain(segment)
+        return part
+
     def retain(self, segment: KVSegment) -> None:
         self.block_manager.retain(segment.blocks)
 
     def release(self, segment: KVSegment) -> None:
         self.block_manager.release(segment.blocks)
+
+    def pool_usage(self) -> dict[str, int]:
+        bm = self.block_manager
+        return {"blocks": bm.num_blocks, "free": bm.num_free, "block_size": bm.block_size}
 
     def read_kv(
         self, segments: Seq[KVSegment], buffer: Callable[[int], torch.Tensor] | None = None

@@ -18,6 +18,10 @@ from kvchunks.common import InvalidInput, KVSegment
 from kvchunks.vocabulary import KINDS, LAYOUTS, ROLES, TIERS, check_tag
 
 RECORD_VERSION = 1
+# Fields that say where a chunk's KV is in one process (`segments`, filled in by the service's
+# views) or whether one context has it active (`is_active`, filled in by the registry when
+# a chunk is read for a context): never part of a record.
+RUNTIME = ("segments", "is_active")
 
 MAX_TOKEN_ID = 2**31 - 1  # token ids are hashed as int32
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -111,11 +115,12 @@ class ChunkInfo:
         return len(self.token_ids)
 
     def to_record(self) -> dict[str, Any]:
-        """The chunk as a dict of msgpack types; `from_record` gives an equal ChunkInfo back."""
-        record: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
-        record["segments"] = [
-            [list(s.blocks), s.start, s.length, s.position, s.shift] for s in self.segments
-        ]
+        """What is kept of the chunk, as a dict of msgpack types: every field but the state
+        of one process or context (RUNTIME). `from_record` gives the chunk back, with the
+        runtime fields at their defaults."""
+        record: dict[str, Any] = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in RUNTIME
+        }
         record["sources"] = [[s.hash, s.offset, s.length] for s in self.sources]
         record["token_count"] = self.token_count
         record["version"] = RECORD_VERSION
@@ -131,11 +136,11 @@ class ChunkInfo:
             raise InvalidInput("a chunk record must be a map")
         if record.get("version") != RECORD_VERSION:
             raise InvalidInput(f"unsupported chunk record version {record.get('version')!r}")
-        missing = [f.name for f in fields(cls) if f.name not in record]
+        kept = [f.name for f in fields(cls) if f.name not in RUNTIME]
+        missing = [name for name in kept if name not in record]
         if missing:
             raise InvalidInput(f"chunk record is missing {', '.join(missing)}")
-        values = {f.name: record[f.name] for f in fields(cls)}
-        values["segments"] = [_segment(s) for s in _as_list(values["segments"], "segments")]
+        values = {name: record[name] for name in kept}
         values["sources"] = [_source(s) for s in _as_list(values["sources"], "sources")]
         chunk = cls(**values)
         if record.get("token_count") != chunk.token_count:
@@ -200,18 +205,6 @@ def _list_of(value: object, kind: type) -> bool:
 def _as_list(value: object, name: str) -> list:
     _check(isinstance(value, list), name, "a list")
     return value  # type: ignore[return-value]
-
-
-def _segment(item: object) -> KVSegment:
-    ok = (
-        isinstance(item, list)
-        and len(item) == 5
-        and _is_count_list(item[0])
-        and all(_is_count(v) for v in item[1:4])
-        and type(item[4]) is int
-    )
-    _check(ok, "segments", "[blocks, start, length, position, shift] entries")
-    return KVSegment(tuple(item[0]), item[1], item[2], item[3], item[4])  # type: ignore[index]
 
 
 def _source(item: object) -> SourceSpan:

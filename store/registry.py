@@ -438,9 +438,7 @@ class ChunkRegistry:
 
     @staticmethod
     def _pack(chunk: ChunkInfo) -> bytes:
-        record = chunk.to_record()
-        record["is_active"] = False  # per context, never stored with the chunk
-        return pack_record(record)
+        return pack_record(chunk.to_record())
 
     def _load(self, pipe: redis.client.Pipeline, chunk_hash: str) -> ChunkInfo:
         data = pipe.get(self._chunk_key(chunk_hash))

@@ -90,8 +90,8 @@ def home(tmp_path) -> Path:
 @pytest.fixture
 def make_cm(llm, home):
     """ContextManagers on the session engine, each over a store in `home` (or another dir)."""
-    from kvchunks.actors.chunk_store import ChunkStore
-    from kvchunks.actors.context_manager import ContextManager
+    from kvchunks.service.chunk_store import ChunkStore
+    from kvchunks.service.context_manager import ContextManager
 
     stores = []
 
@@ -109,7 +109,7 @@ def make_cm(llm, home):
 @pytest.fixture
 def make_store(llm, home):
     """ChunkStores on the session engine with given tier budgets."""
-    from kvchunks.actors.chunk_store import ChunkStore
+    from kvchunks.service.chunk_store import ChunkStore
 
     stores = []
 

@@ -137,7 +137,7 @@ def test_bad_inputs_give_one_line_exit_1_and_change_nothing(state, tmp_path):
     cm = state.manager
     small = as_json(state, "list", "--tag", "vault")[0]
     inactive = next(c for c in as_json(state, "list") if not c["is_active"])
-    copies = -(-cm.store.window // small["token_count"]) + 1
+    copies = -(-cm.store.model.window // small["token_count"]) + 1
     big = as_json(state, "compose", *[small["hash"]] * copies)  # a view past the window
     twin = small["hash"][:4] + ("0" if small["hash"][4] != "0" else "1") * 60
     cm.registry.put(ChunkInfo(hash=twin, content_hash=content_hash([1]), token_ids=[1]))
@@ -146,7 +146,7 @@ def test_bad_inputs_give_one_line_exit_1_and_change_nothing(state, tmp_path):
     corrupt = tmp_path / "corrupt.kvc"
     corrupt.write_bytes(b"\x00" * 64)
     bad_files = chunk_files_gone_bad(state, small["hash"], tmp_path)
-    texts = text_files_gone_bad(tmp_path, cm.store.window)
+    texts = text_files_gone_bad(tmp_path, cm.store.model.window)
     before = snapshot(state)
     cases = {
         ("info", "ffff0000"): "no chunk has hash or prefix",
@@ -206,10 +206,10 @@ def chunk_files_gone_bad(state: State, chunk_hash: str, at: Path) -> dict[Path, 
         k.bfloat16(),
         v.bfloat16(),
         record,
-        store.fingerprint,
+        store.model.fingerprint,
     )
     narrow = k[..., :32].contiguous(), v[..., :32].contiguous()
-    write_kv_file(bad("shape.kvc", "shape"), *narrow, record, store.fingerprint)
+    write_kv_file(bad("shape.kvc", "shape"), *narrow, record, store.model.fingerprint)
     header, body = raw_header(good)
     header["__metadata__"]["sha256"] = "0" * 64  # well-formed, but not the data's
     write_raw(bad("forged.kvc", "fails the SHA-256 check"), header, body)

@@ -130,7 +130,7 @@ def test_restart_keeps_chunks_tags_provenance_and_answers(make_cm, home):
 def test_damaged_or_missing_kv_file_is_recomputed_bitwise(make_cm, home, damage):
     cm = make_cm()
     doc = cm.add_chunk(DOC)
-    k, v = cm.store.read_kv(doc.segments)
+    k, v = cm.store.model.llm.read_kv(doc.segments)
     cm.store.close()
     path = kv_path(home, doc.hash)
     data = bytearray(path.read_bytes())
@@ -144,9 +144,9 @@ def test_damaged_or_missing_kv_file_is_recomputed_bitwise(make_cm, home, damage)
     again.populate(doc.hash[:8])
     assert again.store.stats["bad_files"] == (damage != "delete")
     assert again.store.stats["recomputes"] == 1
-    k2, v2 = again.store.read_kv(again.get_chunk(doc.hash).segments)
+    k2, v2 = again.store.model.llm.read_kv(again.get_chunk(doc.hash).segments)
     assert bits(k2) == bits(k) and bits(v2) == bits(v)
-    assert again.store.load_kv(again.get_chunk(doc.hash)) is not None  # a sound file again
+    assert again.store.loader.load(again.get_chunk(doc.hash)) is not None  # a sound file again
 
 
 def test_export_import_between_data_directories(make_cm, tmp_path):
@@ -162,8 +162,8 @@ def test_export_import_between_data_directories(make_cm, tmp_path):
     other = make_cm(at=tmp_path / "other")
     imported = other.import_chunk(target)
     assert imported.hash == doc.hash and imported.tags == ["facts"]
-    k1, v1 = cm.store.read_kv(doc.segments)
-    k2, v2 = other.store.read_kv(imported.segments)
+    k1, v1 = cm.store.model.llm.read_kv(doc.segments)
+    k2, v2 = other.store.model.llm.read_kv(imported.segments)
     assert torch.equal(k1, k2) and torch.equal(v1, v2)
 
 
@@ -184,7 +184,7 @@ def test_import_refuses_corrupted_and_foreign_files(make_cm, tmp_path, model_pat
     with pytest.raises(ChunkFileError):
         other.import_chunk(foreign)
     wrong_dtype = tmp_path / "bf16.kvc"
-    write_kv_file(wrong_dtype, k.bfloat16(), v.bfloat16(), record, cm.store.fingerprint)
+    write_kv_file(wrong_dtype, k.bfloat16(), v.bfloat16(), record, cm.store.model.fingerprint)
     with pytest.raises(ChunkFileError):
         other.import_chunk(wrong_dtype)
     assert snapshot(other) == before
@@ -246,7 +246,7 @@ def test_activation_past_the_window_is_refused(make_cm):
     cm = make_cm()
     page = cm.add_chunk("lorem ipsum dolor sit amet " * 200)
     # Views cost no compute, so a window-sized context is cheap to build.
-    repeats = cm.store.window // page.token_count
+    repeats = cm.store.model.window // page.token_count
     book = cm.compose_chunks([page.hash] * repeats)
     cm.activate_chunk(book.hash)
     before = snapshot(cm)
@@ -258,9 +258,9 @@ def test_activation_past_the_window_is_refused(make_cm):
 def test_concurrent_activations_never_pass_the_window(make_cm):
     cm, other = make_cm("race"), make_cm("race")  # two clients of one context
     page = cm.add_chunk("lorem ipsum dolor sit amet " * 200)
-    over_half = cm.store.window // (2 * page.token_count) + 1
+    over_half = cm.store.model.window // (2 * page.token_count) + 1
     books = [cm.compose_chunks([page.hash] * n) for n in (over_half, over_half + 1)]
-    assert all(b.token_count <= cm.store.window for b in books)
+    assert all(b.token_count <= cm.store.model.window for b in books)
     # Both read the empty active list before either writes: the race activation must settle.
     barrier, results = threading.Barrier(2), {}
     for manager in (cm, other):
@@ -283,7 +283,7 @@ def test_concurrent_activations_never_pass_the_window(make_cm):
         t.join()
     outcomes = sorted(type(r).__name__ for r in results.values())
     assert outcomes == ["ContextWindowExceeded", "str"]
-    assert cm.context().token_count <= cm.store.window
+    assert cm.context().token_count <= cm.store.model.window
 
 
 def _stalled_once(read, barrier: threading.Barrier):

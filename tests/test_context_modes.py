@@ -8,9 +8,9 @@ import pytest
 import torch
 from reference import hf_greedy, hf_logits
 
-from kvchunks.actors.chunk_store import leading_tokens
 from kvchunks.common import InvalidInput
 from kvchunks.engine import SamplingParams
+from kvchunks.service.compose import leading_tokens
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 DOC_A = "The secret code of the vault is 4817. The vault is hidden under the old mill in Zurich."
@@ -21,11 +21,11 @@ def prompt_logits(cm, question: str, mode: str, recompute=None) -> tuple[list[in
     """Logits of the question's tokens attending to cm's active chunks in `mode`."""
     store = cm.store
     active = store.registry.get_many(store.registry.active(cm.context_name))
-    tokens = store.chat.prompt(question)
-    ctx = store.context_of(active, mode, recompute)
-    result = store.llm.prefill(tokens, ctx.segments, ctx.position, all_logits=True)
-    store.free([result.segment])
-    store.release(ctx)
+    tokens = store.model.chat.prompt(question)
+    ctx = store.composer.context_of(active, mode, recompute)
+    result = store.model.llm.prefill(tokens, ctx.segments, ctx.position, all_logits=True)
+    store.tiers.free([result.segment])
+    store.composer.release(ctx)
     return tokens, result.logits
 
 
@@ -212,7 +212,7 @@ def test_realign_recomputing_everything_equals_exact_and_reference(make_cm, hf_m
 def test_realign_without_recompute_is_plain_replacement_bitwise(make_cm, llm):
     cm, a, b = two_documents(make_cm)
     q, logits = prompt_logits(cm, "What is the code of the vault?", "realign", recompute=0)
-    sa, sb = cm.store.segments(a), cm.store.segments(b)
+    sa, sb = cm.store.composer.segments(a), cm.store.composer.segments(b)
     shifted = [*sa, *(dataclasses.replace(s, shift=a.token_count) for s in sb)]
     plain = llm.prefill(q, shifted, a.token_count + b.token_count, all_logits=True)
     llm.release(plain.segment)
@@ -266,18 +266,18 @@ def test_derived_kv_goes_with_its_sources_and_under_pressure(make_cm):
     cm, a, b = two_documents(make_cm)
     store = cm.store
     cm.generate("Who has three cats?", GREEDY)
-    assert len(store.compositions) == 1
+    assert len(store.tiers.compositions) == 1
     assert [c.hash for c in cm.list_chunks()].count(a.hash) == 1
     assert len(cm.list_chunks()) == 4  # two documents, a prompt and an answer: nothing derived
     cm.deactivate_chunk(b.hash)
     with store.lock:  # pressure: room for the whole pool but the active document
-        store.make_room(store.llm.block_manager.num_blocks - 1)
-    assert not store.compositions and store.stats["compositions_dropped"] == 1
+        store.tiers.make_room(store.model.llm.block_manager.num_blocks - 1)
+    assert not store.tiers.compositions and store.stats["compositions_dropped"] == 1
     cm.activate_chunk(b.hash)
     again = cm.generate("Who has three cats?", GREEDY)
-    assert again.tokens_recomputed > 0 and len(store.compositions) == 1  # made again
+    assert again.tokens_recomputed > 0 and len(store.tiers.compositions) == 1  # made again
     cm.delete_chunk(b.hash)
-    assert not store.compositions
+    assert not store.tiers.compositions
 
 
 def test_bad_recompute_settings_are_refused_and_change_nothing(make_cm):
@@ -296,7 +296,7 @@ def test_bad_recompute_settings_are_refused_and_change_nothing(make_cm):
         with pytest.raises(InvalidInput, match="recompute"):
             refuse()
     assert (cm.settings, [c.hash for c in cm.list_chunks()]) == before
-    assert not cm.store.compositions
+    assert not cm.store.tiers.compositions
     cm.configure(recompute=0.3)
     cm.configure(mode="exact")  # a new mode without a fraction clears it
     assert cm.settings["recompute"] is None

@@ -8,9 +8,9 @@ import torch
 from reference import hf_logits
 from test_engine_reference import random_tokens
 
-from kvchunks.actors.chunk_store import ChunkStore
-from kvchunks.actors.context_manager import ContextManager
 from kvchunks.engine import LLM, EngineConfig, SamplingParams
+from kvchunks.service.chunk_store import ChunkStore
+from kvchunks.service.context_manager import ContextManager
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -58,12 +58,12 @@ def test_host_tier_is_pinned_whichever_way_a_chunk_came(model_path, tmp_path):
         from_pool = cm.add_chunk("The vault code is 4817.")
         from_file = cm.add_chunk("The mill stands in Zurich.")
         cm.archive_to_disk(from_file.hash)
-        k0, v0 = store.read_kv(store.segments(cm.registry.get(from_pool.hash)))
+        k0, v0 = store.model.llm.read_kv(store.composer.segments(cm.registry.get(from_pool.hash)))
         for chunk in (from_pool, from_file):
             assert cm.move_to_cpu(chunk.hash).tier == "cpu"
             assert all(t.is_pinned() for t in store.host.kv[chunk.hash])
         cm.move_to_gpu(from_pool.hash)
-        k1, v1 = store.read_kv(store.segments(cm.registry.get(from_pool.hash)))
+        k1, v1 = store.model.llm.read_kv(store.composer.segments(cm.registry.get(from_pool.hash)))
         assert torch.equal(k0, k1) and torch.equal(v0, v1)
     finally:
         store.close()

@@ -21,10 +21,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from kvchunks.actors.chunk_store import ChunkStore
-from kvchunks.actors.context_manager import ContextManager
 from kvchunks.common import ChunkInUse, ChunkNotFound, InvalidInput
 from kvchunks.engine import LLM, EngineConfig, SamplingParams
+from kvchunks.service.chunk_store import ChunkStore
+from kvchunks.service.context_manager import ContextManager
 from kvchunks.store.kv_file import kv_path
 
 TEXTS = [
@@ -64,8 +64,8 @@ class StoreMachine(RuleBasedStateMachine):
         """Everything a refused call must leave as it was."""
         self.store.wait_for_transfers()
         pool = (
-            self.store.llm.block_manager.num_free,
-            sorted(self.store.kv),
+            self.store.model.llm.block_manager.num_free,
+            sorted(self.store.tiers.kv),
             sorted(self.store.host.kv),
         )
         files = sorted(h for h in self.known | self.deleted if kv_path(self.home, h).exists())
@@ -206,10 +206,10 @@ def test_broken_invariants_are_reported(make_store):
     cm.activate_chunk(a.hash)
     store.wait_for_transfers()
     assert store.violations() == []
-    bm = store.llm.block_manager
+    bm = store.model.llm.block_manager
     store.registry.add_ref(b.hash, 1)  # a reference that no view holds
     leaked = bm.allocate(1)  # a block that no chunk owns
-    store.evict(a.hash)
+    store.tiers.evict(a.hash)
     store.host.pop(a.hash)
     kv_path(store.home, a.hash).unlink()  # an active chunk whose KV is nowhere
     try:

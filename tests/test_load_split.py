@@ -7,10 +7,10 @@ import random
 
 import pytest
 
-from kvchunks.actors.chunk_store import ChunkStore
-from kvchunks.actors.context_manager import ContextManager
 from kvchunks.common import ContextWindowExceeded
 from kvchunks.engine import LLM, EngineConfig
+from kvchunks.service.chunk_store import ChunkStore
+from kvchunks.service.context_manager import ContextManager
 
 WORDS = [
     "harbour",
@@ -37,7 +37,7 @@ def test_a_file_splits_into_consecutive_chunks_of_n_tokens(make_cm, tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text(text)
     cm = make_cm()
-    tokenizer = cm.store.tokenizer
+    tokenizer = cm.store.model.tokenizer
     ids = tokenizer.encode(text, add_special_tokens=False)
     parts = cm.load_file(path, tags=["notes"], split_tokens=100)
     assert len(parts) == math.ceil(len(ids) / 100) > 2
@@ -45,7 +45,7 @@ def test_a_file_splits_into_consecutive_chunks_of_n_tokens(make_cm, tmp_path):
     for i, part in enumerate(parts):
         # Tokens [100 i, 100 (i + 1)) of the file, framed as a system turn of their own.
         assert tokenizer.encode(part.text, add_special_tokens=False) == ids[i * 100 : i * 100 + 100]
-        assert part.token_ids == cm.store.chat.frame("system", part.text)
+        assert part.token_ids == cm.store.model.chat.frame("system", part.text)
         assert part.metadata["part"] == i and part.metadata["parts"] == len(parts)
         assert part.metadata["source"] == str(path.resolve())
         assert part.tags == ["notes"] and part.kind == "input" and part.parent_chunks == []
@@ -79,8 +79,8 @@ def test_a_file_longer_than_the_window_loads_only_when_split(tiny_checkpoint, tm
             cm.load_file(path)
         assert cm.list_chunks() == []
         parts = cm.load_file(path, split_tokens=1000)
-        assert len(parts) >= 3 and all(p.token_count < store.window for p in parts)
-        assert sum(p.token_count for p in parts) > store.window
+        assert len(parts) >= 3 and all(p.token_count < store.model.window for p in parts)
+        assert sum(p.token_count for p in parts) > store.model.window
     finally:
         store.close()
     assert llm.block_manager.num_free == llm.block_manager.num_blocks

@@ -10,10 +10,10 @@ import pytest
 import ray_fixtures
 
 from kvchunks.actors.client import Client, connect
-from kvchunks.actors.context_manager import ContextManager
-from kvchunks.actors.remote import get
+from kvchunks.actors.remote import CONTEXT_METHODS, get
 from kvchunks.common import AmbiguousHash, ChunkInUse, ChunkNotFound, InvalidInput
 from kvchunks.engine import SamplingParams
+from kvchunks.service.context_manager import ContextManager
 
 ray_cluster, ray_service = ray_fixtures.ray_cluster, ray_fixtures.ray_service  # used by name
 
@@ -132,6 +132,8 @@ def arguments(method) -> list[tuple]:
 def test_client_has_exactly_the_context_manager_methods():
     ours, theirs = public(Client), public(ContextManager)
     assert set(ours) == set(theirs)
+    client_side = {"close", "with_context", "track_output", "generate"}
+    assert set(theirs) - client_side == CONTEXT_METHODS
     for name, member in theirs.items():
         if callable(member):
             assert arguments(getattr(Client, name)) == arguments(member), name

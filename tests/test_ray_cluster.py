@@ -172,19 +172,37 @@ def test_killed_worker_loses_no_chunk_and_answers_the_same(ray_service):
     assert s.stats("worker-1").get("recomputes", 0) == 0
 
 
-def test_tier_manager_moves_kv_through_host_memory(ray_service):
+def test_kv_evicted_to_host_memory_outlives_its_worker(ray_service):
     s, service = ray_service, ray_service.service
-    doc = connect("auto", "tiers", worker=0).add_chunk("The tram to Oerlikon runs every 7 minutes.")
-    assert get(service.tiers.offload.remote(doc.hash))
-    source = ray.get(s.worker("worker-0").read_kv.remote(doc.hash))
-    assert same_bits(ray.get(service.host.get.remote(doc.hash)), source)
-    for w in ("worker-0", "worker-1"):
-        ray.get(s.worker(w).evict.remote([doc.hash]))
-    before = get(service.tiers.transfers.remote())
-    connect("auto", "tiers", worker=1).populate(doc.hash)
-    assert delta(get(service.tiers.transfers.remote()), before)["from_host"] == 1
-    assert same_bits(ray.get(s.worker("worker-1").read_kv.remote(doc.hash)), source)
-    assert get(service.host.drop.remote(doc.hash))
+    on_a = connect("auto", "host-a", worker=0)
+    docs = [
+        on_a.add_chunk("The tram to Oerlikon runs every 7 minutes from the main station."),
+        on_a.add_chunk("The night tram to Oerlikon leaves at 00:45 from platform 3."),
+    ]
+    for doc in docs:
+        on_a.activate_chunk(doc.hash)
+    first = on_a.generate("When does the night tram leave?", GREEDY)
+    made = [*docs, first.prompt_chunk, first.output_chunk]
+    stored = {c.hash: ray.get(s.worker("worker-0").read_kv.remote(c.hash)) for c in made}
+    for chunk in made:  # out of A's pool: into the node's host memory, not A's own
+        assert on_a.move_to_cpu(chunk.hash).tier == "cpu"
+    assert all(get(service.host.contains.remote(c.hash)) for c in made)
+    assert ray.get(s.worker("worker-0").status.remote())["host_chunks"] == 0
+    ray.kill(s.worker("worker-0"), no_restart=False)  # Ray starts it again, with nothing held
+    before, moves_before = s.stats("worker-1"), get(service.tiers.transfers.remote())
+    on_b = connect("auto", "host-b", worker=1)
+    for doc in docs:
+        on_b.activate_chunk(doc.hash)
+    again = on_b.generate("When does the night tram leave?", GREEDY)
+    assert again.text == first.text and again.output_chunk.hash == first.output_chunk.hash
+    on_b.populate(first.output_chunk.hash)  # stored already: the answer was not kept again
+    moved = delta(s.stats("worker-1"), before)
+    assert moved["shipped"] == len(made) and moved.get("recomputes", 0) == 0
+    assert moved.get("file_loads", 0) == 0
+    assert delta(get(service.tiers.transfers.remote()), moves_before)["from_host"] == len(made)
+    for chunk_hash, kv in stored.items():
+        assert same_bits(ray.get(s.worker("worker-1").read_kv.remote(chunk_hash)), kv)
+    get(s.worker("worker-0").ready.remote(), "worker-0 restarting")  # for the tests after
 
 
 def test_status_shows_workers_pools_and_tiers(ray_service):

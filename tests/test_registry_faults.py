@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import pytest
 from test_store_redis_url import StandaloneRedis, free_port
 
-from kvchunks.actors.chunk_store import ChunkStore
-from kvchunks.actors.context_manager import ContextManager
 from kvchunks.common import RegistryUnavailable
 from kvchunks.engine import LLM, EngineConfig, SamplingParams
+from kvchunks.service.chunk_store import ChunkStore
+from kvchunks.service.context_manager import ContextManager
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 DOC_A = "The lighthouse keeper of Varden Isle is Oskar Lind."
@@ -46,7 +46,7 @@ def cm(model_path, llm, server, home) -> Iterator[ContextManager]:
         cm.generate("Who keeps the lighthouse?", GREEDY)
         cm.compose_chunks([a.hash, b.hash])
         store.wait_for_transfers()
-        store.tier_records.flush()
+        store.tiers.records.flush()
         yield cm
     finally:
         store.close()
@@ -66,7 +66,7 @@ def recorded(cm: ContextManager) -> tuple:
 def held(cm: ContextManager) -> tuple:
     """What this process holds: free pool blocks, KV in the pool and in host memory."""
     store = cm.store
-    return store.llm.block_manager.num_free, sorted(store.kv), sorted(store.host.kv)
+    return store.model.llm.block_manager.num_free, sorted(store.tiers.kv), sorted(store.host.kv)
 
 
 def refused(call) -> None:

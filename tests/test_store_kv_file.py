@@ -258,7 +258,7 @@ def test_hostile_metadata_values(kv_file, key, value, match):
         lambda r: r.update(token_ids=[1, 2, 3, 4, -5]),
         lambda r: r.update(tags=[{"x": 1}]),
         lambda r: r.update(role="root"),
-        lambda r: r.update(segments=[[[1], 0, -2, 0, 0]]),
+        lambda r: r.update(sources=[["a" * 64, 0, -2]]),
         lambda r: r.pop("hash"),
         lambda r: r.update(version=99),
         lambda r: r.update(token_ids=list(range(7)), token_count=7),  # 7 tokens, KV for 5

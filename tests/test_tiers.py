@@ -10,12 +10,12 @@ from collections import Counter, OrderedDict
 import pytest
 import torch
 
-from kvchunks.actors import chunk_store
-from kvchunks.actors.chunk_store import ChunkStore
-from kvchunks.actors.context_manager import ContextManager
 from kvchunks.common import CapacityError
 from kvchunks.engine import LLM, EngineConfig, SamplingParams
 from kvchunks.policies.budgets import TierBudgets
+from kvchunks.service import chunk_files, generation
+from kvchunks.service.chunk_store import ChunkStore
+from kvchunks.service.context_manager import ContextManager
 from kvchunks.store.kv_file import kv_path
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
@@ -23,7 +23,7 @@ DOC = "The secret code of the vault is 4817. The vault is hidden under the old m
 
 
 def kv_of(cm, chunk_hash):
-    return cm.store.read_kv(cm.store.segments(cm.registry.get(chunk_hash)))
+    return cm.store.model.llm.read_kv(cm.store.composer.segments(cm.registry.get(chunk_hash)))
 
 
 def test_round_trip_through_every_tier_is_bitwise(make_cm):
@@ -32,7 +32,7 @@ def test_round_trip_through_every_tier_is_bitwise(make_cm):
     cm.activate_chunk(doc.hash)
     k0, v0 = kv_of(cm, doc.hash)
     answer = cm.generate("What is the code?", GREEDY).text
-    assert cm.move_to_cpu(doc.hash).tier == "cpu" and doc.hash not in cm.store.kv
+    assert cm.move_to_cpu(doc.hash).tier == "cpu" and doc.hash not in cm.store.tiers.kv
     assert cm.archive_to_disk(doc.hash).tier == "disk" and doc.hash not in cm.store.host
     assert cm.move_to_gpu(doc.hash).tier == "gpu"
     k1, v1 = kv_of(cm, doc.hash)
@@ -51,7 +51,7 @@ def test_moves_before_the_engine_starts_report_the_tier_they_made(make_cm, model
         assert cm.get_chunk(chunk.hash).tier == "cpu"
         assert cm.archive_to_disk(chunk.hash).tier == "disk"
         assert [c.tier for c in cm.list_chunks()] == ["disk"]
-        assert not store.engine_started
+        assert not store.model.started
     finally:
         store.close()
     assert make_cm().get_chunk(chunk.hash).tier == "disk"  # written when the store closed
@@ -75,7 +75,7 @@ def test_views_follow_their_sources_before_the_engine_starts(
     a, b = cm.add_chunk(DOC), cm.add_chunk("Another document entirely.")
     view = cm.compose_chunks([a.hash, b.hash])
     cm.archive_to_disk(a.hash)
-    cm.store.tier_records.flush()
+    cm.store.tiers.records.flush()
     store = ChunkStore(model_path, home=home)  # another process: its engine is not started
     try:
         fresh = ContextManager(store=store)
@@ -91,7 +91,7 @@ def test_views_follow_their_sources_before_the_engine_starts(
         assert reads == []
         assert [c.tier for c in fresh.context().chunks] == ["cpu"]  # the view, then its sources
         assert [list(hashes) for hashes, *_ in reads] == [[view.hash], [a.hash, b.hash]]
-        assert not store.engine_started
+        assert not store.model.started
     finally:
         store.close()
 
@@ -99,7 +99,7 @@ def test_views_follow_their_sources_before_the_engine_starts(
 def test_lru_order_under_budgets_with_fifty_chunks(make_store):
     probe = make_store(at=None)
     one = ContextManager(store=probe).add_chunk("Item 000 is stored here.")
-    chunk_bytes = sum(t.nbytes for t in probe.read_kv(probe.kv[one.hash]))
+    chunk_bytes = sum(t.nbytes for t in probe.model.llm.read_kv(probe.tiers.kv[one.hash]))
     probe.close()
     gpu_chunks, cpu_chunks = 6, 10
     budgets = TierBudgets(gpu_blocks=gpu_chunks, cpu_bytes=cpu_chunks * chunk_bytes)
@@ -122,7 +122,7 @@ def test_lru_order_under_budgets_with_fifty_chunks(make_store):
         recent = list(model)[::-1]
         expected_gpu = set(recent[:gpu_chunks])
         expected_cpu = set(recent[gpu_chunks : gpu_chunks + cpu_chunks])
-        assert set(store.kv) == expected_gpu, i
+        assert set(store.tiers.kv) == expected_gpu, i
         assert set(store.host.kv) == expected_cpu, i
         assert store.host.used_bytes <= budgets.cpu_bytes
     tiers = {c.hash: c.tier for c in cm.list_chunks()}
@@ -136,14 +136,18 @@ def test_active_chunks_are_never_evicted_and_a_full_pool_fails_cleanly(make_stor
     keep = [cm.add_chunk(f"Pinned fact number {i}.") for i in range(3)]
     for c in keep:
         cm.activate_chunk(c.hash)
-    before = ([c.hash for c in cm.list_chunks()], set(store.kv), store.disk_bytes())
+    before = ([c.hash for c in cm.list_chunks()], set(store.tiers.kv), store.files.used_bytes())
     with pytest.raises(CapacityError):
         cm.add_chunk("One chunk too many.")
-    assert ([c.hash for c in cm.list_chunks()], set(store.kv), store.disk_bytes()) == before
+    assert (
+        [c.hash for c in cm.list_chunks()],
+        set(store.tiers.kv),
+        store.files.used_bytes(),
+    ) == before
     cm.deactivate_chunk(keep[0].hash)
     newer = cm.add_chunk("One chunk too many.")
     assert cm.get_chunk(keep[0].hash).tier == "cpu"
-    assert {keep[1].hash, keep[2].hash, newer.hash} == set(store.kv)
+    assert {keep[1].hash, keep[2].hash, newer.hash} == set(store.tiers.kv)
 
 
 @pytest.mark.parametrize("mode", ["exact", "reuse", "realign"])
@@ -154,7 +158,7 @@ def test_gpu_budget_holds_in_the_middle_of_a_generation(make_store, monkeypatch,
     a, b, *idle = (cm.add_chunk(f"Fact {i}: the {w} is red.") for i, w in enumerate("abxyz"))
     for c in (a, b):  # b was not computed after a: exact and realign derive KV for it
         cm.activate_chunk(c.hash)
-    bm, used = store.llm.block_manager, []
+    bm, used = store.model.llm.block_manager, []
     allocate = bm.allocate
 
     def counted(n: int) -> list[int]:
@@ -173,7 +177,7 @@ def test_gpu_budget_holds_in_the_middle_of_a_generation(make_store, monkeypatch,
 def test_a_chunk_larger_than_host_memory_is_refused_and_moves_nothing(make_store):
     probe = make_store(at=None)
     small = ContextManager(store=probe).add_chunk("A short note.")
-    small_bytes = sum(t.nbytes for t in probe.read_kv(probe.kv[small.hash]))
+    small_bytes = sum(t.nbytes for t in probe.model.llm.read_kv(probe.tiers.kv[small.hash]))
     probe.close()
     store = make_store(budgets=TierBudgets(cpu_bytes=small_bytes * 4))
     cm = ContextManager(store=store)
@@ -262,7 +266,7 @@ def test_background_transfers_and_generation_do_not_disturb_each_other(make_stor
             for event in release.values():
                 event.set()
             store.wait_for_transfers()
-            landed_mid_generation.append(all(d.hash in store.kv for d in later))
+            landed_mid_generation.append(all(d.hash in store.tiers.kv for d in later))
 
     answer = cm.generate("What is the code?", GREEDY, on_text=after_first_token)
     assert landed_mid_generation == [True] and answer.text == expected
@@ -278,7 +282,7 @@ def gate_file_reads(monkeypatch, hashes) -> tuple[dict, dict, Counter]:
     started = {h: threading.Event() for h in hashes}
     release = {h: threading.Event() for h in hashes}
     reads: Counter[str] = Counter()
-    read = chunk_store.read_kv_file
+    read = chunk_files.read_kv_file
 
     def gated(path, *args):
         chunk_hash = path.stem
@@ -288,7 +292,7 @@ def gate_file_reads(monkeypatch, hashes) -> tuple[dict, dict, Counter]:
             assert release[chunk_hash].wait(60)
         return read(path, *args)
 
-    monkeypatch.setattr(chunk_store, "read_kv_file", gated)
+    monkeypatch.setattr(chunk_files, "read_kv_file", gated)
     return started, release, reads
 
 
@@ -308,10 +312,10 @@ def test_a_generation_waits_only_for_the_chunk_it_needs(make_store, monkeypatch)
     # The prefetch of `other` is stuck in its read: a generation that needs only `needed`
     # does not wait for it.
     assert cm.generate("Where is the vault?", GREEDY).text == expected
-    assert other.hash not in store.kv
+    assert other.hash not in store.tiers.kv
     release[other.hash].set()
     store.wait_for_transfers()
-    assert other.hash in store.kv and reads == {needed.hash: 1, other.hash: 1}
+    assert other.hash in store.tiers.kv and reads == {needed.hash: 1, other.hash: 1}
 
     # A generation that needs a chunk still being read waits for that read, not a second one.
     cm.archive_to_disk(needed.hash)
@@ -358,7 +362,7 @@ def test_a_generation_keeps_the_room_it_made(model_path, llm, home, monkeypatch)
     cm.activate_chunk(doc.hash)
     expected = cm.generate("Where is the vault?", GREEDY).token_ids
     idle = [cm.add_chunk(f"Idle fact {i}: the {w} is blue.") for i, w in enumerate("pqrst")]
-    run = cm._run
+    run = generation._run
 
     def prefetched_first(*args):
         # What background prefetches may do between a request's admission and its first step:
@@ -369,7 +373,7 @@ def test_a_generation_keeps_the_room_it_made(model_path, llm, home, monkeypatch)
         assert small.block_manager.num_free == 0
         return run(*args)
 
-    monkeypatch.setattr(cm, "_run", prefetched_first)
+    monkeypatch.setattr(generation, "_run", prefetched_first)
     assert cm.generate("Where is the vault?", GREEDY).token_ids == expected
     store.close()
     assert small.block_manager.num_free == 8

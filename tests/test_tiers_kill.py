@@ -21,7 +21,7 @@ DOC = "The secret code of the vault is 4817. The vault is hidden under the old m
 CHILD = """
 import os, signal, sys
 import safetensors.torch
-from kvchunks.actors.context_manager import ContextManager
+from kvchunks.service.context_manager import ContextManager
 from kvchunks.engine import EngineConfig
 from kvchunks.store import kv_file
 from kvchunks.store.registry import ChunkRegistry
@@ -30,10 +30,10 @@ model, home, point, reference, text = sys.argv[1:6]
 cm = ContextManager(model, home=home, engine_config=EngineConfig(kv_cache_bytes=64 << 20))
 store = cm.store
 chunk = cm.add_chunk(text)
-k, v = store.read_kv(store.segments(chunk))
+k, v = store.model.llm.read_kv(store.composer.segments(chunk))
 safetensors.torch.save_file({"k": k, "v": v}, reference)
 print(chunk.hash, flush=True)
-store.tier_records.flush()
+store.tiers.records.flush()
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -47,7 +47,7 @@ elif point == "recording":
 else:
     ChunkRegistry.set_tiers = lambda self, *a: (set_tiers(self, *a), die())
 cm.archive_to_disk(chunk.hash)
-store.tier_records.flush()
+store.tiers.records.flush()
 print("archived: not killed", flush=True)
 """
 
@@ -73,10 +73,10 @@ def test_kill_during_archive_leaves_the_chunk_intact_in_one_tier(
     cm = make_cm(at=home)  # the restart
     store = cm.store
     assert cm.get_chunk(chunk_hash).tier == tier
-    assert (chunk_hash in store.kv) == (tier == "gpu") and chunk_hash not in store.host
+    assert (chunk_hash in store.tiers.kv) == (tier == "gpu") and chunk_hash not in store.host
     assert not list((home / "kv").rglob(".*.tmp"))
-    k, v, _, _ = read_kv_file(kv_path(home, chunk_hash), store.fingerprint)  # sound file
-    in_pool = store.read_kv(store.segments(cm.registry.get(chunk_hash)))
+    k, v, _, _ = read_kv_file(kv_path(home, chunk_hash), store.model.fingerprint)  # sound file
+    in_pool = store.model.llm.read_kv(store.composer.segments(cm.registry.get(chunk_hash)))
     expected = safetensors.torch.load_file(reference)
     for got in ((k, v), in_pool):
         assert all(bits(a) == bits(expected[n]) for a, n in zip(got, "kv", strict=True))

@@ -1,0 +1,78 @@
+"""The disk tier: every chunk that owns KV has a safetensors file from its creation on, so
+its KV survives the process and can be shipped or loaded again without a recompute."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from kvchunks.common import CapacityError, ChunkFileError
+from kvchunks.store.chunk import ChunkInfo
+from kvchunks.store.host_memory import HostMemory
+from kvchunks.store.kv_file import kv_path, read_kv_file, remove_partial_files, write_kv_file
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class ChunkFiles:
+    """Chunk KV files under `<home>/kv`, checked on every read and kept within a byte budget.
+    It is also a KV source (see kv_sources.py)."""
+
+    name = "file"
+
+    def __init__(
+        self,
+        home: Path,
+        fingerprint: str,
+        dtype: str,
+        shape: tuple,  # [layers, None, kv_heads, head_dim]
+        host: HostMemory,
+        stats: Counter[str],
+        budget_bytes: int | None = None,
+        compression: str = "none",  # or "bf16" (see policies.budgets)
+    ):
+        self.home, self.fingerprint, self.dtype, self.shape = home, fingerprint, dtype, shape
+        self.host, self.stats = host, stats
+        self.budget_bytes, self.compression = budget_bytes, compression
+        remove_partial_files(home)  # left by a process killed while writing KV
+
+    def path(self, chunk_hash: str) -> Path:
+        return kv_path(self.home, chunk_hash)
+
+    def exists(self, chunk_hash: str) -> bool:
+        return self.path(chunk_hash).exists()
+
+    def load(self, chunk: ChunkInfo) -> KV | None:
+        """The chunk's KV from its file, if it is there and sound (into host-memory buffers
+        the tier keeps for reuse)."""
+        path = self.path(chunk.hash)
+        if not path.exists():
+            return None
+        layers, _, heads, dim = self.shape
+        shape = (layers, chunk.token_count, heads, dim)
+        try:
+            k, v, _, _ = read_kv_file(path, self.fingerprint, self.dtype, shape, self.host.buffer)
+        except ChunkFileError:  # a damaged file is never used: the chunk is recomputed instead
+            self.stats["bad_files"] += 1
+            return None
+        self.stats["file_loads"] += 1
+        return k, v
+
+    def write(self, chunk: ChunkInfo, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the chunk's file (replacing a damaged one), within the disk budget."""
+        limit = self.budget_bytes
+        if limit is not None and self.used_bytes() + k.nbytes + v.nbytes > limit:
+            raise CapacityError(
+                f"the disk tier is full: {self.used_bytes()} of {limit} bytes used, chunk needs "
+                f"{k.nbytes + v.nbytes}; delete chunks or raise KVCHUNKS_DISK_BYTES"
+            )
+        record = chunk.to_record()
+        write_kv_file(self.path(chunk.hash), k, v, record, self.fingerprint, self.compression)
+
+    def remove(self, chunk_hash: str) -> None:
+        self.path(chunk_hash).unlink(missing_ok=True)
+
+    def used_bytes(self) -> int:
+        return sum(f.stat().st_size for f in (self.home / "kv").rglob("*.safetensors"))

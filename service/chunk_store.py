@@ -1,0 +1,164 @@
+"""The shared chunk pool of one engine, assembled from its parts: chunk records in the
+registry, their KV in the engine's paged pool, host memory and files, and the three ways of
+combining stored KV. Every context (activation set) of a process works on one ChunkStore.
+
+Each part has one role and is handed what it uses:
+
+    model       ModelHost    the model's config, tokenizer, fingerprint; the engine, lazily
+    files       ChunkFiles   the disk tier: one checked KV file per chunk
+    loader      KVLoader     KV from outside this process's memory (peers, files), once
+    tiers       Tiers        what is in the pool and host memory; budgets, LRU, moves down
+    composer    Composer     what a new chunk attends to in each mode; derived KV; recompute
+    prefetcher  Prefetcher   background loads after activations
+    maker       ChunkMaker   new chunks, views, deletion
+    views       ChunkViews   records as callers see them (tier, pool segments)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from kvchunks.common import CapacityError, data_dir
+from kvchunks.engine import LLM, EngineConfig
+from kvchunks.policies.budgets import TierBudgets
+from kvchunks.policies.prefetch import make_policy
+from kvchunks.service import audit
+from kvchunks.service.chunk_files import ChunkFiles
+from kvchunks.service.chunks import ChunkMaker
+from kvchunks.service.compose import Composer
+from kvchunks.service.kv_sources import KVLoader, KVSource
+from kvchunks.service.model_host import ModelHost
+from kvchunks.service.pieces import owners
+from kvchunks.service.prefetcher import HandOver, Prefetcher
+from kvchunks.service.tiers import Spill, Tiers
+from kvchunks.service.views import ChunkViews, PoolTiers
+from kvchunks.store.chunk import ChunkInfo
+from kvchunks.store.host_memory import HostMemory
+from kvchunks.store.redis_server import close as close_redis
+from kvchunks.store.redis_server import connect
+from kvchunks.store.registry import ChunkRegistry
+
+
+class ChunkStore:
+    def __init__(
+        self,
+        model: str | Path | ModelHost | None = None,
+        *,
+        home: str | Path | None = None,
+        redis_url: str | None = None,
+        engine_config: EngineConfig | None = None,
+        llm: LLM | None = None,
+        namespace: str = "kvchunks",
+        budgets: TierBudgets | None = None,
+        prefetch_policy: str | None = None,  # None: KVCHUNKS_PREFETCH_POLICY, else provenance
+        registry: ChunkRegistry | None = None,
+        peers: KVSource | None = None,  # asked before the files: a shared pool's other copies
+        spill: Spill | None = None,  # instead of host memory: a shared pool's node memory
+        hand_over: HandOver | None = None,
+        pool_tiers: PoolTiers | None = None,
+        restore: bool = True,  # bring back the recorded gpu/cpu tiers when the engine starts
+    ):
+        self.home = Path(home) if home is not None else data_dir()
+        if isinstance(model, ModelHost):
+            self.model = model
+        else:
+            self.model = ModelHost(model, self.home, engine_config, llm)
+        self.lock = self.model.lock
+        self.stats: Counter[str] = Counter()
+        self._redis = None if registry else connect(self.home, redis_url)
+        self.registry = registry or ChunkRegistry(self._redis, namespace)
+        self.budgets = budgets or TierBudgets.from_env()
+        self.host = HostMemory(self.budgets.cpu_bytes, pinned=self.model.pinned_memory)
+        self.files = ChunkFiles(
+            self.home,
+            self.model.fingerprint,
+            self.model.engine_config.dtype,
+            self.model.kv_shape(None),
+            self.host,
+            self.stats,
+            self.budgets.disk_bytes,
+            self.budgets.disk_compression,
+        )
+        self.loader = KVLoader([peers, self.files] if peers else [self.files])
+        self.tiers = Tiers(
+            self.model,
+            self.registry,
+            self.files,
+            self.host,
+            self.loader,
+            self.budgets,
+            self.lock,
+            self.stats,
+            spill,
+        )
+        self.composer = Composer(
+            self.model, self.registry, self.tiers, self.files, self.lock, self.stats
+        )
+        policy = make_policy(prefetch_policy, self.registry)
+        self.prefetcher = Prefetcher(
+            self.registry, self.tiers, self.composer, self.loader, policy, hand_over
+        )
+        self.maker = ChunkMaker(
+            self.registry,
+            self.tiers,
+            self.composer,
+            self.model.fingerprint,
+            self.model.tokenizer,
+            self.lock,
+        )
+        self.views = ChunkViews(self.tiers, pool_tiers)
+        if restore:
+            self.model.on_start(self.restore_tiers)
+
+    # -- tier moves (a view: its sources') ------------------------------------------------
+
+    def move_to_gpu(self, chunk: ChunkInfo) -> None:
+        for owner in owners(self.registry, chunk):
+            self.composer.owned_kv(owner)
+
+    def move_to_cpu(self, chunk: ChunkInfo) -> None:
+        with self.lock:
+            chunk_owners = owners(self.registry, chunk)
+            self.tiers.check_fits_host(chunk_owners)  # refused before anything moves
+            for owner in chunk_owners:
+                if not self.tiers.to_host(owner):  # no copy left: computed in the pool first
+                    self.composer.owned_kv(owner)
+                    self.tiers.to_host(owner)
+
+    def archive_to_disk(self, chunk: ChunkInfo) -> None:
+        with self.lock:
+            for owner in owners(self.registry, chunk):
+                if not self.tiers.to_disk(owner.hash):
+                    self.composer.owned_kv(owner)
+                    self.tiers.to_disk(owner.hash)
+
+    # -- life ---------------------------------------------------------------------------------
+
+    def restore_tiers(self) -> None:
+        """Bring back what was in the gpu and cpu tiers when the store last ran (called when
+        the engine starts)."""
+        for chunk in self.registry.list_chunks():
+            if chunk.layout == "view" or chunk.tier == "disk":
+                continue
+            try:
+                if chunk.tier == "gpu":
+                    self.composer.owned_kv(chunk)
+                else:
+                    self.move_to_cpu(chunk)
+            except CapacityError:
+                self.tiers.records.record(chunk.hash, "disk")
+
+    def wait_for_transfers(self) -> None:
+        self.prefetcher.wait()
+
+    def violations(self) -> list[str]:
+        return audit.violations(self.tiers)
+
+    def close(self) -> None:
+        """Finish transfers, give the pool blocks back to the engine, disconnect from Redis."""
+        self.prefetcher.close()
+        self.tiers.release_all()
+        self.tiers.records.close()
+        if self._redis is not None:
+            close_redis(self._redis)

@@ -1,0 +1,143 @@
+"""Making and deleting chunks: the record of a chunk computed after others, storing it (KV
+file first, then the record), views that read other chunks' KV, and deletion."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from transformers import PreTrainedTokenizerBase
+
+from kvchunks.common import KVSegment
+from kvchunks.service.compose import Composer
+from kvchunks.service.tiers import Tiers
+from kvchunks.store.chunk import ChunkInfo, SourceSpan
+from kvchunks.store.hashing import chunk_hash, content_hash, context_hash
+from kvchunks.store.registry import ChunkRegistry
+
+
+class ChunkMaker:
+    def __init__(
+        self,
+        registry: ChunkRegistry,
+        tiers: Tiers,
+        composer: Composer,
+        fingerprint: str,
+        tokenizer: PreTrainedTokenizerBase,
+        lock: threading.RLock,
+    ):
+        self.registry, self.tiers, self.composer = registry, tiers, composer
+        self.fingerprint, self.tokenizer, self.lock = fingerprint, tokenizer, lock
+
+    def new_record(
+        self,
+        tokens: list[int],
+        parents: list[ChunkInfo],
+        position: int,
+        combine: str,
+        mode: str,
+        **fields,
+    ) -> ChunkInfo:
+        """The record of a chunk computed at `position` after `parents`, combined as named."""
+        placed = [(p.hash, p.position) for p in parents]
+        address = chunk_hash(self.fingerprint, context_hash(placed, combine), position, tokens)
+        metadata = {
+            "mode": mode,
+            "combine": combine,
+            "timestamp": time.time(),
+            **fields.pop("metadata", {}),
+        }
+        return ChunkInfo(
+            hash=address,
+            content_hash=content_hash(tokens),
+            token_ids=list(tokens),
+            position=position,
+            layout="timeline" if parents else "standalone",
+            parent_chunks=[p.hash for p in parents],
+            metadata=metadata,
+            text=fields.pop("text", None) or self.tokenizer.decode(tokens),
+            **fields,
+        )
+
+    def register(self, chunk: ChunkInfo, segments: list[KVSegment]) -> ChunkInfo:
+        """Store a computed chunk: KV file first, then the record. Returns the stored record
+        (an earlier one for a duplicate).
+
+        The store owns `segments` from here on; if storing fails (a full disk, Redis gone),
+        they are freed and nothing of the chunk is left."""
+        tiers = self.tiers
+        written = False
+        try:
+            if self.registry.exists(chunk.hash):
+                tiers.free(segments)
+                return self.registry.get(chunk.hash)
+            if chunk.layout != "view":
+                tiers.files.write(chunk, *tiers.model.llm.read_kv(segments))
+                written = True
+            self.registry.put(chunk)
+        except BaseException:
+            tiers.free(segments)
+            if written:
+                tiers.files.remove(chunk.hash)
+            raise
+        if chunk.layout != "view":
+            tiers.adopt(chunk.hash, segments, record=False)
+        return self.registry.get(chunk.hash)
+
+    def compute(
+        self, tokens: list[int], parents: list[ChunkInfo], mode: str, **fields
+    ) -> ChunkInfo:
+        """A chunk of `tokens` computed against `parents` in `mode` (or the stored duplicate)."""
+        llm = self.tiers.model.llm
+        with self.lock, self.tiers.pinning(parents):
+            ctx = self.composer.context_of(parents, mode)
+            try:
+                chunk = self.new_record(tokens, parents, ctx.position, ctx.combine, mode, **fields)
+                if self.registry.exists(chunk.hash):
+                    return self.registry.get(chunk.hash)
+                self.tiers.make_room(llm.blocks_for(len(tokens)))
+                result = llm.prefill(tokens, ctx.segments, ctx.position)
+            finally:
+                self.composer.release(ctx)
+            return self.register(chunk, [result.segment])
+
+    def make_view(self, kind: str, spans: list[SourceSpan], **fields) -> ChunkInfo:
+        """A composed or split chunk over other chunks' KV: no copy, sources kept by refcount."""
+        owners = {c.hash: c for c in self.registry.get_many({s.hash for s in spans})}
+        tokens = [
+            t for s in spans for t in owners[s.hash].token_ids[s.offset : s.offset + s.length]
+        ]
+        placed = [(s.hash, s.offset) for s in spans]
+        address = chunk_hash(self.fingerprint, context_hash(placed, kind), 0, tokens)
+        if self.registry.exists(address):
+            return self.registry.get(address)
+        first = owners[spans[0].hash]
+        chunk = ChunkInfo(
+            hash=address,
+            content_hash=content_hash(tokens),
+            token_ids=tokens,
+            role=first.role,
+            kind=kind,
+            position=first.position + spans[0].offset,
+            layout="view",
+            parent_chunks=list(dict.fromkeys(s.hash for s in spans)),
+            sources=spans,
+            text=self.tokenizer.decode(tokens),
+            **fields,
+        )
+        self.registry.put(chunk)
+        for source in chunk.parent_chunks:
+            self.registry.add_ref(source, 1)
+        return self.registry.get(address)
+
+    def delete(self, chunk: ChunkInfo) -> None:
+        self.tiers.records.flush()  # none may land on a chunk made again with this hash
+        self.registry.delete(chunk.hash)
+        if chunk.layout == "view":
+            for source in chunk.parent_chunks:
+                if self.registry.exists(source):
+                    self.registry.add_ref(source, -1)
+            return
+        with self.lock:
+            self.tiers.forget(chunk.hash)
+            self.tiers.files.remove(chunk.hash)

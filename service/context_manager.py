@@ -1,0 +1,375 @@
+"""ContextManager: the in-process API. Everything is a chunk; a named context says which
+chunks the model sees; generation turns the prompt and the answer into chunks too."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from kvchunks.common import (
+    ChunkInUse,
+    ConcurrentChange,
+    ContextWindowExceeded,
+    InvalidInput,
+    read_text_file,
+)
+from kvchunks.engine import EngineConfig, SamplingParams
+from kvchunks.service import exchange, generation
+from kvchunks.service.chunk_store import ChunkStore
+from kvchunks.service.context_settings import DEFAULT_SETTINGS, ContextView, checked_settings
+from kvchunks.service.generation import GenerationResult, Request
+from kvchunks.service.output_tracking import OutputTracker, OutputTracking
+from kvchunks.service.pieces import cut, spans
+from kvchunks.store.chunk import ChunkInfo
+from kvchunks.vocabulary import check_mode, check_name, check_recompute, check_tag
+
+ACTIVATE_ATTEMPTS = 5  # against other clients activating in the same context at once
+
+
+class ContextManager(OutputTracking):
+    """Chunks, one named activation set over them, and generation with that set."""
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        context: str = "default",
+        home: str | Path | None = None,
+        redis_url: str | None = None,
+        engine_config: EngineConfig | None = None,
+        store: ChunkStore | None = None,
+        **settings,
+    ):
+        self.context_name = check_name(context)
+        self._owns_store = store is None
+        self.store = store or ChunkStore(
+            model, home=home, redis_url=redis_url, engine_config=engine_config
+        )
+        self.registry = self.store.registry
+        self._trackers: list[OutputTracker] = []
+        self.last_generation: GenerationResult | None = None
+        if settings:
+            self.configure(**settings)
+
+    def close(self) -> None:
+        """Free this manager's pool blocks (only if it made its own store)."""
+        if self._owns_store:
+            self.store.close()
+
+    def __enter__(self) -> ContextManager:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def with_context(self, context: str, **settings) -> ContextManager:
+        """Another context over the same chunk pool."""
+        return ContextManager(context=context, store=self.store, **settings)
+
+    # -- settings ---------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> dict:
+        return {**DEFAULT_SETTINGS, **self.registry.settings(self.context_name)}
+
+    def configure(self, **settings) -> dict:
+        """Set context settings: mode (exact/reuse/realign), recompute (realign's fraction;
+        a new mode without one clears it), auto_activate, output_tokens."""
+        settings = checked_settings(settings, self.settings["mode"])
+        self.registry.update_settings(self.context_name, settings)
+        return self.settings
+
+    # -- chunks -----------------------------------------------------------------------------
+
+    def add_chunk(
+        self,
+        text: str,
+        role: str = "system",
+        tags: list[str] | None = None,
+        metadata: dict | None = None,
+    ) -> ChunkInfo:
+        """A standalone chunk of `text`, framed as a `role` turn; its KV is computed now."""
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInput("empty text: nothing to make a chunk of")
+        tokens = self.store.model.chat.frame(role, text)
+        self._check_fits(len(tokens))
+        tags = [check_tag(t) for t in tags or []]
+        meta = {"source": "text", **(metadata or {})}
+        chunk = self.store.maker.compute(
+            tokens, [], "reuse", role=role, kind="input", text=text, metadata=meta
+        )
+        for tag in tags:
+            chunk = self.registry.add_tag(chunk.hash, tag)
+        return self._view(chunk.hash)
+
+    def load_file(
+        self,
+        path: str | Path,
+        role: str = "system",
+        tags: list[str] | None = None,
+        split_tokens: int | None = None,
+    ) -> ChunkInfo | list[ChunkInfo]:
+        """A chunk of a UTF-8 text file (or several of `split_tokens` tokens each)."""
+        text = read_text_file(path)
+        meta = {"source": str(Path(path).resolve())}
+        if split_tokens is None:
+            return self.add_chunk(text, role, tags, metadata=meta)
+        if split_tokens < 1:
+            raise InvalidInput("split_tokens must be a positive number of tokens")
+        tok = self.store.model.tokenizer
+        ids = tok.encode(text, add_special_tokens=False)
+        parts = [tok.decode(ids[i : i + split_tokens]) for i in range(0, len(ids), split_tokens)]
+        return [
+            self.add_chunk(part, role, tags, metadata={**meta, "part": i, "parts": len(parts)})
+            for i, part in enumerate(parts)
+        ]
+
+    def get_chunk(self, ref: str) -> ChunkInfo:
+        return self.store.views.get(ref, self.context_name)
+
+    def list_chunks(self, pattern: str | None = None, tag: str | None = None) -> list[ChunkInfo]:
+        chunks = self.registry.list_chunks(pattern, tag, self.context_name)
+        return self.store.views.describe_many(chunks)
+
+    def provenance(self, ref: str) -> tuple[list[ChunkInfo], list[ChunkInfo]]:
+        """The chunk's parents (what it was computed after, in order) and its children."""
+        chunk_hash = self.registry.resolve(ref)
+        parents = self.registry.get_many(self.registry.parents(chunk_hash), self.context_name)
+        children = self.registry.get_many(self.registry.children(chunk_hash), self.context_name)
+        described = self.store.views.describe_many([*parents, *children])
+        return described[: len(parents)], described[len(parents) :]
+
+    def stats(self) -> dict:
+        """Pool usage, chunks per tier, the store's counters and the last generation's speed."""
+        chunks = self.list_chunks()
+        pool = None
+        if self.store.model.started:
+            pool = self.store.model.llm.pool_usage()
+        last = self.last_generation
+        return {
+            "pool": pool,
+            "tiers": dict(Counter(c.tier for c in chunks)),
+            "active": sum(c.is_active for c in chunks),
+            "counters": dict(self.store.stats),
+            "last_generation": None
+            if last is None
+            else {
+                "tokens": len(last.token_ids),
+                "ttft_s": last.ttft_s,
+                "tokens_per_s": last.tokens_per_s,
+                "interrupted": last.interrupted,
+            },
+        }
+
+    def tag_chunk(self, ref: str, tag: str) -> ChunkInfo:
+        self.registry.add_tag(self.registry.resolve(ref), check_tag(tag))
+        return self.get_chunk(ref)
+
+    def untag_chunk(self, ref: str, tag: str) -> ChunkInfo:
+        self.registry.remove_tag(self.registry.resolve(ref), tag)
+        return self.get_chunk(ref)
+
+    def delete_chunk(self, ref: str, cascade: bool = False) -> list[str]:
+        """Delete a chunk for good; views over it are refused unless cascade. Returns hashes."""
+        chunk = self.registry.find(ref)
+        views = self._views_over(chunk.hash)
+        if views and not cascade:
+            shown = ", ".join(v[:12] for v in views)
+            raise ChunkInUse(
+                f"chunk {chunk.hash[:12]} is used by view(s) {shown}; delete them first "
+                "or delete with cascade"
+            )
+        deleted = []
+        for view in views:
+            deleted += self.delete_chunk(view, cascade=True)
+        self.store.maker.delete(chunk)
+        return [*deleted, chunk.hash]
+
+    def _views_over(self, chunk_hash: str) -> list[str]:
+        children = self.registry.get_many(self.registry.children(chunk_hash))
+        return [c.hash for c in children if c.layout == "view"]
+
+    def compose_chunks(self, refs: list[str], tags: list[str] | None = None) -> ChunkInfo:
+        """One chunk that reads the given chunks' KV in order (a view: nothing is copied)."""
+        if len(refs) < 2:
+            raise InvalidInput("compose needs at least two chunks")
+        chunks = [self.registry.find(r) for r in refs]
+        parts = [s for c in chunks for s in spans(c)]
+        view = self.store.maker.make_view(
+            "composed", parts, tags=[check_tag(t) for t in tags or []]
+        )
+        return self._view(view.hash)
+
+    def split_chunk(self, ref: str, at: int) -> tuple[ChunkInfo, ChunkInfo]:
+        """Two views of the chunk, split before token `at`."""
+        chunk = self.registry.find(ref)
+        if not isinstance(at, int) or not 0 < at < chunk.token_count:
+            raise InvalidInput(f"split point must be between 1 and {chunk.token_count - 1}")
+        parts = spans(chunk)
+        head = self.store.maker.make_view("split", cut(parts, 0, at))
+        tail = self.store.maker.make_view("split", cut(parts, at, chunk.token_count))
+        return self._view(head.hash), self._view(tail.hash)
+
+    def populate(self, ref: str) -> ChunkInfo:
+        """Bring the chunk's KV into the pool now (from its file, or recomputed)."""
+        return self.move_to_gpu(ref)
+
+    # -- tiers ------------------------------------------------------------------------------
+
+    def move_to_gpu(self, ref: str) -> ChunkInfo:
+        """Put the chunk's KV in the engine's pool (a view: its sources')."""
+        chunk = self.registry.find(ref, self.context_name)
+        self.store.move_to_gpu(chunk)
+        return self.store.views.describe(chunk)
+
+    def move_to_cpu(self, ref: str) -> ChunkInfo:
+        """Keep the chunk's KV in host memory, freeing its pool blocks."""
+        chunk = self.registry.find(ref, self.context_name)
+        self.store.move_to_cpu(chunk)
+        return self.store.views.describe(chunk)
+
+    def archive_to_disk(self, ref: str) -> ChunkInfo:
+        """Keep the chunk's KV only in its file, freeing pool blocks and host memory."""
+        chunk = self.registry.find(ref, self.context_name)
+        self.store.archive_to_disk(chunk)
+        return self.store.views.describe(chunk)
+
+    def prefetch(self, ref: str) -> ChunkInfo:
+        """Start bringing the chunk's KV into the pool in the background."""
+        chunk_hash = self.registry.resolve(ref)
+        self.store.prefetcher.prefetch(chunk_hash)
+        return self._view(chunk_hash)
+
+    # -- activation -------------------------------------------------------------------------
+
+    def activate_chunk(self, ref: str) -> ChunkInfo:
+        """Let the model see this chunk, after the chunks already active (no KV is copied)."""
+        chunk, active = self.registry.find_with_active(ref, self.context_name)
+        for attempt in range(ACTIVATE_ATTEMPTS):
+            if attempt:  # someone changed the active chunks since they were read
+                active = self.registry.active(self.context_name)
+            if chunk.hash in active:
+                break
+            self._check_window_after(active, chunk.hash)
+            try:  # the window check holds only if nobody activated something meanwhile
+                self.registry.activate(self.context_name, chunk.hash, expected=active)
+                break
+            except ConcurrentChange:
+                if attempt == ACTIVATE_ATTEMPTS - 1:
+                    raise
+        chunk.is_active = True
+        chunk = self.store.views.describe(chunk)
+        self.store.prefetcher.on_activate(chunk, active)
+        return chunk
+
+    def _check_window_after(self, active: list[str], chunk_hash: str) -> None:
+        total = self.store.views.token_count([*active, chunk_hash])
+        if total > self.store.model.window:
+            adding = self.store.views.token_count([chunk_hash])
+            raise ContextWindowExceeded(
+                f"activating {chunk_hash[:12]} ({adding} tokens) would make {total} "
+                f"active tokens, over the context window of {self.store.model.window}; "
+                "deactivate something first"
+            )
+
+    def deactivate_chunk(self, ref: str) -> ChunkInfo:
+        return self.store.views.describe(self.registry.find_and_deactivate(ref, self.context_name))
+
+    def context(self) -> ContextView:
+        s = self.settings
+        chunks = self.registry.get_many(self.registry.active(self.context_name), self.context_name)
+        chunks = self.store.views.describe_many(chunks)
+        return ContextView(
+            self.context_name,
+            s["mode"],
+            s["auto_activate"],
+            chunks,
+            self.store.model.window,
+            s["recompute"],
+        )
+
+    def clear(self) -> None:
+        """Deactivate every chunk of this context (nothing is deleted)."""
+        self.registry.clear_context(self.context_name)
+
+    # -- generation -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str,
+        params: SamplingParams | None = None,
+        mode: str | None = None,
+        on_text: Callable[[str], None] | None = None,
+        recompute: float | None = None,
+    ) -> GenerationResult:
+        """Answer `prompt` attending to the active chunks; the prompt and the answer become
+        chunks whose parents are the active chunks (and, for the answer, the prompt).
+
+        mode and recompute default to the context's settings; recompute (realign only) is
+        the fraction of the composed chunks' tokens whose KV is computed again in order."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidInput("empty prompt")
+        params = params or SamplingParams(temperature=0, max_tokens=256)
+        settings = self.settings
+        mode = mode or settings["mode"]
+        if mode == settings["mode"]:  # the context's fraction goes with the context's mode
+            recompute = _first(recompute, settings["recompute"])
+        check_recompute(check_mode(mode), recompute)
+        active = self.registry.get_many(self.registry.active(self.context_name))
+        prompt_tokens = self.store.model.chat.prompt(prompt)
+        context_tokens = sum(c.token_count for c in active)
+        self._check_fits(context_tokens + len(prompt_tokens) + params.max_tokens)
+        request = Request(
+            self.context_name,
+            prompt,
+            prompt_tokens,
+            active,
+            params,
+            mode,
+            recompute,
+            settings["output_tokens"],
+            keep_manual=bool(self._trackers),
+        )
+        result = generation.generate(self.store, request, on_text)
+        if settings["auto_activate"]:
+            for chunk in [result.prompt_chunk, *result.output_chunks]:
+                self.activate_chunk(chunk.hash)
+        result.prompt_chunk = self._view(result.prompt_chunk.hash)
+        result.output_chunks = [self._view(c.hash) for c in result.output_chunks]
+        result.output_chunk = result.output_chunks[-1] if result.output_chunks else None
+        for tracker in self._trackers:
+            tracker.chunks += result.output_chunks
+        self.last_generation = result
+        return result
+
+    # -- files ------------------------------------------------------------------------------
+
+    def export_chunk(self, ref: str, path: str | Path, force: bool = False) -> Path:
+        """Write one chunk (tokens, record and KV) to a file another data directory can import.
+
+        A relative path lands in `<home>/exports`; it may not climb out of it.
+        """
+        return exchange.export_chunk(self.store, self.registry.find(ref), path, force)
+
+    def import_chunk(self, path: str | Path) -> ChunkInfo:
+        """Add a chunk exported from a data directory of the same model, dtype and shapes."""
+        return self.get_chunk(exchange.import_chunk(self.store, path))
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _view(self, chunk_hash: str) -> ChunkInfo:
+        return self.store.views.describe(self.registry.get(chunk_hash, self.context_name))
+
+    def _check_fits(self, tokens: int) -> None:
+        window = self.store.model.window
+        if tokens > window:
+            raise ContextWindowExceeded(
+                f"{tokens} tokens exceed the context window of {window}; deactivate "
+                "chunks, lower max_tokens, or split the text"
+            )
+
+
+def _first(*values):
+    """The first value that is not None."""
+    return next((v for v in values if v is not None), None)

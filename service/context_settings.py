@@ -1,0 +1,50 @@
+"""A context's settings: what each one means, its default, and which values are allowed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvchunks.common import InvalidInput
+from kvchunks.store.chunk import ChunkInfo
+from kvchunks.vocabulary import DEFAULT_MODE, check_mode, check_recompute
+
+DEFAULT_SETTINGS = {
+    "mode": DEFAULT_MODE,  # how chunks computed apart are combined (vocabulary.MODES)
+    "recompute": None,  # realign's fraction; None: vocabulary.DEFAULT_RECOMPUTE
+    "auto_activate": False,  # activate each generation's prompt and answer
+    "output_tokens": None,  # answer chunk size: None (one per answer), an int, or "manual"
+}
+
+
+def checked_settings(settings: dict, current_mode: str) -> dict:
+    """`settings` as a context stores them, or InvalidInput (a new mode without a recompute
+    fraction clears the fraction)."""
+    unknown = set(settings) - set(DEFAULT_SETTINGS)
+    if unknown:
+        raise InvalidInput(f"unknown setting(s) {', '.join(sorted(unknown))}")
+    settings = dict(settings)
+    if "mode" in settings:
+        check_mode(settings["mode"])
+        settings.setdefault("recompute", None)
+    if "recompute" in settings:
+        check_recompute(settings.get("mode", current_mode), settings["recompute"])
+    tokens = settings.get("output_tokens")
+    if tokens is not None and tokens != "manual" and not (isinstance(tokens, int) and tokens > 0):
+        raise InvalidInput("output_tokens is None (per response), a positive int, or 'manual'")
+    return settings
+
+
+@dataclass
+class ContextView:
+    """A context as `ContextManager.context()` shows it: its settings and active chunks."""
+
+    name: str
+    mode: str
+    auto_activate: bool
+    chunks: list[ChunkInfo]
+    window: int
+    recompute: float | None = None
+
+    @property
+    def token_count(self) -> int:
+        return sum(c.token_count for c in self.chunks)

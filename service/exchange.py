@@ -1,0 +1,56 @@
+"""One chunk's tokens, record and KV written to a file that another data directory of the
+same model imports, and imported there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvchunks.common import InvalidInput
+from kvchunks.service.chunk_store import ChunkStore
+from kvchunks.store.chunk import ChunkInfo
+from kvchunks.store.kv_file import read_kv_file, write_kv_file
+
+
+def export_chunk(store: ChunkStore, chunk: ChunkInfo, path: str | Path, force: bool) -> Path:
+    """Write one chunk (tokens, record and KV) to a file. A relative path lands in
+    `<home>/exports`; it may not climb out of it."""
+    if chunk.layout == "view":
+        raise InvalidInput("a view has no KV of its own: export the chunks it reads")
+    target = _export_path(store.home, path)
+    if target.exists() and not force:
+        raise InvalidInput(f"{target} exists; pass force to overwrite it")
+    k, v = store.model.llm.read_kv(store.composer.owned_kv(chunk))
+    write_kv_file(target, k, v, chunk.to_record(), store.model.fingerprint)
+    return target
+
+
+def _export_path(home: Path, path: str | Path) -> Path:
+    base = (home / "exports").resolve()
+    given = Path(path).expanduser()
+    target = given if given.is_absolute() else (base / given).resolve()
+    if not given.is_absolute() and base not in target.parents:
+        raise InvalidInput(f"{path} leaves the exports directory {base}; give an absolute path")
+    if not target.parent.is_dir():
+        if given.is_absolute():
+            raise InvalidInput(f"directory {target.parent} does not exist")
+        target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def import_chunk(store: ChunkStore, path: str | Path) -> str:
+    """Add a chunk exported from a data directory of the same model, dtype and shapes;
+    returns its hash."""
+    file = Path(path).expanduser()
+    if not file.is_absolute() and not file.exists():
+        file = store.home / "exports" / file
+    model = store.model
+    k, v, record, _ = read_kv_file(
+        file, model.fingerprint, model.engine_config.dtype, model.kv_shape(None)
+    )
+    chunk = ChunkInfo.from_record(record)
+    if chunk.layout == "view" or k.shape[1] != chunk.token_count:
+        raise InvalidInput(f"{file} does not hold a chunk's own KV")
+    if not store.registry.exists(chunk.hash):
+        with store.lock:
+            store.maker.register(chunk, [store.tiers.write(k, v, chunk.position)])
+    return chunk.hash

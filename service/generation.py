@@ -1,0 +1,238 @@
+"""One generation, start to end: the prompt becomes a chunk computed after the active chunks
+(or the stored one is reused), the answer is decoded in the same sequence, and its KV becomes
+output chunk(s) whose parents are the active chunks and the prompt."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvchunks.common import KVSegment
+from kvchunks.engine import SamplingParams
+from kvchunks.engine.sequence import Sequence
+from kvchunks.service.chunk_store import ChunkStore
+from kvchunks.service.compose import AttentionContext
+from kvchunks.store.chunk import ChunkInfo
+from kvchunks.vocabulary import DEFAULT_MODE
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_chunk: ChunkInfo
+    output_chunk: ChunkInfo | None
+    output_chunks: list[ChunkInfo]
+    finish_reason: str | None
+    interrupted: bool = False
+    ttft_s: float = 0.0
+    tokens_per_s: float = 0.0
+    mode: str = DEFAULT_MODE  # the mode asked for (all agree when the context is one timeline)
+    recompute: float | None = None  # realign's fraction as asked (None: the default)
+    # Active-context tokens whose KV was used as stored (or derived by an earlier
+    # generation), and those computed for this generation; the prompt is not counted.
+    tokens_reused: int = 0
+    tokens_recomputed: int = 0
+
+
+@dataclass
+class Request:
+    context: str
+    prompt: str
+    prompt_tokens: list[int]
+    active: list[ChunkInfo]
+    params: SamplingParams
+    mode: str
+    recompute: float | None
+    output_tokens: int | str | None  # chunk size of the answer; "manual": not stored
+    keep_manual: bool  # an output tracker wants the answer even when output_tokens="manual"
+
+
+def generate(
+    store: ChunkStore, request: Request, on_text: Callable[[str], None] | None
+) -> GenerationResult:
+    """Answer the request attending to its active chunks; store the prompt and answer."""
+    tiers, maker, composer = store.tiers, store.maker, store.composer
+    store.model.llm  # noqa: B018  (starts the engine on first use: not part of the first token)
+    started = time.perf_counter()
+    active = request.active
+    with contextlib.ExitStack() as pins:
+        # Nothing this generation reads may be evicted meanwhile: the active chunks, and a
+        # stored prompt it continues from.
+        pins.enter_context(tiers.pinning(active))
+        with store.lock:
+            ctx = composer.context_of(active, request.mode, request.recompute)
+        try:
+            record = maker.new_record(
+                request.prompt_tokens,
+                active,
+                ctx.position,
+                ctx.combine,
+                request.mode,
+                role="user",
+                kind="input",
+                text=request.prompt,
+                metadata={"source": "prompt", "context": request.context},
+            )
+            pins.enter_context(tiers.pinning([record]))
+            with store.lock:
+                seq, fresh = _start(store, record, ctx, request.params)
+            skip = len(request.prompt_tokens) if fresh else 1
+            answer, ttft, interrupted = _run(store, seq, on_text, started, skip)
+            elapsed = time.perf_counter() - started
+            with store.lock:
+                prompt_chunk, prompt_kv = _store_prompt(store, record, seq, fresh)
+                outputs = _store_answer(
+                    store,
+                    request,
+                    seq,
+                    skip,
+                    [*active, prompt_chunk],
+                    [*ctx.segments, *prompt_kv],
+                    ctx.position + len(request.prompt_tokens),
+                    ctx.combine,
+                    interrupted,
+                )
+        finally:
+            composer.release(ctx)
+    return GenerationResult(
+        text=store.model.decode(answer),
+        token_ids=answer,
+        prompt_chunk=prompt_chunk,
+        output_chunk=outputs[-1] if outputs else None,
+        output_chunks=outputs,
+        finish_reason=seq.finish_reason,
+        interrupted=interrupted,
+        ttft_s=ttft,
+        tokens_per_s=(len(answer) - 1) / max(elapsed - ttft, 1e-9) if answer else 0.0,
+        mode=request.mode,
+        recompute=request.recompute,
+        tokens_reused=ctx.reused,
+        tokens_recomputed=ctx.recomputed,
+    )
+
+
+def _start(
+    store: ChunkStore, record: ChunkInfo, ctx: AttentionContext, params: SamplingParams
+) -> tuple[Sequence, bool]:
+    """Queue the answer: a new prompt is computed in the answer's own sequence, so its
+    last logits give the first answer token; a stored prompt is reused and only its last
+    token is computed again. Returns the sequence and whether the prompt is new."""
+    llm, tiers = store.model.llm, store.tiers
+    # The whole answer's blocks are taken now (reserve): background prefetches and other
+    # contexts allocate from the same pool between this request's steps.
+    if not store.registry.exists(record.hash):
+        tiers.make_room(llm.blocks_for(record.token_count + params.max_tokens))
+        seq = llm.add_request(
+            record.token_ids, params, ctx.segments, ctx.position, True, reserve=True
+        )
+        return seq, True
+    prompt_kv = store.composer.segments(store.registry.get(record.hash))
+    head = llm.slice(prompt_kv, 0, record.token_count - 1)
+    tiers.make_room(llm.blocks_for(1 + params.max_tokens, after=prompt_kv[-1]))
+    seq = llm.add_request(
+        record.token_ids[-1:],
+        params,
+        [*ctx.segments, *head],
+        ctx.position + record.token_count - 1,
+        True,
+        continue_after=prompt_kv[-1],
+        reserve=True,
+    )
+    return seq, False
+
+
+def _run(
+    store: ChunkStore, seq: Sequence, on_text, started: float, skip: int
+) -> tuple[list[int], float, bool]:
+    """Drive the engine until the answer is done; Ctrl-C keeps what was computed."""
+    llm, ttft, shown = store.model.llm, 0.0, ""
+    try:
+        for _ in llm.stream(seq, store.lock):
+            ttft = ttft or time.perf_counter() - started
+            if on_text:
+                text = llm.decode(seq.completion_token_ids)
+                if len(text) > len(shown):
+                    on_text(text[len(shown) :])
+                    shown = text
+    except KeyboardInterrupt:
+        with store.lock:
+            llm.abort(seq)
+        return seq.completion_token_ids[: max(seq.num_computed - skip, 0)], ttft, True
+    return seq.completion_token_ids, ttft, False
+
+
+def _store_prompt(
+    store: ChunkStore, record: ChunkInfo, seq: Sequence, fresh: bool
+) -> tuple[ChunkInfo, list[KVSegment]]:
+    """The prompt chunk and its KV (from the answer's sequence when it was new). If it
+    cannot be stored, the sequence's KV is let go."""
+    llm = store.model.llm
+    try:
+        if fresh:
+            own = seq.own_segment()
+            if own.length < record.token_count:  # interrupted before the prompt was read
+                raise KeyboardInterrupt
+            store.maker.register(record, llm.share([own], 0, record.token_count))
+        chunk = store.registry.get(record.hash)
+        return chunk, store.composer.segments(chunk)
+    except BaseException:
+        llm.release(seq.own_segment())
+        raise
+
+
+def _store_answer(
+    store: ChunkStore,
+    request: Request,
+    seq: Sequence,
+    skip: int,
+    parents: list[ChunkInfo],
+    context: list[KVSegment],
+    position: int,
+    combine: str,
+    interrupted: bool,
+) -> list[ChunkInfo]:
+    """Turn the answer's KV into output chunk(s), closed the way the chat template closes
+    an assistant turn. The sequence's first `skip` own tokens are the prompt's."""
+    llm = store.model.llm
+    own = seq.own_segment()
+    answer = seq.completion_token_ids[: max(own.length - skip, 0)]
+    granularity = request.output_tokens
+    kv = llm.slice([own], skip, len(answer))
+    outputs: list[ChunkInfo] = []
+    try:  # each output stored takes its own references; the sequence's are let go after
+        if not answer or (granularity == "manual" and not request.keep_manual):
+            return []
+        closing = [] if interrupted else store.model.chat.close_answer(answer)
+        if closing:
+            store.tiers.make_room(llm.blocks_for(len(closing), after=own))
+            kv.append(
+                llm.prefill(
+                    closing, [*context, kv[0]], position + len(answer), continue_after=own
+                ).segment
+            )
+        tokens = answer + closing
+        size = granularity if isinstance(granularity, int) else len(tokens)
+        generation = {**request.params.to_dict(), "mode": request.mode}
+        meta = {"source": "generation", "context": request.context, "interrupted": interrupted}
+        for start in range(0, len(tokens), size):
+            part = llm.share(kv, start, min(size, len(tokens) - start))
+            record = store.maker.new_record(
+                tokens[start : start + size],
+                [*parents, *outputs],
+                position + start,
+                combine,
+                request.mode,
+                role="assistant",
+                kind="output",
+                generation_params=generation,
+                metadata=meta,
+                text=llm.decode(tokens[start : start + size]),
+            )
+            outputs.append(store.maker.register(record, part))
+    finally:
+        llm.release(own)
+        store.tiers.free(kv[1:])
+    return outputs

@@ -1,0 +1,48 @@
+"""Where a chunk's KV comes from when it is not in the pool or this process's host memory:
+KV sources tried in order (a peer's copy, then the chunk's file), one load per chunk at a
+time, so that a generation needing a chunk that a prefetch is loading waits for that load
+instead of reading the file again. None from every source means: recompute it."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from typing import Protocol
+
+import torch
+
+from kvchunks.store.chunk import ChunkInfo
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class KVSource(Protocol):
+    name: str
+
+    def load(self, chunk: ChunkInfo) -> KV | None:
+        """The chunk's KV ([layers, tokens, kv_heads, head_dim] each), or None."""
+        ...
+
+
+class KVLoader:
+    def __init__(self, sources: list[KVSource]):
+        self.sources = sources
+        self._loading: dict[str, Future] = {}  # hash -> its KV, once loaded
+        self._lock = threading.Lock()
+
+    def load(self, chunk: ChunkInfo) -> KV | None:
+        """The chunk's KV from the first source that has it. Takes no other lock."""
+        with self._lock:
+            pending = self._loading.get(chunk.hash)
+            if pending is None:
+                self._loading[chunk.hash] = mine = Future()
+        if pending is not None:
+            return pending.result()
+        kv = None
+        try:
+            kv = next((kv for s in self.sources if (kv := s.load(chunk)) is not None), None)
+        finally:
+            with self._lock:
+                del self._loading[chunk.hash]
+            mine.set_result(kv)
+        return kv

@@ -1,0 +1,117 @@
+"""Background prefetch: an activation starts bringing the activated chunk, and what the
+prefetch policy expects next, into the pool, so that the next generation finds them there.
+
+Transfers run one at a time on their own thread. A file is read without the pool's lock, so
+it overlaps the engine's compute; it takes the lock only to write the pool, between engine
+steps. Where several workers share a pool, a `hand_over` may send the prefetch to the
+worker the context's next request is routed to.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from kvchunks.common import CapacityError, ChunkNotFound
+from kvchunks.policies.prefetch import PrefetchPolicy
+from kvchunks.service.compose import Composer
+from kvchunks.service.kv_sources import KVLoader
+from kvchunks.service.pieces import owners
+from kvchunks.service.tiers import Tiers
+from kvchunks.store.chunk import ChunkInfo
+from kvchunks.store.registry import ChunkRegistry
+
+# (activated chunk, the chunks active before it) -> True if another worker took it over.
+HandOver = Callable[[ChunkInfo, list[str]], bool]
+
+
+class Prefetcher:
+    def __init__(
+        self,
+        registry: ChunkRegistry,
+        tiers: Tiers,
+        composer: Composer,
+        loader: KVLoader,
+        policy: PrefetchPolicy,
+        hand_over: HandOver | None = None,
+    ):
+        self.registry, self.tiers, self.composer = registry, tiers, composer
+        self.loader, self.policy, self.hand_over = loader, policy, hand_over
+        self.stats = tiers.stats
+        self._transfers = ThreadPoolExecutor(1, thread_name_prefix="kvchunks-prefetch")
+        self._inflight: dict[str, Future] = {}  # hash -> done when in the pool
+        self._inflight_lock = threading.Lock()
+        self._closed = False
+
+    def on_activate(self, chunk: ChunkInfo, active: list[str]) -> None:
+        """Prefetch for an activation, here or (hand_over) on the worker that the context's
+        next request goes to. The hand-over is decided in the background, in the caller's
+        contextvars (which say how the call was routed)."""
+        if self.tiers.model.started and not self._closed:
+            run = contextvars.copy_context().run
+            self._transfers.submit(run, self._for_activation, chunk, active)
+
+    def prefetch_for_activation(self, chunk: ChunkInfo, active: list[str]) -> None:
+        """Prefetch for an activation here, whatever the hand-over would say."""
+        if self.tiers.model.started and not self._closed:
+            self._transfers.submit(self._after_activation, chunk, active)
+
+    def _for_activation(self, chunk: ChunkInfo, active: list[str]) -> None:
+        if self.hand_over is None or not self.hand_over(chunk, active):
+            self._after_activation(chunk, active)
+
+    def _after_activation(self, chunk: ChunkInfo, active: list[str]) -> None:
+        for needed in [chunk.hash, *self.policy.on_activate(chunk, active)]:
+            if self._claim(needed):
+                self._prefetch_one(needed)
+
+    def prefetch(self, chunk_hash: str) -> Future | None:
+        """Start bringing a chunk's KV into the pool in the background; the future is done
+        when it is there (None: it already is)."""
+        if chunk_hash in self.tiers.kv or self._closed:
+            return None
+        if self._claim(chunk_hash):
+            self._transfers.submit(self._prefetch_one, chunk_hash)
+        return self._inflight.get(chunk_hash)
+
+    def _claim(self, chunk_hash: str) -> bool:
+        """Mark a transfer as under way; False if one already is, or none is needed."""
+        with self._inflight_lock:
+            if chunk_hash in self.tiers.kv or chunk_hash in self._inflight:
+                return False
+            self._inflight[chunk_hash] = Future()
+            return True
+
+    def _prefetch_one(self, chunk_hash: str) -> None:
+        tiers = self.tiers
+        try:
+            for owner in owners(self.registry, self.registry.get(chunk_hash)):
+                # Loaded without the lock, so that the read overlaps the engine's compute.
+                held = owner.hash in tiers.kv or owner.hash in tiers.host
+                kv = None if held else self.loader.load(owner)
+                with tiers.lock:
+                    if owner.hash in tiers.kv or self.registry.missing([owner.hash]):
+                        continue  # there already, or deleted since the transfer started
+                    if kv is not None and owner.hash not in tiers.host:
+                        tiers.host.put(owner.hash, *kv)
+                    self.composer.owned_kv(owner)
+                    self.stats["prefetched"] += 1
+        except (CapacityError, ChunkNotFound):
+            self.stats["prefetch_skipped"] += 1
+        finally:
+            with self._inflight_lock:
+                self._inflight.pop(chunk_hash).set_result(None)
+
+    def wait(self) -> None:
+        """Block until every background transfer queued so far has finished."""
+        self.after_transfers(lambda: None).result()
+
+    def after_transfers(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` in the background once every transfer queued so far has finished."""
+        return self._transfers.submit(fn)
+
+    def close(self) -> None:
+        self._closed = True
+        self._transfers.shutdown(wait=True)

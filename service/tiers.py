@@ -1,0 +1,263 @@
+"""The pool (`gpu`), host memory (`cpu`) and the chunk files (`disk`): which chunk's KV is
+where, the budgets and LRU order that move it down, and the tier records that say so.
+
+A chunk's KV is in at most one of gpu and cpu; every chunk has its file. Derived KV (what a
+mode computed for a composition) lives in the pool only: it can always be made again, so
+under pressure it is dropped, never moved down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from kvchunks.common import CapacityError, KVSegment
+from kvchunks.policies.budgets import TierBudgets
+from kvchunks.policies.lru import LRU
+from kvchunks.service.chunk_files import ChunkFiles
+from kvchunks.service.kv_sources import KVLoader
+from kvchunks.service.model_host import ModelHost
+from kvchunks.service.pieces import owners
+from kvchunks.store.chunk import ChunkInfo
+from kvchunks.store.host_memory import HostMemory
+from kvchunks.store.registry import ChunkRegistry
+from kvchunks.store.tier_records import TierRecords
+
+# Where KV that leaves the pool goes instead of this process's host memory: a shared pool's
+# node-wide host memory, which outlives the process. (hash, K, V) -> True once it is there.
+Spill = Callable[[str, torch.Tensor, torch.Tensor], bool]
+
+
+@dataclass
+class Composition:
+    """Derived KV: chunks computed apart, placed one after another and partly or wholly
+    recomputed in that order; it goes when a chunk it was made from is deleted."""
+
+    segment: KVSegment
+    sources: frozenset[str]  # the chunks (owning KV) it was made from
+
+
+class Tiers:
+    def __init__(
+        self,
+        model: ModelHost,
+        registry: ChunkRegistry,
+        files: ChunkFiles,
+        host: HostMemory,
+        loader: KVLoader,
+        budgets: TierBudgets,
+        lock: threading.RLock,
+        stats: Counter[str],
+        spill: Spill | None = None,
+    ):
+        self.model, self.registry, self.files, self.host = model, registry, files, host
+        self.loader, self.budgets, self.lock, self.stats = loader, budgets, lock, stats
+        self.spill = spill
+        self.kv: dict[str, list[KVSegment]] = {}  # resident KV of chunks that own KV
+        self.compositions: dict[str, Composition] = {}  # derived KV by composition key
+        self.lru = LRU()
+        self.pinned: Counter[str] = Counter()  # what a running generation attends to
+        self.records = TierRecords(registry)
+
+    def tier_of(self, chunk_hash: str) -> str:
+        if chunk_hash in self.kv:
+            return "gpu"
+        return "cpu" if chunk_hash in self.host else "disk"
+
+    # -- the pool -----------------------------------------------------------------------
+
+    def bring_in(self, chunk: ChunkInfo) -> list[KVSegment] | None:
+        """The pool KV of a chunk that owns KV: already there, else from host memory, else
+        from a KV source. None: no copy anywhere, it must be recomputed."""
+        with self.lock:
+            self.lru.touch(chunk.hash)
+            if chunk.hash in self.kv:
+                self.stats["pool_hits"] += 1
+                return self.kv[chunk.hash]
+            self.stats["pool_misses"] += 1
+            kv = self.host.pop(chunk.hash)
+            if kv is None:
+                kv = self.loader.load(chunk)
+            if kv is None:
+                return None
+            return self.adopt(chunk.hash, [self.write(*kv, chunk.position)])
+
+    def adopt(
+        self, chunk_hash: str, segments: list[KVSegment], record: bool = True
+    ) -> list[KVSegment]:
+        """Make `segments` (whose references the caller hands over) the chunk's pool KV;
+        `record` the move (a new chunk's record says gpu already)."""
+        with self.lock:
+            if chunk_hash in self.kv:  # a copy from before the chunk was deleted: the same KV
+                self.free(segments)
+            else:
+                self.kv[chunk_hash] = segments
+            self.lru.touch(chunk_hash)
+            if record:
+                self.records.record(chunk_hash, "gpu")
+            return self.kv[chunk_hash]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, position: int) -> KVSegment:
+        """New pool blocks holding K and V, made room for within the gpu budget."""
+        self.make_room(self.model.llm.blocks_for(k.shape[1]))
+        return self.model.llm.write_kv(k, v, position)
+
+    def free(self, segments: list[KVSegment]) -> None:
+        for seg in segments:
+            self.model.llm.release(seg)
+
+    def evict(self, chunk_hash: str) -> None:
+        self.free(self.kv.pop(chunk_hash, []))
+
+    def make_room(self, blocks: int) -> None:
+        """Free pool blocks for `blocks` new ones within the gpu budget, moving the least
+        recently used chunks that nothing needs right now down to the cpu tier."""
+        bm = self.model.llm.block_manager
+        budget = min(self.budgets.gpu_blocks or bm.num_blocks, bm.num_blocks)
+        protected: set[str] | None = None
+        while bm.num_free < blocks or bm.num_blocks - bm.num_free + blocks > budget:
+            protected = self._protected() if protected is None else protected
+            resident = [*self.kv, *self.compositions]
+            victim = next(self.lru.coldest(resident, protected.__contains__), None)
+            if victim is None:
+                raise CapacityError(
+                    f"the gpu tier is full: {blocks} more blocks needed, "
+                    f"{bm.num_free} free, budget {budget} of {bm.num_blocks}; every resident "
+                    "chunk is active or in use (deactivate some, or raise KVCHUNKS_GPU_BLOCKS)"
+                )
+            if victim in self.compositions:
+                self.drop_composition(victim)
+            else:
+                self.demote(victim)
+
+    def _protected(self) -> set[str]:
+        active = {h for name in self.registry.contexts() for h in self.registry.active(name)}
+        views = [c for c in self.registry.get_many(active) if c.layout == "view"]
+        sources = {s.hash for view in views for s in view.sources}
+        return active | sources | {h for h, n in self.pinned.items() if n > 0}
+
+    @contextlib.contextmanager
+    def pinning(self, chunks: list[ChunkInfo]) -> Iterator[None]:
+        """Keep the KV these chunks read in the pool (no eviction) while the block runs."""
+        held = [o.hash for c in chunks for o in owners(self.registry, c)]
+        with self.lock:
+            self.pinned.update(held)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.pinned.subtract(held)
+
+    # -- derived KV -----------------------------------------------------------------------
+
+    def add_composition(self, key: str, composition: Composition) -> None:
+        self.compositions[key] = composition
+
+    def drop_composition(self, key: str) -> None:
+        self.model.llm.release(self.compositions.pop(key).segment)
+        self.lru.forget(key)
+        self.stats["compositions_dropped"] += 1
+
+    # -- moves down -----------------------------------------------------------------------
+
+    def demote(self, chunk_hash: str) -> None:
+        """gpu -> cpu, or straight to disk (its file) when the chunk cannot fit host memory."""
+        segments = self.kv[chunk_hash]
+        nbytes = self.model.kv_bytes(sum(s.length for s in segments))
+        fits = nbytes <= self.host.budget_bytes
+        kv = self.model.llm.read_kv(segments, self.host.buffer) if fits else None
+        self.evict(chunk_hash)
+        self.stats["evictions"] += 1
+        kept = fits and self._keep_in_host(chunk_hash, kv, nbytes)
+        self.records.record(chunk_hash, "cpu" if kept else "disk")
+
+    def _keep_in_host(self, chunk_hash: str, kv: tuple, nbytes: int) -> bool:
+        if self.spill is not None:
+            return self.spill(chunk_hash, *kv)
+        self._make_host_room(nbytes)
+        self.host.put(chunk_hash, *kv)
+        return True
+
+    def check_fits_host(self, chunks: list[ChunkInfo]) -> None:
+        for chunk in chunks:
+            if not self.fits_host(chunk):
+                raise CapacityError(
+                    f"chunk {chunk.hash[:12]} ({self.model.kv_bytes(chunk.token_count)} bytes "
+                    f"of KV) does not fit the cpu budget of {self.host.budget_bytes} bytes; "
+                    "archive it to disk instead"
+                )
+
+    def fits_host(self, chunk: ChunkInfo) -> bool:
+        return self.model.kv_bytes(chunk.token_count) <= self.host.budget_bytes
+
+    def to_host(self, chunk: ChunkInfo) -> bool:
+        """Keep the chunk's KV in host memory (from the pool, or from a KV source); False if
+        there is no copy of it anywhere (recompute it first)."""
+        with self.lock:
+            if chunk.hash in self.kv:
+                self.demote(chunk.hash)
+                return True
+            if chunk.hash in self.host:
+                return True
+            nbytes = self.model.kv_bytes(chunk.token_count)
+            if self.spill is None:  # first: the chunks it moves out leave it their buffers
+                self._make_host_room(nbytes)
+            kv = self.loader.load(chunk)
+            if kv is None:
+                return False
+            if self._keep_in_host(chunk.hash, kv, nbytes):
+                self.records.record(chunk.hash, "cpu")
+            return True
+
+    def to_disk(self, chunk_hash: str) -> bool:
+        """Keep only the file (written again first if it was lost); False if there is no copy
+        of the KV to write it from."""
+        with self.lock:
+            if not self.files.exists(chunk_hash):
+                kv = self._held_kv(chunk_hash)
+                if kv is None:
+                    return False
+                self.files.write(self.registry.get(chunk_hash), *kv)
+            self.evict(chunk_hash)
+            self.host.pop(chunk_hash)
+            self.lru.forget(chunk_hash)
+            self.records.record(chunk_hash, "disk")
+            return True
+
+    def _held_kv(self, chunk_hash: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if chunk_hash in self.kv:
+            return self.model.llm.read_kv(self.kv[chunk_hash])
+        return self.host.kv.get(chunk_hash)
+
+    def _make_host_room(self, nbytes: int) -> None:
+        for victim in self.lru.coldest(list(self.host.kv), lambda h: False):
+            if self.host.fits(nbytes):
+                return
+            self.to_disk(victim)
+
+    def forget(self, chunk_hash: str) -> None:
+        """Let go of a chunk's KV in this process: pool blocks, host memory, LRU place, and
+        the derived KV made from it."""
+        with self.lock:
+            self.evict(chunk_hash)
+            self.host.pop(chunk_hash)
+            self.lru.forget(chunk_hash)
+            for key, composition in list(self.compositions.items()):
+                if chunk_hash in composition.sources:
+                    self.drop_composition(key)
+
+    # -- end --------------------------------------------------------------------------------
+
+    def release_all(self) -> None:
+        """Give every pool block back to the engine."""
+        if self.model.started:
+            with self.lock:
+                for resident in list(self.kv):
+                    self.evict(resident)
+                for key in list(self.compositions):
+                    self.drop_composition(key)

@@ -1,0 +1,82 @@
+"""What a caller sees of a chunk: its record, with what only a running process knows filled
+in, whether and where its KV is resident (`tier`, `segments`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kvchunks.service.pieces import owner_hashes, pieces
+from kvchunks.service.tiers import Tiers
+from kvchunks.store.chunk import ChunkInfo
+from kvchunks.vocabulary import farthest_tier, nearest_tier
+
+# hash -> the nearest tier any worker of a shared pool holds the chunk in
+PoolTiers = Callable[[], dict[str, str]]
+
+
+class ChunkViews:
+    def __init__(self, tiers: Tiers, pool_tiers: PoolTiers | None = None):
+        self.tiers, self.registry, self.pool_tiers = tiers, tiers.registry, pool_tiers
+        self._token_counts: dict[str, int] = {}
+
+    def get(self, ref: str, context: str | None = None) -> ChunkInfo:
+        return self.describe(self.registry.find(ref, context))
+
+    def describe(self, chunk: ChunkInfo) -> ChunkInfo:
+        return self.describe_many([chunk])[0]
+
+    def describe_many(self, chunks: list[ChunkInfo]) -> list[ChunkInfo]:
+        """Fill in each chunk's tier and pool segments; a listing reads its views' sources
+        once, not per view. In a shared pool, a chunk's tier is the nearest any worker has."""
+        if not self.tiers.model.started:
+            self._recorded_tiers(chunks)
+        else:
+            with self.tiers.lock:  # a generation or a prefetch may change the pool meanwhile
+                for chunk in chunks:
+                    self._pool_state(chunk)
+        if self.pool_tiers is not None:
+            for chunk in chunks:
+                if chunk.tier != "gpu":
+                    pool = self.pool_tiers()
+                    chunk.tier = farthest_tier(
+                        [
+                            nearest_tier([self.tiers.tier_of(h), pool.get(h, "disk")])
+                            for h in owner_hashes(chunk)
+                        ]
+                    )
+        return chunks
+
+    def _recorded_tiers(self, chunks: list[ChunkInfo]) -> None:
+        """No pool yet: the tiers recorded, here or before, stand (a view's: its furthest
+        source's). Sources not among `chunks` are read in one round trip."""
+        known = {c.hash: c for c in chunks}
+        wanted = list(dict.fromkeys(h for c in chunks for h in owner_hashes(c)))
+        if missing := [h for h in wanted if h not in known]:
+            known |= {c.hash: c for c in self.registry.get_many(missing)}
+        records = self.tiers.records
+        for chunk in chunks:
+            tiers = [records.latest(h) or known[h].tier for h in owner_hashes(chunk)]
+            chunk.tier = farthest_tier(tiers)
+            chunk.segments = []
+
+    def _pool_state(self, chunk: ChunkInfo) -> None:
+        tiers = self.tiers
+        chunk.tier = farthest_tier([tiers.tier_of(h) for h in owner_hashes(chunk)])
+        if chunk.tier != "gpu":
+            chunk.segments = []
+        elif chunk.layout == "view":  # read straight from the pool: a listing is not a use
+            llm = tiers.model.llm
+            chunk.segments = [
+                seg
+                for p in pieces(self.registry, chunk)
+                for seg in llm.slice(tiers.kv[p.chunk.hash], p.start, p.length)
+            ]
+        else:
+            chunk.segments = list(tiers.kv[chunk.hash])
+
+    def token_count(self, hashes: list[str]) -> int:
+        """Total tokens of these chunks; counts never change for a hash, so they are cached."""
+        missing = [h for h in hashes if h not in self._token_counts]
+        for chunk in self.registry.get_many(missing):
+            self._token_counts[chunk.hash] = chunk.token_count
+        return sum(self._token_counts[h] for h in hashes)

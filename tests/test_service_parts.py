@@ -1,0 +1,147 @@
+"""The service layer's parts on their own: no model, no Redis, no Ray cluster."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from kvchunks.actors.host_store import HostStore
+from kvchunks.actors.kv_transfer import KVPayload
+from kvchunks.common import CapacityError
+from kvchunks.service.chunk_files import ChunkFiles
+from kvchunks.service.compose import leading_tokens, recorded_combination
+from kvchunks.service.kv_sources import KVLoader
+from kvchunks.service.pieces import cut, merged, owner_hashes, spans
+from kvchunks.store.chunk import ChunkInfo, SourceSpan
+from kvchunks.store.hashing import content_hash
+from kvchunks.store.host_memory import HostMemory
+from kvchunks.vocabulary import farthest_tier, nearest_tier
+
+A, B = "a" * 64, "b" * 64
+SHAPE = (2, None, 1, 4)  # layers, tokens, kv heads, head dim
+
+
+def chunk(tokens: int, chunk_hash: str = A, **fields) -> ChunkInfo:
+    ids = list(range(tokens))
+    return ChunkInfo(hash=chunk_hash, content_hash=content_hash(ids), token_ids=ids, **fields)
+
+
+def kv(tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(2, tokens, 1, 4, generator=g) for _ in range(2))  # type: ignore[return-value]
+
+
+def test_spans_cut_and_merge_lay_out_views():
+    view = chunk(5, B, layout="view", sources=[SourceSpan(A, 2, 3), SourceSpan(A, 0, 2)])
+    assert spans(chunk(4)) == [SourceSpan(A, 0, 4)]
+    assert owner_hashes(view) == [A]
+    assert cut(view.sources, 1, 4) == [SourceSpan(A, 3, 2), SourceSpan(A, 0, 1)]
+    assert merged([(A, 0, 2), (A, 2, 5), (B, 0, 1), (A, 5, 6)]) == [
+        (A, 0, 5),
+        (B, 0, 1),
+        (A, 5, 6),
+    ]
+
+
+def test_tier_order():
+    assert farthest_tier(["gpu", "disk", "cpu"]) == "disk"
+    assert nearest_tier(["disk", "cpu"]) == "cpu"
+
+
+def test_leading_tokens_share_the_budget_evenly_from_each_chunk_start():
+    assert leading_tokens([4, 4], 4) == [0, 1, 4, 5]
+    assert leading_tokens([1, 6], 5) == [0, 1, 2, 3, 4]  # the short chunk gives up its share
+    assert leading_tokens([3], 10) == [0, 1, 2]
+    assert leading_tokens([3, 3], 0) == []
+
+
+def test_recorded_combination_reads_old_and_new_records():
+    assert recorded_combination(chunk(1, metadata={"combine": "realign:0.3"})) == ("realign", 0.3)
+    assert recorded_combination(chunk(1, metadata={"combine": ""})) == ("reuse", None)
+    assert recorded_combination(chunk(1, metadata={"mode": "exact"})) == ("exact", None)
+
+
+class SlowSource:
+    name = "slow"
+
+    def __init__(self, result, delay: float = 0.2):
+        self.result, self.delay, self.calls = result, delay, Counter()
+
+    def load(self, chunk: ChunkInfo):
+        self.calls[chunk.hash] += 1
+        time.sleep(self.delay)
+        return self.result
+
+
+def test_loader_asks_sources_in_order_and_loads_each_chunk_once_at_a_time():
+    empty, full = SlowSource(None, 0), SlowSource(kv(3))
+    loader = KVLoader([empty, full])
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(loader.load(chunk(3)))) for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert full.calls[A] == 1 and empty.calls[A] == 1  # the other three waited for that load
+    assert all(r is full.result for r in results)
+    assert loader.load(chunk(3)) is full.result and full.calls[A] == 2  # nothing is cached
+
+
+def test_loader_returns_none_when_no_source_has_it():
+    assert KVLoader([SlowSource(None, 0)]).load(chunk(3)) is None
+
+
+def make_files(tmp_path, stats: Counter, budget: int | None = None) -> ChunkFiles:
+    host = HostMemory(1 << 20)
+    return ChunkFiles(tmp_path, "f" * 64, "float32", SHAPE, host, stats, budget)
+
+
+def test_chunk_files_round_trip_bitwise_and_refuse_damage(tmp_path):
+    stats: Counter[str] = Counter()
+    files = make_files(tmp_path, stats)
+    k, v = kv(3)
+    files.write(chunk(3), k, v)
+    loaded = files.load(chunk(3))
+    assert loaded is not None and torch.equal(loaded[0], k) and torch.equal(loaded[1], v)
+    assert stats["file_loads"] == 1
+    data = bytearray(files.path(A).read_bytes())
+    data[-10] ^= 0xFF
+    files.path(A).write_bytes(bytes(data))
+    assert files.load(chunk(3)) is None and stats["bad_files"] == 1
+    files.remove(A)
+    assert not files.exists(A) and files.load(chunk(3)) is None
+
+
+def test_chunk_files_keep_the_disk_budget(tmp_path):
+    files = make_files(tmp_path, Counter(), budget=4096)
+    files.write(chunk(3), *kv(3))
+    used = files.used_bytes()
+    with pytest.raises(CapacityError, match="disk tier is full"):
+        files.write(chunk(100, B), *kv(100))
+    assert files.used_bytes() == used and not files.exists(B)
+
+
+def payload(tokens: int, seed: int = 0) -> KVPayload:
+    return KVPayload.from_tensors(*kv(tokens, seed))
+
+
+def test_host_store_keeps_its_own_copy_within_its_budget_least_recently_used_first():
+    one = payload(8).nbytes
+    store = HostStore(budget_bytes=2 * one)
+    sent = payload(8, seed=1)
+    assert store.put("x", sent)
+    sent.k[:] = 0  # the sender's arrays may go away: the store kept its own
+    assert not np.array_equal(store.get("x").k, sent.k)
+    assert store.put("y", payload(8, seed=2))
+    store.get("x")  # x is now more recent than y
+    assert store.put("z", payload(8, seed=3))
+    assert store.hashes() == ["x", "z"] and store.used_bytes() <= 2 * one
+    assert not store.put("big", payload(24))  # larger than the whole budget
+    assert store.drop("x") and not store.contains("x")
