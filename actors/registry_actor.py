@@ -130,10 +130,13 @@ class RegistryActor:
                 self.handles[worker] = ray.get_actor(worker, namespace=NAMESPACE)
             self.handles[worker].forget.remote([chunk_hash])  # not awaited: it may be busy
 
-    def pool_tiers(self) -> dict[str, str]:
-        """Each chunk held by some worker, and its best tier there (gpu before cpu)."""
+    def pool_tiers(self, exclude: str | None = None) -> dict[str, str]:
+        """Each chunk held by some worker (but `exclude`, which knows its own), and its best
+        tier there (gpu before cpu)."""
         best: dict[str, str] = {}
-        for tiers in self.tiers.values():
+        for worker, tiers in self.tiers.items():
+            if worker == exclude:
+                continue
             for chunk_hash, tier in tiers.items():
                 if best.get(chunk_hash) != "gpu":
                     best[chunk_hash] = tier

@@ -25,10 +25,9 @@ class SharedTiers:
         worker: str,
         node: str,
         spec: dict,  # the worker's fingerprint, dtype and KV shape (see InferenceWorker.info)
-        stats: Counter[str],
     ):
-        self.tier_manager, self.worker, self.node = tier_manager, worker, node
-        self.spec, self.stats = spec, stats
+        self.tier_manager, self.worker, self.node, self.spec = tier_manager, worker, node, spec
+        self.stats: Counter[str] = Counter()  # shipped, spilled
 
     def load(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The chunk's KV shipped from elsewhere in the cluster (counted as `shipped`), or

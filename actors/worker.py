@@ -272,10 +272,10 @@ class InferenceWorker:
         return deleted
 
     def _pool_tiers(self) -> dict[str, str]:
-        """The shared pool's tiers (the workers' pools and host memory, then the HostStore),
-        read once per call (describe asks for every chunk it shows)."""
+        """The shared pool's tiers (the other workers' pools and host memory, then the
+        HostStore), read once per call (describe asks for every chunk it shows)."""
         if self.tiers_seen is None:
-            held = get(self.registry.pool_tiers.remote(), "registry pool tiers")
+            held = get(self.registry.pool_tiers.remote(self.name), "registry pool tiers")
             in_host = get(self.host_store.hashes.remote(), "the host store")
             self.tiers_seen = dict.fromkeys(in_host, "cpu") | held
         return self.tiers_seen
