@@ -17,6 +17,8 @@ from kvchunks.common import (
     InvalidInput,
     KVChunksError,
     RegistryUnavailable,
+    ServiceUnavailable,
+    WorkerDied,
 )
 
 _LAZY = {
@@ -42,6 +44,8 @@ __all__ = [
     "InvalidInput",
     "KVChunksError",
     "RegistryUnavailable",
+    "ServiceUnavailable",
+    "WorkerDied",
     *_LAZY,
 ]
 

@@ -145,22 +145,46 @@ class Client(OutputTracking):
     ) -> GenerationResult:
         """Answer `prompt` on the worker holding most of the active chunks (see ContextManager);
         on_text receives the answer's text as it streams back."""
+        kwargs = {"prompt": prompt, "params": params, "mode": mode, "recompute": recompute}
+        return self._answer("generate", kwargs, on_text)
+
+    def chat(
+        self,
+        messages: list[dict],
+        params: SamplingParams | None = None,
+        mode: str | None = None,
+        on_text: Callable[[str], None] | None = None,
+        recompute: float | None = None,
+        chunks: list[str] | None = None,
+        store: bool = True,
+    ) -> GenerationResult:
+        """ContextManager.chat on the worker holding most of the active chunks; on_text
+        receives the answer's text as it streams back."""
+        kwargs = {
+            "messages": messages,
+            "params": params,
+            "mode": mode,
+            "recompute": recompute,
+            "chunks": chunks,
+            "store": store,
+        }
+        return self._answer("chat", kwargs, on_text)
+
+    def _answer(self, method: str, kwargs: dict, on_text) -> GenerationResult:
         self._worker = name = self._router.pick(self.context_name)
         handle = self._service.workers[name]
         get(handle.ready.remote(), f"{name} ready")  # waits while a crashed worker restarts
         track, stream = bool(self._trackers), on_text is not None
         result = None
-        with ray_errors(f"{name} generate"):
-            for ref in handle.generate.remote(
-                self.context_name, prompt, params, mode, track, stream, recompute
-            ):
+        with ray_errors(f"{name} {method}"):
+            for ref in handle.answer.remote(self.context_name, method, kwargs, track, stream):
                 item = ray.get(ref)
                 if isinstance(item, str):
                     on_text(item)  # type: ignore[misc]
                 else:
                     result = item
         if result is None:
-            raise WorkerDied(f"{name} generate ended without a result; retry the call")
+            raise WorkerDied(f"{name} {method} ended without a result; retry the call")
         for tracker in self._trackers:
             tracker.chunks += result.output_chunks
         self.last_generation = result

@@ -12,7 +12,7 @@ from typing import Any
 import ray
 from ray import exceptions as rex
 
-from kvchunks.common import AmbiguousHash, KVChunksError
+from kvchunks.common import AmbiguousHash, KVChunksError, ServiceUnavailable, WorkerDied
 
 NAMESPACE = "kvchunks"  # the Ray namespace of the service's named actors
 REGISTRY = "registry"
@@ -21,8 +21,8 @@ HOST_STORE = "host-store"
 DISK_STORE = "disk-store"
 
 # ContextManager's methods that a Client runs on a worker through InferenceWorker.call. The
-# others run in the client (close, with_context, track_output) or have their own actor
-# method (generate streams). Written out so that a client need not import the engine to
+# others run in the client (close, with_context, track_output) or stream through their own
+# actor method (generate, chat). Written out so that a client need not import the engine to
 # know them; tests/test_ray_api.py checks the list against ContextManager.
 CONTEXT_METHODS = frozenset(
     {
@@ -59,14 +59,6 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def worker_name(index: int) -> str:
     return f"worker-{index}"
-
-
-class ServiceUnavailable(KVChunksError):
-    """Ray, or the kvchunks actors on it, cannot be reached."""
-
-
-class WorkerDied(ServiceUnavailable):
-    """An InferenceWorker died while serving a call (Ray restarts it; the call may be retried)."""
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from kvchunks.actors.remote import CONTEXT_METHODS, NAMESPACE, ServiceUnavailabl
 from kvchunks.actors.router import Router
 from kvchunks.actors.shared_tiers import SharedTiers
 from kvchunks.common import HOME_ENV, InvalidInput, data_dir
-from kvchunks.engine import EngineConfig, SamplingParams
+from kvchunks.engine import EngineConfig
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.context_manager import ContextManager
 from kvchunks.service.generation import GenerationResult
@@ -37,6 +37,8 @@ from kvchunks.service.model_host import ModelHost
 from kvchunks.service.pieces import owner_hashes
 from kvchunks.store import redis_server
 from kvchunks.store.chunk import ChunkInfo
+
+ANSWERS = ("generate", "chat")  # the methods that stream an answer (see `answer`)
 
 # The context whose routed call is running (None: a caller pinned to this worker). The store
 # reads it when an activation's prefetch decides where to run (see `call`).
@@ -128,27 +130,28 @@ class InferenceWorker:
     # Never re-run by Ray after a crash: the caller gets WorkerDied instead of a generation
     # that starts over (and streams its text twice) long after it gave up.
     @ray.method(num_returns="streaming", max_task_retries=0)
-    def generate(
+    def answer(
         self,
         context: str,
-        prompt: str,
-        params: SamplingParams | None = None,
-        mode: str | None = None,
+        method: str,
+        kwargs: dict,
         track: bool = False,
         stream: bool = False,
-        recompute: float | None = None,
     ) -> Iterator[str | GenerationResult]:
-        """Yield the answer's new text as it comes (with `stream`), then the result."""
-        request = (context, prompt, params, mode, recompute, track)
+        """Run ContextManager.generate or .chat (`method`) for `context`: yield the answer's
+        new text as it comes (with `stream`), then the result."""
+        if method not in ANSWERS:
+            raise InvalidInput(f"ContextManager has no answering method {method!r}")
+        request = (context, method, kwargs, track)
         if not stream:
-            yield self._generate(*request, None)
+            yield self._answer(*request, None)
             return
         pieces: queue.Queue = queue.Queue()
         outcome: dict = {}
 
         def run() -> None:
             try:
-                outcome["result"] = self._generate(*request, pieces.put)
+                outcome["result"] = self._answer(*request, pieces.put)
             except BaseException as e:  # handed to the caller below, as raised
                 outcome["error"] = e
             finally:
@@ -161,17 +164,16 @@ class InferenceWorker:
             raise outcome["error"]
         yield outcome["result"]
 
-    def _generate(
-        self, context, prompt, params, mode, recompute, track, on_text
-    ) -> GenerationResult:
+    def _answer(self, context, method, kwargs, track, on_text) -> GenerationResult:
         self.redirects.pop(context, None)  # the client routed this request: that choice stands
         with self._serving():
             manager = self._manager(context)
+            call = getattr(manager, method)
             if not track:
-                return manager.generate(prompt, params, mode, on_text, recompute)
+                return call(**kwargs, on_text=on_text)
             # The client tracks outputs; the manager must know, for output_tokens="manual".
             with manager.track_output():
-                return manager.generate(prompt, params, mode, on_text, recompute)
+                return call(**kwargs, on_text=on_text)
 
     @contextlib.contextmanager
     def _serving(self, routed_context: str | None = None) -> Iterator[None]:

@@ -242,7 +242,7 @@ def fixed_case(cm: ContextManager, docs: list[str], question: str, decode_tokens
     cm.clear()
     chunks = [cm.add_chunk(text) for text in docs]
     tokens = [t for c in chunks for t in c.token_ids]
-    whole = cm.store.maker.compute(tokens, [], "reuse", role="raw", kind="input")
+    whole, _ = cm.store.maker.compute(tokens, [], "reuse", role="raw", kind="input")
     out: dict[str, list[float]] = {}
     for run in range(3):
         asked = f"{question} (run {run})"

@@ -57,7 +57,7 @@ def output_list(state: State, as_json: bool) -> None:
         if c.kind == "output" and c.metadata.get("context") == cm.context_name
     ]
     table = render.chunks_table(chunks, title=f"outputs of context '{cm.context_name}'")
-    show(state, as_json, [render.chunk_to_json(c) for c in chunks], table)
+    show(state, as_json, [c.to_json() for c in chunks], table)
 
 
 @output.command("activate")

@@ -70,7 +70,7 @@ def load(
         f"loaded {render.describe(c)}{', active' if c.is_active else ''} from {file}"
         for c in chunks
     ]
-    show(state, as_json, [render.chunk_to_json(c) for c in chunks], lines)
+    show(state, as_json, [c.to_json() for c in chunks], lines)
 
 
 @contextlib.contextmanager
@@ -97,7 +97,7 @@ def list_chunks(state: State, pattern: str | None, tag: str | None, as_json: boo
     the source file and the tags, ignoring case.
     """
     chunks = state.manager.list_chunks(pattern, tag)
-    show(state, as_json, [render.chunk_to_json(c) for c in chunks], render.chunks_table(chunks))
+    show(state, as_json, [c.to_json() for c in chunks], render.chunks_table(chunks))
 
 
 @click.command()
@@ -110,7 +110,7 @@ def info(state: State, ref: str, as_json: bool) -> None:
     chunk = cm.get_chunk(ref)
     parents, children = cm.provenance(chunk.hash)
     document = {
-        **render.chunk_to_json(chunk, tokens=True),
+        **chunk.to_json(tokens=True),
         "parents": [p.hash for p in parents],
         "children": [c.hash for c in children],
     }
@@ -170,7 +170,7 @@ def compose(state: State, refs: tuple[str, ...], tags: tuple[str, ...], as_json:
     """Make one chunk that reads these chunks' KV in order (a view: nothing is copied)."""
     view = state.manager.compose_chunks(list(refs), tags=list(tags))
     line = f"composed {render.describe(view)} from {len(refs)} chunks"
-    show(state, as_json, render.chunk_to_json(view), line)
+    show(state, as_json, view.to_json(), line)
 
 
 @click.command()
@@ -182,7 +182,7 @@ def split(state: State, ref: str, at: int, as_json: bool) -> None:
     """Make two chunks of one, cut before token AT (views: nothing is copied)."""
     head, tail = state.manager.split_chunk(ref, at)
     line = f"split into {render.describe(head)} and {render.describe(tail)}"
-    show(state, as_json, [render.chunk_to_json(head), render.chunk_to_json(tail)], line)
+    show(state, as_json, [head.to_json(), tail.to_json()], line)
 
 
 @click.command()
@@ -270,7 +270,7 @@ def import_(state: State, file: Path, as_json: bool) -> None:
     up in <data dir>/exports."""
     chunk = state.manager.import_chunk(file)
     line = f"restored {render.describe(chunk)} from {file}"
-    show(state, as_json, render.chunk_to_json(chunk), line)
+    show(state, as_json, chunk.to_json(), line)
 
 
 # -- context ----------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ def import_(state: State, file: Path, as_json: bool) -> None:
 def context(state: State, as_json: bool) -> None:
     """Show the active chunks in layout order and their tokens against the window."""
     view = state.manager.context()
-    show(state, as_json, render.context_to_json(view), render.context_table(view))
+    show(state, as_json, view.to_json(), render.context_table(view))
 
 
 @click.command()
@@ -337,7 +337,7 @@ def generate(state: State, prompt: str, sampling: dict, as_json: bool) -> None:
     """Answer PROMPT with the active context, streaming the text; the prompt and the answer
     become chunks (the footer on stderr names them)."""
     if as_json:
-        click.echo(render.dumps(render.generation_to_json(run_generation(state, prompt, sampling))))
+        click.echo(render.dumps(run_generation(state, prompt, sampling).to_json()))
         return
     result = run_generation(state, prompt, sampling, on_text=stream)
     click.echo()

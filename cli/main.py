@@ -17,6 +17,7 @@ import click
 
 from kvchunks.cli.commands import SUBCOMMANDS
 from kvchunks.cli.demo import demo
+from kvchunks.cli.http import http
 from kvchunks.cli.model import model
 from kvchunks.cli.service import SERVICE_COMMANDS
 from kvchunks.cli.shared import sampling_options, usage_message
@@ -124,6 +125,7 @@ for command in SUBCOMMANDS:
 for command in SERVICE_COMMANDS:  # serve, status, stop: the Ray actors
     cli.add_command(command)
 cli.add_command(demo)
+cli.add_command(http)
 cli.add_command(model)
 
 

@@ -17,6 +17,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from kvchunks.cli.http import api_key_option, check_exposure, host_option
 from kvchunks.cli.state import State, pass_state
 
 address_option = click.option(
@@ -54,6 +55,14 @@ def _attach(state: State, address: str | None):
     help="CPUs each CPU-only worker reserves (GPU workers reserve one GPU).",
 )
 @click.option("--timeout", type=float, default=600, show_default=True, help="Seconds to wait.")
+@click.option(
+    "--http",
+    "http_port",
+    type=click.IntRange(1, 65535),
+    help="Also serve the HTTP API (see `kvchunks http`) on this port, with Ray Serve.",
+)
+@host_option
+@api_key_option
 @pass_state
 def serve(
     state: State,
@@ -63,8 +72,13 @@ def serve(
     kv_cache_mb: int | None,
     cpus_per_worker: float,
     timeout: float,
+    http_port: int | None,
+    host: str,
+    api_key: str | None,
 ) -> None:
     """Start the kvchunks actors (detached, namespace "kvchunks") and wait until ready."""
+    if http_port is not None:
+        check_exposure(host, api_key)
     service = _attach(state, address)
     engine = {"kv_cache_bytes": kv_cache_mb << 20} if kv_cache_mb else None
     started = service.start(
@@ -80,6 +94,11 @@ def serve(
     click.echo(
         f"kvchunks is serving with {len(started.workers)} worker(s); `kvchunks stop` ends it"
     )
+    if http_port is not None:
+        from kvchunks.server import ray_serve
+
+        url = ray_serve.deploy(http_port, host, api_key)
+        click.echo(f"HTTP API on {url} (Ray Serve)")
 
 
 @click.command()
@@ -111,8 +130,11 @@ def status(state: State, address: str | None, as_json: bool) -> None:
 def stop(state: State, address: str | None) -> None:
     """Stop the kvchunks actors (chunk records and KV files stay on disk)."""
     service = _attach(state, address)
-    stopped = service.stop()
-    click.echo(f"stopped {len(stopped)} actors: {', '.join(stopped)}")
+    from kvchunks.server import ray_serve
+
+    http = ["HTTP API (Ray Serve)"] if ray_serve.undeploy() else []
+    stopped = [*http, *service.stop()]
+    click.echo(f"stopped {len(stopped)}: {', '.join(stopped)}")
 
 
 SERVICE_COMMANDS = [serve, status, stop]

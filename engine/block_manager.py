@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kvchunks.common import CapacityError, KVSegment
+from kvchunks.common import CapacityError
+from kvchunks.engine.kv_segment import KVSegment
 
 
 class BlockManager:

@@ -13,16 +13,11 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from kvchunks.common import (
-    CapacityError,
-    ContextWindowExceeded,
-    InvalidInput,
-    KVSegment,
-    slice_segments,
-)
+from kvchunks.common import CapacityError, ContextWindowExceeded, InvalidInput
 from kvchunks.engine.block_manager import BlockManager
 from kvchunks.engine.checkpoint import resolve_model
 from kvchunks.engine.config import EngineConfig, ModelConfig
+from kvchunks.engine.kv_segment import KVSegment, slice_segments
 from kvchunks.engine.model_runner import ModelRunner
 from kvchunks.engine.rotary import cos_sin, rotate
 from kvchunks.engine.sampler import sample
@@ -60,7 +55,7 @@ class LLM:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = sorted(eos)
-        self.scheduler = Scheduler(self.config, self.block_manager, self.eos_token_ids)
+        self.scheduler = Scheduler(self.config, self.block_manager, self.eos_token_ids, self.decode)
 
     @property
     def max_model_len(self) -> int:

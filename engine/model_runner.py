@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from kvchunks.common import InvalidInput, KVSegment
+from kvchunks.common import InvalidInput
 from kvchunks.engine.attention import (
     AttentionMetadata,
     DecodeBatch,
@@ -16,6 +16,7 @@ from kvchunks.engine.attention import (
 )
 from kvchunks.engine.config import EngineConfig, ModelConfig
 from kvchunks.engine.flash_attention import FlashAttention, flash_attn_available
+from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.engine.model import CausalLM, load_weights
 from kvchunks.engine.rotary import cos_sin, inverse_frequencies
 from kvchunks.engine.sequence import Sequence

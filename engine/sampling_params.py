@@ -15,6 +15,9 @@ class SamplingParams:
     max_tokens: int = 64
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    # Generation ends once one of these strings appears in the answer's text; the answer
+    # keeps it (the HTTP server leaves it out of what it returns, as OpenAI does).
+    stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
@@ -26,6 +29,8 @@ class SamplingParams:
             raise InvalidInput(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.max_tokens < 1:
             raise InvalidInput(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise InvalidInput("stop must be a list of non-empty strings")
 
     @property
     def greedy(self) -> bool:

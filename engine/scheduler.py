@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from kvchunks.common import CapacityError
 from kvchunks.engine.block_manager import BlockManager
@@ -11,7 +12,14 @@ from kvchunks.engine.sequence import Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager, eos_token_ids: list[int]):
+    def __init__(
+        self,
+        config: EngineConfig,
+        block_manager: BlockManager,
+        eos_token_ids: list[int],
+        decode: Callable[[list[int]], str],  # for stop strings
+    ):
+        self.decode = decode
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.blocks = block_manager
@@ -111,9 +119,18 @@ class Scheduler:
         p = seq.params
         if not p.ignore_eos and (token in self.eos_token_ids or token in p.stop_token_ids):
             return "stop"
+        if p.stop and self._ends_with_stop(seq):
+            return "stop"
         if seq.num_completion_tokens >= p.max_tokens:
             return "length"
         return None
+
+    def _ends_with_stop(self, seq: Sequence) -> bool:
+        """Whether a stop string has just appeared in the answer's text. A string of n
+        characters spans at most n tokens; one more covers a character split across two."""
+        window = max(len(s) for s in seq.params.stop) + 1
+        tail = self.decode(seq.completion_token_ids[-window:])
+        return any(s in tail for s in seq.params.stop)
 
     def _finish(self, seq: Sequence) -> None:
         seq.status = Status.FINISHED

@@ -7,7 +7,7 @@ from itertools import count
 
 import torch
 
-from kvchunks.common import KVSegment
+from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.engine.sampling_params import SamplingParams
 
 

@@ -8,8 +8,10 @@ import time
 
 from transformers import PreTrainedTokenizerBase
 
-from kvchunks.common import KVSegment
+from kvchunks.common import ChunkInUse
+from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.service.compose import Composer
+from kvchunks.service.pieces import cut, spans
 from kvchunks.service.tiers import Tiers
 from kvchunks.store.chunk import ChunkInfo, SourceSpan
 from kvchunks.store.hashing import chunk_hash, content_hash, context_hash
@@ -85,21 +87,27 @@ class ChunkMaker:
         return self.registry.get(chunk.hash)
 
     def compute(
-        self, tokens: list[int], parents: list[ChunkInfo], mode: str, **fields
-    ) -> ChunkInfo:
-        """A chunk of `tokens` computed against `parents` in `mode` (or the stored duplicate)."""
+        self,
+        tokens: list[int],
+        parents: list[ChunkInfo],
+        mode: str,
+        recompute: float | None = None,
+        **fields,
+    ) -> tuple[ChunkInfo, bool]:
+        """A chunk of `tokens` computed against `parents` in `mode`, and True; or the stored
+        duplicate, and False."""
         llm = self.tiers.model.llm
         with self.lock, self.tiers.pinning(parents):
-            ctx = self.composer.context_of(parents, mode)
+            ctx = self.composer.context_of(parents, mode, recompute)
             try:
                 chunk = self.new_record(tokens, parents, ctx.position, ctx.combine, mode, **fields)
                 if self.registry.exists(chunk.hash):
-                    return self.registry.get(chunk.hash)
+                    return self.registry.get(chunk.hash), False
                 self.tiers.make_room(llm.blocks_for(len(tokens)))
                 result = llm.prefill(tokens, ctx.segments, ctx.position)
             finally:
                 self.composer.release(ctx)
-            return self.register(chunk, [result.segment])
+            return self.register(chunk, [result.segment]), True
 
     def make_view(self, kind: str, spans: list[SourceSpan], **fields) -> ChunkInfo:
         """A composed or split chunk over other chunks' KV: no copy, sources kept by refcount."""
@@ -130,7 +138,28 @@ class ChunkMaker:
             self.registry.add_ref(source, 1)
         return self.registry.get(address)
 
-    def delete(self, chunk: ChunkInfo) -> None:
+    def split(self, chunk: ChunkInfo, at: int) -> tuple[ChunkInfo, ChunkInfo]:
+        """Two views of the chunk, split before token `at`."""
+        parts = spans(chunk)
+        head = self.make_view("split", cut(parts, 0, at))
+        return head, self.make_view("split", cut(parts, at, chunk.token_count))
+
+    def delete(self, chunk: ChunkInfo, cascade: bool = False) -> list[str]:
+        """Delete a chunk for good; views over it are refused unless cascade (which deletes
+        them first). Returns the hashes deleted."""
+        children = self.registry.get_many(self.registry.children(chunk.hash))
+        views = [c for c in children if c.layout == "view"]
+        if views and not cascade:
+            shown = ", ".join(v.hash[:12] for v in views)
+            raise ChunkInUse(
+                f"chunk {chunk.hash[:12]} is used by view(s) {shown}; delete them first "
+                "or delete with cascade"
+            )
+        deleted = [h for view in views for h in self.delete(view, cascade=True)]
+        self._delete_one(chunk)
+        return [*deleted, chunk.hash]
+
+    def _delete_one(self, chunk: ChunkInfo) -> None:
         self.tiers.records.flush()  # none may land on a chunk made again with this hash
         self.registry.delete(chunk.hash)
         if chunk.layout == "view":

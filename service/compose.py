@@ -13,7 +13,8 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
-from kvchunks.common import ChunkNotFound, KVSegment
+from kvchunks.common import ChunkNotFound
+from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.service.chunk_files import ChunkFiles
 from kvchunks.service.model_host import ModelHost
 from kvchunks.service.pieces import Piece, merged, pieces

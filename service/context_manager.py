@@ -3,26 +3,25 @@ chunks the model sees; generation turns the prompt and the answer into chunks to
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from kvchunks.common import (
-    ChunkInUse,
-    ConcurrentChange,
-    ContextWindowExceeded,
-    InvalidInput,
-    read_text_file,
-)
+from kvchunks.common import ConcurrentChange, ContextWindowExceeded, InvalidInput, read_text_file
 from kvchunks.engine import EngineConfig, SamplingParams
 from kvchunks.service import exchange, generation
 from kvchunks.service.chunk_store import ChunkStore
-from kvchunks.service.context_settings import DEFAULT_SETTINGS, ContextView, checked_settings
+from kvchunks.service.context_settings import (
+    DEFAULT_SETTINGS,
+    ContextView,
+    call_mode,
+    checked_settings,
+)
+from kvchunks.service.conversation import checked_messages, message_chunks
 from kvchunks.service.generation import GenerationResult, Request
 from kvchunks.service.output_tracking import OutputTracker, OutputTracking
-from kvchunks.service.pieces import cut, spans
+from kvchunks.service.pieces import spans_of
 from kvchunks.store.chunk import ChunkInfo
-from kvchunks.vocabulary import check_mode, check_name, check_recompute, check_tag
+from kvchunks.vocabulary import check_name, check_tag
 
 ACTIVATE_ATTEMPTS = 5  # against other clients activating in the same context at once
 
@@ -96,7 +95,7 @@ class ContextManager(OutputTracking):
         self._check_fits(len(tokens))
         tags = [check_tag(t) for t in tags or []]
         meta = {"source": "text", **(metadata or {})}
-        chunk = self.store.maker.compute(
+        chunk, _ = self.store.maker.compute(
             tokens, [], "reuse", role=role, kind="input", text=text, metadata=meta
         )
         for tag in tags:
@@ -142,25 +141,15 @@ class ContextManager(OutputTracking):
 
     def stats(self) -> dict:
         """Pool usage, chunks per tier, the store's counters and the last generation's speed."""
-        chunks = self.list_chunks()
-        pool = None
-        if self.store.model.started:
-            pool = self.store.model.llm.pool_usage()
+        stats = self.store.views.stats(self.list_chunks())
         last = self.last_generation
-        return {
-            "pool": pool,
-            "tiers": dict(Counter(c.tier for c in chunks)),
-            "active": sum(c.is_active for c in chunks),
-            "counters": dict(self.store.stats),
-            "last_generation": None
-            if last is None
-            else {
-                "tokens": len(last.token_ids),
-                "ttft_s": last.ttft_s,
-                "tokens_per_s": last.tokens_per_s,
-                "interrupted": last.interrupted,
-            },
+        stats["last_generation"] = last and {
+            "tokens": len(last.token_ids),
+            "ttft_s": last.ttft_s,
+            "tokens_per_s": last.tokens_per_s,
+            "interrupted": last.interrupted,
         }
+        return stats
 
     def tag_chunk(self, ref: str, tag: str) -> ChunkInfo:
         self.registry.add_tag(self.registry.resolve(ref), check_tag(tag))
@@ -172,43 +161,22 @@ class ContextManager(OutputTracking):
 
     def delete_chunk(self, ref: str, cascade: bool = False) -> list[str]:
         """Delete a chunk for good; views over it are refused unless cascade. Returns hashes."""
-        chunk = self.registry.find(ref)
-        views = self._views_over(chunk.hash)
-        if views and not cascade:
-            shown = ", ".join(v[:12] for v in views)
-            raise ChunkInUse(
-                f"chunk {chunk.hash[:12]} is used by view(s) {shown}; delete them first "
-                "or delete with cascade"
-            )
-        deleted = []
-        for view in views:
-            deleted += self.delete_chunk(view, cascade=True)
-        self.store.maker.delete(chunk)
-        return [*deleted, chunk.hash]
-
-    def _views_over(self, chunk_hash: str) -> list[str]:
-        children = self.registry.get_many(self.registry.children(chunk_hash))
-        return [c.hash for c in children if c.layout == "view"]
+        return self.store.maker.delete(self.registry.find(ref), cascade)
 
     def compose_chunks(self, refs: list[str], tags: list[str] | None = None) -> ChunkInfo:
         """One chunk that reads the given chunks' KV in order (a view: nothing is copied)."""
         if len(refs) < 2:
             raise InvalidInput("compose needs at least two chunks")
         chunks = [self.registry.find(r) for r in refs]
-        parts = [s for c in chunks for s in spans(c)]
-        view = self.store.maker.make_view(
-            "composed", parts, tags=[check_tag(t) for t in tags or []]
-        )
-        return self._view(view.hash)
+        tags = [check_tag(t) for t in tags or []]
+        return self._view(self.store.maker.make_view("composed", spans_of(chunks), tags=tags).hash)
 
     def split_chunk(self, ref: str, at: int) -> tuple[ChunkInfo, ChunkInfo]:
         """Two views of the chunk, split before token `at`."""
         chunk = self.registry.find(ref)
         if not isinstance(at, int) or not 0 < at < chunk.token_count:
             raise InvalidInput(f"split point must be between 1 and {chunk.token_count - 1}")
-        parts = spans(chunk)
-        head = self.store.maker.make_view("split", cut(parts, 0, at))
-        tail = self.store.maker.make_view("split", cut(parts, at, chunk.token_count))
+        head, tail = self.store.maker.split(chunk, at)
         return self._view(head.hash), self._view(tail.hash)
 
     def populate(self, ref: str) -> ChunkInfo:
@@ -310,13 +278,61 @@ class ContextManager(OutputTracking):
         the fraction of the composed chunks' tokens whose KV is computed again in order."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidInput("empty prompt")
-        params = params or SamplingParams(temperature=0, max_tokens=256)
-        settings = self.settings
-        mode = mode or settings["mode"]
-        if mode == settings["mode"]:  # the context's fraction goes with the context's mode
-            recompute = _first(recompute, settings["recompute"])
-        check_recompute(check_mode(mode), recompute)
         active = self.registry.get_many(self.registry.active(self.context_name))
+        result = self._answer(prompt, active, params, mode, recompute, on_text)
+        if self.settings["auto_activate"]:
+            for chunk in [result.prompt_chunk, *result.output_chunks]:
+                self.activate_chunk(chunk.hash)
+        return self._finished(result)
+
+    def chat(
+        self,
+        messages: list[dict],
+        params: SamplingParams | None = None,
+        mode: str | None = None,
+        on_text: Callable[[str], None] | None = None,
+        recompute: float | None = None,
+        chunks: list[str] | None = None,
+        store: bool = True,
+    ) -> GenerationResult:
+        """Answer a conversation sent whole, as OpenAI clients send it: {"role", "content"}
+        messages, the last one the user's. The model attends to the active chunks, then
+        `chunks` (for this call only), then each earlier message as a chunk computed after
+        what precedes it; stored ones are used again, so a conversation resent with one more
+        message computes only that message. With store=False nothing of the call is kept.
+        The active set is not changed."""
+        turns = checked_messages(messages)
+        before = self.registry.get_many(self.registry.active(self.context_name))
+        before += [self.registry.find(ref) for ref in chunks or []]
+        mode, recompute = call_mode(self.settings, mode, recompute)
+        chat = self.store.model.chat
+        framed = sum(len(chat.prompt(t.content)) for t in turns)  # an upper bound, near enough
+        self._check_fits(sum(c.token_count for c in before) + framed + _params(params).max_tokens)
+        made = message_chunks(self.store, self.context_name, turns, before, mode, recompute)
+        result = self._answer(
+            turns[-1].content, [*before, *made.chunks], params, mode, recompute, on_text, store
+        )
+        made_tokens = sum(c.token_count for c in made.made)  # computed now, not reused
+        result.tokens_reused -= made_tokens
+        result.tokens_recomputed += made_tokens
+        if not store:  # what this call made goes again, newest first
+            new_prompt = [] if result.prompt_reused else [result.prompt_chunk]
+            for chunk in [*new_prompt, *reversed(made.made)]:
+                self.store.maker.delete(chunk)
+        return self._finished(result, described=store)
+
+    def _answer(
+        self,
+        prompt: str,
+        active: list[ChunkInfo],
+        params: SamplingParams | None,
+        mode: str | None,
+        recompute: float | None,
+        on_text: Callable[[str], None] | None,
+        store: bool = True,
+    ) -> GenerationResult:
+        params = _params(params)
+        mode, recompute = call_mode(self.settings, mode, recompute)
         prompt_tokens = self.store.model.chat.prompt(prompt)
         context_tokens = sum(c.token_count for c in active)
         self._check_fits(context_tokens + len(prompt_tokens) + params.max_tokens)
@@ -328,16 +344,17 @@ class ContextManager(OutputTracking):
             params,
             mode,
             recompute,
-            settings["output_tokens"],
-            keep_manual=bool(self._trackers),
+            self.settings["output_tokens"] if store else "manual",
+            keep_manual=store and bool(self._trackers),
         )
-        result = generation.generate(self.store, request, on_text)
-        if settings["auto_activate"]:
-            for chunk in [result.prompt_chunk, *result.output_chunks]:
-                self.activate_chunk(chunk.hash)
-        result.prompt_chunk = self._view(result.prompt_chunk.hash)
-        result.output_chunks = [self._view(c.hash) for c in result.output_chunks]
-        result.output_chunk = result.output_chunks[-1] if result.output_chunks else None
+        return generation.generate(self.store, request, on_text)
+
+    def _finished(self, result: GenerationResult, described: bool = True) -> GenerationResult:
+        """The result as the caller sees it (chunks read for this context), tracked."""
+        if described:
+            result.prompt_chunk = self._view(result.prompt_chunk.hash)
+            result.output_chunks = [self._view(c.hash) for c in result.output_chunks]
+            result.output_chunk = result.output_chunks[-1] if result.output_chunks else None
         for tracker in self._trackers:
             tracker.chunks += result.output_chunks
         self.last_generation = result
@@ -370,6 +387,6 @@ class ContextManager(OutputTracking):
             )
 
 
-def _first(*values):
-    """The first value that is not None."""
-    return next((v for v in values if v is not None), None)
+def _params(params: SamplingParams | None) -> SamplingParams:
+    """The sampling of a call: as given, else greedy answers of up to 256 tokens."""
+    return params or SamplingParams(temperature=0, max_tokens=256)

@@ -34,6 +34,18 @@ def checked_settings(settings: dict, current_mode: str) -> dict:
     return settings
 
 
+def call_mode(
+    settings: dict, mode: str | None, recompute: float | None
+) -> tuple[str, float | None]:
+    """The mode and recompute fraction of one call: as given, else the context's (whose
+    fraction goes with its mode only)."""
+    mode = mode or settings["mode"]
+    if mode == settings["mode"] and recompute is None:
+        recompute = settings["recompute"]
+    check_recompute(check_mode(mode), recompute)
+    return mode, recompute
+
+
 @dataclass
 class ContextView:
     """A context as `ContextManager.context()` shows it: its settings and active chunks."""
@@ -48,3 +60,14 @@ class ContextView:
     @property
     def token_count(self) -> int:
         return sum(c.token_count for c in self.chunks)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "mode": self.mode,
+            "recompute": self.recompute,
+            "auto_activate": self.auto_activate,
+            "window": self.window,
+            "token_count": self.token_count,
+            "chunks": [c.to_json() for c in self.chunks],
+        }

@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvchunks.common import KVSegment
 from kvchunks.engine import SamplingParams
+from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.engine.sequence import Sequence
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.compose import AttentionContext
@@ -35,6 +35,25 @@ class GenerationResult:
     # generation), and those computed for this generation; the prompt is not counted.
     tokens_reused: int = 0
     tokens_recomputed: int = 0
+    prompt_reused: bool = False  # the prompt chunk was stored: only its last token was computed
+
+    def to_json(self) -> dict:
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "interrupted": self.interrupted,
+            "ttft_s": self.ttft_s,
+            "tokens_per_s": self.tokens_per_s,
+            "token_count": len(self.token_ids),
+            "mode": self.mode,
+            "recompute": self.recompute,
+            "tokens_reused": self.tokens_reused,
+            "tokens_recomputed": self.tokens_recomputed,
+            "prompt_reused": self.prompt_reused,
+            "prompt_chunk": self.prompt_chunk.to_json(),
+            "output_chunk": self.output_chunk.to_json() if self.output_chunk else None,
+            "output_chunks": [c.to_json() for c in self.output_chunks],
+        }
 
 
 @dataclass
@@ -111,6 +130,7 @@ def generate(
         recompute=request.recompute,
         tokens_reused=ctx.reused,
         tokens_recomputed=ctx.recomputed,
+        prompt_reused=not fresh,
     )
 
 

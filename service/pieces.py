@@ -53,6 +53,10 @@ def spans(chunk: ChunkInfo) -> list[SourceSpan]:
     return [SourceSpan(chunk.hash, 0, chunk.token_count)]
 
 
+def spans_of(chunks: list[ChunkInfo]) -> list[SourceSpan]:
+    return [s for c in chunks for s in spans(c)]
+
+
 def cut(spans: list[SourceSpan], start: int, end: int) -> list[SourceSpan]:
     """Tokens [start, end) of the concatenation of `spans`, as spans."""
     out, offset = [], 0

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvchunks.common import CapacityError, KVSegment
+from kvchunks.common import CapacityError
+from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.policies.budgets import TierBudgets
 from kvchunks.policies.lru import LRU
 from kvchunks.service.chunk_files import ChunkFiles

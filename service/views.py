@@ -3,6 +3,7 @@ in, whether and where its KV is resident (`tier`, `segments`)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 from kvchunks.service.pieces import owner_hashes, pieces
@@ -73,6 +74,16 @@ class ChunkViews:
             ]
         else:
             chunk.segments = list(tiers.kv[chunk.hash])
+
+    def stats(self, chunks: list[ChunkInfo]) -> dict:
+        """Pool usage, these chunks per tier and how many are active, the store's counters."""
+        model = self.tiers.model
+        return {
+            "pool": model.llm.pool_usage() if model.started else None,
+            "tiers": dict(Counter(c.tier for c in chunks)),
+            "active": sum(c.is_active for c in chunks),
+            "counters": dict(self.tiers.stats),
+        }
 
     def token_count(self, hashes: list[str]) -> int:
         """Total tokens of these chunks; counts never change for a hash, so they are cached."""

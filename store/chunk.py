@@ -14,7 +14,7 @@ from typing import Any
 
 import msgpack
 
-from kvchunks.common import InvalidInput, KVSegment
+from kvchunks.common import InvalidInput
 from kvchunks.vocabulary import KINDS, LAYOUTS, ROLES, TIERS, check_tag
 
 RECORD_VERSION = 1
@@ -45,7 +45,8 @@ class SourceSpan:
 class ChunkInfo:
     """One content-addressed chunk: its tokens, where its KV lives, and how it was made.
 
-    `segments` is the chunk's KV in the paged pool (empty when not resident there).
+    `segments` is the chunk's KV in the paged pool (the engine's KVSegments; empty when not
+    resident there), filled in by the service for its caller and never stored.
     `sources` are the spans of other chunks a composed or split view reads (empty otherwise).
     `is_active` is not a property of the chunk but of a context: the registry fills it in
     when the chunk is read for a context and never stores it. `token_count` is derived
@@ -60,7 +61,7 @@ class ChunkInfo:
     tier: str = "gpu"
     position: int = 0
     layout: str = "standalone"
-    segments: list[KVSegment] = field(default_factory=list)
+    segments: list = field(default_factory=list)  # the engine's KVSegments (runtime)
     parent_chunks: list[str] = field(default_factory=list)
     sources: list[SourceSpan] = field(default_factory=list)
     generation_params: dict | None = None
@@ -81,7 +82,6 @@ class ChunkInfo:
         _check(self.layout in LAYOUTS, "layout", " / ".join(LAYOUTS))
         _check(_is_count(self.position), "position", "an int >= 0")
         _check(_is_count(self.ref_count), "ref_count", "an int >= 0")
-        _check(_list_of(self.segments, KVSegment), "segments", "a list of KVSegment")
         _check(_list_of(self.sources, SourceSpan), "sources", "a list of SourceSpan")
         _check(
             isinstance(self.parent_chunks, list) and all(map(is_hash, self.parent_chunks)),
@@ -125,6 +125,42 @@ class ChunkInfo:
         record["token_count"] = self.token_count
         record["version"] = RECORD_VERSION
         return record
+
+    def to_json(self, tokens: bool = False) -> dict[str, Any]:
+        """The chunk as JSON values, as `kvchunks info --json` and the HTTP API show it
+        (`tokens` adds the token ids)."""
+        doc = {
+            "hash": self.hash,
+            "content_hash": self.content_hash,
+            "role": self.role,
+            "kind": self.kind,
+            "tier": self.tier,
+            "layout": self.layout,
+            "position": self.position,
+            "token_count": self.token_count,
+            "is_active": self.is_active,
+            "tags": list(self.tags),
+            "metadata": self.metadata,
+            "parent_chunks": list(self.parent_chunks),
+            "sources": [vars(s) for s in self.sources],
+            "segments": [
+                {
+                    "blocks": list(s.blocks),
+                    "start": s.start,
+                    "length": s.length,
+                    "position": s.position,
+                    "shift": s.shift,
+                }
+                for s in self.segments
+            ],
+            "generation_params": self.generation_params,
+            "ref_count": self.ref_count,
+            "created_at": self.created_at,
+            "text": self.text,
+        }
+        if tokens:
+            doc["token_ids"] = list(self.token_ids)
+        return doc
 
     @classmethod
     def from_record(cls, record: object) -> ChunkInfo:

@@ -68,9 +68,35 @@ def test_stop_tokens_and_max_tokens(llm):
     assert llm.generate([ids], GREEDY)[0].finish_reason == "length"
 
 
+def test_stop_strings_end_the_answer_where_the_string_appears(llm):
+    ids = random_tokens(20, seed=4)
+    free = llm.generate([ids], GREEDY)[0].token_ids
+    text = llm.decode(free)
+    stop = text[len(llm.decode(free[:6])) :][:3]  # three characters from about token 7 on
+    assert stop.strip(), "the sample must stop on visible text"
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop])
+    out = llm.generate([ids], params)[0]
+    # The shortest prefix of the free answer whose text contains the stop string.
+    end = next(n for n in range(1, len(free) + 1) if stop in llm.decode(free[:n]))
+    assert out.token_ids == free[:end] and out.finish_reason == "stop"
+    assert llm.generate([ids], greedy_with(stop=["never in this answer"]))[0].token_ids == free
+
+
+def greedy_with(**kwargs) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, **kwargs)
+
+
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2), dict(max_tokens=0)],
+    [
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(top_k=-2),
+        dict(max_tokens=0),
+        dict(stop=[""]),
+        dict(stop="end"),
+    ],
 )
 def test_invalid_sampling_params_are_refused(kwargs):
     with pytest.raises(InvalidInput):
@@ -94,7 +120,7 @@ def test_block_manager_reference_counts_and_claims():
     bm.retain(a)
     bm.release(a)
     assert bm.num_free == 2
-    from kvchunks.common import KVSegment
+    from kvchunks.engine.kv_segment import KVSegment
 
     seg = KVSegment(tuple(a), 0, 11, 0)
     bm.seal(seg)

@@ -29,7 +29,11 @@ LAYERS: dict[str, frozenset[str]] = {
     "policies": frozenset({"common", "vocabulary", "store"}),
     "service": frozenset({"common", "vocabulary", "engine", "store", "policies"}),
     "actors": frozenset({"common", "vocabulary", "engine", "store", "policies", "service"}),
-    "cli": frozenset({"common", "vocabulary", FACE, "actors.client", "actors.service", "bench"}),
+    # The HTTP server fronts the API: in this process (the face) or on a cluster (the client).
+    "server": frozenset({"common", "vocabulary", FACE, "actors.client", "actors.service"}),
+    "cli": frozenset(
+        {"common", "vocabulary", FACE, "actors.client", "actors.service", "server", "bench"}
+    ),
     "bench": ANY,
 }
 MAX_LINES = 400

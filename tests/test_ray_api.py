@@ -132,7 +132,7 @@ def arguments(method) -> list[tuple]:
 def test_client_has_exactly_the_context_manager_methods():
     ours, theirs = public(Client), public(ContextManager)
     assert set(ours) == set(theirs)
-    client_side = {"close", "with_context", "track_output", "generate"}
+    client_side = {"close", "with_context", "track_output", "generate", "chat"}
     assert set(theirs) - client_side == CONTEXT_METHODS
     for name, member in theirs.items():
         if callable(member):

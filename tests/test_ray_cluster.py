@@ -127,7 +127,8 @@ def test_activation_prefetches_on_the_worker_the_router_picks(ray_service):
         lambda: delta(s.stats("worker-0"), before["worker-0"])["prefetch_handed_over"] == 2,
         "worker-0 never handed the second prefetch over",
     )
-    stream = s.worker("worker-0").generate.remote("handover", "Where is the key?", GREEDY)
+    request = {"prompt": "Where is the key?", "params": GREEDY}
+    stream = s.worker("worker-0").answer.remote("handover", "generate", request)
     assert [ray.get(ref) for ref in stream][-1].text
     call = s.worker("worker-0").call.remote("handover", "get_chunk", (docs[1].hash,))
     assert get(call)[1] is None

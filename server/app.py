@@ -1,0 +1,62 @@
+"""The HTTP server: an ASGI app (FastAPI) with the OpenAI endpoints, the chunk REST API,
+health and Prometheus metrics, over a backend (the in-process API or the Ray cluster)."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from kvchunks.common import KVChunksError
+from kvchunks.server import chunk_routes, errors, openai_routes
+from kvchunks.server.backend import Backend
+from kvchunks.server.metrics import Metrics
+
+MAX_BODY_BYTES = 8 << 20  # a request larger than this is refused (413) before it is read
+OPEN_PATHS = ("/health",)  # served without the API key
+
+
+def create_app(backend: Backend, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="kvchunks", summary="OpenAI-compatible serving over KV-cache chunks")
+    app.state.backend = backend
+    app.state.metrics = Metrics(backend.usage)
+    app.add_exception_handler(KVChunksError, errors.on_kvchunks_error)
+    app.add_exception_handler(errors.HTTPProblem, errors.on_problem)
+    app.add_exception_handler(RequestValidationError, errors.on_validation_error)
+    app.include_router(openai_routes.router)
+    app.include_router(chunk_routes.router)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        """The API key, the size limit, and a count of every request by route and status."""
+        refused = _refusal(request, api_key)
+        response = refused or await call_next(request)
+        route = request.scope.get("route")
+        path = route.path if route is not None else "unmatched"
+        app.state.metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _refusal(request: Request, api_key: str | None) -> JSONResponse | None:
+    if api_key and request.url.path not in OPEN_PATHS:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            message = "missing or wrong API key: send Authorization: Bearer <key>"
+            return JSONResponse(errors.body(message, "authentication_error", 401), 401)
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        message = f"request body of {length} bytes is over the limit of {MAX_BODY_BYTES}"
+        return JSONResponse(errors.body(message, "request_too_large", 413), 413)
+    return None

@@ -1,0 +1,89 @@
+"""What the HTTP server serves: the in-process API over one chunk store, or the Ray cluster
+through the Client. Both hand out one API object per context with the same methods."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Protocol
+
+
+class Backend(Protocol):
+    model_name: str
+
+    def manager(self, context: str) -> Any:
+        """The API (ContextManager or Client) of one context."""
+        ...
+
+    def usage(self) -> dict:
+        """{"stats", "pool", "host_bytes", "disk_bytes"} for the metrics."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalBackend:
+    """ContextManagers over one ChunkStore in this process."""
+
+    def __init__(self, manager):  # a ContextManager; its store is shared by every context
+        self.root = manager
+        self.store = manager.store
+        self.model_name = self.store.model.path.name
+        self._managers = {manager.context_name: manager}
+        self._lock = threading.Lock()
+
+    def manager(self, context: str):
+        with self._lock:
+            if context not in self._managers:
+                self._managers[context] = self.root.with_context(context)
+            return self._managers[context]
+
+    def usage(self) -> dict:
+        store = self.store
+        pool = store.model.llm.pool_usage() if store.model.started else None
+        return {
+            "stats": dict(store.stats),
+            "pool": pool,
+            "host_bytes": store.host.used_bytes,
+            "disk_bytes": store.files.used_bytes(),
+        }
+
+    def close(self) -> None:
+        self.root.close()
+
+
+class ClusterBackend:
+    """Clients of the kvchunks service on a Ray cluster."""
+
+    def __init__(self, client):  # a kvchunks Client
+        self.root = client
+        self.model_name = "kvchunks"
+        self._clients = {client.context_name: client}
+        self._lock = threading.Lock()
+
+    def manager(self, context: str):
+        with self._lock:
+            if context not in self._clients:
+                self._clients[context] = self.root.with_context(context)
+            return self._clients[context]
+
+    def usage(self) -> dict:
+        from kvchunks.actors import service
+
+        report = service.status(service.attach())
+        stats: dict[str, int] = {}
+        for worker in report["workers"]:
+            for name, value in worker.get("stats", {}).items():
+                stats[name] = stats.get(name, 0) + value
+        up = [w for w in report["workers"] if "blocks_total" in w]
+        return {
+            "stats": stats,
+            "pool": {
+                "blocks": sum(w["blocks_total"] for w in up),
+                "free": sum(w["blocks_free"] for w in up),
+            },
+            "host_bytes": report["tiers"]["cpu"].get("bytes", 0),
+            "disk_bytes": report["tiers"]["disk"].get("bytes", 0),
+        }
+
+    def close(self) -> None:
+        self.root.close()

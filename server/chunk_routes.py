@@ -1,0 +1,114 @@
+"""The chunk REST API: the fields of `kvchunks info --json`, over the API of one context.
+
+Chunk routes read and change chunks (in the `default` context unless `?context=` names
+another, which decides `is_active`); context routes change one context's active set.
+Every call runs on a worker thread: the API is synchronous.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from kvchunks.server.schemas import ChunkRef, Compose, Move, NewChunk, Settings, Split, Tags
+from kvchunks.vocabulary import check_tag
+
+router = APIRouter()
+
+
+def _api(request: Request, context: str = "default"):
+    return request.app.state.backend.manager(context)
+
+
+@router.post("/v1/chunks", status_code=201)
+def add_chunk(body: NewChunk, request: Request, context: str = "default") -> dict:
+    return _api(request, context).add_chunk(body.text, body.role, body.tags).to_json()
+
+
+@router.get("/v1/chunks")
+def list_chunks(
+    request: Request, pattern: str | None = None, tag: str | None = None, context: str = "default"
+) -> dict:
+    chunks = _api(request, context).list_chunks(pattern, tag)
+    return {"object": "list", "data": [c.to_json() for c in chunks]}
+
+
+@router.post("/v1/chunks/compose", status_code=201)
+def compose(body: Compose, request: Request, context: str = "default") -> dict:
+    return _api(request, context).compose_chunks(body.chunks, body.tags).to_json()
+
+
+@router.get("/v1/chunks/{ref}")
+def get_chunk(ref: str, request: Request, context: str = "default") -> dict:
+    return _api(request, context).get_chunk(ref).to_json(tokens=True)
+
+
+@router.delete("/v1/chunks/{ref}")
+def delete_chunk(ref: str, request: Request, cascade: bool = False) -> dict:
+    return {"deleted": _api(request).delete_chunk(ref, cascade)}
+
+
+@router.post("/v1/chunks/{ref}/tags")
+def tag_chunk(ref: str, body: Tags, request: Request, context: str = "default") -> dict:
+    api = _api(request, context)
+    for tag in body.add:  # all checked before any is added
+        check_tag(tag)
+    chunk = api.get_chunk(ref)
+    for tag in body.add:
+        chunk = api.tag_chunk(chunk.hash, tag)
+    for tag in body.remove:
+        chunk = api.untag_chunk(chunk.hash, tag)
+    return chunk.to_json()
+
+
+@router.post("/v1/chunks/{ref}/move")
+def move_chunk(ref: str, body: Move, request: Request, context: str = "default") -> dict:
+    api = _api(request, context)
+    move = {"gpu": api.move_to_gpu, "cpu": api.move_to_cpu, "disk": api.archive_to_disk}
+    return move[body.tier](ref).to_json()
+
+
+@router.get("/v1/chunks/{ref}/provenance")
+def provenance(ref: str, request: Request, context: str = "default") -> dict:
+    """The chunk, what it was computed after (in order) and the chunks computed after it."""
+    api = _api(request, context)
+    chunk = api.get_chunk(ref)
+    parents, children = api.provenance(chunk.hash)
+    return {
+        "chunk": chunk.to_json(),
+        "parents": [p.to_json() for p in parents],
+        "children": [c.to_json() for c in children],
+    }
+
+
+@router.post("/v1/chunks/{ref}/split", status_code=201)
+def split(ref: str, body: Split, request: Request, context: str = "default") -> dict:
+    head, tail = _api(request, context).split_chunk(ref, body.at)
+    return {"object": "list", "data": [head.to_json(), tail.to_json()]}
+
+
+@router.get("/v1/contexts/{name}")
+def get_context(name: str, request: Request) -> dict:
+    return _api(request, name).context().to_json()
+
+
+@router.post("/v1/contexts/{name}/settings")
+def configure(name: str, body: Settings, request: Request) -> dict:
+    api = _api(request, name)
+    api.configure(**body.model_dump(exclude_unset=True))
+    return api.context().to_json()
+
+
+@router.post("/v1/contexts/{name}/activate")
+def activate(name: str, body: ChunkRef, request: Request) -> dict:
+    return _api(request, name).activate_chunk(body.chunk).to_json()
+
+
+@router.post("/v1/contexts/{name}/deactivate")
+def deactivate(name: str, body: ChunkRef, request: Request) -> dict:
+    return _api(request, name).deactivate_chunk(body.chunk).to_json()
+
+
+@router.post("/v1/contexts/{name}/clear")
+def clear(name: str, request: Request) -> Response:
+    _api(request, name).clear()
+    return Response(status_code=204)

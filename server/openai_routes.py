@@ -1,0 +1,201 @@
+"""The OpenAI endpoints: models, chat completions and completions, streamed or not.
+
+A chat request's messages become chunks (ContextManager.chat); a completion's prompt is one
+user message. The chunk extensions (context, chunks, mode, recompute, store) come as extra
+top-level fields, and the response says what kvchunks did in a `kvchunks` object.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from kvchunks import GenerationResult, SamplingParams
+from kvchunks.common import InvalidInput
+from kvchunks.server.errors import as_response
+from kvchunks.server.schemas import ChatRequest, CompletionRequest, Sampling
+from kvchunks.server.streaming import StopHoldBack, cut_at_stop, stream_call
+
+router = APIRouter()
+
+CHAT_MAX_TOKENS = 512  # when a chat request names none (OpenAI: up to the model's window)
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions
+
+
+@router.get("/v1/models")
+def models(request: Request) -> dict:
+    name = request.app.state.backend.model_name
+    return {
+        "object": "list",
+        "data": [{"id": name, "object": "model", "created": 0, "owned_by": "kvchunks"}],
+    }
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request):
+    return await _respond(request, body, body.messages, "chat.completion", CHAT_MAX_TOKENS)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1:
+        raise InvalidInput("prompt must be one string (batches of prompts are not served)")
+    messages = [{"role": "user", "content": prompts[0]}]
+    return await _respond(request, body, messages, "text_completion", COMPLETION_MAX_TOKENS)
+
+
+def _sampling(body: Sampling, default_max_tokens: int) -> SamplingParams:
+    if body.n != 1:
+        raise InvalidInput("n must be 1")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return SamplingParams(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        max_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
+        seed=body.seed,
+        stop=stop,
+    )
+
+
+async def _respond(request: Request, body: Sampling, messages: list, kind: str, max_tokens: int):
+    state = request.app.state
+    params = _sampling(body, max_tokens)
+    manager = state.backend.manager(body.context)
+    call = {
+        "messages": messages,
+        "params": params,
+        "mode": body.mode,
+        "recompute": body.recompute,
+        "chunks": body.chunks,
+        "store": body.store,
+    }
+    reply = Reply(kind, state.backend.model_name, body, params.stop)
+    events = stream_call(manager.chat, **call)
+    if not body.stream:
+        async for event, value in events:
+            if event == "error":
+                return as_response(value)
+            if event == "result":
+                state.metrics.observe_generation(value, *reply.token_counts(value))
+                return JSONResponse(reply.whole(value))
+    # Streamed: headers go once the first piece (or an early refusal) is known, so that a
+    # refused request still gets its status and JSON error.
+    first = await anext(events)
+    if first[0] == "error":
+        return as_response(first[1])
+    return StreamingResponse(_sse(reply, first, events, state), media_type="text/event-stream")
+
+
+async def _sse(reply: Reply, first, events: AsyncIterator, state) -> AsyncIterator[str]:
+    hold = StopHoldBack(reply.stops)
+    yield _event(reply.chunk(role=True))
+    pending = [first]
+    while True:
+        event, value = pending.pop() if pending else await anext(events)
+        if event == "text":
+            if text := hold.feed(value):
+                yield _event(reply.chunk(text=text))
+            continue
+        if event == "error":
+            status = as_response(value)
+            yield _event(json.loads(status.body))
+        else:
+            state.metrics.observe_generation(value, *reply.token_counts(value))
+            if text := hold.finish():
+                yield _event(reply.chunk(text=text))
+            yield _event(reply.chunk(finish=value))
+            if reply.include_usage:
+                yield _event(reply.usage_chunk(value))
+        yield "data: [DONE]\n\n"
+        return
+
+
+def _event(document: dict) -> str:
+    return f"data: {json.dumps(document, ensure_ascii=False)}\n\n"
+
+
+class Reply:
+    """The OpenAI response objects of one request."""
+
+    def __init__(self, kind: str, model: str, body: Sampling, stops: list[str]):
+        self.kind, self.model, self.body, self.stops = kind, model, body, stops
+        self.id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        options = body.stream_options
+        self.include_usage = bool(options and options.include_usage)
+
+    def whole(self, result: GenerationResult) -> dict:
+        text = cut_at_stop(result.text, self.stops)
+        if self.kind == "chat.completion":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None}
+        choice["finish_reason"] = self.finish_reason(result)
+        return {
+            **self._head(self.kind),
+            "choices": [choice],
+            "usage": self.usage(result),
+            "kvchunks": self.extension(result),
+        }
+
+    def chunk(self, text: str = "", role: bool = False, finish=None) -> dict:
+        if self.kind == "chat.completion":
+            delta = {"role": "assistant", "content": ""} if role else {"content": text}
+            if finish is not None:
+                delta = {}
+            choice = {"index": 0, "delta": delta}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None}
+        choice["finish_reason"] = None if finish is None else self.finish_reason(finish)
+        document = {**self._head(self._chunk_kind()), "choices": [choice]}
+        if finish is not None:
+            document["kvchunks"] = self.extension(finish)
+        return document
+
+    def usage_chunk(self, result: GenerationResult) -> dict:
+        return {**self._head(self._chunk_kind()), "choices": [], "usage": self.usage(result)}
+
+    def token_counts(self, result: GenerationResult) -> tuple[int, int]:
+        """Prompt tokens (the context attended to, then the prompt) and those of them whose
+        KV was used as stored: OpenAI's `cached_tokens`."""
+        prompt = result.prompt_chunk.token_count
+        context = result.tokens_reused + result.tokens_recomputed
+        cached = result.tokens_reused + (prompt - 1 if result.prompt_reused else 0)
+        return context + prompt, cached
+
+    def usage(self, result: GenerationResult) -> dict:
+        prompt, cached = self.token_counts(result)
+        completion = len(result.token_ids)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+    def extension(self, result: GenerationResult) -> dict:
+        kept = self.body.store
+        return {
+            "context": self.body.context,
+            "prompt_chunk": result.prompt_chunk.hash if kept else None,
+            "output_chunk": result.output_chunk.hash if kept and result.output_chunk else None,
+            "mode": result.mode,
+            "recompute": result.recompute,
+            "reused_tokens": result.tokens_reused,
+            "recomputed_tokens": result.tokens_recomputed,
+        }
+
+    def finish_reason(self, result: GenerationResult) -> str:
+        return "length" if result.finish_reason == "length" else "stop"
+
+    def _chunk_kind(self) -> str:
+        return "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}

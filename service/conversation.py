@@ -1,0 +1,104 @@
+"""A conversation sent whole with every request, as OpenAI clients send it, kept as chunks.
+
+Each message but the last becomes a chunk computed after what precedes it (the chunks the
+request attends to first, then the earlier messages), so a client that resends a growing
+conversation computes only what is new: the messages it sent before are the same chunks
+again (content addresses), and an assistant message that repeats a stored answer is that
+answer's chunk. The last message, from the user, is the prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvchunks.common import InvalidInput
+from kvchunks.service.chunk_store import ChunkStore
+from kvchunks.store.chunk import ChunkInfo
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Message:
+    role: str
+    content: str
+
+
+def checked_messages(messages: list) -> list[Message]:
+    """Messages as {"role", "content"} dicts (content: text, or a list of text parts)."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidInput("messages must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+        if role not in ROLES:
+            raise InvalidInput(f"messages[{i}].role must be one of {', '.join(ROLES)}")
+        if isinstance(content, list):  # OpenAI content parts: only text ones are read
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if not isinstance(content, str) or not content.strip():
+            raise InvalidInput(f"messages[{i}].content must be non-empty text")
+        out.append(Message(role, content))
+    if out[-1].role != "user":
+        raise InvalidInput("the last message must be the user's (the prompt)")
+    return out
+
+
+@dataclass
+class MessageChunks:
+    chunks: list[ChunkInfo]  # one per message but the last, in order
+    made: list[ChunkInfo]  # those computed by this call (not stored before)
+
+
+def message_chunks(
+    store: ChunkStore,
+    context: str,
+    messages: list[Message],
+    before: list[ChunkInfo],
+    mode: str,
+    recompute: float | None,
+) -> MessageChunks:
+    """The chunks of messages[:-1], each computed after `before` and the messages before it
+    (or found stored)."""
+    chat, out, made = store.model.chat, [], []
+    for i, message in enumerate(messages[:-1]):
+        parents = [*before, *out]
+        follows_prompt = i > 0 and messages[i - 1].role == "user"
+        if message.role == "assistant" and follows_prompt:
+            answer = _stored_answer(store, parents, message.content)
+            if answer is not None:
+                out.append(answer)
+                continue
+            body = chat.tokenizer.encode(message.content, add_special_tokens=False)
+            tokens = body + chat.close_answer(body)
+        elif message.role == "user" and messages[i + 1].role == "assistant":
+            tokens = chat.prompt(message.content)  # as a generation's prompt chunk is
+        else:
+            tokens = chat.frame(message.role, message.content)
+        chunk, new = store.maker.compute(
+            tokens,
+            parents,
+            mode,
+            recompute,
+            role=message.role,
+            kind="input",
+            text=message.content,
+            metadata={"source": "message", "context": context},
+        )
+        out.append(chunk)
+        if new:
+            made.append(chunk)
+    return MessageChunks(out, made)
+
+
+def _stored_answer(store: ChunkStore, parents: list[ChunkInfo], text: str) -> ChunkInfo | None:
+    """The stored answer, computed after exactly `parents`, whose text is `text`."""
+    registry = store.registry
+    expected = [p.hash for p in parents]
+    for child in registry.get_many(registry.children(parents[-1].hash)):
+        if (
+            child.kind == "output"
+            and child.parent_chunks == expected
+            and child.text.strip() == text.strip()
+        ):
+            return child
+    return None

@@ -1,0 +1,77 @@
+"""ContextManager.chat: a conversation sent whole with each request, kept as chunks."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvchunks.common import ChunkNotFound, ContextWindowExceeded, InvalidInput
+from kvchunks.engine import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+DOC = "The ferry to Vaxholm leaves from Strömkajen at 9:15 and takes seventy minutes."
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def test_a_resent_conversation_computes_only_its_new_message(make_cm):
+    cm = make_cm("chat")
+    doc = cm.add_chunk(DOC)
+    cm.activate_chunk(doc.hash)
+    first = cm.chat([user("When does the ferry leave?")], GREEDY)
+    assert first.prompt_chunk.parent_chunks == [doc.hash] and not first.prompt_reused
+    history = [user("When does the ferry leave?"), {"role": "assistant", "content": first.text}]
+    second = cm.chat([*history, user("How long does it take?")], GREEDY)
+    # The first turn's prompt and answer are its chunks again: nothing of them is computed.
+    turn = first.prompt_chunk.token_count + first.output_chunk.token_count
+    assert second.prompt_chunk.parent_chunks == [
+        doc.hash,
+        first.prompt_chunk.hash,
+        first.output_chunk.hash,
+    ]
+    assert second.tokens_reused == doc.token_count + turn and second.tokens_recomputed == 0
+    assert [c.hash for c in cm.context().chunks] == [doc.hash]  # the active set is unchanged
+    # The same chunks active in another context answer the same, through generate.
+    other = cm.with_context("chat-oracle")
+    for chunk in (doc, first.prompt_chunk, first.output_chunk):
+        other.activate_chunk(chunk.hash)
+    expected = other.generate("How long does it take?", GREEDY)
+    assert second.text == expected.text and second.output_chunk.hash == expected.output_chunk.hash
+
+
+def test_request_chunks_and_messages_without_storing(make_cm):
+    cm = make_cm("chat-nostore")
+    doc = cm.add_chunk(DOC)
+    before = {c.hash for c in cm.list_chunks()}
+    messages = [
+        {"role": "system", "content": "Answer in one short sentence."},
+        user("Where does the ferry leave from?"),
+    ]
+    answer = cm.chat(messages, GREEDY, chunks=[doc.hash[:10]], store=False)
+    assert answer.text and answer.output_chunks == []
+    assert answer.tokens_recomputed > 0  # the system message was computed for this call
+    assert {c.hash for c in cm.list_chunks()} == before and cm.context().chunks == []
+    kept = cm.chat(messages, GREEDY, chunks=[doc.hash])
+    assert kept.text == answer.text and kept.prompt_chunk.parent_chunks[0] == doc.hash
+    assert len({c.hash for c in cm.list_chunks()} - before) == 3  # system, prompt, answer
+
+
+@pytest.mark.parametrize(
+    ("messages", "error"),
+    [
+        ([], InvalidInput),
+        ([{"role": "assistant", "content": "Hi."}], InvalidInput),
+        ([{"role": "tool", "content": "x"}, user("Hi?")], InvalidInput),
+        ([user("   ")], InvalidInput),
+        ([user("word " * 9000)], ContextWindowExceeded),
+    ],
+)
+def test_bad_conversations_are_refused_and_change_nothing(make_cm, messages, error):
+    cm = make_cm("chat-bad")
+    before = cm.list_chunks()
+    with pytest.raises(error):
+        cm.chat(messages, GREEDY)
+    with pytest.raises(ChunkNotFound):
+        cm.chat([user("Hi?")], GREEDY, chunks=["0000aaaa"])
+    assert cm.list_chunks() == before

@@ -1,0 +1,334 @@
+"""The HTTP server, for real: uvicorn on a free loopback port, driven by the `openai` package
+and `httpx`, over a chunk store whose registry is a standalone Redis (so that the last test
+can stop it). One server for the module; the in-process API on the same store is the oracle.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from test_store_redis_url import StandaloneRedis, free_port
+
+from kvchunks.engine import LLM, EngineConfig, SamplingParams
+from kvchunks.server.app import create_app
+from kvchunks.server.backend import LocalBackend
+from kvchunks.service.chunk_store import ChunkStore
+from kvchunks.service.context_manager import ContextManager
+
+KEY = "test-key-0123"
+DOC = "The ferry to Vaxholm leaves from Strömkajen at 9:15 and takes seventy minutes."
+OTHER = "The library on Kungsgatan opens at ten and closes at six, except on Sundays."
+ROUTE_TEXT = "The bakery on Drottninggatan sells cardamom buns until they run out."
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+@dataclass
+class Served:
+    url: str
+    cm: ContextManager  # the in-process API over the server's store
+    redis: StandaloneRedis
+
+    def http(self, key: str | None = KEY) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+    def openai(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def served(model_path, llm, tmp_path_factory) -> Iterator[Served]:
+    home = tmp_path_factory.mktemp("http-home")
+    (home / "redis").mkdir()
+    redis_server = StandaloneRedis(home / "redis", free_port())
+    redis_server.start()
+    engine = LLM(model_path, EngineConfig(kv_cache_bytes=128 << 20))
+    engine.runner.model = llm.runner.model  # the session's weights, a pool of its own
+    store = ChunkStore(home=home, llm=engine, redis_url=redis_server.url)
+    cm = ContextManager(store=store)
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(LocalBackend(cm), KEY), host="127.0.0.1", port=port, log_level="warning"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the HTTP server did not start"
+        time.sleep(0.05)
+    try:
+        yield Served(f"http://127.0.0.1:{port}", cm, redis_server)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        store.close()
+        if redis_server.process.poll() is None:
+            redis_server.process.terminate()
+            redis_server.process.wait()
+
+
+def state(served: Served) -> tuple:
+    """What a refused request must leave as it was: chunks, and every context's active set."""
+    chunks = sorted((c.hash, tuple(c.tags), c.tier) for c in served.cm.list_chunks())
+    registry = served.cm.registry
+    return chunks, {name: registry.active(name) for name in registry.contexts()}
+
+
+def add_doc(served: Served, text: str, context: str | None = None) -> dict:
+    with served.http() as http:
+        doc = http.post("/v1/chunks", json={"text": text, "tags": ["doc"]}).json()
+        if context:
+            http.post(f"/v1/contexts/{context}/activate", json={"chunk": doc["hash"]})
+    return doc
+
+
+def test_chat_through_openai_equals_the_in_process_api(served):
+    doc = add_doc(served, DOC, context="http-chat")
+    client = served.openai()
+    question = [{"role": "user", "content": "When does the ferry leave?"}]
+    reply = client.chat.completions.create(
+        model="any",
+        messages=question,
+        temperature=0,
+        max_tokens=12,
+        extra_body={"context": "http-chat"},
+    )
+    oracle = served.cm.with_context("http-chat-oracle")
+    oracle.activate_chunk(doc["hash"])
+    expected = oracle.chat(question, GREEDY)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    extension = reply.model_extra["kvchunks"]
+    assert extension["output_chunk"] == expected.output_chunk.hash
+    assert extension["prompt_chunk"] == expected.prompt_chunk.hash
+    assert reply.usage.prompt_tokens == doc["token_count"] + expected.prompt_chunk.token_count
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+    # Streamed: the same text in pieces, then the usage.
+    stream = client.chat.completions.create(
+        model="any",
+        messages=question,
+        temperature=0,
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"context": "http-chat"},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text and chunks[-1].usage.completion_tokens == len(expected.token_ids)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == reply.usage.prompt_tokens - 1
+
+
+def test_a_resent_conversation_is_served_from_its_chunks(served):
+    doc = add_doc(served, OTHER, context="http-turns")
+    client = served.openai()
+    history = [{"role": "user", "content": "When does the library open?"}]
+    extra = {"context": "http-turns"}
+    first = client.chat.completions.create(
+        model="any", messages=history, temperature=0, max_tokens=10, extra_body=extra
+    )
+    history += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And when does it close?"},
+    ]
+    second = client.chat.completions.create(
+        model="any", messages=history, temperature=0, max_tokens=10, extra_body=extra
+    )
+    turn = first.usage.prompt_tokens - doc["token_count"] + first.usage.completion_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens >= turn + doc["token_count"]
+    assert second.model_extra["kvchunks"]["recomputed_tokens"] == 0
+    # The in-process API, with the first turn's chunks active, answers the same.
+    oracle = served.cm.with_context("http-turns-oracle")
+    for ref in (doc["hash"], first.model_extra["kvchunks"]["prompt_chunk"]):
+        oracle.activate_chunk(ref)
+    oracle.activate_chunk(first.model_extra["kvchunks"]["output_chunk"])
+    params = SamplingParams(temperature=0, max_tokens=10)
+    expected = oracle.generate("And when does it close?", params)
+    assert second.choices[0].message.content == expected.text
+
+
+def test_completions_chunk_fields_and_stop_strings(served):
+    doc = add_doc(served, DOC)
+    client = served.openai()
+    before = state(served)
+    extra = {"context": "http-complete", "chunks": [doc["hash"][:12]], "store": False}
+    done = client.completions.create(
+        model="any",
+        prompt="Where does the ferry leave from?",
+        temperature=0,
+        max_tokens=12,
+        extra_body=extra,
+    )
+    assert done.choices[0].text and done.model_extra["kvchunks"]["output_chunk"] is None
+    assert state(served) == before  # store: false keeps nothing; chunks: no activation
+    pieces = client.completions.create(
+        model="any",
+        prompt="Where does the ferry leave from?",
+        temperature=0,
+        max_tokens=12,
+        extra_body=extra,
+        stream=True,
+    )
+    assert "".join(p.choices[0].text for p in pieces if p.choices) == done.choices[0].text
+    words = done.choices[0].text.split()
+    stop = words[1] if len(words) > 1 else words[0]
+    cut = client.completions.create(
+        model="any",
+        prompt="Where does the ferry leave from?",
+        temperature=0,
+        max_tokens=12,
+        extra_body=extra,
+        stop=[stop],
+    )
+    assert cut.choices[0].text == done.choices[0].text.split(stop)[0]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_every_chunk_route(served):
+    with served.http() as http:
+        a = http.post("/v1/chunks", json={"text": DOC, "tags": ["route"]})
+        assert a.status_code == 201
+        a = a.json()
+        b = http.post("/v1/chunks", json={"text": ROUTE_TEXT, "role": "user"}).json()
+        assert b["role"] == "user" and b["tier"] in ("gpu", "cpu", "disk")
+        listed = http.get("/v1/chunks", params={"tag": "route"}).json()["data"]
+        assert [c["hash"] for c in listed] == [a["hash"]]
+        assert (
+            http.get("/v1/chunks", params={"pattern": "Drottninggatan"}).json()["data"][0]["hash"]
+            == b["hash"]
+        )
+        one = http.get(f"/v1/chunks/{a['hash'][:10]}").json()
+        assert one["token_ids"] == served.cm.get_chunk(a["hash"]).token_ids
+        tagged = http.post(f"/v1/chunks/{a['hash']}/tags", json={"add": ["x"], "remove": ["route"]})
+        assert "x" in tagged.json()["tags"] and "route" not in tagged.json()["tags"]
+        for tier in ("cpu", "disk", "gpu"):
+            moved = http.post(f"/v1/chunks/{a['hash']}/move", json={"tier": tier}).json()
+            assert moved["tier"] == tier == served.cm.get_chunk(a["hash"]).tier
+        composed = http.post("/v1/chunks/compose", json={"chunks": [a["hash"], b["hash"]]})
+        assert composed.status_code == 201 and composed.json()["layout"] == "view"
+        head, tail = http.post(f"/v1/chunks/{b['hash']}/split", json={"at": 5}).json()["data"]
+        assert (
+            head["token_count"] == 5
+            and head["token_count"] + tail["token_count"] == b["token_count"]
+        )
+        tree = http.get(f"/v1/chunks/{a['hash']}/provenance").json()
+        assert composed.json()["hash"] in {c["hash"] for c in tree["children"]}
+        on = http.post("/v1/contexts/http-routes/activate", json={"chunk": a["hash"]}).json()
+        assert on["is_active"]
+        context = http.get("/v1/contexts/http-routes").json()
+        assert [c["hash"] for c in context["chunks"]] == [a["hash"]]
+        assert [c.hash for c in served.cm.with_context("http-routes").context().chunks] == [
+            a["hash"]
+        ]
+        settings = http.post("/v1/contexts/http-routes/settings", json={"mode": "exact"})
+        assert settings.json()["mode"] == "exact"
+        off = http.post("/v1/contexts/http-routes/deactivate", json={"chunk": a["hash"]})
+        assert not off.json()["is_active"]
+        http.post("/v1/contexts/http-routes/activate", json={"chunk": b["hash"]})
+        assert http.post("/v1/contexts/http-routes/clear").status_code == 204
+        assert http.get("/v1/contexts/http-routes").json()["chunks"] == []
+        blocked = http.delete(f"/v1/chunks/{a['hash']}")
+        assert blocked.status_code == 409 and "cascade" in blocked.json()["error"]["message"]
+        gone = http.delete(f"/v1/chunks/{a['hash']}", params={"cascade": "true"}).json()
+        assert set(gone["deleted"]) == {a["hash"], composed.json()["hash"]}
+        assert http.get(f"/v1/chunks/{a['hash']}").status_code == 404
+        assert http.get("/v1/models").json()["data"][0]["owned_by"] == "kvchunks"
+        schema = http.get("/openapi.json").json()
+        assert "/v1/chat/completions" in schema["paths"] and "/v1/chunks/{ref}" in schema["paths"]
+
+
+def too_long() -> str:
+    return "word " * 9000
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("post", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400),
+        ("post", "/v1/chat/completions", {"messages": [], "temperature": 5}, 400),
+        ("post", "/v1/chunks", {"text": "   "}, 400),
+        ("post", "/v1/chunks", {"text": "x", "tags": ["has space"]}, 400),
+        ("get", "/v1/chunks/0000aaaa", None, 404),
+        ("post", "/v1/contexts/c/activate", {"chunk": "ffff0000"}, 404),
+        ("post", "/v1/chunks", {"text": too_long()}, 413),
+        (
+            "post",
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": too_long()}]},
+            413,
+        ),
+        ("post", "/v1/chunks", {"text": "x" * (9 << 20)}, 413),
+    ],
+)
+def test_errors_are_openai_json_and_change_nothing(served, method, path, body, status):
+    before = state(served)
+    with served.http() as http:
+        response = http.request(method, path, json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == status and error["message"] and "\n" not in error["message"]
+    assert state(served) == before
+
+
+def test_the_api_key_is_required(served):
+    with served.http(key=None) as http:
+        assert http.get("/v1/chunks").status_code == 401
+        assert http.get("/health").status_code == 200
+    with served.http(key="wrong") as http:
+        refused = http.post("/v1/chunks", json={"text": "Not stored."})
+        assert (
+            refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
+        )
+    assert not served.cm.list_chunks(pattern="Not stored")
+
+
+def test_metrics_count_requests_tokens_and_tiers(served):
+    with served.http() as http:
+        text = http.get("/metrics").text
+    for name in (
+        "kvchunks:requests_total",
+        "kvchunks:prompt_tokens_reused_total",
+        "kvchunks:time_to_first_token_seconds_bucket",
+        "kvchunks:file_loads_total",
+        "kvchunks:evictions_total",
+        "kvchunks:pool_blocks_free",
+        "kvchunks:disk_bytes",
+    ):
+        assert name in text, name
+    served_chats = [
+        line for line in text.splitlines() if line.startswith("kvchunks:requests_total{")
+    ]
+    assert any(
+        'route="/v1/chat/completions"' in line and 'status="200"' in line for line in served_chats
+    )
+
+
+def test_registry_down_is_503_and_changes_nothing(served):
+    before = state(served)
+    served.redis.kill()
+    try:
+        with served.http() as http:
+            for method, path, body in (
+                ("get", "/v1/chunks", None),
+                ("post", "/v1/chunks", {"text": "Written while Redis is down."}),
+                (
+                    "post",
+                    "/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": "Hi?"}]},
+                ),
+            ):
+                response = http.request(method, path, json=body)
+                assert response.status_code == 503, response.text
+                assert json.loads(response.text)["error"]["type"] == "service_unavailable"
+    finally:
+        served.redis.start()
+    assert state(served) == before
