@@ -155,7 +155,8 @@ class LLM:
         emitted = seq.num_completion_tokens
         while not seq.is_finished:
             with lock or nullcontext():
-                self.step()
+                if not seq.is_finished:  # another thread's step may have finished it
+                    self.step()
             new = seq.completion_token_ids[emitted:]
             emitted += len(new)
             yield from new

@@ -3,6 +3,7 @@ health and Prometheus metrics, over a backend (the in-process API or the Ray clu
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from fastapi import FastAPI, Request
@@ -15,12 +16,18 @@ from kvchunks.server.backend import Backend
 from kvchunks.server.metrics import Metrics
 
 MAX_BODY_BYTES = 8 << 20  # a request larger than this is refused (413) before it is read
+# Generations run at once; more wait their turn. Each holds its prompt's and answer's KV
+# blocks while it runs, so a pool full of running generations refuses new KV (507) instead.
+MAX_GENERATIONS = 8
 OPEN_PATHS = ("/health",)  # served without the API key
 
 
-def create_app(backend: Backend, api_key: str | None = None) -> FastAPI:
+def create_app(
+    backend: Backend, api_key: str | None = None, max_generations: int = MAX_GENERATIONS
+) -> FastAPI:
     app = FastAPI(title="kvchunks", summary="OpenAI-compatible serving over KV-cache chunks")
     app.state.backend = backend
+    app.state.generation_slots = asyncio.Semaphore(max_generations)
     app.state.metrics = Metrics(backend.usage)
     app.add_exception_handler(KVChunksError, errors.on_kvchunks_error)
     app.add_exception_handler(errors.HTTPProblem, errors.on_problem)

@@ -76,23 +76,36 @@ async def _respond(request: Request, body: Sampling, messages: list, kind: str, 
         "store": body.store,
     }
     reply = Reply(kind, state.backend.model_name, body, params.stop)
+    await state.generation_slots.acquire()  # a slot is given back when the answer is done
     events = stream_call(manager.chat, **call)
     if not body.stream:
-        async for event, value in events:
-            if event == "error":
-                return as_response(value)
-            if event == "result":
-                state.metrics.observe_generation(value, *reply.token_counts(value))
-                return JSONResponse(reply.whole(value))
+        try:
+            async for event, value in events:
+                if event == "error":
+                    return as_response(value)
+                if event == "result":
+                    state.metrics.observe_generation(value, *reply.token_counts(value))
+                    return JSONResponse(reply.whole(value))
+        finally:
+            state.generation_slots.release()
     # Streamed: headers go once the first piece (or an early refusal) is known, so that a
     # refused request still gets its status and JSON error.
     first = await anext(events)
     if first[0] == "error":
+        state.generation_slots.release()
         return as_response(first[1])
     return StreamingResponse(_sse(reply, first, events, state), media_type="text/event-stream")
 
 
 async def _sse(reply: Reply, first, events: AsyncIterator, state) -> AsyncIterator[str]:
+    try:
+        async for event in _sse_events(reply, first, events, state):
+            yield event
+    finally:
+        state.generation_slots.release()
+
+
+async def _sse_events(reply: Reply, first, events: AsyncIterator, state) -> AsyncIterator[str]:
     hold = StopHoldBack(reply.stops)
     yield _event(reply.chunk(role=True))
     pending = [first]

@@ -181,6 +181,11 @@ def _run(
         with store.lock:
             llm.abort(seq)
         return seq.completion_token_ids[: max(seq.num_computed - skip, 0)], ttft, True
+    except BaseException:  # nothing of the answer is stored: its KV goes
+        with store.lock:
+            llm.abort(seq)
+            llm.release(seq.own_segment())
+        raise
     return seq.completion_token_ids, ttft, False
 
 

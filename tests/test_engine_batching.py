@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from test_engine_reference import random_tokens
 
@@ -173,3 +175,27 @@ def test_a_reserved_request_keeps_its_blocks_and_frees_the_unused_ones(model_pat
     with pytest.raises(CapacityError):  # a reservation that does not fit is refused at once
         small.add_request(random_tokens(90, seed=6), params, keep_kv=True, reserve=True)
     assert bm.num_free == 5 and small.scheduler.is_finished()
+
+
+def test_threads_streaming_their_own_requests_share_the_steps(llm):
+    """Each thread drives the engine until its own request is done; a step one thread runs
+    also advances (or finishes) the others' requests."""
+    prompts = prompts_of_lengths([9, 30, 70, 120, 5, 44])
+    expected = [llm.generate([p], GREEDY)[0].token_ids for p in prompts]
+    lock = threading.Lock()
+    got: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            seq = llm.add_request(prompts[i], GREEDY)
+            got[i] = list(llm.stream(seq, lock))
+        except BaseException as e:  # handed to the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and [got[i] for i in range(len(prompts))] == expected

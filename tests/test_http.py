@@ -6,8 +6,10 @@ can stop it). One server for the module; the in-process API on the same store is
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -50,7 +52,7 @@ def served(model_path, llm, tmp_path_factory) -> Iterator[Served]:
     (home / "redis").mkdir()
     redis_server = StandaloneRedis(home / "redis", free_port())
     redis_server.start()
-    engine = LLM(model_path, EngineConfig(kv_cache_bytes=128 << 20))
+    engine = LLM(model_path, EngineConfig(kv_cache_bytes=256 << 20))
     engine.runner.model = llm.runner.model  # the session's weights, a pool of its own
     store = ChunkStore(home=home, llm=engine, redis_url=redis_server.url)
     cm = ContextManager(store=store)
@@ -310,6 +312,72 @@ def test_metrics_count_requests_tokens_and_tiers(served):
     assert any(
         'route="/v1/chat/completions"' in line and 'status="200"' in line for line in served_chats
     )
+
+
+def test_sixteen_clients_for_a_minute(served):
+    """Streaming chats, chunk routes and deletes at once: no 5xx, nothing acknowledged lost,
+    the store's invariants hold."""
+    stop_at = time.monotonic() + 60
+    kept: dict[int, set[str]] = {}
+    failures: list[str] = []
+    counts: Counter[str] = Counter()
+
+    def client(i: int) -> None:
+        rng, mine = random.Random(i), kept.setdefault(i, set())
+        context = f"load-{i}"
+        with served.http() as http:
+            while time.monotonic() < stop_at:
+                action = rng.choice(["chat", "chat", "add", "list", "toggle", "delete"])
+                response = None
+                if action == "chat":
+                    body = {
+                        "messages": [{"role": "user", "content": f"Say a colour, {i}."}],
+                        "max_tokens": 6,
+                        "temperature": 0,
+                        "stream": True,
+                        "context": context,
+                    }
+                    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                        lines = [line for line in response.iter_lines() if line]
+                    if response.status_code == 200 and lines[-1] != "data: [DONE]":
+                        failures.append(f"client {i}: a stream ended without [DONE]")
+                elif action == "add":
+                    text = (
+                        f"Note {i}-{rng.randrange(10**6)}: the tide turns at {rng.randrange(24)}."
+                    )
+                    response = http.post("/v1/chunks", json={"text": text})
+                    if response.status_code == 201:
+                        mine.add(response.json()["hash"])
+                elif action == "list":
+                    response = http.get("/v1/chunks", params={"pattern": f"Note {i}-"})
+                elif action == "toggle" and mine:
+                    ref = rng.choice(sorted(mine))
+                    response = http.post(f"/v1/contexts/{context}/activate", json={"chunk": ref})
+                    if response.status_code == 200:
+                        response = http.post(
+                            f"/v1/contexts/{context}/deactivate", json={"chunk": ref}
+                        )
+                elif action == "delete" and mine:
+                    ref = rng.choice(sorted(mine))
+                    response = http.delete(f"/v1/chunks/{ref}")
+                    if response.status_code == 200:
+                        mine.discard(ref)
+                if response is not None:
+                    counts[action] += 1
+                    if response.status_code >= 500:
+                        failures.append(f"client {i} {action}: {response.status_code}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures[:5]
+    assert counts["chat"] >= 16 and counts["add"] >= 16, counts
+    listed = {c.hash for c in served.cm.list_chunks()}
+    assert set().union(*kept.values()) <= listed
+    served.cm.store.wait_for_transfers()
+    assert served.cm.store.violations() == []
 
 
 def test_registry_down_is_503_and_changes_nothing(served):
