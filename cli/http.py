@@ -36,7 +36,9 @@ def check_exposure(host: str, api_key: str | None) -> None:
 
 @click.command("http")
 @host_option
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port."
+)
 @api_key_option
 @pass_state
 def http(state: State, host: str, port: int, api_key: str | None) -> None:

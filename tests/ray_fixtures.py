@@ -39,6 +39,7 @@ class Cluster:
 class RayService:
     service: object  # kvchunks.actors.service.Service
     home: Path  # the service's data directory (KV files, embedded Redis)
+    http_url: str  # the HTTP API that `kvchunks serve --http` deployed with Ray Serve
 
     def worker(self, name: str):
         return self.service.workers[name]
@@ -144,11 +145,13 @@ def _start_service(cluster: Cluster, model: Path, home: Path) -> RayService:
         cluster.address,
         "--kv-cache-mb",
         "256",
+        "--http",
+        str(http_port := free_port()),
     ]
     done = subprocess.run(command, env=cluster.env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "serving with 2 worker(s)" in done.stdout
-    return RayService(service.attach(), home)
+    assert "serving with 2 worker(s)" in done.stdout and "HTTP API on" in done.stdout
+    return RayService(service.attach(), home, f"http://127.0.0.1:{http_port}")
 
 
 def _stop_service(running: RayService) -> None:

@@ -36,6 +36,7 @@ SUBCOMMANDS = [
     "auto",
     "model",
     "bench",
+    "http",
 ]
 
 
@@ -146,3 +147,18 @@ def test_bench_lists_runs_and_refuses_unknown_names():
     helped = invoke(["bench", "engine", "--help"])  # the options after NAME are the bench's
     assert helped.exit_code == 0, helped.output
     assert "--prefill-tokens" in helped.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["http", "--host", "0.0.0.0"],
+        ["http", "--host", "example.org", "--port", "8001"],
+        ["serve", "--http", "8001", "--host", "10.1.2.3"],
+    ],
+)
+def test_http_refuses_to_listen_beyond_loopback_without_a_key(args, tmp_path, monkeypatch):
+    monkeypatch.delenv("KVCHUNKS_API_KEY", raising=False)
+    result = CliRunner().invoke(cli, ["--data-dir", str(tmp_path), *args])
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and "without an API key" in result.output

@@ -8,6 +8,8 @@ import subprocess
 import threading
 import time
 
+import httpx
+import openai
 import pytest
 import ray
 import ray_fixtures
@@ -204,6 +206,29 @@ def test_kv_evicted_to_host_memory_outlives_its_worker(ray_service):
     for chunk_hash, kv in stored.items():
         assert same_bits(ray.get(s.worker("worker-1").read_kv.remote(chunk_hash)), kv)
     get(s.worker("worker-0").ready.remote(), "worker-0 restarting")  # for the tests after
+
+
+def test_serve_with_http_answers_through_ray_serve(ray_service, make_cm):
+    url = ray_service.http_url
+    with httpx.Client(base_url=url, timeout=120) as http:
+        doc = http.post("/v1/chunks", json={"text": DOC})
+        assert doc.status_code == 201, doc.text
+        http.post("/v1/contexts/serve-http/activate", json={"chunk": doc.json()["hash"]})
+        assert http.get("/v1/contexts/serve-http").json()["chunks"][0]["hash"] == doc.json()["hash"]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    question = [{"role": "user", "content": "Where is the vault?"}]
+    reply = client.chat.completions.create(
+        model="kvchunks",
+        messages=question,
+        temperature=0,
+        max_tokens=16,
+        extra_body={"context": "serve-http"},
+    )
+    cm = make_cm("serve-http-local")
+    cm.activate_chunk(cm.add_chunk(DOC).hash)
+    local = cm.chat(question, GREEDY)
+    assert reply.choices[0].message.content == local.text
+    assert reply.model_extra["kvchunks"]["output_chunk"] == local.output_chunk.hash
 
 
 def test_status_shows_workers_pools_and_tiers(ray_service):
