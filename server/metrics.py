@@ -21,6 +21,8 @@ STORE_COUNTERS = {
     "evictions": "chunks moved out of the pool to make room",
     "prefetched": "chunk KV brought into the pool ahead of use",
     "prefetch_skipped": "prefetches given up (no room, or the chunk was deleted)",
+    "prefetch_hits": "prefetched chunk KV that a request then found in the pool",
+    "load_waits": "loads that waited for the same chunk's load in flight (a late prefetch)",
     "composition_hits": "compositions whose derived KV was kept from an earlier request",
     "composition_tokens_recomputed": "tokens recomputed to make derived KV",
 }

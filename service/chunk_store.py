@@ -80,7 +80,7 @@ class ChunkStore:
             self.budgets.disk_bytes,
             self.budgets.disk_compression,
         )
-        self.loader = KVLoader([peers, self.files] if peers else [self.files])
+        self.loader = KVLoader([peers, self.files] if peers else [self.files], self.stats)
         self.tiers = Tiers(
             self.model,
             self.registry,

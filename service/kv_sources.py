@@ -6,6 +6,7 @@ instead of reading the file again. None from every source means: recompute it.""
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from concurrent.futures import Future
 from typing import Protocol
 
@@ -25,8 +26,8 @@ class KVSource(Protocol):
 
 
 class KVLoader:
-    def __init__(self, sources: list[KVSource]):
-        self.sources = sources
+    def __init__(self, sources: list[KVSource], stats: Counter[str]):
+        self.sources, self.stats = sources, stats
         self._loading: dict[str, Future] = {}  # hash -> its KV, once loaded
         self._lock = threading.Lock()
 
@@ -36,7 +37,8 @@ class KVLoader:
             pending = self._loading.get(chunk.hash)
             if pending is None:
                 self._loading[chunk.hash] = mine = Future()
-        if pending is not None:
+        if pending is not None:  # a prefetch (or another call) is loading it: late for us
+            self.stats["load_waits"] += 1
             return pending.result()
         kv = None
         try:

@@ -97,6 +97,7 @@ class Prefetcher:
                     if kv is not None and owner.hash not in tiers.host:
                         tiers.host.put(owner.hash, *kv)
                     self.composer.owned_kv(owner)
+                    tiers.prefetched.add(owner.hash)
                     self.stats["prefetched"] += 1
         except (CapacityError, ChunkNotFound):
             self.stats["prefetch_skipped"] += 1

@@ -63,6 +63,7 @@ class Tiers:
         self.compositions: dict[str, Composition] = {}  # derived KV by composition key
         self.lru = LRU()
         self.pinned: Counter[str] = Counter()  # what a running generation attends to
+        self.prefetched: set[str] = set()  # brought in ahead of use, not used yet
         self.records = TierRecords(registry)
 
     def tier_of(self, chunk_hash: str) -> str:
@@ -79,6 +80,9 @@ class Tiers:
             self.lru.touch(chunk.hash)
             if chunk.hash in self.kv:
                 self.stats["pool_hits"] += 1
+                if chunk.hash in self.prefetched:
+                    self.prefetched.discard(chunk.hash)
+                    self.stats["prefetch_hits"] += 1
                 return self.kv[chunk.hash]
             self.stats["pool_misses"] += 1
             kv = self.host.pop(chunk.hash)
@@ -114,6 +118,7 @@ class Tiers:
 
     def evict(self, chunk_hash: str) -> None:
         self.free(self.kv.pop(chunk_hash, []))
+        self.prefetched.discard(chunk_hash)
 
     def make_room(self, blocks: int) -> None:
         """Free pool blocks for `blocks` new ones within the gpu budget, moving the least

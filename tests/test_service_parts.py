@@ -80,7 +80,8 @@ class SlowSource:
 
 def test_loader_asks_sources_in_order_and_loads_each_chunk_once_at_a_time():
     empty, full = SlowSource(None, 0), SlowSource(kv(3))
-    loader = KVLoader([empty, full])
+    stats: Counter[str] = Counter()
+    loader = KVLoader([empty, full], stats)
     results = []
     threads = [
         threading.Thread(target=lambda: results.append(loader.load(chunk(3)))) for _ in range(4)
@@ -90,12 +91,13 @@ def test_loader_asks_sources_in_order_and_loads_each_chunk_once_at_a_time():
     for t in threads:
         t.join()
     assert full.calls[A] == 1 and empty.calls[A] == 1  # the other three waited for that load
+    assert stats["load_waits"] == 3
     assert all(r is full.result for r in results)
     assert loader.load(chunk(3)) is full.result and full.calls[A] == 2  # nothing is cached
 
 
 def test_loader_returns_none_when_no_source_has_it():
-    assert KVLoader([SlowSource(None, 0)]).load(chunk(3)) is None
+    assert KVLoader([SlowSource(None, 0)], Counter()).load(chunk(3)) is None
 
 
 def make_files(tmp_path, stats: Counter, budget: int | None = None) -> ChunkFiles:

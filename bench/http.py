@@ -1,0 +1,162 @@
+"""The HTTP server against the in-process API it serves, in one run (`kvchunks bench http`;
+as a script this file would shadow the standard library's `http`).
+
+1. Time to first token of the same chat request (one document active, a new question each
+   time, `store: false` so that every request computes its prompt): streamed over HTTP with
+   the `openai` package, against `ContextManager.chat` in this process with a streaming
+   callback. The median of --repeats runs of each, taken in turn. `http_ttft_ratio` is
+   HTTP's over the API's (goal <= 1.10).
+2. Chunk-route requests per second over one keep-alive connection: GET /v1/chunks/{ref}, and
+   activate + deactivate pairs (two requests each), against the same calls in process.
+
+Prints one JSON object last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import tempfile
+import threading
+import time
+
+import httpx
+import openai
+import uvicorn
+
+from kvchunks.engine import EngineConfig, SamplingParams
+from kvchunks.engine.checkpoint import resolve_model
+from kvchunks.server.app import create_app
+from kvchunks.server.backend import LocalBackend
+from kvchunks.service.context_manager import ContextManager
+
+DOCUMENT = " ".join(
+    f"Entry {i}: the {w} of the old harbour was repaired in {1900 + 7 * i}."
+    for i, w in enumerate(["crane", "pier", "lighthouse", "warehouse", "bridge", "gate"] * 6)
+)
+SMOKE = {"repeats": 2, "route_seconds": 1.0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cm: ContextManager) -> tuple[uvicorn.Server, str]:
+    port = free_port()
+    app = create_app(LocalBackend(cm))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.02)
+    return server, f"http://127.0.0.1:{port}"
+
+
+def ttft_in_process(cm: ContextManager, question: str, params: SamplingParams) -> float:
+    first: list[float] = []
+    start = time.perf_counter()
+    cm.chat(
+        [{"role": "user", "content": question}],
+        params,
+        on_text=lambda _: first or first.append(time.perf_counter()),
+        store=False,
+    )
+    return first[0] - start
+
+
+def ttft_http(client: openai.OpenAI, question: str, max_tokens: int) -> float:
+    start = time.perf_counter()
+    stream = client.chat.completions.create(
+        model="kvchunks",
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=max_tokens,
+        stream=True,
+        extra_body={"context": "bench-http", "store": False},
+    )
+    first = None
+    for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter()
+    return (first or time.perf_counter()) - start
+
+
+def rate(call, seconds: float) -> float:
+    """Calls per second over `seconds` (after one warm-up call)."""
+    call()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        call()
+        done += 1
+    return done / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="TTFT runs of each (median)")
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--route-seconds", type=float, default=5.0, help="per route rate")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
+    args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
+
+    cm = ContextManager(
+        resolve_model(None),
+        context="bench-http",
+        home=tempfile.mkdtemp(prefix="kvchunks-bench-http-"),
+        engine_config=EngineConfig(kv_cache_bytes=256 << 20),
+    )
+    server, url = start_server(cm)
+    try:
+        doc = cm.add_chunk(DOCUMENT)
+        cm.activate_chunk(doc.hash)
+        params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        ttft_in_process(cm, "Warm-up: which entry is first?", params)
+        ttft_http(client, "Warm-up: which entry is last?", args.max_tokens)
+        ours, theirs = [], []
+        for i in range(args.repeats):  # in turn, so that drift hits both alike
+            theirs.append(ttft_in_process(cm, f"When was entry {i} repaired?", params))
+            ours.append(ttft_http(client, f"When was entry {i} repaired?", args.max_tokens))
+        with httpx.Client(base_url=url) as http:
+            get_rps = rate(
+                lambda: http.get(f"/v1/chunks/{doc.hash}").raise_for_status(), args.route_seconds
+            )
+            other = cm.with_context("bench-http-toggle")
+
+            def toggle_http() -> None:
+                http.post("/v1/contexts/bench-http-toggle/activate", json={"chunk": doc.hash})
+                http.post("/v1/contexts/bench-http-toggle/deactivate", json={"chunk": doc.hash})
+
+            def toggle_api() -> None:
+                other.activate_chunk(doc.hash)
+                other.deactivate_chunk(doc.hash)
+
+            toggle_rps = 2 * rate(toggle_http, args.route_seconds)
+            api_get_rps = rate(lambda: cm.get_chunk(doc.hash), args.route_seconds)
+            api_toggle_rps = 2 * rate(toggle_api, args.route_seconds)
+    finally:
+        server.should_exit = True
+        cm.close()
+    http_ttft, api_ttft = statistics.median(ours), statistics.median(theirs)
+    result = {
+        "bench": "http",
+        "context_tokens": doc.token_count,
+        "http_ttft_s": round(http_ttft, 4),
+        "api_ttft_s": round(api_ttft, 4),
+        "http_ttft_ratio": round(http_ttft / api_ttft, 3),
+        "http_ttft_ratio_goal": 1.10,
+        "get_chunk_rps": round(get_rps, 1),
+        "api_get_chunk_rps": round(api_get_rps, 1),
+        "toggle_rps": round(toggle_rps, 1),
+        "api_toggle_rps": round(api_toggle_rps, 1),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
