@@ -24,6 +24,8 @@ from kvchunks.server.app import create_app
 from kvchunks.server.backend import LocalBackend
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.context_manager import ContextManager
+from kvchunks.store.chunk import ChunkInfo
+from kvchunks.store.hashing import content_hash
 
 KEY = "test-key-0123"
 DOC = "The ferry to Vaxholm leaves from Strömkajen at 9:15 and takes seventy minutes."
@@ -279,6 +281,28 @@ def test_errors_are_openai_json_and_change_nothing(served, method, path, body, s
     error = response.json()["error"]
     assert error["code"] == status and error["message"] and "\n" not in error["message"]
     assert state(served) == before
+
+
+def test_an_ambiguous_prefix_is_409(served):
+    """Two records whose hashes share their first 8 hex digits (written straight to the
+    registry: content addresses that collide so early are made up, not computed)."""
+    registry = served.cm.registry
+    made = []
+    for tail in ("1" * 56, "2" * 56):
+        ids = [1, 2, 3]
+        record = ChunkInfo(hash="abcdef01" + tail, content_hash=content_hash(ids), token_ids=ids)
+        registry.put(record)
+        made.append(record.hash)
+    try:
+        before = state(served)
+        with served.http() as http:
+            response = http.post("/v1/contexts/amb/activate", json={"chunk": "abcdef01"})
+        assert response.status_code == 409, response.text
+        assert "abcdef01" in response.json()["error"]["message"]
+        assert state(served) == before
+    finally:
+        for chunk_hash in made:
+            registry.delete(chunk_hash)
 
 
 def test_the_api_key_is_required(served):
