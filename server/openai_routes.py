@@ -107,14 +107,17 @@ async def _sse(reply: Reply, first, events: AsyncIterator, state) -> AsyncIterat
 
 async def _sse_events(reply: Reply, first, events: AsyncIterator, state) -> AsyncIterator[str]:
     hold = StopHoldBack(reply.stops)
-    yield _event(reply.chunk(role=True))
+    opening = _event(reply.chunk(role=True))  # sent with the first text: one write, not two
     pending = [first]
     while True:
         event, value = pending.pop() if pending else await anext(events)
         if event == "text":
             if text := hold.feed(value):
-                yield _event(reply.chunk(text=text))
+                yield opening + _event(reply.chunk(text=text))
+                opening = ""
             continue
+        if opening:
+            yield opening
         if event == "error":
             status = as_response(value)
             yield _event(json.loads(status.body))
