@@ -2,8 +2,9 @@
 as a script this file would shadow the standard library's `http`).
 
 1. Time to first token of the same chat request (one document active, a new question each
-   time, `store: false` so that every request computes its prompt): streamed over HTTP with
-   the `openai` package, against `ContextManager.chat` in this process with a streaming
+   time, `store: false` so that every request computes its prompt): streamed with the
+   `openai` package from `kvchunks http` running in its own process, against
+   `ContextManager.chat` in this process over the same data directory, with a streaming
    callback. The median of --repeats runs of each, taken in turn. `http_ttft_ratio` is
    HTTP's over the API's (goal <= 1.10).
 2. Chunk-route requests per second over one keep-alive connection: GET /v1/chunks/{ref}, and
@@ -18,18 +19,17 @@ import argparse
 import json
 import socket
 import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
-import uvicorn
 
-from kvchunks.engine import EngineConfig, SamplingParams
+from kvchunks.engine import SamplingParams
 from kvchunks.engine.checkpoint import resolve_model
-from kvchunks.server.app import create_app
-from kvchunks.server.backend import LocalBackend
 from kvchunks.service.context_manager import ContextManager
 
 DOCUMENT = " ".join(
@@ -45,14 +45,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(cm: ContextManager) -> tuple[uvicorn.Server, str]:
+def start_server(model: str, home: str) -> tuple[subprocess.Popen, str]:
+    """`kvchunks http` in a process of its own, as a user runs it (a client in the same
+    process would share its interpreter lock with the server)."""
     port = free_port()
-    app = create_app(LocalBackend(cm))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.02)
-    return server, f"http://127.0.0.1:{port}"
+    command = [
+        str(Path(sys.executable).parent / "kvchunks"),
+        *("--data-dir", home, "--model", model, "http", "--port", str(port)),
+    ]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"kvchunks http did not start (exit {server.poll()})")
+        time.sleep(0.2)
 
 
 def ttft_in_process(cm: ContextManager, question: str, params: SamplingParams) -> float:
@@ -104,13 +116,11 @@ def main() -> None:
     if args.smoke:
         vars(args).update(SMOKE)
 
-    cm = ContextManager(
-        resolve_model(None),
-        context="bench-http",
-        home=tempfile.mkdtemp(prefix="kvchunks-bench-http-"),
-        engine_config=EngineConfig(kv_cache_bytes=256 << 20),
-    )
-    server, url = start_server(cm)
+    model, home = str(resolve_model(None)), tempfile.mkdtemp(prefix="kvchunks-bench-http-")
+    server, url = start_server(model, home)
+    # The in-process API: the same data directory (chunk records, the context's active
+    # chunks), its own engine, idle while the server works and the other way round.
+    cm = ContextManager(model, context="bench-http", home=home)
     try:
         doc = cm.add_chunk(DOCUMENT)
         cm.activate_chunk(doc.hash)
@@ -140,7 +150,8 @@ def main() -> None:
             api_get_rps = rate(lambda: cm.get_chunk(doc.hash), args.route_seconds)
             api_toggle_rps = 2 * rate(toggle_api, args.route_seconds)
     finally:
-        server.should_exit = True
+        server.terminate()
+        server.wait()
         cm.close()
     http_ttft, api_ttft = statistics.median(ours), statistics.median(theirs)
     result = {
