@@ -319,6 +319,8 @@ def test_the_api_key_is_required(served):
 
 def test_metrics_count_requests_tokens_and_tiers(served):
     with served.http() as http:
+        question = {"messages": [{"role": "user", "content": "Hello?"}], "max_tokens": 4}
+        assert http.post("/v1/chat/completions", json=question).status_code == 200
         text = http.get("/metrics").text
     for name in (
         "kvchunks:requests_total",
