@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvchunks.common import KVChunksError
@@ -20,7 +22,12 @@ MAX_BODY_BYTES = 8 << 20  # a request larger than this is refused (413) before i
 # Generations run at once; more wait their turn. Each holds its prompt's and answer's KV
 # blocks while it runs, so a pool full of running generations refuses new KV (507) instead.
 MAX_GENERATIONS = 8
-OPEN_PATHS = ("/health",)  # served without the API key
+# Served without the API key: health, and the web page with its scripts and styles. The page
+# holds no data of its own; it asks for the key, keeps it in the browser (localStorage) and
+# sends it as `Authorization: Bearer` with every API call, so the key still guards all data.
+OPEN_PATHS = ("/health", "/", "/ui")
+OPEN_PREFIXES = ("/ui/",)
+UI_DIR = Path(__file__).parent / "ui"
 
 
 def create_app(
@@ -36,7 +43,13 @@ def create_app(
     app.include_router(openai_routes.router)
     app.include_router(chunk_routes.router)
 
+    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
+
     app.add_middleware(Guard, api_key=api_key, metrics=app.state.metrics)
+
+    @app.get("/", include_in_schema=False)
+    def home() -> RedirectResponse:
+        return RedirectResponse("/ui/")
 
     @app.get("/health")
     def health() -> dict:
@@ -71,13 +84,20 @@ class Guard:
 
         refused = _refusal(Request(scope), self.api_key)
         await (refused or self.app)(scope, receive, counted)
-        route = scope.get("route")
-        path = route.path if route is not None else "unmatched"
-        self.metrics.requests.labels(path, str(status["code"])).inc()
+        self.metrics.requests.labels(_route(scope), str(status["code"])).inc()
+
+
+def _route(scope: Scope) -> str:
+    """The route's path; the page's files count as one route."""
+    route = scope.get("route")
+    if route is not None:
+        return route.path
+    return "/ui" if scope["path"] == "/ui" or scope["path"].startswith("/ui/") else "unmatched"
 
 
 def _refusal(request: Request, api_key: str | None) -> JSONResponse | None:
-    if api_key and request.url.path not in OPEN_PATHS:
+    path = request.url.path
+    if api_key and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
             message = "missing or wrong API key: send Authorization: Bearer <key>"

@@ -15,7 +15,12 @@ class Backend(Protocol):
         ...
 
     def usage(self) -> dict:
-        """{"stats", "pool", "host_bytes", "disk_bytes"} for the metrics."""
+        """{"stats", "pool", "host_bytes", "disk_bytes"} for the metrics, and the tiers'
+        budgets ("host_budget", "disk_budget": bytes, or None when unknown or unlimited)."""
+        ...
+
+    def contexts(self) -> list[str]:
+        """The names of the contexts that have ever had a chunk active or a setting."""
         ...
 
     def close(self) -> None: ...
@@ -45,7 +50,12 @@ class LocalBackend:
             "pool": pool,
             "host_bytes": store.host.used_bytes,
             "disk_bytes": store.files.used_bytes(),
+            "host_budget": store.budgets.cpu_bytes,
+            "disk_budget": store.budgets.disk_bytes,
         }
+
+    def contexts(self) -> list[str]:
+        return self.root.registry.contexts()
 
     def close(self) -> None:
         self.root.close()
@@ -83,7 +93,15 @@ class ClusterBackend:
             },
             "host_bytes": report["tiers"]["cpu"].get("bytes", 0),
             "disk_bytes": report["tiers"]["disk"].get("bytes", 0),
+            "host_budget": None,  # each worker and the HostStore have budgets of their own
+            "disk_budget": None,
         }
+
+    def contexts(self) -> list[str]:
+        from kvchunks.actors import service
+
+        registry = service.attach().registry
+        return service.get(registry.call.remote("contexts"), "the registry")
 
     def close(self) -> None:
         self.root.close()

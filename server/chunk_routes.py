@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from kvchunks.server.schemas import ChunkRef, Compose, Move, NewChunk, Settings, Split, Tags
+from kvchunks.common import InvalidInput
+from kvchunks.server.schemas import (
+    ChunkRef,
+    Compose,
+    Move,
+    NewChunk,
+    Order,
+    Settings,
+    Split,
+    Tags,
+)
 from kvchunks.vocabulary import check_tag
 
 router = APIRouter()
@@ -21,7 +31,8 @@ def _api(request: Request, context: str = "default"):
 
 @router.post("/v1/chunks", status_code=201)
 def add_chunk(body: NewChunk, request: Request, context: str = "default") -> dict:
-    return _api(request, context).add_chunk(body.text, body.role, body.tags).to_json()
+    metadata = {"source": body.source} if body.source else None
+    return _api(request, context).add_chunk(body.text, body.role, body.tags, metadata).to_json()
 
 
 @router.get("/v1/chunks")
@@ -86,6 +97,17 @@ def split(ref: str, body: Split, request: Request, context: str = "default") -> 
     return {"object": "list", "data": [head.to_json(), tail.to_json()]}
 
 
+@router.get("/v1/contexts")
+def list_contexts(request: Request) -> dict:
+    return {"object": "list", "data": request.app.state.backend.contexts()}
+
+
+@router.get("/v1/usage")
+def usage(request: Request) -> dict:
+    """The KV pool's blocks, host memory and disk in use (and their budgets), the counters."""
+    return request.app.state.backend.usage()
+
+
 @router.get("/v1/contexts/{name}")
 def get_context(name: str, request: Request) -> dict:
     return _api(request, name).context().to_json()
@@ -106,6 +128,25 @@ def activate(name: str, body: ChunkRef, request: Request) -> dict:
 @router.post("/v1/contexts/{name}/deactivate")
 def deactivate(name: str, body: ChunkRef, request: Request) -> dict:
     return _api(request, name).deactivate_chunk(body.chunk).to_json()
+
+
+@router.post("/v1/contexts/{name}/order")
+def reorder(name: str, body: Order, request: Request) -> dict:
+    """Lay the active chunks out in a new order. The API appends on activation and has no
+    reorder, so the chunks from the first one that moves onward are deactivated and activated
+    again in the new order: nothing is recomputed, but the change is not atomic."""
+    api = _api(request, name)
+    active = [c.hash for c in api.context().chunks]
+    wanted = [api.get_chunk(ref).hash for ref in body.chunks]
+    if sorted(wanted) != sorted(active):
+        raise InvalidInput("the new order must list every active chunk of the context once")
+    moved = (i for i, (a, b) in enumerate(zip(active, wanted, strict=True)) if a != b)
+    keep = next(moved, len(active))
+    for chunk_hash in active[keep:]:
+        api.deactivate_chunk(chunk_hash)
+    for chunk_hash in wanted[keep:]:
+        api.activate_chunk(chunk_hash)
+    return api.context().to_json()
 
 
 @router.post("/v1/contexts/{name}/clear")

@@ -49,6 +49,7 @@ class NewChunk(BaseModel):
     text: str
     role: Literal["system", "user", "assistant", "raw"] = "system"
     tags: list[str] = Field(default_factory=list)
+    source: str | None = Field(None, min_length=1, max_length=200)  # a name, kept in metadata
 
 
 class Tags(BaseModel):
@@ -71,6 +72,10 @@ class Split(BaseModel):
 
 class ChunkRef(BaseModel):
     chunk: str
+
+
+class Order(BaseModel):
+    chunks: list[str]  # every active chunk of the context, in its new order
 
 
 class Settings(BaseModel):

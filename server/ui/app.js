@@ -1,0 +1,92 @@
+// The kvchunks page: one state, read from the REST API, drawn by each part of the page.
+
+import { api, apiKey, setApiKey } from "./api.js";
+import * as chat from "./chat.js";
+import * as chunks from "./chunks.js";
+import * as context from "./context.js";
+import * as details from "./details.js";
+import * as graph from "./graph.js";
+import * as usage from "./usage.js";
+import { $ } from "./util.js";
+
+const CONTEXT_ITEM = "kvchunks.context";
+
+const state = {
+  context: localStorage.getItem(CONTEXT_ITEM) || "default",
+  chunks: [], // every chunk, with is_active as this context has it
+  view: null, // the context: its settings and its active chunks in order
+  selected: null, // the hash shown in the details
+};
+
+const page = {
+  state,
+
+  // Read the chunks and the context again and redraw everything.
+  async refresh() {
+    const [list, view] = await Promise.all([api.chunks(state.context), api.context(state.context)]);
+    state.chunks = list;
+    state.view = view;
+    for (const part of [context, chunks, graph, details]) part.render(state);
+  },
+
+  // Run an API call, then refresh; a failure is shown, not thrown. `done` is a message, or a
+  // function of the call's result that makes one.
+  async run(action, done) {
+    try {
+      const result = await action();
+      await page.refresh();
+      if (done) page.status(typeof done === "function" ? done(result) : done, true);
+      return result ?? true;
+    } catch (error) {
+      page.status(explain(error));
+      return null;
+    }
+  },
+
+  status(message, ok = false) {
+    const line = $("status");
+    line.textContent = message;
+    line.className = ok ? "status ok" : "status";
+    line.hidden = false;
+  },
+
+  select(hash) {
+    state.selected = hash;
+    for (const part of [chunks, graph, details]) part.render(state);
+  },
+
+  toggle(chunk) {
+    const call = chunk.is_active ? api.deactivate : api.activate;
+    const verb = chunk.is_active ? "deactivated" : "activated";
+    return page.run(() => call(state.context, chunk.hash), `${chunk.hash.slice(0, 12)} ${verb}`);
+  },
+
+  async setContext(name) {
+    state.context = name;
+    localStorage.setItem(CONTEXT_ITEM, name);
+    await page.run(() => context.renderNames(state), `context ${name}`);
+  },
+};
+
+function explain(error) {
+  if (error.status === 401) return `${error.message}: enter the server's API key at the top`;
+  return error.message;
+}
+
+function setupKey() {
+  $("api-key").value = apiKey();
+  $("key-form").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    setApiKey($("api-key").value.trim());
+    await start();
+  });
+}
+
+async function start() {
+  if (await page.run(() => context.renderNames(state))) $("status").hidden = true;
+}
+
+for (const part of [context, chunks, graph, details, chat]) part.setup(page);
+setupKey();
+usage.setup(page);
+start();

@@ -1,0 +1,91 @@
+// The chat box: a question over the context's active chunks, its answer streamed as it is
+// generated, and what kvchunks did for it (mode, tokens reused and recomputed, first token).
+
+import { ApiError, streamChat } from "./api.js";
+import { $, el, short } from "./util.js";
+
+let page;
+
+export function setup(p) {
+  page = p;
+  $("chat-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    ask();
+  });
+  $("chat-input").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey) {
+      e.preventDefault();
+      ask();
+    }
+  });
+}
+
+async function ask() {
+  const question = $("chat-input").value.trim();
+  if (!question || $("chat-send").disabled) return;
+  $("chat-input").value = "";
+  $("chat-send").disabled = true;
+  const turn = newTurn(question);
+  try {
+    const result = await stream(question, turn);
+    turn.facts.textContent = describe(result);
+    turn.node.dataset.done = "true";
+  } catch (error) {
+    turn.facts.replaceChildren(el("span", { class: "error" }, error.message));
+    turn.node.dataset.done = "error";
+  } finally {
+    $("chat-send").disabled = false;
+    await page.run(async () => {});
+  }
+}
+
+function newTurn(question) {
+  const answer = el("div", { class: "answer" });
+  const facts = el("div", { class: "facts" }, "waiting for the first token…");
+  const node = el("div", { class: "turn" }, el("div", { class: "question" }, question), answer, facts);
+  $("chat-log").append(node);
+  node.scrollIntoView({ block: "end" });
+  return { node, answer, facts };
+}
+
+async function stream(question, turn) {
+  const body = {
+    messages: [{ role: "user", content: question }],
+    context: page.state.context,
+    max_tokens: Number($("max-tokens").value) || undefined,
+    temperature: Number($("temperature").value) || 0,
+  };
+  const started = performance.now();
+  const result = { firstMs: null, totalMs: null, extension: null, usage: null };
+  for await (const event of streamChat(body)) {
+    if (event.error) throw new ApiError(event.error.code, event.error.message);
+    const text = event.choices?.[0]?.delta?.content;
+    if (text) {
+      result.firstMs ??= performance.now() - started;
+      turn.answer.textContent += text;
+      turn.facts.textContent = `first token after ${ms(result.firstMs)}…`;
+    }
+    result.extension = event.kvchunks ?? result.extension;
+    result.usage = event.usage ?? result.usage;
+  }
+  result.totalMs = performance.now() - started;
+  return result;
+}
+
+function describe({ firstMs, totalMs, extension, usage }) {
+  const parts = [];
+  if (extension) {
+    const fraction = extension.recompute === null ? "" : ` ${extension.recompute}`;
+    parts.push(`mode ${extension.mode}${fraction}`);
+    parts.push(`${extension.reused_tokens} tokens reused`);
+    parts.push(`${extension.recomputed_tokens} recomputed`);
+  }
+  if (firstMs !== null) parts.push(`first token ${ms(firstMs)}`);
+  if (usage) parts.push(`${usage.completion_tokens} tokens in ${ms(totalMs)}`);
+  if (extension?.output_chunk) {
+    parts.push(`prompt ${short(extension.prompt_chunk)} → answer ${short(extension.output_chunk)}`);
+  }
+  return parts.join(" · ");
+}
+
+const ms = (value) => (value < 1000 ? `${Math.round(value)} ms` : `${(value / 1000).toFixed(2)} s`);

@@ -1,0 +1,97 @@
+// The context panel: pick or create a context, its settings, and its active chunks in
+// layout order (drag to reorder, × to deactivate).
+
+import { api } from "./api.js";
+import { $, badge, el, short, snippet } from "./util.js";
+
+let page;
+let dragged = null; // index of the active chunk being dragged
+
+export function setup(p) {
+  page = p;
+  $("context-select").addEventListener("change", (e) => page.setContext(e.target.value));
+  $("context-new").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const name = $("context-name").value.trim();
+    $("context-name").value = "";
+    if (name) page.setContext(name);
+  });
+  $("mode").addEventListener("change", () => configure({ mode: $("mode").value }));
+  $("recompute").addEventListener("change", () => {
+    const value = $("recompute").value;
+    configure({ mode: "realign", recompute: value === "" ? null : Number(value) });
+  });
+  $("auto-activate").addEventListener("change", (e) =>
+    configure({ auto_activate: e.target.checked }),
+  );
+}
+
+function configure(settings) {
+  page.run(() => api.configure(page.state.context, settings), "settings saved");
+}
+
+export async function renderNames(state) {
+  const names = new Set(["default", state.context, ...(await api.contexts())]);
+  const select = $("context-select");
+  select.replaceChildren(...[...names].sort().map((n) => el("option", { value: n }, n)));
+  select.value = state.context;
+}
+
+export function render(state) {
+  const view = state.view;
+  $("mode").value = view.mode;
+  $("recompute").value = view.recompute ?? "";
+  $("recompute").disabled = view.mode !== "realign";
+  $("auto-activate").checked = view.auto_activate;
+  $("active-list").replaceChildren(...view.chunks.map((c, i) => item(c, i, state)));
+  $("active-total").textContent =
+    `${view.chunks.length} active, ${view.token_count} of ${view.window} tokens`;
+}
+
+function item(chunk, index, state) {
+  return el(
+    "li",
+    {
+      draggable: "true",
+      dataset: { hash: chunk.hash },
+      ondragstart: () => (dragged = index),
+      ondragover: (e) => {
+        e.preventDefault();
+        e.currentTarget.classList.add("drag-over");
+      },
+      ondragleave: (e) => e.currentTarget.classList.remove("drag-over"),
+      ondrop: (e) => {
+        e.preventDefault();
+        drop(index, state);
+      },
+      onclick: () => page.select(chunk.hash),
+    },
+    badge(chunk),
+    el("span", { class: "hash" }, short(chunk.hash)),
+    el("span", { class: "text", title: snippet(chunk.text, 400) }, snippet(chunk.text, 60)),
+    el("span", { class: "hint" }, `${chunk.token_count} tok`),
+    el(
+      "button",
+      {
+        class: "small deactivate",
+        title: "deactivate",
+        onclick: (e) => {
+          e.stopPropagation();
+          page.toggle(chunk);
+        },
+      },
+      "×",
+    ),
+  );
+}
+
+// Move the dragged chunk to where it was dropped, and send the whole new order.
+function drop(target, state) {
+  const from = dragged;
+  dragged = null;
+  if (from === null || from === target) return page.refresh();
+  const order = state.view.chunks.map((c) => c.hash);
+  const [moved] = order.splice(from, 1);
+  order.splice(target, 0, moved);
+  return page.run(() => api.reorder(state.context, order), "order saved");
+}

@@ -1,0 +1,102 @@
+// The provenance tree, drawn by Cytoscape.js with the dagre layout: each chunk hangs under
+// the last chunk it was computed after, so a conversation's branches show as a tree.
+
+import { $, chunkType, short, snippet, treeParent } from "./util.js";
+
+const STYLE = [
+  {
+    selector: "node",
+    style: {
+      label: "data(label)",
+      width: 136,
+      height: 42,
+      "font-size": 9,
+      "text-wrap": "wrap",
+      "text-max-width": 126,
+      "text-valign": "center",
+      "border-width": 1,
+      shape: "rectangle",
+      "background-color": "#dbe8ff",
+      "border-color": "#2f6fdb",
+    },
+  },
+  {
+    selector: 'node[type = "prompt"]',
+    style: { shape: "ellipse", "background-color": "#fff1d6", "border-color": "#c98a12" },
+  },
+  {
+    selector: 'node[type = "answer"]',
+    style: { shape: "round-rectangle", "background-color": "#dcf3e3", "border-color": "#2e8b57" },
+  },
+  {
+    selector: 'node[type = "composed"], node[type = "split"]',
+    style: { shape: "hexagon", "background-color": "#ece6f7", "border-color": "#7a5cc2" },
+  },
+  { selector: "node.active", style: { "border-width": 4, "border-color": "#e4572e" } },
+  {
+    selector: "node.chosen",
+    style: { "underlay-color": "#2f6fdb", "underlay-opacity": 0.25, "underlay-padding": 6 },
+  },
+  {
+    selector: "edge",
+    style: {
+      width: 1.5,
+      "line-color": "#9aa3b2",
+      "target-arrow-color": "#9aa3b2",
+      "target-arrow-shape": "triangle",
+      "curve-style": "taxi",
+      "taxi-direction": "downward",
+    },
+  },
+];
+
+let cy = null;
+let drawn = ""; // the nodes and edges last laid out: the layout runs again only when they change
+
+export function setup(page) {
+  cy = cytoscape({ container: $("graph"), style: STYLE, minZoom: 0.2, maxZoom: 2.5 });
+  cy.on("tap", "node", (e) => page.select(e.target.id()));
+  $("graph-scope").addEventListener("change", () => render(page.state));
+  window.cy = cy; // the graph's model, for the browser console and the browser test
+}
+
+export function render(state) {
+  const chunks = inScope(state.chunks, $("graph-scope").value);
+  const known = new Set(chunks.map((c) => c.hash));
+  const nodes = chunks.map((c) => ({ data: { id: c.hash, label: label(c), type: chunkType(c) } }));
+  const edges = chunks
+    .filter((c) => known.has(treeParent(c)))
+    .map((c) => ({ data: { id: `${treeParent(c)}-${c.hash}`, source: treeParent(c), target: c.hash } }));
+  const shape = JSON.stringify([nodes.map((n) => n.data.id), edges.map((e) => e.data.id)]);
+  if (shape !== drawn) {
+    drawn = shape;
+    cy.elements().remove();
+    cy.add([...nodes, ...edges]);
+    cy.layout({ name: "dagre", rankDir: "TB", nodeSep: 14, rankSep: 36, fit: true, padding: 12 }).run();
+  }
+  const active = new Set(chunks.filter((c) => c.is_active).map((c) => c.hash));
+  cy.nodes().forEach((node) => {
+    node.toggleClass("active", active.has(node.id()));
+    node.toggleClass("chosen", node.id() === state.selected);
+  });
+}
+
+function label(chunk) {
+  return `${chunkType(chunk)} ${short(chunk.hash)}\n${snippet(chunk.text, 40)}`;
+}
+
+// "active": only the trees that hold an active chunk (the conversations in use).
+function inScope(chunks, scope) {
+  if (scope !== "active") return chunks;
+  const byHash = new Map(chunks.map((c) => [c.hash, c]));
+  const root = (chunk) => {
+    const seen = new Set();
+    while (byHash.has(treeParent(chunk)) && !seen.has(chunk.hash)) {
+      seen.add(chunk.hash);
+      chunk = byHash.get(treeParent(chunk));
+    }
+    return chunk.hash;
+  };
+  const roots = new Set(chunks.filter((c) => c.is_active).map(root));
+  return chunks.filter((c) => roots.has(root(c)));
+}
