@@ -52,9 +52,10 @@ const STYLE = [
 
 let cy = null;
 let drawn = ""; // the nodes and edges last laid out: the layout runs again only when they change
+let focused = null; // the chosen chunk the view last moved to
 
 export function setup(page) {
-  cy = cytoscape({ container: $("graph"), style: STYLE, minZoom: 0.2, maxZoom: 2.5 });
+  cy = cytoscape({ container: $("graph"), style: STYLE, minZoom: 0.05, maxZoom: 2.5 });
   cy.on("tap", "node", (e) => page.select(e.target.id()));
   $("graph-scope").addEventListener("change", () => render(page.state));
   window.cy = cy; // the graph's model, for the browser console and the browser test
@@ -79,6 +80,15 @@ export function render(state) {
     node.toggleClass("active", active.has(node.id()));
     node.toggleClass("chosen", node.id() === state.selected);
   });
+  focus(state.selected);
+}
+
+// A newly chosen chunk (here, in the table or in the details) is brought into view, readable.
+function focus(hash) {
+  const node = hash ? cy.getElementById(hash) : cy.collection();
+  if (hash === focused || node.empty()) return;
+  focused = hash;
+  cy.stop().animate({ center: { eles: node }, zoom: Math.max(cy.zoom(), 0.9) }, { duration: 200 });
 }
 
 function label(chunk) {
