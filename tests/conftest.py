@@ -82,6 +82,15 @@ def tiny_checkpoint(tmp_path_factory, model_path: Path):
     return build
 
 
+@pytest.fixture(scope="session")
+def served(model_path: Path, llm: LLM, tmp_path_factory):
+    """One HTTP server for the session (tests/test_http.py and tests/test_web_ui.py)."""
+    from http_fixture import serve
+
+    with serve(model_path, llm, tmp_path_factory.mktemp("http-home")) as server:
+        yield server
+
+
 @pytest.fixture
 def home(tmp_path) -> Path:
     return tmp_path / "home"

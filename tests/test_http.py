@@ -1,6 +1,7 @@
 """The HTTP server, for real: uvicorn on a free loopback port, driven by the `openai` package
 and `httpx`, over a chunk store whose registry is a standalone Redis (so that the last test
-can stop it). One server for the module; the in-process API on the same store is the oracle.
+can stop it). One server for the session (`served`, tests/http_fixture.py); the in-process
+API on the same store is the oracle.
 """
 
 from __future__ import annotations
@@ -10,74 +11,18 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
 
-import httpx
-import openai
 import pytest
-import uvicorn
-from test_store_redis_url import StandaloneRedis, free_port
+from http_fixture import Served
 
-from kvchunks.engine import LLM, EngineConfig, SamplingParams
-from kvchunks.server.app import create_app
-from kvchunks.server.backend import LocalBackend
-from kvchunks.service.chunk_store import ChunkStore
-from kvchunks.service.context_manager import ContextManager
+from kvchunks.engine import SamplingParams
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.hashing import content_hash
 
-KEY = "test-key-0123"
 DOC = "The ferry to Vaxholm leaves from Strömkajen at 9:15 and takes seventy minutes."
 OTHER = "The library on Kungsgatan opens at ten and closes at six, except on Sundays."
 ROUTE_TEXT = "The bakery on Drottninggatan sells cardamom buns until they run out."
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
-
-
-@dataclass
-class Served:
-    url: str
-    cm: ContextManager  # the in-process API over the server's store
-    redis: StandaloneRedis
-
-    def http(self, key: str | None = KEY) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
-
-    def openai(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def served(model_path, llm, tmp_path_factory) -> Iterator[Served]:
-    home = tmp_path_factory.mktemp("http-home")
-    (home / "redis").mkdir()
-    redis_server = StandaloneRedis(home / "redis", free_port())
-    redis_server.start()
-    engine = LLM(model_path, EngineConfig(kv_cache_bytes=256 << 20))
-    engine.runner.model = llm.runner.model  # the session's weights, a pool of its own
-    store = ChunkStore(home=home, llm=engine, redis_url=redis_server.url)
-    cm = ContextManager(store=store)
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(LocalBackend(cm), KEY), host="127.0.0.1", port=port, log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the HTTP server did not start"
-        time.sleep(0.05)
-    try:
-        yield Served(f"http://127.0.0.1:{port}", cm, redis_server)
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        store.close()
-        if redis_server.process.poll() is None:
-            redis_server.process.terminate()
-            redis_server.process.wait()
 
 
 def state(served: Served) -> tuple:
