@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install model demo test lint bench clean
+.PHONY: install model browser demo test lint bench clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,24 @@ model: install
 demo: model
 	$(BIN)/kvchunks demo
 
-test: model
+# The browser test (tests/test_web_ui.py) drives Debian's Chromium and its driver. Installed
+# where apt-get can run (as root, or through sudo without a password); else the test skips and
+# says why, and the build goes on.
+BROWSER_PACKAGES := chromium chromium-driver
+
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null && exit 0; \
+	if ! command -v apt-get >/dev/null; then \
+		echo "no apt-get to install $(BROWSER_PACKAGES): the browser test will skip"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then as_root=; \
+	elif sudo -n true 2>/dev/null; then as_root="sudo -n"; \
+	else echo "installing $(BROWSER_PACKAGES) needs root: the browser test will skip"; exit 0; fi; \
+	echo "installing $(BROWSER_PACKAGES) for the browser test"; \
+	$$as_root apt-get update -qq >/dev/null && \
+	$$as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER_PACKAGES) \
+		>/dev/null || echo "could not install $(BROWSER_PACKAGES): the browser test will skip"
+
+test: model browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 
