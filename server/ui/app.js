@@ -10,6 +10,8 @@ import * as usage from "./usage.js";
 import { $ } from "./util.js";
 
 const CONTEXT_ITEM = "kvchunks.context";
+const STATUS_MS = 4000;
+let statusTimer = null;
 
 const state = {
   context: localStorage.getItem(CONTEXT_ITEM) || "default",
@@ -43,11 +45,14 @@ const page = {
     }
   },
 
+  // A line under the header: an error stays until the next message, a success fades.
   status(message, ok = false) {
     const line = $("status");
     line.textContent = message;
     line.className = ok ? "status ok" : "status";
     line.hidden = false;
+    clearTimeout(statusTimer);
+    if (ok) statusTimer = setTimeout(() => (line.hidden = true), STATUS_MS);
   },
 
   select(hash) {

@@ -30,6 +30,7 @@ async function ask() {
     const result = await stream(question, turn);
     turn.facts.textContent = describe(result);
     turn.node.dataset.done = "true";
+    toBottom();
   } catch (error) {
     turn.facts.replaceChildren(el("span", { class: "error" }, error.message));
     turn.node.dataset.done = "error";
@@ -44,9 +45,11 @@ function newTurn(question) {
   const facts = el("div", { class: "facts" }, "waiting for the first token…");
   const node = el("div", { class: "turn" }, el("div", { class: "question" }, question), answer, facts);
   $("chat-log").append(node);
-  node.scrollIntoView({ block: "end" });
+  toBottom();
   return { node, answer, facts };
 }
+
+const toBottom = () => ($("chat-log").scrollTop = $("chat-log").scrollHeight);
 
 async function stream(question, turn) {
   const body = {
@@ -64,6 +67,7 @@ async function stream(question, turn) {
       result.firstMs ??= performance.now() - started;
       turn.answer.textContent += text;
       turn.facts.textContent = `first token after ${ms(result.firstMs)}…`;
+      toBottom();
     }
     result.extension = event.kvchunks ?? result.extension;
     result.usage = event.usage ?? result.usage;
