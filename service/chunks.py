@@ -13,7 +13,7 @@ from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.service.compose import Composer
 from kvchunks.service.pieces import cut, spans
 from kvchunks.service.tiers import Tiers
-from kvchunks.store.chunk import ChunkInfo, SourceSpan
+from kvchunks.store.chunk import ChunkInfo, ChunkRecord, SourceSpan
 from kvchunks.store.hashing import chunk_hash, content_hash, context_hash
 from kvchunks.store.registry import ChunkRegistry
 
@@ -39,7 +39,7 @@ class ChunkMaker:
         combine: str,
         mode: str,
         **fields,
-    ) -> ChunkInfo:
+    ) -> ChunkRecord:
         """The record of a chunk computed at `position` after `parents`, combined as named."""
         placed = [(p.hash, p.position) for p in parents]
         address = chunk_hash(self.fingerprint, context_hash(placed, combine), position, tokens)
@@ -49,7 +49,7 @@ class ChunkMaker:
             "timestamp": time.time(),
             **fields.pop("metadata", {}),
         }
-        return ChunkInfo(
+        return ChunkRecord(
             hash=address,
             content_hash=content_hash(tokens),
             token_ids=list(tokens),
@@ -61,7 +61,7 @@ class ChunkMaker:
             **fields,
         )
 
-    def register(self, chunk: ChunkInfo, segments: list[KVSegment]) -> ChunkInfo:
+    def register(self, chunk: ChunkRecord, segments: list[KVSegment]) -> ChunkInfo:
         """Store a computed chunk: KV file first, then the record. Returns the stored record
         (an earlier one for a duplicate).
 
@@ -76,7 +76,7 @@ class ChunkMaker:
             if chunk.layout != "view":
                 tiers.files.write(chunk, *tiers.model.llm.read_kv(segments))
                 written = True
-            self.registry.put(chunk)
+            self.registry.put(chunk, tier="gpu" if chunk.layout != "view" else None)
         except BaseException:
             tiers.free(segments)
             if written:
@@ -120,7 +120,7 @@ class ChunkMaker:
         if self.registry.exists(address):
             return self.registry.get(address)
         first = owners[spans[0].hash]
-        chunk = ChunkInfo(
+        chunk = ChunkRecord(
             hash=address,
             content_hash=content_hash(tokens),
             token_ids=tokens,

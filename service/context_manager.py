@@ -226,8 +226,7 @@ class ContextManager(OutputTracking):
             except ConcurrentChange:
                 if attempt == ACTIVATE_ATTEMPTS - 1:
                     raise
-        chunk.is_active = True
-        chunk = self.store.views.describe(chunk)
+        chunk = self.store.views.describe(ChunkInfo.view(chunk, chunk.tier, is_active=True))
         self.store.prefetcher.on_activate(chunk, active)
         return chunk
 

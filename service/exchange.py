@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kvchunks.common import InvalidInput
 from kvchunks.service.chunk_store import ChunkStore
-from kvchunks.store.chunk import ChunkInfo
+from kvchunks.store.chunk import ChunkInfo, ChunkRecord
 from kvchunks.store.kv_file import read_kv_file, write_kv_file
 
 
@@ -47,7 +47,7 @@ def import_chunk(store: ChunkStore, path: str | Path) -> str:
     k, v, record, _ = read_kv_file(
         file, model.fingerprint, model.engine_config.dtype, model.kv_shape(None)
     )
-    chunk = ChunkInfo.from_record(record)
+    chunk = ChunkRecord.from_record(record)
     if chunk.layout == "view" or k.shape[1] != chunk.token_count:
         raise InvalidInput(f"{file} does not hold a chunk's own KV")
     if not store.registry.exists(chunk.hash):

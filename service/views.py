@@ -1,11 +1,12 @@
-"""What a caller sees of a chunk: its record, with what only a running process knows filled
-in, whether and where its KV is resident (`tier`, `segments`)."""
+"""What a caller sees of a chunk: the view of its record with what only a running process
+knows, whether and where its KV is resident (`tier`, `segments`)."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
 
+from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.service.pieces import owner_hashes, pieces
 from kvchunks.service.tiers import Tiers
 from kvchunks.store.chunk import ChunkInfo
@@ -13,6 +14,7 @@ from kvchunks.vocabulary import farthest_tier, nearest_tier
 
 # hash -> the nearest tier any worker of a shared pool holds the chunk in
 PoolTiers = Callable[[], dict[str, str]]
+State = tuple[str, list[KVSegment]]  # a chunk's tier, and its segments in this pool
 
 
 class ChunkViews:
@@ -27,53 +29,59 @@ class ChunkViews:
         return self.describe_many([chunk])[0]
 
     def describe_many(self, chunks: list[ChunkInfo]) -> list[ChunkInfo]:
-        """Fill in each chunk's tier and pool segments; a listing reads its views' sources
-        once, not per view. In a shared pool, a chunk's tier is the nearest any worker has."""
+        """Each chunk's view with its tier and pool segments; a listing reads its views'
+        sources once, not per view. In a shared pool, a chunk's tier is the nearest any
+        worker has."""
         if not self.tiers.model.started:
-            self._recorded_tiers(chunks)
+            states = self._recorded_tiers(chunks)
         else:
             with self.tiers.lock:  # a generation or a prefetch may change the pool meanwhile
-                for chunk in chunks:
-                    self._pool_state(chunk)
-        if self.pool_tiers is not None:
-            for chunk in chunks:
-                if chunk.tier != "gpu":
-                    pool = self.pool_tiers()
-                    chunk.tier = farthest_tier(
-                        [
-                            nearest_tier([self.tiers.tier_of(h), pool.get(h, "disk")])
-                            for h in owner_hashes(chunk)
-                        ]
-                    )
-        return chunks
+                states = [self._pool_state(chunk) for chunk in chunks]
+        if self.pool_tiers is not None and any(tier != "gpu" for tier, _ in states):
+            pool = self.pool_tiers()
+            states = [
+                (tier if tier == "gpu" else self._shared_tier(chunk, pool), segments)
+                for chunk, (tier, segments) in zip(chunks, states, strict=True)
+            ]
+        return [
+            ChunkInfo.view(chunk, tier, chunk.is_active, segments)
+            for chunk, (tier, segments) in zip(chunks, states, strict=True)
+        ]
 
-    def _recorded_tiers(self, chunks: list[ChunkInfo]) -> None:
+    def _shared_tier(self, chunk: ChunkInfo, pool: dict[str, str]) -> str:
+        return farthest_tier(
+            [
+                nearest_tier([self.tiers.tier_of(h), pool.get(h, "disk")])
+                for h in owner_hashes(chunk)
+            ]
+        )
+
+    def _recorded_tiers(self, chunks: list[ChunkInfo]) -> list[State]:
         """No pool yet: the tiers recorded, here or before, stand (a view's: its furthest
         source's). Sources not among `chunks` are read in one round trip."""
         known = {c.hash: c for c in chunks}
         wanted = list(dict.fromkeys(h for c in chunks for h in owner_hashes(c)))
         if missing := [h for h in wanted if h not in known]:
             known |= {c.hash: c for c in self.registry.get_many(missing)}
-        records = self.tiers.records
-        for chunk in chunks:
-            tiers = [records.latest(h) or known[h].tier for h in owner_hashes(chunk)]
-            chunk.tier = farthest_tier(tiers)
-            chunk.segments = []
+        latest = self.tiers.records.latest
+        return [
+            (farthest_tier([latest(h) or known[h].tier for h in owner_hashes(chunk)]), [])
+            for chunk in chunks
+        ]
 
-    def _pool_state(self, chunk: ChunkInfo) -> None:
+    def _pool_state(self, chunk: ChunkInfo) -> State:
         tiers = self.tiers
-        chunk.tier = farthest_tier([tiers.tier_of(h) for h in owner_hashes(chunk)])
-        if chunk.tier != "gpu":
-            chunk.segments = []
-        elif chunk.layout == "view":  # read straight from the pool: a listing is not a use
+        tier = farthest_tier([tiers.tier_of(h) for h in owner_hashes(chunk)])
+        if tier != "gpu":
+            return tier, []
+        if chunk.layout == "view":  # read straight from the pool: a listing is not a use
             llm = tiers.model.llm
-            chunk.segments = [
+            return tier, [
                 seg
                 for p in pieces(self.registry, chunk)
                 for seg in llm.slice(tiers.kv[p.chunk.hash], p.start, p.length)
             ]
-        else:
-            chunk.segments = list(tiers.kv[chunk.hash])
+        return tier, list(tiers.kv[chunk.hash])
 
     def stats(self, chunks: list[ChunkInfo]) -> dict:
         """Pool usage, these chunks per tier and how many are active, the store's counters."""

@@ -1,7 +1,11 @@
-"""The chunk record (`ChunkInfo`) and its msgpack form, shared by the registry and KV files.
+"""A chunk as it is kept (`ChunkRecord`) and as a caller sees it (`ChunkInfo`), and the
+record's msgpack form, shared by the registry and KV files.
 
 A record is a plain dict of msgpack types (no pickle), so it can be stored in Redis and in a
 safetensors header and read back from untrusted files: `from_record` checks every type.
+A view adds what only a running system knows: the tier the chunk's KV is in, its blocks in
+one process's pool and whether one context has it active. `ChunkInfo.view` is the one place
+a view is made.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import copy
 import re
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Self
 
 import msgpack
 
@@ -18,11 +22,6 @@ from kvchunks.common import InvalidInput
 from kvchunks.vocabulary import KINDS, LAYOUTS, ROLES, TIERS, check_tag
 
 RECORD_VERSION = 1
-# Fields that say where a chunk's KV is in one process (`segments`, filled in by the service's
-# views) or whether one context has it active (`is_active`, filled in by the registry when
-# a chunk is read for a context): never part of a record.
-RUNTIME = ("segments", "is_active")
-
 MAX_TOKEN_ID = 2**31 - 1  # token ids are hashed as int32
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -42,26 +41,18 @@ class SourceSpan:
 
 
 @dataclass
-class ChunkInfo:
-    """One content-addressed chunk: its tokens, where its KV lives, and how it was made.
-
-    `segments` is the chunk's KV in the paged pool (the engine's KVSegments; empty when not
-    resident there), filled in by the service for its caller and never stored.
-    `sources` are the spans of other chunks a composed or split view reads (empty otherwise).
-    `is_active` is not a property of the chunk but of a context: the registry fills it in
-    when the chunk is read for a context and never stores it. `token_count` is derived
-    from `token_ids`.
-    """
+class ChunkRecord:
+    """One content-addressed chunk as the registry and its KV file keep it: its tokens and
+    how it was made. `sources` are the spans of other chunks a composed or split view reads
+    (empty otherwise). `token_count` is derived from `token_ids`."""
 
     hash: str
     content_hash: str
     token_ids: list[int]
     role: str = "raw"
     kind: str = "input"
-    tier: str = "gpu"
     position: int = 0
     layout: str = "standalone"
-    segments: list = field(default_factory=list)  # the engine's KVSegments (runtime)
     parent_chunks: list[str] = field(default_factory=list)
     sources: list[SourceSpan] = field(default_factory=list)
     generation_params: dict | None = None
@@ -70,7 +61,6 @@ class ChunkInfo:
     text: str = ""
     created_at: float = field(default_factory=time.time)
     ref_count: int = 0
-    is_active: bool = False
 
     def __post_init__(self) -> None:
         _check(is_hash(self.hash), "hash", "64 lowercase hex digits")
@@ -78,7 +68,6 @@ class ChunkInfo:
         _check(_is_token_list(self.token_ids), "token_ids", f"a list of ints in 0..{MAX_TOKEN_ID}")
         _check(self.role in ROLES, "role", " / ".join(ROLES))
         _check(self.kind in KINDS, "kind", " / ".join(KINDS))
-        _check(self.tier in TIERS, "tier", " / ".join(TIERS))
         _check(self.layout in LAYOUTS, "layout", " / ".join(LAYOUTS))
         _check(_is_count(self.position), "position", "an int >= 0")
         _check(_is_count(self.ref_count), "ref_count", "an int >= 0")
@@ -99,15 +88,16 @@ class ChunkInfo:
         )
         _check(isinstance(self.text, str), "text", "a string")
         _check(_is_number(self.created_at), "created_at", "a number")
-        _check(isinstance(self.is_active, bool), "is_active", "a bool")
 
-    def copy(self) -> ChunkInfo:
+    def copy(self) -> Self:
         """A copy with lists and dicts of its own, made without checking the fields again."""
         twin = copy.copy(self)
-        for name in ("token_ids", "segments", "parent_chunks", "sources", "tags"):
-            setattr(twin, name, list(getattr(self, name)))
-        twin.metadata = copy.deepcopy(self.metadata)
-        twin.generation_params = copy.deepcopy(self.generation_params)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list | dict):
+                setattr(
+                    twin, f.name, list(value) if isinstance(value, list) else copy.deepcopy(value)
+                )
         return twin
 
     @property
@@ -115,16 +105,67 @@ class ChunkInfo:
         return len(self.token_ids)
 
     def to_record(self) -> dict[str, Any]:
-        """What is kept of the chunk, as a dict of msgpack types: every field but the state
-        of one process or context (RUNTIME). `from_record` gives the chunk back, with the
-        runtime fields at their defaults."""
-        record: dict[str, Any] = {
-            f.name: getattr(self, f.name) for f in fields(self) if f.name not in RUNTIME
-        }
+        """What is kept of the chunk, as a dict of msgpack types (a view's runtime state is
+        left out); `from_record` gives the record back."""
+        record: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(ChunkRecord)}
         record["sources"] = [[s.hash, s.offset, s.length] for s in self.sources]
         record["token_count"] = self.token_count
         record["version"] = RECORD_VERSION
         return record
+
+    @staticmethod
+    def from_record(record: object) -> ChunkRecord:
+        """Rebuild a chunk from `to_record` output, checking every type (records may be hostile).
+
+        Keys the record does not have are ignored.
+        """
+        if not isinstance(record, dict):
+            raise InvalidInput("a chunk record must be a map")
+        if record.get("version") != RECORD_VERSION:
+            raise InvalidInput(f"unsupported chunk record version {record.get('version')!r}")
+        kept = [f.name for f in fields(ChunkRecord)]
+        missing = [name for name in kept if name not in record]
+        if missing:
+            raise InvalidInput(f"chunk record is missing {', '.join(missing)}")
+        values = {name: record[name] for name in kept}
+        values["sources"] = [_source(s) for s in _as_list(values["sources"], "sources")]
+        chunk = ChunkRecord(**values)
+        if record.get("token_count") != chunk.token_count:
+            raise InvalidInput("chunk record token_count does not match its token_ids")
+        return chunk
+
+
+@dataclass
+class ChunkInfo(ChunkRecord):
+    """A chunk as a caller sees it: its record, the tier its KV is in, `segments`, its KV in
+    this process's paged pool (the engine's KVSegments; empty when not resident there), and
+    `is_active`, whether the context it was read for has it active."""
+
+    tier: str = "gpu"
+    segments: list = field(default_factory=list)
+    is_active: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.tier in TIERS, "tier", " / ".join(TIERS))
+        _check(isinstance(self.is_active, bool), "is_active", "a bool")
+
+    @classmethod
+    def view(
+        cls,
+        record: ChunkRecord,
+        tier: str,
+        is_active: bool = False,
+        segments: list | None = None,
+    ) -> ChunkInfo:
+        """The view of a record. The record's fields are shared, not copied, and not checked
+        again: a record was checked when it was made or read, and checking thousands of
+        token ids costs more than reading them."""
+        chunk = cls.__new__(cls)
+        vars(chunk).update(
+            vars(record), tier=tier, is_active=is_active, segments=list(segments or [])
+        )
+        return chunk
 
     def to_json(self, tokens: bool = False) -> dict[str, Any]:
         """The chunk as JSON values, as `kvchunks info --json` and the HTTP API show it
@@ -161,27 +202,6 @@ class ChunkInfo:
         if tokens:
             doc["token_ids"] = list(self.token_ids)
         return doc
-
-    @classmethod
-    def from_record(cls, record: object) -> ChunkInfo:
-        """Rebuild a chunk from `to_record` output, checking every type (records may be hostile).
-
-        Keys the chunk does not have are ignored.
-        """
-        if not isinstance(record, dict):
-            raise InvalidInput("a chunk record must be a map")
-        if record.get("version") != RECORD_VERSION:
-            raise InvalidInput(f"unsupported chunk record version {record.get('version')!r}")
-        kept = [f.name for f in fields(cls) if f.name not in RUNTIME]
-        missing = [name for name in kept if name not in record]
-        if missing:
-            raise InvalidInput(f"chunk record is missing {', '.join(missing)}")
-        values = {name: record[name] for name in kept}
-        values["sources"] = [_source(s) for s in _as_list(values["sources"], "sources")]
-        chunk = cls(**values)
-        if record.get("token_count") != chunk.token_count:
-            raise InvalidInput("chunk record token_count does not match its token_ids")
-        return chunk
 
 
 def pack_record(record: dict[str, Any]) -> bytes:

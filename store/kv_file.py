@@ -14,7 +14,7 @@ than per layer, because a chunk is always loaded whole and two entries keep the 
     sha256         version 2: SHA-256 of the SHA-256 digests of the stored bytes' 1 MiB
                    pieces, `k`'s pieces then `v`'s (each tensor's last piece may be shorter);
                    version 1: SHA-256 of the stored `k` bytes followed by the stored `v` bytes
-    record         base64 of the msgpack chunk record (ChunkInfo.to_record)
+    record         base64 of the msgpack chunk record (ChunkRecord.to_record)
     record_sha256  SHA-256 of those msgpack bytes, so a flipped token id is caught too
 
 Version 2 hashes the pieces on several threads, so the check keeps up with a disk that one
@@ -45,7 +45,7 @@ from typing import Any, BinaryIO
 import torch
 
 from kvchunks.common import ChunkFileError, InvalidInput
-from kvchunks.store.chunk import ChunkInfo, is_hash, pack_record, unpack_record
+from kvchunks.store.chunk import ChunkRecord, is_hash, pack_record, unpack_record
 from kvchunks.vocabulary import DTYPES
 
 FORMAT = "kvchunks-kv"
@@ -231,7 +231,7 @@ def _check_tensors(
         )
     if k.dtype not in _DTYPE_NAMES:
         raise InvalidInput(f"KV dtype {k.dtype} is not one of {', '.join(DTYPES)}")
-    chunk = ChunkInfo.from_record(record)
+    chunk = ChunkRecord.from_record(record)
     if chunk.token_count != k.shape[1]:
         raise InvalidInput(f"record has {chunk.token_count} tokens but the KV has {k.shape[1]}")
     return _DTYPE_NAMES[k.dtype], tuple(k.shape)  # type: ignore[return-value]
@@ -387,7 +387,7 @@ def _parse_meta(meta: dict[str, str], bad: Callable[[str], ChunkFileError]) -> K
         raise bad("is corrupted: its chunk record fails the SHA-256 check")
     try:
         record = unpack_record(packed)
-        ChunkInfo.from_record(record)
+        ChunkRecord.from_record(record)
     except InvalidInput as e:
         raise bad(f"has an invalid chunk record: {e}") from None
     shape = tuple(int(p) for p in parts)

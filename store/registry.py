@@ -2,7 +2,8 @@
 
 Key layout; every key starts with `<namespace>:` so several registries can share a server.
 
-    chunk:<h>            string  msgpack chunk record (ChunkInfo.to_record; is_active not kept)
+    chunk:<h>            string  msgpack chunk record (ChunkRecord.to_record)
+    tiers                hash    chunk hash -> the tier its KV was last recorded in
     hashes               zset    every chunk hash, all at score 0, so ZRANGEBYLEX finds prefixes
     content:<c>          set     hashes of the chunks whose token ids have content hash <c>
     tag:<t>              set     hashes of the chunks tagged <t> (each record lists its tags)
@@ -42,17 +43,15 @@ from kvchunks.common import (
     InvalidInput,
     RegistryUnavailable,
 )
-from kvchunks.store.chunk import ChunkInfo, is_hash, pack_record, unpack_record
+from kvchunks.store.chunk import ChunkInfo, ChunkRecord, is_hash, pack_record, unpack_record
 from kvchunks.vocabulary import TIERS, check_name, check_tag
 
 MIN_PREFIX = 4
 # Fields a chunk may change after it is stored. The rest either define its hash (tokens,
-# position, parents), have their own methods (ref_count: add_ref; is_active: contexts) or
-# never change (created_at).
+# position, parents), have their own methods (ref_count: add_ref) or never change
+# (created_at). A view's tier (set_tiers) and activity (contexts) are not in the record.
 UPDATABLE = frozenset(
     [
-        "segments",
-        "tier",
         "metadata",
         "text",
         "role",
@@ -122,11 +121,14 @@ class ChunkRegistry:
     # -- chunks ------------------------------------------------------------------------
 
     @_redis_errors
-    def put(self, chunk: ChunkInfo) -> bool:
-        """Store a new chunk with its index entries and provenance edges, atomically.
+    def put(self, chunk: ChunkRecord, tier: str | None = None) -> bool:
+        """Store a new chunk with its index entries, provenance edges and, if given, the tier
+        its KV is in, atomically.
 
         Returns False, changing nothing, when the hash is already stored (deduplication).
         """
+        if tier is not None and tier not in TIERS:
+            raise InvalidInput(f"unknown tier {tier!r}; use one of {', '.join(TIERS)}")
         key, hashes = self._chunk_key(chunk.hash), self._key("hashes")
         data = self._pack(chunk)
 
@@ -142,6 +144,8 @@ class ChunkRegistry:
             pipe.sadd(self._key("content", chunk.content_hash), chunk.hash)
             for tag in chunk.tags:
                 pipe.sadd(self._key("tag", tag), chunk.hash)
+            if tier is not None:
+                pipe.hset(self._key("tiers"), chunk.hash, tier)
             if live:
                 pipe.rpush(self._key("parents", chunk.hash), *live)
             for parent in live:
@@ -180,7 +184,7 @@ class ChunkRegistry:
         return [h for h, found in zip(hashes, pipe.execute(), strict=True) if not found]
 
     @_redis_errors
-    def update(self, chunk_hash: str, **changes: Any) -> ChunkInfo:
+    def update(self, chunk_hash: str, **changes: Any) -> ChunkRecord:
         """Change fields of a stored chunk (see UPDATABLE); tag index entries follow `tags`."""
         fixed = sorted(set(changes) - UPDATABLE)
         if fixed:
@@ -192,7 +196,7 @@ class ChunkRegistry:
         return self._modify(chunk_hash, lambda chunk: dataclasses.replace(chunk, **changes))
 
     @_redis_errors
-    def add_tag(self, chunk_hash: str, tag: str) -> ChunkInfo:
+    def add_tag(self, chunk_hash: str, tag: str) -> ChunkRecord:
         check_tag(tag)
         return self._modify(
             chunk_hash,
@@ -200,7 +204,7 @@ class ChunkRegistry:
         )
 
     @_redis_errors
-    def remove_tag(self, chunk_hash: str, tag: str) -> ChunkInfo:
+    def remove_tag(self, chunk_hash: str, tag: str) -> ChunkRecord:
         check_tag(tag)
         return self._modify(
             chunk_hash, lambda c: dataclasses.replace(c, tags=[t for t in c.tags if t != tag])
@@ -210,7 +214,7 @@ class ChunkRegistry:
     def add_ref(self, chunk_hash: str, delta: int = 1) -> int:
         """Add `delta` (may be negative) to the chunk's reference count; the new count."""
 
-        def change(chunk: ChunkInfo) -> ChunkInfo:
+        def change(chunk: ChunkRecord) -> ChunkRecord:
             if chunk.ref_count + delta < 0:
                 raise InvalidInput(f"reference count of chunk {chunk.hash[:12]} would go below 0")
             return dataclasses.replace(chunk, ref_count=chunk.ref_count + delta)
@@ -437,10 +441,10 @@ class ChunkRegistry:
         return chunk_hash
 
     @staticmethod
-    def _pack(chunk: ChunkInfo) -> bytes:
+    def _pack(chunk: ChunkRecord) -> bytes:
         return pack_record(chunk.to_record())
 
-    def _load(self, pipe: redis.client.Pipeline, chunk_hash: str) -> ChunkInfo:
+    def _load(self, pipe: redis.client.Pipeline, chunk_hash: str) -> ChunkRecord:
         data = pipe.get(self._chunk_key(chunk_hash))
         if data is None:
             raise ChunkNotFound(f"no chunk {chunk_hash}")
@@ -471,17 +475,17 @@ class ChunkRegistry:
     def _with_state(
         self, chunk_hash: str, data: bytes, tier: bytes | None, is_active: bool
     ) -> ChunkInfo:
-        """The chunk from its record, with the tier recorded apart and its activity."""
-        chunk = self._parsed(chunk_hash, data)
-        chunk.is_active = is_active
-        chunk.tier = tier.decode() if tier else chunk.tier
-        return chunk
+        """The view of the chunk: its record, the tier recorded apart (a chunk whose tier was
+        never recorded has its KV in its file) and its activity."""
+        return ChunkInfo.view(
+            self._parsed(chunk_hash, data), tier.decode() if tier else "disk", is_active
+        )
 
-    def _modify(self, chunk_hash: str, change: Callable[[ChunkInfo], ChunkInfo]) -> ChunkInfo:
+    def _modify(self, chunk_hash: str, change: Callable[[ChunkRecord], ChunkRecord]) -> ChunkRecord:
         """Read-modify-write one record under WATCH, keeping the tag index in step."""
         key = self._chunk_key(chunk_hash)
 
-        def apply(pipe: redis.client.Pipeline) -> ChunkInfo:
+        def apply(pipe: redis.client.Pipeline) -> ChunkRecord:
             old = self._load(pipe, chunk_hash)
             new = change(old)
             pipe.multi()
@@ -514,19 +518,19 @@ class ParsedRecords:
 
     def __init__(self, max_tokens: int = 1 << 20):
         self.max_tokens = max_tokens
-        self._records: dict[str, tuple[bytes, ChunkInfo]] = {}  # oldest first
+        self._records: dict[str, tuple[bytes, ChunkRecord]] = {}  # oldest first
         self._tokens = 0
         self._lock = threading.Lock()
 
-    def __call__(self, chunk_hash: str, data: bytes) -> ChunkInfo:
+    def __call__(self, chunk_hash: str, data: bytes) -> ChunkRecord:
         with self._lock:
             known = self._records.get(chunk_hash)
         if known is None or known[0] != data:
-            known = (data, ChunkInfo.from_record(unpack_record(data)))
+            known = (data, ChunkRecord.from_record(unpack_record(data)))
             self._keep(chunk_hash, known)
         return known[1].copy()
 
-    def _keep(self, chunk_hash: str, parsed: tuple[bytes, ChunkInfo]) -> None:
+    def _keep(self, chunk_hash: str, parsed: tuple[bytes, ChunkRecord]) -> None:
         with self._lock:
             old = self._records.pop(chunk_hash, None)
             self._tokens -= old[1].token_count if old else 0

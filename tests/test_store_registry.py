@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import uuid
 
@@ -15,7 +16,7 @@ from kvchunks.common import (
     InvalidInput,
     RegistryUnavailable,
 )
-from kvchunks.store.chunk import ChunkInfo, SourceSpan
+from kvchunks.store.chunk import ChunkInfo, ChunkRecord, SourceSpan
 from kvchunks.store.hashing import chunk_hash, content_hash, context_hash, model_fingerprint
 from kvchunks.store.redis_server import close, connect_embedded
 from kvchunks.store.registry import ChunkRegistry
@@ -24,12 +25,12 @@ from kvchunks.store.tier_records import TierRecords
 FP = model_fingerprint("LlamaForCausalLM", "ab" * 32, "float32", 256)
 
 
-def make_chunk(tokens: list[int], parents: tuple[ChunkInfo, ...] = (), **fields) -> ChunkInfo:
+def make_chunk(tokens: list[int], parents: tuple[ChunkRecord, ...] = (), **fields) -> ChunkRecord:
     positions, at = [], 0
     for parent in parents:
         positions.append((parent.hash, at))
         at += parent.token_count
-    return ChunkInfo(
+    return ChunkRecord(
         hash=chunk_hash(FP, context_hash(positions), at, tokens),
         content_hash=content_hash(tokens),
         token_ids=list(tokens),
@@ -44,8 +45,8 @@ def fake_hash(prefix: str, fill: str = "0") -> str:
     return prefix + fill * (64 - len(prefix))
 
 
-def chunk_with_hash(h: str, **fields) -> ChunkInfo:
-    return ChunkInfo(hash=h, content_hash=content_hash([1]), token_ids=[1], **fields)
+def chunk_with_hash(h: str, **fields) -> ChunkRecord:
+    return ChunkRecord(hash=h, content_hash=content_hash([1]), token_ids=[1], **fields)
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +71,15 @@ def test_put_get_round_trip(reg):
         sources=[SourceSpan("ab" * 32, 0, 3)],
         generation_params={"temperature": 0.5, "seed": None},
     )
-    assert reg.put(chunk) is True
-    assert reg.get(chunk.hash) == chunk
+    assert reg.put(chunk, tier="cpu") is True
+    assert reg.get(chunk.hash) == ChunkInfo.view(chunk, "cpu")
     assert reg.exists(chunk.hash)
+    other = make_chunk([4])
+    reg.put(other)  # a chunk whose tier was never recorded has its KV in its file
+    assert reg.get(other.hash) == ChunkInfo.view(other, "disk")
+    with pytest.raises(InvalidInput, match="unknown tier"):
+        reg.put(make_chunk([5]), tier="tape")
+    assert not reg.exists(make_chunk([5]).hash)
 
 
 def test_put_of_an_existing_hash_changes_nothing(reg):
@@ -219,14 +226,15 @@ def test_concurrent_reference_counts_are_not_lost(reg):
 def test_update_changes_only_updatable_fields(reg):
     chunk = make_chunk([1, 2])
     reg.put(chunk)
-    updated = reg.update(chunk.hash, tier="disk", metadata={"source": "b"})
-    assert updated.tier == "disk" and reg.get(chunk.hash).metadata == {"source": "b"}
-    for field, value in (("token_ids", [3]), ("hash", "0" * 64), ("ref_count", 3)):
+    updated = reg.update(chunk.hash, metadata={"source": "b"})
+    assert updated.metadata == {"source": "b"} and reg.get(chunk.hash).metadata == {"source": "b"}
+    # A view's state is not in the record: the tier has set_tiers, activity the contexts.
+    changes = (("token_ids", [3]), ("hash", "0" * 64), ("ref_count", 3), ("tier", "cpu"))
+    for field, value in (*changes, ("is_active", True), ("segments", [])):
         with pytest.raises(InvalidInput, match="cannot update"):
             reg.update(chunk.hash, **{field: value})
-    with pytest.raises(InvalidInput):
-        reg.update(chunk.hash, tier="tape")
-    assert reg.get(chunk.hash).tier == "disk"
+    expected = dataclasses.replace(chunk, metadata={"source": "b"})
+    assert reg.get(chunk.hash) == ChunkInfo.view(expected, "disk")
 
 
 def test_records_read_again_are_copies_and_changes_are_seen(reg, redis_client):
@@ -237,7 +245,7 @@ def test_records_read_again_are_copies_and_changes_are_seen(reg, redis_client):
     first.tags.append("y")
     first.metadata["pages"].append(3)
     again = reg.get(chunk.hash)  # parsed before: a copy of that parse, untouched by the above
-    assert again == chunk and again is not first
+    assert again == ChunkInfo.view(chunk, "disk") and again is not first
     reg.update(chunk.hash, tags=["z"])  # another writer's change: a new record, parsed anew
     assert reg.get(chunk.hash).tags == ["z"]
     # A record damaged in Redis is checked again, however often the good one was read.
