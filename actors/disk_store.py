@@ -1,9 +1,10 @@
 """DiskStore: chunks' KV files on the disk of the node it runs on.
 
-Files are the store's safetensors format (`store/kv_file.py`), written by the workers when
-chunks are made and checked on every read: nothing read from disk is ever unpickled, and a
-file that fails its checks is not used. It serves workers on other nodes. A plain class,
-wrapped by `ray.remote` at the end.
+Files are the store's safetensors format (`store/kv_file.py`), written by the workers of its
+node when chunks are made, within the budget the TierManager keeps, and checked on every
+read: nothing read from disk is ever unpickled, and a file that fails its checks is not
+used. It serves workers on other nodes. A plain class, wrapped by `ray.remote` at the end;
+one runs on each node.
 """
 
 from __future__ import annotations
@@ -39,9 +40,16 @@ class DiskStore:
             return None
         return KVPayload.from_tensors(k, v)
 
+    def sizes(self) -> dict[str, int]:
+        """hash -> bytes of each chunk's file here."""
+        return {f.stem: f.stat().st_size for f in (self.home / "kv").glob("*/*.safetensors")}
+
+    def remove(self, chunk_hash: str) -> None:
+        kv_path(self.home, chunk_hash).unlink(missing_ok=True)
+
     def usage(self) -> dict:
-        files = list((self.home / "kv").glob("*/*.safetensors"))
-        return {"chunks": len(files), "bytes": sum(f.stat().st_size for f in files)}
+        sizes = self.sizes()
+        return {"chunks": len(sizes), "bytes": sum(sizes.values())}
 
 
 DiskStoreActor = ray.remote(DiskStore)

@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 import redis
 
-from kvchunks.actors.remote import NAMESPACE, get
+from kvchunks.actors.remote import NAMESPACE, TIER_MANAGER, get
 from kvchunks.common import InvalidInput, KVChunksError
 from kvchunks.store import redis_server
 from kvchunks.store.chunk import is_hash
@@ -67,7 +67,6 @@ class RegistryActor:
         home: str | None,
         redis_url: str | None,
         workers: list[str],
-        host_store: ray.actor.ActorHandle | None = None,
         namespace: str = "kvchunks",
     ):
         home_dir = Path(home) if home else None
@@ -79,8 +78,7 @@ class RegistryActor:
         self.tiers: dict[str, dict[str, str]] = {}  # worker -> hash -> gpu / cpu
         self.pools: dict[str, dict] = {}  # worker -> its last reported pool figures
         self.owners: dict[str, list[str]] = {}  # chunk -> chunks owning its KV (cache)
-        self.handles: dict[str, ray.actor.ActorHandle] = {}  # worker -> its actor
-        self.host_store = host_store
+        self.handles: dict[str, ray.actor.ActorHandle] = {}  # actor name -> its handle
 
     def ready(self) -> bool:
         return True
@@ -118,17 +116,21 @@ class RegistryActor:
         return deleted
 
     def _forget_everywhere(self, chunk_hash: str) -> None:
-        """A chunk was deleted through one worker: the others, and the HostStore, drop their
-        copies too."""
+        """A chunk was deleted through one worker: the others, and the TierManager (host
+        memory and files on every node), drop their copies too. Not awaited: a worker may
+        be busy; the actors are looked up by name, as they start after this one."""
         self.owners.pop(chunk_hash, None)
-        if self.host_store is not None:
-            self.host_store.drop.remote(chunk_hash)  # not awaited
+        with contextlib.suppress(ValueError):  # no TierManager: a service still starting
+            self._actor(TIER_MANAGER).forget.remote(chunk_hash)
         for worker in self.holders(chunk_hash):
             self.held[worker].pop(chunk_hash, None)
             self.tiers.get(worker, {}).pop(chunk_hash, None)
-            if worker not in self.handles:
-                self.handles[worker] = ray.get_actor(worker, namespace=NAMESPACE)
-            self.handles[worker].forget.remote([chunk_hash])  # not awaited: it may be busy
+            self._actor(worker).forget.remote([chunk_hash])
+
+    def _actor(self, name: str) -> ray.actor.ActorHandle:
+        if name not in self.handles:
+            self.handles[name] = ray.get_actor(name, namespace=NAMESPACE)
+        return self.handles[name]
 
     def pool_tiers(self, exclude: str | None = None) -> dict[str, str]:
         """Each chunk held by some worker (but `exclude`, which knows its own), and its best
@@ -222,3 +224,14 @@ def _through_actor(name: str):
 
 for _name in WRITES:
     setattr(RegistryClient, _name, _through_actor(_name))
+
+
+class RemoteProvenance:
+    """The registry reads of a prefetch policy, through the registry actor: for an actor
+    with no Redis connection of its own (the TierManager)."""
+
+    def __init__(self, actor: ray.actor.ActorHandle):
+        self._actor = actor
+
+    def children(self, chunk_hash: str) -> list[str]:
+        return get(self._actor.call.remote("children", chunk_hash), "registry children")

@@ -17,8 +17,8 @@ from kvchunks.common import AmbiguousHash, KVChunksError, ServiceUnavailable, Wo
 NAMESPACE = "kvchunks"  # the Ray namespace of the service's named actors
 REGISTRY = "registry"
 TIER_MANAGER = "tier-manager"
-HOST_STORE = "host-store"
-DISK_STORE = "disk-store"
+HOST_STORE = "host-store"  # one per node: host-store-<node id>
+DISK_STORE = "disk-store"  # one per node: disk-store-<node id>
 
 # ContextManager's methods that a Client runs on a worker through InferenceWorker.call. The
 # others run in the client (close, with_context, track_output) or stream through their own
@@ -59,6 +59,11 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def worker_name(index: int) -> str:
     return f"worker-{index}"
+
+
+def store_name(kind: str, node: str) -> str:
+    """The name of a node's HostStore or DiskStore (kind: HOST_STORE or DISK_STORE)."""
+    return f"{kind}-{node}"
 
 
 @contextlib.contextmanager

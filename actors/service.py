@@ -1,14 +1,17 @@
 """A kvchunks service: its named actors on a Ray cluster, started, found, described, stopped.
 
-    registry       RegistryActor   Redis-backed chunk registry; every metadata write; pool map
-    host-store     HostStore       KV in host memory
-    disk-store     DiskStore       KV files on the head's disk
-    tier-manager   TierManager     moves KV between workers, host and disk
-    worker-<i>     InferenceWorker one per GPU (num_gpus=1), or CPU workers where there is none
+    registry            RegistryActor   Redis-backed chunk registry; every metadata write; pool map
+    tier-manager        TierManager     budgets of each node's host memory and disk; where KV
+                                        comes from and goes; prefetch for activations
+    host-store-<node>   HostStore       KV in that node's host memory
+    disk-store-<node>   DiskStore       KV files on that node's disk
+    worker-<i>          InferenceWorker one per GPU (num_gpus=1), or CPU workers where none
 
-The singletons are pinned to the node that starts the service (the head, in cluster.yaml)
-and take no CPU. Workers restart after a crash (max_restarts=-1): their pool is rebuilt on
-demand from peers, files or tokens, since records and files outlive them.
+The registry and the TierManager are pinned to the node that starts the service (the head,
+in cluster.yaml), each store to its node; they take no CPU. Nodes that join later have no
+stores: their workers keep evicted KV in their own host memory. Every actor restarts after
+a crash (max_restarts=-1): a worker's pool is rebuilt on demand from host memory, peers,
+files or tokens, since records and files outlive it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from kvchunks.actors.remote import (
     ServiceUnavailable,
     get,
     ray_errors,
+    store_name,
     worker_name,
 )
 from kvchunks.common import InvalidInput
@@ -44,8 +48,6 @@ ActorHandle = ray.actor.ActorHandle
 class Service:
     registry: ActorHandle
     tiers: ActorHandle
-    host: ActorHandle
-    disk: ActorHandle
     workers: dict[str, ActorHandle]
 
 
@@ -103,11 +105,12 @@ def start(
     one the registry actor runs the embedded server on its node.
     """
     # The actor classes import torch and the engine: only the command that starts them pays.
-    from kvchunks.actors.disk_store import DiskStoreActor
-    from kvchunks.actors.host_store import HostStoreActor
-    from kvchunks.actors.registry_actor import RegistryActor
+    from kvchunks.actors.registry_actor import RegistryActor, RemoteProvenance
+    from kvchunks.actors.router import Router
     from kvchunks.actors.tier_manager import TierManagerActor
     from kvchunks.actors.worker import InferenceWorkerActor
+    from kvchunks.policies.budgets import TierBudgets
+    from kvchunks.policies.prefetch import make_policy
 
     if is_running():
         raise InvalidInput("a kvchunks service already runs on this Ray cluster; stop it first")
@@ -115,20 +118,16 @@ def start(
     names = [worker_name(i) for i in range(workers or max(gpus, 1))]
     home_dir, model_dir = (str(p) if p else None for p in (home, model))
     common = {"namespace": NAMESPACE, "lifetime": "detached" if detached else None}
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    single = {**common, "num_cpus": 0, "scheduling_strategy": here, "max_restarts": -1}
+    single = _pinned(ray.get_runtime_context().get_node_id(), common)
     registry, started = None, []  # started: the actors other than the registry
     try:
-        host = HostStoreActor.options(name=HOST_STORE, **single).remote()
-        disk = DiskStoreActor.options(name=DISK_STORE, **single).remote(home_dir)
-        started += [host, disk]
-        get([host.ready.remote(), disk.ready.remote()], "starting the tier stores")
-        registry = RegistryActor.options(name=REGISTRY, **single).remote(
-            home_dir, redis_url, names, host
-        )
+        stores = _start_stores(home_dir, common)
+        started += [a for s in stores.values() for a in (s.host, s.disk)]
+        registry = RegistryActor.options(name=REGISTRY, **single).remote(home_dir, redis_url, names)
         url = get(registry.redis_url.remote(), "starting the registry")
+        policy = make_policy(None, RemoteProvenance(registry))
         tiers = TierManagerActor.options(name=TIER_MANAGER, max_concurrency=16, **single).remote(
-            registry, host, disk
+            registry, stores, TierBudgets.from_env(), policy, Router(registry)
         )
         started.append(tiers)
         get(tiers.ready.remote(), "starting the tier manager")
@@ -141,7 +140,7 @@ def start(
                 max_concurrency=8,
                 **resources,
                 **common,
-            ).remote(name, registry, tiers, host, model_dir, home_dir, url, engine_options)
+            ).remote(name, registry, tiers, model_dir, home_dir, url, engine_options)
             for name in names
         }
         started += handles.values()
@@ -150,7 +149,31 @@ def start(
     except BaseException:
         _shut_down(registry, started)
         raise
-    return Service(registry, tiers, host, disk, handles)
+    return Service(registry, tiers, handles)
+
+
+def _pinned(node: str, common: dict) -> dict:
+    """Actor options for a singleton on `node` that takes no CPU and comes back if it dies."""
+    here = NodeAffinitySchedulingStrategy(node, soft=False)
+    return {**common, "num_cpus": 0, "scheduling_strategy": here, "max_restarts": -1}
+
+
+def _start_stores(home: str | None, common: dict) -> dict:
+    """A HostStore and a DiskStore on every live node, ready."""
+    from kvchunks.actors.disk_store import DiskStoreActor
+    from kvchunks.actors.host_store import HostStoreActor
+    from kvchunks.actors.tier_manager import NodeStores
+
+    stores = {}
+    for node in (n["NodeID"] for n in ray.nodes() if n["Alive"]):
+        on_node = _pinned(node, common)
+        stores[node] = NodeStores(
+            HostStoreActor.options(name=store_name(HOST_STORE, node), **on_node).remote(),
+            DiskStoreActor.options(name=store_name(DISK_STORE, node), **on_node).remote(home),
+        )
+    ready = [a.ready.remote() for s in stores.values() for a in (s.host, s.disk)]
+    get(ready, "starting the tier stores")
+    return stores
 
 
 def is_running() -> bool:
@@ -166,13 +189,13 @@ def attach() -> Service:
             "no kvchunks service runs on this Ray cluster; start it with `kvchunks serve`"
         )
     names = get(registry.list_workers.remote(), "the registry")
-    others = [_lookup(n) for n in (TIER_MANAGER, HOST_STORE, DISK_STORE, *names)]
+    others = [_lookup(n) for n in (TIER_MANAGER, *names)]
     if any(h is None for h in others):
         raise ServiceUnavailable(
             "the kvchunks service is incomplete; `kvchunks stop` and serve again"
         )
-    tiers, host, disk, *handles = others
-    return Service(registry, tiers, host, disk, dict(zip(names, handles, strict=True)))
+    tiers, *handles = others
+    return Service(registry, tiers, dict(zip(names, handles, strict=True)))
 
 
 def stop() -> list[str]:
@@ -180,12 +203,19 @@ def stop() -> list[str]:
     first, the registry last. Records and KV files stay on disk for the next service."""
     registry = _lookup(REGISTRY)
     names = get(registry.list_workers.remote(), "the registry") if registry else _found_workers()
-    others = {n: _lookup(n) for n in (*names, TIER_MANAGER, HOST_STORE, DISK_STORE)}
+    others = {n: _lookup(n) for n in (*names, TIER_MANAGER, *_store_names())}
     others = {n: h for n, h in others.items() if h is not None}
     if registry is None and not others:
         raise ServiceUnavailable("no kvchunks service runs on this Ray cluster")
     _shut_down(registry, list(others.values()))
     return [*others, *([REGISTRY] if registry else [])]
+
+
+def _store_names() -> list[str]:
+    """The names of the stores of every node the service started on."""
+    kinds = tuple(f"{kind}-" for kind in (HOST_STORE, DISK_STORE))
+    found = ray.util.list_named_actors(all_namespaces=True)
+    return [a["name"] for a in found if a["namespace"] == NAMESPACE and a["name"].startswith(kinds)]
 
 
 def _found_workers() -> list[str]:
@@ -209,23 +239,28 @@ def status(service: Service) -> dict:
     """Workers and their pools, the registry, the tiers and the transfers between them."""
     workers = [_worker_status(name, h) for name, h in service.workers.items()]
     up = [w for w in workers if "blocks_total" in w]
-    host = get(service.host.usage.remote(), "the host store")
+    nodes = get(service.tiers.usage.remote(), "the tier manager")
     return {
         "workers": workers,
         "registry": get(service.registry.summary.remote(), "the registry"),
-        "tiers": {  # gpu: the workers' pools; cpu: their host memory, and the HostStore
+        "tiers": {  # gpu: the workers' pools; cpu: their host memory and the HostStores
             "gpu": {
                 "chunks": sum(w["chunks"] for w in up),
                 "bytes": sum(w["kv_bytes"] for w in up),
             },
             "cpu": {
-                "chunks": host["chunks"] + sum(w["host_chunks"] for w in up),
-                "bytes": host["bytes"] + sum(w["host_bytes"] for w in up),
+                "chunks": _total(nodes, "cpu", "chunks") + sum(w["host_chunks"] for w in up),
+                "bytes": _total(nodes, "cpu", "bytes") + sum(w["host_bytes"] for w in up),
             },
-            "disk": get(service.disk.usage.remote(), "the disk store"),
+            "disk": {key: _total(nodes, "disk", key) for key in ("chunks", "bytes")},
         },
+        "nodes": nodes,
         "transfers": get(service.tiers.transfers.remote(), "the tier manager"),
     }
+
+
+def _total(nodes: dict, tier: str, key: str) -> int:
+    return sum(node[tier][key] for node in nodes.values())
 
 
 def _worker_status(name: str, handle: ActorHandle) -> dict:

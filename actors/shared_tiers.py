@@ -1,6 +1,7 @@
 """A worker's view of the cluster's tiers: where its store gets KV that is not in its own pool
-(a peer's pool, the node's HostStore, the DiskStore), and where KV it evicts goes (the
-HostStore, through the TierManager), so that it outlives the worker."""
+(a HostStore, a peer's pool, another node's DiskStore), where KV it evicts goes (its node's
+HostStore, through the TierManager), so that it outlives the worker, and whether a new KV
+file fits its node's disk budget."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from kvchunks.store.chunk import ChunkInfo
 
 
 class SharedTiers:
-    """A KV source (`load`) and a spill target (`spill`) for a worker's ChunkStore."""
+    """A KV source (`load`), a spill target (`spill`) and a disk budget (`admit_file`) for a
+    worker's ChunkStore."""
 
     name = "shared pool"
 
@@ -47,10 +49,17 @@ class SharedTiers:
 
     def spill(self, chunk_hash: str, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Hand KV leaving the worker's pool to the node's HostStore; True once it is there."""
-        ref = ray.put(KVPayload.from_tensors(k, v))
+        payload = KVPayload.from_tensors(k, v)
+        ref = ray.put(payload)
         try:  # the ref travels in a list so that the TierManager passes it on unread
-            kept = get(self.tier_manager.offload.remote(chunk_hash, [ref]), "KV offload")
+            offload = self.tier_manager.offload.remote(chunk_hash, self.node, [ref], payload.nbytes)
+            kept = get(offload, "KV offload")
         except ServiceUnavailable:
             return False
         self.stats["spilled"] += int(kept)
         return kept
+
+    def admit_file(self, chunk_hash: str, nbytes: int) -> bool:
+        """Whether a new KV file of `nbytes` fits the node's disk budget (then counted there)."""
+        admit = self.tier_manager.admit_file.remote(chunk_hash, self.node, nbytes)
+        return get(admit, "the disk budget")

@@ -1,30 +1,65 @@
-"""TierManager: where a chunk's KV can be had in the cluster, and where evicted KV goes.
+"""TierManager: where a chunk's KV can be had in the cluster, where evicted KV goes, what each
+node's host memory and disk may hold, and which worker prefetches for an activation.
 
-KV travels as KVPayload objects through Ray's object store. The manager only decides where
-a copy comes from and hands back the object ref; the bytes go from the source straight to
+Each node has a HostStore and a DiskStore (`NodeStores`). The manager keeps their budgets:
+a worker's evicted KV goes to its own node's HostStore, least recently used out first; a new
+KV file is admitted to its node's disk only within the disk budget (a file is a chunk's only
+durable copy of its KV, so a full disk refuses rather than drops one). It runs the prefetch
+policy for every activation, so that what it learns spans the cluster, and sends the
+prefetch to the worker the router picks.
+
+KV travels as KVPayload objects through Ray's object store. The manager only decides where a
+copy comes from and hands back the object ref; the bytes go from the source straight to
 whoever asked, never through this actor. A plain class, wrapped by `ray.remote` at the end.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
+from dataclasses import dataclass
 
 import ray
 
 from kvchunks.actors.remote import NAMESPACE, get
+from kvchunks.actors.router import Router
+from kvchunks.policies.budgets import TierBudgets
+from kvchunks.policies.lru import LRUBudget
+from kvchunks.policies.prefetch import PrefetchPolicy
+from kvchunks.service.pieces import owner_hashes
+from kvchunks.store.chunk import ChunkInfo
+
+ActorHandle = ray.actor.ActorHandle
+
+
+@dataclass
+class NodeStores:
+    host: ActorHandle  # HostStore
+    disk: ActorHandle  # DiskStore
 
 
 class TierManager:
     def __init__(
         self,
-        registry: ray.actor.ActorHandle,
-        host: ray.actor.ActorHandle,
-        disk: ray.actor.ActorHandle,
+        registry: ActorHandle,
+        stores: dict[str, NodeStores],  # node id -> that node's stores
+        budgets: TierBudgets,
+        policy: PrefetchPolicy,
+        router: Router,
     ):
-        self.registry, self.host, self.disk = registry, host, disk
-        self.disk_node = get(disk.ready.remote())
-        self.workers: dict[str, ray.actor.ActorHandle] = {}
+        self.registry, self.stores, self.policy, self.router = registry, stores, policy, router
+        # What each store holds is read back, so that a restarted manager keeps the budgets.
+        self.hosts = {
+            node: LRUBudget(budgets.cpu_bytes, get(s.host.sizes.remote(), "a host store"))
+            for node, s in stores.items()
+        }
+        self.disks = {
+            node: LRUBudget(budgets.disk_bytes, get(s.disk.sizes.remote(), "a disk store"))
+            for node, s in stores.items()
+        }
+        self.workers: dict[str, ActorHandle] = {}
         self.stats: Counter[str] = Counter()
+        self.lock = threading.Lock()  # calls run on several threads; the budgets are shared
 
     def ready(self) -> bool:
         return True
@@ -35,36 +70,122 @@ class TierManager:
         for name in names:
             self._worker(name)
 
+    # -- KV in and out of host memory -------------------------------------------------------
+
     def fetch(self, chunk_hash: str, requester: str, node: str, spec: dict) -> ray.ObjectRef | None:
         """A ref to the chunk's KV from the cheapest place other than the requester's own pool:
-        the HostStore (no worker is disturbed), then a peer's pool, then the DiskStore when
-        the requester is on another node (on its own node the requester reads the file
-        itself). None: nowhere."""
-        if get(self.host.contains.remote(chunk_hash)):
+        a HostStore, its own node's first (no worker is disturbed), then a peer's pool, then
+        another node's DiskStore (on its own node the requester reads the file itself).
+        None: nowhere."""
+        with self.lock:
+            in_host = [n for n in self._near_first(node) if chunk_hash in self.hosts[n].sizes]
+            if in_host:
+                self.hosts[in_host[0]].touch(chunk_hash)
+        if in_host:
             self.stats["from_host"] += 1
-            return self.host.get.remote(chunk_hash)
+            return self.stores[in_host[0]].host.get.remote(chunk_hash)
         for name in get(self.registry.holders.remote(chunk_hash)):
             if name != requester:
                 self.stats["from_worker"] += 1
                 return self._worker(name).read_kv.remote(chunk_hash)
-        if node != self.disk_node and get(self.disk.contains.remote(chunk_hash)):
+        on_disk = [n for n in self.stores if n != node and chunk_hash in self.disks[n].sizes]
+        if on_disk:
             self.stats["from_disk"] += 1
-            return self.disk.get.remote(
+            return self.stores[on_disk[0]].disk.get.remote(
                 chunk_hash, spec["fingerprint"], spec["dtype"], spec["shape"]
             )
         return None
 
-    def offload(self, chunk_hash: str, payload: list[ray.ObjectRef]) -> bool:
-        """Keep KV a worker evicted in host memory (the ref comes wrapped in a list, so that
-        it reaches the HostStore unread); False if it does not fit there."""
-        kept = get(self.host.put.remote(chunk_hash, payload[0]), "host store")
-        self.stats["offloaded" if kept else "offload_refused"] += 1
-        return kept
+    def offload(
+        self, chunk_hash: str, node: str, payload: list[ray.ObjectRef], nbytes: int
+    ) -> bool:
+        """Keep KV a worker evicted in its node's host memory, dropping the least recently
+        used there to make room (the ref comes wrapped in a list, so that it reaches the
+        HostStore unread). False if it cannot fit, or the node has no HostStore."""
+        with self.lock:
+            budget = self.hosts.get(node)
+            victims = None if budget is None else budget.admit(chunk_hash, nbytes)
+        if victims is None:
+            self.stats["offload_refused"] += 1
+            return False
+        host = self.stores[node].host
+        for victim in victims:
+            host.drop.remote(victim)  # actor calls run in order: gone before the put lands
+        get(host.put.remote(chunk_hash, payload[0]), "host store")
+        self.stats["offloaded"] += 1
+        self.stats["host_dropped"] += len(victims)
+        return True
+
+    def in_host(self) -> list[str]:
+        """The chunks some node's HostStore holds."""
+        with self.lock:
+            return list(dict.fromkeys(h for budget in self.hosts.values() for h in budget.sizes))
+
+    # -- files --------------------------------------------------------------------------------
+
+    def admit_file(self, chunk_hash: str, node: str, nbytes: int) -> bool:
+        """Count a new KV file on the node's disk if the disk budget allows it."""
+        with self.lock:
+            budget = self.disks.get(node)
+            if budget is None or chunk_hash in budget.sizes:
+                return True
+            if not budget.fits(nbytes):
+                self.stats["file_refused"] += 1
+                return False
+            budget.admit(chunk_hash, nbytes)
+            return True
+
+    def forget(self, chunk_hash: str) -> None:
+        """A chunk was deleted: every node's HostStore and DiskStore drops its copy."""
+        with self.lock:
+            hosts = [n for n, b in self.hosts.items() if b.forget(chunk_hash)]
+            disks = [n for n, b in self.disks.items() if b.forget(chunk_hash)]
+        for node in hosts:
+            self.stores[node].host.drop.remote(chunk_hash)
+        for node in disks:
+            self.stores[node].disk.remove.remote(chunk_hash)
+
+    # -- prefetch -----------------------------------------------------------------------------
+
+    def prefetch(self, requester: str, chunk: ChunkInfo, active: list[str], routed: bool) -> str:
+        """Run the prefetch policy for an activation made through `requester`, and have the
+        worker that the router picks for the context's chunks (with `routed`; else the
+        requester) bring in the chunk and the policy's picks. Returns that worker's name."""
+        with self.lock:  # a policy may learn from every activation (co-activation)
+            wanted = [chunk.hash, *self.policy.on_activate(chunk, active)]
+        target = requester
+        if routed:
+            target = self.router.pick_for([*active, *owner_hashes(chunk)])
+        # Awaited (it only queues the transfers): once the activation's own background task
+        # is done, its prefetch is queued on the target, so waiting for transfers there works.
+        get(self._worker(target).prefetch_chunks.remote(wanted), "a prefetch")
+        self.stats["prefetch_sent"] += 1
+        return target
+
+    # -- reports ------------------------------------------------------------------------------
 
     def transfers(self) -> dict[str, int]:
         return dict(self.stats)
 
-    def _worker(self, name: str) -> ray.actor.ActorHandle:
+    def usage(self) -> dict:
+        """Per node: the chunks and bytes its host memory and disk hold, and their budgets."""
+        with self.lock:
+            return {
+                node: {
+                    tier: {
+                        "chunks": len(budget.sizes),
+                        "bytes": budget.used_bytes(),
+                        "budget": budget.budget_bytes,
+                    }
+                    for tier, budget in (("cpu", self.hosts[node]), ("disk", self.disks[node]))
+                }
+                for node in self.stores
+            }
+
+    def _near_first(self, node: str) -> list[str]:
+        return sorted(self.stores, key=lambda n: n != node)
+
+    def _worker(self, name: str) -> ActorHandle:
         if name not in self.workers:
             self.workers[name] = ray.get_actor(name, namespace=NAMESPACE)
         return self.workers[name]

@@ -3,11 +3,13 @@
 A plain class, wrapped by `ray.remote` at the end of this file. It is a ContextManager per
 context name over one ChunkStore, nothing more: every API call runs the plain in-process
 code. What it adds is the shared pool, through collaborators handed to the store: KV that is
-not in this worker's pool is shipped from a peer or the node's HostStore before the file or
-a recompute is tried (SharedTiers.load); KV leaving the pool goes to the HostStore, so it
-outlives this worker (SharedTiers.spill); an activation's prefetch may be handed to the
-worker the router picks (`_hand_over`); and every change of what the pool holds is reported
-to the registry actor, so requests can be routed to the worker that holds their chunks.
+not in this worker's pool is shipped from a HostStore or a peer before the file or a
+recompute is tried (SharedTiers.load); KV leaving the pool goes to the node's HostStore, so
+it outlives this worker (SharedTiers.spill); new KV files fit the node's disk budget
+(SharedTiers.admit_file); the TierManager runs the prefetch policy for each activation and
+sends the prefetch to the worker the router picks (`_hand_over`); and every change of what
+the pool holds is reported to the registry actor, so requests can be routed to the worker
+that holds their chunks.
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ import torch
 
 from kvchunks.actors.kv_transfer import KVPayload
 from kvchunks.actors.registry_actor import RegistryClient
-from kvchunks.actors.remote import CONTEXT_METHODS, NAMESPACE, ServiceUnavailable, get
-from kvchunks.actors.router import Router
+from kvchunks.actors.remote import CONTEXT_METHODS, ServiceUnavailable, get
 from kvchunks.actors.shared_tiers import SharedTiers
 from kvchunks.common import HOME_ENV, InvalidInput, data_dir
 from kvchunks.engine import EngineConfig
@@ -34,7 +35,6 @@ from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.context_manager import ContextManager
 from kvchunks.service.generation import GenerationResult
 from kvchunks.service.model_host import ModelHost
-from kvchunks.service.pieces import owner_hashes
 from kvchunks.store import redis_server
 from kvchunks.store.chunk import ChunkInfo
 
@@ -53,7 +53,6 @@ class InferenceWorker:
         name: str,
         registry: ray.actor.ActorHandle,
         tier_manager: ray.actor.ActorHandle,
-        host_store: ray.actor.ActorHandle,
         model: str | None,
         home: str | None,
         redis_url: str,
@@ -63,8 +62,7 @@ class InferenceWorker:
             os.environ[HOME_ENV] = home
         self.name = name
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.registry, self.tier_manager, self.host_store = registry, tier_manager, host_store
-        self.router = Router(registry)
+        self.registry, self.tier_manager = registry, tier_manager
         engine = ModelHost(model, data_dir(), EngineConfig(**(engine_options or {})))
         self.spec = {
             "fingerprint": engine.fingerprint,
@@ -81,11 +79,11 @@ class InferenceWorker:
             registry=RegistryClient(redis_server.connect_url(redis_url), registry),
             peers=self.shared,
             spill=self.shared.spill,
+            admit_file=self.shared.admit_file,
             hand_over=self._hand_over,
             pool_tiers=self._pool_tiers,
             restore=False,
         )
-        self.peers: dict[str, ray.actor.ActorHandle] = {}
         self.redirects: dict[str, str] = {}  # context -> where its last prefetch was handed
         engine.llm  # noqa: B018  (loads the model now: a worker is ready when it can serve)
         self.managers: dict[str, ContextManager] = {}
@@ -226,30 +224,26 @@ class InferenceWorker:
         return KVPayload.from_tensors(*host) if host is not None else None
 
     def _hand_over(self, chunk: ChunkInfo, active: list[str]) -> bool:
-        """Have the worker that the router picks for the context's chunks prefetch for the
-        activation, if that is another one (True: handed over, not awaited). Only for a
-        routed call (see `call`)."""
+        """Hand an activation's prefetch to the TierManager, which runs the prefetch policy
+        and sends it to the worker that the router picks for a routed call (see `call`),
+        else here. False, to prefetch here by the store's own policy, if it cannot be asked."""
         context = ROUTED_CONTEXT.get()
-        needed = [*active, *owner_hashes(chunk)]
-        if context is None or all(h in self.store.tiers.kv for h in needed):
-            return False  # pinned here, or all here: no worker holds more
+        request = self.tier_manager.prefetch.remote(self.name, chunk, active, context is not None)
         try:
-            best = self.router.pick_for(needed)
-            if best == self.name:
-                return False
-            if best not in self.peers:
-                self.peers[best] = ray.get_actor(best, namespace=NAMESPACE)
-            self.peers[best].prefetch_for_activation.remote(chunk, active)
-        except (ServiceUnavailable, ValueError):  # no router, or no such peer: prefetch here
+            target = get(request, "the tier manager")
+        except ServiceUnavailable:
             return False
-        self.redirects[context] = best
-        self.store.stats["prefetch_handed_over"] += 1
+        if target != self.name:
+            self.redirects[context] = target
+            self.store.stats["prefetch_handed_over"] += 1
         return True
 
-    def prefetch_for_activation(self, chunk: ChunkInfo, active: list[str]) -> None:
-        """Prefetch for an activation made through another worker (see _hand_over), and
-        report the pool when it is done: no call of this worker's may come to report it."""
-        self.store.prefetcher.prefetch_for_activation(chunk, active)
+    def prefetch_chunks(self, hashes: list[str]) -> None:
+        """Bring these chunks into the pool in the background (the TierManager's choice for
+        an activation), and report the pool when that is done: no call of this worker's may
+        come to report it."""
+        for chunk_hash in hashes:
+            self.store.prefetcher.prefetch(chunk_hash)
         self.store.prefetcher.after_transfers(self._report)
 
     def _report(self) -> None:
@@ -275,10 +269,11 @@ class InferenceWorker:
 
     def _pool_tiers(self) -> dict[str, str]:
         """The shared pool's tiers (the other workers' pools and host memory, then the
-        HostStore), read once per call (describe asks for every chunk it shows)."""
+        HostStores), read once per call (describe asks for every chunk it shows)."""
         if self.tiers_seen is None:
-            held = get(self.registry.pool_tiers.remote(self.name), "registry pool tiers")
-            in_host = get(self.host_store.hashes.remote(), "the host store")
+            held = self.registry.pool_tiers.remote(self.name)
+            in_host = self.tier_manager.in_host.remote()
+            held, in_host = get([held, in_host], "the pool's tiers")
             self.tiers_seen = dict.fromkeys(in_host, "cpu") | held
         return self.tiers_seen
 

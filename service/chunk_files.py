@@ -4,6 +4,7 @@ its KV survives the process and can be shipped or loaded again without a recompu
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,6 +15,9 @@ from kvchunks.store.host_memory import HostMemory
 from kvchunks.store.kv_file import kv_path, read_kv_file, remove_partial_files, write_kv_file
 
 KV = tuple[torch.Tensor, torch.Tensor]
+# (hash, bytes) -> whether a new file of that size fits a budget kept elsewhere (a cluster's,
+# for every worker of a node); it counts the file when it does.
+AdmitFile = Callable[[str, int], bool]
 
 
 class ChunkFiles:
@@ -32,10 +36,11 @@ class ChunkFiles:
         stats: Counter[str],
         budget_bytes: int | None = None,
         compression: str = "none",  # or "bf16" (see policies.budgets)
+        admit: AdmitFile | None = None,  # instead of budget_bytes
     ):
         self.home, self.fingerprint, self.dtype, self.shape = home, fingerprint, dtype, shape
         self.host, self.stats = host, stats
-        self.budget_bytes, self.compression = budget_bytes, compression
+        self.budget_bytes, self.compression, self.admit = budget_bytes, compression, admit
         remove_partial_files(home)  # left by a process killed while writing KV
 
     def path(self, chunk_hash: str) -> Path:
@@ -62,14 +67,24 @@ class ChunkFiles:
 
     def write(self, chunk: ChunkInfo, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the chunk's file (replacing a damaged one), within the disk budget."""
-        limit = self.budget_bytes
-        if limit is not None and self.used_bytes() + k.nbytes + v.nbytes > limit:
-            raise CapacityError(
-                f"the disk tier is full: {self.used_bytes()} of {limit} bytes used, chunk needs "
-                f"{k.nbytes + v.nbytes}; delete chunks or raise KVCHUNKS_DISK_BYTES"
-            )
+        self._check_budget(chunk.hash, k.nbytes + v.nbytes)
         record = chunk.to_record()
         write_kv_file(self.path(chunk.hash), k, v, record, self.fingerprint, self.compression)
+
+    def _check_budget(self, chunk_hash: str, needed: int) -> None:
+        if self.admit is not None:
+            if not self.admit(chunk_hash, needed):
+                raise CapacityError(
+                    f"the disk tier of this node is full, chunk needs {needed} bytes; delete "
+                    "chunks or raise KVCHUNKS_DISK_BYTES"
+                )
+            return
+        limit = self.budget_bytes
+        if limit is not None and self.used_bytes() + needed > limit:
+            raise CapacityError(
+                f"the disk tier is full: {self.used_bytes()} of {limit} bytes used, chunk needs "
+                f"{needed}; delete chunks or raise KVCHUNKS_DISK_BYTES"
+            )
 
     def remove(self, chunk_hash: str) -> None:
         self.path(chunk_hash).unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from kvchunks.engine import LLM, EngineConfig
 from kvchunks.policies.budgets import TierBudgets
 from kvchunks.policies.prefetch import make_policy
 from kvchunks.service import audit
-from kvchunks.service.chunk_files import ChunkFiles
+from kvchunks.service.chunk_files import AdmitFile, ChunkFiles
 from kvchunks.service.chunks import ChunkMaker
 from kvchunks.service.compose import Composer
 from kvchunks.service.kv_sources import KVLoader, KVSource
@@ -55,6 +55,7 @@ class ChunkStore:
         registry: ChunkRegistry | None = None,
         peers: KVSource | None = None,  # asked before the files: a shared pool's other copies
         spill: Spill | None = None,  # instead of host memory: a shared pool's node memory
+        admit_file: AdmitFile | None = None,  # instead of the disk budget: a shared pool's
         hand_over: HandOver | None = None,
         pool_tiers: PoolTiers | None = None,
         restore: bool = True,  # bring back the recorded gpu/cpu tiers when the engine starts
@@ -79,6 +80,7 @@ class ChunkStore:
             self.stats,
             self.budgets.disk_bytes,
             self.budgets.disk_compression,
+            admit_file,
         )
         self.loader = KVLoader([peers, self.files] if peers else [self.files], self.stats)
         self.tiers = Tiers(

@@ -31,8 +31,12 @@ class KVLoader:
         self._loading: dict[str, Future] = {}  # hash -> its KV, once loaded
         self._lock = threading.Lock()
 
-    def load(self, chunk: ChunkInfo) -> KV | None:
-        """The chunk's KV from the first source that has it. Takes no other lock."""
+    def load(self, chunk: ChunkInfo, keep: bool = False) -> KV | None:
+        """The chunk's KV from the first source that has it. Takes no other lock.
+
+        With `keep`, the loaded KV stays on offer to other callers until `release`: a
+        caller that installs it later (a prefetch waits for the pool's lock) keeps others
+        from loading it again meanwhile."""
         with self._lock:
             pending = self._loading.get(chunk.hash)
             if pending is None:
@@ -44,7 +48,11 @@ class KVLoader:
         try:
             kv = next((kv for s in self.sources if (kv := s.load(chunk)) is not None), None)
         finally:
-            with self._lock:
-                del self._loading[chunk.hash]
+            if not keep:
+                self.release(chunk.hash)
             mine.set_result(kv)
         return kv
+
+    def release(self, chunk_hash: str) -> None:
+        with self._lock:
+            self._loading.pop(chunk_hash, None)

@@ -3,8 +3,8 @@ prefetch policy expects next, into the pool, so that the next generation finds t
 
 Transfers run one at a time on their own thread. A file is read without the pool's lock, so
 it overlaps the engine's compute; it takes the lock only to write the pool, between engine
-steps. Where several workers share a pool, a `hand_over` may send the prefetch to the
-worker the context's next request is routed to.
+steps. Where several workers share a pool, a `hand_over` may take the activation's prefetch
+elsewhere (in a cluster, to the TierManager, which runs the policy for every worker).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from kvchunks.common import CapacityError, ChunkNotFound
 from kvchunks.policies.prefetch import PrefetchPolicy
 from kvchunks.service.compose import Composer
-from kvchunks.service.kv_sources import KVLoader
+from kvchunks.service.kv_sources import KV, KVLoader
 from kvchunks.service.pieces import owners
 from kvchunks.service.tiers import Tiers
 from kvchunks.store.chunk import ChunkInfo
@@ -53,11 +53,6 @@ class Prefetcher:
             run = contextvars.copy_context().run
             self._transfers.submit(run, self._for_activation, chunk, active)
 
-    def prefetch_for_activation(self, chunk: ChunkInfo, active: list[str]) -> None:
-        """Prefetch for an activation here, whatever the hand-over would say."""
-        if self.tiers.model.started and not self._closed:
-            self._transfers.submit(self._after_activation, chunk, active)
-
     def _for_activation(self, chunk: ChunkInfo, active: list[str]) -> None:
         if self.hand_over is None or not self.hand_over(chunk, active):
             self._after_activation(chunk, active)
@@ -89,21 +84,30 @@ class Prefetcher:
         try:
             for owner in owners(self.registry, self.registry.get(chunk_hash)):
                 # Loaded without the lock, so that the read overlaps the engine's compute.
-                held = owner.hash in tiers.kv or owner.hash in tiers.host
-                kv = None if held else self.loader.load(owner)
-                with tiers.lock:
-                    if owner.hash in tiers.kv or self.registry.missing([owner.hash]):
-                        continue  # there already, or deleted since the transfer started
-                    if kv is not None and owner.hash not in tiers.host:
-                        tiers.host.put(owner.hash, *kv)
-                    self.composer.owned_kv(owner)
-                    tiers.prefetched.add(owner.hash)
-                    self.stats["prefetched"] += 1
+                if owner.hash in tiers.kv or owner.hash in tiers.host:
+                    self._install(owner, None)
+                    continue
+                kv = self.loader.load(owner, keep=True)  # on offer to a generation meanwhile
+                try:
+                    self._install(owner, kv)
+                finally:
+                    self.loader.release(owner.hash)
         except (CapacityError, ChunkNotFound):
             self.stats["prefetch_skipped"] += 1
         finally:
             with self._inflight_lock:
                 self._inflight.pop(chunk_hash).set_result(None)
+
+    def _install(self, owner: ChunkInfo, kv: KV | None) -> None:
+        tiers = self.tiers
+        with tiers.lock:
+            if owner.hash in tiers.kv or self.registry.missing([owner.hash]):
+                return  # there already, or deleted since the transfer started
+            if kv is not None and owner.hash not in tiers.host:
+                tiers.host.put(owner.hash, *kv)
+            self.composer.owned_kv(owner)
+            tiers.prefetched.add(owner.hash)
+            self.stats["prefetched"] += 1
 
     def wait(self) -> None:
         """Block until every background transfer queued so far has finished."""

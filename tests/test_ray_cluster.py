@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import ray
@@ -189,7 +190,7 @@ def test_kv_evicted_to_host_memory_outlives_its_worker(ray_service):
     stored = {c.hash: ray.get(s.worker("worker-0").read_kv.remote(c.hash)) for c in made}
     for chunk in made:  # out of A's pool: into the node's host memory, not A's own
         assert on_a.move_to_cpu(chunk.hash).tier == "cpu"
-    assert all(get(service.host.contains.remote(c.hash)) for c in made)
+    assert {c.hash for c in made} <= set(get(service.tiers.in_host.remote()))
     assert ray.get(s.worker("worker-0").status.remote())["host_chunks"] == 0
     ray.kill(s.worker("worker-0"), no_restart=False)  # Ray starts it again, with nothing held
     before, moves_before = s.stats("worker-1"), get(service.tiers.transfers.remote())
@@ -252,3 +253,59 @@ def test_commands_without_a_cluster_say_so(command):
     assert done.returncode == 1
     assert done.stderr.startswith(f"error: no Ray cluster at {nowhere}")
     assert done.stderr.count("\n") == 1
+
+
+def test_tier_manager_keeps_each_nodes_host_and_disk_budgets(ray_service, tmp_path):
+    from kvchunks.actors.disk_store import DiskStoreActor
+    from kvchunks.actors.host_store import HostStoreActor
+    from kvchunks.actors.kv_transfer import KVPayload
+    from kvchunks.actors.tier_manager import NodeStores, TierManager
+    from kvchunks.policies.budgets import TierBudgets
+    from kvchunks.policies.prefetch import Explicit
+
+    def payload(seed: int) -> KVPayload:
+        k = np.random.default_rng(seed).standard_normal((2, 4, 1, 8), dtype=np.float32)
+        return KVPayload(k, -k, "float32")
+
+    one = payload(0).nbytes
+    registry = ray_service.service.registry
+    stores = {
+        node: NodeStores(HostStoreActor.remote(), DiskStoreActor.remote(str(tmp_path / node)))
+        for node in ("node-a", "node-b")
+    }
+    budgets = TierBudgets(cpu_bytes=2 * one, disk_bytes=1000)
+    manager = TierManager(registry, stores, budgets, Explicit(), Router(registry))
+    x, y, z, q = (c * 64 for c in "1234")
+
+    def offload(chunk_hash: str, node: str, seed: int) -> bool:
+        return manager.offload(chunk_hash, node, [ray.put(payload(seed))], one)
+
+    def held(node: str) -> set[str]:
+        return set(get(stores[node].host.sizes.remote()))
+
+    # Evictions go to the worker's own node, within that node's budget, coldest out first.
+    assert offload(x, "node-a", 1) and offload(y, "node-a", 2) and held("node-a") == {x, y}
+    spec = {"fingerprint": "f" * 64, "dtype": "float32", "shape": (2, None, 1, 8)}
+    assert same_bits(get(manager.fetch(x, "w", "node-b", spec)), payload(1))  # x used: y cold
+    assert offload(z, "node-a", 3) and held("node-a") == {x, z} and held("node-b") == set()
+    # A copy on the requester's own node comes first; each node has a budget of its own.
+    assert offload(q, "node-a", 4) and offload(q, "node-b", 5) and held("node-b") == {q}
+    assert same_bits(get(manager.fetch(q, "w", "node-b", spec)), payload(5))
+    assert same_bits(get(manager.fetch(q, "w", "node-a", spec)), payload(4))
+    assert manager.fetch(y, "w", "node-a", spec) is None  # dropped, and no worker holds it
+    assert not manager.offload(y, "node-a", [ray.put(payload(6))], 3 * one)  # larger than all
+    assert not offload(y, "node-c", 6)  # a node without stores
+    # New files are admitted within each node's disk budget.
+    assert manager.admit_file(x, "node-a", 600) and not manager.admit_file(y, "node-a", 600)
+    assert manager.admit_file(y, "node-b", 600)
+    usage = manager.usage()
+    assert usage["node-a"]["disk"]["bytes"] == 600 and usage["node-a"]["cpu"]["chunks"] == 2
+    # A deleted chunk leaves every node's host memory and disk budget.
+    manager.forget(q)
+    assert q not in held("node-a") | held("node-b") and q not in manager.in_host()
+    manager.forget(x)
+    assert manager.admit_file(y, "node-a", 600)
+    assert manager.transfers()["host_dropped"] == 2 and manager.transfers()["offload_refused"] == 2
+    for node_stores in stores.values():
+        ray.kill(node_stores.host)
+        ray.kill(node_stores.disk)

@@ -13,11 +13,12 @@ import torch
 from kvchunks.actors.host_store import HostStore
 from kvchunks.actors.kv_transfer import KVPayload
 from kvchunks.common import CapacityError
+from kvchunks.policies.lru import LRUBudget
 from kvchunks.service.chunk_files import ChunkFiles
 from kvchunks.service.compose import leading_tokens, recorded_combination
 from kvchunks.service.kv_sources import KVLoader
 from kvchunks.service.pieces import cut, merged, owner_hashes, spans
-from kvchunks.store.chunk import ChunkInfo, SourceSpan
+from kvchunks.store.chunk import ChunkInfo, ChunkRecord, SourceSpan
 from kvchunks.store.hashing import content_hash
 from kvchunks.store.host_memory import HostMemory
 from kvchunks.vocabulary import farthest_tier, nearest_tier
@@ -96,13 +97,22 @@ def test_loader_asks_sources_in_order_and_loads_each_chunk_once_at_a_time():
     assert loader.load(chunk(3)) is full.result and full.calls[A] == 2  # nothing is cached
 
 
+def test_a_kept_load_stays_on_offer_until_it_is_released():
+    source = SlowSource(kv(3), 0)
+    loader = KVLoader([source], Counter())
+    kept = loader.load(chunk(3), keep=True)  # a prefetch, not yet in the pool
+    assert loader.load(chunk(3)) is kept and source.calls[A] == 1  # a generation meanwhile
+    loader.release(A)
+    assert loader.load(chunk(3)) is kept and source.calls[A] == 2
+
+
 def test_loader_returns_none_when_no_source_has_it():
     assert KVLoader([SlowSource(None, 0)], Counter()).load(chunk(3)) is None
 
 
-def make_files(tmp_path, stats: Counter, budget: int | None = None) -> ChunkFiles:
+def make_files(tmp_path, stats: Counter, budget: int | None = None, admit=None) -> ChunkFiles:
     host = HostMemory(1 << 20)
-    return ChunkFiles(tmp_path, "f" * 64, "float32", SHAPE, host, stats, budget)
+    return ChunkFiles(tmp_path, "f" * 64, "float32", SHAPE, host, stats, budget, "none", admit)
 
 
 def test_chunk_files_round_trip_bitwise_and_refuse_damage(tmp_path):
@@ -134,16 +144,48 @@ def payload(tokens: int, seed: int = 0) -> KVPayload:
     return KVPayload.from_tensors(*kv(tokens, seed))
 
 
-def test_host_store_keeps_its_own_copy_within_its_budget_least_recently_used_first():
-    one = payload(8).nbytes
-    store = HostStore(budget_bytes=2 * one)
+def test_host_store_keeps_its_own_copy():
+    store = HostStore()
     sent = payload(8, seed=1)
-    assert store.put("x", sent)
+    store.put("x", sent)
     sent.k[:] = 0  # the sender's arrays may go away: the store kept its own
     assert not np.array_equal(store.get("x").k, sent.k)
-    assert store.put("y", payload(8, seed=2))
-    store.get("x")  # x is now more recent than y
-    assert store.put("z", payload(8, seed=3))
-    assert store.hashes() == ["x", "z"] and store.used_bytes() <= 2 * one
-    assert not store.put("big", payload(24))  # larger than the whole budget
-    assert store.drop("x") and not store.contains("x")
+    assert store.sizes() == {"x": sent.nbytes} and store.usage()["chunks"] == 1
+    assert store.drop("x") and not store.contains("x") and store.get("x") is None
+
+
+def test_lru_budget_names_the_coldest_chunks_to_drop_and_refuses_what_cannot_fit():
+    budget = LRUBudget(300, sizes={"old": 100})
+    assert budget.admit("x", 100) == [] and budget.admit("y", 100) == []
+    budget.touch("old")  # now x is the coldest
+    assert budget.admit("z", 150) == ["x", "y"] and set(budget.sizes) == {"old", "z"}
+    assert budget.admit("z", 150) == [] and budget.used_bytes() == 250  # counted once
+    assert budget.admit("huge", 301) is None and "huge" not in budget.sizes
+    assert budget.fits(50) and not budget.fits(51)
+    assert budget.forget("old") and not budget.forget("old")
+    assert LRUBudget(None).admit("any", 10**15) == []  # no limit
+
+
+def test_files_ask_a_budget_kept_elsewhere_before_writing(tmp_path):
+    asked = []
+
+    def admit(chunk_hash: str, nbytes: int) -> bool:
+        asked.append((chunk_hash, nbytes))
+        return len(asked) == 1
+
+    files = make_files(tmp_path, Counter(), budget=0, admit=admit)  # the budget kept elsewhere
+    k, v = kv(3)
+    files.write(chunk(3), k, v)
+    with pytest.raises(CapacityError, match="disk tier of this node is full"):
+        files.write(chunk(5, B), *kv(5))
+    assert asked == [(A, k.nbytes + v.nbytes), (B, 2 * kv(5)[0].nbytes)]
+    assert files.exists(A) and not files.exists(B)
+
+
+def test_a_view_is_its_record_with_the_state_of_one_process_and_context():
+    record = ChunkRecord(hash=A, content_hash=content_hash([1, 2]), token_ids=[1, 2], tags=["t"])
+    view = ChunkInfo.view(record, "cpu", is_active=True)
+    assert (view.tier, view.is_active, view.segments, view.tags) == ("cpu", True, [], ["t"])
+    assert view.to_record() == record.to_record()  # the view's state is never kept
+    assert ChunkRecord.from_record(view.to_record()) == record
+    assert "tier" not in record.to_record() and "is_active" not in record.to_record()
