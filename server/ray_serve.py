@@ -35,10 +35,11 @@ def deploy(port: int, host: str = "127.0.0.1", api_key: str | None = None) -> st
 def undeploy() -> bool:
     """Stop the HTTP app and Serve, if they run; True if they did."""
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
     try:
         serve.delete(APP_NAME)
-    except Exception:  # Serve was never started on this cluster: nothing to stop
+    except RayServeException:  # Serve was never started on this cluster: nothing to stop
         return False
     serve.shutdown()
     return True

@@ -217,12 +217,16 @@ def test_prefetch_brings_provenance_neighbours_before_use(make_store):
     assert cm.get_chunk(g.prompt_chunk.hash).tier == "gpu"
     assert cm.get_chunk(g.output_chunk.hash).tier == "gpu"
     assert store.stats["prefetched"] >= 2
-    misses = store.stats["pool_misses"]
+    misses, prefetch_hits = store.stats["pool_misses"], store.stats["prefetch_hits"]
     cm.activate_chunk(g.prompt_chunk.hash)
     cm.activate_chunk(g.output_chunk.hash)
     hits = store.stats["pool_hits"]
     cm.generate("And its code?", GREEDY)
     assert store.stats["pool_misses"] == misses and store.stats["pool_hits"] > hits
+    # Each prefetched chunk counts as a hit at its first use only: doc, prompt and answer.
+    assert store.stats["prefetch_hits"] == prefetch_hits + 3
+    cm.generate("And its colour?", GREEDY)
+    assert store.stats["prefetch_hits"] == prefetch_hits + 3
 
 
 def test_coactivation_prefetches_chunks_often_active_together(make_store):
