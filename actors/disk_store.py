@@ -21,13 +21,9 @@ from kvchunks.store.kv_file import kv_path, read_kv_file
 class DiskStore:
     def __init__(self, home: str | None):
         self.home = Path(home) if home else data_dir()
-        self.node_id = ray.get_runtime_context().get_node_id()
 
-    def ready(self) -> str:
-        return self.node_id
-
-    def contains(self, chunk_hash: str) -> bool:
-        return kv_path(self.home, chunk_hash).exists()
+    def ready(self) -> bool:
+        return True
 
     def get(self, chunk_hash: str, fingerprint: str, dtype: str, shape: tuple) -> KVPayload | None:
         """The chunk's KV from its file, if the file is there and passes every check."""
@@ -46,10 +42,6 @@ class DiskStore:
 
     def remove(self, chunk_hash: str) -> None:
         kv_path(self.home, chunk_hash).unlink(missing_ok=True)
-
-    def usage(self) -> dict:
-        sizes = self.sizes()
-        return {"chunks": len(sizes), "bytes": sum(sizes.values())}
 
 
 DiskStoreActor = ray.remote(DiskStore)

@@ -18,10 +18,9 @@ from kvchunks.actors.kv_transfer import KVPayload
 class HostStore:
     def __init__(self) -> None:
         self.kv: dict[str, KVPayload] = {}
-        self.node_id = ray.get_runtime_context().get_node_id()
 
-    def ready(self) -> str:
-        return self.node_id
+    def ready(self) -> bool:
+        return True
 
     def put(self, chunk_hash: str, payload: KVPayload) -> None:
         if chunk_hash not in self.kv:
@@ -33,18 +32,12 @@ class HostStore:
     def get(self, chunk_hash: str) -> KVPayload | None:
         return self.kv.get(chunk_hash)
 
-    def contains(self, chunk_hash: str) -> bool:
-        return chunk_hash in self.kv
-
     def sizes(self) -> dict[str, int]:
         """hash -> bytes of each chunk kept here."""
         return {h: p.nbytes for h, p in self.kv.items()}
 
     def drop(self, chunk_hash: str) -> bool:
         return self.kv.pop(chunk_hash, None) is not None
-
-    def usage(self) -> dict:
-        return {"chunks": len(self.kv), "bytes": sum(p.nbytes for p in self.kv.values())}
 
 
 HostStoreActor = ray.remote(HostStore)

@@ -1,5 +1,6 @@
-"""The HTTP server against the in-process API it serves, in one run (`kvchunks bench http`;
-as a script this file would shadow the standard library's `http`).
+"""The HTTP server against the in-process API it serves, in one run (`kvchunks bench
+http_api`; not `http.py`, which would shadow the standard library's `http` for every
+benchmark run as `python bench/NAME.py`).
 
 1. Time to first token of the same chat request (one document active, a new question each
    time, `store: false` so that every request computes its prompt): streamed with the
@@ -155,7 +156,7 @@ def main() -> None:
         cm.close()
     http_ttft, api_ttft = statistics.median(ours), statistics.median(theirs)
     result = {
-        "bench": "http",
+        "bench": "http_api",
         "context_tokens": doc.token_count,
         "http_ttft_s": round(http_ttft, 4),
         "api_ttft_s": round(api_ttft, 4),
