@@ -26,6 +26,10 @@ _LAZY = {
     "GenerationResult": "kvchunks.service.generation",
     "ContextView": "kvchunks.service.context_settings",
     "ChunkInfo": "kvchunks.store.chunk",
+    # The provenance tree of listed chunks, drawn by the command line and the web page.
+    "provenance_tree": "kvchunks.service.provenance",
+    "ProvenanceTree": "kvchunks.service.provenance",
+    "TreeNode": "kvchunks.service.provenance",
     "SamplingParams": "kvchunks.engine.sampling_params",
     "connect": "kvchunks.actors.client",
     "Client": "kvchunks.actors.client",
