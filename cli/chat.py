@@ -25,6 +25,7 @@ from kvchunks.cli import commands, render
 from kvchunks.cli.commands import activate_all
 from kvchunks.cli.shared import json_option, say, show, usage_message
 from kvchunks.cli.state import State, pass_state
+from kvchunks.cli.tree import tree
 from kvchunks.common import InvalidInput, KVChunksError
 
 if TYPE_CHECKING:
@@ -149,6 +150,7 @@ SLASH: dict[str, click.Command] = {
     "context": commands.context,
     "clear": commands.clear,
     "info": commands.info,
+    "tree": tree,
     "compose": commands.compose,
     "split": commands.split,
     "tag": commands.tag,

@@ -22,6 +22,7 @@ from kvchunks.cli.model import model
 from kvchunks.cli.service import SERVICE_COMMANDS
 from kvchunks.cli.shared import sampling_options, usage_message
 from kvchunks.cli.state import MODEL_ENV, State, pass_state
+from kvchunks.cli.tree import tree
 from kvchunks.common import HOME_ENV, InvalidInput, KVChunksError
 from kvchunks.vocabulary import MODES, check_name
 
@@ -127,6 +128,7 @@ for command in SERVICE_COMMANDS:  # serve, status, stop: the Ray actors
 cli.add_command(demo)
 cli.add_command(http)
 cli.add_command(model)
+cli.add_command(tree)
 
 
 @cli.command()
