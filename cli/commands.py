@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from kvchunks.cli import render
 from kvchunks.cli.shared import hash_argument, json_option, sampling_options, say, show
 from kvchunks.cli.state import State, pass_state
+from kvchunks.cli.tree import split_timelines
 from kvchunks.common import KVChunksError, read_text_file
 from kvchunks.vocabulary import MODES, ROLES, TIERS
 
@@ -105,16 +106,23 @@ def list_chunks(state: State, pattern: str | None, tag: str | None, as_json: boo
 @json_option
 @pass_state
 def info(state: State, ref: str, as_json: bool) -> None:
-    """Show everything about one chunk: provenance, tier, tags, metadata, blocks."""
+    """Show everything about one chunk: provenance, tier, tags, metadata, blocks.
+
+    Of the chunks computed after it, "continued by" are those of its own timeline (its
+    subtree in `kvchunks tree`); the others were computed where another chunk came last.
+    """
     cm = state.manager
     chunk = cm.get_chunk(ref)
     parents, children = cm.provenance(chunk.hash)
+    continued, elsewhere = split_timelines(cm, chunk.hash, children)
     document = {
         **chunk.to_json(tokens=True),
         "parents": [p.hash for p in parents],
-        "children": [c.hash for c in children],
+        "children": [c.hash for c in children],  # every chunk computed after it
+        "continued_by": [c.hash for c in continued],
+        "later_in_other_timelines": [c.hash for c in elsewhere],
     }
-    show(state, as_json, document, render.info_table(chunk, parents, children))
+    show(state, as_json, document, render.info_table(chunk, parents, continued, elsewhere))
 
 
 @click.command()

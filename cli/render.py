@@ -97,7 +97,12 @@ def _add_chunk_row(table: Table, c: ChunkInfo, mark: str) -> None:
     )
 
 
-def info_table(chunk: ChunkInfo, parents: list[ChunkInfo], children: list[ChunkInfo]) -> Table:
+def info_table(
+    chunk: ChunkInfo,
+    parents: list[ChunkInfo],
+    continued: list[ChunkInfo],
+    elsewhere: list[ChunkInfo],
+) -> Table:
     table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
@@ -115,7 +120,8 @@ def info_table(chunk: ChunkInfo, parents: list[ChunkInfo], children: list[ChunkI
         ("metadata", _pairs(chunk.metadata)),
         ("generation", _pairs(chunk.generation_params or {})),
         ("parents", _chunk_lines(parents)),
-        ("children", _chunk_lines(children)),
+        ("continued by", _chunk_lines(continued)),
+        ("later in other timelines", _chunk_lines(elsewhere)),
         ("sources", "\n".join(f"{short(s.hash)} [{s.offset}:+{s.length}]" for s in chunk.sources)),
         ("blocks", _segments(chunk)),
         ("text", preview(chunk.text, 400)),
