@@ -37,6 +37,7 @@ SUBCOMMANDS = [
     "model",
     "bench",
     "http",
+    "tree",
 ]
 
 
@@ -101,6 +102,7 @@ def test_help_and_usage_errors_do_not_import_torch():
         ["load", "--split", "0", "x.txt"],
         ["generate", "hi", "--temperature", "-1"],
         ["auto", "maybe"],
+        ["tree", "--format", "svg"],
         ["no-such-command"],
     ],
     ids=" ".join,
