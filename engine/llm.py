@@ -106,6 +106,7 @@ class LLM:
         keep_kv: bool = False,
         continue_after: KVSegment | None = None,
         reserve: bool = False,
+        context_token_ids: Seq[int] = (),
     ) -> Sequence:
         """Queue a request that attends to `context` segments, then to its own tokens.
 
@@ -114,11 +115,12 @@ class LLM:
         block of that segment when they follow it directly, so chunks need not waste blocks.
         reserve allocates the blocks of the whole answer now (CapacityError if they are not
         free), so nothing else that allocates from the pool meanwhile can starve it; the
-        blocks it does not use are freed when it finishes.
+        blocks it does not use are freed when it finishes. context_token_ids are the tokens
+        of `context`, which repetition_penalty counts.
         """
         if not token_ids:
             raise InvalidInput("empty prompt: give at least one token")
-        seq = Sequence(token_ids, params, context, position, keep_kv)
+        seq = Sequence(token_ids, params, context, position, keep_kv, tuple(context_token_ids))
         self._check_window(seq.position + len(token_ids) + params.max_tokens)
         if continue_after is not None:
             seq.blocks, seq.start = self.block_manager.continue_after(continue_after)
@@ -320,7 +322,7 @@ class LLM:
     def _output(self, seq: Sequence) -> RequestOutput:
         tokens = seq.completion_token_ids
         return RequestOutput(
-            text=self.decode(tokens),
+            text=self.decode(tokens) + seq.stop_tail,
             token_ids=tokens,
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
             finish_reason=seq.finish_reason,

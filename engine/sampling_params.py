@@ -16,9 +16,16 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     # Generation ends once one of these strings appears in the answer's text; the answer
-    # keeps it (the HTTP server leaves it out of what it returns, as OpenAI does).
+    # and its tokens end before it (a token the string starts inside is dropped).
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # Hugging Face's rule, over every token the model sees (context, prompt and answer):
+    # a positive logit is divided by it, a negative one multiplied. 1 is off.
+    repetition_penalty: float = 1.0
+    # OpenAI's rule, over the answer's tokens only: subtract presence x [count > 0] and
+    # frequency x count. 0 is off.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -31,10 +38,25 @@ class SamplingParams:
             raise InvalidInput(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidInput("stop must be a list of non-empty strings")
+        if not self.repetition_penalty > 0:
+            raise InvalidInput(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2 <= value <= 2:
+                raise InvalidInput(f"{name} must be between -2 and 2, got {value}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty changes the logits."""
+        return (
+            self.repetition_penalty != 1
+            or self.presence_penalty != 0
+            or self.frequency_penalty != 0
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

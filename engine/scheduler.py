@@ -108,7 +108,7 @@ class Scheduler:
             if reason is None:
                 continue
             seq.finish_reason = reason
-            if seq.keep_kv:
+            if seq.keep_kv and seq.num_computed < seq.num_tokens:
                 seq.closing = True  # one more step computes the last token's KV
             else:
                 self._finish(seq)
@@ -119,18 +119,32 @@ class Scheduler:
         p = seq.params
         if not p.ignore_eos and (token in self.eos_token_ids or token in p.stop_token_ids):
             return "stop"
-        if p.stop and self._ends_with_stop(seq):
+        if p.stop and self._cut_at_stop(seq):
             return "stop"
         if seq.num_completion_tokens >= p.max_tokens:
             return "length"
         return None
 
-    def _ends_with_stop(self, seq: Sequence) -> bool:
-        """Whether a stop string has just appeared in the answer's text. A string of n
-        characters spans at most n tokens; one more covers a character split across two."""
+    def _cut_at_stop(self, seq: Sequence) -> bool:
+        """If a stop string has just appeared in the answer's text, end the answer before it
+        and say so. A string of n characters spans at most n tokens; one more covers a
+        character split across two."""
         window = max(len(s) for s in seq.params.stop) + 1
-        tail = self.decode(seq.completion_token_ids[-window:])
-        return any(s in tail for s in seq.params.stop)
+        tail_ids = seq.completion_token_ids[-window:]
+        tail = self.decode(tail_ids)
+        found = [tail.find(s) for s in seq.params.stop if s in tail]
+        if not found:
+            return False
+        start = min(found)
+        # Keep the tokens whose text ends before the stop string (the newest one never does:
+        # the string was not there a step ago); the rest of the text before it is the tail.
+        keep = len(tail_ids) - 1
+        while len(kept := self.decode(tail_ids[:keep])) > start:
+            keep -= 1
+        seq.stop_tail = tail[len(kept) : start]
+        del seq.token_ids[seq.num_tokens - len(tail_ids) + keep :]
+        seq.num_computed = seq.num_tokens  # every kept token's KV is computed already
+        return True
 
     def _finish(self, seq: Sequence) -> None:
         seq.status = Status.FINISHED

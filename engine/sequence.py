@@ -27,6 +27,7 @@ class Sequence:
         context: list[KVSegment] | tuple[KVSegment, ...] = (),
         position: int | None = None,
         keep_kv: bool = False,
+        context_token_ids: list[int] | tuple[int, ...] = (),
     ):
         self.seq_id = next(Sequence._ids)
         self.status = Status.WAITING
@@ -34,6 +35,8 @@ class Sequence:
         self.num_prompt_tokens = len(token_ids)
         self.params = params
         self.context = list(context)
+        # The tokens of `context`, for repetition_penalty (it counts every token seen).
+        self.context_token_ids = list(context_token_ids)
         self.position = sum(s.length for s in context) if position is None else position
         self.keep_kv = keep_kv
         self.num_computed = 0
@@ -41,6 +44,9 @@ class Sequence:
         self.start = 0  # slot offset of the first own token in blocks[0]
         self.closing = False  # finished, but the last token's KV is still to be computed
         self.finish_reason: str | None = None
+        # The answer's text that a stop string cut inside a token: the text keeps it, the
+        # tokens (and their KV) end before that token.
+        self.stop_tail = ""
         self.generator = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)

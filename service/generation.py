@@ -9,9 +9,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvchunks.engine import SamplingParams
+from kvchunks.engine import LLM, SamplingParams
 from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.engine.sequence import Sequence
+from kvchunks.engine.stop_strings import held_back
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.compose import AttentionContext
 from kvchunks.store.chunk import ChunkInfo
@@ -96,8 +97,10 @@ def generate(
                 metadata={"source": "prompt", "context": request.context},
             )
             pins.enter_context(tiers.pinning([record]))
+            # repetition_penalty counts the active chunks' tokens: the model sees them.
+            seen = [t for c in active for t in c.token_ids] if request.params.penalized else []
             with store.lock:
-                seq, fresh = _start(store, record, ctx, request.params)
+                seq, fresh = _start(store, record, ctx, request.params, seen)
             skip = len(request.prompt_tokens) if fresh else 1
             answer, ttft, interrupted = _run(store, seq, on_text, started, skip)
             elapsed = time.perf_counter() - started
@@ -117,7 +120,7 @@ def generate(
         finally:
             composer.release(ctx)
     return GenerationResult(
-        text=store.model.decode(answer),
+        text=store.model.decode(answer) + seq.stop_tail,
         token_ids=answer,
         prompt_chunk=prompt_chunk,
         output_chunk=outputs[-1] if outputs else None,
@@ -135,18 +138,29 @@ def generate(
 
 
 def _start(
-    store: ChunkStore, record: ChunkInfo, ctx: AttentionContext, params: SamplingParams
+    store: ChunkStore,
+    record: ChunkInfo,
+    ctx: AttentionContext,
+    params: SamplingParams,
+    seen: list[int],
 ) -> tuple[Sequence, bool]:
     """Queue the answer: a new prompt is computed in the answer's own sequence, so its
     last logits give the first answer token; a stored prompt is reused and only its last
-    token is computed again. Returns the sequence and whether the prompt is new."""
+    token is computed again. `seen` are the context's tokens, for the penalties. Returns
+    the sequence and whether the prompt is new."""
     llm, tiers = store.model.llm, store.tiers
     # The whole answer's blocks are taken now (reserve): background prefetches and other
     # contexts allocate from the same pool between this request's steps.
     if not store.registry.exists(record.hash):
         tiers.make_room(llm.blocks_for(record.token_count + params.max_tokens))
         seq = llm.add_request(
-            record.token_ids, params, ctx.segments, ctx.position, True, reserve=True
+            record.token_ids,
+            params,
+            ctx.segments,
+            ctx.position,
+            True,
+            reserve=True,
+            context_token_ids=seen,
         )
         return seq, True
     prompt_kv = store.composer.segments(store.registry.get(record.hash))
@@ -160,6 +174,7 @@ def _start(
         True,
         continue_after=prompt_kv[-1],
         reserve=True,
+        context_token_ids=[*seen, *record.token_ids[:-1]] if params.penalized else (),
     )
     return seq, False
 
@@ -173,10 +188,9 @@ def _run(
         for _ in llm.stream(seq, store.lock):
             ttft = ttft or time.perf_counter() - started
             if on_text:
-                text = llm.decode(seq.completion_token_ids)
-                if len(text) > len(shown):
-                    on_text(text[len(shown) :])
-                    shown = text
+                shown = _show(on_text, shown, _answer_text(llm, seq))
+        if on_text:  # what was held back, now that the answer is done
+            _show(on_text, shown, _answer_text(llm, seq))
     except KeyboardInterrupt:
         with store.lock:
             llm.abort(seq)
@@ -187,6 +201,21 @@ def _run(
             llm.release(seq.own_segment())
         raise
     return seq.completion_token_ids, ttft, False
+
+
+def _answer_text(llm: LLM, seq: Sequence) -> str:
+    """The answer's text so far; while it runs, without an ending that may begin a stop
+    string (the stop string is never shown)."""
+    text = llm.decode(seq.completion_token_ids) + seq.stop_tail
+    return text if seq.is_finished else held_back(text, seq.params.stop)
+
+
+def _show(on_text: Callable[[str], None], shown: str, text: str) -> str:
+    """Pass on what `text` adds to what was shown; returns what is shown now."""
+    if len(text) <= len(shown):
+        return shown
+    on_text(text[len(shown) :])
+    return text
 
 
 def _store_prompt(

@@ -78,9 +78,11 @@ def test_stop_strings_end_the_answer_where_the_string_appears(llm):
     assert stop.strip(), "the sample must stop on visible text"
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop])
     out = llm.generate([ids], params)[0]
-    # The shortest prefix of the free answer whose text contains the stop string.
-    end = next(n for n in range(1, len(free) + 1) if stop in llm.decode(free[:n]))
-    assert out.token_ids == free[:end] and out.finish_reason == "stop"
+    # The text ends before the stop string; the tokens, before the token it starts in.
+    start = text.index(stop)
+    keep = max(n for n in range(len(free) + 1) if len(llm.decode(free[:n])) <= start)
+    assert out.token_ids == free[:keep] and out.text == text[:start]
+    assert out.finish_reason == "stop"
     assert llm.generate([ids], greedy_with(stop=["never in this answer"]))[0].token_ids == free
 
 

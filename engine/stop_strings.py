@@ -1,0 +1,12 @@
+"""Stop strings in streamed text: what can be shown before the answer is done."""
+
+from __future__ import annotations
+
+
+def held_back(text: str, stops: list[str]) -> str:
+    """`text` without its longest ending that may be the beginning of a stop string: that
+    ending is shown only once the next tokens tell whether the stop string follows."""
+    for cut in range(max(0, len(text) - max(map(len, stops), default=0)), len(text)):
+        if any(stop.startswith(text[cut:]) for stop in stops):
+            return text[:cut]
+    return text
