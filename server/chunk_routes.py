@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
+from kvchunks import ChunkInfo, TreeNode, provenance_tree
 from kvchunks.common import InvalidInput
 from kvchunks.server.schemas import (
     ChunkRef,
@@ -39,8 +40,17 @@ def add_chunk(body: NewChunk, request: Request, context: str = "default") -> dic
 def list_chunks(
     request: Request, pattern: str | None = None, tag: str | None = None, context: str = "default"
 ) -> dict:
+    """The chunks, each with its `type` (document, prompt, answer, composed, split) and the
+    chunk it `follows` in the provenance tree among those listed (as `kvchunks tree` draws
+    it), so that the web page draws the same tree."""
     chunks = _api(request, context).list_chunks(pattern, tag)
-    return {"object": "list", "data": [c.to_json() for c in chunks]}
+    follows = {n.chunk.hash: n.follows for n in provenance_tree(chunks).nodes()}
+    data = [{**_typed(c), "follows": follows.get(c.hash)} for c in chunks]
+    return {"object": "list", "data": data}
+
+
+def _typed(chunk: ChunkInfo, tokens: bool = False) -> dict:
+    return {**chunk.to_json(tokens), "type": TreeNode(chunk).type}
 
 
 @router.post("/v1/chunks/compose", status_code=201)
@@ -50,7 +60,7 @@ def compose(body: Compose, request: Request, context: str = "default") -> dict:
 
 @router.get("/v1/chunks/{ref}")
 def get_chunk(ref: str, request: Request, context: str = "default") -> dict:
-    return _api(request, context).get_chunk(ref).to_json(tokens=True)
+    return _typed(_api(request, context).get_chunk(ref), tokens=True)
 
 
 @router.delete("/v1/chunks/{ref}")

@@ -169,6 +169,14 @@ def test_every_chunk_route(served):
             head["token_count"] == 5
             and head["token_count"] + tail["token_count"] == b["token_count"]
         )
+        # Each listed chunk says what it is and what it hangs under, as `kvchunks tree` draws.
+        placed = {c["hash"]: c for c in http.get("/v1/chunks").json()["data"]}
+        assert (placed[a["hash"]]["type"], placed[a["hash"]]["follows"]) == ("document", None)
+        view = placed[composed.json()["hash"]]
+        assert (view["type"], view["follows"]) == ("composed", b["hash"])
+        split = placed[head["hash"]]
+        assert (split["type"], split["follows"]) == ("split", b["hash"])
+        assert one["type"] == "document" and "follows" not in one
         tree = http.get(f"/v1/chunks/{a['hash']}/provenance").json()
         assert composed.json()["hash"] in {c["hash"] for c in tree["children"]}
         on = http.post("/v1/contexts/http-routes/activate", json={"chunk": a["hash"]}).json()

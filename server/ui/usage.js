@@ -40,16 +40,18 @@ function show(usage) {
   $("usage").replaceChildren(
     meter("KV pool (gpu)", pool && (pool.blocks - pool.free) / pool.blocks, blocks, tiers.gpu),
     meter("host (cpu)", fraction(usage.host_bytes, usage.host_budget), of(usage.host_bytes, usage.host_budget), tiers.cpu),
-    meter("disk", fraction(usage.disk_bytes, usage.disk_budget), of(usage.disk_bytes, usage.disk_budget), tiers.disk),
+    // Every chunk has its file, so the disk's bytes cover all of them; the count says which
+    // chunks are in no nearer tier.
+    meter("disk", fraction(usage.disk_bytes, usage.disk_budget), of(usage.disk_bytes, usage.disk_budget), tiers.disk, "only on disk"),
   );
 }
 
-function meter(name, share, amount, chunks) {
+function meter(name, share, amount, chunks, counted = "chunks") {
   const fill = el("div", { class: "fill", style: `width: ${Math.round(100 * (share || 0))}%` });
   return el(
     "div",
     { class: "meter", dataset: { tier: name } },
-    el("span", {}, `${name}: ${amount}, ${chunks} chunks`),
+    el("span", {}, `${name}: ${amount}, ${chunks} ${counted}`),
     el("div", { class: "bar" }, fill),
   );
 }

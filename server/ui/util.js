@@ -17,17 +17,10 @@ export const $ = (id) => document.getElementById(id);
 
 export const short = (hash) => hash.slice(0, 12);
 
-// What a chunk is to a person: a document, a prompt, an answer, or a view made of others.
-export function chunkType(chunk) {
-  if (chunk.kind === "composed" || chunk.kind === "split") return chunk.kind;
-  if (chunk.kind === "output" || chunk.role === "assistant") return "answer";
-  if (chunk.role === "user") return "prompt";
-  return "document";
-}
-
-// A chunk's parent in the provenance tree: the last chunk it was computed after (for an
-// answer its prompt, for a prompt the last chunk that was active).
-export const treeParent = (chunk) => chunk.parent_chunks.at(-1) ?? null;
+// What a chunk is to a person (a document, a prompt, an answer, or a view made of others),
+// and its parent in the provenance tree: both as the server says, as `kvchunks tree` draws.
+export const chunkType = (chunk) => chunk.type;
+export const treeParent = (chunk) => chunk.follows ?? null;
 
 export function snippet(text, length) {
   const flat = (text || "").replace(/\s+/g, " ").trim();
