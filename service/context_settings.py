@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from kvchunks.common import InvalidInput
@@ -60,6 +61,13 @@ class ContextView:
     @property
     def token_count(self) -> int:
         return sum(c.token_count for c in self.chunks)
+
+    # The view reads as its active chunks, in the order the model reads them.
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __iter__(self) -> Iterator[ChunkInfo]:
+        return iter(self.chunks)
 
     def to_json(self) -> dict:
         return {

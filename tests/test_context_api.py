@@ -94,6 +94,8 @@ def test_contexts_are_independent_over_one_store(make_cm):
     alice.activate_chunk(doc.hash)
     assert [c.hash for c in alice.context().chunks] == [doc.hash]
     assert bob.context().chunks == []
+    view = alice.context()  # reads as its active chunks
+    assert len(view) == 1 and [c.hash for c in view] == [doc.hash] and len(bob.context()) == 0
     assert alice.get_chunk(doc.hash).is_active and not bob.get_chunk(doc.hash).is_active
     with_doc = alice.generate("What is the code of the vault?", GREEDY)
     without = bob.generate("What is the code of the vault?", GREEDY)
