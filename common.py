@@ -82,6 +82,17 @@ class ChunkFileError(KVChunksError):
     """A chunk file that is corrupted, truncated, or from another model, dtype or shape."""
 
 
+class DtypeMismatch(ChunkFileError):
+    """KV computed in one dtype, asked for by a model that computes in another: never mixed."""
+
+    def __init__(self, what: str, found: str, expected: str):
+        self.found, self.expected = found, expected
+        super().__init__(
+            f"{what} was computed in {found} and this model runs in {expected}; run with "
+            f"--dtype {found} (or KVCHUNKS_DTYPE={found}) to use it"
+        )
+
+
 class RegistryUnavailable(KVChunksError):
     """The Redis server behind the registry cannot be reached."""
 

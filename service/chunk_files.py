@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from kvchunks.common import CapacityError, ChunkFileError
+from kvchunks.common import CapacityError, ChunkFileError, DtypeMismatch
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.host_memory import HostMemory
 from kvchunks.store.kv_file import kv_path, read_kv_file, remove_partial_files, write_kv_file
@@ -59,6 +59,8 @@ class ChunkFiles:
         shape = (layers, chunk.token_count, heads, dim)
         try:
             k, v, _, _ = read_kv_file(path, self.fingerprint, self.dtype, shape, self.host.buffer)
+        except DtypeMismatch as e:  # sound, but another dtype's: recomputing would mix them
+            raise DtypeMismatch(f"chunk {chunk.hash[:12]}", e.found, e.expected) from None
         except ChunkFileError:  # a damaged file is never used: the chunk is recomputed instead
             self.stats["bad_files"] += 1
             return None

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from kvchunks.common import CapacityError, data_dir
+from kvchunks.common import CapacityError, DtypeMismatch, data_dir
 from kvchunks.engine import LLM, EngineConfig
 from kvchunks.policies.budgets import TierBudgets
 from kvchunks.policies.prefetch import make_policy
@@ -150,6 +150,8 @@ class ChunkStore:
                     self.move_to_cpu(chunk)
             except CapacityError:
                 self.tiers.records.record(chunk.hash, "disk")
+            except DtypeMismatch:  # another dtype's chunk: left where that dtype keeps it
+                continue
 
     def wait_for_transfers(self) -> None:
         self.prefetcher.wait()

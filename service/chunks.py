@@ -30,6 +30,7 @@ class ChunkMaker:
     ):
         self.registry, self.tiers, self.composer = registry, tiers, composer
         self.fingerprint, self.tokenizer, self.lock = fingerprint, tokenizer, lock
+        self.dtype = tiers.model.engine_config.dtype  # recorded: chunks of dtypes never mix
 
     def new_record(
         self,
@@ -47,6 +48,7 @@ class ChunkMaker:
             "mode": mode,
             "combine": combine,
             "timestamp": time.time(),
+            "dtype": self.dtype,
             **fields.pop("metadata", {}),
         }
         return ChunkRecord(
@@ -131,6 +133,7 @@ class ChunkMaker:
             parent_chunks=list(dict.fromkeys(s.hash for s in spans)),
             sources=spans,
             text=self.tokenizer.decode(tokens),
+            metadata={"dtype": self.dtype},
             **fields,
         )
         self.registry.put(chunk)

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from kvchunks.common import CapacityError, ChunkNotFound
+from kvchunks.common import CapacityError, ChunkNotFound, DtypeMismatch
 from kvchunks.policies.prefetch import PrefetchPolicy
 from kvchunks.service.compose import Composer
 from kvchunks.service.kv_sources import KV, KVLoader
@@ -92,7 +92,7 @@ class Prefetcher:
                     self._install(owner, kv)
                 finally:
                     self.loader.release(owner.hash)
-        except (CapacityError, ChunkNotFound):
+        except (CapacityError, ChunkNotFound, DtypeMismatch):  # a generation says why
             self.stats["prefetch_skipped"] += 1
         finally:
             with self._inflight_lock:

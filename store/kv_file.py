@@ -44,7 +44,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from kvchunks.common import ChunkFileError, InvalidInput
+from kvchunks.common import ChunkFileError, DtypeMismatch, InvalidInput
 from kvchunks.store.chunk import ChunkRecord, is_hash, pack_record, unpack_record
 from kvchunks.vocabulary import DTYPES
 
@@ -443,15 +443,15 @@ def _check_expected(
     dtype: str | torch.dtype | None,
     shape: tuple[int | None, ...] | None,
 ) -> None:
+    if isinstance(dtype, torch.dtype):
+        dtype = _DTYPE_NAMES.get(dtype, str(dtype))
+    if dtype is not None and kv.dtype != dtype:  # first: the fingerprint differs too
+        raise DtypeMismatch(f"chunk file {path}", kv.dtype, dtype)
     if fingerprint is not None and kv.fingerprint != fingerprint:
         raise ChunkFileError(
             f"chunk file {path} was computed by another model (fingerprint "
             f"{kv.fingerprint[:12]}, this model {fingerprint[:12]})"
         )
-    if isinstance(dtype, torch.dtype):
-        dtype = _DTYPE_NAMES.get(dtype, str(dtype))
-    if dtype is not None and kv.dtype != dtype:
-        raise ChunkFileError(f"chunk file {path} holds {kv.dtype} KV, expected {dtype}")
     if shape is not None and (
         len(shape) != 4
         or any(want not in (None, got) for want, got in zip(shape, kv.shape, strict=False))

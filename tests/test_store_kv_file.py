@@ -200,7 +200,15 @@ def test_trailing_bytes_are_refused(kv_file):
 
 def test_other_model_dtype_or_shape_is_refused(kv_file):
     _raises_one_line(kv_file, "another model", expect_fingerprint=OTHER_FP)
-    _raises_one_line(kv_file, "expected bfloat16", expect_dtype=torch.bfloat16)
+    _raises_one_line(
+        kv_file,
+        "computed in float32 and this model runs in bfloat16; run with --dtype float32",
+        expect_dtype=torch.bfloat16,
+    )
+    # A file of another dtype names the dtypes, not "another model", though both differ.
+    _raises_one_line(
+        kv_file, "computed in float32", expect_fingerprint=OTHER_FP, expect_dtype="float16"
+    )
     _raises_one_line(kv_file, "expected", expect_shape=(3, None, 4, 8))
     _raises_one_line(kv_file, "expected", expect_shape=(3, 5, 2))
     k, _, _, _ = read_kv_file(kv_file, expect_shape=(3, None, 2, 8))  # None: any length
