@@ -23,7 +23,15 @@ from rich.table import Table
 
 from kvchunks.cli import commands, render
 from kvchunks.cli.commands import activate_all
-from kvchunks.cli.shared import json_option, say, show, usage_message
+from kvchunks.cli.shared import (
+    SAMPLING_OPTIONS,
+    json_option,
+    sampling_options,
+    sampling_params,
+    say,
+    show,
+    usage_message,
+)
 from kvchunks.cli.state import State, pass_state
 from kvchunks.cli.tree import tree
 from kvchunks.common import InvalidInput, KVChunksError
@@ -132,6 +140,20 @@ def help_(state: State, name: str | None) -> None:
     click.echo(command.get_help(click.Context(command, info_name=f"/{name.lstrip('/')}")))
 
 
+@click.command("set")
+@sampling_options
+@click.option("--reset", is_flag=True, help="Go back to the defaults first.")
+@pass_state
+def set_(state: State, sampling: dict, reset: bool) -> None:
+    """Show or change how the next answers are sampled: the options of `kvchunks generate`
+    (--stop replaces the stop strings)."""
+    settings = ({} if reset else state.sampling) | sampling
+    params = sampling_params(settings)  # a bad value is refused and changes nothing
+    state.sampling = settings
+    shown = {name: params.to_dict()[name] for name in SAMPLING_OPTIONS}
+    say(state, "sampling: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+
+
 @click.command("quit")
 def quit_() -> None:
     """Leave the chat (Ctrl-D does too)."""
@@ -160,6 +182,7 @@ SLASH: dict[str, click.Command] = {
     "prefetch": commands.prefetch,
     "mode": commands.mode,
     "auto": commands.auto,
+    "set": set_,
     "stats": stats,
     "help": help_,
     "quit": quit_,
@@ -188,14 +211,13 @@ def usage(name: str, command: click.Command) -> str:
 # -- the loop -----------------------------------------------------------------------------------
 
 
-def run(state: State, sampling: dict) -> None:
-    Chat(state, sampling).loop()
+def run(state: State) -> None:
+    Chat(state).loop()
 
 
 class Chat:
-    def __init__(self, state: State, sampling: dict):
+    def __init__(self, state: State):
         self.state = state
-        self.sampling = sampling
         self.manager = state.manager  # load the model before the first prompt
         self._chunks: list[ChunkInfo] | None = None  # for completion; refreshed after each line
         self.read = self._prompt_reader() if sys.stdin.isatty() else _read_line
@@ -262,7 +284,7 @@ class Chat:
         command.main(args, prog_name=f"/{name}", standalone_mode=False, obj=self.state)
 
     def generate(self, prompt: str) -> None:
-        result = commands.run_generation(self.state, prompt, self.sampling, commands.stream)
+        result = commands.run_generation(self.state, prompt, self.state.sampling, commands.stream)
         click.echo()
         self.state.out.print(
             render.generation_footer(result), style="dim", markup=False, highlight=False

@@ -16,7 +16,14 @@ import click
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from kvchunks.cli import render
-from kvchunks.cli.shared import hash_argument, json_option, sampling_options, say, show
+from kvchunks.cli.shared import (
+    hash_argument,
+    json_option,
+    sampling_options,
+    sampling_params,
+    say,
+    show,
+)
 from kvchunks.cli.state import State, pass_state
 from kvchunks.cli.tree import split_timelines
 from kvchunks.common import KVChunksError, read_text_file
@@ -355,9 +362,7 @@ def generate(state: State, prompt: str, sampling: dict, as_json: bool) -> None:
 def run_generation(
     state: State, prompt: str, sampling: dict, on_text: Callable[[str], None] | None = None
 ) -> GenerationResult:
-    from kvchunks import SamplingParams
-
-    params = SamplingParams(**sampling)
+    params = sampling_params(sampling)  # checked before the model loads
     return state.manager.generate(
         prompt, params, mode=state.mode, on_text=on_text, recompute=state.recompute
     )

@@ -6,6 +6,7 @@ import ipaddress
 
 import click
 
+from kvchunks.cli.shared import dtype_option
 from kvchunks.cli.state import State, pass_state
 from kvchunks.common import InvalidInput
 
@@ -40,8 +41,9 @@ def check_exposure(host: str, api_key: str | None) -> None:
     "--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port."
 )
 @api_key_option
+@dtype_option
 @pass_state
-def http(state: State, host: str, port: int, api_key: str | None) -> None:
+def http(state: State, host: str, port: int, api_key: str | None, dtype: str | None) -> None:
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), the chunk
     REST API (/v1/chunks, /v1/contexts), /health and /metrics.
 
@@ -49,6 +51,7 @@ def http(state: State, host: str, port: int, api_key: str | None) -> None:
     service on a Ray cluster. OpenAPI schema at /openapi.json.
     """
     check_exposure(host, api_key)
+    state.dtype = dtype or state.dtype  # of the model loaded here (not a cluster's)
     import uvicorn
 
     from kvchunks.server.app import create_app

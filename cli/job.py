@@ -13,7 +13,8 @@ RAY_AUTH_MODE=token in its environment.
 Every file in DOCS (sorted by name) becomes a chunk (a document loaded before is found
 again, not recomputed); each line of QUESTIONS is answered with all the documents active
 in the job's context, and written to OUT as one JSON line: question, answer, chunks (the
-documents' hashes), prompt_chunk and output_chunk.
+documents' hashes), prompt_chunk and output_chunk. The sampling options are those of
+`kvchunks generate`, with its defaults; --dtype refuses a service that runs in another dtype.
 """
 
 from __future__ import annotations
@@ -21,10 +22,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
+from kvchunks.cli.shared import dtype_option, sampling_options, sampling_params
 from kvchunks.vocabulary import DEFAULT_MODE, MODES
+
+if TYPE_CHECKING:
+    from kvchunks import Client, SamplingParams
 
 
 @click.command()
@@ -49,7 +55,8 @@ from kvchunks.vocabulary import DEFAULT_MODE, MODES
     type=float,
     help="With realign: the fraction of the documents' tokens computed again in order (0-1).",
 )
-@click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@sampling_options
+@dtype_option
 def main(
     docs: Path,
     questions: Path,
@@ -58,7 +65,8 @@ def main(
     context: str,
     mode: str,
     recompute: float | None,
-    max_tokens: int,
+    sampling: dict,
+    dtype: str | None,
 ) -> None:
     """Load DOCS as chunks, answer each line of QUESTIONS with them active, write OUT."""
     from kvchunks.common import KVChunksError
@@ -66,7 +74,8 @@ def main(
 
     try:
         check_recompute(mode, recompute)  # before anything is loaded
-        count = run(docs, questions, out, address, context, (mode, recompute), max_tokens)
+        params = sampling_params(sampling)
+        count = run(docs, questions, out, address, context, (mode, recompute), params, dtype)
     except KVChunksError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -80,14 +89,16 @@ def run(
     address: str,
     context: str,
     combine: tuple[str, float | None],
-    max_tokens: int,
+    params: SamplingParams,
+    dtype: str | None,
 ) -> int:
     """Answer the questions; `combine` is the mode and realign's recompute fraction."""
-    from kvchunks import SamplingParams
     from kvchunks.actors.client import connect
     from kvchunks.common import read_text_file
 
     client = connect(address, context)
+    if dtype:
+        check_dtype(client, dtype)
     files = sorted(p for p in docs.iterdir() if p.is_file() and not p.name.startswith("."))
     chunks = [
         client.add_chunk(read_text_file(p), role="system", metadata={"source": p.name})
@@ -97,7 +108,6 @@ def run(
     client.clear()
     for chunk in chunks:
         client.activate_chunk(chunk.hash)
-    params = SamplingParams(temperature=0, max_tokens=max_tokens)
     lines = [q.strip() for q in read_text_file(questions).splitlines() if q.strip()]
     with out.open("w") as f:
         for question in lines:
@@ -116,6 +126,18 @@ def run(
             f.write(json.dumps(record) + "\n")
             f.flush()
     return len(lines)
+
+
+def check_dtype(client: Client, dtype: str) -> None:
+    """Refuse a service that computes in another dtype than the job asks for."""
+    from kvchunks.common import InvalidInput
+
+    running = client.stats()["dtype"]
+    if running != dtype:
+        raise InvalidInput(
+            f"the service runs in {running}, not {dtype}: start it with `kvchunks serve "
+            f"--dtype {dtype}`, or leave --dtype out"
+        )
 
 
 if __name__ == "__main__":

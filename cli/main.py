@@ -20,7 +20,7 @@ from kvchunks.cli.demo import demo
 from kvchunks.cli.http import http
 from kvchunks.cli.model import model
 from kvchunks.cli.service import SERVICE_COMMANDS
-from kvchunks.cli.shared import sampling_options, usage_message
+from kvchunks.cli.shared import dtype_option, sampling_options, usage_message
 from kvchunks.cli.state import MODEL_ENV, State, pass_state
 from kvchunks.cli.tree import tree
 from kvchunks.common import HOME_ENV, InvalidInput, KVChunksError
@@ -63,6 +63,7 @@ def state_options(f: Callable) -> Callable:
             help=f"Checkpoint folder (Hugging Face layout). Default: ${MODEL_ENV}, else "
             "SmolLM2-135M-Instruct, prepared in the data directory on first use.",
         ),
+        dtype_option,
         click.option(
             "--data-dir",
             envvar=HOME_ENV,
@@ -93,13 +94,14 @@ def state_options(f: Callable) -> Callable:
     return f
 
 
-def apply_options(state: State, model, data_dir, context, mode, recompute, address) -> None:
+def apply_options(state: State, model, dtype, data_dir, context, mode, recompute, address) -> None:
     """Set the options that were given; the data directory also holds the default model."""
     if data_dir is not None:
         os.environ[HOME_ENV] = str(data_dir)
         state.home = data_dir
     if model is not None:
         state.model = str(model)
+    state.dtype = dtype or state.dtype
     state.context = check_name(context) if context is not None else state.context
     state.mode = mode or state.mode
     state.recompute = recompute if recompute is not None else state.recompute
@@ -140,12 +142,13 @@ def chat(state: State, sampling: dict, **options) -> None:
 
     Plain text generates (streamed; Ctrl-C stops it and keeps the partial answer as a
     chunk), /help lists the commands, Tab completes commands, files and hashes, Ctrl-D or
-    /quit leaves. The sampling options set the defaults of every generation.
+    /quit leaves. The sampling options set how every answer is sampled; /set changes them.
     """
     from kvchunks.cli.chat import run
 
     apply_options(state, **options)
-    run(state, sampling)
+    state.sampling = sampling
+    run(state)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvchunks.cli.http import api_key_option, check_exposure, host_option
+from kvchunks.cli.shared import dtype_option
 from kvchunks.cli.state import State, pass_state
 
 address_option = click.option(
@@ -63,6 +64,7 @@ def _attach(state: State, address: str | None):
 )
 @host_option
 @api_key_option
+@dtype_option
 @pass_state
 def serve(
     state: State,
@@ -75,18 +77,21 @@ def serve(
     http_port: int | None,
     host: str,
     api_key: str | None,
+    dtype: str | None,
 ) -> None:
     """Start the kvchunks actors (detached, namespace "kvchunks") and wait until ready."""
     if http_port is not None:
         check_exposure(host, api_key)
     service = _attach(state, address)
-    engine = {"kv_cache_bytes": kv_cache_mb << 20} if kv_cache_mb else None
+    engine = {"kv_cache_bytes": kv_cache_mb << 20} if kv_cache_mb else {}
+    if dtype or state.dtype:
+        engine["dtype"] = dtype or state.dtype
     started = service.start(
         workers,
         model=state.model,
         home=state.home,
         redis_url=redis_url,
-        engine_options=engine,
+        engine_options=engine or None,
         cpus_per_worker=cpus_per_worker,
         timeout=timeout,
     )

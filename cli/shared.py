@@ -5,20 +5,41 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import RenderableType
 
 from kvchunks.cli import render
 from kvchunks.cli.state import State
+from kvchunks.vocabulary import DTYPES
 
+if TYPE_CHECKING:
+    from kvchunks import SamplingParams
+
+# What a generation from the command line uses where no option says otherwise (greedy, unlike
+# SamplingParams()); `sampling_options` hands over only the options given.
 DEFAULT_SAMPLING = {"temperature": 0.0, "max_tokens": 256, "top_p": 1.0, "top_k": 0, "seed": None}
+SAMPLING_OPTIONS = [
+    *DEFAULT_SAMPLING,
+    "stop",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+]
+DTYPE_ENV = "KVCHUNKS_DTYPE"
 
 json_option = click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON document instead of text."
 )
 hash_argument = click.argument("ref", metavar="HASH")
+dtype_option = click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    envvar=DTYPE_ENV,
+    help=f"The dtype the model computes in (weights and KV). Default: ${DTYPE_ENV}, else "
+    "float32. Chunks computed in one dtype are used only in that dtype.",
+)
 
 
 def say(state: State, line: str) -> None:
@@ -47,7 +68,9 @@ def usage_message(e: click.UsageError) -> str:
 
 
 def sampling_options(f: Callable) -> Callable:
-    """--max-tokens, --temperature, --top-p, --top-k and --seed, as one dict `sampling`."""
+    """--max-tokens, --temperature, --top-p, --top-k, --seed, --stop and the penalties, as
+    one dict `sampling` of the options given (SamplingParams' names); SamplingParams checks
+    the penalties' ranges."""
     options = [
         click.option(
             "--max-tokens", type=click.IntRange(min=1), help="Most tokens to generate [256]."
@@ -64,14 +87,44 @@ def sampling_options(f: Callable) -> Callable:
             "--top-k", type=click.IntRange(min=0), help="Sample from the K likeliest; 0: all [0]."
         ),
         click.option("--seed", type=int, help="Seed of the sampler, for repeatable answers."),
+        click.option(
+            "--stop",
+            multiple=True,
+            help="End the answer before this text; repeatable [none].",
+        ),
+        click.option(
+            "--repetition-penalty",
+            type=float,
+            help="Above 1 makes tokens already seen (context, prompt, answer) less likely [1].",
+        ),
+        click.option(
+            "--presence-penalty",
+            type=float,
+            help="-2 to 2: taken off the logit of every token the answer already has [0].",
+        ),
+        click.option(
+            "--frequency-penalty",
+            type=float,
+            help="-2 to 2: taken off a token's logit once per time the answer has it [0].",
+        ),
     ]
 
     @functools.wraps(f)
     def wrapper(**kwargs):
-        given = {k: kwargs.pop(k) for k in DEFAULT_SAMPLING}
-        sampling = DEFAULT_SAMPLING | {k: v for k, v in given.items() if v is not None}
+        given = {k: kwargs.pop(k) for k in SAMPLING_OPTIONS}
+        sampling = {k: v for k, v in given.items() if v not in (None, ())}
+        if "stop" in sampling:
+            sampling["stop"] = list(sampling["stop"])
         return f(sampling=sampling, **kwargs)
 
     for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper
+
+
+def sampling_params(sampling: dict) -> SamplingParams:
+    """The SamplingParams of the options given, the command line's defaults for the rest
+    (checked here, before any model loads)."""
+    from kvchunks import SamplingParams
+
+    return SamplingParams(**(DEFAULT_SAMPLING | sampling))

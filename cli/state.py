@@ -29,6 +29,8 @@ class State:
     mode: str | None = None  # composition mode for this invocation's generations; None: setting
     recompute: float | None = None  # realign's fraction for them; None: the setting's
     address: str | None = None
+    dtype: str | None = None  # of the model this process loads; None: EngineConfig's
+    sampling: dict = field(default_factory=dict)  # the chat's: the options given, then /set
     out: Console = field(default_factory=Console)
     err: Console = field(default_factory=lambda: Console(stderr=True))
     _manager: ContextManager | None = None
@@ -46,11 +48,13 @@ class State:
     def _open(self) -> ContextManager:
         from kvchunks import ContextManager
         from kvchunks.cli.model import resolve
+        from kvchunks.engine import EngineConfig
 
         model = resolve(self.model)  # prepares the default model (with its own progress)
         self.model = str(model)
+        engine = EngineConfig(dtype=self.dtype) if self.dtype else None
         with self.err.status(f"loading {model.name}", spinner="dots"):
-            return ContextManager(model, context=self.context, home=self.home)
+            return ContextManager(model, context=self.context, home=self.home, engine_config=engine)
 
     def _connect(self) -> ContextManager:
         from kvchunks.actors.client import connect  # imports ray: only with --address

@@ -60,6 +60,9 @@ def _sampling(body: Sampling, default_max_tokens: int) -> SamplingParams:
         max_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
         seed=body.seed,
         stop=stop,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
     )
 
 

@@ -32,6 +32,10 @@ class Sampling(ChunkFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     seed: int | None = None
     stop: str | list[str] | None = None
+    # Their ranges are SamplingParams' (a bad value is a 400 with its message).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # an extension, as in vLLM
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -168,12 +168,14 @@ class ContextManager(OutputTracking):
         if len(refs) < 2:
             raise InvalidInput("compose needs at least two chunks")
         chunks = [self.registry.find(r) for r in refs]
+        self.store.model.check_dtype(chunks)
         tags = [check_tag(t) for t in tags or []]
         return self._view(self.store.maker.make_view("composed", spans_of(chunks), tags=tags).hash)
 
     def split_chunk(self, ref: str, at: int) -> tuple[ChunkInfo, ChunkInfo]:
         """Two views of the chunk, split before token `at`."""
         chunk = self.registry.find(ref)
+        self.store.model.check_dtype([chunk])
         if not isinstance(at, int) or not 0 < at < chunk.token_count:
             raise InvalidInput(f"split point must be between 1 and {chunk.token_count - 1}")
         head, tail = self.store.maker.split(chunk, at)
@@ -214,6 +216,7 @@ class ContextManager(OutputTracking):
     def activate_chunk(self, ref: str) -> ChunkInfo:
         """Let the model see this chunk, after the chunks already active (no KV is copied)."""
         chunk, active = self.registry.find_with_active(ref, self.context_name)
+        self.store.model.check_dtype([chunk])
         for attempt in range(ACTIVATE_ATTEMPTS):
             if attempt:  # someone changed the active chunks since they were read
                 active = self.registry.active(self.context_name)
@@ -331,6 +334,7 @@ class ContextManager(OutputTracking):
         store: bool = True,
     ) -> GenerationResult:
         params = _params(params)
+        self.store.model.check_dtype(active)
         mode, recompute = call_mode(self.settings, mode, recompute)
         prompt_tokens = self.store.model.chat.prompt(prompt)
         context_tokens = sum(c.token_count for c in active)

@@ -91,6 +91,7 @@ class ChunkViews:
             "tiers": dict(Counter(c.tier for c in chunks)),
             "active": sum(c.is_active for c in chunks),
             "counters": dict(self.tiers.stats),
+            "dtype": model.engine_config.dtype,
         }
 
     def token_count(self, hashes: list[str]) -> int:

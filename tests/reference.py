@@ -48,3 +48,18 @@ def hf_greedy(
         out.append(token)
         ids.append(token)
     return out
+
+
+def hf_generate(hf_model, token_ids: list[int], max_new_tokens: int, **options) -> list[int]:
+    """The new tokens of HF's `generate` (greedy unless `options` say otherwise; they are
+    passed on, e.g. repetition_penalty)."""
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor([token_ids]),
+            attention_mask=torch.ones(1, len(token_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=2,
+            **options,
+        )
+    return out[0, len(token_ids) :].tolist()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import hf_logits
+from reference import hf_generate, hf_logits
 
 from kvchunks.engine import LLM, EngineConfig, SamplingParams
 
@@ -33,23 +33,11 @@ def test_prefill_logits_match_reference(llm, hf_model, n):
     assert diff <= 1e-4
 
 
-def hf_greedy(hf_model, ids: list[int], max_new_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = hf_model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=2,
-        )
-    return out[0, len(ids) :].tolist()
-
-
 def test_greedy_chat_matches_reference(llm, hf_model):
     params = SamplingParams(temperature=0, max_tokens=32)
     eos = hf_eos_ids(hf_model)
     for chat, out in zip(CHATS, llm.generate(CHATS, params), strict=True):
-        expected = hf_greedy(hf_model, llm.encode(chat), 32)
+        expected = hf_generate(hf_model, llm.encode(chat), 32)
         # The whole answer, its end included: an early stop or a missed one is a mismatch.
         assert out.token_ids == expected
         assert out.finish_reason == ("stop" if expected[-1] in eos else "length")
