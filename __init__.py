@@ -24,6 +24,10 @@ from kvchunks.common import (
 
 _LAZY = {
     "ContextManager": "kvchunks.service.context_manager",
+    # The registry-only part of the API (listing, lookup, tags, activation, settings),
+    # opened without the engine's imports: the command line's quick commands use it.
+    "Catalog": "kvchunks.service.catalog",
+    "open_catalog": "kvchunks.service.catalog",
     "GenerationResult": "kvchunks.service.generation",
     "ContextView": "kvchunks.service.context_settings",
     "ChunkInfo": "kvchunks.store.chunk",

@@ -6,28 +6,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from kvchunks.common import ConcurrentChange, ContextWindowExceeded, InvalidInput, read_text_file
+from kvchunks.common import ContextWindowExceeded, InvalidInput, read_text_file
 from kvchunks.engine import EngineConfig, SamplingParams
 from kvchunks.service import exchange, generation
+from kvchunks.service.catalog import Catalog
 from kvchunks.service.chunk_store import ChunkStore
-from kvchunks.service.context_settings import (
-    DEFAULT_SETTINGS,
-    ContextView,
-    call_mode,
-    checked_settings,
-)
+from kvchunks.service.context_settings import call_mode
 from kvchunks.service.conversation import checked_messages, message_chunks
 from kvchunks.service.generation import GenerationResult, Request
 from kvchunks.service.output_tracking import OutputTracker, OutputTracking
 from kvchunks.service.pieces import spans_of
 from kvchunks.store.chunk import ChunkInfo
-from kvchunks.vocabulary import check_name, check_tag
-
-ACTIVATE_ATTEMPTS = 5  # against other clients activating in the same context at once
+from kvchunks.vocabulary import check_tag
 
 
-class ContextManager(OutputTracking):
-    """Chunks, one named activation set over them, and generation with that set."""
+class ContextManager(OutputTracking, Catalog):
+    """Chunks, one named activation set over them, and generation with that set.
+
+    The catalog's operations (listing, lookup, tags, activation, settings) see this
+    manager's pool: a chunk's tier and segments are the pool's, and an activation starts a
+    prefetch."""
 
     def __init__(
         self,
@@ -40,12 +38,19 @@ class ContextManager(OutputTracking):
         store: ChunkStore | None = None,
         **settings,
     ):
-        self.context_name = check_name(context)
         self._owns_store = store is None
         self.store = store or ChunkStore(
             model, home=home, redis_url=redis_url, engine_config=engine_config
         )
-        self.registry = self.store.registry
+        Catalog.__init__(
+            self,
+            self.store.registry,
+            context,
+            window=lambda: self.store.model.window,
+            describe=self.store.views.describe_many,
+            on_activate=self.store.prefetcher.on_activate,
+            dtype=self.store.model.engine_config.dtype,
+        )
         self._trackers: list[OutputTracker] = []
         self.last_generation: GenerationResult | None = None
         if settings:
@@ -56,28 +61,9 @@ class ContextManager(OutputTracking):
         if self._owns_store:
             self.store.close()
 
-    def __enter__(self) -> ContextManager:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def with_context(self, context: str, **settings) -> ContextManager:
         """Another context over the same chunk pool."""
         return ContextManager(context=context, store=self.store, **settings)
-
-    # -- settings ---------------------------------------------------------------------------
-
-    @property
-    def settings(self) -> dict:
-        return {**DEFAULT_SETTINGS, **self.registry.settings(self.context_name)}
-
-    def configure(self, **settings) -> dict:
-        """Set context settings: mode (exact/reuse/realign), recompute (realign's fraction;
-        a new mode without one clears it), auto_activate, output_tokens."""
-        settings = checked_settings(settings, self.settings["mode"])
-        self.registry.update_settings(self.context_name, settings)
-        return self.settings
 
     # -- chunks -----------------------------------------------------------------------------
 
@@ -124,21 +110,6 @@ class ContextManager(OutputTracking):
             for i, part in enumerate(parts)
         ]
 
-    def get_chunk(self, ref: str) -> ChunkInfo:
-        return self.store.views.get(ref, self.context_name)
-
-    def list_chunks(self, pattern: str | None = None, tag: str | None = None) -> list[ChunkInfo]:
-        chunks = self.registry.list_chunks(pattern, tag, self.context_name)
-        return self.store.views.describe_many(chunks)
-
-    def provenance(self, ref: str) -> tuple[list[ChunkInfo], list[ChunkInfo]]:
-        """The chunk's parents (what it was computed after, in order) and its children."""
-        chunk_hash = self.registry.resolve(ref)
-        parents = self.registry.get_many(self.registry.parents(chunk_hash), self.context_name)
-        children = self.registry.get_many(self.registry.children(chunk_hash), self.context_name)
-        described = self.store.views.describe_many([*parents, *children])
-        return described[: len(parents)], described[len(parents) :]
-
     def stats(self) -> dict:
         """Pool usage, chunks per tier, the store's counters and the last generation's speed."""
         stats = self.store.views.stats(self.list_chunks())
@@ -150,14 +121,6 @@ class ContextManager(OutputTracking):
             "interrupted": last.interrupted,
         }
         return stats
-
-    def tag_chunk(self, ref: str, tag: str) -> ChunkInfo:
-        self.registry.add_tag(self.registry.resolve(ref), check_tag(tag))
-        return self.get_chunk(ref)
-
-    def untag_chunk(self, ref: str, tag: str) -> ChunkInfo:
-        self.registry.remove_tag(self.registry.resolve(ref), tag)
-        return self.get_chunk(ref)
 
     def delete_chunk(self, ref: str, cascade: bool = False) -> list[str]:
         """Delete a chunk for good; views over it are refused unless cascade. Returns hashes."""
@@ -180,6 +143,11 @@ class ContextManager(OutputTracking):
             raise InvalidInput(f"split point must be between 1 and {chunk.token_count - 1}")
         head, tail = self.store.maker.split(chunk, at)
         return self._view(head.hash), self._view(tail.hash)
+
+    def activate_chunk(self, ref: str) -> ChunkInfo:
+        """The catalog's activation, refusing a chunk computed in another dtype."""
+        self.store.model.check_dtype([self.registry.find(ref)])
+        return super().activate_chunk(ref)
 
     def populate(self, ref: str) -> ChunkInfo:
         """Bring the chunk's KV into the pool now (from its file, or recomputed)."""
@@ -210,58 +178,6 @@ class ContextManager(OutputTracking):
         chunk_hash = self.registry.resolve(ref)
         self.store.prefetcher.prefetch(chunk_hash)
         return self._view(chunk_hash)
-
-    # -- activation -------------------------------------------------------------------------
-
-    def activate_chunk(self, ref: str) -> ChunkInfo:
-        """Let the model see this chunk, after the chunks already active (no KV is copied)."""
-        chunk, active = self.registry.find_with_active(ref, self.context_name)
-        self.store.model.check_dtype([chunk])
-        for attempt in range(ACTIVATE_ATTEMPTS):
-            if attempt:  # someone changed the active chunks since they were read
-                active = self.registry.active(self.context_name)
-            if chunk.hash in active:
-                break
-            self._check_window_after(active, chunk.hash)
-            try:  # the window check holds only if nobody activated something meanwhile
-                self.registry.activate(self.context_name, chunk.hash, expected=active)
-                break
-            except ConcurrentChange:
-                if attempt == ACTIVATE_ATTEMPTS - 1:
-                    raise
-        chunk = self.store.views.describe(ChunkInfo.view(chunk, chunk.tier, is_active=True))
-        self.store.prefetcher.on_activate(chunk, active)
-        return chunk
-
-    def _check_window_after(self, active: list[str], chunk_hash: str) -> None:
-        total = self.store.views.token_count([*active, chunk_hash])
-        if total > self.store.model.window:
-            adding = self.store.views.token_count([chunk_hash])
-            raise ContextWindowExceeded(
-                f"activating {chunk_hash[:12]} ({adding} tokens) would make {total} "
-                f"active tokens, over the context window of {self.store.model.window}; "
-                "deactivate something first"
-            )
-
-    def deactivate_chunk(self, ref: str) -> ChunkInfo:
-        return self.store.views.describe(self.registry.find_and_deactivate(ref, self.context_name))
-
-    def context(self) -> ContextView:
-        s = self.settings
-        chunks = self.registry.get_many(self.registry.active(self.context_name), self.context_name)
-        chunks = self.store.views.describe_many(chunks)
-        return ContextView(
-            self.context_name,
-            s["mode"],
-            s["auto_activate"],
-            chunks,
-            self.store.model.window,
-            s["recompute"],
-        )
-
-    def clear(self) -> None:
-        """Deactivate every chunk of this context (nothing is deleted)."""
-        self.registry.clear_context(self.context_name)
 
     # -- generation -------------------------------------------------------------------------
 
@@ -377,9 +293,6 @@ class ContextManager(OutputTracking):
         return self.get_chunk(exchange.import_chunk(self.store, path))
 
     # -- helpers ----------------------------------------------------------------------------
-
-    def _view(self, chunk_hash: str) -> ChunkInfo:
-        return self.store.views.describe(self.registry.get(chunk_hash, self.context_name))
 
     def _check_fits(self, tokens: int) -> None:
         window = self.store.model.window

@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from kvchunks.common import DtypeMismatch
 from kvchunks.engine import LLM, EngineConfig, ModelConfig
 from kvchunks.engine.chat import ChatFormat
 from kvchunks.engine.checkpoint import resolve_model
-from kvchunks.store.chunk import ChunkRecord
+from kvchunks.store.chunk import ChunkRecord, check_dtype
 from kvchunks.store.hashing import model_fingerprint, weights_digest
 
 _DIGESTS: dict[str, str] = {}  # weights digest by file stamp: hashing 0.5 GB once is enough
@@ -80,12 +79,8 @@ class ModelHost:
         return torch.device(self.engine_config.device).type == "cuda"
 
     def check_dtype(self, chunks: list[ChunkRecord]) -> None:
-        """Refuse chunks computed in another dtype (recorded in their metadata)."""
-        dtype = self.engine_config.dtype
-        for chunk in chunks:
-            found = chunk.metadata.get("dtype", dtype)
-            if found != dtype:
-                raise DtypeMismatch(f"chunk {chunk.hash[:12]}", found, dtype)
+        """Refuse chunks computed in another dtype than this model's."""
+        check_dtype(chunks, self.engine_config.dtype)
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

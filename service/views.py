@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from kvchunks.engine.kv_segment import KVSegment
+from kvchunks.service.catalog import recorded_tiers
 from kvchunks.service.pieces import owner_hashes, pieces
 from kvchunks.service.tiers import Tiers
 from kvchunks.store.chunk import ChunkInfo
@@ -20,10 +21,6 @@ State = tuple[str, list[KVSegment]]  # a chunk's tier, and its segments in this 
 class ChunkViews:
     def __init__(self, tiers: Tiers, pool_tiers: PoolTiers | None = None):
         self.tiers, self.registry, self.pool_tiers = tiers, tiers.registry, pool_tiers
-        self._token_counts: dict[str, int] = {}
-
-    def get(self, ref: str, context: str | None = None) -> ChunkInfo:
-        return self.describe(self.registry.find(ref, context))
 
     def describe(self, chunk: ChunkInfo) -> ChunkInfo:
         return self.describe_many([chunk])[0]
@@ -32,8 +29,9 @@ class ChunkViews:
         """Each chunk's view with its tier and pool segments; a listing reads its views'
         sources once, not per view. In a shared pool, a chunk's tier is the nearest any
         worker has."""
-        if not self.tiers.model.started:
-            states = self._recorded_tiers(chunks)
+        if not self.tiers.model.started:  # no pool yet: the tiers recorded, here or before
+            latest = self.tiers.records.latest
+            states = [(tier, []) for tier in recorded_tiers(self.registry, chunks, latest)]
         else:
             with self.tiers.lock:  # a generation or a prefetch may change the pool meanwhile
                 states = [self._pool_state(chunk) for chunk in chunks]
@@ -55,19 +53,6 @@ class ChunkViews:
                 for h in owner_hashes(chunk)
             ]
         )
-
-    def _recorded_tiers(self, chunks: list[ChunkInfo]) -> list[State]:
-        """No pool yet: the tiers recorded, here or before, stand (a view's: its furthest
-        source's). Sources not among `chunks` are read in one round trip."""
-        known = {c.hash: c for c in chunks}
-        wanted = list(dict.fromkeys(h for c in chunks for h in owner_hashes(c)))
-        if missing := [h for h in wanted if h not in known]:
-            known |= {c.hash: c for c in self.registry.get_many(missing)}
-        latest = self.tiers.records.latest
-        return [
-            (farthest_tier([latest(h) or known[h].tier for h in owner_hashes(chunk)]), [])
-            for chunk in chunks
-        ]
 
     def _pool_state(self, chunk: ChunkInfo) -> State:
         tiers = self.tiers
@@ -93,10 +78,3 @@ class ChunkViews:
             "counters": dict(self.tiers.stats),
             "dtype": model.engine_config.dtype,
         }
-
-    def token_count(self, hashes: list[str]) -> int:
-        """Total tokens of these chunks; counts never change for a hash, so they are cached."""
-        missing = [h for h in hashes if h not in self._token_counts]
-        for chunk in self.registry.get_many(missing):
-            self._token_counts[chunk.hash] = chunk.token_count
-        return sum(self._token_counts[h] for h in hashes)

@@ -18,7 +18,7 @@ from typing import Any, Self
 
 import msgpack
 
-from kvchunks.common import InvalidInput
+from kvchunks.common import DtypeMismatch, InvalidInput
 from kvchunks.vocabulary import KINDS, LAYOUTS, ROLES, TIERS, check_tag
 
 RECORD_VERSION = 1
@@ -202,6 +202,15 @@ class ChunkInfo(ChunkRecord):
         if tokens:
             doc["token_ids"] = list(self.token_ids)
         return doc
+
+
+def check_dtype(chunks: list[ChunkRecord], dtype: str) -> None:
+    """Refuse chunks computed in another dtype than `dtype` (each records its own in its
+    metadata; one that records none passes)."""
+    for chunk in chunks:
+        found = chunk.metadata.get("dtype", dtype)
+        if found != dtype:
+            raise DtypeMismatch(f"chunk {chunk.hash[:12]}", found, dtype)
 
 
 def pack_record(record: dict[str, Any]) -> bytes:

@@ -1,0 +1,220 @@
+"""Catalog: the chunks and one named context, read and changed in the registry alone.
+
+Listing, lookup, provenance, tags, the active list with its window check and the context's
+settings need no engine and no pool. `open_catalog` serves them without importing torch or
+transformers, so a one-shot `kvchunks list` answers at once. ContextManager is a Catalog that
+also computes KV; it passes in what only it has: views that know its pool, and the prefetch an
+activation starts. Without those, a chunk's tier is the one the registry recorded.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+from kvchunks.common import ConcurrentChange, ContextWindowExceeded
+from kvchunks.engine.checkpoint import context_window, read_config, resolve_model
+from kvchunks.service.context_settings import DEFAULT_SETTINGS, ContextView, checked_settings
+from kvchunks.service.pieces import Records, owner_hashes
+from kvchunks.store.chunk import ChunkInfo, check_dtype
+from kvchunks.store.redis_server import close as close_redis
+from kvchunks.store.redis_server import connect
+from kvchunks.store.registry import ChunkRegistry
+from kvchunks.vocabulary import DEFAULT_DTYPE, check_name, check_tag, farthest_tier
+
+ACTIVATE_ATTEMPTS = 5  # against other clients activating in the same context at once
+
+# Records as callers see them: each chunk's view with its tier (and pool segments, with a pool).
+Describe = Callable[[list[ChunkInfo]], list[ChunkInfo]]
+# Told of each activation: the activated chunk and the chunks active before it.
+OnActivate = Callable[[ChunkInfo, list[str]], None]
+
+
+class Catalog:
+    """Chunks, their provenance and tags, and one named activation set over them."""
+
+    def __init__(
+        self,
+        registry: ChunkRegistry,
+        context: str = "default",
+        *,
+        window: Callable[[], int],  # the model's context window, asked when a check needs it
+        describe: Describe | None = None,
+        on_activate: OnActivate | None = None,
+        dtype: str = DEFAULT_DTYPE,  # of the model: chunks of another are never activated
+        connection: redis.Redis | None = None,  # closed by close(): the catalog opened it
+    ):
+        self.context_name = check_name(context)
+        self.registry = registry
+        self._window = window
+        self._describe = describe or self._recorded_views
+        self._on_activate = on_activate
+        self._dtype = dtype
+        self._connection = connection
+        self._token_counts: dict[str, int] = {}  # a hash's count never changes
+
+    def close(self) -> None:
+        """Disconnect from Redis, if the catalog connected itself."""
+        if self._connection is not None:
+            close_redis(self._connection)
+            self._connection = None
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- settings ---------------------------------------------------------------------------
+
+    @property
+    def settings(self) -> dict:
+        return {**DEFAULT_SETTINGS, **self.registry.settings(self.context_name)}
+
+    def configure(self, **settings) -> dict:
+        """Set context settings: mode (exact/reuse/realign), recompute (realign's fraction;
+        a new mode without one clears it), auto_activate, output_tokens."""
+        settings = checked_settings(settings, self.settings["mode"])
+        self.registry.update_settings(self.context_name, settings)
+        return self.settings
+
+    # -- chunks -----------------------------------------------------------------------------
+
+    def get_chunk(self, ref: str) -> ChunkInfo:
+        return self._describe([self.registry.find(ref, self.context_name)])[0]
+
+    def list_chunks(self, pattern: str | None = None, tag: str | None = None) -> list[ChunkInfo]:
+        return self._describe(self.registry.list_chunks(pattern, tag, self.context_name))
+
+    def provenance(self, ref: str) -> tuple[list[ChunkInfo], list[ChunkInfo]]:
+        """The chunk's parents (what it was computed after, in order) and its children."""
+        chunk_hash = self.registry.resolve(ref)
+        parents = self.registry.get_many(self.registry.parents(chunk_hash), self.context_name)
+        children = self.registry.get_many(self.registry.children(chunk_hash), self.context_name)
+        described = self._describe([*parents, *children])
+        return described[: len(parents)], described[len(parents) :]
+
+    def tag_chunk(self, ref: str, tag: str) -> ChunkInfo:
+        self.registry.add_tag(self.registry.resolve(ref), check_tag(tag))
+        return self.get_chunk(ref)
+
+    def untag_chunk(self, ref: str, tag: str) -> ChunkInfo:
+        self.registry.remove_tag(self.registry.resolve(ref), tag)
+        return self.get_chunk(ref)
+
+    # -- activation -------------------------------------------------------------------------
+
+    def activate_chunk(self, ref: str) -> ChunkInfo:
+        """Let the model see this chunk, after the chunks already active (no KV is copied)."""
+        chunk, active = self.registry.find_with_active(ref, self.context_name)
+        check_dtype([chunk], self._dtype)
+        for attempt in range(ACTIVATE_ATTEMPTS):
+            if attempt:  # someone changed the active chunks since they were read
+                active = self.registry.active(self.context_name)
+            if chunk.hash in active:
+                break
+            self._check_window_after(active, chunk.hash)
+            try:  # the window check holds only if nobody activated something meanwhile
+                self.registry.activate(self.context_name, chunk.hash, expected=active)
+                break
+            except ConcurrentChange:
+                if attempt == ACTIVATE_ATTEMPTS - 1:
+                    raise
+        chunk = self._describe([ChunkInfo.view(chunk, chunk.tier, is_active=True)])[0]
+        if self._on_activate is not None:
+            self._on_activate(chunk, active)
+        return chunk
+
+    def _check_window_after(self, active: list[str], chunk_hash: str) -> None:
+        total = self._token_count([*active, chunk_hash])
+        window = self._window()
+        if total > window:
+            adding = self._token_count([chunk_hash])
+            raise ContextWindowExceeded(
+                f"activating {chunk_hash[:12]} ({adding} tokens) would make {total} "
+                f"active tokens, over the context window of {window}; "
+                "deactivate something first"
+            )
+
+    def deactivate_chunk(self, ref: str) -> ChunkInfo:
+        chunk = self.registry.find_and_deactivate(ref, self.context_name)
+        return self._describe([chunk])[0]
+
+    def context(self) -> ContextView:
+        s = self.settings
+        chunks = self.registry.get_many(self.registry.active(self.context_name), self.context_name)
+        return ContextView(
+            self.context_name,
+            s["mode"],
+            s["auto_activate"],
+            self._describe(chunks),
+            self._window(),
+            s["recompute"],
+        )
+
+    def clear(self) -> None:
+        """Deactivate every chunk of this context (nothing is deleted)."""
+        self.registry.clear_context(self.context_name)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _view(self, chunk_hash: str) -> ChunkInfo:
+        return self._describe([self.registry.get(chunk_hash, self.context_name)])[0]
+
+    def _token_count(self, hashes: list[str]) -> int:
+        """Total tokens of these chunks (read once per hash: counts never change)."""
+        missing = [h for h in hashes if h not in self._token_counts]
+        for chunk in self.registry.get_many(missing):
+            self._token_counts[chunk.hash] = chunk.token_count
+        return sum(self._token_counts[h] for h in hashes)
+
+    def _recorded_views(self, chunks: list[ChunkInfo]) -> list[ChunkInfo]:
+        tiers = recorded_tiers(self.registry, chunks)
+        return [ChunkInfo.view(c, t, c.is_active) for c, t in zip(chunks, tiers, strict=True)]
+
+
+def recorded_tiers(
+    records: Records, chunks: list[ChunkInfo], latest: Callable[[str], str | None] | None = None
+) -> list[str]:
+    """Each chunk's tier where no pool says otherwise: the tier recorded (by this process
+    first, `latest`, then in the registry); a view's is its furthest source's. Sources not
+    among `chunks` are read in one round trip."""
+    known = {c.hash: c for c in chunks}
+    wanted = list(dict.fromkeys(h for c in chunks for h in owner_hashes(c)))
+    if missing := [h for h in wanted if h not in known]:
+        known |= {c.hash: c for c in records.get_many(missing)}
+    recorded = latest or _nothing_recorded
+    return [
+        farthest_tier([recorded(h) or known[h].tier for h in owner_hashes(chunk)])
+        for chunk in chunks
+    ]
+
+
+def _nothing_recorded(chunk_hash: str) -> None:
+    return None
+
+
+def open_catalog(
+    model: str | Path | Callable[[], Path] | None = None,
+    *,
+    context: str = "default",
+    home: str | Path | None = None,
+    redis_url: str | None = None,
+    dtype: str | None = None,
+) -> Catalog:
+    """A Catalog over the registry of a data directory (or the Redis at `redis_url`).
+
+    `model` (a checkpoint folder, or a function that finds one; default: the default model)
+    is looked for only when the context window is first needed, and only its config.json is
+    read: listing never needs the model. `dtype` is the one the model would run in
+    (default float32): chunks computed in another are not activated.
+    """
+    client = connect(Path(home) if home is not None else None, redis_url)
+    folder = model if callable(model) else functools.partial(resolve_model, model)
+    window = functools.cache(lambda: context_window(read_config(folder())))
+    registry = ChunkRegistry(client)
+    dtype = dtype or DEFAULT_DTYPE
+    return Catalog(registry, context, window=window, dtype=dtype, connection=client)

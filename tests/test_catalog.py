@@ -1,0 +1,188 @@
+"""The catalog on its own: chunks and one context over a real embedded Redis, with no model
+(a folder holding only config.json gives the context window) and no engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvchunks import Catalog, ContextManager, open_catalog
+from kvchunks.common import (
+    AmbiguousHash,
+    ChunkNotFound,
+    ContextWindowExceeded,
+    DtypeMismatch,
+    InvalidInput,
+)
+from kvchunks.store.chunk import ChunkInfo, ChunkRecord, SourceSpan
+from kvchunks.store.hashing import chunk_hash, content_hash, context_hash, model_fingerprint
+
+FP = model_fingerprint("LlamaForCausalLM", "cd" * 32, "float32", 256)
+WINDOW = 60  # tokens: the document and the question fit, adding the note would not
+
+
+def record(tokens: list[int], *parents: ChunkRecord, **fields) -> ChunkRecord:
+    """A chunk record computed after `parents` (standalone without)."""
+    position = sum(p.token_count for p in parents)
+    layout = "timeline" if parents else "standalone"
+    return ChunkRecord(
+        hash=chunk_hash(FP, context_hash([(p.hash, 0) for p in parents]), position, tokens),
+        content_hash=content_hash(tokens),
+        token_ids=tokens,
+        parent_chunks=[p.hash for p in parents],
+        position=position,
+        layout=fields.pop("layout", layout),
+        **fields,
+    )
+
+
+def model_folder(at: Path, window: int = WINDOW) -> Path:
+    """What the catalog reads of a model: its config.json."""
+    at.mkdir(parents=True, exist_ok=True)
+    (at / "config.json").write_text(json.dumps({"max_position_embeddings": window}))
+    return at
+
+
+@pytest.fixture
+def catalog(home, tmp_path):
+    opened = open_catalog(model_folder(tmp_path / "model"), home=home)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def chunks(catalog) -> dict[str, ChunkRecord]:
+    """A document, a question after it, an answer after both, and a note; the document's KV
+    recorded in host memory, the others' on disk."""
+    doc = record(list(range(1, 41)), text="the vault's code is 4817", tags=["facts"])
+    question = record([7, 8, 9], doc, role="user", text="what is the code?")
+    answer = record([10, 11], doc, question, role="assistant", kind="output", text="4817")
+    note = record(list(range(50, 80)), text="tea at five")
+    made = {"doc": doc, "question": question, "answer": answer, "note": note}
+    for name, chunk in made.items():
+        catalog.registry.put(chunk, tier="cpu" if name == "doc" else None)
+    return made
+
+
+def test_listing_lookup_and_provenance(catalog, chunks):
+    doc, question, answer = chunks["doc"], chunks["question"], chunks["answer"]
+    assert [c.hash for c in catalog.list_chunks()] == [c.hash for c in chunks.values()]
+    assert [c.hash for c in catalog.list_chunks("vault")] == [doc.hash]
+    assert [c.hash for c in catalog.list_chunks(tag="facts")] == [doc.hash]
+    found = catalog.get_chunk(doc.hash[:8])
+    assert found == ChunkInfo.view(doc, "cpu") and isinstance(found, ChunkInfo)
+    assert catalog.get_chunk(question.hash).tier == "disk"  # no tier recorded: its file
+    parents, children = catalog.provenance(question.hash[:6])
+    assert [p.hash for p in parents] == [doc.hash]
+    assert [c.hash for c in children] == [answer.hash]
+    with pytest.raises(ChunkNotFound):
+        catalog.get_chunk("ffff0000")
+    twin = record([1, 2], text="twin")
+    twin.hash = doc.hash[:4] + ("0" if doc.hash[4] != "0" else "1") * 60
+    catalog.registry.put(twin)
+    with pytest.raises(AmbiguousHash):
+        catalog.get_chunk(doc.hash[:4])
+
+
+def test_a_view_shows_its_furthest_source_tier(catalog, chunks):
+    doc, note = chunks["doc"], chunks["note"]
+    spans = [SourceSpan(doc.hash, 0, 40), SourceSpan(note.hash, 0, 30)]
+    view = record(list(range(1, 41)) + list(range(50, 80)), kind="composed", layout="view")
+    view.sources = spans
+    catalog.registry.put(view)
+    assert catalog.get_chunk(view.hash).tier == "disk"  # the note's file, not doc's memory
+    catalog.registry.set_tiers({note.hash: "gpu"})
+    assert catalog.get_chunk(view.hash).tier == "cpu"
+
+
+def test_tags(catalog, chunks):
+    note = chunks["note"]
+    assert catalog.tag_chunk(note.hash[:8], "later").tags == ["later"]
+    assert [c.hash for c in catalog.list_chunks(tag="later")] == [note.hash]
+    assert catalog.untag_chunk(note.hash, "later").tags == []
+    with pytest.raises(InvalidInput, match="invalid tag"):
+        catalog.tag_chunk(note.hash, "two words")
+
+
+def test_activation_keeps_order_and_the_window(catalog, chunks):
+    doc, question, answer, note = chunks.values()
+    assert catalog.activate_chunk(doc.hash[:8]).is_active
+    catalog.activate_chunk(question.hash)
+    catalog.activate_chunk(doc.hash)  # already active: nothing changes
+    view = catalog.context()
+    assert [c.hash for c in view.chunks] == [doc.hash, question.hash]
+    assert (view.token_count, view.window) == (43, WINDOW)
+    with pytest.raises(ContextWindowExceeded, match="would make 73 active tokens, over the"):
+        catalog.activate_chunk(note.hash)
+    assert [c.hash for c in catalog.context().chunks] == [doc.hash, question.hash]
+    assert catalog.deactivate_chunk(question.hash[:8]).is_active is False
+    catalog.activate_chunk(answer.hash)
+    assert [c.hash for c in catalog.context().chunks] == [doc.hash, answer.hash]
+    assert [c.is_active for c in catalog.list_chunks()] == [True, False, True, False]
+    catalog.clear()
+    assert catalog.context().chunks == []
+
+
+def test_chunks_of_another_dtype_are_not_activated(catalog, home, tmp_path):
+    half = record([1, 2, 3], text="computed in bfloat16", metadata={"dtype": "bfloat16"})
+    catalog.registry.put(half)
+    with pytest.raises(DtypeMismatch, match="run with --dtype bfloat16"):
+        catalog.activate_chunk(half.hash)
+    assert catalog.context().chunks == []
+    with open_catalog(model_folder(tmp_path / "model"), home=home, dtype="bfloat16") as other:
+        assert other.activate_chunk(half.hash).is_active
+
+
+def test_settings(catalog):
+    assert catalog.settings["mode"] == "realign" and catalog.settings["auto_activate"] is False
+    catalog.configure(mode="reuse", auto_activate=True)
+    assert catalog.context().mode == "reuse" and catalog.context().auto_activate
+    with pytest.raises(InvalidInput, match="recompute"):
+        catalog.configure(recompute=0.5)  # realign only
+    assert catalog.settings["recompute"] is None
+
+
+def test_contexts_are_independent(catalog, chunks, home, tmp_path):
+    other = open_catalog(model_folder(tmp_path / "model"), context="other", home=home)
+    try:
+        catalog.activate_chunk(chunks["doc"].hash)
+        assert other.context().chunks == []
+        assert other.get_chunk(chunks["doc"].hash).is_active is False
+    finally:
+        other.close()
+
+
+def test_the_model_is_looked_for_only_when_the_window_is_needed(home, tmp_path):
+    missing = tmp_path / "no-model"
+    with open_catalog(missing, home=home) as catalog:
+        doc = record(list(range(1, 11)), text="doc")
+        catalog.registry.put(doc)
+        assert [c.hash for c in catalog.list_chunks()] == [doc.hash]
+        with pytest.raises(InvalidInput, match="has no config.json"):
+            catalog.activate_chunk(doc.hash)
+        assert catalog.registry.active("default") == []
+
+
+def test_what_a_manager_passes_in(catalog, chunks):
+    """The parts a ContextManager hands over: its views of the pool, told of activations."""
+    described, activated = [], []
+
+    def describe(chunks: list[ChunkInfo]) -> list[ChunkInfo]:
+        described.append(len(chunks))
+        return [ChunkInfo.view(c, "gpu", c.is_active) for c in chunks]
+
+    pooled = Catalog(
+        catalog.registry,
+        window=lambda: WINDOW,
+        describe=describe,
+        on_activate=lambda chunk, before: activated.append((chunk.hash, before)),
+    )
+    doc, question = chunks["doc"], chunks["question"]
+    assert {c.tier for c in pooled.list_chunks()} == {"gpu"} and described == [4]
+    pooled.activate_chunk(doc.hash)
+    chunk = pooled.activate_chunk(question.hash)
+    assert chunk.tier == "gpu" and chunk.is_active
+    assert activated == [(doc.hash, []), (question.hash, [doc.hash])]
+    assert issubclass(ContextManager, Catalog)
