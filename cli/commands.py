@@ -1,6 +1,9 @@
 """The chunk operations, each one click command: a `kvchunks` subcommand and, unchanged, the
 chat's slash command of the same name (`/save` and `/restore` are `export` and `import`).
 
+Commands that need only the registry (list, info, activate, deactivate, tag, context, clear,
+mode, auto) work on `state.catalog`, so a one-shot run never loads the model or imports torch.
+
 Every command checks what it can before it changes anything, so a bad input leaves the chunk
 pool and the context as they were.
 """
@@ -30,7 +33,7 @@ from kvchunks.common import KVChunksError, read_text_file
 from kvchunks.vocabulary import MODES, ROLES, TIERS
 
 if TYPE_CHECKING:
-    from kvchunks import ChunkInfo, ContextManager, GenerationResult
+    from kvchunks import Catalog, ChunkInfo, GenerationResult
 
 LARGE_FILE = 16 << 10  # bytes; loading a bigger file shows a progress bar
 
@@ -104,7 +107,7 @@ def list_chunks(state: State, pattern: str | None, tag: str | None, as_json: boo
     PATTERN is a glob (or, without * ? [, a substring) matched against the hash, the text,
     the source file and the tags, ignoring case.
     """
-    chunks = state.manager.list_chunks(pattern, tag)
+    chunks = state.catalog.list_chunks(pattern, tag)
     show(state, as_json, [c.to_json() for c in chunks], render.chunks_table(chunks))
 
 
@@ -118,7 +121,7 @@ def info(state: State, ref: str, as_json: bool) -> None:
     Of the chunks computed after it, "continued by" are those of its own timeline (its
     subtree in `kvchunks tree`); the others were computed where another chunk came last.
     """
-    cm = state.manager
+    cm = state.catalog
     chunk = cm.get_chunk(ref)
     parents, children = cm.provenance(chunk.hash)
     continued, elsewhere = split_timelines(cm, chunk.hash, children)
@@ -137,13 +140,13 @@ def info(state: State, ref: str, as_json: bool) -> None:
 @pass_state
 def activate(state: State, refs: tuple[str, ...]) -> None:
     """Let the model see these chunks, after the ones already active (all or none)."""
-    cm = state.manager
+    cm = state.catalog
     for chunk in activate_all(cm, list(refs)):
         say(state, f"activated {render.describe(chunk)}")
     _window_line(state, cm)
 
 
-def activate_all(cm: ContextManager, refs: list[str]) -> list[ChunkInfo]:
+def activate_all(cm: Catalog, refs: list[str]) -> list[ChunkInfo]:
     """Activate in order; if one cannot be (unknown hash, window full), none is."""
     hashes = [cm.get_chunk(ref).hash for ref in refs]
     before = {c.hash for c in cm.context().chunks}
@@ -164,14 +167,14 @@ def activate_all(cm: ContextManager, refs: list[str]) -> list[ChunkInfo]:
 @pass_state
 def deactivate(state: State, refs: tuple[str, ...]) -> None:
     """Hide these chunks from the model (they stay stored)."""
-    cm = state.manager
+    cm = state.catalog
     hashes = [cm.get_chunk(ref).hash for ref in refs]
     for chunk_hash in hashes:
         say(state, f"deactivated {render.describe(cm.deactivate_chunk(chunk_hash))}")
     _window_line(state, cm)
 
 
-def _window_line(state: State, cm: ContextManager) -> None:
+def _window_line(state: State, cm: Catalog) -> None:
     view = cm.context()
     say(state, f"{len(view.chunks)} active, {view.token_count} of {view.window} tokens")
 
@@ -207,7 +210,7 @@ def split(state: State, ref: str, at: int, as_json: bool) -> None:
 @pass_state
 def tag(state: State, ref: str, tag: str, remove: bool) -> None:
     """Tag a chunk (or untag it with --remove)."""
-    cm = state.manager
+    cm = state.catalog
     chunk = cm.untag_chunk(ref, tag) if remove else cm.tag_chunk(ref, tag)
     tags = ", ".join(chunk.tags) or "none"
     say(state, f"{'untagged' if remove else 'tagged'} {render.short(chunk.hash)}; tags: {tags}")
@@ -296,7 +299,7 @@ def import_(state: State, file: Path, as_json: bool) -> None:
 @pass_state
 def context(state: State, as_json: bool) -> None:
     """Show the active chunks in layout order and their tokens against the window."""
-    view = state.manager.context()
+    view = state.catalog.context()
     show(state, as_json, view.to_json(), render.context_table(view))
 
 
@@ -304,7 +307,7 @@ def context(state: State, as_json: bool) -> None:
 @pass_state
 def clear(state: State) -> None:
     """Deactivate every chunk of the context (nothing is deleted)."""
-    cm = state.manager
+    cm = state.catalog
     count = len(cm.context().chunks)
     cm.clear()
     say(state, f"deactivated {count} chunk(s); context '{cm.context_name}' is empty")
@@ -322,7 +325,7 @@ def mode(state: State, mode: str | None, recompute: float | None) -> None:
     as it is, realign re-places chunks at contiguous positions and recomputes the tokens
     whose KV the composition changes most (default fraction when RECOMPUTE is left out).
     """
-    cm = state.manager
+    cm = state.catalog
     if mode:
         cm.configure(mode=mode, recompute=recompute)
         state.mode = state.recompute = None  # the new setting applies, not options at start
@@ -334,7 +337,7 @@ def mode(state: State, mode: str | None, recompute: float | None) -> None:
 @pass_state
 def auto(state: State, switch: str | None) -> None:
     """Show or set whether each prompt and answer is activated after a generation."""
-    cm = state.manager
+    cm = state.catalog
     if switch:
         cm.configure(auto_activate=switch == "on")
     say(state, f"auto-activate: {'on' if cm.settings['auto_activate'] else 'off'}")

@@ -1,11 +1,13 @@
 """What one `kvchunks` invocation (or one chat) works on: options, consoles, the open manager.
 
 The manager is opened on first use, so `--help`, usage errors and bad files never pay for
-loading the model. Nothing here imports torch.
+loading the model. Commands that read and change only the registry (list, info, tag, activate,
+...) work on the catalog, which never imports torch. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +18,7 @@ from rich.console import Console
 from kvchunks.common import data_dir
 
 if TYPE_CHECKING:
-    from kvchunks import ContextManager
+    from kvchunks import Catalog, ContextManager
 
 MODEL_ENV = "KVCHUNKS_MODEL"
 
@@ -34,6 +36,7 @@ class State:
     out: Console = field(default_factory=Console)
     err: Console = field(default_factory=lambda: Console(stderr=True))
     _manager: ContextManager | None = None
+    _catalog: Catalog | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -56,15 +59,35 @@ class State:
         with self.err.status(f"loading {model.name}", spinner="dots"):
             return ContextManager(model, context=self.context, home=self.home, engine_config=engine)
 
+    @property
+    def catalog(self) -> Catalog:
+        """What the registry-only commands work on: the manager if one is open or the work is
+        on a cluster (it knows the pool: tiers as they are), else the registry alone, whose
+        tiers are the recorded ones, opened without the model's engine."""
+        if self._manager is not None or self.address:
+            return self.manager
+        if self._catalog is None:
+            self._catalog = self._open_catalog()
+        return self._catalog
+
+    def _open_catalog(self) -> Catalog:
+        from kvchunks import open_catalog
+        from kvchunks.cli.model import resolve
+
+        # The model's folder is looked for only when a command needs its context window.
+        folder = functools.partial(resolve, self.model)
+        return open_catalog(folder, context=self.context, home=self.home, dtype=self.dtype)
+
     def _connect(self) -> ContextManager:
         from kvchunks.actors.client import connect  # imports ray: only with --address
 
         return connect(self.address, self.context)  # type: ignore[return-value]
 
     def close(self) -> None:
-        if self._manager is not None:
-            self._manager.close()
-            self._manager = None
+        for opened in (self._manager, self._catalog):
+            if opened is not None:
+                opened.close()
+        self._manager = self._catalog = None
 
 
 pass_state = click.make_pass_decorator(State)

@@ -16,7 +16,7 @@ from kvchunks.cli.shared import json_option, show
 from kvchunks.cli.state import State, pass_state
 
 if TYPE_CHECKING:
-    from kvchunks import ChunkInfo, ContextManager, ProvenanceTree, TreeNode
+    from kvchunks import Catalog, ChunkInfo, ProvenanceTree, TreeNode
 
 ACTIVE, INACTIVE = "●", "○"
 PREVIEW = 48  # characters of a chunk's text on its line of the tree
@@ -55,7 +55,7 @@ def tree(state: State, ref: str | None, fmt: str, as_json: bool) -> None:
     if as_json and fmt == "dot":
         context = click.get_current_context()
         raise click.UsageError("--json and --format dot exclude each other", context)
-    cm = state.manager
+    cm = state.catalog
     built = build(cm, cm.get_chunk(ref).hash if ref else None)
     if fmt == "dot":
         click.echo(to_dot(built), nl=False)
@@ -63,12 +63,12 @@ def tree(state: State, ref: str | None, fmt: str, as_json: bool) -> None:
         show(state, as_json, built.to_json(), to_rich(built, cm.context_name))
 
 
-def build(cm: ContextManager, chunk_hash: str | None = None) -> ProvenanceTree:
+def build(cm: Catalog, chunk_hash: str | None = None) -> ProvenanceTree:
     return provenance_tree(cm.list_chunks(), chunk_hash)
 
 
 def split_timelines(
-    cm: ContextManager, chunk_hash: str, children: list[ChunkInfo]
+    cm: Catalog, chunk_hash: str, children: list[ChunkInfo]
 ) -> tuple[list[ChunkInfo], list[ChunkInfo]]:
     """The chunks that continue this chunk's own timeline (its descendants in the tree), and
     the rest of its children: chunks computed after it where another chunk came last."""

@@ -1,0 +1,82 @@
+"""The registry-only commands, each in a new process as a user runs them: they answer from the
+registry and never import torch, transformers or Ray (the model folder holds only config.json,
+so anything that tried to load it would fail too)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_catalog import model_folder, record
+
+from kvchunks import open_catalog
+
+HEAVY = ("torch", "transformers", "ray")
+# Runs the command line, then reports on stderr which heavy modules the process imported.
+WRAPPER = f"""
+import atexit, sys
+atexit.register(lambda: print("heavy:", *[m for m in {HEAVY!r} if m in sys.modules],
+                              file=sys.stderr))
+from kvchunks.cli.main import main
+sys.argv[0] = "kvchunks"
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """A data directory with a document, a question after it and a note; a model folder."""
+    home = tmp_path_factory.mktemp("home")
+    model = model_folder(tmp_path_factory.mktemp("model"), window=8192)
+    doc = record(list(range(1, 41)), text="the vault's code is 4817", tags=["facts"])
+    question = record([7, 8, 9], doc, role="user", text="what is the code?")
+    note = record(list(range(50, 80)), text="tea at five")
+    # Kept open, as a chat in another process would: the commands share its Redis server.
+    catalog = open_catalog(model, home=home)
+    for chunk in (doc, question, note):
+        catalog.registry.put(chunk)
+    yield home, model, {"doc": doc.hash, "question": question.hash, "note": note.hash}
+    catalog.close()
+
+
+def kvchunks(stored, *args: str) -> str:
+    home, model, _ = stored
+    done = subprocess.run(
+        [sys.executable, "-c", WRAPPER, "--data-dir", str(home), "--model", str(model), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, (args, done.stdout, done.stderr)
+    assert done.stderr.splitlines()[-1] == "heavy:", (args, done.stderr)
+    return done.stdout
+
+
+def test_list_info_tree_and_help(stored):
+    hashes = stored[2]
+    listed = json.loads(kvchunks(stored, "list", "--json"))
+    assert [c["hash"] for c in listed] == list(hashes.values())
+    assert {c["tier"] for c in listed} == {"disk"}  # the registry's: no pool in this process
+    info = json.loads(kvchunks(stored, "info", hashes["doc"][:8], "--json"))
+    assert info["children"] == info["continued_by"] == [hashes["question"]]
+    assert "vault" in kvchunks(stored, "info", hashes["doc"])
+    assert hashes["question"][:12] in kvchunks(stored, "tree")
+    assert "list" in kvchunks(stored, "--help")
+
+
+def test_tag_activate_deactivate_context(stored):
+    hashes = stored[2]
+    assert "tags: later" in kvchunks(stored, "tag", hashes["note"], "later")
+    assert "tags: none" in kvchunks(stored, "tag", hashes["note"], "later", "--remove")
+    activated = kvchunks(stored, "activate", hashes["doc"][:8], hashes["note"])
+    assert activated.splitlines()[-1] == "2 active, 70 of 8192 tokens"
+    context = json.loads(kvchunks(stored, "context", "--json"))
+    assert [c["hash"] for c in context["chunks"]] == [hashes["doc"], hashes["note"]]
+    assert "deactivated" in kvchunks(stored, "deactivate", hashes["note"])
+    assert "mode: reuse" in kvchunks(stored, "mode", "reuse")
+    assert "auto-activate: off" in kvchunks(stored, "auto")
+    assert "deactivated 1 chunk(s)" in kvchunks(stored, "clear")
