@@ -226,12 +226,16 @@ for _name in WRITES:
     setattr(RegistryClient, _name, _through_actor(_name))
 
 
-class RemoteProvenance:
-    """The registry reads of a prefetch policy, through the registry actor: for an actor
-    with no Redis connection of its own (the TierManager)."""
+class RedisProvenance:
+    """The registry reads of a prefetch policy, straight from Redis as a worker reads, for
+    an actor built elsewhere (the TierManager): it connects on its first read, in the
+    actor's process."""
 
-    def __init__(self, actor: ray.actor.ActorHandle):
-        self._actor = actor
+    def __init__(self, redis_url: str, namespace: str = "kvchunks"):
+        self.redis_url, self.namespace = redis_url, namespace
+        self._registry: ChunkRegistry | None = None
 
     def children(self, chunk_hash: str) -> list[str]:
-        return get(self._actor.call.remote("children", chunk_hash), "registry children")
+        if self._registry is None:
+            self._registry = ChunkRegistry(redis_server.connect_url(self.redis_url), self.namespace)
+        return self._registry.children(chunk_hash)

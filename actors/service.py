@@ -105,7 +105,7 @@ def start(
     one the registry actor runs the embedded server on its node.
     """
     # The actor classes import torch and the engine: only the command that starts them pays.
-    from kvchunks.actors.registry_actor import RegistryActor, RemoteProvenance
+    from kvchunks.actors.registry_actor import RedisProvenance, RegistryActor
     from kvchunks.actors.router import Router
     from kvchunks.actors.tier_manager import TierManagerActor
     from kvchunks.actors.worker import InferenceWorkerActor
@@ -125,7 +125,7 @@ def start(
         started += [a for s in stores.values() for a in (s.host, s.disk)]
         registry = RegistryActor.options(name=REGISTRY, **single).remote(home_dir, redis_url, names)
         url = get(registry.redis_url.remote(), "starting the registry")
-        policy = make_policy(None, RemoteProvenance(registry))
+        policy = make_policy(None, RedisProvenance(url))
         tiers = TierManagerActor.options(name=TIER_MANAGER, max_concurrency=16, **single).remote(
             registry, stores, TierBudgets.from_env(), policy, Router(registry)
         )

@@ -147,20 +147,22 @@ class TierManager:
 
     # -- prefetch -----------------------------------------------------------------------------
 
-    def prefetch(self, requester: str, chunk: ChunkInfo, active: list[str], routed: bool) -> str:
-        """Run the prefetch policy for an activation made through `requester`, and have the
-        worker that the router picks for the context's chunks (with `routed`; else the
-        requester) bring in the chunk and the policy's picks. Returns that worker's name."""
+    def prefetch(
+        self, requester: str, chunk: ChunkInfo, active: list[str], routed: bool
+    ) -> tuple[str, list[str]]:
+        """Run the prefetch policy for an activation made through `requester`, and choose
+        the worker that brings in the chunk and the policy's picks: the one the router picks
+        for the context's chunks (with `routed`), else the requester. Returns that worker
+        and the picks; the requester brings them in itself, another worker is told here."""
         with self.lock:  # a policy may learn from every activation (co-activation)
             wanted = [chunk.hash, *self.policy.on_activate(chunk, active)]
         target = requester
         if routed:
             target = self.router.pick_for([*active, *owner_hashes(chunk)])
-        # Awaited (it only queues the transfers): once the activation's own background task
-        # is done, its prefetch is queued on the target, so waiting for transfers there works.
-        get(self._worker(target).prefetch_chunks.remote(wanted), "a prefetch")
-        self.stats["prefetch_sent"] += 1
-        return target
+        if target != requester:
+            get(self._worker(target).prefetch_chunks.remote(wanted), "a prefetch")
+            self.stats["prefetch_sent"] += 1
+        return target, wanted
 
     # -- reports ------------------------------------------------------------------------------
 

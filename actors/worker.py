@@ -35,6 +35,7 @@ from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.context_manager import ContextManager
 from kvchunks.service.generation import GenerationResult
 from kvchunks.service.model_host import ModelHost
+from kvchunks.service.pieces import owner_hashes
 from kvchunks.store import redis_server
 from kvchunks.store.chunk import ChunkInfo
 
@@ -223,20 +224,25 @@ class InferenceWorker:
         host = tiers.host.kv.get(chunk_hash)
         return KVPayload.from_tensors(*host) if host is not None else None
 
-    def _hand_over(self, chunk: ChunkInfo, active: list[str]) -> bool:
-        """Hand an activation's prefetch to the TierManager, which runs the prefetch policy
-        and sends it to the worker that the router picks for a routed call (see `call`),
-        else here. False, to prefetch here by the store's own policy, if it cannot be asked."""
+    def _hand_over(self, chunk: ChunkInfo, active: list[str]) -> list[str] | None:
+        """Have the TierManager run the prefetch policy for an activation and choose where
+        it runs: for a routed call (see `call`) the worker that the router picks, unless all
+        the context's chunks are here already; else here. Returns what to bring in here
+        (none: another worker took it), or None, to use the store's own policy, if the
+        TierManager cannot be asked."""
         context = ROUTED_CONTEXT.get()
-        request = self.tier_manager.prefetch.remote(self.name, chunk, active, context is not None)
+        needed = [*active, *owner_hashes(chunk)]
+        routed = context is not None and not all(h in self.store.tiers.kv for h in needed)
+        request = self.tier_manager.prefetch.remote(self.name, chunk, active, routed)
         try:
-            target = get(request, "the tier manager")
+            target, wanted = get(request, "the tier manager")
         except ServiceUnavailable:
-            return False
-        if target != self.name:
-            self.redirects[context] = target
-            self.store.stats["prefetch_handed_over"] += 1
-        return True
+            return None
+        if target == self.name:
+            return wanted
+        self.redirects[context] = target
+        self.store.stats["prefetch_handed_over"] += 1
+        return []
 
     def prefetch_chunks(self, hashes: list[str]) -> None:
         """Bring these chunks into the pool in the background (the TierManager's choice for

@@ -23,8 +23,9 @@ from kvchunks.service.tiers import Tiers
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.registry import ChunkRegistry
 
-# (activated chunk, the chunks active before it) -> True if another worker took it over.
-HandOver = Callable[[ChunkInfo, list[str]], bool]
+# (activated chunk, the chunks active before it) -> the chunks to bring in here (none: another
+# worker took it over), or None to ask this store's own policy.
+HandOver = Callable[[ChunkInfo, list[str]], list[str] | None]
 
 
 class Prefetcher:
@@ -54,11 +55,10 @@ class Prefetcher:
             self._transfers.submit(run, self._for_activation, chunk, active)
 
     def _for_activation(self, chunk: ChunkInfo, active: list[str]) -> None:
-        if self.hand_over is None or not self.hand_over(chunk, active):
-            self._after_activation(chunk, active)
-
-    def _after_activation(self, chunk: ChunkInfo, active: list[str]) -> None:
-        for needed in [chunk.hash, *self.policy.on_activate(chunk, active)]:
+        wanted = None if self.hand_over is None else self.hand_over(chunk, active)
+        if wanted is None:
+            wanted = [chunk.hash, *self.policy.on_activate(chunk, active)]
+        for needed in wanted:  # in this task, so that waiting for the transfers covers them
             if self._claim(needed):
                 self._prefetch_one(needed)
 
