@@ -14,7 +14,7 @@ import pytest
 import kvchunks.bench
 
 # Each takes --smoke; a new benchmark goes here too (the first test makes sure of it).
-SMOKE_TESTED = ["cluster", "engine", "fidelity", "http_api", "reuse", "soak", "tiers"]
+SMOKE_TESTED = ["cli", "cluster", "engine", "fidelity", "http_api", "reuse", "soak", "tiers"]
 # Ray on loopback, no token file written to ~/.ray, no usage report.
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
