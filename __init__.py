@@ -36,6 +36,7 @@ _LAZY = {
     "ProvenanceTree": "kvchunks.service.provenance",
     "TreeNode": "kvchunks.service.provenance",
     "SamplingParams": "kvchunks.engine.sampling_params",
+    "EngineConfig": "kvchunks.engine.config",
     "connect": "kvchunks.actors.client",
     "Client": "kvchunks.actors.client",
     # The default model's set-up, for the command line (`kvchunks model prepare`).

@@ -51,7 +51,7 @@ class State:
     def _open(self) -> ContextManager:
         from kvchunks import ContextManager
         from kvchunks.cli.model import resolve
-        from kvchunks.engine import EngineConfig
+        from kvchunks import EngineConfig
 
         model = resolve(self.model)  # prepares the default model (with its own progress)
         self.model = str(model)

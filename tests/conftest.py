@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from kvchunks.common import HOME_ENV
 from kvchunks.engine import LLM, EngineConfig
 from kvchunks.engine.checkpoint import prepare_default_model
 
@@ -131,3 +133,15 @@ def make_store(llm, home):
     for store in stores:
         store.close()
     assert llm.block_manager.num_free == llm.block_manager.num_blocks, "pool blocks leaked"
+
+
+@pytest.fixture(autouse=True)
+def _data_dir_env_restored():
+    """`--data-dir` sets KVCHUNKS_HOME for the rest of its process, as a command should; a
+    command run in the test process must not hand it on to the tests after it."""
+    before = os.environ.get(HOME_ENV)
+    yield
+    if before is None:
+        os.environ.pop(HOME_ENV, None)
+    else:
+        os.environ[HOME_ENV] = before

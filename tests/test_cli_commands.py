@@ -202,7 +202,7 @@ def chunk_files_gone_bad(state: State, chunk_hash: str, at: Path) -> dict[Path, 
     bad("truncated.kvc", "truncated").write_bytes(good.read_bytes()[:-100])
     write_kv_file(bad("other-model.kvc", "another model"), k, v, record, "0" * 64)
     write_kv_file(
-        bad("bf16.kvc", "holds bfloat16 KV, expected float32"),
+        bad("bf16.kvc", "computed in bfloat16 and this model runs in float32; run with --dtype"),
         k.bfloat16(),
         v.bfloat16(),
         record,
