@@ -106,7 +106,6 @@ def start(
     """
     # The actor classes import torch and the engine: only the command that starts them pays.
     from kvchunks.actors.registry_actor import RedisProvenance, RegistryActor
-    from kvchunks.actors.router import Router
     from kvchunks.actors.tier_manager import TierManagerActor
     from kvchunks.actors.worker import InferenceWorkerActor
     from kvchunks.policies.budgets import TierBudgets
@@ -127,7 +126,7 @@ def start(
         url = get(registry.redis_url.remote(), "starting the registry")
         policy = make_policy(None, RedisProvenance(url))
         tiers = TierManagerActor.options(name=TIER_MANAGER, max_concurrency=16, **single).remote(
-            registry, stores, TierBudgets.from_env(), policy, Router(registry)
+            registry, list(stores), TierBudgets.from_env(), policy
         )
         started.append(tiers)
         get(tiers.ready.remote(), "starting the tier manager")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import ray
 
-from kvchunks.actors.remote import NAMESPACE, get
+from kvchunks.actors.remote import DISK_STORE, HOST_STORE, NAMESPACE, get, store_name
 from kvchunks.actors.router import Router
 from kvchunks.policies.budgets import TierBudgets
 from kvchunks.policies.lru import LRUBudget
@@ -42,20 +42,23 @@ class TierManager:
     def __init__(
         self,
         registry: ActorHandle,
-        stores: dict[str, NodeStores],  # node id -> that node's stores
+        nodes: list[str],  # the nodes whose stores run under their names (see store_name)
         budgets: TierBudgets,
         policy: PrefetchPolicy,
-        router: Router,
     ):
-        self.registry, self.stores, self.policy, self.router = registry, stores, policy, router
+        # The stores are looked up by name, not passed: Ray keeps the arguments of an actor
+        # that hold actor handles inside other objects in its creator's object store, and
+        # could not restart this actor once `kvchunks serve` has exited.
+        self.registry, self.policy, self.router = registry, policy, Router(registry)
+        self.stores = {node: _stores_of(node) for node in nodes}
         # What each store holds is read back, so that a restarted manager keeps the budgets.
         self.hosts = {
             node: LRUBudget(budgets.cpu_bytes, get(s.host.sizes.remote(), "a host store"))
-            for node, s in stores.items()
+            for node, s in self.stores.items()
         }
         self.disks = {
             node: LRUBudget(budgets.disk_bytes, get(s.disk.sizes.remote(), "a disk store"))
-            for node, s in stores.items()
+            for node, s in self.stores.items()
         }
         self.workers: dict[str, ActorHandle] = {}
         self.stats: Counter[str] = Counter()
@@ -191,6 +194,13 @@ class TierManager:
         if name not in self.workers:
             self.workers[name] = ray.get_actor(name, namespace=NAMESPACE)
         return self.workers[name]
+
+
+def _stores_of(node: str) -> NodeStores:
+    def named(kind: str) -> ActorHandle:
+        return ray.get_actor(store_name(kind, node), namespace=NAMESPACE)
+
+    return NodeStores(named(HOST_STORE), named(DISK_STORE))
 
 
 TierManagerActor = ray.remote(TierManager)

@@ -259,6 +259,7 @@ def test_tier_manager_keeps_each_nodes_host_and_disk_budgets(ray_service, tmp_pa
     from kvchunks.actors.disk_store import DiskStoreActor
     from kvchunks.actors.host_store import HostStoreActor
     from kvchunks.actors.kv_transfer import KVPayload
+    from kvchunks.actors.remote import DISK_STORE, HOST_STORE, NAMESPACE, store_name
     from kvchunks.actors.tier_manager import NodeStores, TierManager
     from kvchunks.policies.budgets import TierBudgets
     from kvchunks.policies.prefetch import Explicit
@@ -269,12 +270,19 @@ def test_tier_manager_keeps_each_nodes_host_and_disk_budgets(ray_service, tmp_pa
 
     one = payload(0).nbytes
     registry = ray_service.service.registry
+
+    def named(kind: str, node: str) -> dict:  # as a service names each node's stores
+        return {"name": store_name(kind, node), "namespace": NAMESPACE}
+
     stores = {
-        node: NodeStores(HostStoreActor.remote(), DiskStoreActor.remote(str(tmp_path / node)))
+        node: NodeStores(
+            HostStoreActor.options(**named(HOST_STORE, node)).remote(),
+            DiskStoreActor.options(**named(DISK_STORE, node)).remote(str(tmp_path / node)),
+        )
         for node in ("node-a", "node-b")
     }
     budgets = TierBudgets(cpu_bytes=2 * one, disk_bytes=1000)
-    manager = TierManager(registry, stores, budgets, Explicit(), Router(registry))
+    manager = TierManager(registry, list(stores), budgets, Explicit())
     x, y, z, q = (c * 64 for c in "1234")
 
     def offload(chunk_hash: str, node: str, seed: int) -> bool:
