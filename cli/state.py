@@ -49,9 +49,8 @@ class State:
         return self._manager
 
     def _open(self) -> ContextManager:
-        from kvchunks import ContextManager
+        from kvchunks import ContextManager, EngineConfig
         from kvchunks.cli.model import resolve
-        from kvchunks import EngineConfig
 
         model = resolve(self.model)  # prepares the default model (with its own progress)
         self.model = str(model)
