@@ -144,11 +144,6 @@ class ContextManager(OutputTracking, Catalog):
         head, tail = self.store.maker.split(chunk, at)
         return self._view(head.hash), self._view(tail.hash)
 
-    def activate_chunk(self, ref: str) -> ChunkInfo:
-        """The catalog's activation, refusing a chunk computed in another dtype."""
-        self.store.model.check_dtype([self.registry.find(ref)])
-        return super().activate_chunk(ref)
-
     def populate(self, ref: str) -> ChunkInfo:
         """Bring the chunk's KV into the pool now (from its file, or recomputed)."""
         return self.move_to_gpu(ref)
