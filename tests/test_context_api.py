@@ -335,3 +335,28 @@ def test_chunks_computed_after_a_deleted_chunk_keep_working(make_cm):
     kv_path(cm.store.home, g.output_chunk.hash).unlink()
     with pytest.raises(ChunkNotFound, match="cannot be rebuilt"):
         cm.populate(g.output_chunk.hash)
+
+
+def test_an_activate_and_deactivate_pair_takes_three_registry_round_trips(make_store, monkeypatch):
+    """Toggling is on every request's path: the chunk and the active list are read in one
+    round trip, the activation is one script, the deactivation one pipeline."""
+    import redis.connection
+
+    from kvchunks.service.context_manager import ContextManager
+
+    cm = ContextManager(store=make_store(prefetch_policy="explicit"))
+    doc = cm.add_chunk(DOC)
+    cm.activate_chunk(doc.hash)
+    cm.deactivate_chunk(doc.hash)  # scripts registered, connections open
+    sent = []
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def counted(self, command, *args, **kwargs):
+        if threading.current_thread() is threading.main_thread():  # not a background prefetch
+            sent.append(command)
+        return original(self, command, *args, **kwargs)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
+    assert cm.activate_chunk(doc.hash).is_active
+    assert not cm.deactivate_chunk(doc.hash).is_active
+    assert len(sent) == 3
