@@ -4,9 +4,10 @@ node's host memory and disk may hold, and which worker prefetches for an activat
 Each node has a HostStore and a DiskStore (`NodeStores`). The manager keeps their budgets:
 a worker's evicted KV goes to its own node's HostStore, least recently used out first; a new
 KV file is admitted to its node's disk only within the disk budget (a file is a chunk's only
-durable copy of its KV, so a full disk refuses rather than drops one). It runs the prefetch
-policy for every activation, so that what it learns spans the cluster, and sends the
-prefetch to the worker the router picks.
+durable copy of its KV, so a full disk refuses rather than drops one). For a routed
+activation whose chunks are not all on the worker that took it, it runs the prefetch policy
+and sends the prefetch to the worker the router picks; the other activations prefetch where
+they were made, by that worker's policy, with no call here.
 
 KV travels as KVPayload objects through Ray's object store. The manager only decides where a
 copy comes from and hands back the object ref; the bytes go from the source straight to
@@ -151,17 +152,15 @@ class TierManager:
     # -- prefetch -----------------------------------------------------------------------------
 
     def prefetch(
-        self, requester: str, chunk: ChunkInfo, active: list[str], routed: bool
+        self, requester: str, chunk: ChunkInfo, active: list[str]
     ) -> tuple[str, list[str]]:
-        """Run the prefetch policy for an activation made through `requester`, and choose
-        the worker that brings in the chunk and the policy's picks: the one the router picks
-        for the context's chunks (with `routed`), else the requester. Returns that worker
-        and the picks; the requester brings them in itself, another worker is told here."""
-        with self.lock:  # a policy may learn from every activation (co-activation)
+        """Run the prefetch policy for a routed activation made through `requester`, and
+        choose the worker that brings in the chunk and the policy's picks: the one the
+        router picks for the context's chunks. Returns that worker and the picks; the
+        requester brings them in itself, another worker is told here."""
+        with self.lock:  # a policy may learn from every activation it sees (co-activation)
             wanted = [chunk.hash, *self.policy.on_activate(chunk, active)]
-        target = requester
-        if routed:
-            target = self.router.pick_for([*active, *owner_hashes(chunk)])
+        target = self.router.pick_for([*active, *owner_hashes(chunk)])
         if target != requester:
             get(self._worker(target).prefetch_chunks.remote(wanted), "a prefetch")
             self.stats["prefetch_sent"] += 1

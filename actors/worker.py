@@ -225,15 +225,17 @@ class InferenceWorker:
         return KVPayload.from_tensors(*host) if host is not None else None
 
     def _hand_over(self, chunk: ChunkInfo, active: list[str]) -> list[str] | None:
-        """Have the TierManager run the prefetch policy for an activation and choose where
-        it runs: for a routed call (see `call`) the worker that the router picks, unless all
-        the context's chunks are here already; else here. Returns what to bring in here
-        (none: another worker took it), or None, to use the store's own policy, if the
-        TierManager cannot be asked."""
+        """For a routed call (see `call`) whose context's chunks are not all here, have the
+        TierManager run the prefetch policy and send the prefetch to the worker the router
+        picks. Returns what to bring in here (none: another worker took it), or None: this
+        store's own policy prefetches here (a pinned call, all chunks here, or no
+        TierManager). Asking the TierManager for every activation cost a quarter of the
+        service's throughput under load (bench/soak.py)."""
         context = ROUTED_CONTEXT.get()
         needed = [*active, *owner_hashes(chunk)]
-        routed = context is not None and not all(h in self.store.tiers.kv for h in needed)
-        request = self.tier_manager.prefetch.remote(self.name, chunk, active, routed)
+        if context is None or all(h in self.store.tiers.kv for h in needed):
+            return None
+        request = self.tier_manager.prefetch.remote(self.name, chunk, active)
         try:
             target, wanted = get(request, "the tier manager")
         except ServiceUnavailable:
