@@ -26,14 +26,14 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-class LocalBackend:
-    """ContextManagers over one ChunkStore in this process."""
+class _OnePerContext:
+    """One API object per context, made on first use by the root's `with_context` and kept:
+    it holds what the registry does not (the last generation's figures, output trackers,
+    and for a Client the worker where the context's KV gathers)."""
 
-    def __init__(self, manager):  # a ContextManager; its store is shared by every context
-        self.root = manager
-        self.store = manager.store
-        self.model_name = self.store.model.path.name
-        self._managers = {manager.context_name: manager}
+    def __init__(self, root):  # a ContextManager or a Client
+        self.root = root
+        self._managers = {root.context_name: root}
         self._lock = threading.Lock()
 
     def manager(self, context: str):
@@ -41,6 +41,18 @@ class LocalBackend:
             if context not in self._managers:
                 self._managers[context] = self.root.with_context(context)
             return self._managers[context]
+
+    def close(self) -> None:
+        self.root.close()
+
+
+class LocalBackend(_OnePerContext):
+    """ContextManagers over one ChunkStore in this process."""
+
+    def __init__(self, manager):  # a ContextManager; its store is shared by every context
+        super().__init__(manager)
+        self.store = manager.store
+        self.model_name = self.store.model.path.name
 
     def usage(self) -> dict:
         store = self.store
@@ -57,24 +69,13 @@ class LocalBackend:
     def contexts(self) -> list[str]:
         return self.root.registry.contexts()
 
-    def close(self) -> None:
-        self.root.close()
 
-
-class ClusterBackend:
+class ClusterBackend(_OnePerContext):
     """Clients of the kvchunks service on a Ray cluster."""
 
     def __init__(self, client):  # a kvchunks Client
-        self.root = client
+        super().__init__(client)
         self.model_name = "kvchunks"
-        self._clients = {client.context_name: client}
-        self._lock = threading.Lock()
-
-    def manager(self, context: str):
-        with self._lock:
-            if context not in self._clients:
-                self._clients[context] = self.root.with_context(context)
-            return self._clients[context]
 
     def usage(self) -> dict:
         from kvchunks.actors import service
@@ -102,6 +103,3 @@ class ClusterBackend:
 
         registry = service.attach().registry
         return service.get(registry.call.remote("contexts"), "the registry")
-
-    def close(self) -> None:
-        self.root.close()
