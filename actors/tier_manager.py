@@ -52,14 +52,17 @@ class TierManager:
         # could not restart this actor once `kvchunks serve` has exited.
         self.registry, self.policy, self.router = registry, policy, Router(registry)
         self.stores = {node: _stores_of(node) for node in nodes}
-        # What each store holds is read back, so that a restarted manager keeps the budgets.
+        # What each store holds is read back, so that a restarted manager keeps the budgets;
+        # every store is asked at once, not one after another.
+        host_sizes = {node: s.host.sizes.remote() for node, s in self.stores.items()}
+        disk_sizes = {node: s.disk.sizes.remote() for node, s in self.stores.items()}
         self.hosts = {
-            node: LRUBudget(budgets.cpu_bytes, get(s.host.sizes.remote(), "a host store"))
-            for node, s in self.stores.items()
+            node: LRUBudget(budgets.cpu_bytes, get(sizes, "a host store"))
+            for node, sizes in host_sizes.items()
         }
         self.disks = {
-            node: LRUBudget(budgets.disk_bytes, get(s.disk.sizes.remote(), "a disk store"))
-            for node, s in self.stores.items()
+            node: LRUBudget(budgets.disk_bytes, get(sizes, "a disk store"))
+            for node, sizes in disk_sizes.items()
         }
         self.workers: dict[str, ActorHandle] = {}
         self.stats: Counter[str] = Counter()
