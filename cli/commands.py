@@ -56,7 +56,8 @@ LARGE_FILE = 16 << 10  # bytes; loading a bigger file shows a progress bar
     "split_tokens",
     type=click.IntRange(min=1),
     metavar="N",
-    help="Make one chunk per N tokens (for a file longer than the context window).",
+    help="Cut the text into chunks of at most N tokens, at paragraph ends, else sentence "
+    "ends (for a file longer than the context window).",
 )
 @json_option
 @pass_state

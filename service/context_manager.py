@@ -16,6 +16,7 @@ from kvchunks.service.conversation import checked_messages, message_chunks
 from kvchunks.service.generation import GenerationResult, Request
 from kvchunks.service.output_tracking import OutputTracker, OutputTracking
 from kvchunks.service.pieces import spans_of
+from kvchunks.service.text_parts import split_text
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.vocabulary import check_tag
 
@@ -95,7 +96,9 @@ class ContextManager(OutputTracking, Catalog):
         tags: list[str] | None = None,
         split_tokens: int | None = None,
     ) -> ChunkInfo | list[ChunkInfo]:
-        """A chunk of a UTF-8 text file (or several of `split_tokens` tokens each)."""
+        """A chunk of a UTF-8 text file, or with `split_tokens` several: the text cut into
+        parts of at most that many tokens, at paragraph ends where they fit, else at sentence
+        ends (see text_parts). Each part is the standalone chunk of its text."""
         text = read_text_file(path)
         meta = {"source": str(Path(path).resolve())}
         if split_tokens is None:
@@ -103,8 +106,9 @@ class ContextManager(OutputTracking, Catalog):
         if split_tokens < 1:
             raise InvalidInput("split_tokens must be a positive number of tokens")
         tok = self.store.model.tokenizer
-        ids = tok.encode(text, add_special_tokens=False)
-        parts = [tok.decode(ids[i : i + split_tokens]) for i in range(0, len(ids), split_tokens)]
+        parts = split_text(
+            text, split_tokens, lambda t: len(tok.encode(t, add_special_tokens=False))
+        )
         return [
             self.add_chunk(part, role, tags, metadata={**meta, "part": i, "parts": len(parts)})
             for i, part in enumerate(parts)
