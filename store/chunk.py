@@ -11,6 +11,7 @@ a view is made.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import time
 from dataclasses import dataclass, field, fields
@@ -29,6 +30,13 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 def is_hash(value: object) -> bool:
     """Whether `value` is a full chunk hash: 64 lowercase hex digits."""
     return isinstance(value, str) and _HEX64.fullmatch(value) is not None
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    """A record class's field names, found once: `fields()` walks the class on every call,
+    and records are copied on every read."""
+    return tuple(f.name for f in fields(cls))
 
 
 @dataclass(frozen=True)
@@ -92,12 +100,11 @@ class ChunkRecord:
     def copy(self) -> Self:
         """A copy with lists and dicts of its own, made without checking the fields again."""
         twin = copy.copy(self)
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for name in _field_names(type(self)):
+            value = getattr(self, name)
             if isinstance(value, list | dict):
-                setattr(
-                    twin, f.name, list(value) if isinstance(value, list) else copy.deepcopy(value)
-                )
+                own = list(value) if isinstance(value, list) else copy.deepcopy(value)
+                setattr(twin, name, own)
         return twin
 
     @property
