@@ -97,7 +97,7 @@ class EngineConfig:
             raise InvalidInput(f"block_size must be >= 1, got {self.block_size}")
         if self.dtype not in DTYPES:
             raise InvalidInput(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
-        if self.attention_backend not in ("auto", "torch", "flash-attn"):
+        if self.attention_backend not in ("auto", "torch", "flex", "flash-attn"):
             raise InvalidInput(f"unknown attention backend {self.attention_backend!r}")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"

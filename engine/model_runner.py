@@ -16,6 +16,7 @@ from kvchunks.engine.attention import (
 )
 from kvchunks.engine.config import EngineConfig, ModelConfig
 from kvchunks.engine.flash_attention import FlashAttention, flash_attn_available
+from kvchunks.engine.flex_attention import FlexAttention
 from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.engine.model import CausalLM, load_weights
 from kvchunks.engine.rotary import cos_sin, inverse_frequencies
@@ -59,8 +60,11 @@ class ModelRunner:
                 "the flash-attn backend needs CUDA, float16/bfloat16 and `pip install "
                 "kvchunks[cuda]`; use attention_backend='torch' or 'auto'"
             )
-        if choice != "torch" and usable:
+        if choice in ("auto", "flash-attn") and usable:
             return FlashAttention(self.kv_cache)
+        on_cuda = self.device.type == "cuda"
+        if choice == "flex" or (choice == "auto" and on_cuda):
+            return FlexAttention(self.kv_cache, compiled=on_cuda)
         return TorchAttention(self.kv_cache)
 
     def block_bytes(self) -> int:

@@ -1,0 +1,147 @@
+"""The FlexAttention backend on CPU (eager) against the torch backend, the reference path:
+segments that start and end inside blocks, shared blocks, RoPE-shifted segments, prefill
+and batched decode; and its block lists against its own mask, which the compiled kernels
+on CUDA rely on (eager FlexAttention evaluates the mask everywhere and ignores them)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_engine_reference import random_tokens
+
+from kvchunks.engine import LLM, EngineConfig, SamplingParams
+from kvchunks.engine.attention import SequenceAttention, TorchAttention
+from kvchunks.engine.flex_attention import QUERY_TILE, FlexAttention, build_plan
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_checkpoint):
+    """The same small random-weight model on both backends, with a pool of 48 small blocks
+    (eager FlexAttention's cost grows with the pool)."""
+    folder = tiny_checkpoint("llama")
+    config = dict(num_blocks=48, block_size=BLOCK)
+    flex = LLM(folder, EngineConfig(attention_backend="flex", **config))
+    torch_ = LLM(folder, EngineConfig(attention_backend="torch", **config))
+    assert isinstance(flex.runner.backend, FlexAttention)
+    return flex, torch_
+
+
+def prefill_steps(llm: LLM) -> list[torch.Tensor]:
+    """Logits of prefills against stored segments: a continuation inside a block, two parts
+    of one segment with a hole inside a block, and a segment re-placed by a RoPE shift."""
+    a, b, q = random_tokens(45, 1), random_tokens(30, 2), random_tokens(20, 3)
+    ra = llm.prefill(a)
+    rb = llm.prefill(b, context=[ra.segment], continue_after=ra.segment)
+    assert rb.segment.start == 45 % BLOCK
+    holed = [ra.segment.sub(0, 7, BLOCK), ra.segment.sub(12, 33, BLOCK), rb.segment]
+    shifted = [ra.segment, dataclasses.replace(rb.segment, shift=-20)]
+    results = [
+        ra,
+        rb,
+        llm.prefill(q, context=holed, position=75, all_logits=True),
+        llm.prefill(q, context=shifted, position=80, all_logits=True),
+    ]
+    for r in results:
+        llm.release(r.segment)
+    return [r.logits for r in results]
+
+
+def test_prefill_over_segments_matches_torch_backend(engines):
+    flex, torch_ = engines
+    for ours, reference in zip(prefill_steps(flex), prefill_steps(torch_), strict=True):
+        assert (ours - reference).abs().max().item() <= 1e-4
+
+
+def decode_batch(llm: LLM) -> list[list[int]]:
+    """Greedy decode of four sequences in one batch, each seeing other segments: none, a
+    whole chunk, pieces of two chunks sharing blocks, and a shifted chunk."""
+    a, b = random_tokens(40, 4), random_tokens(25, 5)
+    ra = llm.prefill(a)
+    rb = llm.prefill(b, position=0)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    contexts = [
+        [],
+        [ra.segment],
+        [ra.segment.sub(3, 20, BLOCK), rb.segment.sub(5, 9, BLOCK)],
+        [ra.segment, dataclasses.replace(rb.segment, shift=40)],
+    ]
+    seqs = [
+        llm.add_request(random_tokens(5 + 3 * i, 10 + i), params, context)
+        for i, context in enumerate(contexts)
+    ]
+    while not all(s.is_finished for s in seqs):
+        llm.step()
+    llm.release(ra.segment)
+    llm.release(rb.segment)
+    return [s.completion_token_ids for s in seqs]
+
+
+def test_batched_decode_matches_torch_backend(engines):
+    flex, torch_ = engines
+    assert decode_batch(flex) == decode_batch(torch_)
+    assert flex.block_manager.num_free == flex.block_manager.num_blocks
+
+
+def test_block_lists_cover_exactly_what_the_mask_shows():
+    """A (query tile, block) is listed iff a real query of the tile sees a slot of it, and
+    listed as full iff every real query sees all of it; the mask shows what the keys say."""
+    sequences = [
+        attention(0, 3, [range(5, 20), range(40, 50), range(60, 70)]),
+        attention(3, 4, [range(33, 36), range(64, 66)]),  # two segments in one block
+        attention(7, 140, [range(100, 120), range(300, 440)]),  # two query tiles
+    ]
+    num_blocks = 32
+    plan = build_plan(sequences, BLOCK, num_blocks)
+    (group,) = plan.groups
+    lq, slots = plan.valid.shape[1], num_blocks * BLOCK
+    b, q, kv = torch.meshgrid(torch.arange(3), torch.arange(lq), torch.arange(slots), indexing="ij")
+    shown = group.mask.mask_mod(b, 0, q, kv)
+    assert torch.equal(shown, expected_visibility(sequences, lq, slots))
+
+    pad = -lq % QUERY_TILE
+    by_block = F.pad(shown, (0, 0, 0, pad)).unflatten(1, (-1, QUERY_TILE))
+    by_block = by_block.unflatten(3, (num_blocks, BLOCK)).transpose(
+        2, 3
+    )  # [b, tile, block, q, slot]
+    real = F.pad(plan.valid, (0, pad)).unflatten(1, (-1, QUERY_TILE))[:, :, None, :, None]
+    needed = by_block.any(-1).any(-1)
+    whole = (by_block | ~real).all(-1).all(-1)
+    partial = listing(group.mask.kv_num_blocks, group.mask.kv_indices, num_blocks)
+    full = listing(group.mask.full_kv_num_blocks, group.mask.full_kv_indices, num_blocks)
+    assert not (partial & full).any()
+    assert torch.equal(partial | full, needed)
+    assert torch.equal(full, needed & whole)
+    assert full.any() and partial.any()
+
+
+def attention(query_start: int, queries: int, keys: list[range]) -> SequenceAttention:
+    slots = torch.cat([torch.arange(r.start, r.stop) for r in keys])
+    return SequenceAttention(query_start, query_start + queries, slots, fresh=False)
+
+
+def expected_visibility(sequences: list[SequenceAttention], lq: int, slots: int) -> torch.Tensor:
+    """[batch, lq, slots]: query j of n sees the keys up to the (T - n + j)-th."""
+    seen = torch.zeros(len(sequences), lq, slots, dtype=torch.bool)
+    for i, s in enumerate(sequences):
+        n, t = s.query_end - s.query_start, s.key_slots.numel()
+        for j in range(n):
+            seen[i, j, s.key_slots[: t - n + j + 1]] = True
+    return seen
+
+
+def listing(counts: torch.Tensor, ids: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """FlexAttention's block lists as [batch, tile, block] bool."""
+    dense = torch.zeros(*counts.shape[::2], num_blocks, dtype=torch.bool)
+    for row, tile in torch.cartesian_prod(*map(torch.arange, counts.shape[::2])).tolist():
+        dense[row, tile, ids[row, 0, tile, : counts[row, 0, tile]].long()] = True
+    return dense
+
+
+def test_auto_keeps_the_torch_backend_on_cpu(tiny_checkpoint):
+    llm = LLM(tiny_checkpoint("llama"), EngineConfig(num_blocks=4, block_size=BLOCK))
+    assert type(llm.runner.backend) is TorchAttention
