@@ -238,12 +238,14 @@ def test_update_changes_only_updatable_fields(reg):
 
 
 def test_records_read_again_are_copies_and_changes_are_seen(reg, redis_client):
-    chunk = make_chunk([5, 6, 7], metadata={"source": "a", "pages": [1, 2]}, tags=["x"])
+    metadata = {"source": "a", "pages": [1, 2], "by": {"name": "n", "at": [{"line": 4}]}}
+    chunk = make_chunk([5, 6, 7], metadata=metadata, tags=["x"])
     reg.put(chunk)
     first = reg.get(chunk.hash)
     first.token_ids.append(8)
     first.tags.append("y")
     first.metadata["pages"].append(3)
+    first.metadata["by"]["at"][0]["line"] = 5
     again = reg.get(chunk.hash)  # parsed before: a copy of that parse, untouched by the above
     assert again == ChunkInfo.view(chunk, "disk") and again is not first
     reg.update(chunk.hash, tags=["z"])  # another writer's change: a new record, parsed anew
