@@ -10,15 +10,15 @@ pool and the context as they were.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from kvchunks.cli import render
+from kvchunks.cli.progress import load_progress
 from kvchunks.cli.shared import (
     hash_argument,
     json_option,
@@ -34,8 +34,6 @@ from kvchunks.vocabulary import MODES, ROLES, TIERS
 
 if TYPE_CHECKING:
     from kvchunks import Catalog, ChunkInfo, GenerationResult
-
-LARGE_FILE = 16 << 10  # bytes; loading a bigger file shows a progress bar
 
 # -- chunks -----------------------------------------------------------------------------------
 
@@ -73,28 +71,24 @@ def load(
     """Load a UTF-8 text FILE as a chunk; its KV is computed now."""
     read_text_file(file)  # a missing, empty or binary file is refused before the model loads
     cm = state.manager
-    with _progress(state, file):
-        made = cm.load_file(file, role=role, tags=list(tags), split_tokens=split_tokens)
+    started = time.time()  # a chunk made before this was stored already: nothing computed
+    with load_progress(state, file) as on_progress:
+        made = cm.load_file(
+            file, role=role, tags=list(tags), split_tokens=split_tokens, on_progress=on_progress
+        )
     chunks = made if isinstance(made, list) else [made]
     if activate:
         chunks = activate_all(cm, [c.hash for c in chunks])
+    stored = [c.created_at < started for c in chunks]
     lines = [
         f"loaded {render.describe(c)}{', active' if c.is_active else ''} from {file}"
-        for c in chunks
+        + (" (already stored: nothing computed)" if old else "")
+        for c, old in zip(chunks, stored, strict=True)
     ]
-    show(state, as_json, [c.to_json() for c in chunks], lines)
-
-
-@contextlib.contextmanager
-def _progress(state: State, file: Path) -> Iterator[None]:
-    size = file.stat().st_size
-    if size < LARGE_FILE or not state.err.is_terminal:
-        yield
-        return
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=state.err, transient=True) as progress:
-        progress.add_task(f"computing the KV of {file.name} ({size >> 10} KiB)", total=None)
-        yield
+    documents = [
+        {**c.to_json(), "already_stored": old} for c, old in zip(chunks, stored, strict=True)
+    ]
+    show(state, as_json, documents, lines)
 
 
 @click.command("list")

@@ -20,6 +20,9 @@ from kvchunks.service.text_parts import split_text
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.vocabulary import check_tag
 
+# Told the tokens done and the total of a long operation, as the work goes on.
+OnProgress = Callable[[int, int], None]
+
 
 class ContextManager(OutputTracking, Catalog):
     """Chunks, one named activation set over them, and generation with that set.
@@ -76,18 +79,10 @@ class ContextManager(OutputTracking, Catalog):
         metadata: dict | None = None,
     ) -> ChunkInfo:
         """A standalone chunk of `text`, framed as a `role` turn; its KV is computed now."""
-        if not isinstance(text, str) or not text.strip():
-            raise InvalidInput("empty text: nothing to make a chunk of")
-        tokens = self.store.model.chat.frame(role, text)
-        self._check_fits(len(tokens))
+        tokens = self._framed(text, role)
+        self._check_fits(len(tokens), "split the text into several chunks")
         tags = [check_tag(t) for t in tags or []]
-        meta = {"source": "text", **(metadata or {})}
-        chunk, _ = self.store.maker.compute(
-            tokens, [], "reuse", role=role, kind="input", text=text, metadata=meta
-        )
-        for tag in tags:
-            chunk = self.registry.add_tag(chunk.hash, tag)
-        return self._view(chunk.hash)
+        return self._add_framed(tokens, text, role, tags, {"source": "text", **(metadata or {})})
 
     def load_file(
         self,
@@ -95,24 +90,54 @@ class ContextManager(OutputTracking, Catalog):
         role: str = "system",
         tags: list[str] | None = None,
         split_tokens: int | None = None,
+        on_progress: OnProgress | None = None,
     ) -> ChunkInfo | list[ChunkInfo]:
         """A chunk of a UTF-8 text file, or with `split_tokens` several: the text cut into
         parts of at most that many tokens, at paragraph ends where they fit, else at sentence
-        ends (see text_parts). Each part is the standalone chunk of its text."""
+        ends (see text_parts). Each part is the standalone chunk of its text.
+
+        `on_progress(done, total)` is told the tokens computed (or found stored) so far, out
+        of the file's: 0 before the first part, then after each. Nothing is computed unless
+        every part fits the context window."""
         text = read_text_file(path)
-        meta = {"source": str(Path(path).resolve())}
-        if split_tokens is None:
-            return self.add_chunk(text, role, tags, metadata=meta)
-        if split_tokens < 1:
+        if split_tokens is not None and split_tokens < 1:
             raise InvalidInput("split_tokens must be a positive number of tokens")
+        tags = [check_tag(t) for t in tags or []]
+        parts = [text] if split_tokens is None else self._split(text, split_tokens)
+        framed = [self._framed(part, role) for part in parts]
+        too_long = "load it in parts of at most N tokens with --split N (split_tokens=N)"
+        if split_tokens is not None:
+            too_long = f"give --split a number smaller than {split_tokens}"
+        self._check_fits(max(map(len, framed)), too_long)
+        source = {"source": str(Path(path).resolve())}
+        made, done, total = [], 0, sum(map(len, framed))
+        report = on_progress or (lambda done, total: None)
+        report(0, total)
+        for i, (part, tokens) in enumerate(zip(parts, framed, strict=True)):
+            numbered = {} if split_tokens is None else {"part": i, "parts": len(parts)}
+            made.append(self._add_framed(tokens, part, role, tags, source | numbered))
+            done += len(tokens)
+            report(done, total)
+        return made if split_tokens is not None else made[0]
+
+    def _split(self, text: str, max_tokens: int) -> list[str]:
         tok = self.store.model.tokenizer
-        parts = split_text(
-            text, split_tokens, lambda t: len(tok.encode(t, add_special_tokens=False))
+        return split_text(text, max_tokens, lambda t: len(tok.encode(t, add_special_tokens=False)))
+
+    def _framed(self, text: str, role: str) -> list[int]:
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInput("empty text: nothing to make a chunk of")
+        return self.store.model.chat.frame(role, text)
+
+    def _add_framed(
+        self, tokens: list[int], text: str, role: str, tags: list[str], meta: dict
+    ) -> ChunkInfo:
+        chunk, _ = self.store.maker.compute(
+            tokens, [], "reuse", role=role, kind="input", text=text, metadata=meta
         )
-        return [
-            self.add_chunk(part, role, tags, metadata={**meta, "part": i, "parts": len(parts)})
-            for i, part in enumerate(parts)
-        ]
+        for tag in tags:
+            chunk = self.registry.add_tag(chunk.hash, tag)
+        return self._view(chunk.hash)
 
     def stats(self) -> dict:
         """Pool usage, chunks per tier, the store's counters and the last generation's speed."""
@@ -293,12 +318,13 @@ class ContextManager(OutputTracking, Catalog):
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _check_fits(self, tokens: int) -> None:
+    def _check_fits(
+        self, tokens: int, remedy: str = "deactivate chunks or lower max_tokens"
+    ) -> None:
         window = self.store.model.window
         if tokens > window:
             raise ContextWindowExceeded(
-                f"{tokens} tokens exceed the context window of {window}; deactivate "
-                "chunks, lower max_tokens, or split the text"
+                f"{tokens} tokens exceed the context window of {window}; {remedy}"
             )
 
 

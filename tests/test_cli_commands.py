@@ -3,6 +3,7 @@ loads once): --json documents, and bad inputs that give one line, exit 1 and cha
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from kv_files import raw_header, with_record, write_raw
+from rich.console import Console
 
+from kvchunks.cli import progress
 from kvchunks.cli.main import cli
 from kvchunks.cli.state import State
 from kvchunks.store.chunk import ChunkInfo
@@ -127,10 +130,36 @@ def test_move_populate_mode_auto_clear(state):
     assert as_json(state, "context")["recompute"] is None
     assert kvchunks(state, "auto", "on").stdout == "auto-activate: on\n"
     assert as_json(state, "context")["auto_activate"] is True
+    answer = as_json(state, "generate", "Say hi.", "--max-tokens", "4")
+    assert answer["prompt_chunk"]["is_active"] and answer["output_chunk"]["is_active"]
     kvchunks(state, "auto", "off")
-    assert "deactivated 1 chunk(s)" in kvchunks(state, "clear").stdout
+    assert "deactivated 3 chunk(s)" in kvchunks(state, "clear").stdout
     assert as_json(state, "context")["chunks"] == []
     assert "activated" in kvchunks(state, "activate", h).stdout
+
+
+def test_loading_a_stored_file_again_says_so(state, tmp_path):
+    note = tmp_path / "again.txt"
+    note.write_text("The ferry leaves at nine.\n")
+    [first] = as_json(state, "load", str(note))
+    assert first["already_stored"] is False
+    [second] = as_json(state, "load", str(note))
+    assert second["already_stored"] is True and second["hash"] == first["hash"]
+    line = kvchunks(state, "load", str(note)).stdout
+    assert line.startswith(f"loaded {first['hash'][:12]}") and "already stored" in line
+
+
+def test_a_long_load_shows_tokens_done_total_and_rate(state, tmp_path, monkeypatch):
+    monkeypatch.setattr(progress, "LARGE_FILE", 0)  # every file counts as large here
+    monkeypatch.setattr(
+        state, "err", Console(file=io.StringIO(), force_terminal=True, color_system=None, width=160)
+    )
+    text = tmp_path / "parts.txt"
+    text.write_text("".join(f"Paragraph {i} is about the harbour.\n\n" for i in range(6)))
+    parts = as_json(state, "load", str(text), "--split", "12")
+    total = sum(p["token_count"] for p in parts)
+    drawn = state.err.file.getvalue()
+    assert f"{total}/{total} tokens" in drawn and "100%" in drawn and "tokens/s" in drawn
 
 
 def test_bad_inputs_give_one_line_exit_1_and_change_nothing(state, tmp_path):
@@ -228,7 +257,8 @@ def text_files_gone_bad(at: Path, window: int) -> dict[Path, str]:
         at / "empty.txt": "is empty",
         at / "binary.bin": "looks binary",
         at / "latin1.txt": "is not UTF-8",
-        at / "too-long.txt": "exceed the context window",
+        at / "too-long.txt": "exceed the context window of 8192; load it in parts of at most N "
+        "tokens with --split N",
     }
     (at / "empty.txt").write_text(" \n")
     (at / "binary.bin").write_bytes(b"\x00\x01\x02 abc")

@@ -74,6 +74,16 @@ def test_generation_provenance(make_cm):
     assert g.text and g.output_chunk.text.startswith(g.text.strip()[:5])
 
 
+def test_auto_activate_returns_the_new_chunks_as_active(make_cm):
+    cm = make_cm(auto_activate=True, output_tokens=4)
+    g = cm.generate("Say hi.", GREEDY)
+    made = [g.prompt_chunk, *g.output_chunks]
+    assert len(made) > 2 and all(c.is_active for c in made)  # as they are afterwards
+    assert [c.hash for c in cm.context().chunks] == [c.hash for c in made]
+    document = g.to_json()
+    assert document["prompt_chunk"]["is_active"] and document["output_chunk"]["is_active"]
+
+
 def test_output_granularity_per_n_tokens_and_manual(make_cm):
     cm = make_cm(output_tokens=5)
     g = cm.generate("Count from one to twenty.", SamplingParams(temperature=0, max_tokens=14))

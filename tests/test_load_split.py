@@ -118,6 +118,26 @@ def test_a_split_keeps_paragraphs_whole_where_they_fit(make_cm, tmp_path):
         assert tokens(part.text + first) > limit
 
 
+def test_a_load_reports_the_tokens_of_each_part_once_it_is_stored(make_cm, tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text(notes(120, seed=3))
+    cm = make_cm()
+    seen = []
+
+    def on_progress(done: int, total: int) -> None:
+        seen.append((done, total, len(cm.list_chunks())))
+
+    parts = cm.load_file(path, split_tokens=40, on_progress=on_progress)
+    sizes = [p.token_count for p in parts]
+    assert seen == [(sum(sizes[:i]), sum(sizes), i) for i in range(len(parts) + 1)]
+    seen.clear()
+    whole = cm.load_file(path, on_progress=on_progress)
+    assert seen == [
+        (0, whole.token_count, len(parts)),
+        (whole.token_count,) * 2 + (len(parts) + 1,),
+    ]
+
+
 def test_a_split_never_cuts_a_character(make_cm, tmp_path):
     text = "Le café du port sert un thé 🍵 très chaud; 東京の港には船が多い。 " * 8
     path = tmp_path / "mixed.txt"
@@ -137,7 +157,7 @@ def test_a_file_longer_than_the_window_loads_only_when_split(tiny_checkpoint, tm
         cm = ContextManager(store=store)
         path = tmp_path / "long.txt"
         path.write_text(notes(2000, seed=1))
-        with pytest.raises(ContextWindowExceeded):
+        with pytest.raises(ContextWindowExceeded, match="with --split N"):
             cm.load_file(path)
         assert cm.list_chunks() == []
         parts = cm.load_file(path, split_tokens=1000)
