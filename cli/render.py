@@ -199,6 +199,8 @@ def _chunk_lines(chunks: list[ChunkInfo]) -> str:
 
 
 def _segments(chunk: ChunkInfo) -> str:
+    if not chunk.segments and chunk.tier == "gpu":  # the tier another process recorded
+        return "in the pool of the process that holds it, not in this one's"
     if not chunk.segments:
         return "not in the pool"
     return "\n".join(

@@ -16,7 +16,9 @@ Each part has one role and is handed what it uses:
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from kvchunks.common import CapacityError, DtypeMismatch, data_dir
@@ -134,6 +136,21 @@ class ChunkStore:
                 if not self.tiers.to_disk(owner.hash):
                     self.composer.owned_kv(owner)
                     self.tiers.to_disk(owner.hash)
+
+    @contextlib.contextmanager
+    def put_back_if_interrupted(self) -> Iterator[None]:
+        """Run a computation that makes room in the pool; if it is interrupted (Ctrl-C), the
+        chunks it moved out come back from host memory, so their tiers and records are as
+        before it started. Those that went on to disk stay there, recorded so."""
+        resident = set(self.tiers.kv)
+        try:
+            yield
+        except KeyboardInterrupt:
+            with self.lock:
+                moved_out = [h for h in resident - set(self.tiers.kv) if h in self.host]
+                for chunk in self.registry.get_many(moved_out):
+                    self.tiers.bring_in(chunk)
+            raise
 
     # -- life ---------------------------------------------------------------------------------
 

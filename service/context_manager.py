@@ -132,9 +132,10 @@ class ContextManager(OutputTracking, Catalog):
     def _add_framed(
         self, tokens: list[int], text: str, role: str, tags: list[str], meta: dict
     ) -> ChunkInfo:
-        chunk, _ = self.store.maker.compute(
-            tokens, [], "reuse", role=role, kind="input", text=text, metadata=meta
-        )
+        with self.store.put_back_if_interrupted():
+            chunk, _ = self.store.maker.compute(
+                tokens, [], "reuse", role=role, kind="input", text=text, metadata=meta
+            )
         for tag in tags:
             chunk = self.registry.add_tag(chunk.hash, tag)
         return self._view(chunk.hash)

@@ -41,9 +41,22 @@ class ChunkViews:
                 (tier if tier == "gpu" else self._shared_tier(chunk, pool), segments)
                 for chunk, (tier, segments) in zip(chunks, states, strict=True)
             ]
+        elif self.tiers.model.started and any(tier != "gpu" for tier, _ in states):
+            states = self._as_recorded(chunks, states)
         return [
             ChunkInfo.view(chunk, tier, chunk.is_active, segments)
             for chunk, (tier, segments) in zip(chunks, states, strict=True)
+        ]
+
+    def _as_recorded(self, chunks: list[ChunkInfo], states: list[State]) -> list[State]:
+        """Another process on the same registry may hold KV that this one does not: where
+        this pool is not nearer, a chunk's tier is the one recorded (by this process for
+        the chunks it moved, else by the process that did), so every process and the
+        registry-only commands show the same tier."""
+        recorded = recorded_tiers(self.registry, chunks, self.tiers.records.latest)
+        return [
+            (nearest_tier([tier, elsewhere]), segments)
+            for (tier, segments), elsewhere in zip(states, recorded, strict=True)
         ]
 
     def _shared_tier(self, chunk: ChunkInfo, pool: dict[str, str]) -> str:
