@@ -13,6 +13,7 @@ import pytest
 from test_catalog import model_folder, record
 
 from kvchunks import open_catalog
+from kvchunks.common import DtypeMismatch
 
 HEAVY = ("torch", "transformers", "ray")
 # Runs the command line, then reports on stderr which heavy modules the process imported.
@@ -42,17 +43,22 @@ def stored(tmp_path_factory):
     catalog.close()
 
 
-def kvchunks(stored, *args: str) -> str:
+def kvchunks(stored, *args: str, status: int = 0, env: dict | None = None) -> str:
+    """The command's stdout (with status 0) or its one line of stderr (else)."""
     home, model, _ = stored
     done = subprocess.run(
         [sys.executable, "-c", WRAPPER, "--data-dir", str(home), "--model", str(model), *args],
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200"},
+        env={**os.environ, "NO_COLOR": "1", "COLUMNS": "200", **(env or {})},
     )
-    assert done.returncode == 0, (args, done.stdout, done.stderr)
-    assert done.stderr.splitlines()[-1] == "heavy:", (args, done.stderr)
+    assert done.returncode == status, (args, done.stdout, done.stderr)
+    *lines, heavy = done.stderr.splitlines()
+    assert heavy == "heavy:", (args, done.stderr)
+    if status:
+        assert done.stdout == "" and len(lines) == 1, (args, done.stdout, done.stderr)
+        return lines[0]
     return done.stdout
 
 
@@ -80,3 +86,23 @@ def test_tag_activate_deactivate_context(stored):
     assert "mode: reuse" in kvchunks(stored, "mode", "reuse")
     assert "auto-activate: off" in kvchunks(stored, "auto")
     assert "deactivated 1 chunk(s)" in kvchunks(stored, "clear")
+
+
+def test_activate_refuses_a_chunk_of_another_dtype_as_the_engine_does(stored):
+    home, model, _ = stored
+    half = record([5, 6, 7], text="computed in bfloat16", metadata={"dtype": "bfloat16"})
+    engine_says = DtypeMismatch(f"chunk {half.hash[:12]}", "bfloat16", "float32")
+    with open_catalog(model, home=home) as catalog:
+        catalog.registry.put(half)
+        try:
+            before = catalog.context().chunks
+            refused = kvchunks(stored, "activate", half.hash, status=1)
+            assert refused == f"error: {engine_says}" and catalog.context().chunks == before
+            assert "activated" in kvchunks(stored, "--dtype", "bfloat16", "activate", half.hash)
+            kvchunks(stored, "deactivate", half.hash)
+            assert "activated" in kvchunks(
+                stored, "activate", half.hash, env={"KVCHUNKS_DTYPE": "bfloat16"}
+            )
+            kvchunks(stored, "deactivate", half.hash)
+        finally:
+            catalog.registry.delete(half.hash)
