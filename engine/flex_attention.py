@@ -21,6 +21,7 @@ torch backend, not a fast path (the torch backend stays the CPU default).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,9 @@ from kvchunks.engine.attention import AttentionMetadata, SequenceAttention, Torc
 from kvchunks.engine.rotary import rotate
 
 QUERY_TILE = 128  # FlexAttention's query block
+KERNEL_BLOCK = (
+    128  # the compiled kernels read keys in tiles of this many; a pool block holds whole tiles
+)
 NOT_SEEN = torch.iinfo(torch.int32).max  # rank of a slot the sequence does not see
 
 
@@ -47,9 +51,16 @@ class KeyGroup:
 class FlexPlan:
     """One batch laid out for FlexAttention, built once per step and used by every layer."""
 
-    query_rows: torch.Tensor  # [B, Lq] row of the flat batch for each padded query
-    valid: torch.Tensor  # [B, Lq] which padded queries are real
+    query_rows: torch.Tensor  # [B, Lq] row of each query in the flat batch; padding: N
+    query_rank: torch.Tensor  # [B, Lq] how many keys each query sees, less one; padding: -1
+    table: SlotTable
     groups: list[KeyGroup]
+
+
+def flex_usable(device: str, block_size: int) -> bool:
+    """Whether the backend can run: eagerly on CPU, compiled on CUDA when a pool block is a
+    whole number of the kernels' key tiles."""
+    return not device.startswith("cuda") or block_size % KERNEL_BLOCK == 0
 
 
 class FlexAttention(TorchAttention):
@@ -58,7 +69,7 @@ class FlexAttention(TorchAttention):
     def __init__(self, kv_cache: torch.Tensor, compiled: bool):
         super().__init__(kv_cache)
         self.block_size = kv_cache.shape[3]
-        self.attend = torch.compile(flex_attention) if compiled else flex_attention
+        self.attend = _compiled_flex_attention() if compiled else flex_attention
         self._planned: tuple[AttentionMetadata, FlexPlan] | None = None
 
     def forward(
@@ -67,24 +78,31 @@ class FlexAttention(TorchAttention):
         k_cache, v_cache = self.store(layer, k, v, meta)
         plan = self.plan(meta)
         keys, values = _as_heads(k_cache), _as_heads(v_cache)
-        outs, lses = [], []
-        for group in plan.groups:
-            rows = q if group.cos is None else rotate(q, group.cos, -group.sin)
-            queries = rows[plan.query_rows].transpose(1, 2)  # [B, heads, Lq, head_dim]
-            out, aux = self.attend(
-                queries,
-                keys,
-                values,
-                block_mask=group.mask,
-                enable_gqa=True,
-                return_aux=AuxRequest(lse=True),
-            )
-            outs.append(out)
-            lses.append(aux.lse)
-        merged = outs[0] if len(outs) == 1 else _merge(outs, lses)
+        # Padded queries read and write one row past the batch: no data-dependent shapes, so
+        # a CUDA graph can capture this.
+        q = F.pad(q, (0, 0, 0, 0, 0, 1))
+        if len(plan.groups) == 1:
+            out = self._attend(q, keys, values, plan, plan.groups[0], lse=False)
+        else:
+            parts = [self._attend(q, keys, values, plan, g, lse=True) for g in plan.groups]
+            out = _merge(*zip(*parts, strict=True))
         result = torch.empty_like(q)
-        result[plan.query_rows[plan.valid]] = merged.transpose(1, 2)[plan.valid]
-        return result
+        result[plan.query_rows.flatten()] = out.transpose(1, 2).flatten(0, 1)
+        return result[:-1]
+
+    def _attend(self, q, keys, values, plan: FlexPlan, group: KeyGroup, lse: bool):
+        """One group's attention [B, heads, Lq, head_dim] (and its log-sum-exp with lse)."""
+        rows = q if group.cos is None else rotate(q, group.cos, -group.sin)
+        queries = rows[plan.query_rows].transpose(1, 2)
+        aux = AuxRequest(lse=True) if lse else None
+        out = self.attend(
+            queries, keys, values, block_mask=group.mask, enable_gqa=True, return_aux=aux
+        )
+        return (out[0], out[1].lse) if lse else out
+
+    def use(self, meta: AttentionMetadata, plan: FlexPlan) -> None:
+        """Attend with `plan` for `meta` (a CUDA graph's fixed plan, refilled per replay)."""
+        self._planned = (meta, plan)
 
     def plan(self, meta: AttentionMetadata) -> FlexPlan:
         """The plan of this step's batch, built on the first layer (the cache holds meta
@@ -98,13 +116,19 @@ class FlexAttention(TorchAttention):
         return self.k_slots.shape[1] // self.block_size
 
 
+@functools.cache
+def _compiled_flex_attention():
+    """One compiled FlexAttention for every engine in the process, so they share kernels."""
+    return torch.compile(flex_attention)
+
+
 def _as_heads(cache: torch.Tensor) -> torch.Tensor:
     """A layer's flat slots [slots, kv_heads, D] as FlexAttention's [1, kv_heads, slots, D]
     (a view: the kernel reads the pool where it is)."""
     return cache.unsqueeze(0).transpose(1, 2)
 
 
-def _merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
+def _merge(outs: tuple[torch.Tensor, ...], lses: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Attention over the union of disjoint key groups from each group's output and
     log-sum-exp. A query that sees nothing of a group has lse -inf there and weight 0."""
     lse = torch.stack(lses)  # [G, B, heads, Lq]
@@ -113,8 +137,11 @@ def _merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:
     return total.to(outs[0].dtype)
 
 
-def build_plan(sequences: list[SequenceAttention], block_size: int, num_blocks: int) -> FlexPlan:
-    """Block lists and slot ranks for every (rotation group, sequence) row of the batch."""
+def build_plan(
+    sequences: list[SequenceAttention], block_size: int, num_blocks: int, width: int = 0
+) -> FlexPlan:
+    """Block lists and slot ranks for every (rotation group, sequence) row of the batch,
+    with room for at least `width` blocks per row (a CUDA graph's fixed shape)."""
     device = sequences[0].key_slots.device
     lengths = torch.tensor([s.key_slots.numel() for s in sequences], device=device)
     queries = torch.tensor([s.query_end - s.query_start for s in sequences], device=device)
@@ -124,17 +151,17 @@ def build_plan(sequences: list[SequenceAttention], block_size: int, num_blocks: 
     # Queries are the last of the keys, and each sees the keys up to its own.
     query_rank = torch.where(valid, (lengths - queries)[:, None] + query_at, -1)
     group_of_key, rotations = _rotation_groups(sequences)
+    num_rows = len(rotations) * len(sequences)
     rows = group_of_key * len(sequences) + _owner(lengths)
     slots = torch.cat([s.key_slots for s in sequences])
-    table = _slot_table(
-        rows, slots, _rank(lengths), len(rotations) * len(sequences), block_size, num_blocks
-    )
-    lists = _block_lists(table, *_query_tiles(query_rank, valid, len(rotations)))
+    table = _slot_table(rows, slots, _rank(lengths), num_rows, block_size, num_blocks, width)
+    lists = _block_lists(table, *_query_tiles(query_rank, len(rotations)))
     groups = [
         KeyGroup(_block_mask(table, lists, part, query_rank, block_size), *rotation)
         for part, rotation in zip(_parts(len(sequences), len(rotations)), rotations, strict=True)
     ]
-    return FlexPlan((starts[:, None] + query_at).masked_fill(~valid, 0), valid, groups)
+    query_rows = (starts[:, None] + query_at).masked_fill(~valid, int(queries.sum()))
+    return FlexPlan(query_rows, query_rank, table, groups)
 
 
 def _owner(lengths: torch.Tensor) -> torch.Tensor:
@@ -193,12 +220,14 @@ def _slot_table(
     num_rows: int,
     block_size: int,
     num_blocks: int,
+    width: int,
 ) -> SlotTable:
+    """The table of the keys of every row: `rows`, `slots` and `ranks` give each key's."""
     block, offset = slots // block_size, slots % block_size
     unique, entry = torch.unique(rows * num_blocks + block, return_inverse=True)
     row_of, block_of = unique // num_blocks, unique % num_blocks
     per_row = torch.bincount(row_of, minlength=num_rows)
-    width = int(per_row.max())
+    width = max(int(per_row.max()), width)
     local = torch.arange(len(unique), device=slots.device) - (per_row.cumsum(0) - per_row)[row_of]
     table = torch.full(
         (num_rows, width + 1, block_size), NOT_SEEN, dtype=torch.int32, device=slots.device
@@ -214,14 +243,11 @@ def _slot_table(
     return SlotTable(table, entry_of_block, blocks, listed)
 
 
-def _query_tiles(
-    query_rank: torch.Tensor, valid: torch.Tensor, groups: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _query_tiles(query_rank: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The lowest and highest rank of the real queries in each query tile, per row."""
     pad = -query_rank.shape[1] % QUERY_TILE
     ranks = F.pad(query_rank, (0, pad), value=-1).unflatten(1, (-1, QUERY_TILE))
-    real = F.pad(valid, (0, pad)).unflatten(1, (-1, QUERY_TILE))
-    lowest = ranks.masked_fill(~real, NOT_SEEN).amin(-1)
+    lowest = ranks.masked_fill(ranks < 0, NOT_SEEN).amin(-1)
     return lowest.repeat(groups, 1), ranks.amax(-1).repeat(groups, 1)
 
 
@@ -232,14 +258,16 @@ def _block_lists(table: SlotTable, lowest: torch.Tensor, highest: torch.Tensor) 
     first, last = ranks.amin(-1)[:, None], ranks.amax(-1)[:, None]  # [rows, 1, entries]
     needed = table.listed[:, None] & (first <= highest[..., None])
     full = needed & (last <= lowest[..., None])
-    return _listing(needed & ~full, table.blocks), _listing(full, table.blocks)
+    return _listing(needed & ~full, table), _listing(full, table)
 
 
-def _listing(chosen: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _listing(chosen: torch.Tensor, table: SlotTable) -> tuple[torch.Tensor, torch.Tensor]:
     """chosen [rows, tiles, entries] as FlexAttention's counts [rows, 1, tiles] and block ids
-    [rows, 1, tiles, entries], the chosen ones first."""
+    [rows, 1, tiles, num_blocks], the chosen ones first (the kernels expect a list as long
+    as the key axis has blocks, and read only the first `count` of it)."""
     order = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)
-    ids = blocks[:, None].expand(chosen.shape).gather(-1, order)
+    ids = table.blocks[:, None].expand(chosen.shape).gather(-1, order)
+    ids = F.pad(ids, (0, table.entry_of_block.shape[1] - ids.shape[-1]))
     return chosen.sum(-1, dtype=torch.int32)[:, None], ids[:, None].contiguous()
 
 

@@ -15,8 +15,9 @@ from kvchunks.engine.attention import (
     TorchAttention,
 )
 from kvchunks.engine.config import EngineConfig, ModelConfig
+from kvchunks.engine.cuda_graphs import DecodeGraphs
 from kvchunks.engine.flash_attention import FlashAttention, flash_attn_available
-from kvchunks.engine.flex_attention import FlexAttention
+from kvchunks.engine.flex_attention import KERNEL_BLOCK, FlexAttention, flex_usable
 from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.engine.model import CausalLM, load_weights
 from kvchunks.engine.rotary import cos_sin, inverse_frequencies
@@ -38,10 +39,13 @@ class ModelRunner:
         self.model.prepare_for_decode()
         self.inv_freq = inverse_frequencies(model_config).to(self.device)
         self.num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // self.block_bytes())
+        # On CUDA one block more, beyond the block manager's: decode graphs' padding rows
+        # write their KV there.
+        scratch = 1 if self.device.type == "cuda" else 0
         self.kv_cache = torch.zeros(
             2,
             model_config.num_layers,
-            self.num_blocks,
+            self.num_blocks + scratch,
             self.block_size,
             model_config.num_kv_heads,
             model_config.head_dim,
@@ -49,6 +53,7 @@ class ModelRunner:
             device=self.device,
         )
         self.backend = self._backend()
+        self.graphs = self._decode_graphs()
         # Selective recompute needs an arbitrary visibility mask, which only torch's SDPA takes.
         self.masked_backend = TorchAttention(self.kv_cache)
 
@@ -63,9 +68,29 @@ class ModelRunner:
         if choice in ("auto", "flash-attn") and usable:
             return FlashAttention(self.kv_cache)
         on_cuda = self.device.type == "cuda"
-        if choice == "flex" or (choice == "auto" and on_cuda):
+        flex = flex_usable(self.config.device, self.block_size)
+        if choice == "flex" and not flex:
+            raise InvalidInput(
+                f"the flex backend on CUDA needs a block_size that is a multiple of "
+                f"{KERNEL_BLOCK}; use attention_backend='torch' or another block_size"
+            )
+        if choice == "flex" or (choice == "auto" and on_cuda and flex):
             return FlexAttention(self.kv_cache, compiled=on_cuda)
         return TorchAttention(self.kv_cache)
+
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        """CUDA graphs for decode steps: on the flex backend, whose plan has fixed shapes once
+        padded (the gather backends' keys do not)."""
+        if self.config.enforce_eager or not isinstance(self.backend, FlexAttention):
+            return None
+        if self.device.type != "cuda":
+            return None
+        window = self.model_config.max_position_embeddings
+        # One timeline starting mid-block, in a pool that has room for it.
+        max_entries = min(window // self.block_size + 2, self.num_blocks)
+        max_batch = min(self.config.max_num_seqs, 512)
+        scratch_slot = self.num_blocks * self.block_size
+        return DecodeGraphs(self.model, self.backend, max_batch, max_entries, scratch_slot)
 
     def block_bytes(self) -> int:
         return self.model_config.kv_bytes(self.block_size, self.config.torch_dtype)
@@ -104,7 +129,9 @@ class ModelRunner:
         if decode:
             meta.decode = self._decode_groups(per_seq)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, meta, self.backend)
+        hidden = None if self.graphs is None or all_logits else self.graphs.run(ids, meta)
+        if hidden is None:
+            hidden = self.model(ids, meta, self.backend)
         if not all_logits:
             hidden = hidden[last_rows]  # one row per sequence, in the order given
         return self.model.logits(hidden)

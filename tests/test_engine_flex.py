@@ -14,6 +14,7 @@ from test_engine_reference import random_tokens
 
 from kvchunks.engine import LLM, EngineConfig, SamplingParams
 from kvchunks.engine.attention import SequenceAttention, TorchAttention
+from kvchunks.engine.cuda_graphs import DecodeGraphs
 from kvchunks.engine.flex_attention import QUERY_TILE, FlexAttention, build_plan
 
 BLOCK = 16
@@ -34,17 +35,20 @@ def engines(tiny_checkpoint):
 def prefill_steps(llm: LLM) -> list[torch.Tensor]:
     """Logits of prefills against stored segments: a continuation inside a block, two parts
     of one segment with a hole inside a block, and a segment re-placed by a RoPE shift."""
-    a, b, q = random_tokens(45, 1), random_tokens(30, 2), random_tokens(20, 3)
+    bs = llm.config.block_size
+    a, b, q = random_tokens(3 * bs - 3, 1), random_tokens(2 * bs - 2, 2), random_tokens(20, 3)
     ra = llm.prefill(a)
     rb = llm.prefill(b, context=[ra.segment], continue_after=ra.segment)
-    assert rb.segment.start == 45 % BLOCK
-    holed = [ra.segment.sub(0, 7, BLOCK), ra.segment.sub(12, 33, BLOCK), rb.segment]
+    assert rb.segment.start == len(a) % bs
+    hole = bs // 2
+    holed = [ra.segment.sub(0, hole - 5, bs), ra.segment.sub(hole, len(a) - hole, bs), rb.segment]
     shifted = [ra.segment, dataclasses.replace(rb.segment, shift=-20)]
+    position = len(a) + len(b)
     results = [
         ra,
         rb,
-        llm.prefill(q, context=holed, position=75, all_logits=True),
-        llm.prefill(q, context=shifted, position=80, all_logits=True),
+        llm.prefill(q, context=holed, position=position, all_logits=True),
+        llm.prefill(q, context=shifted, position=position + 5, all_logits=True),
     ]
     for r in results:
         llm.release(r.segment)
@@ -55,36 +59,6 @@ def test_prefill_over_segments_matches_torch_backend(engines):
     flex, torch_ = engines
     for ours, reference in zip(prefill_steps(flex), prefill_steps(torch_), strict=True):
         assert (ours - reference).abs().max().item() <= 1e-4
-
-
-def decode_batch(llm: LLM) -> list[list[int]]:
-    """Greedy decode of four sequences in one batch, each seeing other segments: none, a
-    whole chunk, pieces of two chunks sharing blocks, and a shifted chunk."""
-    a, b = random_tokens(40, 4), random_tokens(25, 5)
-    ra = llm.prefill(a)
-    rb = llm.prefill(b, position=0)
-    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    contexts = [
-        [],
-        [ra.segment],
-        [ra.segment.sub(3, 20, BLOCK), rb.segment.sub(5, 9, BLOCK)],
-        [ra.segment, dataclasses.replace(rb.segment, shift=40)],
-    ]
-    seqs = [
-        llm.add_request(random_tokens(5 + 3 * i, 10 + i), params, context)
-        for i, context in enumerate(contexts)
-    ]
-    while not all(s.is_finished for s in seqs):
-        llm.step()
-    llm.release(ra.segment)
-    llm.release(rb.segment)
-    return [s.completion_token_ids for s in seqs]
-
-
-def test_batched_decode_matches_torch_backend(engines):
-    flex, torch_ = engines
-    assert decode_batch(flex) == decode_batch(torch_)
-    assert flex.block_manager.num_free == flex.block_manager.num_blocks
 
 
 def test_block_lists_cover_exactly_what_the_mask_shows():
@@ -98,7 +72,7 @@ def test_block_lists_cover_exactly_what_the_mask_shows():
     num_blocks = 32
     plan = build_plan(sequences, BLOCK, num_blocks)
     (group,) = plan.groups
-    lq, slots = plan.valid.shape[1], num_blocks * BLOCK
+    lq, slots = plan.query_rank.shape[1], num_blocks * BLOCK
     b, q, kv = torch.meshgrid(torch.arange(3), torch.arange(lq), torch.arange(slots), indexing="ij")
     shown = group.mask.mask_mod(b, 0, q, kv)
     assert torch.equal(shown, expected_visibility(sequences, lq, slots))
@@ -108,7 +82,7 @@ def test_block_lists_cover_exactly_what_the_mask_shows():
     by_block = by_block.unflatten(3, (num_blocks, BLOCK)).transpose(
         2, 3
     )  # [b, tile, block, q, slot]
-    real = F.pad(plan.valid, (0, pad)).unflatten(1, (-1, QUERY_TILE))[:, :, None, :, None]
+    real = F.pad(plan.query_rank >= 0, (0, pad)).unflatten(1, (-1, QUERY_TILE))[:, :, None, :, None]
     needed = by_block.any(-1).any(-1)
     whole = (by_block | ~real).all(-1).all(-1)
     partial = listing(group.mask.kv_num_blocks, group.mask.kv_indices, num_blocks)
@@ -145,3 +119,74 @@ def listing(counts: torch.Tensor, ids: torch.Tensor, num_blocks: int) -> torch.T
 def test_auto_keeps_the_torch_backend_on_cpu(tiny_checkpoint):
     llm = LLM(tiny_checkpoint("llama"), EngineConfig(num_blocks=4, block_size=BLOCK))
     assert type(llm.runner.backend) is TorchAttention
+
+
+class EagerReplay:
+    """Stands in for a CUDA graph on CPU: a replay runs the captured forward again, which
+    reads the same fixed tensors a graph would."""
+
+    def __init__(self, forward):
+        self.forward, self.hidden, self.replays = forward, forward(), 0
+
+    def replay(self) -> None:
+        self.hidden.copy_(self.forward())
+        self.replays += 1
+
+
+class ReplayedGraphs(DecodeGraphs):
+    def _record(self, forward):
+        graph = EagerReplay(forward)
+        return graph, graph.hidden
+
+
+def decode_in_shrinking_batches(llm: LLM) -> list[list[int]]:
+    """Greedy decode of five sequences in one batch, each seeing other segments: nothing,
+    a chunk, pieces of two chunks sharing blocks, a chunk RoPE-shifted after another, and
+    a long chunk. The last two stop first, then one sequence after another: batches of 5,
+    3, 2, 1; with decode graphs, the first (shifted keys) runs eagerly, the others replay
+    graphs of 8 (or 4), 2 and 1 rows."""
+    bs = llm.config.block_size
+    a, b = random_tokens(3 * bs - 3, 6), random_tokens(2 * bs - 2, 7)
+    long = random_tokens(12 * bs + 8, 8)
+    made = [llm.prefill(a), llm.prefill(b, position=0), llm.prefill(long)]
+    ra, rb, rl = (r.segment for r in made)
+    contexts = [
+        [],
+        [ra],
+        [ra.sub(3, bs + 4, bs), rb.sub(5, bs // 2, bs)],
+        [ra, dataclasses.replace(rb, shift=len(a))],
+        [rl],
+    ]
+    lengths = [5, 4, 3, 2, 2]
+    seqs = [
+        llm.add_request(
+            random_tokens(4 + i, 20 + i),
+            SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+            context,
+        )
+        for i, (context, n) in enumerate(zip(contexts, lengths, strict=True))
+    ]
+    while not all(s.is_finished for s in seqs):
+        llm.step()
+    for r in made:
+        llm.release(r.segment)
+    return [s.completion_token_ids for s in seqs]
+
+
+def test_batched_decode_from_graph_inputs_matches_torch_backend(engines, tiny_checkpoint):
+    """Batched decode on flex equals the torch backend, token for token, with decode graphs
+    on: what a graph reads is refilled in place each step (padding rows in a scratch slot,
+    rows of an earlier batch overwritten), and the same graphs serve a second round. On CPU
+    a replay runs the captured forward again on the fixed tensors; the CUDA capture itself
+    runs only on a GPU."""
+    config = EngineConfig(attention_backend="flex", num_blocks=48, block_size=BLOCK)
+    llm = LLM(tiny_checkpoint("llama"), config)
+    (scratch,) = llm.block_manager.allocate(1)
+    runner = llm.runner
+    graphs = ReplayedGraphs(runner.model, runner.backend, 8, 8, scratch * BLOCK)
+    runner.graphs = graphs
+    expected = decode_in_shrinking_batches(engines[1])
+    assert decode_in_shrinking_batches(llm) == expected
+    assert sorted(graphs.captured) == [1, 2, 4]
+    assert decode_in_shrinking_batches(llm) == expected  # the same graphs, new data
+    assert all(c.graph.replays == 2 for c in graphs.captured.values())
