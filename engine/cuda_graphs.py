@@ -63,8 +63,8 @@ class DecodeGraphs:
             return None
         size = next(s for s in self.sizes if s >= n)
         plan = self._plan(meta.sequences + self._padding(n, size))
-        if plan.table.blocks.shape[1] != self.max_entries:
-            return None  # some sequence's keys lie in more blocks than a graph holds
+        if not plan.exact or plan.table.blocks.shape[1] != self.max_entries:
+            return None  # a slot seen twice, or keys in more blocks than a graph holds
         captured = self.captured.get(size) or self._capture(size)
         captured.ids[:n] = ids
         captured.meta.slot_mapping.copy_(

@@ -55,6 +55,9 @@ class FlexPlan:
     query_rank: torch.Tensor  # [B, Lq] how many keys each query sees, less one; padding: -1
     table: SlotTable
     groups: list[KeyGroup]
+    # A slot seen twice by one sequence (a chunk active twice in `reuse`) holds one rank:
+    # such a batch is attended by the gather path, which sees it twice, as it should.
+    exact: bool = True
 
 
 def flex_usable(device: str, block_size: int) -> bool:
@@ -75,8 +78,10 @@ class FlexAttention(TorchAttention):
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        k_cache, v_cache = self.store(layer, k, v, meta)
         plan = self.plan(meta)
+        if not plan.exact:
+            return super().forward(layer, q, k, v, meta)
+        k_cache, v_cache = self.store(layer, k, v, meta)
         keys, values = _as_heads(k_cache), _as_heads(v_cache)
         # Padded queries read and write one row past the batch: no data-dependent shapes, so
         # a CUDA graph can capture this.
@@ -161,7 +166,8 @@ def build_plan(
         for part, rotation in zip(_parts(len(sequences), len(rotations)), rotations, strict=True)
     ]
     query_rows = (starts[:, None] + query_at).masked_fill(~valid, int(queries.sum()))
-    return FlexPlan(query_rows, query_rank, table, groups)
+    exact = int((table.ranks != NOT_SEEN).sum()) == slots.numel()
+    return FlexPlan(query_rows, query_rank, table, groups, exact)
 
 
 def _owner(lengths: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,8 @@ def engines(tiny_checkpoint):
 
 def prefill_steps(llm: LLM) -> list[torch.Tensor]:
     """Logits of prefills against stored segments: a continuation inside a block, two parts
-    of one segment with a hole inside a block, and a segment re-placed by a RoPE shift."""
+    of one segment with a hole inside a block, a segment re-placed by a RoPE shift, and one
+    segment seen twice."""
     bs = llm.config.block_size
     a, b, q = random_tokens(3 * bs - 3, 1), random_tokens(2 * bs - 2, 2), random_tokens(20, 3)
     ra = llm.prefill(a)
@@ -49,6 +50,7 @@ def prefill_steps(llm: LLM) -> list[torch.Tensor]:
         rb,
         llm.prefill(q, context=holed, position=position, all_logits=True),
         llm.prefill(q, context=shifted, position=position + 5, all_logits=True),
+        llm.prefill(q, context=[rb.segment, rb.segment], position=position, all_logits=True),
     ]
     for r in results:
         llm.release(r.segment)
@@ -91,6 +93,11 @@ def test_block_lists_cover_exactly_what_the_mask_shows():
     assert torch.equal(partial | full, needed)
     assert torch.equal(full, needed & whole)
     assert full.any() and partial.any()
+
+
+def test_a_slot_seen_twice_is_left_to_the_gather_path():
+    assert build_plan([attention(0, 1, [range(5, 9), range(9, 12)])], BLOCK, 4).exact
+    assert not build_plan([attention(0, 1, [range(5, 9), range(5, 9)])], BLOCK, 4).exact
 
 
 def attention(query_start: int, queries: int, keys: list[range]) -> SequenceAttention:
