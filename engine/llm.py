@@ -191,7 +191,11 @@ class LLM:
         if continue_after is not None:
             seq.blocks, seq.start = self.block_manager.continue_after(continue_after)
         self._reserve(seq, len(token_ids))
-        logits = self.runner.run([seq], all_logits=all_logits)
+        try:
+            logits = self.runner.run([seq], all_logits=all_logits)
+        except BaseException:  # Ctrl-C, or out of memory: the blocks were nobody's yet
+            self.block_manager.release(seq.blocks)
+            raise
         seq.num_computed = seq.num_tokens
         segment = seq.own_segment()
         self.block_manager.seal(segment)

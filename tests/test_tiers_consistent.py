@@ -34,7 +34,7 @@ def test_an_interrupted_load_leaves_the_other_chunks_where_they_were(
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C while the file's KV is being computed
 
-    monkeypatch.setattr(store.model.llm, "prefill", interrupted)
+    monkeypatch.setattr(store.model.llm.runner, "run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cm.load_file(path)
     assert {h: store.tiers.tier_of(h) for h in notes} == where  # back in the pool
