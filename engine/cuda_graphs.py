@@ -10,8 +10,8 @@ fits it. Padding rows are one-token sequences in a scratch slot of the pool that
 else uses.
 
 A step is replayed when every sequence decodes one token, none attends to a RoPE-shifted
-segment (one key group), and every sequence's keys lie in at most `max_entries` blocks, as
-those of one contiguous timeline do; any other step runs eagerly.
+segment (one key group) or to one slot twice, and every sequence's keys lie in at most
+`max_entries` blocks, as those of one contiguous timeline do; any other step runs eagerly.
 """
 
 from __future__ import annotations

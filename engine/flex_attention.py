@@ -32,9 +32,8 @@ from kvchunks.engine.attention import AttentionMetadata, SequenceAttention, Torc
 from kvchunks.engine.rotary import rotate
 
 QUERY_TILE = 128  # FlexAttention's query block
-KERNEL_BLOCK = (
-    128  # the compiled kernels read keys in tiles of this many; a pool block holds whole tiles
-)
+# The compiled kernels read keys in tiles of this many; a pool block must hold whole tiles.
+KERNEL_BLOCK = 128
 NOT_SEEN = torch.iinfo(torch.int32).max  # rank of a slot the sequence does not see
 
 
@@ -193,13 +192,12 @@ def _rotation_groups(sequences: list[SequenceAttention]) -> tuple[torch.Tensor, 
     shifted = [s.key_cos for s in sequences if s.key_cos is not None]
     if not shifted:
         return torch.zeros(total, dtype=torch.long, device=device), [(None, None)]
-    same = shifted[0][:1, 0]  # [1, head_dim]: the identity for keys kept where they are
+    like = shifted[0][:1, 0]  # [1, head_dim]
+    kept = torch.cat([torch.ones_like(like), torch.zeros_like(like)], dim=-1)  # no rotation
     tables = [
-        torch.cat([s.key_cos, s.key_sin], dim=-1)[:, 0]
-        if s.key_cos is not None
-        else torch.cat([torch.ones_like(same), torch.zeros_like(same)], dim=-1).expand(
-            s.key_slots.numel(), -1
-        )
+        kept.expand(s.key_slots.numel(), -1)
+        if s.key_cos is None
+        else torch.cat([s.key_cos, s.key_sin], dim=-1)[:, 0]
         for s in sequences
     ]
     unique, group_of_key = torch.unique(torch.cat(tables), dim=0, return_inverse=True)
