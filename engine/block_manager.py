@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Hashable, Iterable, Sequence
+from typing import TypeVar
+
 from kvchunks.common import CapacityError
 from kvchunks.engine.kv_segment import KVSegment
+
+Key = TypeVar("Key", bound=Hashable)
 
 
 class BlockManager:
     """Owns the free list of the KV pool.
 
     A block is freed when its reference count drops to zero. Several segments can share a
-    block (a chunk ending mid-block and the chunk that continues it), so each block also
-    records how many of its slots are claimed: a writer may only continue a segment into
-    the rest of its last block if nobody has claimed that rest yet.
+    block (a chunk ending mid-block and the chunk that continues it, or packed chunks), so
+    each block also records how many of its slots are claimed: a writer may only start in
+    the rest of a block if nobody has claimed that rest yet.
+
+    Packing: a standalone chunk's KV (nothing is computed after it in its blocks) starts
+    in the open tail that the last packed segment left, so small chunks fill blocks one
+    after another instead of taking one each. A tail goes to whoever claims it first:
+    packing only ever starts in the tail of a packed segment, never in a timeline's (a
+    prompt's, an answer's: their continuations, `continue_after`, find those free as
+    before), and an answer continuing a standalone prompt still gets the prompt's tail
+    unless another chunk was packed after it meanwhile, in which case it starts a new
+    block. Chunks never move, so the slots of a packed chunk that has gone stay unused
+    until every chunk in the block has gone.
     """
 
     def __init__(self, num_blocks: int, block_size: int):
@@ -23,6 +39,7 @@ class BlockManager:
         # A stack: the blocks freed last are handed out first, while they are still in the
         # caches, and blocks freed together come back in their old order (one run of slots).
         self.free_ids: list[int] = list(range(num_blocks - 1, -1, -1))
+        self.last_packed: KVSegment | None = None  # whose open tail the next packing starts in
 
     @property
     def num_free(self) -> int:
@@ -54,15 +71,20 @@ class BlockManager:
             if self.ref_counts[b] == 0:
                 self.claimed[b] = 0
                 self.free_ids.append(b)
+                if self.last_packed is not None and self.last_packed.blocks[-1] == b:
+                    self.last_packed = None  # the block may come back to a non-packed owner
 
-    def seal(self, segment: KVSegment) -> None:
-        """Give back the unused tail of a finished segment's last block for continuation."""
+    def seal(self, segment: KVSegment, packed: bool = False) -> None:
+        """Give back the unused tail of a finished segment's last block for continuation,
+        or (packed) for the next packed segment."""
         if segment.length and segment.end_slot() % self.block_size:
             self.claimed[segment.blocks[-1]] = segment.end_slot() % self.block_size
+        if packed:
+            self.last_packed = segment
 
-    def _open_tail(self, segment: KVSegment) -> int:
+    def _open_tail(self, segment: KVSegment | None) -> int:
         """Slot offset in the segment's last block where following tokens can go (0: none)."""
-        if not segment.length:
+        if segment is None or not segment.length:
             return 0
         offset = segment.end_slot() % self.block_size
         return offset if offset and self.claimed[segment.blocks[-1]] == offset else 0
@@ -70,13 +92,14 @@ class BlockManager:
     def blocks_to_follow(self, segment: KVSegment | None, num_tokens: int) -> int:
         """New blocks for num_tokens that directly follow segment (continue_after) or start
         afresh (None)."""
-        tail = self._open_tail(segment) if segment is not None else 0
+        tail = self._open_tail(segment)
         return self.blocks_needed(tail, num_tokens) - (1 if tail else 0)
 
-    def continue_after(self, segment: KVSegment) -> tuple[list[int], int]:
+    def continue_after(self, segment: KVSegment | None) -> tuple[list[int], int]:
         """Blocks and start offset for tokens that directly follow `segment` in its last block.
 
-        Returns ([], 0) when that tail is full or already taken: the caller starts a new block.
+        Returns ([], 0) when there is no segment, or its tail is full or already taken: the
+        caller starts a new block.
         """
         offset = self._open_tail(segment)
         if not offset:
@@ -85,3 +108,22 @@ class BlockManager:
         self.claimed[last] = self.block_size
         self.retain([last])
         return [last], offset
+
+    def fewest_to_release(
+        self, candidates: Iterable[tuple[Key, Sequence[KVSegment]]], blocks: int
+    ) -> list[Key] | None:
+        """The shortest prefix of `candidates` (each a key and the segments it holds, in the
+        order they may go) whose release frees `blocks` blocks; None if releasing all of
+        them would not. A block that packed segments share is freed only with the last one,
+        and one that something else holds is never."""
+        chosen: list[Key] = []
+        refs: Counter[int] = Counter()
+        freed = 0
+        for key, segments in candidates:
+            if freed >= blocks:
+                break
+            chosen.append(key)
+            for block in (b for segment in segments for b in segment.blocks):
+                refs[block] += 1
+                freed += refs[block] == self.ref_counts[block]
+        return chosen if freed >= blocks else None

@@ -4,7 +4,7 @@ plus the lower-level calls the chunk store builds on (prefill against stored seg
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Sequence as Seq
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer
 
 from kvchunks.common import CapacityError, ContextWindowExceeded, InvalidInput
-from kvchunks.engine.block_manager import BlockManager
+from kvchunks.engine.block_manager import BlockManager, Key
 from kvchunks.engine.checkpoint import resolve_model
 from kvchunks.engine.config import EngineConfig, ModelConfig
 from kvchunks.engine.kv_segment import KVSegment, slice_segments
@@ -125,16 +125,17 @@ class LLM:
         if continue_after is not None:
             seq.blocks, seq.start = self.block_manager.continue_after(continue_after)
         if reserve:
-            self._reserve(seq, len(token_ids) + params.max_tokens)
+            self._reserve(seq.blocks, seq.start, len(token_ids) + params.max_tokens)
         self.scheduler.add(seq)
         return seq
 
-    def _reserve(self, seq: Sequence, num_tokens: int) -> None:
-        need = self.block_manager.blocks_needed(seq.start, num_tokens) - len(seq.blocks)
+    def _reserve(self, blocks: list[int], start: int, num_tokens: int) -> None:
+        """Grow `blocks` (a claimed tail or nothing) to hold num_tokens from slot `start`."""
+        need = self.block_manager.blocks_needed(start, num_tokens) - len(blocks)
         try:
-            seq.blocks += self.block_manager.allocate(max(need, 0))
+            blocks += self.block_manager.allocate(max(need, 0))
         except CapacityError:
-            self.block_manager.release(seq.blocks)  # the claim on continue_after's block
+            self.block_manager.release(blocks)  # the claim on a tail
             raise
 
     def step(self) -> list[Sequence]:
@@ -178,19 +179,20 @@ class LLM:
         position: int | None = None,
         all_logits: bool = False,
         continue_after: KVSegment | None = None,
+        pack: bool = False,
     ) -> PrefillResult:
         """Compute and keep the KV of token_ids attending to the stored `context` segments.
 
         Positions start at `position` (default: right after the context). The returned
-        segment's blocks belong to the caller.
+        segment's blocks belong to the caller. With pack, the KV may start in a block other
+        packed KV partly fills (for chunks nothing is computed after in their blocks).
         """
         if not token_ids:
             raise InvalidInput("nothing to prefill: empty token list")
         seq = Sequence(token_ids, SamplingParams(temperature=0), context, position, keep_kv=True)
         self._check_window(seq.position + len(token_ids))
-        if continue_after is not None:
-            seq.blocks, seq.start = self.block_manager.continue_after(continue_after)
-        self._reserve(seq, len(token_ids))
+        seq.blocks, seq.start = self.block_manager.continue_after(self._after(continue_after, pack))
+        self._reserve(seq.blocks, seq.start, len(token_ids))
         try:
             logits = self.runner.run([seq], all_logits=all_logits)
         except BaseException:  # Ctrl-C, or out of memory: the blocks were nobody's yet
@@ -198,7 +200,7 @@ class LLM:
             raise
         seq.num_computed = seq.num_tokens
         segment = seq.own_segment()
-        self.block_manager.seal(segment)
+        self.block_manager.seal(segment, packed=pack)
         return PrefillResult(segment, logits)
 
     @torch.inference_mode()
@@ -247,10 +249,23 @@ class LLM:
 
     # -- KV handles: what callers above the engine hold, without block arithmetic ---------
 
-    def blocks_for(self, num_tokens: int, after: KVSegment | None = None) -> int:
-        """New pool blocks that `num_tokens` tokens take: starting afresh, or (after) directly
-        following a segment in the open tail of its last block."""
-        return self.block_manager.blocks_to_follow(after, num_tokens)
+    def blocks_for(
+        self, num_tokens: int, after: KVSegment | None = None, pack: bool = False
+    ) -> int:
+        """New pool blocks that `num_tokens` tokens take: starting afresh, (after) directly
+        following a segment in the open tail of its last block, or packed."""
+        return self.block_manager.blocks_to_follow(self._after(after, pack), num_tokens)
+
+    def _after(self, segment: KVSegment | None, pack: bool) -> KVSegment | None:
+        """Whose open tail new KV starts in: the last packed KV's when packing."""
+        return self.block_manager.last_packed if pack else segment
+
+    def fewest_to_release(
+        self, candidates: Iterable[tuple[Key, Seq[KVSegment]]], blocks: int
+    ) -> list[Key] | None:
+        """The first of `candidates` (a key and the segments it holds, in the order they may
+        go) whose release frees `blocks` pool blocks; None if all of them would not."""
+        return self.block_manager.fewest_to_release(candidates, blocks)
 
     def slice(self, segments: Seq[KVSegment], start: int, length: int) -> list[KVSegment]:
         """Tokens [start, start + length) of the segments' concatenation (no copy, no
@@ -300,17 +315,21 @@ class LLM:
             out.copy_(gathered)
         return out[0], out[1]
 
-    def write_kv(self, k: torch.Tensor, v: torch.Tensor, position: int) -> KVSegment:
-        """Put K and V [layers, tokens, kv_heads, head_dim] into new pool blocks."""
+    def write_kv(
+        self, k: torch.Tensor, v: torch.Tensor, position: int, pack: bool = False
+    ) -> KVSegment:
+        """Put K and V [layers, tokens, kv_heads, head_dim] into new pool blocks (packed: as
+        in `prefill`)."""
         n = k.shape[1]
-        blocks = self.block_manager.allocate(self.block_manager.blocks_needed(0, n))
-        segment = KVSegment(tuple(blocks), 0, n, position)
+        blocks, start = self.block_manager.continue_after(self._after(None, pack))
+        self._reserve(blocks, start, n)
+        segment = KVSegment(tuple(blocks), start, n, position)
         pool, offset = self._flat_pool(), 0
         for first, count in segment.slot_runs(self.config.block_size):
             pool[0, :, first : first + count] = k[:, offset : offset + count]
             pool[1, :, first : first + count] = v[:, offset : offset + count]
             offset += count
-        self.block_manager.seal(segment)
+        self.block_manager.seal(segment, packed=pack)
         return segment
 
     def _flat_pool(self) -> torch.Tensor:

@@ -18,7 +18,7 @@ from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.service.chunk_files import ChunkFiles
 from kvchunks.service.model_host import ModelHost
 from kvchunks.service.pieces import Piece, merged, pieces
-from kvchunks.service.tiers import Composition, Tiers
+from kvchunks.service.tiers import Composition, Tiers, packs
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.hashing import composition_key
 from kvchunks.store.registry import ChunkRegistry
@@ -85,8 +85,10 @@ class Composer:
         with self.tiers.pinning(parents):
             context = self.context_of(parents, *recorded_combination(chunk))
             try:
-                self.tiers.make_room(llm.blocks_for(chunk.token_count))
-                segment = llm.prefill(chunk.token_ids, context.segments, chunk.position).segment
+                self.tiers.make_room_for(chunk.token_count, packs(chunk))
+                segment = llm.prefill(
+                    chunk.token_ids, context.segments, chunk.position, pack=packs(chunk)
+                ).segment
             finally:
                 self.release(context)
         self.files.remove(chunk.hash)  # the damaged file, if any

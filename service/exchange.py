@@ -52,5 +52,5 @@ def import_chunk(store: ChunkStore, path: str | Path) -> str:
         raise InvalidInput(f"{file} does not hold a chunk's own KV")
     if not store.registry.exists(chunk.hash):
         with store.lock:
-            store.maker.register(chunk, [store.tiers.write(k, v, chunk.position)])
+            store.maker.register(chunk, [store.tiers.write(k, v, chunk)])
     return chunk.hash

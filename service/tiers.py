@@ -24,7 +24,7 @@ from kvchunks.service.chunk_files import ChunkFiles
 from kvchunks.service.kv_sources import KVLoader
 from kvchunks.service.model_host import ModelHost
 from kvchunks.service.pieces import owners
-from kvchunks.store.chunk import ChunkInfo
+from kvchunks.store.chunk import ChunkInfo, ChunkRecord
 from kvchunks.store.host_memory import HostMemory
 from kvchunks.store.registry import ChunkRegistry
 from kvchunks.store.tier_records import TierRecords
@@ -41,6 +41,13 @@ class Composition:
 
     segment: KVSegment
     sources: frozenset[str]  # the chunks (owning KV) it was made from
+
+
+def packs(chunk: ChunkRecord) -> bool:
+    """Whether a chunk's KV is packed into blocks other chunks partly fill: a standalone
+    chunk's. A timeline's chunks are not, so that an answer goes on in the last block of
+    its prompt (see BlockManager)."""
+    return chunk.layout == "standalone"
 
 
 class Tiers:
@@ -90,7 +97,7 @@ class Tiers:
                 kv = self.loader.load(chunk)
             if kv is None:
                 return None
-            return self.adopt(chunk.hash, [self.write(*kv, chunk.position)])
+            return self.adopt(chunk.hash, [self.write(*kv, chunk)])
 
     def adopt(
         self, chunk_hash: str, segments: list[KVSegment], record: bool = True
@@ -107,10 +114,10 @@ class Tiers:
                 self.records.record(chunk_hash, "gpu")
             return self.kv[chunk_hash]
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, position: int) -> KVSegment:
-        """New pool blocks holding K and V, made room for within the gpu budget."""
-        self.make_room(self.model.llm.blocks_for(k.shape[1]))
-        return self.model.llm.write_kv(k, v, position)
+    def write(self, k: torch.Tensor, v: torch.Tensor, chunk: ChunkRecord) -> KVSegment:
+        """The chunk's K and V in the pool, made room for within the gpu budget."""
+        self.make_room_for(k.shape[1], packs(chunk))
+        return self.model.llm.write_kv(k, v, chunk.position, packs(chunk))
 
     def free(self, segments: list[KVSegment]) -> None:
         for seg in segments:
@@ -120,26 +127,48 @@ class Tiers:
         self.free(self.kv.pop(chunk_hash, []))
         self.prefetched.discard(chunk_hash)
 
+    def make_room_for(self, num_tokens: int, pack: bool) -> None:
+        """Room for num_tokens new tokens of KV, packed or in new blocks.
+
+        Moving chunks out may free the block a packed chunk would have started in, and then
+        it needs one block more: ask again until the answer stays the same."""
+        need = None
+        while need != (need := self.model.llm.blocks_for(num_tokens, pack=pack)):
+            self.make_room(need)
+
     def make_room(self, blocks: int) -> None:
         """Free pool blocks for `blocks` new ones within the gpu budget, moving the least
-        recently used chunks that nothing needs right now down to the cpu tier."""
-        bm = self.model.llm.block_manager
-        budget = min(self.budgets.gpu_blocks or bm.num_blocks, bm.num_blocks)
-        protected: set[str] | None = None
-        while bm.num_free < blocks or bm.num_blocks - bm.num_free + blocks > budget:
-            protected = self._protected() if protected is None else protected
-            resident = [*self.kv, *self.compositions]
-            victim = next(self.lru.coldest(resident, protected.__contains__), None)
-            if victim is None:
-                raise CapacityError(
-                    f"the gpu tier is full: {blocks} more blocks needed, "
-                    f"{bm.num_free} free, budget {budget} of {bm.num_blocks}; every resident "
-                    "chunk is active or in use (deactivate some, or raise KVCHUNKS_GPU_BLOCKS)"
-                )
+        recently used chunks that nothing needs right now down to the cpu tier.
+
+        Packed chunks share blocks, and a block is free only once all of them are gone, so
+        the chunks to move are chosen first: the fewest least recently used whose leaving
+        frees enough blocks. A pool that cannot make room moves nothing."""
+        llm = self.model.llm
+        pool = llm.pool_usage()
+        budget = min(self.budgets.gpu_blocks or pool["blocks"], pool["blocks"])
+        used = pool["blocks"] - pool["free"]
+        short = max(blocks - pool["free"], used + blocks - budget)
+        if short <= 0:
+            return
+        protected = self._protected()
+        coldest = self.lru.coldest([*self.kv, *self.compositions], protected.__contains__)
+        victims = llm.fewest_to_release(((h, self._pool_kv(h)) for h in coldest), short)
+        if victims is None:
+            raise CapacityError(
+                f"the gpu tier is full: {blocks} more blocks needed, {pool['free']} free, "
+                f"budget {budget} of {pool['blocks']}; the resident chunks that are not "
+                "active or in use do not free enough blocks (deactivate some, or raise "
+                "KVCHUNKS_GPU_BLOCKS)"
+            )
+        for victim in victims:
             if victim in self.compositions:
                 self.drop_composition(victim)
             else:
                 self.demote(victim)
+
+    def _pool_kv(self, key: str) -> list[KVSegment]:
+        """The pool KV of a resident chunk or composition."""
+        return self.kv[key] if key in self.kv else [self.compositions[key].segment]
 
     def _protected(self) -> set[str]:
         active = {h for name in self.registry.contexts() for h in self.registry.active(name)}

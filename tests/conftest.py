@@ -120,6 +120,23 @@ def make_cm(llm, home):
 @pytest.fixture
 def make_store(llm, home):
     """ChunkStores on the session engine with given tier budgets."""
+    yield from _stores_on(llm, home)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_checkpoint) -> LLM:
+    """A small random Llama with 256-token blocks, for tests whose many chunks would make the
+    default model's steps the whole cost."""
+    return LLM(tiny_checkpoint("llama"), EngineConfig(num_blocks=16))
+
+
+@pytest.fixture
+def make_tiny_store(tiny_llm, home):
+    """ChunkStores on the tiny engine with given tier budgets."""
+    yield from _stores_on(tiny_llm, home)
+
+
+def _stores_on(llm: LLM, home: Path):
     from kvchunks.service.chunk_store import ChunkStore
 
     stores = []

@@ -9,6 +9,7 @@ from collections import Counter, OrderedDict
 
 import pytest
 import torch
+from test_packing import note
 
 from kvchunks.common import CapacityError
 from kvchunks.engine import LLM, EngineConfig, SamplingParams
@@ -96,14 +97,13 @@ def test_views_follow_their_sources_before_the_engine_starts(
         store.close()
 
 
-def test_lru_order_under_budgets_with_fifty_chunks(make_store):
-    probe = make_store(at=None)
-    one = ContextManager(store=probe).add_chunk("Item 000 is stored here.")
-    chunk_bytes = sum(t.nbytes for t in probe.model.llm.read_kv(probe.tiers.kv[one.hash]))
-    probe.close()
+def test_lru_order_under_budgets_with_fifty_chunks(make_tiny_store, tiny_llm):
+    # Chunks of one whole block each: packed or not, the gpu budget holds so many chunks.
     gpu_chunks, cpu_chunks = 6, 10
-    budgets = TierBudgets(gpu_blocks=gpu_chunks, cpu_bytes=cpu_chunks * chunk_bytes)
-    store = make_store(budgets=budgets, prefetch_policy="explicit")
+    budgets = TierBudgets(
+        gpu_blocks=gpu_chunks, cpu_bytes=cpu_chunks * tiny_llm.runner.block_bytes()
+    )
+    store = make_tiny_store(budgets=budgets, prefetch_policy="explicit")
     cm = ContextManager(store=store)
     model: OrderedDict[str, None] = OrderedDict()  # the expected recency order
 
@@ -113,7 +113,7 @@ def test_lru_order_under_budgets_with_fifty_chunks(make_store):
 
     made = []
     for i in range(50):
-        made.append(cm.add_chunk(f"Item {i:03d} is stored here.").hash)
+        made.append(cm.add_chunk(note(i, 256), role="raw").hash)
         touch(made[-1])
         if i % 7 == 6:  # use an old chunk again: it becomes the most recent
             old = made[i // 2]
@@ -130,10 +130,10 @@ def test_lru_order_under_budgets_with_fifty_chunks(make_store):
     assert all(kv_path(store.home, h).exists() for h in made)  # nothing is ever dropped
 
 
-def test_active_chunks_are_never_evicted_and_a_full_pool_fails_cleanly(make_store):
-    store = make_store(budgets=TierBudgets(gpu_blocks=3), prefetch_policy="explicit")
+def test_active_chunks_are_never_evicted_and_a_full_pool_fails_cleanly(make_tiny_store):
+    store = make_tiny_store(budgets=TierBudgets(gpu_blocks=3), prefetch_policy="explicit")
     cm = ContextManager(store=store)
-    keep = [cm.add_chunk(f"Pinned fact number {i}.") for i in range(3)]
+    keep = [cm.add_chunk(note(i, 256), role="raw") for i in range(3)]  # a block each
     for c in keep:
         cm.activate_chunk(c.hash)
     before = ([c.hash for c in cm.list_chunks()], set(store.tiers.kv), store.files.used_bytes())
@@ -151,11 +151,11 @@ def test_active_chunks_are_never_evicted_and_a_full_pool_fails_cleanly(make_stor
 
 
 @pytest.mark.parametrize("mode", ["exact", "reuse", "realign"])
-def test_gpu_budget_holds_in_the_middle_of_a_generation(make_store, monkeypatch, mode):
+def test_gpu_budget_holds_in_the_middle_of_a_generation(make_tiny_store, monkeypatch, mode):
     budget = 5  # one block per chunk: two active and three idle fill it
-    store = make_store(budgets=TierBudgets(gpu_blocks=budget), prefetch_policy="explicit")
+    store = make_tiny_store(budgets=TierBudgets(gpu_blocks=budget), prefetch_policy="explicit")
     cm = ContextManager(store=store, mode=mode)
-    a, b, *idle = (cm.add_chunk(f"Fact {i}: the {w} is red.") for i, w in enumerate("abxyz"))
+    a, b, *idle = (cm.add_chunk(note(i, 256), role="raw") for i in range(5))
     for c in (a, b):  # b was not computed after a: exact and realign derive KV for it
         cm.activate_chunk(c.hash)
     bm, used = store.model.llm.block_manager, []
