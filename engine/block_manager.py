@@ -109,6 +109,14 @@ class BlockManager:
         self.retain([last])
         return [last], offset
 
+    def give_back(self, blocks: list[int], start: int) -> None:
+        """Release blocks claimed for KV that was never written (slots from `start` on in
+        the first): a tail they began in is open again, for the next packed chunk or the
+        continuation it was kept for."""
+        if start and self.ref_counts[blocks[0]] > 1:
+            self.claimed[blocks[0]] = start
+        self.release(blocks)
+
     def fewest_to_release(
         self, candidates: Iterable[tuple[Key, Sequence[KVSegment]]], blocks: int
     ) -> list[Key] | None:

@@ -135,7 +135,7 @@ class LLM:
         try:
             blocks += self.block_manager.allocate(max(need, 0))
         except CapacityError:
-            self.block_manager.release(blocks)  # the claim on a tail
+            self.block_manager.give_back(blocks, start)  # the claim on a tail
             raise
 
     def step(self) -> list[Sequence]:
@@ -196,7 +196,7 @@ class LLM:
         try:
             logits = self.runner.run([seq], all_logits=all_logits)
         except BaseException:  # Ctrl-C, or out of memory: the blocks were nobody's yet
-            self.block_manager.release(seq.blocks)
+            self.block_manager.give_back(seq.blocks, seq.start)
             raise
         seq.num_computed = seq.num_tokens
         segment = seq.own_segment()

@@ -141,3 +141,21 @@ def reuse_reference(hf_model, chunks, tail: list[int]) -> torch.Tensor:
     for start, end in mask_spans:
         mask[start:end, :start] = False
     return hf_logits(hf_model, ids, mask=mask, position_ids=positions)
+
+
+def test_a_packed_chunk_that_fails_leaves_its_tail_to_the_next(make_tiny_store, monkeypatch):
+    cm = ContextManager(store=make_tiny_store(prefetch_policy="explicit"))
+    first = cm.add_chunk(note(0, 20), role="raw")
+    runner = cm.store.model.llm.runner
+    run = runner.run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cm.add_chunk(note(1, 20), role="raw")
+    monkeypatch.setattr(runner, "run", run)
+    after = cm.add_chunk(note(2, 20), role="raw")
+    assert after.segments[0].blocks == first.segments[0].blocks
+    assert after.segments[0].start == 20
