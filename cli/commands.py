@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 import click
 
 from kvchunks.cli import render
-from kvchunks.cli.progress import load_progress
 from kvchunks.cli.shared import (
     hash_argument,
     json_option,
@@ -72,6 +71,8 @@ def load(
     read_text_file(file)  # a missing, empty or binary file is refused before the model loads
     cm = state.manager
     started = time.time()  # a chunk made before this was stored already: nothing computed
+    from kvchunks.cli.progress import load_progress  # rich's progress: only loads need it
+
     with load_progress(state, file) as on_progress:
         made = cm.load_file(
             file, role=role, tags=list(tags), split_tokens=split_tokens, on_progress=on_progress

@@ -11,11 +11,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
 from kvchunks.common import InvalidInput
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 
 def resolve(model: str | None) -> Path:
@@ -55,6 +58,9 @@ class StepBar:
 
     def step(self, description: str, done: int, total: int) -> None:
         if self.progress is None or self.task is None:
+            # Imported here: every command imports this module, and only a conversion draws.
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
             quiet_converters()
             columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
             self.progress = Progress(*columns, transient=False)
