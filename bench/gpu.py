@@ -126,7 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None, help="checkpoint folder (default model if unset)")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--backend", default="auto", help="the engine's attention backend")
+    parser.add_argument("--backend", default="flex", help="the engine's attention backend")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=128)

@@ -67,16 +67,16 @@ class ModelRunner:
             )
         if choice in ("auto", "flash-attn") and usable:
             return FlashAttention(self.kv_cache)
-        on_cuda = self.device.type == "cuda"
-        flex = flex_usable(self.config.device, self.block_size)
-        if choice == "flex" and not flex:
+        # `auto` does not take flex: its compiled kernels and decode graphs have not yet run
+        # on a GPU, so it is asked for by name until they have.
+        if choice != "flex":
+            return TorchAttention(self.kv_cache)
+        if not flex_usable(self.config.device, self.block_size):
             raise InvalidInput(
                 f"the flex backend on CUDA needs a block_size that is a multiple of "
                 f"{KERNEL_BLOCK}; use attention_backend='torch' or another block_size"
             )
-        if choice == "flex" or (choice == "auto" and on_cuda and flex):
-            return FlexAttention(self.kv_cache, compiled=on_cuda)
-        return TorchAttention(self.kv_cache)
+        return FlexAttention(self.kv_cache, compiled=self.device.type == "cuda")
 
     def _decode_graphs(self) -> DecodeGraphs | None:
         """CUDA graphs for decode steps: on the flex backend, whose plan has fixed shapes once

@@ -1,5 +1,5 @@
-"""CUDA paths: logits against HF in float32 and bfloat16, the flex backend (the CUDA default)
-against the torch reference path, batching, decode graphs against eager decoding, flash-attn
+"""CUDA paths: logits against HF in float32 and bfloat16, the flex backend against the torch
+reference path, batching, decode graphs against eager decoding, flash-attn
 against torch, and the pinned host tier. Skipped without a CUDA device.
 
 Tolerances: float32 logits within 1e-4 of HF's float32 forward (TF32 off), the design's
@@ -36,8 +36,8 @@ def cuda_engine(model_path, **settings) -> LLM:
 
 @pytest.fixture(scope="module")
 def cuda_llm(model_path):
-    """The CUDA default: flex backend, decode graphs, float32."""
-    llm = cuda_engine(model_path)
+    """The flex backend with decode graphs, float32."""
+    llm = cuda_engine(model_path, attention_backend="flex")
     assert isinstance(llm.runner.backend, FlexAttention) and llm.runner.graphs is not None
     return llm
 
@@ -56,8 +56,9 @@ def test_cuda_logits_match_reference(cuda_llm, torch_llm, hf_model):
         assert (result.logits.cpu() - reference).abs().max().item() <= 1e-4
 
 
-def test_bfloat16_logits_are_close_to_reference(model_path, hf_model):
-    llm = cuda_engine(model_path, dtype="bfloat16")
+@pytest.mark.parametrize("backend", ["torch", "flex"])
+def test_bfloat16_logits_are_close_to_reference(model_path, hf_model, backend):
+    llm = cuda_engine(model_path, dtype="bfloat16", attention_backend=backend)
     ids = random_tokens(300, seed=6)
     reference = hf_logits(hf_model, ids)
     result = llm.prefill(ids, all_logits=True)
@@ -74,7 +75,7 @@ def test_flex_over_segments_matches_torch_backend(cuda_llm, torch_llm):
 
 
 def test_decode_graphs_match_eager_and_torch(cuda_llm, torch_llm, model_path):
-    eager = cuda_engine(model_path, enforce_eager=True)
+    eager = cuda_engine(model_path, attention_backend="flex", enforce_eager=True)
     expected = decode_in_shrinking_batches(torch_llm)
     assert decode_in_shrinking_batches(eager) == expected
     assert decode_in_shrinking_batches(cuda_llm) == expected
