@@ -15,8 +15,11 @@ the same registry, whose engine is not started (what a chat does before its firs
 smallest, `list_chunks` counted per listed chunk.
 
 Records are put into the registry directly (no model computes them; no KV files): the listing
-reads records, never KV. Not measured here: the share of the pool that small chunks fill
-(`packed_fraction`), which belongs with the packing of small chunks into shared blocks.
+reads records, never KV.
+
+Last, `packed_fraction`: how many standalone chunks of 20 tokens the default model's pool,
+held to `--pack-blocks` blocks by the gpu budget, keeps before the first one moves down a
+tier, over the most that its slots could hold (blocks x block size / 20).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from pathlib import Path
 
 from kvchunks.common import HOME_ENV
 from kvchunks.engine.checkpoint import prepare_default_model
+from kvchunks.policies.budgets import TierBudgets
 from kvchunks.service.catalog import Catalog, open_catalog
+from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.context_manager import ContextManager
 from kvchunks.store.chunk import ChunkRecord
 from kvchunks.store.hashing import chunk_hash, content_hash, context_hash, model_fingerprint
@@ -153,16 +158,38 @@ def growth(by_scale: dict[int, dict]) -> dict:
     return {"ratios": ratios, "growth": max(ratios.values())}
 
 
+def packed_fraction(model: Path, home: Path, blocks: int, tokens: int = 20) -> dict:
+    """Standalone chunks of `tokens` tokens added until the first moves out of the pool,
+    held to `blocks` blocks: how many stayed, and their share of what the slots hold."""
+    store = ChunkStore(
+        model, home=home, budgets=TierBudgets(gpu_blocks=blocks), prefetch_policy="explicit"
+    )
+    try:
+        manager = ContextManager(store=store)
+        held = 0
+        while True:
+            manager.add_chunk(f"note {held:0{tokens - 2}d}", role="raw")  # `tokens` tokens
+            if store.stats["evictions"]:
+                break
+            held += 1
+        slots = blocks * store.model.llm.pool_usage()["block_size"]
+    finally:
+        store.close()
+    return {"pack_blocks": blocks, "chunks_held": held, "packed_fraction": held / (slots / tokens)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scales", type=int, nargs="+", default=[100, 1000, 10000])
     parser.add_argument("--list-at", type=int, default=1000, help="chunks stored for list_s")
     parser.add_argument("--runs", type=int, default=5, help="new processes per wall time")
     parser.add_argument("--repeats", type=int, default=50, help="calls per operation cost")
+    parser.add_argument("--pack-blocks", type=int, default=8, help="pool blocks for packing")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
     args = parser.parse_args()
     if args.smoke:
         args.scales, args.list_at, args.runs, args.repeats = [10, 40], 20, 1, 3
+        args.pack_blocks = 1
     rng = random.Random(0)
     model = prepare_default_model()
     home = Path(tempfile.mkdtemp(prefix="bench-cli-"))
@@ -191,6 +218,7 @@ def main() -> None:
         "manager": theirs,
         "manager_growth": growth(theirs)["growth"],
         **growth(ours),
+        **packed_fraction(model, home / "packing", args.pack_blocks),
     }
     print(json.dumps(result))
 
