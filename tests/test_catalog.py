@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -84,6 +85,20 @@ def test_listing_lookup_and_provenance(catalog, chunks):
     catalog.registry.put(twin)
     with pytest.raises(AmbiguousHash):
         catalog.get_chunk(doc.hash[:4])
+
+
+def test_a_listing_pauses_the_garbage_collector_and_leaves_it_as_found(catalog, chunks):
+    seen = []
+    describe = catalog._describe
+    catalog._describe = lambda found: seen.append(gc.isenabled()) or describe(found)
+    assert len(catalog.list_chunks()) == len(chunks) and gc.isenabled()
+    gc.disable()  # turned off by someone else: a listing does not turn it on
+    try:
+        catalog.list_chunks()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert seen == [False, False]
 
 
 def test_a_view_shows_its_furthest_source_tier(catalog, chunks):
