@@ -112,10 +112,13 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def prepare_for_decode(self) -> None:
-        """On CPU, keep a transposed copy of the vocabulary projection: for a handful of rows
-        (decode) reading it row-major is about twice as fast, and it is the largest matmul."""
+        """On CPU in float32, keep a transposed copy of the vocabulary projection: for a
+        handful of rows (decode) reading it row-major is about twice as fast, and it is the
+        largest matmul. Not in bfloat16 or float16: on a CPU without instructions for them,
+        that copy took the slow generic matmul, 35x slower than the plain projection."""
         weight = self.lm_head.weight
-        self.lm_head_t = weight.t().contiguous() if weight.device.type == "cpu" else None
+        fast = weight.device.type == "cpu" and weight.dtype == torch.float32
+        self.lm_head_t = weight.t().contiguous() if fast else None
 
 
 # Checkpoint names that land in a slice of one of our fused weights: (fused name, shard index).
