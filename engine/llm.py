@@ -203,6 +203,11 @@ class LLM:
         self.block_manager.seal(segment, packed=pack)
         return PrefillResult(segment, logits)
 
+    def layer_progress(self, on_layer: Callable[[int, int], None]) -> AbstractContextManager:
+        """`on_layer(done, layers)` after each layer of this thread's passes within the block
+        (see CausalLM.layer_progress)."""
+        return self.runner.model.layer_progress(on_layer)
+
     @torch.inference_mode()
     def place(self, segments: Seq[KVSegment], position: int) -> KVSegment:
         """A copy of the segments' KV in new blocks, as one run of tokens from `position` on.

@@ -3,6 +3,9 @@ bias) and Qwen3 (q/k norm). Projections are fused (qkv, gate_up) for fewer matmu
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -105,6 +108,27 @@ class CausalLM(nn.Module):
         for layer in self.layers:
             x = layer(x, meta, backend)
         return self.norm(x)
+
+    @contextlib.contextmanager
+    def layer_progress(self, on_layer: Callable[[int, int], None]) -> Iterator[None]:
+        """Within the block, `on_layer(done, layers)` after each decoder layer of the forward
+        passes this thread runs: how far one long prefill, a single pass, has gone. Other
+        threads' passes are not counted. (On CUDA a layer counts once its kernels are queued.)"""
+        thread, total = threading.get_ident(), len(self.layers)
+
+        def after(done: int) -> Callable[..., None]:
+            def hook(*_) -> None:
+                if threading.get_ident() == thread:
+                    on_layer(done, total)
+
+            return hook
+
+        handles = [layer.register_forward_hook(after(i + 1)) for i, layer in enumerate(self.layers)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if len(hidden) <= 4 and self.lm_head_t is not None:

@@ -4,6 +4,7 @@ chunks the model sees; generation turns the prompt and the answer into chunks to
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 from kvchunks.common import ContextWindowExceeded, InvalidInput, read_text_file
@@ -97,8 +98,9 @@ class ContextManager(OutputTracking, Catalog):
         ends (see text_parts). Each part is the standalone chunk of its text.
 
         `on_progress(done, total)` is told the tokens computed (or found stored) so far, out
-        of the file's: 0 before the first part, then after each. Nothing is computed unless
-        every part fits the context window."""
+        of the file's: 0 before the first part, after each layer of a part's prefill (a part
+        is one pass: its tokens count in proportion to the layers done), and once each part
+        is stored. Nothing is computed unless every part fits the context window."""
         text = read_text_file(path)
         if split_tokens is not None and split_tokens < 1:
             raise InvalidInput("split_tokens must be a positive number of tokens")
@@ -113,9 +115,12 @@ class ContextManager(OutputTracking, Catalog):
         made, done, total = [], 0, sum(map(len, framed))
         report = on_progress or (lambda done, total: None)
         report(0, total)
+        llm = self.store.model.llm
         for i, (part, tokens) in enumerate(zip(parts, framed, strict=True)):
             numbered = {} if split_tokens is None else {"part": i, "parts": len(parts)}
-            made.append(self._add_framed(tokens, part, role, tags, source | numbered))
+            by_layer = _by_layer(report, done, len(tokens), total)
+            with llm.layer_progress(by_layer) if on_progress else nullcontext():
+                made.append(self._add_framed(tokens, part, role, tags, source | numbered))
             done += len(tokens)
             report(done, total)
         return made if split_tokens is not None else made[0]
@@ -332,3 +337,11 @@ class ContextManager(OutputTracking, Catalog):
 def _params(params: SamplingParams | None) -> SamplingParams:
     """The sampling of a call: as given, else greedy answers of up to 256 tokens."""
     return params or SamplingParams(temperature=0, max_tokens=256)
+
+
+def _by_layer(
+    report: OnProgress, before: int, tokens: int, total: int
+) -> Callable[[int, int], None]:
+    """A layer callback that reports a part of `tokens` tokens after `before` done: in
+    proportion to the layers its one pass has been through."""
+    return lambda layer, layers: report(before + tokens * layer // layers, total)

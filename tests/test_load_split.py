@@ -118,10 +118,11 @@ def test_a_split_keeps_paragraphs_whole_where_they_fit(make_cm, tmp_path):
         assert tokens(part.text + first) > limit
 
 
-def test_a_load_reports_the_tokens_of_each_part_once_it_is_stored(make_cm, tmp_path):
+def test_a_load_reports_each_layer_of_a_part_and_each_part_once_it_is_stored(make_cm, tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text(notes(120, seed=3))
     cm = make_cm()
+    layers = cm.store.model.llm.model_config.num_layers
     seen = []
 
     def on_progress(done: int, total: int) -> None:
@@ -129,13 +130,23 @@ def test_a_load_reports_the_tokens_of_each_part_once_it_is_stored(make_cm, tmp_p
 
     parts = cm.load_file(path, split_tokens=40, on_progress=on_progress)
     sizes = [p.token_count for p in parts]
-    assert seen == [(sum(sizes[:i]), sum(sizes), i) for i in range(len(parts) + 1)]
+    expected = [(0, sum(sizes), 0)]
+    for i, size in enumerate(sizes):  # while a part is computed, it is not stored yet
+        before = sum(sizes[:i])
+        expected += [(before + size * j // layers, sum(sizes), i) for j in range(1, layers + 1)]
+        expected.append((before + size, sum(sizes), i + 1))
+    assert seen == expected
     seen.clear()
     whole = cm.load_file(path, on_progress=on_progress)
+    n, stored = whole.token_count, len(parts)
     assert seen == [
-        (0, whole.token_count, len(parts)),
-        (whole.token_count,) * 2 + (len(parts) + 1,),
+        (0, n, stored),
+        *[(n * j // layers, n, stored) for j in range(1, layers + 1)],
+        (n, n, stored + 1),
     ]
+    seen.clear()
+    cm.load_file(path, on_progress=on_progress)  # stored already: nothing computed
+    assert seen == [(0, n, stored + 1), (n, n, stored + 1)]
 
 
 def test_a_split_never_cuts_a_character(make_cm, tmp_path):
