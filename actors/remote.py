@@ -40,6 +40,7 @@ CONTEXT_METHODS = frozenset(
         "import_chunk",
         "list_chunks",
         "load_file",
+        "move_chunks",
         "move_to_cpu",
         "move_to_gpu",
         "populate",

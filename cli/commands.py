@@ -235,16 +235,19 @@ def populate(state: State, ref: str) -> None:
 
 
 @click.command()
-@hash_argument
+@click.argument("refs", nargs=-1, required=True, metavar="HASH...")
 @click.argument("tier", type=click.Choice(TIERS), metavar="TIER")
 @pass_state
-def move(state: State, ref: str, tier: str) -> None:
-    """Move a chunk's KV to TIER: gpu (the pool), cpu (host memory) or disk."""
-    cm = state.manager
-    moves = {"gpu": cm.move_to_gpu, "cpu": cm.move_to_cpu, "disk": cm.archive_to_disk}
-    moves[tier](ref)
-    chunk = cm.get_chunk(ref)
-    say(state, f"moved {render.short(chunk.hash)} to {chunk.tier}")
+def move(state: State, refs: tuple[str, ...], tier: str) -> None:
+    """Move chunks' KV to TIER: gpu (the pool), cpu (host memory) or disk.
+
+    Several chunks move one after another; in a terminal a bar shows the bytes moved."""
+    from kvchunks.cli.progress import move_progress  # rich's progress: only moves need it
+
+    with move_progress(state, len(refs)) as on_progress:
+        chunks = state.manager.move_chunks(list(refs), tier, on_progress=on_progress)
+    for chunk in chunks:
+        say(state, f"moved {render.short(chunk.hash)} to {chunk.tier}")
 
 
 @click.command()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
@@ -17,6 +19,7 @@ from rich.progress import (
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
+    TransferSpeedColumn,
 )
 from rich.text import Text
 
@@ -35,17 +38,16 @@ class TokenRate(ProgressColumn):
 
 
 @contextlib.contextmanager
-def token_progress(console: Console, description: str) -> Iterator[OnProgress]:
-    """A bar of tokens done, total, percentage, rate and elapsed time on `console`; the
-    callback it yields moves it. It is gone from the screen once the block ends."""
+def _progress(console: Console, description: str, *amount: ProgressColumn) -> Iterator[OnProgress]:
+    """A bar with the `amount` columns (done, total, rate), percentage and elapsed time on
+    `console`; the callback it yields moves it. It is gone from the screen once the block
+    ends."""
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tokens"),
+        *amount,
         TaskProgressColumn(),
-        TokenRate(),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=True) as progress:
@@ -57,6 +59,11 @@ def token_progress(console: Console, description: str) -> Iterator[OnProgress]:
         yield advance
 
 
+def token_progress(console: Console, description: str) -> AbstractContextManager[OnProgress]:
+    """A bar of tokens done, total and tokens per second."""
+    return _progress(console, description, MofNCompleteColumn(), TextColumn("tokens"), TokenRate())
+
+
 @contextlib.contextmanager
 def load_progress(state: State, file: Path) -> Iterator[OnProgress | None]:
     """The bar of `kvchunks load`, for a large file in a terminal (else None). The Ray client
@@ -65,4 +72,16 @@ def load_progress(state: State, file: Path) -> Iterator[OnProgress | None]:
         yield None
         return
     with token_progress(state.err, f"computing the KV of {file.name}") as on_progress:
+        yield on_progress
+
+
+@contextlib.contextmanager
+def move_progress(state: State, chunks: int) -> Iterator[OnProgress | None]:
+    """The bar of `kvchunks move`: bytes of KV moved, total and rate, when several chunks
+    move in a terminal (else None; none on a cluster, as for loads)."""
+    if chunks < 2 or not state.err.is_terminal or state.address:
+        yield None
+        return
+    bar = _progress(state.err, f"moving {chunks} chunks", DownloadColumn(), TransferSpeedColumn())
+    with bar as on_progress:
         yield on_progress

@@ -83,9 +83,7 @@ def tag_chunk(ref: str, body: Tags, request: Request, context: str = "default") 
 
 @router.post("/v1/chunks/{ref}/move")
 def move_chunk(ref: str, body: Move, request: Request, context: str = "default") -> dict:
-    api = _api(request, context)
-    move = {"gpu": api.move_to_gpu, "cpu": api.move_to_cpu, "disk": api.archive_to_disk}
-    return move[body.tier](ref).to_json()
+    return _api(request, context).move_chunks([ref], body.tier)[0].to_json()
 
 
 @router.get("/v1/chunks/{ref}/provenance")

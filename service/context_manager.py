@@ -16,7 +16,7 @@ from kvchunks.service.context_settings import call_mode
 from kvchunks.service.conversation import checked_messages, message_chunks
 from kvchunks.service.generation import GenerationResult, Request
 from kvchunks.service.output_tracking import OutputTracker, OutputTracking
-from kvchunks.service.pieces import spans_of
+from kvchunks.service.pieces import owners, spans_of
 from kvchunks.service.text_parts import split_text
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.vocabulary import check_tag
@@ -202,6 +202,29 @@ class ContextManager(OutputTracking, Catalog):
         chunk = self.registry.find(ref, self.context_name)
         self.store.archive_to_disk(chunk)
         return self.store.views.describe(chunk)
+
+    def move_chunks(
+        self, refs: list[str], tier: str, on_progress: OnProgress | None = None
+    ) -> list[ChunkInfo]:
+        """Move chunks' KV to `tier` (gpu, cpu or disk), one after another. Every ref is found,
+        and for cpu every chunk checked to fit host memory, before anything moves.
+        `on_progress(done, total)` is told the bytes of KV moved so far: 0, then after each."""
+        moves = {"gpu": self.move_to_gpu, "cpu": self.move_to_cpu, "disk": self.archive_to_disk}
+        if tier not in moves:
+            raise InvalidInput(f"no tier {tier!r}: choose one of {', '.join(moves)}")
+        if not refs:
+            raise InvalidInput("move needs at least one chunk")
+        chunks = [self.registry.find(ref, self.context_name) for ref in refs]
+        if tier == "cpu":
+            self.store.tiers.check_fits_host([o for c in chunks for o in owners(self.registry, c)])
+        sizes = [self.store.model.kv_bytes(c.token_count) for c in chunks]
+        report = on_progress or (lambda done, total: None)
+        report(0, sum(sizes))
+        moved = []
+        for chunk in chunks:
+            moved.append(moves[tier](chunk.hash))
+            report(sum(sizes[: len(moved)]), sum(sizes))
+        return moved
 
     def prefetch(self, ref: str) -> ChunkInfo:
         """Start bringing the chunk's KV into the pool in the background."""

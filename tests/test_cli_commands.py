@@ -138,6 +138,29 @@ def test_move_populate_mode_auto_clear(state):
     assert "activated" in kvchunks(state, "activate", h).stdout
 
 
+def test_moving_several_chunks_reports_bytes_and_shows_a_bar(state, tmp_path, monkeypatch):
+    notes = []
+    for i in range(2):
+        (tmp_path / f"n{i}.txt").write_text(f"Note {i}: the lighthouse keeper counts {i} gulls.\n")
+        notes += as_json(state, "load", str(tmp_path / f"n{i}.txt"))
+    hashes = [n["hash"] for n in notes]
+    seen = []
+    moved = state.manager.move_chunks(hashes, "disk", on_progress=lambda *d: seen.append(d))
+    sizes = [state.manager.store.model.kv_bytes(n["token_count"]) for n in notes]
+    assert seen == [(0, sum(sizes)), (sizes[0], sum(sizes)), (sum(sizes), sum(sizes))]
+    assert [c.tier for c in moved] == ["disk", "disk"]
+    monkeypatch.setattr(
+        state, "err", Console(file=io.StringIO(), force_terminal=True, color_system=None, width=160)
+    )
+    lines = kvchunks(state, "move", *hashes, "cpu").stdout.splitlines()
+    assert lines == [f"moved {h[:12]} to cpu" for h in hashes]
+    drawn = state.err.file.getvalue()
+    assert "moving 2 chunks" in drawn and "100%" in drawn and "B/s" in drawn
+    assert {c["tier"] for c in as_json(state, "list", "lighthouse")} == {"cpu"}
+    kvchunks(state, "move", hashes[0], "gpu")  # one chunk: no bar
+    assert state.err.file.getvalue() == drawn
+
+
 def test_loading_a_stored_file_again_says_so(state, tmp_path):
     note = tmp_path / "again.txt"
     note.write_text("The ferry leaves at nine.\n")
@@ -183,6 +206,7 @@ def test_bad_inputs_give_one_line_exit_1_and_change_nothing(state, tmp_path):
         ("activate", big["hash"]): "over the context window of 8192",
         ("activate", inactive["hash"], big["hash"]): "over the context window",  # all or none
         ("deactivate", small["hash"], "ffff0000"): "no chunk has hash",
+        ("move", small["hash"], "ffff0000", "disk"): "no chunk has hash",  # all or none
         ("delete", small["hash"]): "is used by view(s)",
         ("split", small["hash"], "0"): "split point must be between 1 and",
         ("compose", small["hash"]): "compose needs at least two chunks",
