@@ -120,6 +120,9 @@ def test_deactivate_and_ask_again(chat):
 
 
 def test_ctrl_c_stops_an_answer_and_keeps_it(chat):
+    # Room for a long answer: on a busy machine this process may wake up only seconds after
+    # the first words, and an answer of 48 tokens could be over before the Ctrl-C is sent.
+    assert "max_tokens 1000" in chat.run("/set --max-tokens 1000")
     chat.child.send("Tell me a long story about a dragon and a knight.\r")
     chat.child.expect_exact(PASTE_OFF)
     chat.child.expect(r"(\w+\W+){5}")  # some of the answer has streamed
@@ -135,6 +138,7 @@ def test_ctrl_c_stops_an_answer_and_keeps_it(chat):
     assert re.search(rf"{kept.group(1)} +│ output, interrupted", out)
     assert chat.hashes["answer"] in out
     assert chat.run("/help quit").startswith("Usage: /quit")  # still chatting
+    chat.run("/set --max-tokens 48")
 
 
 def test_outputs_compose_split_tag_info_context(chat):
