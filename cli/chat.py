@@ -65,8 +65,8 @@ def output_list(state: State, as_json: bool) -> None:
         for c in cm.list_chunks()
         if c.kind == "output" and c.metadata.get("context") == cm.context_name
     ]
-    table = render.chunks_table(chunks, title=f"outputs of context '{cm.context_name}'")
-    show(state, as_json, [c.to_json() for c in chunks], table)
+    title = f"outputs of context '{cm.context_name}'"
+    show(state, as_json, [c.to_json() for c in chunks], lambda: render.chunks_table(chunks, title))
 
 
 @output.command("activate")

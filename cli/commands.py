@@ -104,7 +104,7 @@ def list_chunks(state: State, pattern: str | None, tag: str | None, as_json: boo
     the source file and the tags, ignoring case.
     """
     chunks = state.catalog.list_chunks(pattern, tag)
-    show(state, as_json, [c.to_json() for c in chunks], render.chunks_table(chunks))
+    show(state, as_json, [c.to_json() for c in chunks], lambda: render.chunks_table(chunks))
 
 
 @click.command()
@@ -128,7 +128,7 @@ def info(state: State, ref: str, as_json: bool) -> None:
         "continued_by": [c.hash for c in continued],
         "later_in_other_timelines": [c.hash for c in elsewhere],
     }
-    show(state, as_json, document, render.info_table(chunk, parents, continued, elsewhere))
+    show(state, as_json, document, lambda: render.info_table(chunk, parents, continued, elsewhere))
 
 
 @click.command()
@@ -299,7 +299,7 @@ def import_(state: State, file: Path, as_json: bool) -> None:
 def context(state: State, as_json: bool) -> None:
     """Show the active chunks in layout order and their tokens against the window."""
     view = state.catalog.context()
-    show(state, as_json, view.to_json(), render.context_table(view))
+    show(state, as_json, view.to_json(), lambda: render.context_table(view))
 
 
 @click.command()

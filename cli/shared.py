@@ -47,13 +47,18 @@ def say(state: State, line: str) -> None:
     state.out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-def show(
-    state: State, as_json: bool, document: Any, text: str | list[str] | RenderableType
-) -> None:
-    """`document` as JSON with --json; else `text`: a plain line, plain lines, or a table."""
+Shown = str | list[str] | RenderableType
+
+
+def show(state: State, as_json: bool, document: Any, text: Shown | Callable[[], Shown]) -> None:
+    """`document` as JSON with --json; else `text`: a plain line, plain lines, a table, or
+    the function that makes one of them (a table of many chunks is not built for --json)."""
     if as_json:
         click.echo(render.dumps(document))
-    elif isinstance(text, str):
+        return
+    if callable(text):
+        text = text()
+    if isinstance(text, str):
         say(state, text)
     elif isinstance(text, list):
         for line in text:

@@ -60,7 +60,7 @@ def tree(state: State, ref: str | None, fmt: str, as_json: bool) -> None:
     if fmt == "dot":
         click.echo(to_dot(built), nl=False)
     else:
-        show(state, as_json, built.to_json(), to_rich(built, cm.context_name))
+        show(state, as_json, built.to_json(), lambda: to_rich(built, cm.context_name))
 
 
 def build(cm: Catalog, chunk_hash: str | None = None) -> ProvenanceTree:
