@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Sequence as Seq
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -307,35 +308,82 @@ class LLM:
         shape = (2, pool.shape[1], sum(s.length for s in segments), *pool.shape[3:])
         if buffer is None:
             out = pool.new_empty(shape)
+            self._gather(segments, out)
         else:
             out = buffer(math.prod(shape) * pool.element_size()).view(pool.dtype).view(shape)
-        # Runs are gathered on the pool's device, then cross to another device in one copy.
-        gathered = out if out.device == pool.device else pool.new_empty(shape)
-        offset = 0
+            self._gather_to_host(segments, out)
+        return out[0], out[1]
+
+    def _gather(self, segments: Seq[KVSegment], out: torch.Tensor) -> None:
+        """The segments' KV into out [2, layers, tokens, kv_heads, head_dim] on the pool's
+        device, one copy per run of adjacent slots."""
+        pool, offset = self._flat_pool(), 0
         for segment in segments:
             for first, count in segment.slot_runs(self.config.block_size):
-                gathered[:, :, offset : offset + count] = pool[:, :, first : first + count]
+                out[:, :, offset : offset + count] = pool[:, :, first : first + count]
                 offset += count
-        if gathered is not out:
-            out.copy_(gathered)
-        return out[0], out[1]
+
+    def _gather_to_host(self, segments: Seq[KVSegment], out: torch.Tensor) -> None:
+        """`_gather` into host memory. From a GPU pool the runs are gathered on the device,
+        then cross in one copy on the copy stream; the calling thread waits for that copy
+        alone, so other threads' compute goes on meanwhile."""
+        pool = self.runner.kv_cache
+        if not pool.is_cuda:
+            self._gather(segments, out)
+            return
+        with self._copy_stream() as stream:
+            gathered = torch.empty(out.shape, dtype=out.dtype, device=pool.device)
+            self._gather(segments, gathered)
+            out.copy_(gathered, non_blocking=True)
+            copied = stream.record_event()
+        copied.synchronize()  # out is read as soon as this returns
 
     def write_kv(
         self, k: torch.Tensor, v: torch.Tensor, position: int, pack: bool = False
     ) -> KVSegment:
         """Put K and V [layers, tokens, kv_heads, head_dim] into new pool blocks (packed: as
-        in `prefill`)."""
+        in `prefill`). From host memory to a GPU pool the copy runs on the copy stream, and
+        the compute stream waits for it before its next work, which may read the blocks."""
         n = k.shape[1]
         blocks, start = self.block_manager.continue_after(self._after(None, pack))
         self._reserve(blocks, start, n)
         segment = KVSegment(tuple(blocks), start, n, position)
-        pool, offset = self._flat_pool(), 0
-        for first, count in segment.slot_runs(self.config.block_size):
-            pool[0, :, first : first + count] = k[:, offset : offset + count]
-            pool[1, :, first : first + count] = v[:, offset : offset + count]
-            offset += count
+        pool = self._flat_pool()
+        from_host = pool.is_cuda and not k.is_cuda
+        with self._copy_stream() if from_host else nullcontext():
+            # Pinned host memory comes from torch's caching host allocator, which keeps it
+            # from reuse until the copy is done; pageable memory is staged before the call
+            # returns. Either way k and v may go as soon as this returns.
+            k, v = k.to(pool.device, non_blocking=True), v.to(pool.device, non_blocking=True)
+            offset = 0
+            for first, count in segment.slot_runs(self.config.block_size):
+                pool[0, :, first : first + count] = k[:, offset : offset + count]
+                pool[1, :, first : first + count] = v[:, offset : offset + count]
+                offset += count
         self.block_manager.seal(segment, packed=pack)
         return segment
+
+    @contextmanager
+    def _copy_stream(self) -> Iterator[torch.cuda.Stream]:
+        """Run the block's work on the stream for copies between the pool and host memory,
+        so that they overlap the compute stream's work. The copy stream first waits for the
+        compute stream's work so far (its writes of the pool, its reads of blocks freed
+        since), and the compute stream's work from then on waits for the copies (reads of
+        blocks just written). Only for a GPU pool and host memory: on the CPU, or from device
+        to device, the copies stay on the current stream."""
+        stream = self._transfers
+        compute = torch.cuda.current_stream(stream.device)
+        stream.wait_stream(compute)
+        try:
+            with torch.cuda.stream(stream):
+                yield stream
+        finally:  # also after a failed copy: what it queued may still be running
+            compute.wait_stream(stream)
+
+    @cached_property
+    def _transfers(self) -> torch.cuda.Stream:
+        """The copy stream, made on first use (one per engine: copies keep their order)."""
+        return torch.cuda.Stream(self.runner.kv_cache.device)
 
     def _flat_pool(self) -> torch.Tensor:
         """The pool as [2, layers, slots, kv_heads, head_dim] (a view)."""

@@ -3,8 +3,10 @@ prefetch policy expects next, into the pool, so that the next generation finds t
 
 Transfers run one at a time on their own thread. A file is read without the pool's lock, so
 it overlaps the engine's compute; it takes the lock only to write the pool, between engine
-steps. Where several workers share a pool, a `hand_over` may take the activation's prefetch
-elsewhere (in a cluster, to the TierManager, which runs the policy for every worker).
+steps (on a GPU that write is a copy on the engine's copy stream, which the next step waits
+for on the device). Where several workers share a pool, a `hand_over` may take the
+activation's prefetch elsewhere (in a cluster, to the TierManager, which runs the policy for
+every worker).
 """
 
 from __future__ import annotations

@@ -4,6 +4,13 @@ where, the budgets and LRU order that move it down, and the tier records that sa
 A chunk's KV is in at most one of gpu and cpu; every chunk has its file. Derived KV (what a
 mode computed for a composition) lives in the pool only: it can always be made again, so
 under pressure it is dropped, never moved down.
+
+The model host's lock covers the pool and all of this. A move to host memory (`to_host`)
+takes it only to find and retain the chunk's blocks and then to record the move: the copy
+out of the pool runs without it (unless the caller holds it), so generation steps go on
+meanwhile. A move that makes room for new KV runs under it, as the blocks must be free
+before they are allocated; so does a move to disk, which copies KV only to write a lost
+file again.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.policies.budgets import TierBudgets
 from kvchunks.policies.lru import LRU
 from kvchunks.service.chunk_files import ChunkFiles
-from kvchunks.service.kv_sources import KVLoader
+from kvchunks.service.kv_sources import KV, KVLoader
 from kvchunks.service.model_host import ModelHost
 from kvchunks.service.pieces import owners
 from kvchunks.store.chunk import ChunkInfo, ChunkRecord
@@ -202,16 +209,27 @@ class Tiers:
 
     def demote(self, chunk_hash: str) -> None:
         """gpu -> cpu, or straight to disk (its file) when the chunk cannot fit host memory."""
-        segments = self.kv[chunk_hash]
-        nbytes = self.model.kv_bytes(sum(s.length for s in segments))
-        fits = nbytes <= self.host.budget_bytes
-        kv = self.model.llm.read_kv(segments, self.host.buffer) if fits else None
+        self._moved_out(chunk_hash, self._host_copy(self.kv[chunk_hash]))
+
+    def _host_copy(self, segments: list[KVSegment]) -> KV | None:
+        """A copy of the segments' KV in host memory; None if it cannot fit there."""
+        if self._nbytes(segments) > self.host.budget_bytes:
+            return None
+        return self.model.llm.read_kv(segments, self.host.buffer)
+
+    def _moved_out(self, chunk_hash: str, kv: KV | None) -> None:
+        """Free the chunk's pool blocks; its KV stays in host memory (kv, its copy) or in its
+        file (kv None)."""
+        nbytes = self._nbytes(self.kv[chunk_hash])
         self.evict(chunk_hash)
         self.stats["evictions"] += 1
-        kept = fits and self._keep_in_host(chunk_hash, kv, nbytes)
+        kept = kv is not None and self._keep_in_host(chunk_hash, kv, nbytes)
         self.records.record(chunk_hash, "cpu" if kept else "disk")
 
-    def _keep_in_host(self, chunk_hash: str, kv: tuple, nbytes: int) -> bool:
+    def _nbytes(self, segments: list[KVSegment]) -> int:
+        return self.model.kv_bytes(sum(s.length for s in segments))
+
+    def _keep_in_host(self, chunk_hash: str, kv: KV, nbytes: int) -> bool:
         if self.spill is not None:
             return self.spill(chunk_hash, *kv)
         self._make_host_room(nbytes)
@@ -234,20 +252,41 @@ class Tiers:
         """Keep the chunk's KV in host memory (from the pool, or from a KV source); False if
         there is no copy of it anywhere (recompute it first)."""
         with self.lock:
-            if chunk.hash in self.kv:
-                self.demote(chunk.hash)
-                return True
-            if chunk.hash in self.host:
-                return True
-            nbytes = self.model.kv_bytes(chunk.token_count)
-            if self.spill is None:  # first: the chunks it moves out leave it their buffers
-                self._make_host_room(nbytes)
-            kv = self.loader.load(chunk)
-            if kv is None:
-                return False
-            if self._keep_in_host(chunk.hash, kv, nbytes):
-                self.records.record(chunk.hash, "cpu")
+            segments = self.kv.get(chunk.hash)
+            if segments is None:
+                return self._load_to_host(chunk)
+            for segment in segments:  # kept from being freed and reused while they are read
+                self.model.llm.retain(segment)
+        try:
+            self._copy_to_host(chunk.hash, segments)
+        finally:
+            with self.lock:
+                self.free(segments)
+        return True
+
+    def _copy_to_host(self, chunk_hash: str, segments: list[KVSegment]) -> None:
+        """Move a resident chunk's KV (the segments, retained) to host memory, copying it
+        out of the pool without the lock, so that generations go on meanwhile: a stored
+        chunk's slots are never written again. Only the bookkeeping takes the lock. A chunk
+        deleted or moved by someone else meanwhile keeps what they made of it."""
+        kv = self._host_copy(segments)
+        with self.lock:
+            if self.kv.get(chunk_hash) == segments:
+                self._moved_out(chunk_hash, kv)
+
+    def _load_to_host(self, chunk: ChunkInfo) -> bool:
+        """to_host for a chunk that is not in the pool (called with the lock held)."""
+        if chunk.hash in self.host:
             return True
+        nbytes = self.model.kv_bytes(chunk.token_count)
+        if self.spill is None:  # first: the chunks it moves out leave it their buffers
+            self._make_host_room(nbytes)
+        kv = self.loader.load(chunk)
+        if kv is None:
+            return False
+        if self._keep_in_host(chunk.hash, kv, nbytes):
+            self.records.record(chunk.hash, "cpu")
+        return True
 
     def to_disk(self, chunk_hash: str) -> bool:
         """Keep only the file (written again first if it was lost); False if there is no copy
@@ -264,7 +303,7 @@ class Tiers:
             self.records.record(chunk_hash, "disk")
             return True
 
-    def _held_kv(self, chunk_hash: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _held_kv(self, chunk_hash: str) -> KV | None:
         if chunk_hash in self.kv:
             return self.model.llm.read_kv(self.kv[chunk_hash])
         return self.host.kv.get(chunk_hash)

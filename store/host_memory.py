@@ -28,7 +28,8 @@ class HostMemory:
 
     @property
     def used_bytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.kv.values())
+        # A snapshot: buffers are handed out without the pool's lock, under which kv changes.
+        return sum(k.nbytes + v.nbytes for k, v in list(self.kv.values()))
 
     def __contains__(self, chunk_hash: str) -> bool:
         return chunk_hash in self.kv

@@ -1,6 +1,7 @@
 """CUDA paths: logits against HF in float32 and bfloat16, the flex backend against the torch
 reference path, batching, decode graphs against eager decoding, flash-attn
-against torch, and the pinned host tier. Skipped without a CUDA device.
+against torch, and the pinned host tier with its copy stream. Skipped without a CUDA
+device.
 
 Tolerances: float32 logits within 1e-4 of HF's float32 forward (TF32 off), the design's
 oracle; the flex and torch backends within 1e-4 of each other in float32. bfloat16 logits
@@ -9,6 +10,8 @@ range and the mean within 1% of it (bfloat16 keeps about three significant digit
 """
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -118,6 +121,59 @@ def test_host_tier_is_pinned_and_moves_bitwise(model_path, tmp_path):
             assert all(t.is_pinned() for t in store.host.kv[chunk.hash])
         cm.move_to_gpu(from_pool.hash)
         k1, v1 = store.model.llm.read_kv(store.composer.segments(cm.registry.get(from_pool.hash)))
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+    finally:
+        store.close()
+
+
+def test_kv_round_trips_through_pinned_memory_on_the_copy_stream(cuda_llm):
+    llm = cuda_llm
+    done = llm.prefill(random_tokens(300, seed=7))  # across a block boundary
+    k_dev, v_dev = llm.read_kv([done.segment])  # on the device, on the current stream
+    k, v = llm.read_kv([done.segment], lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True))
+    assert k.is_pinned() and v.is_pinned()
+    assert isinstance(llm.__dict__.get("_transfers"), torch.cuda.Stream)  # the copy stream
+    assert torch.equal(k, k_dev.cpu()) and torch.equal(v, v_dev.cpu())
+    copy = llm.write_kv(k, v, position=0)
+    # The host copies go at once and their pinned memory is taken again and overwritten:
+    # the allocator must hold it back until the copy into the pool is done.
+    del k, v
+    for _ in range(4):
+        torch.empty(k_dev.nbytes * 2, dtype=torch.uint8, pin_memory=True).fill_(255)
+    k2, v2 = llm.read_kv([copy])  # read on the compute stream right after the write
+    assert torch.equal(k2, k_dev) and torch.equal(v2, v_dev)
+    llm.release(copy)
+    llm.release(done.segment)
+
+
+def test_a_move_to_cpu_while_another_thread_decodes_keeps_its_tokens(model_path, tmp_path):
+    config = EngineConfig(device="cuda", kv_cache_bytes=256 << 20)
+    store = ChunkStore(model_path, home=tmp_path, engine_config=config, prefetch_policy="explicit")
+    try:
+        cm = ContextManager(store=store)
+        doc = cm.add_chunk("The vault code is 4817. The vault is under the old mill in Zurich.")
+        other = cm.add_chunk("The lighthouse keeper owns three goats and a red boat.")
+        cm.activate_chunk(doc.hash)
+        params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+        expected = cm.generate("Where is the vault?", params).token_ids
+        k0, v0 = store.model.llm.read_kv(store.composer.segments(cm.registry.get(other.hash)))
+        stop, moves = threading.Event(), []
+
+        def move_back_and_forth():
+            while not (moves and stop.is_set()):  # at least once, however fast the decode
+                store.tiers.to_host(cm.registry.get(other.hash))  # copied out unlocked
+                cm.move_to_gpu(other.hash)  # copied in under the lock, between steps
+                moves.append(1)
+
+        mover = threading.Thread(target=move_back_and_forth)
+        mover.start()
+        try:
+            assert cm.generate("Where is the vault?", params).token_ids == expected
+        finally:
+            stop.set()
+            mover.join(60)
+        assert moves and not mover.is_alive()
+        k1, v1 = store.model.llm.read_kv(store.composer.segments(cm.registry.get(other.hash)))
         assert torch.equal(k0, k1) and torch.equal(v0, v1)
     finally:
         store.close()
