@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvchunks.common import ContextWindowExceeded, InvalidInput, read_text_file
@@ -13,7 +14,7 @@ from kvchunks.service import exchange, generation
 from kvchunks.service.catalog import Catalog
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.context_settings import call_mode
-from kvchunks.service.conversation import checked_messages, message_chunks
+from kvchunks.service.conversation import checked_messages, message_chunks, message_tokens
 from kvchunks.service.generation import GenerationResult, Request
 from kvchunks.service.output_tracking import OutputTracker, OutputTracking
 from kvchunks.service.pieces import owners, spans_of
@@ -249,9 +250,14 @@ class ContextManager(OutputTracking, Catalog):
         the fraction of the composed chunks' tokens whose KV is computed again in order."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidInput("empty prompt")
+        settings = self.settings
+        mode, recompute = call_mode(settings, mode, recompute)
         active = self.registry.get_many(self.registry.active(self.context_name))
-        result = self._answer(prompt, active, params, mode, recompute, on_text)
-        if self.settings["auto_activate"]:
+        prompt_tokens = self.store.model.chat.prompt(prompt)
+        self._check_fits(_tokens(active) + len(prompt_tokens) + _params(params).max_tokens)
+        call = _Call(settings, mode, recompute, params, on_text)
+        result = self._answer(prompt, prompt_tokens, active, call)
+        if settings["auto_activate"]:
             for chunk in [result.prompt_chunk, *result.output_chunks]:
                 self.activate_chunk(chunk.hash)
         return self._finished(result)
@@ -275,14 +281,16 @@ class ContextManager(OutputTracking, Catalog):
         turns = checked_messages(messages)
         before = self.registry.get_many(self.registry.active(self.context_name))
         before += [self.registry.find(ref) for ref in chunks or []]
-        mode, recompute = call_mode(self.settings, mode, recompute)
+        settings = self.settings
+        mode, recompute = call_mode(settings, mode, recompute)
         chat = self.store.model.chat
-        framed = sum(len(chat.prompt(t.content)) for t in turns)  # an upper bound, near enough
-        self._check_fits(sum(c.token_count for c in before) + framed + _params(params).max_tokens)
-        made = message_chunks(self.store, self.context_name, turns, before, mode, recompute)
-        result = self._answer(
-            turns[-1].content, [*before, *made.chunks], params, mode, recompute, on_text, store
-        )
+        tokens = message_tokens(chat, turns)
+        prompt_tokens = chat.prompt(turns[-1].content)
+        framed = sum(map(len, tokens)) + len(prompt_tokens)
+        self._check_fits(_tokens(before) + framed + _params(params).max_tokens)
+        made = message_chunks(self.store, self.context_name, turns, tokens, before, mode, recompute)
+        call = _Call(settings, mode, recompute, params, on_text, store)
+        result = self._answer(turns[-1].content, prompt_tokens, [*before, *made.chunks], call)
         made_tokens = sum(c.token_count for c in made.made)  # computed now, not reused
         result.tokens_reused -= made_tokens
         result.tokens_recomputed += made_tokens
@@ -293,33 +301,23 @@ class ContextManager(OutputTracking, Catalog):
         return self._finished(result, described=store)
 
     def _answer(
-        self,
-        prompt: str,
-        active: list[ChunkInfo],
-        params: SamplingParams | None,
-        mode: str | None,
-        recompute: float | None,
-        on_text: Callable[[str], None] | None,
-        store: bool = True,
+        self, prompt: str, prompt_tokens: list[int], active: list[ChunkInfo], call: _Call
     ) -> GenerationResult:
-        params = _params(params)
+        """The answer to a prompt whose tokens, with `active` and the answer's room, were
+        checked to fit the window."""
         self.store.model.check_dtype(active)
-        mode, recompute = call_mode(self.settings, mode, recompute)
-        prompt_tokens = self.store.model.chat.prompt(prompt)
-        context_tokens = sum(c.token_count for c in active)
-        self._check_fits(context_tokens + len(prompt_tokens) + params.max_tokens)
         request = Request(
             self.context_name,
             prompt,
             prompt_tokens,
             active,
-            params,
-            mode,
-            recompute,
-            self.settings["output_tokens"] if store else "manual",
-            keep_manual=store and bool(self._trackers),
+            _params(call.params),
+            call.mode,
+            call.recompute,
+            call.settings["output_tokens"] if call.store else "manual",
+            keep_manual=call.store and bool(self._trackers),
         )
-        return generation.generate(self.store, request, on_text)
+        return generation.generate(self.store, request, call.on_text)
 
     def _finished(self, result: GenerationResult, described: bool = True) -> GenerationResult:
         """The result as the caller sees it (chunks read for this context), tracked."""
@@ -355,6 +353,23 @@ class ContextManager(OutputTracking, Catalog):
             raise ContextWindowExceeded(
                 f"{tokens} tokens exceed the context window of {window}; {remedy}"
             )
+
+
+@dataclass
+class _Call:
+    """One generate or chat call's choices: the context's settings as read once at its
+    start, the mode and recompute fraction they give, and the caller's arguments."""
+
+    settings: dict
+    mode: str
+    recompute: float | None
+    params: SamplingParams | None
+    on_text: Callable[[str], None] | None
+    store: bool = True
+
+
+def _tokens(chunks: list[ChunkInfo]) -> int:
+    return sum(c.token_count for c in chunks)
 
 
 def _params(params: SamplingParams | None) -> SamplingParams:

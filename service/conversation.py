@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvchunks.common import InvalidInput
+from kvchunks.engine.chat import ChatFormat
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.store.chunk import ChunkInfo
 
@@ -49,33 +50,43 @@ class MessageChunks:
     made: list[ChunkInfo]  # those computed by this call (not stored before)
 
 
+def message_tokens(chat: ChatFormat, messages: list[Message]) -> list[list[int]]:
+    """The tokens each of messages[:-1] is as a chunk: an answer as the model ends one, a
+    prompt as a generation's prompt chunk is, any other message framed as its role's turn."""
+    tokens = []
+    for i, message in enumerate(messages[:-1]):
+        if message.role == "assistant" and i > 0 and messages[i - 1].role == "user":
+            body = chat.tokenizer.encode(message.content, add_special_tokens=False)
+            tokens.append(body + chat.close_answer(body))
+        elif message.role == "user" and messages[i + 1].role == "assistant":
+            tokens.append(chat.prompt(message.content))
+        else:
+            tokens.append(chat.frame(message.role, message.content))
+    return tokens
+
+
 def message_chunks(
     store: ChunkStore,
     context: str,
     messages: list[Message],
+    tokens: list[list[int]],
     before: list[ChunkInfo],
     mode: str,
     recompute: float | None,
 ) -> MessageChunks:
-    """The chunks of messages[:-1], each computed after `before` and the messages before it
-    (or found stored)."""
-    chat, out, made = store.model.chat, [], []
-    for i, message in enumerate(messages[:-1]):
+    """The chunks of messages[:-1] (their `message_tokens`), each computed after `before`
+    and the messages before it, or found stored: an answer that repeats a stored one is
+    that chunk."""
+    out, made = [], []
+    for i, (message, chunk_tokens) in enumerate(zip(messages[:-1], tokens, strict=True)):
         parents = [*before, *out]
-        follows_prompt = i > 0 and messages[i - 1].role == "user"
-        if message.role == "assistant" and follows_prompt:
+        if message.role == "assistant" and i > 0 and messages[i - 1].role == "user":
             answer = _stored_answer(store, parents, message.content)
             if answer is not None:
                 out.append(answer)
                 continue
-            body = chat.tokenizer.encode(message.content, add_special_tokens=False)
-            tokens = body + chat.close_answer(body)
-        elif message.role == "user" and messages[i + 1].role == "assistant":
-            tokens = chat.prompt(message.content)  # as a generation's prompt chunk is
-        else:
-            tokens = chat.frame(message.role, message.content)
         chunk, new = store.maker.compute(
-            tokens,
+            chunk_tokens,
             parents,
             mode,
             recompute,
