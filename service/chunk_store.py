@@ -122,13 +122,13 @@ class ChunkStore:
             self.composer.owned_kv(owner)
 
     def move_to_cpu(self, chunk: ChunkInfo) -> None:
-        with self.lock:
-            chunk_owners = owners(self.registry, chunk)
-            self.tiers.check_fits_host(chunk_owners)  # refused before anything moves
-            for owner in chunk_owners:
-                if not self.tiers.to_host(owner):  # no copy left: computed in the pool first
-                    self.composer.owned_kv(owner)
-                    self.tiers.to_host(owner)
+        # Not under the pool lock: to_host takes it only around what needs it, not the copy.
+        chunk_owners = owners(self.registry, chunk)
+        self.tiers.check_fits_host(chunk_owners)  # refused before anything moves
+        for owner in chunk_owners:
+            if not self.tiers.to_host(owner):  # no copy left: computed in the pool first
+                self.composer.owned_kv(owner)
+                self.tiers.to_host(owner)
 
     def archive_to_disk(self, chunk: ChunkInfo) -> None:
         with self.lock:

@@ -51,7 +51,7 @@ def test_the_pool_lock_is_free_while_the_kv_is_copied(cm, monkeypatch):
             store.lock.release()
 
     during_copy(store, monkeypatch, lambda: in_other_thread(try_lock))
-    assert store.tiers.to_host(cm.registry.get(chunk.hash))
+    assert cm.move_to_cpu(chunk.hash).tier == "cpu"  # the public path: ChunkStore.move_to_cpu
     assert acquired == [True]
     assert chunk.hash not in store.tiers.kv and cm.get_chunk(chunk.hash).tier == "cpu"
     k1, v1 = store.host.kv[chunk.hash]
