@@ -6,9 +6,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Sequence as Seq
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from kvchunks.common import CapacityError, ContextWindowExceeded, InvalidInput
 from kvchunks.engine.block_manager import BlockManager, Key
 from kvchunks.engine.checkpoint import resolve_model
 from kvchunks.engine.config import EngineConfig, ModelConfig
+from kvchunks.engine.kv_copy import CopyStream, gather, gather_to_host, scatter
 from kvchunks.engine.kv_segment import KVSegment, slice_segments
 from kvchunks.engine.model_runner import ModelRunner
 from kvchunks.engine.rotary import cos_sin, rotate
@@ -52,6 +52,7 @@ class LLM:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.runner = ModelRunner(self.path, self.model_config, self.config)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size)
+        self.copies = CopyStream(self.runner.kv_cache.device)  # tier moves on CUDA
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -299,7 +300,7 @@ class LLM:
         self, segments: Seq[KVSegment], buffer: Callable[[int], torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of the segments' K and V in token order, each [layers, tokens, kv_heads,
-        head_dim]: one large copy per run of adjacent slots, not a gather per token.
+        head_dim] (see kv_copy).
 
         `buffer(nbytes)`, when given, provides the memory to copy into (a flat uint8 tensor,
         such as host memory for the cpu tier); else the copies are on the pool's device.
@@ -308,82 +309,24 @@ class LLM:
         shape = (2, pool.shape[1], sum(s.length for s in segments), *pool.shape[3:])
         if buffer is None:
             out = pool.new_empty(shape)
-            self._gather(segments, out)
+            gather(pool, segments, self.config.block_size, out)
         else:
             out = buffer(math.prod(shape) * pool.element_size()).view(pool.dtype).view(shape)
-            self._gather_to_host(segments, out)
+            gather_to_host(pool, segments, self.config.block_size, out, self.copies)
         return out[0], out[1]
-
-    def _gather(self, segments: Seq[KVSegment], out: torch.Tensor) -> None:
-        """The segments' KV into out [2, layers, tokens, kv_heads, head_dim] on the pool's
-        device, one copy per run of adjacent slots."""
-        pool, offset = self._flat_pool(), 0
-        for segment in segments:
-            for first, count in segment.slot_runs(self.config.block_size):
-                out[:, :, offset : offset + count] = pool[:, :, first : first + count]
-                offset += count
-
-    def _gather_to_host(self, segments: Seq[KVSegment], out: torch.Tensor) -> None:
-        """`_gather` into host memory. From a GPU pool the runs are gathered on the device,
-        then cross in one copy on the copy stream; the calling thread waits for that copy
-        alone, so other threads' compute goes on meanwhile."""
-        pool = self.runner.kv_cache
-        if not pool.is_cuda:
-            self._gather(segments, out)
-            return
-        with self._copy_stream() as stream:
-            gathered = torch.empty(out.shape, dtype=out.dtype, device=pool.device)
-            self._gather(segments, gathered)
-            out.copy_(gathered, non_blocking=True)
-            copied = stream.record_event()
-        copied.synchronize()  # out is read as soon as this returns
 
     def write_kv(
         self, k: torch.Tensor, v: torch.Tensor, position: int, pack: bool = False
     ) -> KVSegment:
         """Put K and V [layers, tokens, kv_heads, head_dim] into new pool blocks (packed: as
-        in `prefill`). From host memory to a GPU pool the copy runs on the copy stream, and
-        the compute stream waits for it before its next work, which may read the blocks."""
+        in `prefill`)."""
         n = k.shape[1]
         blocks, start = self.block_manager.continue_after(self._after(None, pack))
         self._reserve(blocks, start, n)
         segment = KVSegment(tuple(blocks), start, n, position)
-        pool = self._flat_pool()
-        from_host = pool.is_cuda and not k.is_cuda
-        with self._copy_stream() if from_host else nullcontext():
-            # Pinned host memory comes from torch's caching host allocator, which keeps it
-            # from reuse until the copy is done; pageable memory is staged before the call
-            # returns. Either way k and v may go as soon as this returns.
-            k, v = k.to(pool.device, non_blocking=True), v.to(pool.device, non_blocking=True)
-            offset = 0
-            for first, count in segment.slot_runs(self.config.block_size):
-                pool[0, :, first : first + count] = k[:, offset : offset + count]
-                pool[1, :, first : first + count] = v[:, offset : offset + count]
-                offset += count
+        scatter(self._flat_pool(), segment, self.config.block_size, k, v, self.copies)
         self.block_manager.seal(segment, packed=pack)
         return segment
-
-    @contextmanager
-    def _copy_stream(self) -> Iterator[torch.cuda.Stream]:
-        """Run the block's work on the stream for copies between the pool and host memory,
-        so that they overlap the compute stream's work. The copy stream first waits for the
-        compute stream's work so far (its writes of the pool, its reads of blocks freed
-        since), and the compute stream's work from then on waits for the copies (reads of
-        blocks just written). Only for a GPU pool and host memory: on the CPU, or from device
-        to device, the copies stay on the current stream."""
-        stream = self._transfers
-        compute = torch.cuda.current_stream(stream.device)
-        stream.wait_stream(compute)
-        try:
-            with torch.cuda.stream(stream):
-                yield stream
-        finally:  # also after a failed copy: what it queued may still be running
-            compute.wait_stream(stream)
-
-    @cached_property
-    def _transfers(self) -> torch.cuda.Stream:
-        """The copy stream, made on first use (one per engine: copies keep their order)."""
-        return torch.cuda.Stream(self.runner.kv_cache.device)
 
     def _flat_pool(self) -> torch.Tensor:
         """The pool as [2, layers, slots, kv_heads, head_dim] (a view)."""

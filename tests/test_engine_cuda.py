@@ -132,7 +132,7 @@ def test_kv_round_trips_through_pinned_memory_on_the_copy_stream(cuda_llm):
     k_dev, v_dev = llm.read_kv([done.segment])  # on the device, on the current stream
     k, v = llm.read_kv([done.segment], lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True))
     assert k.is_pinned() and v.is_pinned()
-    assert isinstance(llm.__dict__.get("_transfers"), torch.cuda.Stream)  # the copy stream
+    assert isinstance(llm.copies.stream, torch.cuda.Stream)  # the copy stream was used
     assert torch.equal(k, k_dev.cpu()) and torch.equal(v, v_dev.cpu())
     copy = llm.write_kv(k, v, position=0)
     # The host copies go at once and their pinned memory is taken again and overwritten:
