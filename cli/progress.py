@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 from rich.console import Console
@@ -59,7 +58,9 @@ def _progress(console: Console, description: str, *amount: ProgressColumn) -> It
         yield advance
 
 
-def token_progress(console: Console, description: str) -> AbstractContextManager[OnProgress]:
+def token_progress(
+    console: Console, description: str
+) -> contextlib.AbstractContextManager[OnProgress]:
     """A bar of tokens done, total and tokens per second."""
     return _progress(console, description, MofNCompleteColumn(), TextColumn("tokens"), TokenRate())
 
