@@ -11,8 +11,8 @@ def hf_logits(hf_model, token_ids: list[int], mask=None, position_ids=None) -> t
     ids = torch.tensor([token_ids])
     kwargs = {}
     if mask is not None:
-        additive = torch.zeros(mask.shape, dtype=hf_model.dtype)
-        additive.masked_fill_(~mask, torch.finfo(hf_model.dtype).min)
+        additive = torch.zeros(mask.shape, dtype=torch.float32)
+        additive.masked_fill_(~mask, torch.finfo(torch.float32).min)
         kwargs["attention_mask"] = additive[None, None]
     if position_ids is not None:
         kwargs["position_ids"] = torch.tensor([position_ids])
