@@ -55,7 +55,7 @@ def message_tokens(chat: ChatFormat, messages: list[Message]) -> list[list[int]]
     prompt as a generation's prompt chunk is, any other message framed as its role's turn."""
     tokens = []
     for i, message in enumerate(messages[:-1]):
-        if message.role == "assistant" and i > 0 and messages[i - 1].role == "user":
+        if _is_answer(messages, i):
             body = chat.tokenizer.encode(message.content, add_special_tokens=False)
             tokens.append(body + chat.close_answer(body))
         elif message.role == "user" and messages[i + 1].role == "assistant":
@@ -80,7 +80,7 @@ def message_chunks(
     out, made = [], []
     for i, (message, chunk_tokens) in enumerate(zip(messages[:-1], tokens, strict=True)):
         parents = [*before, *out]
-        if message.role == "assistant" and i > 0 and messages[i - 1].role == "user":
+        if _is_answer(messages, i):
             answer = _stored_answer(store, parents, message.content)
             if answer is not None:
                 out.append(answer)
@@ -99,6 +99,11 @@ def message_chunks(
         if new:
             made.append(chunk)
     return MessageChunks(out, made)
+
+
+def _is_answer(messages: list[Message], i: int) -> bool:
+    """Whether messages[i] is the model's answer to the prompt right before it."""
+    return messages[i].role == "assistant" and i > 0 and messages[i - 1].role == "user"
 
 
 def _stored_answer(store: ChunkStore, parents: list[ChunkInfo], text: str) -> ChunkInfo | None:
