@@ -188,21 +188,15 @@ class ContextManager(OutputTracking, Catalog):
 
     def move_to_gpu(self, ref: str) -> ChunkInfo:
         """Put the chunk's KV in the engine's pool (a view: its sources')."""
-        chunk = self.registry.find(ref, self.context_name)
-        self.store.move_to_gpu(chunk)
-        return self.store.views.describe(chunk)
+        return self.move_chunks([ref], "gpu")[0]
 
     def move_to_cpu(self, ref: str) -> ChunkInfo:
         """Keep the chunk's KV in host memory, freeing its pool blocks."""
-        chunk = self.registry.find(ref, self.context_name)
-        self.store.move_to_cpu(chunk)
-        return self.store.views.describe(chunk)
+        return self.move_chunks([ref], "cpu")[0]
 
     def archive_to_disk(self, ref: str) -> ChunkInfo:
         """Keep the chunk's KV only in its file, freeing pool blocks and host memory."""
-        chunk = self.registry.find(ref, self.context_name)
-        self.store.archive_to_disk(chunk)
-        return self.store.views.describe(chunk)
+        return self.move_chunks([ref], "disk")[0]
 
     def move_chunks(
         self, refs: list[str], tier: str, on_progress: OnProgress | None = None
@@ -210,21 +204,24 @@ class ContextManager(OutputTracking, Catalog):
         """Move chunks' KV to `tier` (gpu, cpu or disk), one after another. Every ref is found,
         and for cpu every chunk checked to fit host memory, before anything moves.
         `on_progress(done, total)` is told the bytes of KV moved so far: 0, then after each."""
-        moves = {"gpu": self.move_to_gpu, "cpu": self.move_to_cpu, "disk": self.archive_to_disk}
+        store = self.store
+        moves = {"gpu": store.move_to_gpu, "cpu": store.move_to_cpu, "disk": store.archive_to_disk}
         if tier not in moves:
             raise InvalidInput(f"no tier {tier!r}: choose one of {', '.join(moves)}")
         if not refs:
             raise InvalidInput("move needs at least one chunk")
         chunks = [self.registry.find(ref, self.context_name) for ref in refs]
         if tier == "cpu":
-            self.store.tiers.check_fits_host([o for c in chunks for o in owners(self.registry, c)])
-        sizes = [self.store.model.kv_bytes(c.token_count) for c in chunks]
+            store.tiers.check_fits_host([o for c in chunks for o in owners(self.registry, c)])
+        total = sum(store.model.kv_bytes(c.token_count) for c in chunks)
         report = on_progress or (lambda done, total: None)
-        report(0, sum(sizes))
-        moved = []
+        moved, done = [], 0
+        report(done, total)
         for chunk in chunks:
-            moved.append(moves[tier](chunk.hash))
-            report(sum(sizes[: len(moved)]), sum(sizes))
+            moves[tier](chunk)
+            moved.append(store.views.describe(chunk))
+            done += store.model.kv_bytes(chunk.token_count)
+            report(done, total)
         return moved
 
     def prefetch(self, ref: str) -> ChunkInfo:
