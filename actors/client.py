@@ -8,10 +8,10 @@ types (ChunkInfo, ContextView and GenerationResult are dataclasses: they travel 
 Each method runs ContextManager's own code on a worker; errors arrive as the kvchunks
 exception the worker raised. Paths (load_file, export_chunk, import_chunk) are paths on the
 worker's node. A context's requests stick to one worker; generate() first re-routes to the
-worker holding most of the context's active KV, and so do populate, move_to_gpu and
-prefetch, counting the chunk they bring in. activate_chunk stays on the context's worker (no
-routing round trip): the prefetch it starts runs on the worker the router picks, and the
-context's next calls follow it there.
+worker holding most of the context's active KV, and so do populate, move_to_gpu (and
+move_chunks to gpu) and prefetch, counting the chunk they bring in. activate_chunk stays on
+the context's worker (no routing round trip): the prefetch it starts runs on the worker the
+router picks, and the context's next calls follow it there.
 """
 
 from __future__ import annotations
@@ -102,8 +102,9 @@ class Client(OutputTracking):
         self.last_generation: GenerationResult | None = None
 
     def _call(self, method: str, *args, **kwargs):
-        if method in _BRINGS_KV and args:  # go where the chunk is, rather than ship it here
-            self._worker = self._router.pick(self.context_name, args[0])
+        brought = _brought_chunk(method, args)
+        if brought is not None:  # go where the chunk is, rather than ship it here
+            self._worker = self._router.pick(self.context_name, brought)
         name, routed = self._worker, self._router.pinned is None
         call = self._service.workers[name].call.remote(
             self.context_name, method, args, kwargs, routed
@@ -193,6 +194,16 @@ class Client(OutputTracking):
 
 # Methods that bring a chunk's KV into the serving worker's pool.
 _BRINGS_KV = frozenset({"populate", "move_to_gpu", "prefetch"})
+
+
+def _brought_chunk(method: str, args: tuple) -> str | None:
+    """The chunk whose KV a call brings into the serving worker's pool, None if it brings
+    none: its first argument, or for a move of several chunks to gpu the first of them."""
+    if method in _BRINGS_KV and args:
+        return args[0]
+    if method == "move_chunks" and args[1:2] == ("gpu",) and args[0]:
+        return args[0][0]
+    return None
 
 
 def _forwarded(name: str, member: object) -> object:

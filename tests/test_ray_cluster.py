@@ -89,6 +89,23 @@ def test_router_sends_a_context_to_the_worker_holding_its_chunks(ray_service):
         assert delta(s.stats(w), before[w]).get("shipped", 0) == 0
 
 
+@pytest.mark.parametrize("move", ["move_to_gpu", "move_chunks"])
+def test_a_move_to_gpu_goes_to_the_worker_holding_the_chunk(ray_service, move):
+    s = ray_service
+    doc = connect("auto", f"{move}-src", worker=1).add_chunk(f"The {move} note is in the red box.")
+    client = connect("auto", f"{move}-dst")  # not pinned: the router decides
+    before = {w: s.stats(w) for w in ("worker-0", "worker-1")}
+    moved = (
+        client.move_to_gpu(doc.hash)
+        if move == "move_to_gpu"
+        else client.move_chunks([doc.hash], "gpu")[0]
+    )
+    assert moved.tier == "gpu"
+    for w in before:
+        assert delta(s.stats(w), before[w]).get("shipped", 0) == 0
+    assert get(s.service.registry.holders.remote(doc.hash)) == ["worker-1"]
+
+
 def wait_for(condition, what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
