@@ -102,7 +102,9 @@ class TorchAttention:
             out[s.query_start : s.query_end] = _sdpa(qs[None], ks[None], vs[None], s.mask())[0]
         return out
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata):
+    def store(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new tokens' K/V into the pool; return the layer's flat slot views."""
         k_cache, v_cache = self.k_slots[layer], self.v_slots[layer]
         k_cache.index_copy_(0, meta.slot_mapping, k)
@@ -110,7 +112,13 @@ class TorchAttention:
         return k_cache, v_cache
 
     @staticmethod
-    def keys(s: SequenceAttention, k, v, k_cache, v_cache) -> tuple[torch.Tensor, torch.Tensor]:
+    def keys(
+        s: SequenceAttention,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The K/V one sequence attends to: its fresh tokens, or its visible slots gathered
         (and re-rotated where a segment is shifted)."""
         if s.fresh:

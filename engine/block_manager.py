@@ -59,6 +59,11 @@ class BlockManager:
             self.claimed[b] = self.block_size
         return blocks
 
+    def grow(self, blocks: list[int], start: int, num_tokens: int) -> None:
+        """Extend `blocks` (holding tokens from slot `start` of the first) to hold num_tokens;
+        CapacityError, with nothing taken, when too few blocks are free."""
+        blocks += self.allocate(max(self.blocks_needed(start, num_tokens) - len(blocks), 0))
+
     def retain(self, blocks: list[int] | tuple[int, ...]) -> None:
         for b in blocks:
             assert self.ref_counts[b] > 0, f"retain of free block {b}"

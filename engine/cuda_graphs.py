@@ -98,7 +98,9 @@ class DecodeGraphs:
         """Capture `forward` in a graph; return it and the tensor the forward writes."""
         forward()  # warm-up: compiles FlexAttention for the shape
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, self.memory):
+        # thread_local: tier moves copy out of the pool on other threads meanwhile (and may
+        # allocate); only this thread's calls must be capture-safe.
+        with torch.cuda.graph(graph, self.memory, capture_error_mode="thread_local"):
             hidden = forward()
         self.memory = graph.pool()
         return graph, hidden

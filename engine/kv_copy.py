@@ -24,7 +24,9 @@ class CopyStream:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.stream: torch.cuda.Stream | None = None
+        # Made now, not on first use: two threads' first copies would each make one, and
+        # copies on one stream keep their order.
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     @contextlib.contextmanager
     def running(self) -> Iterator[torch.cuda.Stream]:
@@ -32,8 +34,6 @@ class CopyStream:
         work so far (its writes of the pool, its reads of blocks freed since), and the
         compute stream's work from then on waits for the copies (reads of blocks just
         written)."""
-        if self.stream is None:
-            self.stream = torch.cuda.Stream(self.device)
         stream, compute = self.stream, torch.cuda.current_stream(self.device)
         stream.wait_stream(compute)
         try:
@@ -43,7 +43,9 @@ class CopyStream:
             compute.wait_stream(stream)
 
 
-def gather(pool: torch.Tensor, segments: Seq[KVSegment], block_size: int, out: torch.Tensor):
+def gather(
+    pool: torch.Tensor, segments: Seq[KVSegment], block_size: int, out: torch.Tensor
+) -> None:
     """The segments' KV into `out`, on the pool's device."""
     offset = 0
     for segment in segments:

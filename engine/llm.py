@@ -6,14 +6,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Sequence as Seq
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
-from kvchunks.common import CapacityError, ContextWindowExceeded, InvalidInput
+from kvchunks.common import ContextWindowExceeded, InvalidInput
 from kvchunks.engine.block_manager import BlockManager, Key
 from kvchunks.engine.checkpoint import resolve_model
 from kvchunks.engine.config import EngineConfig, ModelConfig
@@ -94,9 +94,16 @@ class LLM:
         params = sampling_params or SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
-        seqs = [self.add_request(self.encode(p), sp) for p, sp in zip(prompts, params, strict=True)]
-        while not self.scheduler.is_finished():
-            self.step()
+        seqs: list[Sequence] = []
+        try:
+            for prompt, sp in zip(prompts, params, strict=True):
+                seqs.append(self.add_request(self.encode(prompt), sp))
+            while not self.scheduler.is_finished():
+                self.step()
+        except BaseException:  # none of them stays queued to wedge the next caller
+            for seq in seqs:
+                self.abort(seq)
+            raise
         return [self._output(s) for s in seqs]
 
     def add_request(
@@ -124,25 +131,27 @@ class LLM:
             raise InvalidInput("empty prompt: give at least one token")
         seq = Sequence(token_ids, params, context, position, keep_kv, tuple(context_token_ids))
         self._check_window(seq.position + len(token_ids) + params.max_tokens)
-        if continue_after is not None:
-            seq.blocks, seq.start = self.block_manager.continue_after(continue_after)
-        if reserve:
-            self._reserve(seq.blocks, seq.start, len(token_ids) + params.max_tokens)
-        self.scheduler.add(seq)
+        reserved = len(token_ids) + params.max_tokens if reserve else 0
+        with self._claim(continue_after, reserved) as (seq.blocks, seq.start):
+            self.scheduler.add(seq)
         return seq
 
-    def _reserve(self, blocks: list[int], start: int, num_tokens: int) -> None:
-        """Grow `blocks` (a claimed tail or nothing) to hold num_tokens from slot `start`."""
-        need = self.block_manager.blocks_needed(start, num_tokens) - len(blocks)
+    @contextmanager
+    def _claim(self, after: KVSegment | None, num_tokens: int) -> Iterator[tuple[list[int], int]]:
+        """Blocks for num_tokens new tokens, starting in the open tail of `after` when it has
+        one, and the slot they start at. Given back if the block raises (Ctrl-C, out of
+        memory, a full pool): nobody owns them yet."""
+        blocks, start = self.block_manager.continue_after(after)
         try:
-            blocks += self.block_manager.allocate(max(need, 0))
-        except CapacityError:
-            self.block_manager.give_back(blocks, start)  # the claim on a tail
+            self.block_manager.grow(blocks, start, num_tokens)
+            yield blocks, start
+        except BaseException:
+            self.block_manager.give_back(blocks, start)
             raise
 
     def step(self) -> list[Sequence]:
         """Run one scheduled batch (prefill or decode); return sequences that finished."""
-        seqs, _ = self.scheduler.schedule()
+        seqs = self.scheduler.schedule()
         if not seqs:
             raise InvalidInput("the KV pool cannot hold even one running request")
         logits = self.runner.run(seqs)
@@ -193,13 +202,9 @@ class LLM:
             raise InvalidInput("nothing to prefill: empty token list")
         seq = Sequence(token_ids, SamplingParams(temperature=0), context, position, keep_kv=True)
         self._check_window(seq.position + len(token_ids))
-        seq.blocks, seq.start = self.block_manager.continue_after(self._after(continue_after, pack))
-        self._reserve(seq.blocks, seq.start, len(token_ids))
-        try:
+        after = self._after(continue_after, pack)
+        with self._claim(after, len(token_ids)) as (seq.blocks, seq.start):
             logits = self.runner.run([seq], all_logits=all_logits)
-        except BaseException:  # Ctrl-C, or out of memory: the blocks were nobody's yet
-            self.block_manager.give_back(seq.blocks, seq.start)
-            raise
         seq.num_computed = seq.num_tokens
         segment = seq.own_segment()
         self.block_manager.seal(segment, packed=pack)
@@ -240,6 +245,8 @@ class LLM:
         chosen equals a full prefill). The caller must own target's blocks alone."""
         if not indices:
             return
+        if any(s.shift for s in context):
+            raise InvalidInput("recompute reads its context as stored: no shifted segments")
         self._check_window(target.position + target.length)
         runner = self.runner
         chosen = torch.tensor(indices, device=runner.device)
@@ -270,8 +277,8 @@ class LLM:
     def fewest_to_release(
         self, candidates: Iterable[tuple[Key, Seq[KVSegment]]], blocks: int
     ) -> list[Key] | None:
-        """The first of `candidates` (a key and the segments it holds, in the order they may
-        go) whose release frees `blocks` pool blocks; None if all of them would not."""
+        """The shortest prefix of `candidates` (a key and the segments it holds, in the order
+        they may go) whose release frees `blocks` pool blocks; None if all of them would not."""
         return self.block_manager.fewest_to_release(candidates, blocks)
 
     def slice(self, segments: Seq[KVSegment], start: int, length: int) -> list[KVSegment]:
@@ -321,10 +328,9 @@ class LLM:
         """Put K and V [layers, tokens, kv_heads, head_dim] into new pool blocks (packed: as
         in `prefill`)."""
         n = k.shape[1]
-        blocks, start = self.block_manager.continue_after(self._after(None, pack))
-        self._reserve(blocks, start, n)
-        segment = KVSegment(tuple(blocks), start, n, position)
-        scatter(self._flat_pool(), segment, self.config.block_size, k, v, self.copies)
+        with self._claim(self._after(None, pack), n) as (blocks, start):
+            segment = KVSegment(tuple(blocks), start, n, position)
+            scatter(self._flat_pool(), segment, self.config.block_size, k, v, self.copies)
         self.block_manager.seal(segment, packed=pack)
         return segment
 

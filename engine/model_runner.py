@@ -158,11 +158,10 @@ class ModelRunner:
         self.model(ids, meta, self.masked_backend)
 
     def _own_slots(self, seq: Sequence, num_tokens: int) -> torch.Tensor:
-        index = torch.arange(seq.start, seq.start + num_tokens, device=self.device)
-        blocks = torch.tensor(seq.blocks, dtype=torch.long, device=self.device)
-        return blocks[index // self.block_size] * self.block_size + index % self.block_size
+        return self.segment_slots(KVSegment(tuple(seq.blocks), seq.start, num_tokens, 0))
 
     def segment_slots(self, segment: KVSegment) -> torch.Tensor:
+        """The flat pool slot of each of the segment's tokens."""
         index = torch.arange(segment.start, segment.end_slot(), device=self.device)
         blocks = torch.tensor(segment.blocks, dtype=torch.long, device=self.device)
         return blocks[index // self.block_size] * self.block_size + index % self.block_size
@@ -200,7 +199,9 @@ class ModelRunner:
         )
         if any(s.key_cos is not None for s in per_seq):
             no_cos, no_sin = cos_sin(
-                self.inv_freq, torch.zeros(key_slots.shape[1]), self.config.torch_dtype
+                self.inv_freq,
+                torch.zeros(key_slots.shape[1], device=self.device),
+                self.config.torch_dtype,
             )
             tables = [
                 (s.key_cos, s.key_sin) if s.key_cos is not None else (no_cos, no_sin)

@@ -32,6 +32,8 @@ def _sample_one(logits: torch.Tensor, seq: Sequence) -> int:
         drop = cumulative - sorted_logits.softmax(-1) >= p.top_p
         logits = logits.scatter(0, order[drop], float("-inf"))
     probs = logits.softmax(-1)
+    if seq.generator is not None:  # a seed's generator is a CPU one: the same draws anywhere
+        probs = probs.cpu()
     return int(torch.multinomial(probs, 1, generator=seq.generator))
 
 

@@ -29,22 +29,24 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        need = self.blocks.blocks_needed(seq.start, seq.num_tokens + 1)
+        """Queue a request. It holds references on the KV it attends to until it finishes, so
+        that moving or deleting those chunks meanwhile cannot free blocks it still reads."""
+        need = self.blocks.blocks_needed(seq.start, seq.num_tokens + seq.params.max_tokens)
         if need > self.blocks.num_blocks:
             raise CapacityError(
-                f"request needs {need} KV blocks but the pool has {self.blocks.num_blocks}"
+                f"request needs up to {need} KV blocks (its prompt and max_tokens) but the "
+                f"pool has {self.blocks.num_blocks}"
             )
+        for segment in seq.context:
+            self.blocks.retain(segment.blocks)
         self.waiting.append(seq)
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """The next batch and whether it is a prefill batch."""
-        batch = self._admit()
-        if batch:
-            return batch, True
-        return self._decode_batch(), False
+    def schedule(self) -> list[Sequence]:
+        """The next batch: new requests' prefills if any can be admitted, else a decode step."""
+        return self._admit() or self._decode_batch()
 
     def _admit(self) -> list[Sequence]:
         batch: list[Sequence] = []
@@ -78,12 +80,10 @@ class Scheduler:
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Make sure seq has blocks for num_tokens own tokens; False if the pool is full."""
-        need = self.blocks.blocks_needed(seq.start, num_tokens) - len(seq.blocks)
-        if need <= 0:
-            return True
-        if need > self.blocks.num_free:
+        try:
+            self.blocks.grow(seq.blocks, seq.start, num_tokens)
+        except CapacityError:
             return False
-        seq.blocks += self.blocks.allocate(need)
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -152,11 +152,18 @@ class Scheduler:
         self._let_go(seq)
 
     def _let_go(self, seq: Sequence) -> None:
-        """Free what a finished sequence no longer needs: every block, or with keep_kv the
-        blocks reserved for tokens it never computed."""
-        keep = self.blocks.blocks_needed(seq.start, seq.num_computed) if seq.keep_kv else 0
-        self.blocks.release(seq.blocks[keep:])
-        del seq.blocks[keep:]
+        """Free what a finished sequence no longer needs: its hold on the KV it attended to,
+        and every block, or with keep_kv the blocks reserved for tokens it never computed.
+        Blocks it wrote nothing to are given back, reopening a tail it continued in."""
+        for segment in seq.context:
+            self.blocks.release(segment.blocks)
+        if seq.keep_kv and seq.num_computed:
+            keep = self.blocks.blocks_needed(seq.start, seq.num_computed)
+            self.blocks.release(seq.blocks[keep:])
+            del seq.blocks[keep:]
+        else:
+            self.blocks.give_back(seq.blocks, seq.start)
+            seq.blocks.clear()
 
     def abort(self, seq: Sequence) -> None:
         """Stop a request now; with keep_kv its computed tokens' KV stays with it."""

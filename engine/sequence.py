@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from enum import Enum, auto
-from itertools import count
 
 import torch
 
@@ -18,8 +17,6 @@ class Status(Enum):
 
 
 class Sequence:
-    _ids = count()
-
     def __init__(
         self,
         token_ids: list[int],
@@ -29,7 +26,6 @@ class Sequence:
         keep_kv: bool = False,
         context_token_ids: list[int] | tuple[int, ...] = (),
     ):
-        self.seq_id = next(Sequence._ids)
         self.status = Status.WAITING
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)

@@ -201,3 +201,60 @@ def test_threads_streaming_their_own_requests_share_the_steps(llm):
     for t in threads:
         t.join(120)
     assert not errors and [got[i] for i in range(len(prompts))] == expected
+
+
+def test_a_request_holds_the_kv_it_attends_to_until_it_finishes(llm):
+    """A chunk moved or deleted while an answer reads it drops its own reference only: the
+    answer still reads the same KV, and the blocks are freed when it is done."""
+    free_before = llm.block_manager.num_free
+    doc, question = random_tokens(100, seed=21), random_tokens(9, seed=22)
+    kept = llm.prefill(doc).segment
+    reference = llm.add_request(question, GREEDY, [kept])
+    want = list(llm.stream(reference))
+    seq = llm.add_request(question, GREEDY, [kept])
+    llm.release(kept)  # as a tier move or a delete lets go of the chunk's blocks
+    assert llm.block_manager.num_free == free_before - len(kept.blocks)
+    # Freed, its blocks would be the first handed out (to this answer's own tokens).
+    assert list(llm.stream(seq)) == want
+    assert llm.block_manager.num_free == free_before
+
+
+def test_a_request_aborted_before_it_ran_gives_back_the_tail_it_claimed(llm):
+    free_before = llm.block_manager.num_free
+    prompt = llm.prefill(random_tokens(20, seed=23)).segment  # ends mid-block: an open tail
+    answer = (random_tokens(5, seed=24), GREEDY, [prompt])
+    seq = llm.add_request(*answer, keep_kv=True, continue_after=prompt)
+    assert seq.blocks[0] == prompt.blocks[-1]
+    llm.abort(seq)
+    llm.release(seq.own_segment())  # what it computed is the caller's: nothing here
+    again = llm.add_request(*answer, keep_kv=True, continue_after=prompt)
+    assert again.blocks[0] == prompt.blocks[-1], "the tail stayed claimed by the aborted one"
+    llm.abort(again)
+    llm.release(again.own_segment())
+    llm.release(prompt)
+    assert llm.block_manager.num_free == free_before
+
+
+def test_a_failed_generate_leaves_nothing_queued(model_path, llm):
+    small = LLM(model_path, EngineConfig(num_blocks=4, block_size=16))
+    small.runner.model = llm.runner.model
+    too_long = SamplingParams(temperature=0, max_tokens=80)  # 8 + 80 tokens: 6 blocks
+    with pytest.raises(CapacityError):
+        small.generate([random_tokens(8, seed=25), random_tokens(8, seed=26)], [GREEDY, too_long])
+    assert small.scheduler.is_finished() and small.block_manager.num_free == 4
+    assert len(small.generate([random_tokens(8, seed=27)], GREEDY)[0].token_ids) == 16
+
+
+def test_a_failed_write_gives_its_blocks_back(llm, monkeypatch):
+    free_before = llm.block_manager.num_free
+    segment = llm.prefill(random_tokens(40, seed=28)).segment
+    k, v = llm.read_kv([segment])
+    llm.release(segment)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("kvchunks.engine.llm.scatter", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.write_kv(k, v, 0)
+    assert llm.block_manager.num_free == free_before

@@ -16,6 +16,7 @@ import threading
 import pytest
 import torch
 from reference import hf_logits
+from test_engine_filtered import check_shifted_and_plain_batch
 from test_engine_flex import decode_in_shrinking_batches, prefill_steps
 from test_engine_reference import random_tokens
 
@@ -91,6 +92,18 @@ def test_cuda_batched_equals_one_at_a_time(cuda_llm):
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     batched = [o.token_ids for o in cuda_llm.generate(prompts, params)]
     assert batched == [cuda_llm.generate([p], params)[0].token_ids for p in prompts]
+
+
+def test_cuda_shifted_and_plain_sequences_decode_like_hf(torch_llm, hf_model):
+    """The torch backend's padded decode with a shifted segment (its rotation tables are
+    made on the device)."""
+    check_shifted_and_plain_batch(torch_llm, hf_model)
+
+
+def test_seeded_sampling_draws_the_same_on_cuda_and_cpu(cuda_llm, llm):
+    ids = random_tokens(30, seed=3)
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, max_tokens=12, seed=11)
+    assert cuda_llm.generate([ids], seeded)[0].token_ids == llm.generate([ids], seeded)[0].token_ids
 
 
 def test_flash_attn_matches_torch_backend(model_path):

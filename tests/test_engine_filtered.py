@@ -172,6 +172,10 @@ def test_recompute_changes_only_the_chosen_tokens(llm):
 
 
 def test_batch_mixing_shifted_and_plain_sequences_decodes_like_hf(llm, hf_model):
+    check_shifted_and_plain_batch(llm, hf_model)
+
+
+def check_shifted_and_plain_batch(llm, hf_model) -> None:
     """Greedy decode of three sequences in one batch: chunks re-placed by shifted keys,
     a hidden middle segment, and plain stored context, each against an HF step loop."""
     a, b, c = random_tokens(90, 41), random_tokens(70, 42), random_tokens(50, 43)
