@@ -112,33 +112,38 @@ class ChunkMaker:
             return self.register(chunk, [result.segment]), True
 
     def make_view(self, kind: str, spans: list[SourceSpan], **fields) -> ChunkInfo:
-        """A composed or split chunk over other chunks' KV: no copy, sources kept by refcount."""
+        """A composed or split chunk over other chunks' KV: no copy, sources kept by refcount.
+        A view made before (perhaps by a concurrent call) only takes the tags given now."""
         owners = {c.hash: c for c in self.registry.get_many({s.hash for s in spans})}
         tokens = [
             t for s in spans for t in owners[s.hash].token_ids[s.offset : s.offset + s.length]
         ]
         placed = [(s.hash, s.offset) for s in spans]
         address = chunk_hash(self.fingerprint, context_hash(placed, kind), 0, tokens)
-        if self.registry.exists(address):
-            return self.registry.get(address)
+        sources = list(dict.fromkeys(s.hash for s in spans))
         first = owners[spans[0].hash]
-        chunk = ChunkRecord(
-            hash=address,
-            content_hash=content_hash(tokens),
-            token_ids=tokens,
-            role=first.role,
-            kind=kind,
-            position=first.position + spans[0].offset,
-            layout="view",
-            parent_chunks=list(dict.fromkeys(s.hash for s in spans)),
-            sources=spans,
-            text=self.tokenizer.decode(tokens),
-            metadata={"dtype": self.dtype},
-            **fields,
+        made = not self.registry.exists(address) and self.registry.put(
+            ChunkRecord(
+                hash=address,
+                content_hash=content_hash(tokens),
+                token_ids=tokens,
+                role=first.role,
+                kind=kind,
+                position=first.position + spans[0].offset,
+                layout="view",
+                parent_chunks=sources,
+                sources=spans,
+                text=self.tokenizer.decode(tokens),
+                metadata={"dtype": self.dtype},
+                **fields,
+            )
         )
-        self.registry.put(chunk)
-        for source in chunk.parent_chunks:
-            self.registry.add_ref(source, 1)
+        if made:
+            for source in sources:
+                self.registry.add_ref(source, 1)
+        else:
+            for tag in fields.get("tags", []):
+                self.registry.add_tag(address, tag)
         return self.registry.get(address)
 
     def split(self, chunk: ChunkInfo, at: int) -> tuple[ChunkInfo, ChunkInfo]:
@@ -147,18 +152,30 @@ class ChunkMaker:
         head = self.make_view("split", cut(parts, 0, at))
         return head, self.make_view("split", cut(parts, at, chunk.token_count))
 
-    def delete(self, chunk: ChunkInfo, cascade: bool = False) -> list[str]:
-        """Delete a chunk for good; views over it are refused unless cascade (which deletes
-        them first). Returns the hashes deleted."""
+    def delete(self, chunks: list[ChunkInfo], cascade: bool = False) -> list[str]:
+        """Delete chunks for good, all or none: a view over one of them that is not among
+        them refuses the lot, unless cascade (which deletes such views first). Returns the
+        hashes deleted."""
+        named = {c.hash for c in chunks}
+        for chunk in chunks if not cascade else []:
+            views = [v.hash[:12] for v in self._views(chunk) if v.hash not in named]
+            if views:
+                raise ChunkInUse(
+                    f"chunk {chunk.hash[:12]} is used by view(s) {', '.join(views)}; delete "
+                    "them first or delete with cascade"
+                )
+        deleted: list[str] = []
+        for chunk in sorted(chunks, key=lambda c: c.layout != "view"):  # views before sources
+            if chunk.hash not in deleted:
+                deleted += self._delete_with_views(chunk)
+        return deleted
+
+    def _views(self, chunk: ChunkInfo) -> list[ChunkInfo]:
         children = self.registry.get_many(self.registry.children(chunk.hash))
-        views = [c for c in children if c.layout == "view"]
-        if views and not cascade:
-            shown = ", ".join(v.hash[:12] for v in views)
-            raise ChunkInUse(
-                f"chunk {chunk.hash[:12]} is used by view(s) {shown}; delete them first "
-                "or delete with cascade"
-            )
-        deleted = [h for view in views for h in self.delete(view, cascade=True)]
+        return [c for c in children if c.layout == "view"]
+
+    def _delete_with_views(self, chunk: ChunkInfo) -> list[str]:
+        deleted = [h for view in self._views(chunk) for h in self._delete_with_views(view)]
         self._delete_one(chunk)
         return [*deleted, chunk.hash]
 

@@ -71,6 +71,7 @@ class Composer:
 
     def _rebuild(self, chunk: ChunkInfo) -> list[KVSegment]:
         """Compute a chunk's KV again, in the context it was computed in, and its file."""
+        self.model.check_dtype([chunk])  # else another dtype's file would be overwritten
         if self.registry.missing([chunk.hash]):  # its file went with it: do not make a new one
             raise ChunkNotFound(f"chunk {chunk.hash[:12]} was deleted meanwhile")
         self.stats["recomputes"] += 1
@@ -91,8 +92,12 @@ class Composer:
                 ).segment
             finally:
                 self.release(context)
-        self.files.remove(chunk.hash)  # the damaged file, if any
-        self.files.write(chunk, *llm.read_kv([segment]))
+        try:
+            self.files.remove(chunk.hash)  # the damaged file, if any
+            self.files.write(chunk, *llm.read_kv([segment]))
+        except BaseException:  # no room on disk, say: the KV is nobody's yet
+            llm.release(segment)
+            raise
         return [segment]
 
     # -- layout -----------------------------------------------------------------------------
@@ -100,14 +105,20 @@ class Composer:
     def context_of(
         self, parents: list[ChunkInfo], mode: str, recompute: float | None = None
     ) -> AttentionContext:
+        """What a new chunk computed after `parents` attends to, in `mode`. It holds
+        references on its KV, so that a move or a delete of those chunks meanwhile cannot
+        free blocks still read: the caller hands it back with `release`. Called with the lock
+        held (the segments are found and retained in one go)."""
         parts = [p for c in parents for p in pieces(self.registry, c)]
-        return self.attention_context(parts, mode, recompute)
+        ctx = self._attention_context(parts, mode, recompute)
+        for segment in ctx.segments:
+            self.model.llm.retain(segment)
+        return ctx
 
-    def attention_context(
+    def _attention_context(
         self, parts: list[Piece], mode: str, recompute: float | None = None
     ) -> AttentionContext:
-        """What a new chunk computed after `parts` attends to, in `mode`. The caller hands it
-        back with `release` (it may hold derived KV in the pool)."""
+        """What a new chunk computed after `parts` attends to, in `mode` (see context_of)."""
         combine = combination(mode, recompute)
         total = sum(p.length for p in parts)
         prefix = self.timeline_prefix(parts)
@@ -131,9 +142,11 @@ class Composer:
         )
 
     def release(self, ctx: AttentionContext) -> None:
-        """The caller no longer attends to ctx: its derived KV may be dropped under pressure."""
+        """The caller no longer attends to ctx: its KV may go, its derived KV be dropped
+        under pressure."""
         with self.lock:
             self.tiers.pinned.subtract(ctx.held)
+            self.tiers.free(ctx.segments)
 
     def timeline_prefix(self, parts: list[Piece]) -> int:
         """How many leading pieces sit exactly where, and after what, they were computed."""
@@ -199,12 +212,14 @@ class Composer:
         llm = self.model.llm
         start = sum(s.length for s in head)
         tokens = [t for p in parts for t in p.chunk.token_ids[p.start : p.end]]
+        # realign copies the parts' KV: brought in first, as that may take room too
+        stored = self.stored(parts) if combine != "exact" else []
         self.tiers.make_room(llm.blocks_for(len(tokens)))
         if combine == "exact":
             segment = llm.prefill(tokens, head, start).segment
             chosen = tokens
         else:
-            segment = llm.place(self.stored(parts), start)
+            segment = llm.place(stored, start)
             budget = round(recompute_of(combine) * len(tokens))
             chosen = leading_tokens([p.length for p in parts], budget)
             try:

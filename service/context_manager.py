@@ -160,7 +160,12 @@ class ContextManager(OutputTracking, Catalog):
 
     def delete_chunk(self, ref: str, cascade: bool = False) -> list[str]:
         """Delete a chunk for good; views over it are refused unless cascade. Returns hashes."""
-        return self.store.maker.delete(self.registry.find(ref), cascade)
+        return self.delete_chunks([ref], cascade)
+
+    def delete_chunks(self, refs: list[str], cascade: bool = False) -> list[str]:
+        """delete_chunk of several chunks, all or none: each is found, and none is read by a
+        view left standing, before any is deleted. Returns hashes."""
+        return self.store.maker.delete([self.registry.find(ref) for ref in refs], cascade)
 
     def compose_chunks(self, refs: list[str], tags: list[str] | None = None) -> ChunkInfo:
         """One chunk that reads the given chunks' KV in order (a view: nothing is copied)."""
@@ -250,6 +255,7 @@ class ContextManager(OutputTracking, Catalog):
         settings = self.settings
         mode, recompute = call_mode(settings, mode, recompute)
         active = self.registry.get_many(self.registry.active(self.context_name))
+        self.store.model.check_dtype(active)
         prompt_tokens = self.store.model.chat.prompt(prompt)
         self._check_fits(_tokens(active) + len(prompt_tokens) + _params(params).max_tokens)
         call = _Call(settings, mode, recompute, params, on_text)
@@ -285,24 +291,26 @@ class ContextManager(OutputTracking, Catalog):
         prompt_tokens = chat.prompt(turns[-1].content)
         framed = sum(map(len, tokens)) + len(prompt_tokens)
         self._check_fits(_tokens(before) + framed + _params(params).max_tokens)
+        self.store.model.check_dtype(before)
         made = message_chunks(self.store, self.context_name, turns, tokens, before, mode, recompute)
         call = _Call(settings, mode, recompute, params, on_text, store)
-        result = self._answer(turns[-1].content, prompt_tokens, [*before, *made.chunks], call)
+        result = None
+        try:
+            result = self._answer(turns[-1].content, prompt_tokens, [*before, *made.chunks], call)
+        finally:
+            if not store:  # what this call made goes again, newest first, even on an error
+                new_prompt = [] if result is None or result.prompt_reused else [result.prompt_chunk]
+                self.store.maker.delete([*new_prompt, *reversed(made.made)])
         made_tokens = sum(c.token_count for c in made.made)  # computed now, not reused
         result.tokens_reused -= made_tokens
         result.tokens_recomputed += made_tokens
-        if not store:  # what this call made goes again, newest first
-            new_prompt = [] if result.prompt_reused else [result.prompt_chunk]
-            for chunk in [*new_prompt, *reversed(made.made)]:
-                self.store.maker.delete(chunk)
         return self._finished(result, described=store)
 
     def _answer(
         self, prompt: str, prompt_tokens: list[int], active: list[ChunkInfo], call: _Call
     ) -> GenerationResult:
         """The answer to a prompt whose tokens, with `active` and the answer's room, were
-        checked to fit the window."""
-        self.store.model.check_dtype(active)
+        checked to fit the window and to be of the model's dtype."""
         request = Request(
             self.context_name,
             prompt,

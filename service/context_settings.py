@@ -29,8 +29,11 @@ def checked_settings(settings: dict, current_mode: str) -> dict:
         settings.setdefault("recompute", None)
     if "recompute" in settings:
         check_recompute(settings.get("mode", current_mode), settings["recompute"])
+    if not isinstance(settings.get("auto_activate", False), bool):
+        raise InvalidInput("auto_activate is true or false")
     tokens = settings.get("output_tokens")
-    if tokens is not None and tokens != "manual" and not (isinstance(tokens, int) and tokens > 0):
+    counted = isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0
+    if tokens is not None and tokens != "manual" and not counted:
         raise InvalidInput("output_tokens is None (per response), a positive int, or 'manual'")
     return settings
 

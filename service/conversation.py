@@ -35,7 +35,10 @@ def checked_messages(messages: list) -> list[Message]:
         if role not in ROLES:
             raise InvalidInput(f"messages[{i}].role must be one of {', '.join(ROLES)}")
         if isinstance(content, list):  # OpenAI content parts: only text ones are read
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            texts = [p.get("text", "") for p in content if isinstance(p, dict)]
+            if not all(isinstance(t, str) for t in texts):
+                raise InvalidInput(f"messages[{i}].content: a text part's text must be text")
+            content = "".join(texts)
         if not isinstance(content, str) or not content.strip():
             raise InvalidInput(f"messages[{i}].content must be non-empty text")
         out.append(Message(role, content))

@@ -3,6 +3,7 @@ same model imports, and imported there."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from kvchunks.common import InvalidInput
@@ -19,7 +20,11 @@ def export_chunk(store: ChunkStore, chunk: ChunkInfo, path: str | Path, force: b
     target = _export_path(store.home, path)
     if target.exists() and not force:
         raise InvalidInput(f"{target} exists; pass force to overwrite it")
-    k, v = store.model.llm.read_kv(store.composer.owned_kv(chunk))
+    kv = store.tiers.kv_of(chunk)  # a read: the chunk stays in the tier it is in
+    if kv is None:  # lost everywhere: recomputed, which leaves it in the pool
+        with store.lock:
+            kv = store.model.llm.read_kv(store.composer.owned_kv(chunk))
+    k, v = kv
     write_kv_file(target, k, v, chunk.to_record(), store.model.fingerprint)
     return target
 
@@ -47,7 +52,8 @@ def import_chunk(store: ChunkStore, path: str | Path) -> str:
     k, v, record, _ = read_kv_file(
         file, model.fingerprint, model.engine_config.dtype, model.kv_shape(None)
     )
-    chunk = ChunkRecord.from_record(record)
+    # Views over it were counted where it was exported; here there are none.
+    chunk = dataclasses.replace(ChunkRecord.from_record(record), ref_count=0)
     if chunk.layout == "view" or k.shape[1] != chunk.token_count:
         raise InvalidInput(f"{file} does not hold a chunk's own KV")
     if not store.registry.exists(chunk.hash):

@@ -44,13 +44,15 @@ class KVLoader:
         if pending is not None:  # a prefetch (or another call) is loading it: late for us
             self.stats["load_waits"] += 1
             return pending.result()
-        kv = None
         try:
             kv = next((kv for s in self.sources if (kv := s.load(chunk)) is not None), None)
-        finally:
-            if not keep:
-                self.release(chunk.hash)
-            mine.set_result(kv)
+        except BaseException as e:  # those waiting for this load get its error too
+            self.release(chunk.hash)
+            mine.set_exception(e)
+            raise
+        if not keep:
+            self.release(chunk.hash)
+        mine.set_result(kv)
         return kv
 
     def release(self, chunk_hash: str) -> None:

@@ -99,12 +99,17 @@ class Tiers:
                     self.stats["prefetch_hits"] += 1
                 return self.kv[chunk.hash]
             self.stats["pool_misses"] += 1
-            kv = self.host.pop(chunk.hash)
-            if kv is None:
-                kv = self.loader.load(chunk)
+            held = self.host.pop(chunk.hash)  # taken, so that making room cannot spill it
+            kv = held if held is not None else self.loader.load(chunk)
             if kv is None:
                 return None
-            return self.adopt(chunk.hash, [self.write(*kv, chunk)])
+            try:
+                segment = self.write(*kv, chunk)
+            except BaseException:
+                if held is not None:  # still the chunk's only copy in host memory
+                    self.host.put(chunk.hash, *held)
+                raise
+            return self.adopt(chunk.hash, [segment])
 
     def adopt(
         self, chunk_hash: str, segments: list[KVSegment], record: bool = True
@@ -302,6 +307,13 @@ class Tiers:
             self.lru.forget(chunk_hash)
             self.records.record(chunk_hash, "disk")
             return True
+
+    def kv_of(self, chunk: ChunkInfo) -> KV | None:
+        """The chunk's KV from wherever it is kept (pool: a copy), moving nothing between
+        tiers; None if there is no copy anywhere."""
+        with self.lock:
+            held = self._held_kv(chunk.hash)
+        return held if held is not None else self.loader.load(chunk)
 
     def _held_kv(self, chunk_hash: str) -> KV | None:
         if chunk_hash in self.kv:

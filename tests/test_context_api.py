@@ -171,9 +171,15 @@ def test_export_import_between_data_directories(make_cm, tmp_path):
     cm.export_chunk(doc.hash, "doc.kvc", force=True)
     with pytest.raises(InvalidInput):
         cm.export_chunk(doc.hash, "../../escape.kvc")
+    cm.compose_chunks([doc.hash, cm.add_chunk("More facts.").hash])  # counted here only
+    cm.move_to_cpu(doc.hash)
+    assert cm.export_chunk(doc.hash, "doc.kvc", force=True) == target
+    assert cm.get_chunk(doc.hash).tier == "cpu"  # a read: the chunk stays where it is
     other = make_cm(at=tmp_path / "other")
     imported = other.import_chunk(target)
     assert imported.hash == doc.hash and imported.tags == ["facts"]
+    other.delete_chunk(imported.hash)  # no views over it here
+    imported = other.import_chunk(target)
     k1, v1 = cm.store.model.llm.read_kv(doc.segments)
     k2, v2 = other.store.model.llm.read_kv(imported.segments)
     assert torch.equal(k1, k2) and torch.equal(v1, v2)
@@ -207,6 +213,7 @@ def test_bad_input_is_refused_without_state_change(make_cm, tmp_path):
     a = cm.add_chunk(DOC)
     cm.activate_chunk(a.hash)
     view = cm.compose_chunks([a.hash, cm.add_chunk("Another document.").hash])
+    lone = cm.add_chunk("A note no view reads.")
     before = snapshot(cm)
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "binary.bin").write_bytes(b"\x00\x01\x02abc")
@@ -228,8 +235,11 @@ def test_bad_input_is_refused_without_state_change(make_cm, tmp_path):
         (InvalidInput, lambda: cm.compose_chunks([a.hash])),
         (InvalidInput, lambda: cm.tag_chunk(a.hash, "two words")),
         (InvalidInput, lambda: cm.configure(mode="fast")),
+        (InvalidInput, lambda: cm.configure(auto_activate="no")),
+        (InvalidInput, lambda: cm.configure(output_tokens=True)),
         (InvalidInput, lambda: cm.with_context("no spaces allowed")),
         (ChunkInUse, lambda: cm.delete_chunk(a.hash)),
+        (ChunkInUse, lambda: cm.delete_chunks([lone.hash, a.hash])),  # all or none
         (ContextWindowExceeded, lambda: cm.add_chunk("word " * 9000)),
         (ContextWindowExceeded, lambda: cm.generate("hi", SamplingParams(max_tokens=9000))),
     ]

@@ -64,6 +64,7 @@ def test_request_chunks_and_messages_without_storing(make_cm):
         ([{"role": "assistant", "content": "Hi."}], InvalidInput),
         ([{"role": "tool", "content": "x"}, user("Hi?")], InvalidInput),
         ([user("   ")], InvalidInput),
+        ([{"role": "user", "content": [{"type": "text", "text": 5}]}], InvalidInput),
         ([user("word " * 9000)], ContextWindowExceeded),
     ],
 )

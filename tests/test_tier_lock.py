@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_packing import kv_of, note
 
+from kvchunks.engine import SamplingParams
 from kvchunks.service.context_manager import ContextManager
 
 
@@ -95,3 +96,37 @@ def test_an_interrupted_copy_leaves_the_chunk_in_the_pool(cm, monkeypatch):
     assert cm.get_chunk(chunk.hash).tier == "gpu"
     monkeypatch.undo()
     assert cm.move_to_cpu(chunk.hash).tier == "cpu"  # and it still moves
+
+
+@pytest.mark.parametrize("action", ["move", "delete"])
+def test_an_answer_reads_the_kv_it_started_with(cm, action):
+    """A chunk moved to host memory or deleted while an answer reads it: its pool blocks,
+    let go by the move, are not handed to the next chunk loaded until the answer is done."""
+    doc = cm.add_chunk(note(0, 100), role="raw")
+    cm.activate_chunk(doc.hash)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    reference = cm.generate("What does it say?", params)
+    forget(cm, reference)
+    free = cm.store.model.llm.pool_usage()["free"]
+
+    def meanwhile(piece: str) -> None:
+        if not done:
+            done.append(piece)
+            if action == "move":
+                cm.move_to_cpu(doc.hash)
+            else:
+                cm.delete_chunk(doc.hash)
+            # Other KV, in the blocks freed last (the doc's, were they freed).
+            cm.add_chunk(note(10**98 - 1, 100), role="raw")
+
+    done: list[str] = []
+    answer = cm.generate("What does it say?", params, on_text=meanwhile)
+    assert answer.token_ids == reference.token_ids
+    forget(cm, answer)
+    assert cm.store.model.llm.pool_usage()["free"] == free  # the note took the doc's block
+
+
+def forget(cm, result) -> None:
+    """Delete what a generation stored, so that the same question is computed afresh."""
+    for made in (result.output_chunk, result.prompt_chunk):
+        cm.delete_chunk(made.hash)
