@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kvchunks.common import KVChunksError
@@ -18,7 +19,7 @@ from kvchunks.server import chunk_routes, errors, openai_routes
 from kvchunks.server.backend import Backend
 from kvchunks.server.metrics import Metrics
 
-MAX_BODY_BYTES = 8 << 20  # a request larger than this is refused (413) before it is read
+MAX_BODY_BYTES = 8 << 20  # a request body larger than this is refused (413)
 # Generations run at once; more wait their turn. Each holds its prompt's and answer's KV
 # blocks while it runs, so a pool full of running generations refuses new KV (507) instead.
 MAX_GENERATIONS = 8
@@ -30,16 +31,15 @@ OPEN_PREFIXES = ("/ui/",)
 UI_DIR = Path(__file__).parent / "ui"
 
 
-def create_app(
-    backend: Backend, api_key: str | None = None, max_generations: int = MAX_GENERATIONS
-) -> FastAPI:
+def create_app(backend: Backend, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="kvchunks", summary="OpenAI-compatible serving over KV-cache chunks")
     app.state.backend = backend
-    app.state.generation_slots = asyncio.Semaphore(max_generations)
+    app.state.generation_slots = asyncio.Semaphore(MAX_GENERATIONS)
     app.state.metrics = Metrics(backend.usage)
     app.add_exception_handler(KVChunksError, errors.on_kvchunks_error)
-    app.add_exception_handler(errors.HTTPProblem, errors.on_problem)
     app.add_exception_handler(RequestValidationError, errors.on_validation_error)
+    app.add_exception_handler(HTTPException, errors.on_http_exception)
+    app.add_exception_handler(Exception, errors.on_unexpected_error)
     app.include_router(openai_routes.router)
     app.include_router(chunk_routes.router)
 
@@ -82,9 +82,31 @@ class Guard:
                 status["code"] = message["status"]
             await send(message)
 
-        refused = _refusal(Request(scope), self.api_key)
-        await (refused or self.app)(scope, receive, counted)
-        self.metrics.requests.labels(_route(scope), str(status["code"])).inc()
+        try:
+            refused = _refusal(Request(scope), self.api_key)
+            await (refused or self.app)(scope, _limited(receive), counted)
+        finally:
+            self.metrics.requests.labels(_route(scope), str(status["code"])).inc()
+
+
+def _limited(receive: Receive) -> Receive:
+    """`receive` that refuses a body over the limit as it arrives: a body sent in chunks
+    has no Content-Length to check beforehand."""
+    received = 0
+
+    async def limited() -> Message:
+        nonlocal received
+        message = await receive()
+        received += len(message.get("body", b""))
+        if received > MAX_BODY_BYTES:
+            raise HTTPException(413, _too_large(f"more than {MAX_BODY_BYTES} bytes"))
+        return message
+
+    return limited
+
+
+def _too_large(size: str) -> str:
+    return f"request body of {size} is over the limit of {MAX_BODY_BYTES} bytes"
 
 
 def _route(scope: Scope) -> str:
@@ -101,9 +123,8 @@ def _refusal(request: Request, api_key: str | None) -> JSONResponse | None:
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
             message = "missing or wrong API key: send Authorization: Bearer <key>"
-            return JSONResponse(errors.body(message, "authentication_error", 401), 401)
+            return errors.http_error(401, message)
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        message = f"request body of {length} bytes is over the limit of {MAX_BODY_BYTES}"
-        return JSONResponse(errors.body(message, "request_too_large", 413), 413)
+        return errors.http_error(413, _too_large(f"{length} bytes"))
     return None

@@ -23,8 +23,6 @@ class Backend(Protocol):
         """The names of the contexts that have ever had a chunk active or a setting."""
         ...
 
-    def close(self) -> None: ...
-
 
 class _OnePerContext:
     """One API object per context, made on first use by the root's `with_context` and kept:
@@ -41,9 +39,6 @@ class _OnePerContext:
             if context not in self._managers:
                 self._managers[context] = self.root.with_context(context)
             return self._managers[context]
-
-    def close(self) -> None:
-        self.root.close()
 
 
 class LocalBackend(_OnePerContext):

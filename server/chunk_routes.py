@@ -71,7 +71,7 @@ def delete_chunk(ref: str, request: Request, cascade: bool = False) -> dict:
 @router.post("/v1/chunks/{ref}/tags")
 def tag_chunk(ref: str, body: Tags, request: Request, context: str = "default") -> dict:
     api = _api(request, context)
-    for tag in body.add:  # all checked before any is added
+    for tag in [*body.add, *body.remove]:  # all checked before anything changes
         check_tag(tag)
     chunk = api.get_chunk(ref)
     for tag in body.add:

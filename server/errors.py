@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from kvchunks.common import (
     AmbiguousHash,
@@ -37,14 +38,6 @@ STATUS: list[tuple[type[BaseException], int, str]] = [
 ]
 
 
-class HTTPProblem(Exception):
-    """An error the HTTP layer itself finds (a key, a size limit), with its status."""
-
-    def __init__(self, status: int, kind: str, message: str):
-        super().__init__(message)
-        self.status, self.kind = status, kind
-
-
 def body(message: str, kind: str, code: int) -> dict:
     return {"error": {"message": message, "type": kind, "code": code}}
 
@@ -66,8 +59,24 @@ async def on_kvchunks_error(request: Request, error: KVChunksError) -> JSONRespo
     return as_response(error)
 
 
-async def on_problem(request: Request, error: HTTPProblem) -> JSONResponse:
-    return JSONResponse(body(str(error), error.kind, error.status), status_code=error.status)
+# What the HTTP layer itself refuses, OpenAI's error types for the statuses it uses.
+HTTP_KINDS = {401: "authentication_error", 404: "not_found_error", 413: "request_too_large"}
+
+
+def http_error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    kind = HTTP_KINDS.get(status, "invalid_request_error")
+    return JSONResponse(body(message, kind, status), status_code=status, headers=headers)
+
+
+async def on_http_exception(request: Request, error: HTTPException) -> JSONResponse:
+    """An unknown route, a wrong method, a body over the limit: JSON like every error."""
+    return http_error(error.status_code, str(error.detail), error.headers)
+
+
+async def on_unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    """A bug: a JSON 500 for the client, which the server logs with its traceback."""
+    message = f"internal error ({type(error).__name__}); the server's log has the details"
+    return JSONResponse(body(message, "server_error", 500), status_code=500)
 
 
 async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -13,13 +13,14 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from kvchunks import GenerationResult, SamplingParams
 from kvchunks.common import InvalidInput
 from kvchunks.server.errors import as_response
 from kvchunks.server.schemas import ChatRequest, CompletionRequest, Sampling
-from kvchunks.server.streaming import StopHoldBack, cut_at_stop, stream_call
+from kvchunks.server.streaming import stream_call
 
 router = APIRouter()
 
@@ -69,7 +70,7 @@ def _sampling(body: Sampling, default_max_tokens: int) -> SamplingParams:
 async def _respond(request: Request, body: Sampling, messages: list, kind: str, max_tokens: int):
     state = request.app.state
     params = _sampling(body, max_tokens)
-    manager = state.backend.manager(body.context)
+    manager = await run_in_threadpool(state.backend.manager, body.context)  # may ask Ray
     call = {
         "messages": messages,
         "params": params,
@@ -78,46 +79,33 @@ async def _respond(request: Request, body: Sampling, messages: list, kind: str, 
         "chunks": body.chunks,
         "store": body.store,
     }
-    reply = Reply(kind, state.backend.model_name, body, params.stop)
-    await state.generation_slots.acquire()  # a slot is given back when the answer is done
-    events = stream_call(manager.chat, **call)
+    reply = Reply(kind, state.backend.model_name, body)
+    events = stream_call(manager.chat, state.generation_slots, **call)
     if not body.stream:
-        try:
-            async for event, value in events:
-                if event == "error":
-                    return as_response(value)
-                if event == "result":
-                    state.metrics.observe_generation(value, *reply.token_counts(value))
-                    return JSONResponse(reply.whole(value))
-        finally:
-            state.generation_slots.release()
+        async for event, value in events:
+            if event == "error":
+                return as_response(value)
+            if event == "result":
+                state.metrics.observe_generation(value, *reply.token_counts(value))
+                return JSONResponse(reply.whole(value))
     # Streamed: headers go once the first piece (or an early refusal) is known, so that a
     # refused request still gets its status and JSON error.
     first = await anext(events)
     if first[0] == "error":
-        state.generation_slots.release()
         return as_response(first[1])
     return StreamingResponse(_sse(reply, first, events, state), media_type="text/event-stream")
 
 
 async def _sse(reply: Reply, first, events: AsyncIterator, state) -> AsyncIterator[str]:
-    try:
-        async for event in _sse_events(reply, first, events, state):
-            yield event
-    finally:
-        state.generation_slots.release()
-
-
-async def _sse_events(reply: Reply, first, events: AsyncIterator, state) -> AsyncIterator[str]:
-    hold = StopHoldBack(reply.stops)
+    """The answer as server-sent events. The engine never shows a stop string, so the text
+    goes out as it comes."""
     opening = _event(reply.chunk(role=True))  # sent with the first text: one write, not two
     pending = [first]
     while True:
         event, value = pending.pop() if pending else await anext(events)
         if event == "text":
-            if text := hold.feed(value):
-                yield opening + _event(reply.chunk(text=text))
-                opening = ""
+            yield opening + _event(reply.chunk(text=value))
+            opening = ""
             continue
         if opening:
             yield opening
@@ -126,8 +114,6 @@ async def _sse_events(reply: Reply, first, events: AsyncIterator, state) -> Asyn
             yield _event(json.loads(status.body))
         else:
             state.metrics.observe_generation(value, *reply.token_counts(value))
-            if text := hold.finish():
-                yield _event(reply.chunk(text=text))
             yield _event(reply.chunk(finish=value))
             if reply.include_usage:
                 yield _event(reply.usage_chunk(value))
@@ -142,19 +128,18 @@ def _event(document: dict) -> str:
 class Reply:
     """The OpenAI response objects of one request."""
 
-    def __init__(self, kind: str, model: str, body: Sampling, stops: list[str]):
-        self.kind, self.model, self.body, self.stops = kind, model, body, stops
+    def __init__(self, kind: str, model: str, body: Sampling):
+        self.kind, self.model, self.body = kind, model, body
         self.id = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         options = body.stream_options
         self.include_usage = bool(options and options.include_usage)
 
     def whole(self, result: GenerationResult) -> dict:
-        text = cut_at_stop(result.text, self.stops)
         if self.kind == "chat.completion":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None}
+            choice = {"index": 0, "text": result.text, "logprobs": None}
         choice["finish_reason"] = self.finish_reason(result)
         return {
             **self._head(self.kind),

@@ -1,64 +1,55 @@
-"""A generation run on a thread, its text handed to the event loop as it comes, and the
-hold-back that keeps a stop string out of what is streamed."""
+"""A generation run on a thread, its text handed to the event loop as it comes."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 
-async def stream_call(fn: Callable[..., Any], **kwargs) -> AsyncIterator[tuple[str, Any]]:
+class ListenerGone(Exception):
+    """Raised inside a generation whose HTTP client went away: it stops at its next piece."""
+
+
+async def stream_call(
+    fn: Callable[..., Any], slots: asyncio.Semaphore, **kwargs
+) -> AsyncIterator[tuple[str, Any]]:
     """Run fn(**kwargs, on_text=...) on a thread; yield ("text", piece) as they come, then
-    ("result", value) or ("error", exception)."""
+    ("result", value) or ("error", exception).
+
+    The call holds one of `slots` until its thread ends, not until its caller stops
+    listening: a generation whose client went away still holds KV until it has stopped. It
+    is told to stop when the caller stops listening (its next piece raises ListenerGone)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
+    gone = threading.Event()
 
     def put(item: tuple[str, Any]) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, item)
 
+    def on_text(piece: str) -> None:
+        if gone.is_set():
+            raise ListenerGone("the client stopped listening")
+        put(("text", piece))
+
     def work() -> None:
         try:
-            put(("result", fn(**kwargs, on_text=lambda piece: put(("text", piece)))))
+            put(("result", fn(**kwargs, on_text=on_text)))
         except BaseException as e:  # handed to the caller, as raised
             put(("error", e))
+        finally:
+            with contextlib.suppress(RuntimeError):  # the server's loop has already closed
+                loop.call_soon_threadsafe(slots.release)
 
+    await slots.acquire()
     threading.Thread(target=work, name="kvchunks-http-generation", daemon=True).start()
-    while True:
-        kind, value = await queue.get()
-        yield kind, value
-        if kind != "text":
-            return
-
-
-def cut_at_stop(text: str, stops: list[str]) -> str:
-    """The text before the first stop string in it (OpenAI leaves stop strings out)."""
-    found = [text.find(s) for s in stops if s in text]
-    return text[: min(found)] if found else text
-
-
-class StopHoldBack:
-    """Streams text, holding back the last characters that may start a stop string."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = stops
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.text, self.sent, self.stopped = "", 0, False
-
-    def feed(self, piece: str) -> str:
-        if self.stopped:
-            return ""
-        self.text += piece
-        kept = cut_at_stop(self.text, self.stops)
-        if len(kept) < len(self.text):
-            self.stopped = True
-            return self._send(len(kept))
-        return self._send(max(len(self.text) - self.hold, self.sent))
-
-    def finish(self) -> str:
-        return "" if self.stopped else self._send(len(self.text))
-
-    def _send(self, upto: int) -> str:
-        out, self.sent = self.text[self.sent : upto], upto
-        return out
+    try:
+        while True:
+            kind, value = await queue.get()
+            yield kind, value
+            if kind != "text":
+                return
+    finally:
+        gone.set()

@@ -110,36 +110,30 @@ def test_completions_chunk_fields_and_stop_strings(served):
     client = served.openai()
     before = state(served)
     extra = {"context": "http-complete", "chunks": [doc["hash"][:12]], "store": False}
-    done = client.completions.create(
-        model="any",
-        prompt="Where does the ferry leave from?",
-        temperature=0,
-        max_tokens=12,
-        extra_body=extra,
-    )
+
+    def complete(**options):
+        return client.completions.create(
+            model="any",
+            prompt="Where does the ferry leave from?",
+            temperature=0,
+            max_tokens=12,
+            extra_body=extra,
+            **options,
+        )
+
+    def streamed(**options) -> str:
+        return "".join(p.choices[0].text for p in complete(stream=True, **options) if p.choices)
+
+    done = complete()
     assert done.choices[0].text and done.model_extra["kvchunks"]["output_chunk"] is None
     assert state(served) == before  # store: false keeps nothing; chunks: no activation
-    pieces = client.completions.create(
-        model="any",
-        prompt="Where does the ferry leave from?",
-        temperature=0,
-        max_tokens=12,
-        extra_body=extra,
-        stream=True,
-    )
-    assert "".join(p.choices[0].text for p in pieces if p.choices) == done.choices[0].text
+    assert streamed() == done.choices[0].text
     words = done.choices[0].text.split()
     stop = words[1] if len(words) > 1 else words[0]
-    cut = client.completions.create(
-        model="any",
-        prompt="Where does the ferry leave from?",
-        temperature=0,
-        max_tokens=12,
-        extra_body=extra,
-        stop=[stop],
-    )
+    cut = complete(stop=[stop])
     assert cut.choices[0].text == done.choices[0].text.split(stop)[0]
     assert cut.choices[0].finish_reason == "stop"
+    assert streamed(stop=[stop]) == cut.choices[0].text
 
 
 def test_every_chunk_route(served):
@@ -224,6 +218,8 @@ def too_long() -> str:
             413,
         ),
         ("post", "/v1/chunks", {"text": "x" * (9 << 20)}, 413),
+        ("get", "/v1/no-such-route", None, 404),
+        ("put", "/v1/chunks", None, 405),
     ],
 )
 def test_errors_are_openai_json_and_change_nothing(served, method, path, body, status):
@@ -233,6 +229,51 @@ def test_errors_are_openai_json_and_change_nothing(served, method, path, body, s
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == status and error["message"] and "\n" not in error["message"]
+    assert state(served) == before
+
+
+def test_a_body_sent_in_chunks_is_held_to_the_limit(served):
+    """No Content-Length to refuse it by: the server counts the bytes as they come."""
+    before = state(served)
+    body = json.dumps({"text": "x" * (9 << 20)}).encode()
+    pieces = (body[i : i + (1 << 20)] for i in range(0, len(body), 1 << 20))
+    with served.http() as http:
+        headers = {"content-type": "application/json"}
+        response = http.post("/v1/chunks", content=pieces, headers=headers)
+    assert response.status_code == 413, response.text[:200]
+    assert response.json()["error"]["type"] == "request_too_large"
+    assert state(served) == before
+
+
+def test_tags_are_all_checked_before_any_changes(served):
+    doc = add_doc(served, ROUTE_TEXT)
+    before = state(served)
+    with served.http() as http:
+        body = {"add": ["kept"], "remove": ["has space"]}
+        response = http.post(f"/v1/chunks/{doc['hash']}/tags", json=body)
+    assert response.status_code == 400, response.text
+    assert state(served) == before
+
+
+def test_a_client_that_goes_away_stops_its_answer(served):
+    """The answer stops at its next token: its KV goes back to the pool and nothing of it is
+    stored (it would be, had it run to the end)."""
+    llm = served.cm.store.model.llm
+    before, free = state(served), llm.pool_usage()["free"]
+    question = {
+        "messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
+        "max_tokens": 1000,
+        "temperature": 0,
+        "stream": True,
+        "context": "http-gone",
+    }
+    with served.http() as http, http.stream("POST", "/v1/chat/completions", json=question) as r:
+        assert r.status_code == 200
+        assert next(line for line in r.iter_lines() if '"content"' in line)
+    deadline = time.monotonic() + 20
+    while llm.pool_usage()["free"] != free and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert llm.pool_usage()["free"] == free
     assert state(served) == before
 
 
