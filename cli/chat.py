@@ -22,9 +22,9 @@ from prompt_toolkit.history import FileHistory
 from rich.table import Table
 
 from kvchunks.cli import commands, render
-from kvchunks.cli.commands import activate_all
 from kvchunks.cli.shared import (
     SAMPLING_OPTIONS,
+    activate_all,
     json_option,
     sampling_options,
     sampling_params,
@@ -89,10 +89,8 @@ def output_activate(state: State, refs: tuple[str, ...]) -> None:
 def output_delete(state: State, refs: tuple[str, ...], cascade: bool) -> None:
     """Delete answers; without HASH, the last answer."""
     cm = state.manager
-    hashes = [cm.get_chunk(ref).hash for ref in list(refs) or _required(_last_outputs(state))]
-    for chunk_hash in hashes:
-        deleted = cm.delete_chunk(chunk_hash, cascade=cascade)
-        say(state, f"deleted {', '.join(render.short(h) for h in deleted)}")
+    deleted = cm.delete_chunks(list(refs) or _required(_last_outputs(state)), cascade)
+    say(state, f"deleted {', '.join(render.short(h) for h in deleted)}")
 
 
 @output.command("tag")

@@ -19,6 +19,7 @@ import click
 
 from kvchunks.cli import render
 from kvchunks.cli.shared import (
+    activate_all,
     hash_argument,
     json_option,
     sampling_options,
@@ -28,7 +29,7 @@ from kvchunks.cli.shared import (
 )
 from kvchunks.cli.state import State, pass_state
 from kvchunks.cli.tree import split_timelines
-from kvchunks.common import KVChunksError, read_text_file
+from kvchunks.common import ContextWindowExceeded, read_text_file
 from kvchunks.vocabulary import MODES, ROLES, TIERS
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ def load(
     as_json: bool,
 ) -> None:
     """Load a UTF-8 text FILE as a chunk; its KV is computed now."""
+    file = file.expanduser()  # the chat and a quoted shell argument leave ~ as it is
     read_text_file(file)  # a missing, empty or binary file is refused before the model loads
     cm = state.manager
     started = time.time()  # a chunk made before this was stored already: nothing computed
@@ -79,7 +81,7 @@ def load(
         )
     chunks = made if isinstance(made, list) else [made]
     if activate:
-        chunks = activate_all(cm, [c.hash for c in chunks])
+        chunks = _activate_loaded(cm, chunks)
     stored = [c.created_at < started for c in chunks]
     lines = [
         f"loaded {render.describe(c)}{', active' if c.is_active else ''} from {file}"
@@ -90,6 +92,16 @@ def load(
         {**c.to_json(), "already_stored": old} for c, old in zip(chunks, stored, strict=True)
     ]
     show(state, as_json, documents, lines)
+
+
+def _activate_loaded(cm: Catalog, chunks: list[ChunkInfo]) -> list[ChunkInfo]:
+    """Activate what `load` made. The chunks' sizes are known only once they are computed,
+    so a window too full for them is found after: the error says they are kept."""
+    try:
+        return activate_all(cm, [c.hash for c in chunks])
+    except ContextWindowExceeded as e:
+        kept = ", ".join(render.describe(c) for c in chunks)
+        raise ContextWindowExceeded(f"{e}; loaded all the same, not active: {kept}") from e
 
 
 @click.command("list")
@@ -140,22 +152,6 @@ def activate(state: State, refs: tuple[str, ...]) -> None:
     for chunk in activate_all(cm, list(refs)):
         say(state, f"activated {render.describe(chunk)}")
     _window_line(state, cm)
-
-
-def activate_all(cm: Catalog, refs: list[str]) -> list[ChunkInfo]:
-    """Activate in order; if one cannot be (unknown hash, window full), none is."""
-    hashes = [cm.get_chunk(ref).hash for ref in refs]
-    before = {c.hash for c in cm.context().chunks}
-    done: list[ChunkInfo] = []
-    try:
-        for chunk_hash in hashes:
-            done.append(cm.activate_chunk(chunk_hash))
-    except KVChunksError:
-        for chunk in done:
-            if chunk.hash not in before:
-                cm.deactivate_chunk(chunk.hash)
-        raise
-    return done
 
 
 @click.command()

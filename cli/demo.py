@@ -7,6 +7,7 @@ document can answer, and shows the chunks with their provenance.
 from __future__ import annotations
 
 import click
+from rich.text import Text
 
 from kvchunks.cli.render import chunks_table, short
 from kvchunks.cli.state import State, pass_state
@@ -17,18 +18,24 @@ The night ferry from Lindqvist Pier to the island of Vesk now leaves at 23:40.
 The ferry is called the Grey Heron, and its captain is Marta Oyelaran.
 Tickets for the night ferry cost 12 crowns and are sold only at kiosk 7.
 """
+LABEL_WIDTH = 9  # "question" and a space: the lines' texts start in one column
 QUESTION = "What is the name of the night ferry, and who is its captain?"
 
 
 @click.command()
 @click.option(
-    "--max-tokens", type=int, default=48, show_default=True, help="Longest answer, in tokens."
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=48,
+    show_default=True,
+    help="Longest answer, in tokens.",
 )
 @pass_state
 def demo(state: State, max_tokens: int) -> None:
     """Load a document, activate it, ask about it, and show the chunks."""
     from kvchunks import SamplingParams
 
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)  # checked before any change
     path = state.data_dir / "demo" / "harbor-notes.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(DOCUMENT)
@@ -37,12 +44,11 @@ def demo(state: State, max_tokens: int) -> None:
     doc = cm.load_file(path, tags=["demo"])
     cm.activate_chunk(doc.hash)
     out = state.out
-    out.print(f"[bold]document[/] {short(doc.hash)}  {doc.token_count} tokens, activated")
-    out.print(f"[bold]question[/] {QUESTION}")
-    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    out.print(labelled("document", f"{short(doc.hash)}  {doc.token_count} tokens, activated"))
+    out.print(labelled("question", QUESTION))
     with out.status("generating"):
         result = cm.generate(QUESTION, params)
-    out.print(f"[bold]answer[/]   {result.text.strip()}")
+    out.print(labelled("answer", result.text.strip()))
     out.print(
         f"          first token {result.ttft_s * 1000:.0f} ms, {result.tokens_per_s:.1f} tokens/s"
     )
@@ -52,3 +58,9 @@ def demo(state: State, max_tokens: int) -> None:
         parents = " + ".join(short(p) for p in c.parent_chunks)
         out.print(f"  {short(c.hash)} ({c.kind}) was computed after {parents}")
     out.print("Continue with: kvchunks chat   (the document stays active in context 'default')")
+
+
+def labelled(label: str, text: str) -> Text:
+    """A bold label, then `text` as it is: the model's answer may contain [brackets], which
+    rich would otherwise read as markup."""
+    return Text.assemble((label, "bold"), " " * (LABEL_WIDTH - len(label)), text)

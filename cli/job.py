@@ -15,22 +15,27 @@ again, not recomputed); each line of QUESTIONS is answered with all the document
 in the job's context, and written to OUT as one JSON line: question, answer, chunks (the
 documents' hashes), prompt_chunk and output_chunk. The sampling options are those of
 `kvchunks generate`, with its defaults; --dtype refuses a service that runs in another dtype.
+Every input is read and checked before the job connects, and documents that cannot all be
+active at once are refused before the context changes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
 from kvchunks.cli.shared import dtype_option, sampling_options, sampling_params
-from kvchunks.vocabulary import DEFAULT_MODE, MODES
+from kvchunks.common import ContextWindowExceeded, InvalidInput, KVChunksError, read_text_file
+from kvchunks.vocabulary import DEFAULT_MODE, MODES, check_recompute
 
 if TYPE_CHECKING:
-    from kvchunks import Client, SamplingParams
+    from kvchunks import ChunkInfo, Client, SamplingParams
 
 
 @click.command()
@@ -69,22 +74,45 @@ def main(
     dtype: str | None,
 ) -> None:
     """Load DOCS as chunks, answer each line of QUESTIONS with them active, write OUT."""
-    from kvchunks.common import KVChunksError
-    from kvchunks.vocabulary import check_recompute
-
     try:
         check_recompute(mode, recompute)  # before anything is loaded
         params = sampling_params(sampling)
-        count = run(docs, questions, out, address, context, (mode, recompute), params, dtype)
+        inputs = read_inputs(docs, questions, out)
+        count = run(inputs, out, address, context, (mode, recompute), params, dtype)
     except KVChunksError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     click.echo(f"answered {count} question(s): {out}")
 
 
+@dataclass
+class Inputs:
+    documents: dict[str, str]  # file name -> text, in name order
+    questions: list[str]
+
+
+def read_inputs(docs: Path, questions: Path, out: Path) -> Inputs:
+    """Every input read and checked, and OUT's folder found writable, before the job
+    connects: a bad one is refused while the service and the context are as they were."""
+    files = sorted(p for p in docs.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise InvalidInput(f"{docs} has no documents")
+    documents = {p.name: read_text_file(p) for p in files}
+    lines = [q.strip() for q in read_text_file(questions).splitlines() if q.strip()]
+    check_writable(out)
+    return Inputs(documents, lines)
+
+
+def check_writable(out: Path) -> None:
+    folder = out.absolute().parent
+    if not folder.is_dir():
+        raise InvalidInput(f"no folder {folder} to write {out.name} in; create it first")
+    if not os.access(out if out.exists() else folder, os.W_OK):
+        raise InvalidInput(f"cannot write {out}: permission denied")
+
+
 def run(
-    docs: Path,
-    questions: Path,
+    inputs: Inputs,
     out: Path,
     address: str,
     context: str,
@@ -94,23 +122,21 @@ def run(
 ) -> int:
     """Answer the questions; `combine` is the mode and realign's recompute fraction."""
     from kvchunks.actors.client import connect
-    from kvchunks.common import read_text_file
 
     client = connect(address, context)
     if dtype:
         check_dtype(client, dtype)
-    files = sorted(p for p in docs.iterdir() if p.is_file() and not p.name.startswith("."))
     chunks = [
-        client.add_chunk(read_text_file(p), role="system", metadata={"source": p.name})
-        for p in files
+        client.add_chunk(text, role="system", metadata={"source": name})
+        for name, text in inputs.documents.items()
     ]
+    check_fits(client, chunks)  # before the context changes
     client.configure(auto_activate=False)  # every question sees the documents only
     client.clear()
     for chunk in chunks:
         client.activate_chunk(chunk.hash)
-    lines = [q.strip() for q in read_text_file(questions).splitlines() if q.strip()]
     with out.open("w") as f:
-        for question in lines:
+        for question in inputs.questions:
             result = client.generate(question, params, combine[0], recompute=combine[1])
             output = result.output_chunk.hash if result.output_chunk else None
             record = {
@@ -125,13 +151,22 @@ def run(
             }
             f.write(json.dumps(record) + "\n")
             f.flush()
-    return len(lines)
+    return len(inputs.questions)
+
+
+def check_fits(client: Client, chunks: list[ChunkInfo]) -> None:
+    """Refuse documents that cannot all be active at once (their sizes are known once they
+    are computed; they stay stored)."""
+    total, window = sum(c.token_count for c in chunks), client.context().window
+    if total > window:
+        raise ContextWindowExceeded(
+            f"the documents have {total} tokens, over the context window of {window}; "
+            "give fewer or shorter documents"
+        )
 
 
 def check_dtype(client: Client, dtype: str) -> None:
     """Refuse a service that computes in another dtype than the job asks for."""
-    from kvchunks.common import InvalidInput
-
     running = client.stats()["dtype"]
     if running != dtype:
         raise InvalidInput(

@@ -94,7 +94,16 @@ def state_options(f: Callable) -> Callable:
     return f
 
 
-def apply_options(state: State, model, dtype, data_dir, context, mode, recompute, address) -> None:
+def apply_options(
+    state: State,
+    model: Path | None,
+    dtype: str | None,
+    data_dir: Path | None,
+    context: str | None,
+    mode: str | None,
+    recompute: float | None,
+    address: str | None,
+) -> None:
     """Set the options that were given; the data directory also holds the default model."""
     if data_dir is not None:
         os.environ[HOME_ENV] = str(data_dir)

@@ -12,10 +12,11 @@ from rich.console import RenderableType
 
 from kvchunks.cli import render
 from kvchunks.cli.state import State
+from kvchunks.common import KVChunksError
 from kvchunks.vocabulary import DTYPES
 
 if TYPE_CHECKING:
-    from kvchunks import SamplingParams
+    from kvchunks import Catalog, ChunkInfo, SamplingParams
 
 # What a generation from the command line uses where no option says otherwise (greedy, unlike
 # SamplingParams()); `sampling_options` hands over only the options given.
@@ -133,3 +134,19 @@ def sampling_params(sampling: dict) -> SamplingParams:
     from kvchunks import SamplingParams
 
     return SamplingParams(**(DEFAULT_SAMPLING | sampling))
+
+
+def activate_all(cm: Catalog, refs: list[str]) -> list[ChunkInfo]:
+    """Activate in order; if one cannot be (unknown hash, window full), none is."""
+    hashes = [cm.get_chunk(ref).hash for ref in refs]
+    before = {c.hash for c in cm.context().chunks}
+    done: list[ChunkInfo] = []
+    try:
+        for chunk_hash in hashes:
+            done.append(cm.activate_chunk(chunk_hash))
+    except KVChunksError:
+        for chunk in done:
+            if chunk.hash not in before:
+                cm.deactivate_chunk(chunk.hash)
+        raise
+    return done

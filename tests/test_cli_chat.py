@@ -244,6 +244,8 @@ def test_bad_inputs_are_one_line_and_change_nothing(chat, tmp_path):
         f"/split {doc} 99999": "split point must be between 1 and",
         f"/split {doc} half": "'half' is not a valid integer",
         f"/delete {doc}": "is used by view(s)",
+        # all or none: the first answer is not deleted when the second one cannot be
+        f"/output delete {chat.hashes['partial']} {chat.hashes['answer']}": "is used by view(s)",
         f"/tag {doc} 'two words'": "invalid tag",
         f"/compose {doc}": "compose needs at least two chunks",
         f"/move {doc} tape": "'tape' is not one of 'gpu', 'cpu', 'disk'",

@@ -3,6 +3,7 @@ loads once): --json documents, and bad inputs that give one line, exit 1 and cha
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -14,6 +15,7 @@ from kv_files import raw_header, with_record, write_raw
 from rich.console import Console
 
 from kvchunks.cli import progress
+from kvchunks.cli.chat import Chat
 from kvchunks.cli.main import cli
 from kvchunks.cli.state import State
 from kvchunks.store.chunk import ChunkInfo
@@ -289,3 +291,65 @@ def text_files_gone_bad(at: Path, window: int) -> dict[Path, str]:
     (at / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
     (at / "too-long.txt").write_text("word " * (window + 100))
     return files
+
+
+@pytest.fixture
+def context_kept(state):
+    """The context's active chunks put back as they were, for a test that changes them."""
+    before = [c["hash"] for c in as_json(state, "context")["chunks"]]
+    yield
+    kvchunks(state, "clear")
+    if before:
+        kvchunks(state, "activate", *before)
+
+
+def plain_consoles(state: State, monkeypatch) -> tuple[io.StringIO, io.StringIO]:
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(state, "out", Console(file=out, color_system=None, width=200))
+    monkeypatch.setattr(state, "err", Console(file=err, color_system=None, width=200))
+    return out, err
+
+
+def test_load_expands_a_home_path_in_the_command_and_the_chat(state, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "tilde.txt").write_text("The lighthouse is painted red.\n")
+    [chunk] = as_json(state, "load", "~/tilde.txt")
+    assert chunk["metadata"]["source"] == str((tmp_path / "tilde.txt").resolve())
+    out, err = plain_consoles(state, monkeypatch)
+    Chat(state).handle("/load ~/tilde.txt")
+    line = out.getvalue()
+    assert err.getvalue() == ""
+    assert line.startswith(f"loaded {chunk['hash'][:12]} (") and "already stored" in line
+
+
+def test_load_activate_past_the_window_names_the_chunk_it_kept(state, tmp_path, context_kept):
+    small = as_json(state, "list", "--tag", "vault")[0]
+    view = as_json(state, "context")
+    room = view["window"] - view["token_count"]
+    filler = as_json(state, "compose", *[small["hash"]] * (room // small["token_count"]))
+    kvchunks(state, "activate", filler["hash"])  # less room left than one more vault
+    note = tmp_path / "late.txt"
+    note.write_text("The secret code of the vault is 4817, and the key is under the mat.\n")
+    before = as_json(state, "context")
+    refused = kvchunks(state, "load", str(note), "--activate", status=1)
+    [late] = as_json(state, "list", "under the mat")
+    line = refused.stderr.strip()
+    assert "\n" not in line and "over the context window of 8192" in line
+    assert f"loaded all the same, not active: {late['hash'][:12]} (" in line
+    assert not late["is_active"] and as_json(state, "context") == before
+    kvchunks(state, "delete", late["hash"])
+    kvchunks(state, "deactivate", filler["hash"])
+    kvchunks(state, "delete", filler["hash"])
+
+
+def test_demo_prints_the_answer_as_written(state, monkeypatch, context_kept):
+    cm = state.manager
+    generate = cm.generate
+
+    def bracketed(*args, **kwargs):
+        return dataclasses.replace(generate(*args, **kwargs), text="a [/i] b [red]c[/red]")
+
+    monkeypatch.setattr(cm, "generate", bracketed)
+    shown = kvchunks(state, "demo", "--max-tokens", "2").stdout
+    assert "answer   a [/i] b [red]c[/red]\n" in shown
+    assert "question What is the name of the night ferry" in shown

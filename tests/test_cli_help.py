@@ -101,6 +101,7 @@ def test_help_and_usage_errors_do_not_import_torch():
         ["move", "abcd", "tape"],
         ["load", "--split", "0", "x.txt"],
         ["generate", "hi", "--temperature", "-1"],
+        ["demo", "--max-tokens", "0"],  # refused before the demo clears the context
         ["auto", "maybe"],
         ["tree", "--format", "svg"],
         ["no-such-command"],

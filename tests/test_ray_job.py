@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import ray_fixtures
+from click.testing import CliRunner
 
 from kvchunks.actors.remote import get
+from kvchunks.cli import job
 from kvchunks.engine import SamplingParams
 
 ray_cluster, ray_service = ray_fixtures.ray_cluster, ray_fixtures.ray_service  # used by name
@@ -72,3 +77,66 @@ def test_ray_job_submit_answers_questions_with_the_documents(
         assert row["chunks"] == rows[0]["chunks"]
         output = get(registry.call.remote("get", row["output_chunk"]))
         assert output.parent_chunks == [*row["chunks"], row["prompt_chunk"]]
+
+
+class StoringClient:
+    """Stands in for the Ray client: computes documents of a given size and records every
+    call that changes the context."""
+
+    def __init__(self, tokens_per_document: int):
+        self.tokens = tokens_per_document
+        self.changes: list[str] = []
+
+    def add_chunk(self, text: str, **_) -> SimpleNamespace:
+        return SimpleNamespace(hash=f"{len(text):064x}", token_count=self.tokens)
+
+    def context(self) -> SimpleNamespace:
+        return SimpleNamespace(window=8192)
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: self.changes.append(name)
+
+
+def job_files(at: Path, docs: dict[str, bytes], questions: bytes) -> list[str]:
+    (at / "docs").mkdir()
+    for name, data in docs.items():
+        (at / "docs" / name).write_bytes(data)
+    (at / "questions.txt").write_bytes(questions)
+    return ["--docs", str(at / "docs"), "--questions", str(at / "questions.txt")]
+
+
+GOOD = {"a.txt": b"The ferry leaves at nine.", "c.txt": b"Tea is at five."}
+
+
+@pytest.mark.parametrize(
+    ("docs", "questions", "out", "message"),
+    [
+        ({**GOOD, "b.bin": b"\x00\x01 binary"}, b"Why?", "answers.jsonl", "looks binary"),
+        (GOOD, b" \n\n", "answers.jsonl", "questions.txt is empty"),
+        ({}, b"Why?", "answers.jsonl", "has no documents"),
+        (GOOD, b"Why?", "missing/answers.jsonl", "no folder"),
+    ],
+    ids=["bad-document", "no-questions", "no-documents", "no-out-folder"],
+)
+def test_job_checks_every_input_before_it_connects(
+    tmp_path, monkeypatch, docs, questions, out, message
+):
+    def connect(*_):
+        raise AssertionError("connected before the inputs were checked")
+
+    monkeypatch.setattr("kvchunks.actors.client.connect", connect)
+    args = [*job_files(tmp_path, docs, questions), "--out", str(tmp_path / out)]
+    done = CliRunner().invoke(job.main, args)
+    assert done.exit_code == 1, done.output
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert not (tmp_path / out).exists()
+
+
+def test_job_refuses_documents_over_the_window_before_the_context_changes(tmp_path, monkeypatch):
+    client = StoringClient(tokens_per_document=5000)  # two of them: over 8192
+    monkeypatch.setattr("kvchunks.actors.client.connect", lambda *_: client)
+    out = tmp_path / "answers.jsonl"
+    done = CliRunner().invoke(job.main, [*job_files(tmp_path, GOOD, b"Why?"), "--out", str(out)])
+    assert done.exit_code == 1, done.output
+    assert "the documents have 10000 tokens, over the context window of 8192" in done.stderr
+    assert client.changes == [] and not out.exists()
