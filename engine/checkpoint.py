@@ -50,8 +50,14 @@ def read_config(folder: Path) -> dict:
 
 
 def context_window(config: dict) -> int:
-    """The most tokens the model attends to at once, from its config.json."""
-    return config.get("max_position_embeddings", DEFAULT_WINDOW)
+    """The most tokens the model attends to at once, from its config.json. A model with
+    sliding-window attention (Mistral 7B v0.1) attends to at most its window, and within
+    it full attention, which is what the engine computes, is the same computation."""
+    window = config.get("max_position_embeddings", DEFAULT_WINDOW)
+    sliding = config.get("sliding_window")
+    if sliding and config.get("use_sliding_window", True):  # Qwen2 names it, off
+        window = min(window, sliding)
+    return window
 
 
 def prepare_default_model(

@@ -17,6 +17,7 @@ from kvchunks.common import (
     DtypeMismatch,
     InvalidInput,
 )
+from kvchunks.engine.checkpoint import context_window
 from kvchunks.store.chunk import ChunkInfo, ChunkRecord, SourceSpan
 from kvchunks.store.hashing import chunk_hash, content_hash, context_hash, model_fingerprint
 
@@ -201,3 +202,19 @@ def test_what_a_manager_passes_in(catalog, chunks):
     assert chunk.tier == "gpu" and chunk.is_active
     assert activated == [(doc.hash, []), (question.hash, [doc.hash])]
     assert issubclass(ContextManager, Catalog)
+
+
+@pytest.mark.parametrize(
+    ("config", "window"),
+    [
+        ({"max_position_embeddings": 8192}, 8192),
+        ({"max_position_embeddings": 32768, "sliding_window": 4096}, 4096),  # Mistral v0.1
+        ({"max_position_embeddings": 32768, "sliding_window": None}, 32768),
+        (
+            {"max_position_embeddings": 32768, "sliding_window": 4096, "use_sliding_window": False},
+            32768,
+        ),
+    ],
+)
+def test_the_window_is_what_the_model_attends_to_at_once(config, window):
+    assert context_window(config) == window
