@@ -257,7 +257,7 @@ class ContextManager(OutputTracking, Catalog):
         active = self.registry.get_many(self.registry.active(self.context_name))
         self.store.model.check_dtype(active)
         prompt_tokens = self.store.model.chat.prompt(prompt)
-        self._check_fits(_tokens(active) + len(prompt_tokens) + _params(params).max_tokens)
+        self._check_fits(_tokens(active) + len(prompt_tokens) + self._answer_room(params))
         call = _Call(settings, mode, recompute, params, on_text)
         result = self._answer(prompt, prompt_tokens, active, call)
         if settings["auto_activate"]:
@@ -290,7 +290,7 @@ class ContextManager(OutputTracking, Catalog):
         tokens = message_tokens(chat, turns)
         prompt_tokens = chat.prompt(turns[-1].content)
         framed = sum(map(len, tokens)) + len(prompt_tokens)
-        self._check_fits(_tokens(before) + framed + _params(params).max_tokens)
+        self._check_fits(_tokens(before) + framed + self._answer_room(params))
         self.store.model.check_dtype(before)
         made = message_chunks(self.store, self.context_name, turns, tokens, before, mode, recompute)
         call = _Call(settings, mode, recompute, params, on_text, store)
@@ -349,6 +349,11 @@ class ContextManager(OutputTracking, Catalog):
         return self.get_chunk(exchange.import_chunk(self.store, path))
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _answer_room(self, params: SamplingParams | None) -> int:
+        """Tokens an answer may take: max_tokens, then the tokens that close it the way the
+        chat template closes a turn (stored with it, and active with it under auto-activate)."""
+        return _params(params).max_tokens + len(self.store.model.chat.turn_end)
 
     def _check_fits(
         self, tokens: int, remedy: str = "deactivate chunks or lower max_tokens"

@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 from reference import bits
+from test_packing import note
 
 from kvchunks.common import (
     AmbiguousHash,
@@ -17,6 +18,7 @@ from kvchunks.common import (
     InvalidInput,
 )
 from kvchunks.engine import SamplingParams
+from kvchunks.service.context_manager import ContextManager
 from kvchunks.store.kv_file import kv_path
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
@@ -275,6 +277,27 @@ def test_activation_past_the_window_is_refused(make_cm):
     with pytest.raises(ContextWindowExceeded):
         cm.activate_chunk(page.hash)
     assert snapshot(cm) == before
+
+
+def test_an_answer_and_its_closing_must_fit_the_window(make_tiny_store):
+    """An answer cut at max_tokens is closed the way the template closes a turn, and stored
+    so: room for max_tokens but not for the closing is refused before anything runs; room
+    for both gives an answer that is stored and, under auto-activate, active."""
+    cm = ContextManager(store=make_tiny_store(), auto_activate=True, mode="reuse")
+    window = cm.store.model.window
+    page = cm.add_chunk(note(0, 100), role="raw")
+    book = cm.compose_chunks([page.hash] * (window // 100 - 1))
+    cm.activate_chunk(book.hash)
+    question = "Go on."
+    room = window - book.token_count - len(cm.store.model.chat.prompt(question))
+    before = snapshot(cm)
+    with pytest.raises(ContextWindowExceeded):
+        cm.generate(question, SamplingParams(temperature=0, max_tokens=room, ignore_eos=True))
+    assert snapshot(cm) == before
+    answer_room = room - len(cm.store.model.chat.turn_end)
+    greedy = SamplingParams(temperature=0, max_tokens=answer_room, ignore_eos=True)
+    result = cm.generate(question, greedy)
+    assert result.output_chunk.is_active and cm.context().token_count <= window
 
 
 def test_concurrent_activations_never_pass_the_window(make_cm):
