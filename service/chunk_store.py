@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from kvchunks.common import CapacityError, DtypeMismatch, data_dir
+from kvchunks.common import DtypeMismatch, KVChunksError, data_dir
 from kvchunks.engine import LLM, EngineConfig
 from kvchunks.policies.budgets import TierBudgets
 from kvchunks.policies.prefetch import make_policy
@@ -165,10 +165,10 @@ class ChunkStore:
                     self.composer.owned_kv(chunk)
                 else:
                     self.move_to_cpu(chunk)
-            except CapacityError:
-                self.tiers.records.record(chunk.hash, "disk")
             except DtypeMismatch:  # another dtype's chunk: left where that dtype keeps it
                 continue
+            except KVChunksError:  # no room, or its KV lost for good: a use of it says why
+                self.tiers.records.record(chunk.hash, "disk")
 
     def wait_for_transfers(self) -> None:
         self.prefetcher.wait()

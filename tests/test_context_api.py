@@ -140,6 +140,25 @@ def test_restart_keeps_chunks_tags_provenance_and_answers(make_cm, home):
     assert again.store.stats["file_loads"] >= 3 and again.store.stats["recomputes"] == 0
 
 
+def test_a_chunk_that_cannot_be_restored_does_not_stop_the_restart(make_cm, home):
+    """Its file lost and a chunk it was computed after deleted: it is left out of the pool
+    (a use of it says why), and the chunks after it in the registry are restored."""
+    cm = make_cm()
+    doc = cm.add_chunk(DOC)
+    cm.activate_chunk(doc.hash)
+    g = cm.generate("Where is the vault?", GREEDY)
+    cm.deactivate_chunk(doc.hash)
+    cm.delete_chunk(doc.hash)
+    kv_path(home, g.prompt_chunk.hash).unlink()
+    later = cm.add_chunk("The mill was built in 1820.")
+    cm.store.close()
+    again = make_cm(at=home)
+    assert again.get_chunk(g.prompt_chunk.hash).tier == "disk"
+    assert again.get_chunk(later.hash).tier == "gpu" and later.hash in again.store.tiers.kv
+    with pytest.raises(ChunkNotFound, match="cannot be rebuilt"):
+        again.move_to_gpu(g.prompt_chunk.hash)
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_damaged_or_missing_kv_file_is_recomputed_bitwise(make_cm, home, damage):
     cm = make_cm()
