@@ -7,8 +7,8 @@ and clients are applied one at a time, each durable in Redis before the call ret
 
 It also keeps the shared pool's map: which worker holds which chunk's KV (in its pool or
 its host memory), and how many bytes. That map is soft state, rebuilt from the workers'
-reports: a restarted worker reports an empty pool, and the KV itself can always come back
-from a file or its tokens.
+reports: a restarted worker reports an empty pool, a restarted registry actor asks every
+worker to report again, and the KV itself can always come back from a file or its tokens.
 """
 
 from __future__ import annotations
@@ -79,6 +79,15 @@ class RegistryActor:
         self.pools: dict[str, dict] = {}  # worker -> its last reported pool figures
         self.owners: dict[str, list[str]] = {}  # chunk -> chunks owning its KV (cache)
         self.handles: dict[str, ray.actor.ActorHandle] = {}  # actor name -> its handle
+        self._ask_for_reports()
+
+    def _ask_for_reports(self) -> None:
+        """Have the running workers report their pools: after a restart the map is empty,
+        and a worker reports only what changed. Not awaited; at the service's start no
+        worker runs yet."""
+        for worker in self.workers:
+            with contextlib.suppress(ValueError):
+                self._actor(worker).report_again.remote()
 
     def ready(self) -> bool:
         return True

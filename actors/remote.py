@@ -35,6 +35,7 @@ CONTEXT_METHODS = frozenset(
         "context",
         "deactivate_chunk",
         "delete_chunk",
+        "delete_chunks",
         "export_chunk",
         "get_chunk",
         "import_chunk",
@@ -69,7 +70,8 @@ def store_name(kind: str, node: str) -> str:
 
 @contextlib.contextmanager
 def ray_errors(what: str) -> Iterator[None]:
-    """Raise an actor's kvchunks error as itself, and a dead actor as WorkerDied."""
+    """Raise an actor's kvchunks error as itself, a dead actor as WorkerDied, and Ray's other
+    failures as ServiceUnavailable."""
     try:
         yield
     except rex.RayTaskError as e:
@@ -83,10 +85,18 @@ def ray_errors(what: str) -> Iterator[None]:
         if e.actor_init_failed:  # its message ends with the traceback's "Type: message" line
             last = [line for line in _ANSI.sub("", str(e)).splitlines() if line.strip()][-1]
             raise ServiceUnavailable(f"{what} failed: an actor could not start: {last}") from None
-        detail = " ".join(str(e).split())[:200]
         raise WorkerDied(
-            f"{what} failed: the actor died or is restarting ({detail}); retry the call"
+            f"{what} failed: the actor died or is restarting ({one_line(e)}); retry the call"
         ) from None
+    except rex.GetTimeoutError:  # the caller set the timeout, and says what it means
+        raise
+    except rex.RayError as e:  # an object lost with its owner (a restarted actor), ...
+        raise ServiceUnavailable(f"{what} failed: {type(e).__name__} ({one_line(e)})") from None
+
+
+def one_line(error: Exception) -> str:
+    """An error's message on one line, cut short (Ray's run to many lines)."""
+    return " ".join(str(error).split())[:200]
 
 
 def get(refs: Any, what: str = "call") -> Any:

@@ -35,6 +35,7 @@ from kvchunks.actors.remote import (
     TIER_MANAGER,
     ServiceUnavailable,
     get,
+    one_line,
     ray_errors,
     store_name,
     worker_name,
@@ -64,9 +65,8 @@ def init_ray(address: str | None) -> bool:
     try:
         ray.init(address=address, **options)
     except (ConnectionError, TimeoutError) as e:
-        detail = " ".join(str(e).split())[:200]
         raise ServiceUnavailable(
-            f"no Ray cluster at {address!r} ({detail}); start one with `ray start --head`"
+            f"no Ray cluster at {address!r} ({one_line(e)}); start one with `ray start --head`"
         ) from None
     return address is None
 
@@ -105,11 +105,8 @@ def start(
     one the registry actor runs the embedded server on its node.
     """
     # The actor classes import torch and the engine: only the command that starts them pays.
-    from kvchunks.actors.registry_actor import RedisProvenance, RegistryActor
-    from kvchunks.actors.tier_manager import TierManagerActor
+    from kvchunks.actors.registry_actor import RegistryActor
     from kvchunks.actors.worker import InferenceWorkerActor
-    from kvchunks.policies.budgets import TierBudgets
-    from kvchunks.policies.prefetch import make_policy
 
     if is_running():
         raise InvalidInput("a kvchunks service already runs on this Ray cluster; stop it first")
@@ -124,22 +121,15 @@ def start(
         started += [a for s in stores.values() for a in (s.host, s.disk)]
         registry = RegistryActor.options(name=REGISTRY, **single).remote(home_dir, redis_url, names)
         url = get(registry.redis_url.remote(), "starting the registry")
-        policy = make_policy(None, RedisProvenance(url))
-        tiers = TierManagerActor.options(name=TIER_MANAGER, max_concurrency=16, **single).remote(
-            registry, list(stores), TierBudgets.from_env(), policy
-        )
+        _check_redis_reach(url, len(stores))
+        tiers = _new_tier_manager(registry, list(stores), url, single)
         started.append(tiers)
         get(tiers.ready.remote(), "starting the tier manager")
-        resources = {"num_gpus": 1} if gpus else {"num_cpus": cpus_per_worker}
+        options = _worker_options(gpus, cpus_per_worker, common)
         handles = {
-            name: InferenceWorkerActor.options(
-                name=name,
-                max_restarts=-1,
-                max_task_retries=3,  # calls wait out a restart (generate does not: see there)
-                max_concurrency=8,
-                **resources,
-                **common,
-            ).remote(name, registry, tiers, model_dir, home_dir, url, engine_options)
+            name: InferenceWorkerActor.options(name=name, **options).remote(
+                name, registry, tiers, model_dir, home_dir, url, engine_options
+            )
             for name in names
         }
         started += handles.values()
@@ -149,6 +139,44 @@ def start(
         _shut_down(registry, started)
         raise
     return Service(registry, tiers, handles)
+
+
+def _check_redis_reach(url: str, nodes: int) -> None:
+    """Refuse a Redis on a unix socket (the embedded server's) in a cluster of several nodes:
+    workers on the other nodes could never reach it, and would restart forever."""
+    if nodes > 1 and url.startswith("unix://"):
+        raise InvalidInput(
+            f"the registry's Redis listens on a unix socket, which the other {nodes - 1} "
+            "node(s) of this cluster cannot reach; give a Redis URL that every node can "
+            "reach (`kvchunks serve --redis-url`, or KVCHUNKS_REDIS_URL)"
+        )
+
+
+def _new_tier_manager(
+    registry: ActorHandle, nodes: list[str], url: str, single: dict
+) -> ActorHandle:
+    """The TierManager actor, started (not yet ready), with the default prefetch policy."""
+    from kvchunks.actors.registry_actor import RedisProvenance
+    from kvchunks.actors.tier_manager import TierManagerActor
+    from kvchunks.policies.budgets import TierBudgets
+    from kvchunks.policies.prefetch import make_policy
+
+    policy = make_policy(None, RedisProvenance(url))
+    options = {"name": TIER_MANAGER, "max_concurrency": 16, **single}
+    return TierManagerActor.options(**options).remote(
+        registry, nodes, TierBudgets.from_env(), policy
+    )
+
+
+def _worker_options(gpus: int, cpus_per_worker: float, common: dict) -> dict:
+    resources = {"num_gpus": 1} if gpus else {"num_cpus": cpus_per_worker}
+    return {
+        "max_restarts": -1,
+        "max_task_retries": 3,  # calls wait out a restart (generate does not: see there)
+        "max_concurrency": 8,
+        **resources,
+        **common,
+    }
 
 
 def _pinned(node: str, common: dict) -> dict:

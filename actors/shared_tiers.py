@@ -26,7 +26,7 @@ class SharedTiers:
         tier_manager: ray.actor.ActorHandle,
         worker: str,
         node: str,
-        spec: dict,  # the worker's fingerprint, dtype and KV shape (see InferenceWorker.info)
+        spec: dict,  # the worker's fingerprint, dtype and KV shape (InferenceWorker.spec)
     ):
         self.tier_manager, self.worker, self.node, self.spec = tier_manager, worker, node, spec
         self.stats: Counter[str] = Counter()  # shipped, spilled

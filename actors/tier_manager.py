@@ -163,6 +163,7 @@ class TierManager:
         requester brings them in itself, another worker is told here."""
         with self.lock:  # a policy may learn from every activation it sees (co-activation)
             wanted = [chunk.hash, *self.policy.on_activate(chunk, active)]
+        self.stats["prefetch_planned"] += 1
         target = self.router.pick_for([*active, *owner_hashes(chunk)])
         if target != requester:
             get(self._worker(target).prefetch_chunks.remote(wanted), "a prefetch")

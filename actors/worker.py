@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import queue
 import threading
@@ -29,7 +30,7 @@ from kvchunks.actors.kv_transfer import KVPayload
 from kvchunks.actors.registry_actor import RegistryClient
 from kvchunks.actors.remote import CONTEXT_METHODS, ServiceUnavailable, get
 from kvchunks.actors.shared_tiers import SharedTiers
-from kvchunks.common import HOME_ENV, InvalidInput, data_dir
+from kvchunks.common import HOME_ENV, ChunkNotFound, InvalidInput, data_dir
 from kvchunks.engine import EngineConfig
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.context_manager import ContextManager
@@ -40,6 +41,14 @@ from kvchunks.store import redis_server
 from kvchunks.store.chunk import ChunkInfo
 
 ANSWERS = ("generate", "chat")  # the methods that stream an answer (see `answer`)
+
+# The concurrency group of the methods that peers and the other actors call (read_kv,
+# prefetch_chunks, forget, report_again, ready): Ray runs them on threads of their own, never
+# queued behind the API calls. A call may hold this worker's lock while it waits for a
+# peer's read_kv, and every thread the peer has for calls may be waiting for the peer's
+# lock, held by a call that waits for ours. These methods wait for no lock that a call holds
+# for long, so a few threads are enough.
+TRANSFERS = "transfers"
 
 # The context whose routed call is running (None: a caller pinned to this worker). The store
 # reads it when an activation's prefetch decides where to run (see `call`).
@@ -96,8 +105,10 @@ class InferenceWorker:
         self.tiers_seen: dict[str, str] | None = None
         self._report()  # a restarted worker's pool is empty: forget what its last life held
 
-    def ready(self) -> dict:
-        return self.status()
+    @ray.method(concurrency_group=TRANSFERS)
+    def ready(self) -> bool:
+        """Answers once the worker has started (callers wait out a restart with it)."""
+        return True
 
     # -- the API --------------------------------------------------------------------------
 
@@ -191,6 +202,7 @@ class InferenceWorker:
                 ROUTED_CONTEXT.reset(routing)
                 self._report()
 
+    @ray.method(concurrency_group=TRANSFERS)
     def forget(self, hashes: list[str]) -> None:
         """These chunks were deleted through another worker: drop them before the next call
         (now could be in the middle of a generation that reads them)."""
@@ -208,12 +220,14 @@ class InferenceWorker:
 
     # -- the shared pool ------------------------------------------------------------------
 
+    @ray.method(concurrency_group=TRANSFERS)
     def read_kv(self, chunk_hash: str) -> KVPayload | None:
         """A copy of the chunk's KV from this pool or host memory (for a peer, a tier store).
 
-        Takes no lock, so that two workers each waiting on the other cannot deadlock: it
-        reads the blocks, then checks that the chunk still owns them (eviction takes a
-        chunk out of the pool before it frees its blocks).
+        Two workers each waiting on the other's read_kv cannot deadlock: it runs on threads
+        that no API call takes (TRANSFERS), and takes no lock. It reads the blocks, then
+        checks that the chunk still owns them (eviction takes a chunk out of the pool before
+        it frees its blocks).
         """
         tiers = self.store.tiers
         segments = tiers.kv.get(chunk_hash)
@@ -232,8 +246,7 @@ class InferenceWorker:
         TierManager). Asking the TierManager for every activation cost a quarter of the
         service's throughput under load (bench/soak.py)."""
         context = ROUTED_CONTEXT.get()
-        needed = [*active, *owner_hashes(chunk)]
-        if context is None or all(h in self.store.tiers.kv for h in needed):
+        if context is None or self._all_here([*active, *owner_hashes(chunk)]):
             return None
         request = self.tier_manager.prefetch.remote(self.name, chunk, active)
         try:
@@ -246,6 +259,17 @@ class InferenceWorker:
         self.store.stats["prefetch_handed_over"] += 1
         return []
 
+    def _all_here(self, hashes: list[str]) -> bool:
+        """Whether the KV these chunks read is in this pool. The pool holds the chunks that
+        own KV, never views: a view counts through its sources."""
+        pool = self.store.tiers.kv
+        try:  # only chunks not in the pool are read: views, and owners elsewhere
+            absent = self.store.registry.get_many(h for h in hashes if h not in pool)
+        except ChunkNotFound:  # deleted meanwhile: the TierManager decides, as for any miss
+            return False
+        return all(h in pool for chunk in absent for h in owner_hashes(chunk))
+
+    @ray.method(concurrency_group=TRANSFERS)
     def prefetch_chunks(self, hashes: list[str]) -> None:
         """Bring these chunks into the pool in the background (the TierManager's choice for
         an activation), and report the pool when that is done: no call of this worker's may
@@ -254,9 +278,18 @@ class InferenceWorker:
             self.store.prefetcher.prefetch(chunk_hash)
         self.store.prefetcher.after_transfers(self._report)
 
-    def _report(self) -> None:
-        """Tell the registry what this pool and host memory hold, when that changed."""
+    @ray.method(concurrency_group=TRANSFERS)
+    def report_again(self) -> None:
+        """Report the pool, changed or not (a restarted registry actor has lost its map), in
+        the background, as a prefetch does."""
+        self.store.prefetcher.after_transfers(functools.partial(self._report, again=True))
+
+    def _report(self, again: bool = False) -> None:
+        """Tell the registry what this pool and host memory hold, when that changed (or
+        `again`)."""
         with self.report_lock:
+            if again:
+                self.reported = None
             while deleted := self._report_once():  # loaded here while deleted elsewhere
                 self._drop(deleted)
 
@@ -291,25 +324,26 @@ class InferenceWorker:
 
     # -- operations -----------------------------------------------------------------------
 
-    def info(self) -> dict:
-        block_size = self.store.model.block_size
-        return {**self.spec, "token_bytes": self.token_bytes, "block_size": block_size}
-
     def status(self) -> dict:
         store, tiers = self.store, self.store.tiers
+        with tiers.lock:  # background transfers change the pool meanwhile
+            pool = {
+                **self._pool(),
+                "chunks": len(tiers.kv),
+                "kv_bytes": sum(s.length for v in tiers.kv.values() for s in v) * self.token_bytes,
+                "host_chunks": len(tiers.host.kv),
+                "host_bytes": tiers.host.used_bytes,
+            }
         return {
             "name": self.name,
             "node": self.node_id,
             "device": str(store.model.engine_config.device),
             "threads": torch.get_num_threads(),
-            **self._pool(),
             "block_size": store.model.block_size,
-            "chunks": len(tiers.kv),
-            "kv_bytes": sum(sum(s.length for s in v) for v in tiers.kv.values()) * self.token_bytes,
-            "host_chunks": len(tiers.host.kv),
-            "host_bytes": tiers.host.used_bytes,
+            **pool,
             "contexts": sorted(self.managers),
-            "stats": dict(store.stats + self.shared.stats),
+            # Copied whole (one step under the GIL): transfers count without the lock.
+            "stats": {**store.stats, **self.shared.stats},
             "busy": self.lock.locked(),
         }
 
@@ -329,4 +363,4 @@ class InferenceWorker:
             return len(chosen)
 
 
-InferenceWorkerActor = ray.remote(InferenceWorker)
+InferenceWorkerActor = ray.remote(concurrency_groups={TRANSFERS: 4})(InferenceWorker)

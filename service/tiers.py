@@ -327,9 +327,10 @@ class Tiers:
             self.to_disk(victim)
 
     def forget(self, chunk_hash: str) -> None:
-        """Let go of a chunk's KV in this process: pool blocks, host memory, LRU place, and
-        the derived KV made from it."""
+        """Let go of a deleted chunk in this process: pool blocks, host memory, LRU place,
+        tier records not yet written, and the derived KV made from it."""
         with self.lock:
+            self.records.forget(chunk_hash)
             self.evict(chunk_hash)
             self.host.pop(chunk_hash)
             self.lru.forget(chunk_hash)

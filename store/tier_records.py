@@ -48,6 +48,13 @@ class TierRecords:
         """The tier this process last recorded for the chunk, written yet or not."""
         return self._latest.get(chunk_hash)
 
+    def forget(self, chunk_hash: str) -> None:
+        """The chunk was deleted: its records not yet written are void, and a chunk made
+        again with its hash starts with no tier here."""
+        with self._lock:
+            self._pending.pop(chunk_hash, None)
+            self._latest.pop(chunk_hash, None)
+
     def flush(self) -> None:
         """Return once every record made so far is in the registry (or failed, logged)."""
         if self._closed:
@@ -79,3 +86,8 @@ class TierRecords:
             with self._lock:
                 self._pending = tiers | self._pending
             log.warning("could not record the tiers of %d chunks: %s", len(tiers), e)
+        except Exception:
+            # A bug, which a retry would meet again. Logged: nobody reads the outcome of a
+            # background write (_write_soon).
+            log.exception("lost the tier records of %d chunks", len(tiers))
+            raise

@@ -1,5 +1,6 @@
 """The shared chunk pool with two CPU workers: shipping instead of recomputing, routing,
-a worker killed mid-generation, the tier stores, and `kvchunks status`."""
+transfers that never wait behind calls, a worker killed mid-generation, a restarted registry
+actor, KV lost with its owner, the tier stores, and `kvchunks status`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import subprocess
 import threading
 import time
+import types
 
 import httpx
 import numpy as np
@@ -157,6 +159,44 @@ def test_activation_prefetches_on_the_worker_the_router_picks(ray_service):
     assert ray.get(s.worker("worker-0").violations.remote()) == []  # waits for its transfers
     assert ray.get(s.worker("worker-0").read_kv.remote(docs[2].hash)) is not None
     assert delta(s.stats("worker-0"), before["worker-0"]).get("prefetch_handed_over") == 2
+
+
+def test_a_routed_activation_with_its_kv_here_asks_no_tier_manager(ray_service):
+    s = ray_service
+    worker = s.worker("worker-1")
+    on_1 = connect("auto", "view-here", worker=1)
+    a, b, c, d = (on_1.add_chunk(f"Boat {i} is moored at pier {i}.") for i in range(4))
+    on_1.activate_chunk(on_1.compose_chunks([a.hash, b.hash]).hash)  # pinned: no hand-over
+
+    def planned() -> int:
+        return get(s.service.tiers.transfers.remote()).get("prefetch_planned", 0)
+
+    before = planned()
+    # The pool holds the view's sources, not the view: its KV is here all the same.
+    get(worker.call.remote("view-here", "activate_chunk", (c.hash,)))
+    assert ray.get(worker.violations.remote()) == []  # waits for its transfers
+    assert planned() == before
+    ray.get(worker.evict.remote([a.hash]))  # a source only in its file: the manager plans
+    get(worker.call.remote("view-here", "activate_chunk", (d.hash,)))
+    assert ray.get(worker.violations.remote()) == []
+    assert planned() == before + 1
+
+
+def test_transfers_are_served_while_every_call_thread_waits(ray_service):
+    """A peer's read_kv never queues behind calls waiting for this worker's lock: whoever
+    holds the lock may be waiting for that peer."""
+    worker = ray_service.worker("worker-0")
+    doc = connect("auto", "threads", worker=0).add_chunk("The spare key is under the blue pot.")
+    params = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+    request = {"prompt": "Tell a long story about the sea.", "params": params}
+    answer = worker.answer.remote("threads", "generate", request)
+    wait_for(lambda: ray.get(worker.status.remote())["busy"], "the generation never started")
+    waiting = [worker.call.remote("threads-wait", "settings") for _ in range(8)]  # all threads
+    assert ray.get(worker.read_kv.remote(doc.hash)) is not None
+    assert ray.get(worker.ready.remote())
+    assert ray.wait(waiting, timeout=0)[0] == []  # all still behind the generation
+    assert [ray.get(ref) for ref in answer][-1].text
+    get(waiting)
 
 
 def test_killed_worker_loses_no_chunk_and_answers_the_same(ray_service):
@@ -334,3 +374,56 @@ def test_tier_manager_keeps_each_nodes_host_and_disk_budgets(ray_service, tmp_pa
     for node_stores in stores.values():
         ray.kill(node_stores.host)
         ray.kill(node_stores.disk)
+
+
+def test_restarted_registry_actor_gets_every_pool_again(ray_service):
+    from ray.util.state import get_actor
+
+    registry = ray_service.service.registry
+    doc = connect("auto", "registry-restart", worker=1).add_chunk("The owl nests in the barn.")
+    assert get(registry.holders.remote(doc.hash)) == ["worker-1"]
+    ray.kill(registry, no_restart=False)
+
+    def restarted() -> bool:
+        state = get_actor(registry._actor_id.hex())
+        return state.state == "ALIVE" and state.num_restarts > 0
+
+    wait_for(restarted, "the registry actor never came back")
+    # worker-1's pool has not changed since its last report: it reports because it is asked.
+    wait_for(
+        lambda: get(registry.holders.remote(doc.hash)) == ["worker-1"],
+        "worker-1 never reported to the restarted registry actor",
+    )
+
+
+def test_kv_lost_with_its_owner_comes_from_elsewhere(ray_cluster):
+    from kvchunks.actors.shared_tiers import SharedTiers
+
+    @ray.remote(num_cpus=0)
+    def copy_kv() -> None:
+        time.sleep(60)  # still copying when its caller dies
+
+    @ray.remote(num_cpus=0)
+    class Owner:  # owns the replies of the calls it makes, as the TierManager does
+        def start_copy(self) -> list:
+            return [copy_kv.remote()]
+
+    @ray.remote(num_cpus=0)
+    class Manager:  # hands out a ref whose owner dies before it is read
+        def __init__(self, refs: list):
+            self.refs = refs
+
+        def fetch(self, *args):
+            return self.refs[0]
+
+    owner = Owner.remote()
+    lost = ray.get(owner.start_copy.remote())
+    manager = Manager.remote(lost)
+    ray.kill(owner)
+    with pytest.raises(ray.exceptions.ObjectLostError):
+        ray.get(lost[0], timeout=30)
+    spec = {"fingerprint": "f" * 64, "dtype": "float32", "shape": (2, None, 1, 8)}
+    shared = SharedTiers(manager, "worker-x", "node-x", spec)
+    chunk = types.SimpleNamespace(hash="ab" * 32, token_count=4)
+    assert shared.load(chunk) is None  # then the KV file, or a recompute
+    ray.kill(manager)

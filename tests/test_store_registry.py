@@ -299,6 +299,18 @@ def test_tier_records_land_in_order_and_wait_out_a_failing_redis(reg, monkeypatc
     assert reg.get(a.hash).tier == "disk" and reg.get(b.hash).tier == "cpu"
 
 
+def test_tier_records_of_a_deleted_chunk_are_forgotten(reg):
+    chunk = make_chunk([3])
+    reg.put(chunk, tier="gpu")
+    records = TierRecords(reg)
+    records.record(chunk.hash, "cpu")
+    records.forget(chunk.hash)  # deleted meanwhile; made again below with the same hash
+    assert records.latest(chunk.hash) is None
+    records.flush()
+    assert reg.get(chunk.hash).tier == "gpu"
+    records.close()
+
+
 def test_contexts_are_ordered_idempotent_and_independent(reg):
     a, b, c = (make_chunk([i], created_at=float(i)) for i in (1, 2, 3))
     for chunk in (a, b, c):
