@@ -1,11 +1,16 @@
-"""What every layer shares: the data directory, reading a text file, and the errors."""
+"""What every layer shares: the data directory, reading a text file, progress reports, and
+the errors."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 HOME_ENV = "KVCHUNKS_HOME"
+
+# How long work reports how far it is: done, and in all (tokens, or bytes of KV moved).
+OnProgress = Callable[[int, int], None]
 
 
 def data_dir() -> Path:

@@ -19,8 +19,6 @@ class SharedTiers:
     """A KV source (`load`), a spill target (`spill`) and a disk budget (`admit_file`) for a
     worker's ChunkStore."""
 
-    name = "shared pool"
-
     def __init__(
         self,
         tier_manager: ray.actor.ActorHandle,

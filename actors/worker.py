@@ -77,7 +77,7 @@ class InferenceWorker:
         self.spec = {
             "fingerprint": engine.fingerprint,
             "dtype": engine.engine_config.dtype,
-            "shape": engine.kv_shape(None),
+            "shape": engine.kv_shape(),
         }
         self.token_bytes = engine.kv_bytes(1)
         self.shared = SharedTiers(tier_manager, name, self.node_id, self.spec)

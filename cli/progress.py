@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -23,9 +23,9 @@ from rich.progress import (
 from rich.text import Text
 
 from kvchunks.cli.state import State
+from kvchunks.common import OnProgress
 
 LARGE_FILE = 16 << 10  # bytes; loading a bigger file shows a progress bar
-OnProgress = Callable[[int, int], None]  # tokens done, tokens in all
 
 
 class TokenRate(ProgressColumn):

@@ -40,6 +40,8 @@ class Captured:
 
 
 class DecodeGraphs:
+    """The captured graphs of one engine, by batch size (see the module's docstring)."""
+
     def __init__(
         self,
         model: CausalLM,

@@ -17,9 +17,9 @@ class Scheduler:
         config: EngineConfig,
         block_manager: BlockManager,
         eos_token_ids: list[int],
-        decode: Callable[[list[int]], str],  # for stop strings
+        detokenize: Callable[[list[int]], str],  # for stop strings
     ):
-        self.decode = decode
+        self.detokenize = detokenize
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.blocks = block_manager
@@ -131,7 +131,7 @@ class Scheduler:
         character split across two."""
         window = max(len(s) for s in seq.params.stop) + 1
         tail_ids = seq.completion_token_ids[-window:]
-        tail = self.decode(tail_ids)
+        tail = self.detokenize(tail_ids)
         found = [tail.find(s) for s in seq.params.stop if s in tail]
         if not found:
             return False
@@ -139,7 +139,7 @@ class Scheduler:
         # Keep the tokens whose text ends before the stop string (the newest one never does:
         # the string was not there a step ago); the rest of the text before it is the tail.
         keep = len(tail_ids) - 1
-        while len(kept := self.decode(tail_ids[:keep])) > start:
+        while len(kept := self.detokenize(tail_ids[:keep])) > start:
             keep -= 1
         seq.stop_tail = tail[len(kept) : start]
         del seq.token_ids[seq.num_tokens - len(tail_ids) + keep :]

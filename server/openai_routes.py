@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvchunks import GenerationResult, SamplingParams
 from kvchunks.common import InvalidInput
@@ -38,12 +38,12 @@ def models(request: Request) -> dict:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatRequest, request: Request):
+async def chat_completions(body: ChatRequest, request: Request) -> Response:
     return await _respond(request, body, body.messages, "chat.completion", CHAT_MAX_TOKENS)
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request):
+async def completions(body: CompletionRequest, request: Request) -> Response:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
         raise InvalidInput("prompt must be one string (batches of prompts are not served)")
@@ -67,9 +67,11 @@ def _sampling(body: Sampling, default_max_tokens: int) -> SamplingParams:
     )
 
 
-async def _respond(request: Request, body: Sampling, messages: list, kind: str, max_tokens: int):
+async def _respond(
+    request: Request, body: Sampling, messages: list, kind: str, default_max_tokens: int
+) -> Response:
     state = request.app.state
-    params = _sampling(body, max_tokens)
+    params = _sampling(body, default_max_tokens)
     manager = await run_in_threadpool(state.backend.manager, body.context)  # may ask Ray
     call = {
         "messages": messages,

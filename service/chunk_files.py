@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 
 from kvchunks.common import CapacityError, ChunkFileError, DtypeMismatch
+from kvchunks.service.kv_sources import KV
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.host_memory import HostMemory
 from kvchunks.store.kv_file import kv_path, read_kv_file, remove_partial_files, write_kv_file
 
-KV = tuple[torch.Tensor, torch.Tensor]
 # (hash, bytes) -> whether a new file of that size fits a budget kept elsewhere (a cluster's,
 # for every worker of a node); it counts the file when it does.
 AdmitFile = Callable[[str, int], bool]
@@ -23,8 +23,6 @@ AdmitFile = Callable[[str, int], bool]
 class ChunkFiles:
     """Chunk KV files under `<home>/kv`, checked on every read and kept within a byte budget.
     It is also a KV source (see kv_sources.py)."""
-
-    name = "file"
 
     def __init__(
         self,

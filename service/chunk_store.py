@@ -77,7 +77,7 @@ class ChunkStore:
             self.home,
             self.model.fingerprint,
             self.model.engine_config.dtype,
-            self.model.kv_shape(None),
+            self.model.kv_shape(),
             self.host,
             self.stats,
             self.budgets.disk_bytes,

@@ -145,7 +145,7 @@ class Composer:
         """The caller no longer attends to ctx: its KV may go, its derived KV be dropped
         under pressure."""
         with self.lock:
-            self.tiers.pinned.subtract(ctx.held)
+            self.tiers.unpin(ctx.held)
             self.tiers.free(ctx.segments)
 
     def timeline_prefix(self, parts: list[Piece]) -> int:
@@ -205,7 +205,7 @@ class Composer:
             else:
                 recomputed = self._compose(key, parts[prefix:end], combine, head)
             self.tiers.lru.touch(key)
-            self.tiers.pinned[key] += 1
+            self.tiers.pin([key])
             return key, self.tiers.compositions[key], recomputed
 
     def _compose(self, key: str, parts: list[Piece], combine: str, head: list[KVSegment]) -> int:

@@ -8,7 +8,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvchunks.common import ContextWindowExceeded, InvalidInput, read_text_file
+from kvchunks.common import ContextWindowExceeded, InvalidInput, OnProgress, read_text_file
 from kvchunks.engine import EngineConfig, SamplingParams
 from kvchunks.service import exchange, generation
 from kvchunks.service.catalog import Catalog
@@ -23,7 +23,6 @@ from kvchunks.store.chunk import ChunkInfo
 from kvchunks.vocabulary import check_tag
 
 # Told the tokens done and the total of a long operation, as the work goes on.
-OnProgress = Callable[[int, int], None]
 
 
 class ContextManager(OutputTracking, Catalog):

@@ -50,7 +50,7 @@ def import_chunk(store: ChunkStore, path: str | Path) -> str:
         file = store.home / "exports" / file
     model = store.model
     k, v, record, _ = read_kv_file(
-        file, model.fingerprint, model.engine_config.dtype, model.kv_shape(None)
+        file, model.fingerprint, model.engine_config.dtype, model.kv_shape()
     )
     # Views over it were counted where it was exported; here there are none.
     chunk = dataclasses.replace(ChunkRecord.from_record(record), ref_count=0)

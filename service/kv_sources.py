@@ -18,8 +18,6 @@ KV = tuple[torch.Tensor, torch.Tensor]
 
 
 class KVSource(Protocol):
-    name: str
-
     def load(self, chunk: ChunkInfo) -> KV | None:
         """The chunk's KV ([layers, tokens, kv_heads, head_dim] each), or None."""
         ...

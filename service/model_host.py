@@ -88,11 +88,11 @@ class ModelHost:
     def kv_bytes(self, tokens: int) -> int:
         return self.model_config.kv_bytes(tokens, self.engine_config.torch_dtype)
 
-    def kv_shape(self, tokens: int | None) -> tuple:
-        """The shape of a chunk's K (or V): [layers, tokens, kv_heads, head_dim]; tokens None
-        stands for any number."""
+    def kv_shape(self) -> tuple:
+        """The shape of a chunk's K (or V), [layers, tokens, kv_heads, head_dim], with None
+        for its number of tokens."""
         c = self.model_config
-        return (c.num_layers, tokens, c.num_kv_heads, c.head_dim)
+        return (c.num_layers, None, c.num_kv_heads, c.head_dim)
 
 
 def _fingerprint(path: Path, home: Path, model: ModelConfig, engine: EngineConfig) -> str:

@@ -192,13 +192,20 @@ class Tiers:
     def pinning(self, chunks: list[ChunkInfo]) -> Iterator[None]:
         """Keep the KV these chunks read in the pool (no eviction) while the block runs."""
         held = [o.hash for c in chunks for o in owners(self.registry, c)]
-        with self.lock:
-            self.pinned.update(held)
+        self.pin(held)
         try:
             yield
         finally:
-            with self.lock:
-                self.pinned.subtract(held)
+            self.unpin(held)
+
+    def pin(self, keys: list[str]) -> None:
+        """Keep these chunks' or compositions' KV in the pool until `unpin`."""
+        with self.lock:
+            self.pinned.update(keys)
+
+    def unpin(self, keys: list[str]) -> None:
+        with self.lock:
+            self.pinned.subtract(keys)
 
     # -- derived KV -----------------------------------------------------------------------
 

@@ -48,7 +48,6 @@ const ctx = (name) => `/v1/contexts/${q(name)}`;
 
 export const api = {
   chunks: (context) => call("GET", `/v1/chunks?context=${q(context)}`).then((r) => r.data),
-  chunk: (hash, context) => call("GET", `/v1/chunks/${hash}?context=${q(context)}`),
   addChunk: (text, source, tags) => call("POST", "/v1/chunks", { text, source, tags }),
   deleteChunk: (hash, cascade = false) => call("DELETE", `/v1/chunks/${hash}?cascade=${cascade}`),
   tags: (hash, add, remove) => call("POST", `/v1/chunks/${hash}/tags`, { add, remove }),

@@ -7,7 +7,7 @@ import * as context from "./context.js";
 import * as details from "./details.js";
 import * as graph from "./graph.js";
 import * as usage from "./usage.js";
-import { $ } from "./util.js";
+import { $, short } from "./util.js";
 
 const CONTEXT_ITEM = "kvchunks.context";
 const STATUS_MS = 4000;
@@ -63,7 +63,7 @@ const page = {
   toggle(chunk) {
     const call = chunk.is_active ? api.deactivate : api.activate;
     const verb = chunk.is_active ? "deactivated" : "activated";
-    return page.run(() => call(state.context, chunk.hash), `${chunk.hash.slice(0, 12)} ${verb}`);
+    return page.run(() => call(state.context, chunk.hash), `${short(chunk.hash)} ${verb}`);
   },
 
   async setContext(name) {
