@@ -17,6 +17,7 @@ router picks, and the context's next calls follow it there.
 from __future__ import annotations
 
 import inspect
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -175,21 +176,36 @@ class Client(OutputTracking):
         self._worker = name = self._router.pick(self.context_name)
         handle = self._service.workers[name]
         get(handle.ready.remote(), f"{name} ready")  # waits while a crashed worker restarts
-        track, stream = bool(self._trackers), on_text is not None
-        result = None
+        answer_id = uuid.uuid4().hex if on_text is not None else None  # streamed, stoppable
+        track = bool(self._trackers)
+        refs = handle.answer.remote(self.context_name, method, kwargs, track, answer_id)
         with ray_errors(f"{name} {method}"):
-            for ref in handle.answer.remote(self.context_name, method, kwargs, track, stream):
-                item = ray.get(ref)
-                if isinstance(item, str):
-                    on_text(item)  # type: ignore[misc]
-                else:
-                    result = item
+            try:
+                result = _read_answer(refs, on_text)
+            except BaseException:  # nobody reads the rest: the worker stops, keeping nothing
+                if answer_id is not None:
+                    handle.stop_answer.remote(answer_id)
+                raise
         if result is None:
             raise WorkerDied(f"{name} {method} ended without a result; retry the call")
         for tracker in self._trackers:
             tracker.chunks += result.output_chunks
         self.last_generation = result
         return result
+
+
+def _read_answer(
+    refs: ray.ObjectRefGenerator, on_text: Callable[[str], None] | None
+) -> GenerationResult | None:
+    """Pass the answer's text to on_text as it comes; its result (None if it never came)."""
+    result = None
+    for ref in refs:
+        item = ray.get(ref)
+        if isinstance(item, str):
+            on_text(item)  # type: ignore[misc]
+        else:
+            result = item
+    return result
 
 
 # Methods that bring a chunk's KV into the serving worker's pool.

@@ -42,6 +42,12 @@ from kvchunks.store.chunk import ChunkInfo
 
 ANSWERS = ("generate", "chat")  # the methods that stream an answer (see `answer`)
 
+
+class AnswerStopped(Exception):
+    """Raised inside an answer whose caller stopped listening (`stop_answer`): it ends at its
+    next piece of text, and nothing of it is kept."""
+
+
 # The concurrency group of the methods that peers and the other actors call (read_kv,
 # prefetch_chunks, forget, report_again, ready): Ray runs them on threads of their own, never
 # queued behind the API calls. A call may hold this worker's lock while it waits for a
@@ -95,6 +101,7 @@ class InferenceWorker:
             restore=False,
         )
         self.redirects: dict[str, str] = {}  # context -> where its last prefetch was handed
+        self.answers: dict[str, threading.Event] = {}  # streamed answer -> set to stop it
         engine.llm  # noqa: B018  (loads the model now: a worker is ready when it can serve)
         self.managers: dict[str, ContextManager] = {}
         self.lock = threading.Lock()  # one API call at a time (background prefetches aside)
@@ -146,26 +153,34 @@ class InferenceWorker:
         method: str,
         kwargs: dict,
         track: bool = False,
-        stream: bool = False,
+        answer_id: str | None = None,
     ) -> Iterator[str | GenerationResult]:
         """Run ContextManager.generate or .chat (`method`) for `context`: yield the answer's
-        new text as it comes (with `stream`), then the result."""
+        new text as it comes (when the caller names it with an `answer_id`, for
+        `stop_answer`), then the result."""
         if method not in ANSWERS:
             raise InvalidInput(f"ContextManager has no answering method {method!r}")
         request = (context, method, kwargs, track)
-        if not stream:
+        if answer_id is None:
             yield self._answer(*request, None)
             return
         pieces: queue.Queue = queue.Queue()
         outcome: dict = {}
+        self.answers[answer_id] = stopped = threading.Event()
+
+        def on_text(piece: str) -> None:
+            if stopped.is_set():
+                raise AnswerStopped(f"answer {answer_id} stopped: its caller went away")
+            pieces.put(piece)
 
         def run() -> None:
             try:
-                outcome["result"] = self._answer(*request, pieces.put)
+                outcome["result"] = self._answer(*request, on_text)
             except BaseException as e:  # handed to the caller below, as raised
                 outcome["error"] = e
             finally:
                 pieces.put(None)
+                self.answers.pop(answer_id, None)
 
         threading.Thread(target=run, daemon=True).start()
         while (piece := pieces.get()) is not None:
@@ -173,6 +188,13 @@ class InferenceWorker:
         if "error" in outcome:
             raise outcome["error"]
         yield outcome["result"]
+
+    @ray.method(concurrency_group=TRANSFERS)
+    def stop_answer(self, answer_id: str) -> None:
+        """The caller of a streamed answer stopped listening (its HTTP client went away, a
+        Ctrl-C): the answer ends at its next piece, and nothing of it is kept."""
+        if (stopped := self.answers.get(answer_id)) is not None:
+            stopped.set()
 
     def _answer(self, context, method, kwargs, track, on_text) -> GenerationResult:
         self.redirects.pop(context, None)  # the client routed this request: that choice stands

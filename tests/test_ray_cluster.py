@@ -199,6 +199,26 @@ def test_transfers_are_served_while_every_call_thread_waits(ray_service):
     get(waiting)
 
 
+def test_an_answer_nobody_reads_any_more_stops_on_the_worker(ray_service):
+    """The caller's on_text fails (an HTTP client gone, a Ctrl-C): the worker's answer stops
+    at its next piece, frees the worker, and nothing of it is stored."""
+    client = connect("auto", "stopped", worker=0)
+    worker = ray_service.worker("worker-0")
+    before = {c.hash for c in client.list_chunks()}
+    params = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
+    pieces: list[str] = []
+
+    def gone(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            raise ConnectionResetError("the listener went away")
+
+    with pytest.raises(ConnectionResetError):
+        client.generate("Tell a long story about the sea.", params, on_text=gone)
+    wait_for(lambda: not ray.get(worker.status.remote())["busy"], "the answer ran on", 20)
+    assert {c.hash for c in client.list_chunks()} == before
+
+
 def test_killed_worker_loses_no_chunk_and_answers_the_same(ray_service):
     s = ray_service
     client = connect("auto", "kill", worker=1)
