@@ -48,12 +48,12 @@ class AnswerStopped(Exception):
     next piece of text, and nothing of it is kept."""
 
 
-# The concurrency group of the methods that peers and the other actors call (read_kv,
-# prefetch_chunks, forget, report_again, ready): Ray runs them on threads of their own, never
-# queued behind the API calls. A call may hold this worker's lock while it waits for a
-# peer's read_kv, and every thread the peer has for calls may be waiting for the peer's
-# lock, held by a call that waits for ours. These methods wait for no lock that a call holds
-# for long, so a few threads are enough.
+# The concurrency group of the methods that peers, the other actors and clients call beside
+# the API (read_kv, prefetch_chunks, forget, report_again, ready, stop_answer): Ray runs them
+# on threads of their own, never queued behind the API calls. A call may hold this worker's
+# lock while it waits for a peer's read_kv, and every thread the peer has for calls may be
+# waiting for the peer's lock, held by a call that waits for ours. These methods wait for no
+# lock that a call holds for long, so a few threads are enough.
 TRANSFERS = "transfers"
 
 # The context whose routed call is running (None: a caller pinned to this worker). The store
