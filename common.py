@@ -104,6 +104,12 @@ class RegistryUnavailable(KVChunksError):
     """The Redis server behind the registry cannot be reached."""
 
 
+class ListenerGone(KVChunksError):
+    """The caller of a streamed answer stopped listening (its HTTP client went away, a
+    Ctrl-C): raised inside the answer at its next piece of text, which ends it; nothing of
+    the answer is kept."""
+
+
 class ServiceUnavailable(KVChunksError):
     """Ray, or the kvchunks actors on it, cannot be reached."""
 

@@ -2,23 +2,24 @@
 
 A plain class, wrapped by `ray.remote` at the end of this file. It is a ContextManager per
 context name over one ChunkStore, nothing more: every API call runs the plain in-process
-code. What it adds is the shared pool, through collaborators handed to the store: KV that is
-not in this worker's pool is shipped from a HostStore or a peer before the file or a
-recompute is tried (SharedTiers.load); KV leaving the pool goes to the node's HostStore, so
-it outlives this worker (SharedTiers.spill); new KV files fit the node's disk budget
-(SharedTiers.admit_file); the TierManager runs the prefetch policy for each activation and
-sends the prefetch to the worker the router picks (`_hand_over`); and every change of what
-the pool holds is reported to the registry actor, so requests can be routed to the worker
-that holds their chunks.
+code. What it adds is the shared pool, through collaborators handed to the store and used
+around each call:
+
+    shared   SharedTiers  KV not in this pool is shipped from a HostStore or a peer before
+                          the file or a recompute is tried; KV leaving the pool goes to the
+                          node's HostStore, so it outlives this worker; new KV files fit the
+                          node's disk budget; an activation's prefetch runs on the worker the
+                          router picks; a chunk's tier is the nearest any worker holds
+    report   PoolReport   every change of what the pool holds goes to the registry actor, so
+                          requests are routed to the worker that holds their chunks
+    answers  AnswerStreams  streamed answers, each of which its caller can stop
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import os
-import queue
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -26,27 +27,21 @@ from typing import Any
 import ray
 import torch
 
+from kvchunks.actors.answer_stream import AnswerStreams
 from kvchunks.actors.kv_transfer import KVPayload
+from kvchunks.actors.pool_report import PoolReport
 from kvchunks.actors.registry_actor import RegistryClient
-from kvchunks.actors.remote import CONTEXT_METHODS, ServiceUnavailable, get
+from kvchunks.actors.remote import CONTEXT_METHODS
 from kvchunks.actors.shared_tiers import SharedTiers
-from kvchunks.common import HOME_ENV, ChunkNotFound, InvalidInput, data_dir
+from kvchunks.common import HOME_ENV, InvalidInput, data_dir
 from kvchunks.engine import EngineConfig
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.context_manager import ContextManager
 from kvchunks.service.generation import GenerationResult
 from kvchunks.service.model_host import ModelHost
-from kvchunks.service.pieces import owner_hashes
 from kvchunks.store import redis_server
-from kvchunks.store.chunk import ChunkInfo
 
 ANSWERS = ("generate", "chat")  # the methods that stream an answer (see `answer`)
-
-
-class AnswerStopped(Exception):
-    """Raised inside an answer whose caller stopped listening (`stop_answer`): it ends at its
-    next piece of text, and nothing of it is kept."""
-
 
 # The concurrency group of the methods that peers, the other actors and clients call beside
 # the API (read_kv, prefetch_chunks, forget, report_again, ready, stop_answer): Ray runs them
@@ -55,12 +50,6 @@ class AnswerStopped(Exception):
 # waiting for the peer's lock, held by a call that waits for ours. These methods wait for no
 # lock that a call holds for long, so a few threads are enough.
 TRANSFERS = "transfers"
-
-# The context whose routed call is running (None: a caller pinned to this worker). The store
-# reads it when an activation's prefetch decides where to run (see `call`).
-ROUTED_CONTEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "routed_context", default=None
-)
 
 
 class InferenceWorker:
@@ -78,15 +67,13 @@ class InferenceWorker:
             os.environ[HOME_ENV] = home
         self.name = name
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.registry, self.tier_manager = registry, tier_manager
         engine = ModelHost(model, data_dir(), EngineConfig(**(engine_options or {})))
-        self.spec = {
+        spec = {
             "fingerprint": engine.fingerprint,
             "dtype": engine.engine_config.dtype,
             "shape": engine.kv_shape(),
         }
-        self.token_bytes = engine.kv_bytes(1)
-        self.shared = SharedTiers(tier_manager, name, self.node_id, self.spec)
+        self.shared = SharedTiers(registry, tier_manager, name, self.node_id, spec)
         # A worker starts with an empty pool: the tiers recorded in the shared registry say
         # where a chunk was in some worker, not in this one, so nothing is restored.
         self.store = ChunkStore(
@@ -96,21 +83,18 @@ class InferenceWorker:
             peers=self.shared,
             spill=self.shared.spill,
             admit_file=self.shared.admit_file,
-            hand_over=self._hand_over,
-            pool_tiers=self._pool_tiers,
+            hand_over=self.shared.hand_over,
+            pool_tiers=self.shared.pool_tiers,
             restore=False,
         )
-        self.redirects: dict[str, str] = {}  # context -> where its last prefetch was handed
-        self.answers: dict[str, threading.Event] = {}  # streamed answer -> set to stop it
+        self.report = PoolReport(registry, name, self.store.tiers)
+        self.answers = AnswerStreams()
         engine.llm  # noqa: B018  (loads the model now: a worker is ready when it can serve)
         self.managers: dict[str, ContextManager] = {}
         self.lock = threading.Lock()  # one API call at a time (background prefetches aside)
         self.deleted: set[str] = set()  # chunks deleted through other workers, to drop here
         self.deleted_lock = threading.Lock()
-        self.reported: dict[str, str] | None = None
-        self.report_lock = threading.Lock()  # calls and background prefetches both report
-        self.tiers_seen: dict[str, str] | None = None
-        self._report()  # a restarted worker's pool is empty: forget what its last life held
+        self.report.send()  # a restarted worker's pool is empty: forget what its last life held
 
     @ray.method(concurrency_group=TRANSFERS)
     def ready(self) -> bool:
@@ -128,12 +112,8 @@ class InferenceWorker:
         routed: bool = True,
     ) -> tuple[Any, str | None]:
         """Run ContextManager.<method>(*args, **kwargs) for `context`: its result, and the
-        worker that a routed caller should send the context's next calls to, if not here.
-
-        Routed callers activate through the worker they last used, without asking the router
-        first: the prefetch an activation starts goes to the worker the router picks, and
-        that worker is named in the reply to the next call. A caller pinned to this worker
-        passes routed=False: its activations prefetch here."""
+        worker that a routed caller should send the context's next calls to, if not here
+        (see SharedTiers.serving). A caller pinned to this worker passes routed=False."""
         if method not in CONTEXT_METHODS:
             raise InvalidInput(f"ContextManager has no remote method {method!r}")
         with self._serving(context if routed else None):
@@ -142,7 +122,7 @@ class InferenceWorker:
                 result = getattr(manager, method)
             else:
                 result = getattr(manager, method)(*args, **(kwargs or {}))
-        return result, self.redirects.pop(context, None) if routed else None
+        return result, self.shared.redirect(context) if routed else None
 
     # Never re-run by Ray after a crash: the caller gets WorkerDied instead of a generation
     # that starts over (and streams its text twice) long after it gave up.
@@ -160,44 +140,20 @@ class InferenceWorker:
         `stop_answer`), then the result."""
         if method not in ANSWERS:
             raise InvalidInput(f"ContextManager has no answering method {method!r}")
-        request = (context, method, kwargs, track)
+        run = functools.partial(self._answer, context, method, kwargs, track)
         if answer_id is None:
-            yield self._answer(*request, None)
-            return
-        pieces: queue.Queue = queue.Queue()
-        outcome: dict = {}
-        self.answers[answer_id] = stopped = threading.Event()
-
-        def on_text(piece: str) -> None:
-            if stopped.is_set():
-                raise AnswerStopped(f"answer {answer_id} stopped: its caller went away")
-            pieces.put(piece)
-
-        def run() -> None:
-            try:
-                outcome["result"] = self._answer(*request, on_text)
-            except BaseException as e:  # handed to the caller below, as raised
-                outcome["error"] = e
-            finally:
-                pieces.put(None)
-                self.answers.pop(answer_id, None)
-
-        threading.Thread(target=run, daemon=True).start()
-        while (piece := pieces.get()) is not None:
-            yield piece
-        if "error" in outcome:
-            raise outcome["error"]
-        yield outcome["result"]
+            yield run(None)
+        else:
+            yield from self.answers.stream(answer_id, run)
 
     @ray.method(concurrency_group=TRANSFERS)
     def stop_answer(self, answer_id: str) -> None:
         """The caller of a streamed answer stopped listening (its HTTP client went away, a
         Ctrl-C): the answer ends at its next piece, and nothing of it is kept."""
-        if (stopped := self.answers.get(answer_id)) is not None:
-            stopped.set()
+        self.answers.stop(answer_id)
 
     def _answer(self, context, method, kwargs, track, on_text) -> GenerationResult:
-        self.redirects.pop(context, None)  # the client routed this request: that choice stands
+        self.shared.redirect(context)  # the client routed this request: that choice stands
         with self._serving():
             manager = self._manager(context)
             call = getattr(manager, method)
@@ -211,18 +167,17 @@ class InferenceWorker:
     def _serving(self, routed_context: str | None = None) -> Iterator[None]:
         """One call at a time, after dropping chunks deleted elsewhere, and report the pool
         after it. With `routed_context`, the call's activations prefetch where the router
-        sends that context (see `call`); else here."""
+        sends that context; else here."""
         with self.lock:
-            routing = ROUTED_CONTEXT.set(routed_context)
-            self.tiers_seen = None
             with self.deleted_lock:
                 deleted, self.deleted = self.deleted, set()
-            self._drop(self.store.registry.missing(deleted))  # unless added again meanwhile
+            for chunk_hash in self.store.registry.missing(deleted):  # unless added again
+                self.store.tiers.forget(chunk_hash)
             try:
-                yield
+                with self.shared.serving(routed_context):
+                    yield
             finally:
-                ROUTED_CONTEXT.reset(routing)
-                self._report()
+                self.report.send()
 
     @ray.method(concurrency_group=TRANSFERS)
     def forget(self, hashes: list[str]) -> None:
@@ -230,10 +185,6 @@ class InferenceWorker:
         (now could be in the middle of a generation that reads them)."""
         with self.deleted_lock:
             self.deleted.update(hashes)
-
-    def _drop(self, hashes: list[str]) -> None:
-        for chunk_hash in hashes:
-            self.store.tiers.forget(chunk_hash)
 
     def _manager(self, context: str) -> ContextManager:
         if context not in self.managers:
@@ -260,37 +211,6 @@ class InferenceWorker:
         host = tiers.host.kv.get(chunk_hash)
         return KVPayload.from_tensors(*host) if host is not None else None
 
-    def _hand_over(self, chunk: ChunkInfo, active: list[str]) -> list[str] | None:
-        """For a routed call (see `call`) whose context's chunks are not all here, have the
-        TierManager run the prefetch policy and send the prefetch to the worker the router
-        picks. Returns what to bring in here (none: another worker took it), or None: this
-        store's own policy prefetches here (a pinned call, all chunks here, or no
-        TierManager). Asking the TierManager for every activation cost a quarter of the
-        service's throughput under load (bench/soak.py)."""
-        context = ROUTED_CONTEXT.get()
-        if context is None or self._all_here([*active, *owner_hashes(chunk)]):
-            return None
-        request = self.tier_manager.prefetch.remote(self.name, chunk, active)
-        try:
-            target, wanted = get(request, "the tier manager")
-        except ServiceUnavailable:
-            return None
-        if target == self.name:
-            return wanted
-        self.redirects[context] = target
-        self.store.stats["prefetch_handed_over"] += 1
-        return []
-
-    def _all_here(self, hashes: list[str]) -> bool:
-        """Whether the KV these chunks read is in this pool. The pool holds the chunks that
-        own KV, never views: a view counts through its sources."""
-        pool = self.store.tiers.kv
-        try:  # only chunks not in the pool are read: views, and owners elsewhere
-            absent = self.store.registry.get_many(h for h in hashes if h not in pool)
-        except ChunkNotFound:  # deleted meanwhile: the TierManager decides, as for any miss
-            return False
-        return all(h in pool for chunk in absent for h in owner_hashes(chunk))
-
     @ray.method(concurrency_group=TRANSFERS)
     def prefetch_chunks(self, hashes: list[str]) -> None:
         """Bring these chunks into the pool in the background (the TierManager's choice for
@@ -298,51 +218,13 @@ class InferenceWorker:
         come to report it."""
         for chunk_hash in hashes:
             self.store.prefetcher.prefetch(chunk_hash)
-        self.store.prefetcher.after_transfers(self._report)
+        self.store.prefetcher.after_transfers(self.report.send)
 
     @ray.method(concurrency_group=TRANSFERS)
     def report_again(self) -> None:
         """Report the pool, changed or not (a restarted registry actor has lost its map), in
         the background, as a prefetch does."""
-        self.store.prefetcher.after_transfers(functools.partial(self._report, again=True))
-
-    def _report(self, again: bool = False) -> None:
-        """Tell the registry what this pool and host memory hold, when that changed (or
-        `again`)."""
-        with self.report_lock:
-            if again:
-                self.reported = None
-            while deleted := self._report_once():  # loaded here while deleted elsewhere
-                self._drop(deleted)
-
-    def _report_once(self) -> list[str]:
-        store = self.store.tiers
-        with store.lock:  # background transfers change the pool meanwhile
-            tiers = dict.fromkeys(store.kv, "gpu") | dict.fromkeys(store.host.kv, "cpu")
-            if tiers == self.reported:
-                return []
-            held = {
-                h: sum(s.length for s in segs) * self.token_bytes for h, segs in store.kv.items()
-            }
-            held |= {h: k.nbytes + v.nbytes for h, (k, v) in store.host.kv.items()}
-            pool = self._pool()
-        deleted = get(self.registry.report.remote(self.name, tiers, held, pool), "registry report")
-        self.reported = tiers
-        return deleted
-
-    def _pool_tiers(self) -> dict[str, str]:
-        """The shared pool's tiers (the other workers' pools and host memory, then the
-        HostStores), read once per call (describe asks for every chunk it shows)."""
-        if self.tiers_seen is None:
-            held = self.registry.pool_tiers.remote(self.name)
-            in_host = self.tier_manager.in_host.remote()
-            held, in_host = get([held, in_host], "the pool's tiers")
-            self.tiers_seen = dict.fromkeys(in_host, "cpu") | held
-        return self.tiers_seen
-
-    def _pool(self) -> dict:
-        usage = self.store.model.llm.pool_usage()
-        return {"blocks_free": usage["free"], "blocks_total": usage["blocks"]}
+        self.store.prefetcher.after_transfers(functools.partial(self.report.send, again=True))
 
     # -- operations -----------------------------------------------------------------------
 
@@ -350,9 +232,9 @@ class InferenceWorker:
         store, tiers = self.store, self.store.tiers
         with tiers.lock:  # background transfers change the pool meanwhile
             pool = {
-                **self._pool(),
+                **self.report.blocks(),
                 "chunks": len(tiers.kv),
-                "kv_bytes": sum(s.length for v in tiers.kv.values() for s in v) * self.token_bytes,
+                "kv_bytes": sum(self.report.kv_bytes(segments) for segments in tiers.kv.values()),
                 "host_chunks": len(tiers.host.kv),
                 "host_bytes": tiers.host.used_bytes,
             }

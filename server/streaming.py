@@ -8,9 +8,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-
-class ListenerGone(Exception):
-    """Raised inside a generation whose HTTP client went away: it stops at its next piece."""
+from kvchunks.common import ListenerGone
 
 
 async def stream_call(

@@ -20,13 +20,14 @@ from kvchunks.common import CapacityError, ChunkNotFound, DtypeMismatch
 from kvchunks.policies.prefetch import PrefetchPolicy
 from kvchunks.service.compose import Composer
 from kvchunks.service.kv_sources import KV, KVLoader
-from kvchunks.service.pieces import owners
+from kvchunks.service.pieces import owner_hashes, owners
 from kvchunks.service.tiers import Tiers
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.registry import ChunkRegistry
 
 # (activated chunk, the chunks active before it) -> the chunks to bring in here (none: another
-# worker took it over), or None to ask this store's own policy.
+# worker took it over), or None to ask this store's own policy. Asked only when some of the KV
+# they read is not in this pool.
 HandOver = Callable[[ChunkInfo, list[str]], list[str] | None]
 
 
@@ -57,12 +58,24 @@ class Prefetcher:
             self._transfers.submit(run, self._for_activation, chunk, active)
 
     def _for_activation(self, chunk: ChunkInfo, active: list[str]) -> None:
-        wanted = None if self.hand_over is None else self.hand_over(chunk, active)
+        wanted = None
+        if self.hand_over is not None and not self._all_in_pool([*active, *owner_hashes(chunk)]):
+            wanted = self.hand_over(chunk, active)
         if wanted is None:
             wanted = [chunk.hash, *self.policy.on_activate(chunk, active)]
         for needed in wanted:  # in this task, so that waiting for the transfers covers them
             if self._claim(needed):
                 self._prefetch_one(needed)
+
+    def _all_in_pool(self, hashes: list[str]) -> bool:
+        """Whether the KV these chunks read is in this pool. The pool holds the chunks that
+        own KV, never views: a view counts through its sources."""
+        pool = self.tiers.kv
+        try:  # only chunks not in the pool are read: views, and owners elsewhere
+            absent = self.registry.get_many(h for h in hashes if h not in pool)
+        except ChunkNotFound:  # deleted meanwhile: the hand-over decides, as for any miss
+            return False
+        return all(h in pool for chunk in absent for h in owner_hashes(chunk))
 
     def prefetch(self, chunk_hash: str) -> Future | None:
         """Start bringing a chunk's KV into the pool in the background; the future is done

@@ -443,7 +443,7 @@ def test_kv_lost_with_its_owner_comes_from_elsewhere(ray_cluster):
     with pytest.raises(ray.exceptions.ObjectLostError):
         ray.get(lost[0], timeout=30)
     spec = {"fingerprint": "f" * 64, "dtype": "float32", "shape": (2, None, 1, 8)}
-    shared = SharedTiers(manager, "worker-x", "node-x", spec)
+    shared = SharedTiers(None, manager, "worker-x", "node-x", spec)
     chunk = types.SimpleNamespace(hash="ab" * 32, token_count=4)
     assert shared.load(chunk) is None  # then the KV file, or a recompute
     ray.kill(manager)
