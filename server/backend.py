@@ -14,6 +14,10 @@ class Backend(Protocol):
         """The API (ContextManager or Client) of one context."""
         ...
 
+    def made(self, context: str) -> Any | None:
+        """`manager(context)` if it has been made: a lookup that never blocks."""
+        ...
+
     def usage(self) -> dict:
         """{"stats", "pool", "host_bytes", "disk_bytes"} for the metrics, and the tiers'
         budgets ("host_budget", "disk_budget": bytes, or None when unknown or unlimited)."""
@@ -33,6 +37,10 @@ class _OnePerContext:
         self.root = root
         self._managers = {root.context_name: root}
         self._lock = threading.Lock()
+
+    def made(self, context: str):
+        """The context's API object if `manager` has made it (None: it may have to ask Ray)."""
+        return self._managers.get(context)
 
     def manager(self, context: str):
         with self._lock:

@@ -72,7 +72,9 @@ async def _respond(
 ) -> Response:
     state = request.app.state
     params = _sampling(body, default_max_tokens)
-    manager = await run_in_threadpool(state.backend.manager, body.context)  # may ask Ray
+    manager = state.backend.made(body.context)
+    if manager is None:  # made once per context, which may ask Ray: not on the event loop
+        manager = await run_in_threadpool(state.backend.manager, body.context)
     call = {
         "messages": messages,
         "params": params,

@@ -10,6 +10,11 @@ from typing import Any
 
 from kvchunks.common import ListenerGone
 
+# The generation waits (at most this long) until its first piece has been sent before it
+# computes the next: on a machine with few cores the next step's compute would otherwise
+# hold back the event loop that sends it, and the first token is what a user waits for.
+FIRST_PIECE_WAIT = 0.05
+
 
 async def stream_call(
     fn: Callable[..., Any], slots: asyncio.Semaphore, **kwargs
@@ -22,7 +27,7 @@ async def stream_call(
     is told to stop when the caller stops listening (its next piece raises ListenerGone)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
-    gone = threading.Event()
+    gone, first_sent = threading.Event(), threading.Event()
 
     def put(item: tuple[str, Any]) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, item)
@@ -31,6 +36,8 @@ async def stream_call(
         if gone.is_set():
             raise ListenerGone("the client stopped listening")
         put(("text", piece))
+        if not first_sent.is_set():  # see FIRST_PIECE_WAIT
+            first_sent.wait(FIRST_PIECE_WAIT)
 
     def work() -> None:
         try:
@@ -47,7 +54,9 @@ async def stream_call(
         while True:
             kind, value = await queue.get()
             yield kind, value
+            first_sent.set()  # the caller asks for more once it has sent what it had
             if kind != "text":
                 return
     finally:
         gone.set()
+        first_sent.set()  # its next piece raises ListenerGone: no need to wait

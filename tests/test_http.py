@@ -6,6 +6,7 @@ API on the same store is the oracle.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import threading
@@ -16,6 +17,7 @@ import pytest
 from http_fixture import Served
 
 from kvchunks.engine import SamplingParams
+from kvchunks.server.streaming import stream_call
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.hashing import content_hash
 
@@ -275,6 +277,27 @@ def test_a_client_that_goes_away_stops_its_answer(served):
         time.sleep(0.05)
     assert llm.pool_usage()["free"] == free
     assert state(served) == before
+
+
+def test_the_first_piece_is_sent_before_the_next_is_computed():
+    """On few cores the next step's compute would hold back the event loop that sends the
+    first piece: the generation waits until the consumer has taken it and asks for more."""
+    order: list[str] = []
+
+    def generate(on_text) -> str:
+        on_text("first")
+        order.append("computed the next piece")
+        return "done"
+
+    async def consume() -> None:
+        events = stream_call(generate, asyncio.Semaphore(1))
+        assert await anext(events) == ("text", "first")
+        await asyncio.sleep(0.02)  # sending it, slowly
+        order.append("sent the first piece")
+        assert [e async for e in events] == [("result", "done")]
+
+    asyncio.run(consume())
+    assert order == ["sent the first piece", "computed the next piece"]
 
 
 def test_an_ambiguous_prefix_is_409(served):
