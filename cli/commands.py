@@ -29,7 +29,7 @@ from kvchunks.cli.shared import (
 )
 from kvchunks.cli.state import State, pass_state
 from kvchunks.cli.tree import split_timelines
-from kvchunks.common import ContextWindowExceeded, read_text_file
+from kvchunks.common import ContextWindowExceeded, KVChunksError, read_text_file
 from kvchunks.vocabulary import MODES, ROLES, TIERS
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 
 @click.command()
-@click.argument("file", type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--tag", "tags", multiple=True, help="Tag the new chunk(s); repeatable.")
 @click.option("--activate", is_flag=True, help="Activate the new chunk(s) in the context.")
 @click.option(
@@ -61,37 +61,58 @@ if TYPE_CHECKING:
 @pass_state
 def load(
     state: State,
-    file: Path,
+    files: tuple[Path, ...],
     tags: tuple[str, ...],
     activate: bool,
     role: str,
     split_tokens: int | None,
     as_json: bool,
 ) -> None:
-    """Load a UTF-8 text FILE as a chunk; its KV is computed now."""
-    file = file.expanduser()  # the chat and a quoted shell argument leave ~ as it is
-    read_text_file(file)  # a missing, empty or binary file is refused before the model loads
-    cm = state.manager
-    started = time.time()  # a chunk made before this was stored already: nothing computed
-    from kvchunks.cli.progress import load_progress  # rich's progress: only loads need it
+    """Load UTF-8 text FILES as chunks, in order; their KV is computed now.
 
-    with load_progress(state, file) as on_progress:
-        made = cm.load_file(
-            file, role=role, tags=list(tags), split_tokens=split_tokens, on_progress=on_progress
-        )
-    chunks = made if isinstance(made, list) else [made]
+    Every file is read and checked before any is loaded. A file that cannot be loaded even
+    so (longer than the context window, no room left) stops the load there: the files
+    before it stay loaded, and the error names their chunks."""
+    # The chat and a quoted shell argument leave ~ as it is.
+    paths = list(dict.fromkeys(file.expanduser() for file in files))
+    for path in paths:  # a missing, empty or binary file is refused before the model loads
+        read_text_file(path)
+    started = time.time()  # a chunk made before this was stored already: nothing computed
+    loaded: list[tuple[ChunkInfo, Path]] = []
+    try:
+        for path in paths:
+            made = _load_file(state, path, tags, role, split_tokens)
+            loaded += [(chunk, path) for chunk in made]
+    except KVChunksError as e:
+        if not loaded:
+            raise
+        kept = ", ".join(render.describe(chunk) for chunk, _ in loaded)
+        raise KVChunksError(f"{e}; loaded before it: {kept}") from e
+    chunks = [chunk for chunk, _ in loaded]
     if activate:
-        chunks = _activate_loaded(cm, chunks)
+        chunks = _activate_loaded(state.manager, chunks)
     stored = [c.created_at < started for c in chunks]
     lines = [
-        f"loaded {render.describe(c)}{', active' if c.is_active else ''} from {file}"
+        f"loaded {render.describe(c)}{', active' if c.is_active else ''} from {path}"
         + (" (already stored: nothing computed)" if old else "")
-        for c, old in zip(chunks, stored, strict=True)
+        for c, (_, path), old in zip(chunks, loaded, stored, strict=True)
     ]
     documents = [
         {**c.to_json(), "already_stored": old} for c, old in zip(chunks, stored, strict=True)
     ]
     show(state, as_json, documents, lines)
+
+
+def _load_file(
+    state: State, path: Path, tags: tuple[str, ...], role: str, split_tokens: int | None
+) -> list[ChunkInfo]:
+    from kvchunks.cli.progress import load_progress  # rich's progress: only loads need it
+
+    with load_progress(state, path) as on_progress:
+        made = state.manager.load_file(
+            path, role=role, tags=list(tags), split_tokens=split_tokens, on_progress=on_progress
+        )
+    return made if isinstance(made, list) else [made]
 
 
 def _activate_loaded(cm: Catalog, chunks: list[ChunkInfo]) -> list[ChunkInfo]:

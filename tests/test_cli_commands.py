@@ -174,6 +174,41 @@ def test_loading_a_stored_file_again_says_so(state, tmp_path):
     assert line.startswith(f"loaded {first['hash'][:12]}") and "already stored" in line
 
 
+def test_load_takes_several_files_in_order(state, tmp_path):
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("The tram to Ropsten runs every twelve minutes.\n")
+    second.write_text("The tram depot at Ropsten burned down in 1971.\n")
+    result = kvchunks(state, "load", str(first), str(second), "--tag", "tram")
+    lines = result.stdout.splitlines()
+    chunks = as_json(state, "list", "--tag", "tram")
+    assert [c["text"].strip() for c in chunks] == [
+        first.read_text().strip(),
+        second.read_text().strip(),
+    ]
+    assert [line.split()[1] for line in lines] == [c["hash"][:12] for c in chunks]
+    assert lines[0].endswith(f"from {first}") and lines[1].endswith(f"from {second}")
+    for chunk in chunks:
+        kvchunks(state, "delete", chunk["hash"])
+
+
+def test_load_stops_at_a_file_too_long_and_names_what_it_kept(state, tmp_path):
+    fits, too_long = tmp_path / "fits.txt", tmp_path / "long.txt"
+    fits.write_text("The canal lock at Hammarby opens at dawn.\n")
+    too_long.write_text("word " * (state.manager.store.model.window + 100))
+    before = snapshot(state)
+    missing = kvchunks(state, "load", str(fits), str(tmp_path / "missing.txt"), status=1)
+    assert "no such file" in missing.stderr and snapshot(state) == before  # checked first
+    refused = kvchunks(state, "load", str(fits), str(too_long), status=1)
+    [kept] = as_json(state, "list", "canal lock")
+    line = refused.stderr.strip()
+    assert "\n" not in line and "exceed the context window" in line
+    assert line.endswith(
+        f"loaded before it: {kept['hash'][:12]} ({kept['token_count']} tokens, input)"
+    )
+    kvchunks(state, "delete", kept["hash"])
+    assert snapshot(state) == before
+
+
 def test_a_long_load_shows_tokens_done_total_and_rate(state, tmp_path, monkeypatch):
     monkeypatch.setattr(progress, "LARGE_FILE", 0)  # every file counts as large here
     monkeypatch.setattr(
