@@ -112,9 +112,9 @@ def info_table(
         ("tier", chunk.tier),
         ("active", "yes" if chunk.is_active else "no"),
         ("tags", ", ".join(chunk.tags) or "-"),
-        ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(chunk.created_at))),
+        ("created", _when(chunk.created_at)),
         ("references", str(chunk.ref_count)),
-        ("metadata", _pairs(chunk.metadata)),
+        ("metadata", _pairs(_readable(chunk.metadata))),
         ("generation", _pairs(chunk.generation_params or {})),
         ("parents", _chunk_lines(parents)),
         ("continued by", _chunk_lines(continued)),
@@ -185,6 +185,19 @@ def mode_line(mode: str | None, recompute: float | None, settings: dict) -> str:
     if mode and mode != settings["mode"]:
         chosen += f" for this session (the context's setting is {settings['mode']})"
     return chosen
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _readable(metadata: dict) -> dict:
+    """Metadata as a person reads it: times as dates, empty values left out (a standalone
+    chunk combines nothing)."""
+    shown = {k: v for k, v in metadata.items() if v not in ("", None)}
+    if isinstance(shown.get("timestamp"), int | float):
+        shown["timestamp"] = _when(shown["timestamp"])
+    return shown
 
 
 def _pairs(values: dict) -> str:

@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,10 @@ def test_compose_split_tag_info_export_import(state, doc, tmp_path):
     info = as_json(state, "info", h[:6])
     assert {view["hash"], head["hash"], tail["hash"]} <= set(info["children"])
     assert info["token_ids"] and info["parents"] == []
-    assert "blocks [" in kvchunks(state, "info", h).stdout
+    shown = kvchunks(state, "info", h).stdout
+    assert "blocks [" in shown
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["metadata"]["timestamp"]))
+    assert f"timestamp: {when}" in shown and "combine:" not in shown  # standalone: none
 
     target = tmp_path / "other.kvc"
     assert str(target) in kvchunks(state, "export", other["hash"], str(target)).stdout
