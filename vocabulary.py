@@ -72,8 +72,16 @@ def combination(mode: str, recompute: float | None = None) -> str:
     check_recompute(mode, recompute)
     if mode != "realign":
         return mode
-    fraction = DEFAULT_RECOMPUTE if recompute is None else recompute
+    fraction = recompute_fraction(mode, recompute)
     return f"realign:{fraction:g}" if fraction else "realign"
+
+
+def recompute_fraction(mode: str, recompute: float | None) -> float | None:
+    """The fraction of the active tokens that `realign` recomputes when asked for
+    `recompute` (None: the default); None for the other modes."""
+    if mode != "realign":
+        return None
+    return DEFAULT_RECOMPUTE if recompute is None else recompute
 
 
 def recompute_of(combine: str) -> float:

@@ -16,7 +16,7 @@ from kvchunks.engine.stop_strings import held_back
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.compose import AttentionContext
 from kvchunks.store.chunk import ChunkInfo
-from kvchunks.vocabulary import DEFAULT_MODE
+from kvchunks.vocabulary import DEFAULT_MODE, recompute_fraction
 
 
 @dataclass
@@ -31,7 +31,7 @@ class GenerationResult:
     ttft_s: float = 0.0
     tokens_per_s: float = 0.0
     mode: str = DEFAULT_MODE  # the mode asked for (all agree when the context is one timeline)
-    recompute: float | None = None  # realign's fraction as asked (None: the default)
+    recompute: float | None = None  # the fraction realign recomputed (None: another mode)
     # Active-context tokens whose KV was used as stored (or derived by an earlier
     # generation), and those computed for this generation; the prompt is not counted.
     tokens_reused: int = 0
@@ -130,7 +130,7 @@ def generate(
         ttft_s=ttft,
         tokens_per_s=(len(answer) - 1) / max(elapsed - ttft, 1e-9) if answer else 0.0,
         mode=request.mode,
-        recompute=request.recompute,
+        recompute=recompute_fraction(request.mode, request.recompute),
         tokens_reused=ctx.reused,
         tokens_recomputed=ctx.recomputed,
         prompt_reused=not fresh,

@@ -11,6 +11,7 @@ from reference import hf_greedy, hf_logits
 from kvchunks.common import InvalidInput
 from kvchunks.engine import SamplingParams
 from kvchunks.service.compose import leading_tokens
+from kvchunks.vocabulary import DEFAULT_RECOMPUTE
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 DOC_A = "The secret code of the vault is 4817. The vault is hidden under the old mill in Zurich."
@@ -236,6 +237,7 @@ def test_second_question_over_a_composition_recomputes_nothing(make_cm, tmp_path
     cm, a, b = two_documents(make_cm)
     first = cm.generate("Who has three cats?", GREEDY)
     assert first.mode == "realign" and first.tokens_recomputed > 0
+    assert first.recompute == DEFAULT_RECOMPUTE  # the fraction used, not the None asked for
     assert first.tokens_reused + first.tokens_recomputed == a.token_count + b.token_count
     second = cm.generate("What is the code of the vault?", GREEDY)
     assert second.tokens_recomputed == 0
@@ -247,6 +249,7 @@ def test_second_question_over_a_composition_recomputes_nothing(make_cm, tmp_path
     assert again.tokens_recomputed == first.tokens_recomputed
     assert again.token_ids == second.token_ids
     assert again.output_chunk.hash == second.output_chunk.hash
+    assert cm.generate("Who has three cats?", GREEDY, mode="reuse").recompute is None
 
 
 def test_a_conversation_over_a_composition_continues_without_recompute(make_cm):
