@@ -115,6 +115,15 @@ class Page:
             ".map(r => r.dataset.hash)"
         )
 
+    def pool_counts(self) -> tuple[int, str] | None:
+        """The rows whose tier is gpu, and the pool meter's line, read at one moment (None
+        before the meter is drawn)."""
+        return self.js(
+            "const tiers = [...document.querySelectorAll('#chunk-table select.tier')];"
+            "const meter = document.querySelector('[data-tier=\"KV pool (gpu)\"] span');"
+            "return meter && [tiers.filter(s => s.value === 'gpu').length, meter.textContent];"
+        )
+
     def active_list(self) -> list[str]:
         return self.js(
             "return [...document.querySelectorAll('#active-list li')].map(li => li.dataset.hash)"
@@ -176,6 +185,9 @@ def test_documents_activation_chat_and_tree_through_the_page(served, browser, tm
         page.find("#doc-load").click()
         added = wait_for(lambda b=before: set(page.row_hashes()) - b, f"{name} in the table")
         (documents[name],) = added
+        # Read with the table, as the page draws the meters with it (once it has usage).
+        in_pool, meter = wait_for(page.pool_counts, "the pool meter")
+        assert meter.endswith(f", {in_pool} chunks"), (in_pool, meter)
     ferry, museum = documents["harbor-notes"], documents["museum-notes"]
     with served.http() as http:
         for chunk_hash, text in ((ferry, FERRY), (museum, MUSEUM)):

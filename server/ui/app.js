@@ -28,7 +28,7 @@ const page = {
     const [list, view] = await Promise.all([api.chunks(state.context), api.context(state.context)]);
     state.chunks = list;
     state.view = view;
-    for (const part of [context, chunks, graph, details]) part.render(state);
+    for (const part of [context, chunks, graph, details, usage]) part.render(state);
   },
 
   // Run an API call, then refresh; a failure is shown, not thrown. `done` is a message, or a

@@ -6,6 +6,7 @@ import { $, bytes, el } from "./util.js";
 const EVERY_MS = 3000;
 let page;
 let counters = ""; // the store's counters last seen: when they move, chunks may have moved
+let last = null; // the usage last read, drawn again with each new list of chunks
 
 export function setup(p) {
   page = p;
@@ -21,10 +22,18 @@ async function poll() {
   } catch {
     return; // the page says why when it loads chunks; the meters just stay as they were
   }
+  last = usage;
   show(usage);
   const seen = JSON.stringify(usage.stats);
   if (counters && seen !== counters && !busy()) page.refresh().catch(() => {});
   counters = seen;
+}
+
+// The chunks were read again: their counts per tier change with them. (No usage yet: the
+// page could not read it, as before its API key was given; it asks now.)
+export function render() {
+  if (last) show(last);
+  else poll();
 }
 
 // Someone is using a control in the table or a form: redrawing now would take it away.
