@@ -24,7 +24,7 @@ def read_text_file(path: str | Path) -> str:
     """A file's text, refusing what is missing, empty, binary or not UTF-8."""
     file = Path(path).expanduser()
     if file.is_dir():  # which of its files, and how deep, is for the user to say
-        raise InvalidInput(f"{file} is a directory, not a file; give one text file at a time")
+        raise InvalidInput(f"{file} is a directory; give its text files, as in {file}/*.txt")
     if not file.is_file():
         raise InvalidInput(f"no such file: {file}")
     data = file.read_bytes()

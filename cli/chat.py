@@ -21,7 +21,7 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.history import FileHistory
 from rich.table import Table
 
-from kvchunks.cli import commands, render
+from kvchunks.cli import commands, context_commands, render
 from kvchunks.cli.shared import (
     SAMPLING_OPTIONS,
     activate_all,
@@ -167,8 +167,8 @@ SLASH: dict[str, click.Command] = {
     "activate": commands.activate,
     "deactivate": commands.deactivate,
     "delete": commands.delete,
-    "context": commands.context,
-    "clear": commands.clear,
+    "context": context_commands.context,
+    "clear": context_commands.clear,
     "info": commands.info,
     "tree": tree,
     "compose": commands.compose,
@@ -178,8 +178,8 @@ SLASH: dict[str, click.Command] = {
     "output": output,
     "move": commands.move,
     "prefetch": commands.prefetch,
-    "mode": commands.mode,
-    "auto": commands.auto,
+    "mode": context_commands.mode,
+    "auto": context_commands.auto,
     "set": set_,
     "stats": stats,
     "help": help_,
@@ -282,7 +282,9 @@ class Chat:
         command.main(args, prog_name=f"/{name}", standalone_mode=False, obj=self.state)
 
     def generate(self, prompt: str) -> None:
-        result = commands.run_generation(self.state, prompt, self.state.sampling, commands.stream)
+        result = context_commands.run_generation(
+            self.state, prompt, self.state.sampling, context_commands.stream
+        )
         click.echo()
         self.state.out.print(
             render.generation_footer(result), style="dim", markup=False, highlight=False

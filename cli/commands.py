@@ -1,8 +1,9 @@
 """The chunk operations, each one click command: a `kvchunks` subcommand and, unchanged, the
 chat's slash command of the same name (`/save` and `/restore` are `export` and `import`).
+The context's own commands are in context_commands.py.
 
-Commands that need only the registry (list, info, activate, deactivate, tag, context, clear,
-mode, auto) work on `state.catalog`, so a one-shot run never loads the model or imports torch.
+Commands that need only the registry (list, info, activate, deactivate, tag) work on
+`state.catalog`, so a one-shot run never loads the model or imports torch.
 
 Every command checks what it can before it changes anything, so a bad input leaves the chunk
 pool and the context as they were.
@@ -11,7 +12,6 @@ pool and the context as they were.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,18 +22,16 @@ from kvchunks.cli.shared import (
     activate_all,
     hash_argument,
     json_option,
-    sampling_options,
-    sampling_params,
     say,
     show,
 )
 from kvchunks.cli.state import State, pass_state
 from kvchunks.cli.tree import split_timelines
 from kvchunks.common import ContextWindowExceeded, KVChunksError, read_text_file
-from kvchunks.vocabulary import MODES, ROLES, TIERS
+from kvchunks.vocabulary import ROLES, TIERS
 
 if TYPE_CHECKING:
-    from kvchunks import Catalog, ChunkInfo, GenerationResult
+    from kvchunks import Catalog, ChunkInfo
 
 # -- chunks -----------------------------------------------------------------------------------
 
@@ -307,97 +305,12 @@ def import_(state: State, file: Path, as_json: bool) -> None:
     show(state, as_json, chunk.to_json(), line)
 
 
-# -- context ----------------------------------------------------------------------------------
-
-
-@click.command()
-@json_option
-@pass_state
-def context(state: State, as_json: bool) -> None:
-    """Show the active chunks in layout order and their tokens against the window."""
-    view = state.catalog.context()
-    show(state, as_json, view.to_json(), lambda: render.context_table(view))
-
-
-@click.command()
-@pass_state
-def clear(state: State) -> None:
-    """Deactivate every chunk of the context (nothing is deleted)."""
-    cm = state.catalog
-    count = len(cm.context().chunks)
-    cm.clear()
-    say(state, f"deactivated {count} chunk(s); context '{cm.context_name}' is empty")
-
-
-@click.command()
-@click.argument("mode", type=click.Choice(MODES), required=False, metavar="[MODE]")
-@click.argument("recompute", type=float, required=False, metavar="[RECOMPUTE]")
-@pass_state
-def mode(state: State, mode: str | None, recompute: float | None) -> None:
-    """Show or set how the context combines chunks' KV: MODE is exact, reuse or realign,
-    and RECOMPUTE (realign only) the fraction of tokens computed again, from 0 to 1.
-
-    exact recomputes what was computed in another context, reuse attends to the stored KV
-    as it is, realign re-places chunks at contiguous positions and recomputes the tokens
-    whose KV the composition changes most (default fraction when RECOMPUTE is left out).
-    """
-    cm = state.catalog
-    if mode:
-        cm.configure(mode=mode, recompute=recompute)
-        state.mode = state.recompute = None  # the new setting applies, not options at start
-    say(state, f"mode: {render.mode_line(state.mode, state.recompute, cm.settings)}")
-
-
-@click.command()
-@click.argument("switch", type=click.Choice(["on", "off"]), required=False, metavar="[on|off]")
-@pass_state
-def auto(state: State, switch: str | None) -> None:
-    """Show or set whether each prompt and answer is activated after a generation."""
-    cm = state.catalog
-    if switch:
-        cm.configure(auto_activate=switch == "on")
-    say(state, f"auto-activate: {'on' if cm.settings['auto_activate'] else 'off'}")
-
-
-# -- generation -------------------------------------------------------------------------------
-
-
-@click.command()
-@click.argument("prompt")
-@sampling_options
-@json_option
-@pass_state
-def generate(state: State, prompt: str, sampling: dict, as_json: bool) -> None:
-    """Answer PROMPT with the active context, streaming the text; the prompt and the answer
-    become chunks (the footer on stderr names them)."""
-    if as_json:
-        click.echo(render.dumps(run_generation(state, prompt, sampling).to_json()))
-        return
-    result = run_generation(state, prompt, sampling, on_text=stream)
-    click.echo()
-    state.err.print(render.generation_footer(result), markup=False, highlight=False)
-
-
-def run_generation(
-    state: State, prompt: str, sampling: dict, on_text: Callable[[str], None] | None = None
-) -> GenerationResult:
-    params = sampling_params(sampling)  # checked before the model loads
-    return state.manager.generate(
-        prompt, params, mode=state.mode, on_text=on_text, recompute=state.recompute
-    )
-
-
-def stream(text: str) -> None:
-    click.echo(text, nl=False)
-
-
 SUBCOMMANDS = [
     load,
     list_chunks,
     info,
     activate,
     deactivate,
-    generate,
     compose,
     split,
     tag,
@@ -407,8 +320,4 @@ SUBCOMMANDS = [
     prefetch,
     export,
     import_,
-    context,
-    clear,
-    mode,
-    auto,
 ]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from kvchunks.cli.commands import SUBCOMMANDS
+from kvchunks.cli import commands, context_commands
 from kvchunks.cli.demo import demo
 from kvchunks.cli.http import http
 from kvchunks.cli.model import model
@@ -132,7 +132,7 @@ def cli(ctx: click.Context, **options) -> None:
     ctx.call_on_close(state.close)
 
 
-for command in SUBCOMMANDS:
+for command in [*commands.SUBCOMMANDS, *context_commands.SUBCOMMANDS]:
     cli.add_command(command)
 for command in SERVICE_COMMANDS:  # serve, status, stop: the Ray actors
     cli.add_command(command)

@@ -127,7 +127,7 @@ def test_bad_files_are_refused_before_the_model_loads(tmp_path):
     latin.write_bytes("café".encode("latin-1"))
     cases = {
         tmp_path / "missing.txt": "no such file",
-        tmp_path: "is a directory, not a file",
+        tmp_path: f"{tmp_path} is a directory; give its text files, as in {tmp_path}/*.txt",
         empty: "is empty",
         binary: "looks binary",
         latin: "not UTF-8",
