@@ -292,7 +292,7 @@ def test_the_first_piece_is_sent_before_the_next_is_computed():
     async def consume() -> None:
         events = stream_call(generate, asyncio.Semaphore(1))
         assert await anext(events) == ("text", "first")
-        await asyncio.sleep(0.02)  # sending it, slowly
+        await asyncio.sleep(0.005)  # sending it
         order.append("sent the first piece")
         assert [e async for e in events] == [("result", "done")]
 
