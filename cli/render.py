@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
-from kvchunks.vocabulary import DEFAULT_RECOMPUTE, TIERS
+from kvchunks.vocabulary import TIERS, recompute_fraction
 
 if TYPE_CHECKING:
     from kvchunks import ChunkInfo, ContextView, GenerationResult
@@ -170,18 +170,24 @@ def generation_footer(result: GenerationResult) -> str:
         state = "interrupted; partial answer kept" if outputs != "none" else "interrupted"
     return (
         f"[prompt {short(result.prompt_chunk.hash)} · output {outputs} · "
-        f"{len(result.token_ids)} tokens · {state} · {result.mode} · "
+        f"{len(result.token_ids)} tokens · {state} · {_mode_used(result)} · "
         f"{result.tokens_reused} reused, {result.tokens_recomputed} recomputed · "
         f"ttft {result.ttft_s:.2f} s · {result.tokens_per_s:.1f} tokens/s]"
     )
+
+
+def _mode_used(result: GenerationResult) -> str:
+    if result.recompute is None:
+        return result.mode
+    return f"{result.mode} (recompute {result.recompute:g})"
 
 
 def mode_line(mode: str | None, recompute: float | None, settings: dict) -> str:
     """The mode generations use: this run's choice, else the context's setting."""
     chosen = mode or settings["mode"]
     if chosen == "realign":
-        fraction = recompute if recompute is not None else settings["recompute"]
-        chosen += f" (recompute {DEFAULT_RECOMPUTE if fraction is None else fraction:g})"
+        asked = recompute if recompute is not None else settings["recompute"]
+        chosen += f" (recompute {recompute_fraction(chosen, asked):g})"
     if mode and mode != settings["mode"]:
         chosen += f" for this session (the context's setting is {settings['mode']})"
     return chosen

@@ -82,7 +82,8 @@ def test_load_activate_generate_as_json(state, doc):
     streamed = kvchunks(state, "generate", "Say hello.", "--max-tokens", "4")
     assert streamed.stdout.strip() and "[prompt " not in streamed.stdout  # the answer only
     assert streamed.stderr.startswith("[prompt ")  # the footer names the chunks, on stderr
-    assert f"realign · {chunk['token_count']} reused, 0 recomputed" in streamed.stderr
+    footer = f"realign (recompute 0.15) · {chunk['token_count']} reused, 0 recomputed"
+    assert footer in streamed.stderr
     refused = kvchunks(state, "--mode", "exact", "--recompute", "0.2", "generate", "Hi", status=1)
     assert "applies to realign only" in refused.stderr
 
