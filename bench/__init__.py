@@ -1,0 +1,16 @@
+"""The benchmarks: each runs its competitor in the same run and prints one JSON object last."""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def scratch_dir(name: str) -> Path:
+    """A new folder for this run's data (chunk KV files, the embedded Redis), removed when the
+    run ends: a benchmark run again and again must not fill the disk."""
+    folder = Path(tempfile.mkdtemp(prefix=f"kvchunks-{name}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder

@@ -31,11 +31,11 @@ import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kvchunks.bench import scratch_dir
 from kvchunks.common import HOME_ENV
 from kvchunks.engine.checkpoint import prepare_default_model
 from kvchunks.policies.budgets import TierBudgets
@@ -192,7 +192,7 @@ def main() -> None:
         args.pack_blocks = 1
     rng = random.Random(0)
     model = prepare_default_model()
-    home = Path(tempfile.mkdtemp(prefix="bench-cli-"))
+    home = scratch_dir("bench-cli")
     os.environ[HOME_ENV] = str(home)  # the commands run below work on this data directory
     made: list[ChunkRecord] = []
     result: dict = {"chunks_for_list": args.list_at}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -30,6 +29,7 @@ import ray
 from kvchunks.actors import service
 from kvchunks.actors.client import Client, connect
 from kvchunks.actors.remote import NAMESPACE
+from kvchunks.bench import scratch_dir
 from kvchunks.engine import SamplingParams
 from kvchunks.engine.checkpoint import resolve_model
 
@@ -130,7 +130,7 @@ def main() -> None:
     running = service.start(
         2,
         model=model,
-        home=tempfile.mkdtemp(prefix="kvchunks-bench-"),
+        home=scratch_dir("bench-cluster"),
         engine_options={"kv_cache_bytes": args.kv_cache_mb << 20},
         detached=False,
     )

@@ -18,12 +18,12 @@ import json
 import random
 import re
 import statistics
-import tempfile
 from dataclasses import dataclass
 from pydoc_data.topics import topics
 
 import torch
 
+from kvchunks.bench import scratch_dir
 from kvchunks.engine import EngineConfig, SamplingParams
 from kvchunks.service.context_manager import ContextManager
 from kvchunks.vocabulary import DEFAULT_RECOMPUTE
@@ -285,7 +285,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     config = EngineConfig(kv_cache_bytes=1 << 30)
-    cm = ContextManager(home=tempfile.mkdtemp(), engine_config=config)
+    cm = ContextManager(home=scratch_dir("bench-fidelity"), engine_config=config)
     tok = cm.store.model.tokenizer
     hf = AutoModelForCausalLM.from_pretrained(cm.store.model.llm.path, dtype=torch.float32).eval()
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)

@@ -22,13 +22,13 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import openai
 
+from kvchunks.bench import scratch_dir
 from kvchunks.engine import SamplingParams
 from kvchunks.engine.checkpoint import resolve_model
 from kvchunks.service.context_manager import ContextManager
@@ -117,7 +117,7 @@ def main() -> None:
     if args.smoke:
         vars(args).update(SMOKE)
 
-    model, home = str(resolve_model(None)), tempfile.mkdtemp(prefix="kvchunks-bench-http-")
+    model, home = str(resolve_model(None)), str(scratch_dir("bench-http"))
     server, url = start_server(model, home)
     # The in-process API: the same data directory (chunk records, the context's active
     # chunks), its own engine, idle while the server works and the other way round.

@@ -17,11 +17,11 @@ import json
 import os
 import random
 import statistics
-import tempfile
 import time
 
 import torch
 
+from kvchunks.bench import scratch_dir
 from kvchunks.engine import EngineConfig, SamplingParams
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.context_manager import ContextManager
@@ -103,7 +103,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    cm = ContextManager(home=tempfile.mkdtemp(), engine_config=EngineConfig(kv_cache_bytes=1 << 30))
+    home = scratch_dir("bench-reuse")
+    cm = ContextManager(home=home / "a", engine_config=EngineConfig(kv_cache_bytes=1 << 30))
     llm, rng = cm.store.model.llm, random.Random(0)
     device = llm.config.device  # HF runs where the engine does
     hf = AutoModelForCausalLM.from_pretrained(llm.path, dtype=torch.float32).eval().to(device)
@@ -132,7 +133,7 @@ def main() -> None:
     toggle = median_toggle(cm, text, toggle_repeats)
     # The same with Redis fsyncing once a second instead of on every write.
     os.environ[FSYNC_ENV] = "everysec"
-    relaxed = ContextManager(store=ChunkStore(home=tempfile.mkdtemp(), llm=llm))
+    relaxed = ContextManager(store=ChunkStore(home=home / "b", llm=llm))
     toggle_everysec = median_toggle(relaxed, text, toggle_repeats)
 
     ttft, hf_ttft = statistics.median(t for t, _ in ours), statistics.median(theirs)

@@ -26,7 +26,6 @@ import argparse
 import contextlib
 import json
 import random
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -40,6 +39,7 @@ import torch
 from kvchunks.actors import service
 from kvchunks.actors.client import Client, connect
 from kvchunks.actors.remote import NAMESPACE
+from kvchunks.bench import scratch_dir
 from kvchunks.common import (
     CapacityError,
     ChunkInUse,
@@ -326,7 +326,7 @@ def soak(
         s.client.clear()  # what was active stays in the pool: room for the checks below
     generations = [g for log in logs for g in log.generations]
     acknowledged = {h for s in soakers for h in s.mine} | set(shared)
-    home = tempfile.mkdtemp(prefix="kvchunks-replay-")
+    home = scratch_dir("soak-replay")
     with ContextManager(home=home, engine_config=engine) as cm, threads_of(workers):
         replay = Replay(cm, recipes)
         for g in generations:
@@ -429,7 +429,7 @@ class Replay:
 def _lost(client: Client, replay: Replay, acknowledged: set[str]) -> tuple[list[str], int]:
     """Acknowledged chunks that are gone, or whose tokens or KV differ from the replay's
     recompute; and how many chunks' KV was compared."""
-    lost, checked, folder = [], 0, Path(tempfile.mkdtemp(prefix="kvchunks-soak-kv-"))
+    lost, checked, folder = [], 0, scratch_dir("soak-kv")
     for chunk_hash in sorted(acknowledged):
         try:
             chunk = client.get_chunk(chunk_hash)
@@ -483,7 +483,7 @@ def main() -> None:
     running = service.start(
         args.workers,
         model=resolve_model(None),
-        home=tempfile.mkdtemp(prefix="kvchunks-soak-"),
+        home=scratch_dir("soak"),
         engine_options=engine,
         detached=False,
     )

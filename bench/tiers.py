@@ -18,12 +18,12 @@ import json
 import os
 import random
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from kvchunks.bench import scratch_dir
 from kvchunks.bench.reuse import document, question
 from kvchunks.engine import EngineConfig, SamplingParams
 from kvchunks.service.context_manager import ContextManager
@@ -86,7 +86,7 @@ def bandwidths(cm: ContextManager, chunk, file_repeats: int, move_repeats: int) 
     nbytes = k.nbytes + v.nbytes
     gb = nbytes / 1e9
     raw_bytes = k.cpu().numpy().tobytes() + v.cpu().numpy().tobytes()
-    paths = (kv_path(store.home, chunk.hash), Path(tempfile.mkdtemp()) / "raw.bin")
+    paths = (kv_path(store.home, chunk.hash), scratch_dir("bench-tiers-raw") / "raw.bin")
     record = chunk.to_record() | {"segments": [], "is_active": False}
 
     def to_cpu():
@@ -218,7 +218,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    cm = ContextManager(home=tempfile.mkdtemp(), engine_config=EngineConfig(kv_cache_bytes=1 << 30))
+    cm = ContextManager(
+        home=scratch_dir("bench-tiers"), engine_config=EngineConfig(kv_cache_bytes=1 << 30)
+    )
     cm.configure(auto_activate=False)
     llm, rng = cm.store.model.llm, random.Random(1)
     per_chunk = args.context_tokens // args.chunks - 6  # the system framing adds ~6 tokens

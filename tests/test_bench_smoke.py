@@ -30,10 +30,13 @@ def test_every_benchmark_is_smoke_tested():
 
 
 def run_smoke(name: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The benchmark at its tiny size; its temporary files go under cwd/tmp (Ray's stay in
+    /tmp: its socket paths must stay short)."""
+    (cwd / "tmp").mkdir()
     return subprocess.run(
         [sys.executable, "-m", f"kvchunks.bench.{name}", "--smoke"],
         cwd=cwd,
-        env={**os.environ, **RAY_ENV},
+        env={**os.environ, **RAY_ENV, "TMPDIR": str(cwd / "tmp"), "RAY_TMPDIR": "/tmp"},
         capture_output=True,
         text=True,
         timeout=600,
@@ -46,6 +49,8 @@ def test_benchmark_runs_at_a_tiny_size(name, model_path, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-1]
     assert isinstance(json.loads(last), dict), last
+    left = sorted(p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith("kvchunks-"))
+    assert not left, f"{name} left its data behind: {left}"
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="there is a CUDA device: the benchmark runs instead")
