@@ -9,8 +9,9 @@ The model host's lock covers the pool and all of this. A move to host memory (`t
 takes it only to find and retain the chunk's blocks and then to record the move: the copy
 out of the pool runs without it (unless the caller holds it), so generation steps go on
 meanwhile. A move that makes room for new KV runs under it, as the blocks must be free
-before they are allocated; so does a move to disk, which copies KV only to write a lost
-file again.
+before they are allocated; when only the blocks a copy holds would make the room, it waits
+for that copy (which needs no lock) and finishes its move itself. A move to disk runs under
+it too: it copies KV only to write a lost file again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import contextlib
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,6 +49,19 @@ class Composition:
 
     segment: KVSegment
     sources: frozenset[str]  # the chunks (owning KV) it was made from
+
+
+@dataclass(eq=False)
+class HostCopy:
+    """A move to host memory whose copy out of the pool runs without the lock. Whoever holds
+    the lock first once the copy has ended finishes the move: the copying thread, or a
+    `make_room` that needs the blocks the copy holds and waited for it."""
+
+    chunk_hash: str
+    segments: list[KVSegment]  # retained for the copy
+    ended: threading.Event = field(default_factory=threading.Event)
+    kv: KV | None = None  # the copy; None if it did not fit host memory (then: its file)
+    copied: bool = False  # False: the copy was interrupted, the chunk stays in the pool
 
 
 def packs(chunk: ChunkRecord) -> bool:
@@ -79,6 +93,7 @@ class Tiers:
         self.pinned: Counter[str] = Counter()  # what a running generation attends to
         self.prefetched: set[str] = set()  # brought in ahead of use, not used yet
         self.records = TierRecords(registry)
+        self.copies: list[HostCopy] = []  # moves to host memory whose copy is running
 
     def tier_of(self, chunk_hash: str) -> str:
         if chunk_hash in self.kv:
@@ -165,6 +180,9 @@ class Tiers:
         protected = self._protected()
         coldest = self.lru.coldest([*self.kv, *self.compositions], protected.__contains__)
         victims = llm.fewest_to_release(((h, self._pool_kv(h)) for h in coldest), short)
+        if victims is None and self.copies:  # their blocks come free when they end
+            self._finish_copies()
+            return self.make_room(blocks)
         if victims is None:
             raise CapacityError(
                 f"the gpu tier is full: {blocks} more blocks needed, {pool['free']} free, "
@@ -262,29 +280,43 @@ class Tiers:
 
     def to_host(self, chunk: ChunkInfo) -> bool:
         """Keep the chunk's KV in host memory (from the pool, or from a KV source); False if
-        there is no copy of it anywhere (recompute it first)."""
+        there is no copy of it anywhere (recompute it first).
+
+        From the pool, the KV is copied out without the lock, so that generations go on
+        meanwhile: a stored chunk's slots are never written again. A chunk deleted or moved
+        by someone else meanwhile keeps what they made of it."""
         with self.lock:
             segments = self.kv.get(chunk.hash)
             if segments is None:
                 return self._load_to_host(chunk)
             for segment in segments:  # kept from being freed and reused while they are read
                 self.model.llm.retain(segment)
+            copy = HostCopy(chunk.hash, segments)
+            self.copies.append(copy)
         try:
-            self._copy_to_host(chunk.hash, segments)
+            copy.kv = self._host_copy(segments)
+            copy.copied = True
         finally:
+            copy.ended.set()
             with self.lock:
-                self.free(segments)
+                self._finish(copy)
         return True
 
-    def _copy_to_host(self, chunk_hash: str, segments: list[KVSegment]) -> None:
-        """Move a resident chunk's KV (the segments, retained) to host memory, copying it
-        out of the pool without the lock, so that generations go on meanwhile: a stored
-        chunk's slots are never written again. Only the bookkeeping takes the lock. A chunk
-        deleted or moved by someone else meanwhile keeps what they made of it."""
-        kv = self._host_copy(segments)
-        with self.lock:
-            if self.kv.get(chunk_hash) == segments:
-                self._moved_out(chunk_hash, kv)
+    def _finish_copies(self) -> None:
+        """Wait for the running copies to host memory (lock held: they need none) and finish
+        their moves, freeing the blocks they held."""
+        for copy in list(self.copies):
+            copy.ended.wait()
+            self._finish(copy)
+
+    def _finish(self, copy: HostCopy) -> None:
+        """Record an ended copy's move and give back its blocks, unless done already."""
+        if copy not in self.copies:
+            return
+        self.copies.remove(copy)
+        if copy.copied and self.kv.get(copy.chunk_hash) == copy.segments:
+            self._moved_out(copy.chunk_hash, copy.kv)
+        self.free(copy.segments)
 
     def _load_to_host(self, chunk: ChunkInfo) -> bool:
         """to_host for a chunk that is not in the pool (called with the lock held)."""

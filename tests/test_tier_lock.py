@@ -1,6 +1,7 @@
 """A move to host memory copies the KV out of the pool without the pool's lock: others use
 the pool meanwhile, and a chunk deleted or moved by them meanwhile is left as they made it,
-with every block reference given back, also when the copy is interrupted."""
+with every block reference given back, also when the copy is interrupted. Room that only the
+copied blocks can make waits for the copy."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from test_packing import kv_of, note
 
 from kvchunks.engine import SamplingParams
+from kvchunks.policies.budgets import TierBudgets
 from kvchunks.service.context_manager import ContextManager
 
 
@@ -96,6 +98,33 @@ def test_an_interrupted_copy_leaves_the_chunk_in_the_pool(cm, monkeypatch):
     assert cm.get_chunk(chunk.hash).tier == "gpu"
     monkeypatch.undo()
     assert cm.move_to_cpu(chunk.hash).tier == "cpu"  # and it still moves
+
+
+def test_room_only_a_running_copy_can_make_waits_for_it(make_tiny_store, monkeypatch):
+    """A pool of one block whose chunk is being copied out, and a new chunk that needs that
+    block: the new chunk waits for the copy to end, instead of being refused."""
+    store = make_tiny_store(prefetch_policy="explicit", budgets=TierBudgets(gpu_blocks=1))
+    cm = ContextManager(store=store)
+    first = cm.add_chunk(note(0, 200), role="raw")
+    k0, v0 = kv_of(cm, first.hash)
+    copying, go = threading.Event(), threading.Event()
+    during_copy(store, monkeypatch, lambda: copying.set() or go.wait(5))
+    moved, added = [], []
+    mover = threading.Thread(target=lambda: moved.append(store.tiers.to_host(first)))
+    mover.start()
+    assert copying.wait(5)
+    adder = threading.Thread(target=lambda: added.append(cm.add_chunk(note(1, 200), role="raw")))
+    adder.start()
+    adder.join(0.5)
+    assert adder.is_alive() and not added  # waiting for the copy, not refused
+    go.set()
+    adder.join(5)
+    mover.join(5)
+    assert moved == [True] and len(added) == 1 and not store.tiers.copies
+    assert cm.get_chunk(first.hash).tier == "cpu" and cm.get_chunk(added[0].hash).tier == "gpu"
+    k1, v1 = store.host.kv[first.hash]
+    assert torch.equal(k0, k1) and torch.equal(v0, v1)
+    assert store.model.llm.pool_usage()["free"] == store.model.llm.pool_usage()["blocks"] - 1
 
 
 @pytest.mark.parametrize("action", ["move", "delete"])
