@@ -14,3 +14,9 @@ def scratch_dir(name: str) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=f"kvchunks-{name}-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
+
+
+def token_range(text: str) -> tuple[int, int]:
+    """A command line's MIN-MAX range of token counts."""
+    low, high = (int(n) for n in text.split("-"))
+    return low, high

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from kvchunks.bench import token_range
 from kvchunks.engine import LLM, EngineConfig, SamplingParams
 from kvchunks.engine.checkpoint import resolve_model
 
@@ -186,11 +187,6 @@ SMOKE = {
     "repeats": 1,
     "kv_cache_mb": 256,
 }
-
-
-def token_range(text: str) -> tuple[int, int]:
-    low, high = (int(n) for n in text.split("-"))
-    return low, high
 
 
 def main() -> None:

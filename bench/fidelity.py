@@ -23,7 +23,7 @@ from pydoc_data.topics import topics
 
 import torch
 
-from kvchunks.bench import scratch_dir
+from kvchunks.bench import scratch_dir, token_range
 from kvchunks.engine import EngineConfig, SamplingParams
 from kvchunks.service.context_manager import ContextManager
 from kvchunks.vocabulary import DEFAULT_RECOMPUTE
@@ -163,12 +163,16 @@ def plant(passage: str, fact: str) -> str:
 
 
 def candidate_cases(tokenizer, rng: random.Random, low: int, high: int) -> list[Case]:
-    pool = passages(tokenizer, low, high)
-    rng.shuffle(pool)
+    every, pool = passages(tokenizer, low, high), []
     cases = []
     for i, (fact, question, word) in enumerate(FACTS):
         count = 3 + i % 2
-        chosen = [pool.pop() for _ in range(count)]
+        chosen: list[str] = []
+        while len(chosen) < count:
+            if not pool:  # long passages are few: once all are used, cases share them
+                pool = [p for p in every if p not in chosen]
+                rng.shuffle(pool)
+            chosen.append(pool.pop())
         place = PLACES[i % 3]
         target = {"first": 0, "middle": count // 2, "last": count - 1}[place]
         chosen[target] = plant(chosen[target], fact)
@@ -277,6 +281,9 @@ def main() -> None:
     parser.add_argument("--fractions", default="0,0.05,0.15,0.3", help="realign recompute")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument(
+        "--passage-tokens", type=token_range, default=(150, 500), help="MIN-MAX per passage"
+    )
     parser.add_argument("--smoke", action="store_true", help="one case, tiny sizes (CI)")
     args = parser.parse_args()
     if args.smoke:
@@ -303,7 +310,7 @@ def main() -> None:
     ]
 
     kept, rows, seconds, skipped = [], [], [], 0
-    for case in candidate_cases(tok, random.Random(0), 150, 500):
+    for case in candidate_cases(tok, random.Random(0), *args.passage_tokens):
         if len(kept) == args.cases:
             break
         alone = hf_answer(hf, cm, case.passages[case.target], case.question, args.max_tokens)
@@ -339,6 +346,7 @@ def main() -> None:
         json.dumps(
             {
                 "cases": len(kept),
+                "passage_tokens": args.passage_tokens,
                 "skipped_cases": skipped,
                 "context_tokens": [sum(len(tok.encode(p)) for p in c.passages) for c in kept],
                 "default_recompute": DEFAULT_RECOMPUTE,
