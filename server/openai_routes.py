@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from kvchunks import GenerationResult, SamplingParams
 from kvchunks.common import InvalidInput
 from kvchunks.server.errors import as_response
-from kvchunks.server.schemas import ChatRequest, CompletionRequest, Sampling
+from kvchunks.server.schemas import UNSERVED, ChatRequest, CompletionRequest, Sampling
 from kvchunks.server.streaming import stream_call
 
 router = APIRouter()
@@ -54,6 +54,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 def _sampling(body: Sampling, default_max_tokens: int) -> SamplingParams:
     if body.n != 1:
         raise InvalidInput("n must be 1")
+    for name, value in (body.model_extra or {}).items():
+        if name in UNSERVED and value and value not in UNSERVED[name]:
+            raise InvalidInput(f"{name} is not served by kvchunks; leave it out")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return SamplingParams(
         temperature=body.temperature,

@@ -24,7 +24,28 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI fields that change what an answer is, which kvchunks does not serve, and the values
+# that ask for nothing (besides None, False, 0 and empty ones, which clients send unset).
+# A request that sets one otherwise is refused: answering as if it were absent would hand
+# the client something other than what it asked for.
+UNSERVED: dict[str, tuple] = {
+    "logprobs": (),
+    "top_logprobs": (),
+    "logit_bias": (),
+    "tools": (),
+    "functions": (),
+    "tool_choice": ("none", "auto"),
+    "function_call": ("none", "auto"),
+    "response_format": ({"type": "text"},),
+    "echo": (),
+    "suffix": (),
+    "best_of": (1,),
+}
+
+
 class Sampling(ChunkFields):
+    model_config = ConfigDict(extra="allow")  # kept, to refuse the UNSERVED ones
+
     model: str | None = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -199,6 +199,9 @@ def test_every_chunk_route(served):
         assert "/v1/chat/completions" in schema["paths"] and "/v1/chunks/{ref}" in schema["paths"]
 
 
+ASKED = [{"role": "user", "content": "Hello"}]
+
+
 def too_long() -> str:
     return "word " * 9000
 
@@ -208,6 +211,15 @@ def too_long() -> str:
     [
         ("post", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400),
         ("post", "/v1/chat/completions", {"messages": [], "temperature": 5}, 400),
+        ("post", "/v1/chat/completions", {"messages": ASKED, "logprobs": True}, 400),
+        ("post", "/v1/chat/completions", {"messages": ASKED, "tools": [{"type": "function"}]}, 400),
+        (
+            "post",
+            "/v1/chat/completions",
+            {"messages": ASKED, "response_format": {"type": "json_object"}},
+            400,
+        ),
+        ("post", "/v1/completions", {"prompt": "x", "echo": True}, 400),
         ("post", "/v1/chunks", {"text": "   "}, 400),
         ("post", "/v1/chunks", {"text": "x", "tags": ["has space"]}, 400),
         ("get", "/v1/chunks/0000aaaa", None, 404),
@@ -232,6 +244,24 @@ def test_errors_are_openai_json_and_change_nothing(served, method, path, body, s
     error = response.json()["error"]
     assert error["code"] == status and error["message"] and "\n" not in error["message"]
     assert state(served) == before
+
+
+def test_openai_fields_that_ask_for_nothing_are_answered(served):
+    """What clients send for fields they leave unset is no reason to refuse a request."""
+    question = {
+        "messages": ASKED,
+        "max_tokens": 2,
+        "store": False,
+        "logprobs": False,
+        "top_logprobs": 0,
+        "tools": [],
+        "tool_choice": "none",
+        "response_format": {"type": "text"},
+        "user": "someone",
+    }
+    with served.http() as http:
+        response = http.post("/v1/chat/completions", json=question)
+    assert response.status_code == 200, response.text
 
 
 def test_a_body_sent_in_chunks_is_held_to_the_limit(served):
