@@ -80,7 +80,14 @@ async def on_unexpected_error(request: Request, error: Exception) -> JSONRespons
 
 
 async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """What is wrong with a request, in one line: the field and why, or the body itself."""
     first = error.errors()[0] if error.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    message = f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request"
+    where = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        reason = first.get("ctx", {}).get("error", "decode error")
+        message = f"the body is not valid JSON: {reason} (at character {where[0]})"
+    elif where:
+        message = f"{'.'.join(where)}: {first.get('msg', 'invalid')}"
+    else:  # curl -d, for one, sends a form's Content-Type, and the body arrives as bytes
+        message = "the body must be a JSON object, sent with Content-Type: application/json"
     return JSONResponse(body(message, "invalid_request_error", 400), status_code=400)

@@ -264,6 +264,23 @@ def test_openai_fields_that_ask_for_nothing_are_answered(served):
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.parametrize(
+    ("content", "content_type", "says"),
+    [
+        (b'{"text": "x"}', "application/x-www-form-urlencoded", "Content-Type: application/json"),
+        (b'["x"]', "application/json", "must be a JSON object"),
+        (b'{"text": "x",', "application/json", "not valid JSON"),
+    ],
+)
+def test_a_body_that_is_not_a_json_object_says_so(served, content, content_type, says):
+    before = state(served)
+    with served.http() as http:
+        response = http.post("/v1/chunks", content=content, headers={"content-type": content_type})
+    assert response.status_code == 400, response.text
+    assert says in response.json()["error"]["message"]
+    assert state(served) == before
+
+
 def test_a_body_sent_in_chunks_is_held_to_the_limit(served):
     """No Content-Length to refuse it by: the server counts the bytes as they come."""
     before = state(served)
