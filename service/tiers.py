@@ -20,7 +20,7 @@ import contextlib
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -59,9 +59,9 @@ class HostCopy:
 
     chunk_hash: str
     segments: list[KVSegment]  # retained for the copy
-    ended: threading.Event = field(default_factory=threading.Event)
     kv: KV | None = None  # the copy; None if it did not fit host memory (then: its file)
     copied: bool = False  # False: the copy was interrupted, the chunk stays in the pool
+    ended: bool = False  # set under Tiers.copy_ended
 
 
 def packs(chunk: ChunkRecord) -> bool:
@@ -94,6 +94,7 @@ class Tiers:
         self.prefetched: set[str] = set()  # brought in ahead of use, not used yet
         self.records = TierRecords(registry)
         self.copies: list[HostCopy] = []  # moves to host memory whose copy is running
+        self.copy_ended = threading.Condition()  # notified as each of them ends
 
     def tier_of(self, chunk_hash: str) -> str:
         if chunk_hash in self.kv:
@@ -297,7 +298,9 @@ class Tiers:
             copy.kv = self._host_copy(segments)
             copy.copied = True
         finally:
-            copy.ended.set()
+            with self.copy_ended:
+                copy.ended = True
+                self.copy_ended.notify_all()
             with self.lock:
                 self._finish(copy)
         return True
@@ -305,8 +308,9 @@ class Tiers:
     def _finish_copies(self) -> None:
         """Wait for the running copies to host memory (lock held: they need none) and finish
         their moves, freeing the blocks they held."""
+        with self.copy_ended:
+            self.copy_ended.wait_for(lambda: all(copy.ended for copy in self.copies))
         for copy in list(self.copies):
-            copy.ended.wait()
             self._finish(copy)
 
     def _finish(self, copy: HostCopy) -> None:
