@@ -47,6 +47,7 @@ CONTEXT_METHODS = frozenset(
         "populate",
         "prefetch",
         "provenance",
+        "reorder_chunks",
         "settings",
         "split_chunk",
         "stats",

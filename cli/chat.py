@@ -1,9 +1,10 @@
 """`kvchunks chat`: plain text generates with the active context; slash commands manage chunks.
 
 A slash command is a click command, looked up in one table (`SLASH`) and run with the chat's
-state: the chunk operations are the `kvchunks` subcommands themselves (commands.py), and the
-few that only make sense in a chat (/output, /stats, /help, /quit) are defined here. Tab
-completion reads the same click parameters: choices, file paths and chunk hashes.
+state: the chunk operations are the `kvchunks` subcommands themselves (commands.py,
+context_commands.py), and the few that only make sense in a chat are /output
+(output_commands.py) and /stats, /help and /quit, defined here. Tab completion reads the same
+click parameters: choices, file paths and chunk hashes.
 """
 
 from __future__ import annotations
@@ -22,14 +23,12 @@ from prompt_toolkit.history import FileHistory
 from rich.table import Table
 
 from kvchunks.cli import commands, context_commands, render
+from kvchunks.cli.output_commands import output
 from kvchunks.cli.shared import (
     SAMPLING_OPTIONS,
-    activate_all,
-    json_option,
     sampling_options,
     sampling_params,
     say,
-    show,
     usage_message,
 )
 from kvchunks.cli.state import State, pass_state
@@ -47,74 +46,6 @@ class Quit(Exception):
 
 
 # -- the commands that only a chat has ----------------------------------------------------------
-
-
-@click.group()
-def output() -> None:
-    """The answers of generations: list, activate, delete or tag them."""
-
-
-@output.command("list")
-@json_option
-@pass_state
-def output_list(state: State, as_json: bool) -> None:
-    """List the answers generated in this context, oldest first."""
-    cm = state.manager
-    chunks = [
-        c
-        for c in cm.list_chunks()
-        if c.kind == "output" and c.metadata.get("context") == cm.context_name
-    ]
-    title = f"outputs of context '{cm.context_name}'"
-    show(state, as_json, [c.to_json() for c in chunks], lambda: render.chunks_table(chunks, title))
-
-
-@output.command("activate")
-@click.argument("refs", nargs=-1, metavar="[HASH...]")
-@pass_state
-def output_activate(state: State, refs: tuple[str, ...]) -> None:
-    """Activate answers; without HASH, the last prompt and its answer, so the conversation
-    goes on from them."""
-    cm = state.manager
-    last = cm.last_generation
-    turn = [last.prompt_chunk.hash, *(c.hash for c in last.output_chunks)] if last else []
-    for chunk in activate_all(cm, list(refs) or _required(turn)):
-        say(state, f"activated {render.describe(chunk)}")
-
-
-@output.command("delete")
-@click.argument("refs", nargs=-1, metavar="[HASH...]")
-@click.option("--cascade", is_flag=True, help="Also delete the views that read them.")
-@pass_state
-def output_delete(state: State, refs: tuple[str, ...], cascade: bool) -> None:
-    """Delete answers; without HASH, the last answer."""
-    cm = state.manager
-    deleted = cm.delete_chunks(list(refs) or _required(_last_outputs(state)), cascade)
-    say(state, f"deleted {', '.join(render.short(h) for h in deleted)}")
-
-
-@output.command("tag")
-@click.argument("tag")
-@click.argument("refs", nargs=-1, metavar="[HASH...]")
-@pass_state
-def output_tag(state: State, tag: str, refs: tuple[str, ...]) -> None:
-    """Tag answers with TAG; without HASH, the last answer."""
-    cm = state.manager
-    hashes = [cm.get_chunk(ref).hash for ref in list(refs) or _required(_last_outputs(state))]
-    for chunk_hash in hashes:
-        chunk = cm.tag_chunk(chunk_hash, tag)
-        say(state, f"tagged {render.short(chunk.hash)}; tags: {', '.join(chunk.tags)}")
-
-
-def _last_outputs(state: State) -> list[str]:
-    last = state.manager.last_generation
-    return [c.hash for c in last.output_chunks] if last else []
-
-
-def _required(hashes: list[str]) -> list[str]:
-    if not hashes:
-        raise InvalidInput("no answer generated in this chat yet; give a HASH (see /output list)")
-    return hashes
 
 
 @click.command()
@@ -168,6 +99,7 @@ SLASH: dict[str, click.Command] = {
     "deactivate": commands.deactivate,
     "delete": commands.delete,
     "context": context_commands.context,
+    "reorder": context_commands.reorder,
     "clear": context_commands.clear,
     "info": commands.info,
     "tree": tree,

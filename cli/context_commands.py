@@ -31,6 +31,17 @@ def context(state: State, as_json: bool) -> None:
 
 
 @click.command()
+@click.argument("refs", nargs=-1, required=True, metavar="HASH...")
+@json_option
+@pass_state
+def reorder(state: State, refs: tuple[str, ...], as_json: bool) -> None:
+    """Lay the active chunks out in a new order: every active chunk, once. No KV is copied;
+    the next answer reads them in this order."""
+    view = state.catalog.reorder_chunks(list(refs))
+    show(state, as_json, view.to_json(), lambda: render.context_table(view))
+
+
+@click.command()
 @pass_state
 def clear(state: State) -> None:
     """Deactivate every chunk of the context (nothing is deleted)."""
@@ -102,4 +113,4 @@ def stream(text: str) -> None:
     click.echo(text, nl=False)
 
 
-SUBCOMMANDS = [context, clear, mode, auto, generate]
+SUBCOMMANDS = [context, reorder, clear, mode, auto, generate]

@@ -10,7 +10,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from kvchunks import ChunkInfo, TreeNode, provenance_tree
-from kvchunks.common import InvalidInput
 from kvchunks.server.schemas import (
     ChunkRef,
     Compose,
@@ -140,21 +139,7 @@ def deactivate(name: str, body: ChunkRef, request: Request) -> dict:
 
 @router.post("/v1/contexts/{name}/order")
 def reorder(name: str, body: Order, request: Request) -> dict:
-    """Lay the active chunks out in a new order. The API appends on activation and has no
-    reorder, so the chunks from the first one that moves onward are deactivated and activated
-    again in the new order: nothing is recomputed, but the change is not atomic."""
-    api = _api(request, name)
-    active = [c.hash for c in api.context().chunks]
-    wanted = [api.get_chunk(ref).hash for ref in body.chunks]
-    if sorted(wanted) != sorted(active):
-        raise InvalidInput("the new order must list every active chunk of the context once")
-    moved = (i for i, (a, b) in enumerate(zip(active, wanted, strict=True)) if a != b)
-    keep = next(moved, len(active))
-    for chunk_hash in active[keep:]:
-        api.deactivate_chunk(chunk_hash)
-    for chunk_hash in wanted[keep:]:
-        api.activate_chunk(chunk_hash)
-    return api.context().to_json()
+    return _api(request, name).reorder_chunks(body.chunks).to_json()
 
 
 @router.post("/v1/contexts/{name}/clear")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from kvchunks.common import ConcurrentChange, ContextWindowExceeded
+from kvchunks.common import ConcurrentChange, ContextWindowExceeded, InvalidInput
 from kvchunks.engine.checkpoint import context_window, read_config, resolve_model
 from kvchunks.service.context_settings import DEFAULT_SETTINGS, ContextView, checked_settings
 from kvchunks.service.pieces import Records, owner_hashes
@@ -145,6 +145,16 @@ class Catalog:
     def deactivate_chunk(self, ref: str) -> ChunkInfo:
         chunk = self.registry.find_and_deactivate(ref, self.context_name)
         return self._describe([chunk])[0]
+
+    def reorder_chunks(self, refs: list[str]) -> ContextView:
+        """Lay the active chunks out in this order, which lists each of them once. No KV is
+        copied: the next generation composes them in the new order."""
+        order = [self.registry.resolve(ref) for ref in refs]
+        active = self.registry.active(self.context_name)
+        if sorted(order) != sorted(active):
+            raise InvalidInput("the new order must list every active chunk of the context once")
+        self.registry.reorder(self.context_name, order, expected=active)
+        return self.context()
 
     def context(self) -> ContextView:
         s = self.settings

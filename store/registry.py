@@ -97,6 +97,16 @@ return 1
 """
 
 
+# A new layout order of the same active chunks, only if the list is still what the caller
+# checked it against (comma-joined in ARGV[1]): the chunks in ARGV[2..], in their order.
+_REORDER = """
+if table.concat(redis.call('LRANGE', KEYS[1], 0, -1), ',') ~= ARGV[1] then return -2 end
+redis.call('DEL', KEYS[1])
+if #ARGV > 1 then redis.call('RPUSH', KEYS[1], unpack(ARGV, 2)) end
+return 1
+"""
+
+
 # A chunk's tier changes often and is one short field: it lives in its own hash, not in the
 # record, so a move costs one small write.
 _SET_TIER = """
@@ -116,6 +126,7 @@ class ChunkRegistry:
         self.namespace = check_name(namespace, "namespace")
         self._activate_script = client.register_script(_ACTIVATE)
         self._set_tier_script = client.register_script(_SET_TIER)
+        self._reorder_script = client.register_script(_REORDER)
         self._parsed = ParsedRecords()
 
     # -- chunks ------------------------------------------------------------------------
@@ -391,6 +402,14 @@ class ChunkRegistry:
         if data is None:
             raise ChunkNotFound(f"no chunk has hash or prefix '{full}'")
         return self._with_state(full, data, tier, is_active=False)
+
+    @_redis_errors
+    def reorder(self, context: str, order: list[str], expected: list[str]) -> None:
+        """Make `order` the context's active list in one step, only if the list is still
+        exactly `expected` (else ConcurrentChange)."""
+        keys = [self._active_key(context)]
+        if self._reorder_script(keys=keys, args=[",".join(expected), *order]) == -2:
+            raise ConcurrentChange(f"context {context}'s active chunks changed meanwhile")
 
     @_redis_errors
     def clear_context(self, context: str) -> None:

@@ -13,6 +13,7 @@ from kvchunks import Catalog, ContextManager, open_catalog
 from kvchunks.common import (
     AmbiguousHash,
     ChunkNotFound,
+    ConcurrentChange,
     ContextWindowExceeded,
     DtypeMismatch,
     InvalidInput,
@@ -139,6 +140,24 @@ def test_activation_keeps_order_and_the_window(catalog, chunks):
     assert [c.is_active for c in catalog.list_chunks()] == [True, False, True, False]
     catalog.clear()
     assert catalog.context().chunks == []
+
+
+def test_reorder_lays_the_active_chunks_out_anew_in_one_step(catalog, chunks):
+    doc, question, answer, note = chunks.values()
+    for chunk in (doc, question, answer):
+        catalog.activate_chunk(chunk.hash)
+    view = catalog.reorder_chunks([answer.hash[:8], doc.hash, question.hash])
+    order = [answer.hash, doc.hash, question.hash]
+    assert [c.hash for c in view.chunks] == order
+    assert catalog.registry.active(catalog.context_name) == order
+    for wrong in (order[:2], [*order, doc.hash], [*order[:2], note.hash]):
+        with pytest.raises(InvalidInput, match="every active chunk of the context once"):
+            catalog.reorder_chunks(wrong)
+    with pytest.raises(ChunkNotFound):
+        catalog.reorder_chunks([*order[:2], "ffff0000"])
+    with pytest.raises(ConcurrentChange):  # the list changed after it was read
+        catalog.registry.reorder(catalog.context_name, order[::-1], expected=order[::-1])
+    assert catalog.registry.active(catalog.context_name) == order
 
 
 def test_chunks_of_another_dtype_are_not_activated(catalog, home, tmp_path):

@@ -82,6 +82,10 @@ def test_tag_activate_deactivate_context(stored):
     assert activated.splitlines()[-1] == "2 active, 70 of 8192 tokens"
     context = json.loads(kvchunks(stored, "context", "--json"))
     assert [c["hash"] for c in context["chunks"]] == [hashes["doc"], hashes["note"]]
+    reordered = json.loads(kvchunks(stored, "reorder", hashes["note"][:8], hashes["doc"], "--json"))
+    assert [c["hash"] for c in reordered["chunks"]] == [hashes["note"], hashes["doc"]]
+    refused = kvchunks(stored, "reorder", hashes["note"], status=1)
+    assert refused == "error: the new order must list every active chunk of the context once"
     assert "deactivated" in kvchunks(stored, "deactivate", hashes["note"])
     assert "mode: reuse" in kvchunks(stored, "mode", "reuse")
     assert "auto-activate: off" in kvchunks(stored, "auto")

@@ -72,6 +72,10 @@ def scenario(cm, put) -> dict:
     out["graph"] = [[brief(c) for c in side] for side in cm.provenance(g.prompt_chunk.hash)]
     view = cm.context()
     out["context"] = [view.name, view.mode, view.window, [c.hash for c in view.chunks]]
+    cm.activate_chunk(b.hash)
+    out["reordered"] = [c.hash for c in cm.reorder_chunks([b.hash, a.hash[:10]]).chunks]
+    assert out["reordered"] == [b.hash, a.hash]
+    cm.deactivate_chunk(b.hash)
     composed = cm.compose_chunks([a.hash, b.hash])
     head, tail = cm.split_chunk(composed.hash, 7)
     out["views"] = [brief(composed), brief(head), brief(tail)]
