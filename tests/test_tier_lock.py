@@ -113,10 +113,13 @@ def test_room_only_a_running_copy_can_make_waits_for_it(make_tiny_store, monkeyp
     mover = threading.Thread(target=lambda: moved.append(store.tiers.to_host(first)))
     mover.start()
     assert copying.wait(5)
+    waiting, finish = threading.Event(), store.tiers._finish_copies
+    monkeypatch.setattr(store.tiers, "_finish_copies", lambda: waiting.set() or finish())
     adder = threading.Thread(target=lambda: added.append(cm.add_chunk(note(1, 200), role="raw")))
     adder.start()
-    adder.join(0.5)
-    assert adder.is_alive() and not added  # waiting for the copy, not refused
+    assert waiting.wait(5)  # it waits for the copy: not refused, and not served otherwise
+    adder.join(0.2)
+    assert adder.is_alive() and not added
     go.set()
     adder.join(5)
     mover.join(5)
