@@ -1,13 +1,13 @@
 """Answers over separately loaded documents, in every mode, against `exact`.
 
 Each case is 3-4 passages of real prose (paragraphs of Python's own reference manual,
-`pydoc_data.topics`, which ships with every Python), 150-500 tokens each unless
-`--passage-tokens` says otherwise, loaded one by one (each computed on its own), with one
-made-up fact planted in the first, middle or last passage. A case is kept only if HF
-transformers answers its question from that passage alone. For each mode: fact accuracy,
-teacher-forced KL against `exact` along `exact`'s answer, top-1 agreement, time to first
-token and decode speed. A fixed 4-document case then compares decode and prefill over
-stored chunks with the same tokens as one timeline.
+`pydoc_data.topics`, which ships with every Python), 150-500 tokens each, unless
+`--passages` and `--passage-tokens` say otherwise, loaded one by one (each computed on its
+own), with one made-up fact planted in the first, middle or last passage. A case is kept
+only if HF transformers answers its question from that passage alone. For each mode: fact
+accuracy, teacher-forced KL against `exact` along `exact`'s answer, top-1 agreement, time
+to first token and decode speed. A fixed 4-document case then compares decode and prefill
+over stored chunks with the same tokens as one timeline.
 
 Prints one JSON object last; the goals are in the README.
 """
@@ -163,11 +163,14 @@ def plant(passage: str, fact: str) -> str:
     return f"{passage[:cut]}{fact} {passage[cut:]}"
 
 
-def candidate_cases(tokenizer, rng: random.Random, low: int, high: int) -> list[Case]:
+def candidate_cases(
+    tokenizer, rng: random.Random, low: int, high: int, per_case: int | None
+) -> list[Case]:
+    """One case per fact: `per_case` passages each, or 3 and 4 in turn."""
     every, pool = passages(tokenizer, low, high), []
     cases = []
     for i, (fact, question, word) in enumerate(FACTS):
-        count = 3 + i % 2
+        count = per_case or 3 + i % 2
         chosen: list[str] = []
         while len(chosen) < count:
             if not pool:  # long passages are few: once all are used, cases share them
@@ -285,6 +288,7 @@ def main() -> None:
     parser.add_argument(
         "--passage-tokens", type=token_range, default=(150, 500), help="MIN-MAX per passage"
     )
+    parser.add_argument("--passages", type=int, default=None, help="per case (default 3 or 4)")
     parser.add_argument("--smoke", action="store_true", help="one case, tiny sizes (CI)")
     args = parser.parse_args()
     if args.smoke:
@@ -311,7 +315,7 @@ def main() -> None:
     ]
 
     kept, rows, seconds, skipped = [], [], [], 0
-    for case in candidate_cases(tok, random.Random(0), *args.passage_tokens):
+    for case in candidate_cases(tok, random.Random(0), *args.passage_tokens, args.passages):
         if len(kept) == args.cases:
             break
         alone = hf_answer(hf, cm, case.passages[case.target], case.question, args.max_tokens)
@@ -348,6 +352,7 @@ def main() -> None:
             {
                 "cases": len(kept),
                 "passage_tokens": args.passage_tokens,
+                "passages_per_case": [len(c.passages) for c in kept],
                 "skipped_cases": skipped,
                 "context_tokens": [sum(len(tok.encode(p)) for p in c.passages) for c in kept],
                 "default_recompute": DEFAULT_RECOMPUTE,
