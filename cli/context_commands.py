@@ -1,8 +1,8 @@
 """The context's commands: what it shows, its settings, and answering with it. Each is a
 `kvchunks` subcommand and the chat's slash command of the same name, as in commands.py.
 
-Those that need only the registry (context, clear, mode, auto) work on `state.catalog`, so a
-one-shot run never loads the model or imports torch.
+Those that need only the registry (context, reorder, clear, mode, auto) work on
+`state.catalog`, so a one-shot run never loads the model or imports torch.
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ async def on_validation_error(request: Request, error: RequestValidationError) -
     where = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         reason = first.get("ctx", {}).get("error", "decode error")
-        message = f"the body is not valid JSON: {reason} (at character {where[0]})"
+        at = f" (at character {where[0]})" if where else ""
+        message = f"the body is not valid JSON: {reason}{at}"
     elif where:
         message = f"{'.'.join(where)}: {first.get('msg', 'invalid')}"
     else:  # curl -d, for one, sends a form's Content-Type, and the body arrives as bytes
