@@ -111,6 +111,81 @@ FACTS = [
         "When does the first train to Wexmoor leave?",
         "six",
     ),
+    (
+        "The harbour master of Port Caddel is Agnes Thorvald.",
+        "Who is the harbour master of Port Caddel?",
+        "thorvald",
+    ),
+    (
+        "The oldest oak in Hollin Wood is called the Sleeping Giant.",
+        "What is the oldest oak in Hollin Wood called?",
+        "giant",
+    ),
+    (
+        "The town hall of Redgate has a blue door.",
+        "What colour is the door of the town hall of Redgate?",
+        "blue",
+    ),
+    (
+        "The orchard at Linmoor grows only quinces.",
+        "Which fruit does the orchard at Linmoor grow?",
+        "quince",
+    ),
+    (
+        "The festival of lanterns in Sorrel is held in October.",
+        "In which month is the festival of lanterns in Sorrel held?",
+        "october",
+    ),
+    (
+        "The ferryman of the Kell crossing owns a dog named Pepper.",
+        "What is the name of the dog of the ferryman of the Kell crossing?",
+        "pepper",
+    ),
+    (
+        "The glassworks in Amberley employs forty-two people.",
+        "How many people does the glassworks in Amberley employ?",
+        "forty",
+    ),
+    (
+        "The fountain in Castell Square is made of marble.",
+        "What is the fountain in Castell Square made of?",
+        "marble",
+    ),
+    (
+        "The chess club of Norbury meets every Tuesday.",
+        "On which day does the chess club of Norbury meet?",
+        "tuesday",
+    ),
+    (
+        "The mayor of Quillon is a former pilot named Ruth Okonkwo.",
+        "Who is the mayor of Quillon?",
+        "okonkwo",
+    ),
+    (
+        "The old mill at Farrow Creek grinds only rye.",
+        "Which grain does the old mill at Farrow Creek grind?",
+        "rye",
+    ),
+    (
+        "The weather vane on Tolbeck church is shaped like a fox.",
+        "What shape is the weather vane on Tolbeck church?",
+        "fox",
+    ),
+    (
+        "The password of the Linden Society is Juniper.",
+        "What is the password of the Linden Society?",
+        "juniper",
+    ),
+    (
+        "The bridge at Saltmarsh was built by Edwin Callow.",
+        "Who built the bridge at Saltmarsh?",
+        "callow",
+    ),
+    (
+        "The tallest tower in Vantor has eighty steps.",
+        "How many steps does the tallest tower in Vantor have?",
+        "eighty",
+    ),
 ]
 PLACES = ("first", "middle", "last")
 FIXED_QUESTION = (
@@ -281,7 +356,7 @@ def fixed_case(cm: ContextManager, docs: list[str], question: str, decode_tokens
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--cases", type=int, default=12, help="cases to keep (at most 16)")
+    parser.add_argument("--cases", type=int, default=len(FACTS), help="cases to keep, at most")
     parser.add_argument("--fractions", default="0,0.05,0.15,0.3", help="realign recompute")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--decode-tokens", type=int, default=64)
@@ -332,6 +407,10 @@ def main() -> None:
     def mean(name: str, key: str) -> float:
         return statistics.fmean(float(r[name][key]) for r in rows)
 
+    def count(right: str, wrong: str) -> int:
+        """Cases `right` answers and `wrong` does not: accuracies alone hide which."""
+        return sum(r[right]["correct"] and not r[wrong]["correct"] for r in rows)
+
     summary = {
         name: {
             "acc": round(mean(name, "correct"), 3),
@@ -340,6 +419,8 @@ def main() -> None:
             "ttft_s": round(mean(name, "ttft"), 3),
             "decode_tok_s": round(mean(name, "decode"), 2),
             "recomputed_tokens": round(mean(name, "recomputed"), 1),
+            "lost_vs_exact": count("exact", name),
+            "gained_vs_exact": count(name, "exact"),
         }
         for name, _, _ in settings
     }
