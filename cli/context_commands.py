@@ -60,8 +60,8 @@ def mode(state: State, mode: str | None, recompute: float | None) -> None:
     and RECOMPUTE (realign only) the fraction of tokens computed again, from 0 to 1.
 
     exact recomputes what was computed in another context, reuse attends to the stored KV
-    as it is, realign re-places chunks at contiguous positions and recomputes the tokens
-    whose KV the composition changes most (default fraction when RECOMPUTE is left out).
+    as it is, realign re-places chunks at contiguous positions and recomputes the first
+    tokens of each (the default fraction when RECOMPUTE is left out).
     """
     cm = state.catalog
     if mode:

@@ -248,9 +248,9 @@ def leading_tokens(lengths: list[int], budget: int) -> list[int]:
 
     A chunk computed on its own starts with the tokens every later token leans on (the
     attention sinks of its own start); in a composition they must become ordinary tokens
-    that have seen the chunks before them. Measured on bench/fidelity.py, this beat
-    choosing the tokens whose KV moves most at an early layer (CacheBlend's rule), at no
-    cost for the choice itself (see the README).
+    that have seen the chunks before them. Measured on bench/fidelity.py, choosing instead
+    the tokens whose KV moves most (CacheBlend's rule) answered no better and needs an extra
+    pass to choose (see the README).
     """
     taken = [0] * len(lengths)
     left = min(budget, sum(lengths))
