@@ -47,7 +47,7 @@ from kvchunks.store.hashing import chunk_hash, content_hash, context_hash, model
 from kvchunks.store.redis_server import close, connect_embedded
 from kvchunks.store.registry import ChunkRegistry
 
-FINGERPRINT = model_fingerprint("LlamaForCausalLM", "ab" * 32, "float32", 256)
+FINGERPRINT = model_fingerprint("LlamaForCausalLM", "ab" * 32, "float32", 256, [])
 WORDS = ("tea", "ferry", "harbour", "vault", "code", "bell", "dawn", "notes", "keeper")
 MANAGER_LIST = (
     "import json, sys; from kvchunks import ContextManager; "

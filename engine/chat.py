@@ -50,6 +50,28 @@ class ChatFormat:
         return self.frame("user", content) + self.generation_prompt
 
     @cached_property
+    def opening(self) -> list[int]:
+        """What the model reads before a conversation's first turn: what the chat template
+        renders ahead of a lone user message (a default system turn, a BOS), or without a
+        template the tokenizer's own leading special tokens. Every context starts with it.
+
+        A chunk computed right at position 0 makes its own first tokens the sink every later
+        token leans on; computed after the opening, chunks loaded apart lean on the same
+        start, and so compose as a conversation would (bench/fidelity.py).
+        """
+        if not self.has_template:
+            plain = self._tokens("x")
+            framed = self.tokenizer.encode("x")
+            return framed[: framed.index(plain[0])] if plain[0] in framed else []
+        marker = "\x01"
+        whole = self._render([{"role": "user", "content": marker}])
+        try:
+            turn = self._turn_text("user", marker)
+        except InvalidInput:  # the template cannot frame single turns: nothing to set apart
+            return []
+        return self._tokens(whole[: -len(turn)]) if whole.endswith(turn) else []
+
+    @cached_property
     def generation_prompt(self) -> list[int]:
         if not self.has_template:
             return []

@@ -44,6 +44,7 @@ def pool_violations(tiers: Tiers) -> list[str]:
     bm = tiers.model.llm.block_manager
     owned = Counter(b for segments in tiers.kv.values() for s in segments for b in s.blocks)
     owned.update(b for c in tiers.compositions.values() for b in c.segment.blocks)
+    owned.update(b for s in tiers.opening or [] for b in s.blocks)
     free = set(bm.free_ids)
     for block in range(bm.num_blocks):
         if bm.ref_counts[block] != owned[block] or (block in free) == bool(owned[block]):

@@ -112,6 +112,7 @@ class ChunkStore:
             self.lock,
         )
         self.views = ChunkViews(self.tiers, pool_tiers)
+        self.model.on_start(self.tiers.opening_kv)
         if restore:
             self.model.on_start(self.restore_tiers)
 

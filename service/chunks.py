@@ -12,7 +12,7 @@ from kvchunks.common import ChunkInUse
 from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.service.compose import Composer
 from kvchunks.service.pieces import cut, spans
-from kvchunks.service.tiers import Tiers, packs
+from kvchunks.service.tiers import Tiers
 from kvchunks.store.chunk import ChunkInfo, ChunkRecord, SourceSpan
 from kvchunks.store.hashing import chunk_hash, content_hash, context_hash
 from kvchunks.store.registry import ChunkRegistry
@@ -105,8 +105,8 @@ class ChunkMaker:
                 chunk = self.new_record(tokens, parents, ctx.position, ctx.combine, mode, **fields)
                 if self.registry.exists(chunk.hash):
                     return self.registry.get(chunk.hash), False
-                self.tiers.make_room_for(len(tokens), packs(chunk))
-                result = llm.prefill(tokens, ctx.segments, ctx.position, pack=packs(chunk))
+                self.tiers.make_room_for(len(tokens), chunk.packs)
+                result = llm.prefill(tokens, ctx.segments, ctx.position, pack=chunk.packs)
             finally:
                 self.composer.release(ctx)
             return self.register(chunk, [result.segment]), True

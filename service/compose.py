@@ -18,7 +18,7 @@ from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.service.chunk_files import ChunkFiles
 from kvchunks.service.model_host import ModelHost
 from kvchunks.service.pieces import Piece, merged, pieces
-from kvchunks.service.tiers import Composition, Tiers, packs
+from kvchunks.service.tiers import Composition, Tiers
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.hashing import composition_key
 from kvchunks.store.registry import ChunkRegistry
@@ -86,9 +86,9 @@ class Composer:
         with self.tiers.pinning(parents):
             context = self.context_of(parents, *recorded_combination(chunk))
             try:
-                self.tiers.make_room_for(chunk.token_count, packs(chunk))
+                self.tiers.make_room_for(chunk.token_count, chunk.packs)
                 segment = llm.prefill(
-                    chunk.token_ids, context.segments, chunk.position, pack=packs(chunk)
+                    chunk.token_ids, context.segments, chunk.position, pack=chunk.packs
                 ).segment
             finally:
                 self.release(context)
@@ -105,10 +105,10 @@ class Composer:
     def context_of(
         self, parents: list[ChunkInfo], mode: str, recompute: float | None = None
     ) -> AttentionContext:
-        """What a new chunk computed after `parents` attends to, in `mode`. It holds
-        references on its KV, so that a move or a delete of those chunks meanwhile cannot
-        free blocks still read: the caller hands it back with `release`. Called with the lock
-        held (the segments are found and retained in one go)."""
+        """What a new chunk computed after `parents` attends to, in `mode`: the model's
+        opening, then the parents. It holds references on its KV, so that a move or a delete
+        of those chunks meanwhile cannot free blocks still read: the caller hands it back with
+        `release`. Called with the lock held (the segments are found and retained in one go)."""
         parts = [p for c in parents for p in pieces(self.registry, c)]
         ctx = self._attention_context(parts, mode, recompute)
         for segment in ctx.segments:
@@ -120,21 +120,24 @@ class Composer:
     ) -> AttentionContext:
         """What a new chunk computed after `parts` attends to, in `mode` (see context_of)."""
         combine = combination(mode, recompute)
+        opening = self.tiers.opening_kv()
+        start = len(self.model.chat.opening)
         total = sum(p.length for p in parts)
         prefix = self.timeline_prefix(parts)
         if prefix == len(parts):
-            return AttentionContext(self.stored(parts), total, "", reused=total)
+            segments = [*opening, *self.stored(parts)]
+            return AttentionContext(segments, start + total, "", reused=total)
         if mode == "reuse":
             end = max(p.chunk.position + p.end for p in parts)
-            return AttentionContext(self.stored(parts), end, combine, reused=total)
+            return AttentionContext([*opening, *self.stored(parts)], end, combine, reused=total)
         # parts[end:] were computed after exactly this composition of parts[:end] (a
         # conversation continued over it): their stored KV follows the derived KV as it is.
         end = self._continuation_start(parts, prefix, combine)
-        head, tail = self.stored(parts[:prefix]), self.stored(parts[end:])
+        head, tail = [*opening, *self.stored(parts[:prefix])], self.stored(parts[end:])
         key, composed, recomputed = self._composition(parts, prefix, end, combine, head)
         return AttentionContext(
             [*head, composed.segment, *tail],
-            total,
+            start + total,
             combine,
             reused=total - recomputed,
             recomputed=recomputed,
@@ -151,7 +154,7 @@ class Composer:
     def timeline_prefix(self, parts: list[Piece]) -> int:
         """How many leading pieces sit exactly where, and after what, they were computed."""
         layout: list[tuple[str, int, int]] = []
-        offset = 0
+        offset = len(self.model.chat.opening)
         for i, piece in enumerate(parts):
             expected = self._computed_after(piece)
             if merged(layout) != expected or piece.chunk.position + piece.start != offset:
@@ -174,7 +177,7 @@ class Composer:
 
     def _continuation_start(self, parts: list[Piece], prefix: int, combine: str) -> int:
         """Where the trailing pieces that continue the composition before them begin."""
-        end, offset = len(parts), sum(p.length for p in parts)
+        end, offset = len(parts), len(self.model.chat.opening) + sum(p.length for p in parts)
         while end > prefix + 1:
             piece = parts[end - 1]
             offset -= piece.length

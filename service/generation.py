@@ -97,8 +97,13 @@ def generate(
                 metadata={"source": "prompt", "context": request.context},
             )
             pins.enter_context(tiers.pinning([record]))
-            # repetition_penalty counts the active chunks' tokens: the model sees them.
-            seen = [t for c in active for t in c.token_ids] if request.params.penalized else []
+            # repetition_penalty counts the opening's and active chunks' tokens: the model
+            # sees them.
+            seen = (
+                [*store.model.chat.opening, *(t for c in active for t in c.token_ids)]
+                if request.params.penalized
+                else []
+            )
             with store.lock:
                 seq, fresh = _start(store, record, ctx, request.params, seen)
             skip = len(request.prompt_tokens) if fresh else 1

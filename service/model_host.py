@@ -39,7 +39,9 @@ class ModelHost:
         self.tokenizer = llm.tokenizer if llm else AutoTokenizer.from_pretrained(self.path)
         self.chat = ChatFormat(self.tokenizer)
         self.block_size = self.engine_config.block_size
-        self.fingerprint = _fingerprint(self.path, home, self.model_config, self.engine_config)
+        self.fingerprint = _fingerprint(
+            self.path, home, self.model_config, self.engine_config, self.chat.opening
+        )
         # One lock for the engine's pool and everything that moves KV in or out of it
         # (background prefetches write between engine steps, never during one). The engine
         # starts under it too: its start hooks bring KV into the pool.
@@ -95,7 +97,9 @@ class ModelHost:
         return (c.num_layers, None, c.num_kv_heads, c.head_dim)
 
 
-def _fingerprint(path: Path, home: Path, model: ModelConfig, engine: EngineConfig) -> str:
+def _fingerprint(
+    path: Path, home: Path, model: ModelConfig, engine: EngineConfig, opening: list[int]
+) -> str:
     files = sorted(path.glob("*.safetensors"))
     stamp = ";".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     if stamp not in _DIGESTS:
@@ -106,4 +110,5 @@ def _fingerprint(path: Path, home: Path, model: ModelConfig, engine: EngineConfi
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(known))
         _DIGESTS[stamp] = known[stamp]
-    return model_fingerprint(model.architecture, _DIGESTS[stamp], engine.dtype, engine.block_size)
+    digest = _DIGESTS[stamp]
+    return model_fingerprint(model.architecture, digest, engine.dtype, engine.block_size, opening)

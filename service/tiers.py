@@ -64,13 +64,6 @@ class HostCopy:
     ended: bool = False  # set under Tiers.copy_ended
 
 
-def packs(chunk: ChunkRecord) -> bool:
-    """Whether a chunk's KV is packed into blocks other chunks partly fill: a standalone
-    chunk's. A timeline's chunks are not, so that an answer goes on in the last block of
-    its prompt (see BlockManager)."""
-    return chunk.layout == "standalone"
-
-
 class Tiers:
     def __init__(
         self,
@@ -89,6 +82,7 @@ class Tiers:
         self.spill = spill
         self.kv: dict[str, list[KVSegment]] = {}  # resident KV of chunks that own KV
         self.compositions: dict[str, Composition] = {}  # derived KV by composition key
+        self.opening: list[KVSegment] | None = None  # ModelHost's opening, once computed
         self.lru = LRU()
         self.pinned: Counter[str] = Counter()  # what a running generation attends to
         self.prefetched: set[str] = set()  # brought in ahead of use, not used yet
@@ -144,8 +138,17 @@ class Tiers:
 
     def write(self, k: torch.Tensor, v: torch.Tensor, chunk: ChunkRecord) -> KVSegment:
         """The chunk's K and V in the pool, made room for within the gpu budget."""
-        self.make_room_for(k.shape[1], packs(chunk))
-        return self.model.llm.write_kv(k, v, chunk.position, packs(chunk))
+        self.make_room_for(k.shape[1], chunk.packs)
+        return self.model.llm.write_kv(k, v, chunk.position, chunk.packs)
+
+    def opening_kv(self) -> list[KVSegment]:
+        """The KV of the model's opening (ChatFormat.opening), which every context starts
+        with: computed when the engine starts, held out of the LRU's reach until release_all."""
+        with self.lock:
+            if self.opening is None:
+                tokens = self.model.chat.opening
+                self.opening = [self.model.llm.prefill(tokens, [], 0).segment] if tokens else []
+            return self.opening
 
     def free(self, segments: list[KVSegment]) -> None:
         for seg in segments:
@@ -174,7 +177,9 @@ class Tiers:
         llm = self.model.llm
         pool = llm.pool_usage()
         budget = min(self.budgets.gpu_blocks or pool["blocks"], pool["blocks"])
-        used = pool["blocks"] - pool["free"]
+        # The opening's block is the engine's fixed cost, not the gpu tier's: outside the budget.
+        opening = sum(len(s.blocks) for s in self.opening or [])
+        used = pool["blocks"] - pool["free"] - opening
         short = max(blocks - pool["free"], used + blocks - budget)
         if short <= 0:
             return
@@ -387,6 +392,8 @@ class Tiers:
         """Give every pool block back to the engine."""
         if self.model.started:
             with self.lock:
+                self.free(self.opening or [])
+                self.opening = None
                 for resident in list(self.kv):
                     self.evict(resident)
                 for key in list(self.compositions):

@@ -126,6 +126,13 @@ class ChunkRecord:
     def token_count(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def packs(self) -> bool:
+        """Whether the chunk's KV is packed into blocks other chunks partly fill: a standalone
+        chunk's. A timeline's chunks are not, so that an answer goes on in the last block of
+        its prompt (see BlockManager)."""
+        return self.layout == "standalone"
+
     def to_record(self) -> dict[str, Any]:
         """What is kept of the chunk, as a dict of msgpack types (a view's runtime state is
         left out); `from_record` gives the record back."""

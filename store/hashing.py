@@ -19,8 +19,11 @@ from kvchunks.store.chunk import MAX_TOKEN_ID, is_hash
 _READ_SIZE = 1 << 20
 
 
-def model_fingerprint(architecture: str, weights_digest: str, dtype: str, block_size: int) -> str:
-    """Identity of the KV a model produces: same fingerprint, interchangeable KV."""
+def model_fingerprint(
+    architecture: str, weights_digest: str, dtype: str, block_size: int, opening: Sequence[int]
+) -> str:
+    """Identity of the KV a model produces: same fingerprint, interchangeable KV. `opening`
+    is what every context starts with (ChatFormat.opening): all KV is computed after it."""
     for name, value in (("architecture", architecture), ("dtype", dtype)):
         if not isinstance(value, str) or not value:
             raise InvalidInput(f"model fingerprint needs a non-empty {name}")
@@ -34,6 +37,7 @@ def model_fingerprint(architecture: str, weights_digest: str, dtype: str, block_
         bytes.fromhex(weights_digest),
         dtype.encode(),
         _u64(block_size),
+        _int32s(opening),
     )
 
 

@@ -63,3 +63,53 @@ def hf_generate(hf_model, token_ids: list[int], max_new_tokens: int, **options) 
             **options,
         )
     return out[0, len(token_ids) :].tolist()
+
+
+def hf_kv(hf_model, token_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """HF's own cache of `token_ids` at positions 0..n-1: per layer (K, V), each
+    [1, kv_heads, n, head_dim], keys rotated as HF caches them."""
+    with torch.no_grad():
+        out = hf_model(torch.tensor([token_ids]), use_cache=True)
+    cache = out.cache
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def hf_rerotated(hf_model, keys: torch.Tensor, delta: int) -> torch.Tensor:
+    """Cached keys moved `delta` positions on, with HF's own rotary embedding (a rotation by
+    p then by delta is the rotation by p + delta)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cos, sin = hf_model.model.rotary_emb(keys, torch.full((1, keys.shape[2]), delta))
+    return apply_rotary_pos_emb(keys, keys, cos, sin)[1]
+
+
+def hf_logits_over_kv(
+    hf_model, kv: list[tuple[torch.Tensor, torch.Tensor]], token_ids: list[int], position: int
+) -> torch.Tensor:
+    """Logits [n, vocab] of `token_ids` at positions from `position` on, attending to the
+    given per-layer cache (all of it) and causally to each other."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(kv):
+        cache.update(k.clone(), v.clone(), layer)
+    positions = torch.arange(position, position + len(token_ids))[None]
+    with torch.no_grad():
+        out = hf_model(torch.tensor([token_ids]), cache=cache, position_ids=positions)
+    return out.logits[0].float()
+
+
+def hf_realigned_kv(hf_model, opening: list[int], chunks: list[list[int]]):
+    """The cache `realign` without recompute attends to, made by HF: each chunk computed
+    alone after the opening, its keys moved to sit right after the chunks before it."""
+    o = len(opening)
+    kv = [(k[:, :, :o], v[:, :, :o]) for k, v in hf_kv(hf_model, opening)]
+    at = o
+    for chunk in chunks:
+        own = [(k[:, :, o:], v[:, :, o:]) for k, v in hf_kv(hf_model, opening + chunk)]
+        kv = [
+            (torch.cat([k, hf_rerotated(hf_model, ck, at - o)], 2), torch.cat([v, cv], 2))
+            for (k, v), (ck, cv) in zip(kv, own, strict=True)
+        ]
+        at += len(chunk)
+    return kv

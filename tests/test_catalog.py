@@ -22,7 +22,7 @@ from kvchunks.engine.checkpoint import context_window
 from kvchunks.store.chunk import ChunkInfo, ChunkRecord, SourceSpan
 from kvchunks.store.hashing import chunk_hash, content_hash, context_hash, model_fingerprint
 
-FP = model_fingerprint("LlamaForCausalLM", "cd" * 32, "float32", 256)
+FP = model_fingerprint("LlamaForCausalLM", "cd" * 32, "float32", 256, [])
 WINDOW = 60  # tokens: the document and the question fit, adding the note would not
 
 

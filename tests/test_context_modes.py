@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
-from reference import hf_greedy, hf_logits
+from reference import hf_greedy, hf_logits, hf_logits_over_kv, hf_realigned_kv
 
 from kvchunks.common import InvalidInput
 from kvchunks.engine import SamplingParams
+from kvchunks.engine.chat import ChatFormat
 from kvchunks.service.compose import leading_tokens
 from kvchunks.vocabulary import DEFAULT_RECOMPUTE
 
@@ -31,7 +33,8 @@ def prompt_logits(cm, question: str, mode: str, recompute=None) -> tuple[list[in
 
 
 def tokens_of(cm, chunks) -> list[int]:
-    return [t for c in chunks for t in c.token_ids]
+    """What the model reads over `chunks` in `exact`: the model's opening, then their tokens."""
+    return cm.store.model.chat.opening + [t for c in chunks for t in c.token_ids]
 
 
 def hf_greedy_text(hf_model, llm, ids: list[int], n: int) -> str:
@@ -54,6 +57,23 @@ def test_exact_equals_reference_on_concatenated_tokens(make_cm, hf_model, llm):
     assert (logits - hf_logits(hf_model, ids)[-len(q) :]).abs().max().item() <= 1e-4
     g = cm.generate("What is the code of the vault?", GREEDY)
     assert g.text == hf_greedy_text(hf_model, llm, ids, 24)
+
+
+def test_every_context_starts_with_the_models_opening(make_cm, llm):
+    """The opening is what the chat template renders before a lone user message (SmolLM2's
+    default system turn); a chunk loaded alone is computed right after it."""
+    cm = make_cm()
+    chat = cm.store.model.chat
+    assert chat.opening and llm.decode(chat.opening).startswith("system\n")
+    assert chat.opening + chat.prompt("Hi") == list(llm.encode([{"role": "user", "content": "Hi"}]))
+    doc = cm.add_chunk(DOC_A)
+    assert doc.position == len(chat.opening) and doc.parent_chunks == []
+    # Without a template, the opening is the special tokens the tokenizer puts first.
+    plain = copy.deepcopy(llm.tokenizer)
+    plain.chat_template = None
+    assert ChatFormat(plain).opening == []
+    plain.add_bos_token = True
+    assert ChatFormat(plain).opening == [plain.bos_token_id]
 
 
 def conversation(make_cm, context="chat"):
@@ -79,7 +99,7 @@ def test_conversation_in_reuse_equals_exact_and_reference(make_cm, hf_model, llm
         ]
     )
     q, reuse = prompt_logits(cm, "And its code?", "reuse")
-    assert history + q == list(rendered)
+    assert history + q == cm.store.model.chat.opening + list(rendered)
     _, exact = prompt_logits(cm, "And its code?", "exact")
     ref = hf_logits(hf_model, history + q)[-len(q) :]
     assert (reuse - ref).abs().max().item() <= 1e-4
@@ -102,7 +122,7 @@ def test_reuse_with_a_turn_deactivated_equals_masked_reference(make_cm, hf_model
     q, logits = prompt_logits(cm, "Say it again.", "reuse")
     n = len(history) + len(q)
     mask = torch.ones(n, n).tril().bool()
-    hidden_from = doc.token_count
+    hidden_from = len(cm.store.model.chat.opening) + doc.token_count
     hidden_to = hidden_from + first.prompt_chunk.token_count + first.output_chunk.token_count
     mask[len(history) :, hidden_from:hidden_to] = False
     ref = hf_logits(hf_model, history + q, mask=mask)[-len(q) :]
@@ -111,17 +131,15 @@ def test_reuse_with_a_turn_deactivated_equals_masked_reference(make_cm, hf_model
     assert (logits - unmasked).abs().max().item() > 1e-3  # hiding really changed something
 
 
-def test_realign_equals_block_diagonal_reference(make_cm, hf_model):
+def test_realign_equals_hfs_own_kv_of_each_chunk_moved_into_place(make_cm, hf_model):
     cm = make_cm()
     a, b = cm.add_chunk(DOC_A), cm.add_chunk(DOC_B)
     cm.activate_chunk(a.hash)
     cm.activate_chunk(b.hash)
     q, logits = prompt_logits(cm, "What colour does Marie like?", "realign", recompute=0)
-    ids = tokens_of(cm, [a, b]) + q
-    n = len(ids)
-    mask = torch.ones(n, n).tril().bool()
-    mask[a.token_count : a.token_count + b.token_count, : a.token_count] = False
-    ref = hf_logits(hf_model, ids, mask=mask)[-len(q) :]
+    opening = cm.store.model.chat.opening
+    kv = hf_realigned_kv(hf_model, opening, [a.token_ids, b.token_ids])
+    ref = hf_logits_over_kv(hf_model, kv, q, len(tokens_of(cm, [a, b])))
     assert (logits - ref).abs().max().item() <= 1e-4
     _, reuse = prompt_logits(cm, "What colour does Marie like?", "reuse")
     assert (reuse - ref).abs().max().item() > 1e-3  # reuse leaves b at overlapping positions
@@ -161,13 +179,15 @@ def two_documents(make_cm, **settings):
     return cm, a, b
 
 
-def test_realign_generation_decodes_like_block_diagonal_reference(make_cm, hf_model):
+def test_realign_generation_decodes_like_hf_over_the_moved_kv(make_cm, hf_model):
     cm, a, b = two_documents(make_cm)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     g = cm.generate("What colour does Marie like?", params, mode="realign", recompute=0)
-    ids = tokens_of(cm, [a, b]) + g.prompt_chunk.token_ids
-    span = (a.token_count, a.token_count + b.token_count)
-    assert g.token_ids == hf_greedy(hf_model, ids, 12, blocks=(span,))
+    kv = hf_realigned_kv(hf_model, cm.store.model.chat.opening, [a.token_ids, b.token_ids])
+    ids, start = list(g.prompt_chunk.token_ids), len(tokens_of(cm, [a, b]))
+    for _ in range(12):  # HF's greedy loop, one full forward over the cache per step
+        ids.append(int(hf_logits_over_kv(hf_model, kv, ids, start)[-1].argmax()))
+    assert g.token_ids == ids[g.prompt_chunk.token_count :]
 
 
 def test_hidden_turn_generation_decodes_like_masked_reference(make_cm, hf_model):
@@ -180,7 +200,7 @@ def test_hidden_turn_generation_decodes_like_masked_reference(make_cm, hf_model)
     g = cm.generate("Say it again.", params, mode="reuse")
     timeline = [doc, first.prompt_chunk, first.output_chunk, second.prompt_chunk]
     history = tokens_of(cm, [*timeline, second.output_chunk])
-    gap = range(doc.token_count, timeline[-1].position)
+    gap = range(doc.position + doc.token_count, timeline[-1].position)
     assert g.prompt_chunk.position == len(history)  # positions as in the full timeline
     ids = history + g.prompt_chunk.token_ids
     assert g.token_ids == hf_greedy(hf_model, ids, 12, hidden=gap, hidden_from=len(history))
@@ -188,15 +208,18 @@ def test_hidden_turn_generation_decodes_like_masked_reference(make_cm, hf_model)
 
 def test_reuse_of_separate_chunks_equals_overlapping_positions_reference(make_cm, hf_model):
     """Separately loaded chunks in `reuse` keep the positions they were computed at (all
-    from 0) and see nothing of each other; the question starts after the longest."""
+    right after the opening) and see nothing of each other; the question starts after the
+    longest."""
     cm, a, b = two_documents(make_cm)
     q, logits = prompt_logits(cm, "What is the code of the vault?", "reuse")
     ids = tokens_of(cm, [a, b]) + q
-    longest = max(a.token_count, b.token_count)
-    positions = [*range(a.token_count), *range(b.token_count), *range(longest, longest + len(q))]
+    o = len(cm.store.model.chat.opening)
+    end = o + max(a.token_count, b.token_count)
+    positions = [*range(o + a.token_count), *range(o, o + b.token_count)]
+    positions += range(end, end + len(q))
     n = len(ids)
     mask = torch.ones(n, n).tril().bool()
-    mask[a.token_count : a.token_count + b.token_count, : a.token_count] = False
+    mask[o + a.token_count : o + a.token_count + b.token_count, o : o + a.token_count] = False
     ref = hf_logits(hf_model, ids, mask=mask, position_ids=positions)[-len(q) :]
     assert (logits - ref).abs().max().item() <= 1e-4
 
@@ -214,8 +237,10 @@ def test_realign_without_recompute_is_plain_replacement_bitwise(make_cm, llm):
     cm, a, b = two_documents(make_cm)
     q, logits = prompt_logits(cm, "What is the code of the vault?", "realign", recompute=0)
     sa, sb = cm.store.composer.segments(a), cm.store.composer.segments(b)
-    shifted = [*sa, *(dataclasses.replace(s, shift=a.token_count) for s in sb)]
-    plain = llm.prefill(q, shifted, a.token_count + b.token_count, all_logits=True)
+    opening = cm.store.tiers.opening_kv()
+    shifted = [*opening, *sa, *(dataclasses.replace(s, shift=a.token_count) for s in sb)]
+    end = b.position + a.token_count + b.token_count
+    plain = llm.prefill(q, shifted, end, all_logits=True)
     llm.release(plain.segment)
     assert torch.equal(logits, plain.logits)
     _, partial = prompt_logits(cm, "What is the code of the vault?", "realign", recompute=0.15)
@@ -274,7 +299,8 @@ def test_derived_kv_goes_with_its_sources_and_under_pressure(make_cm):
     assert len(cm.list_chunks()) == 4  # two documents, a prompt and an answer: nothing derived
     cm.deactivate_chunk(b.hash)
     with store.lock:  # pressure: room for the whole pool but the active document
-        store.tiers.make_room(store.model.llm.block_manager.num_blocks - 1)
+        held = len(store.tiers.opening_kv()[0].blocks)  # the opening's KV stays
+        store.tiers.make_room(store.model.llm.block_manager.num_blocks - held - 1)
     assert not store.tiers.compositions and store.stats["compositions_dropped"] == 1
     cm.activate_chunk(b.hash)
     again = cm.generate("Who has three cats?", GREEDY)

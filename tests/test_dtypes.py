@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import hf_logits
+from reference import hf_logits, hf_logits_over_kv, hf_realigned_kv
 
 from kvchunks.engine import LLM, EngineConfig, SamplingParams
 from kvchunks.service.chunk_store import ChunkStore
@@ -58,18 +58,14 @@ def documents(cm: ContextManager) -> list[ChunkInfo]:
     return cm.registry.get_many(cm.registry.active(cm.context_name))
 
 
-def tokens_of(chunks: list[ChunkInfo]) -> list[int]:
-    return [t for c in chunks for t in c.token_ids]
+def tokens_of(cm: ContextManager, chunks: list[ChunkInfo]) -> list[int]:
+    """What the model reads over `chunks` in `exact`: the model's opening, then their tokens."""
+    return cm.store.model.chat.opening + [t for c in chunks for t in c.token_ids]
 
 
-def assert_greedy_under(hf, context: list[int], answer: list[int], apart=None) -> None:
-    """Each answer token is HF's best, or within NEAR_TIE of it, given what precedes it;
-    `apart` (start, end): those context tokens do not see the ones before them."""
-    ids = context + answer
-    mask = torch.ones(len(ids), len(ids)).tril().bool()
-    if apart:
-        mask[apart[0] : apart[1], : apart[0]] = False
-    logits = hf_logits(hf, ids, mask=mask)[len(context) - 1 : -1]
+def assert_near_greedy(logits: torch.Tensor, answer: list[int]) -> None:
+    """Each answer token is HF's best, or within NEAR_TIE of it, given what precedes it
+    (`logits`: HF's, one row per answer token)."""
     chosen = logits.gather(1, torch.tensor(answer)[:, None])[:, 0]
     assert (logits.max(1).values - chosen).max().item() <= NEAR_TIE
 
@@ -80,31 +76,33 @@ def test_exact_answers_as_hf_does_over_the_tokens_in_order(engines, two_document
     assert llm.runner.kv_cache.dtype == getattr(torch, dtype)
     result = cm.generate(QUESTION, GREEDY, mode="exact")
     assert len(result.token_ids) > 4
-    context = tokens_of(documents(cm)) + result.prompt_chunk.token_ids
-    assert_greedy_under(hf, context, result.token_ids)
+    context = tokens_of(cm, documents(cm)) + result.prompt_chunk.token_ids
+    logits = hf_logits(hf, context + result.token_ids)[len(context) - 1 : -1]
+    assert_near_greedy(logits, result.token_ids)
     for chunk in (result.prompt_chunk, result.output_chunk):
         assert chunk.metadata["dtype"] == dtype
         assert read_kv_header(kv_path(home, chunk.hash)).dtype == dtype
 
 
 def test_realign_answers_as_hf_does_with_each_document_apart(engines, two_documents):
-    """realign without recompute: the documents placed one after the other, each seeing
-    only itself; the question and the answer see both."""
+    """realign without recompute: the documents placed one after the other, each computed
+    after the opening alone; the question and the answer see both."""
     _, _, hf = engines
     cm = two_documents
     a, b = documents(cm)
     result = cm.generate(QUESTION, GREEDY, mode="realign", recompute=0)
-    context = tokens_of([a, b]) + result.prompt_chunk.token_ids
-    apart = (a.token_count, a.token_count + b.token_count)
-    assert_greedy_under(hf, context, result.token_ids, apart)
+    kv = hf_realigned_kv(hf, cm.store.model.chat.opening, [a.token_ids, b.token_ids])
+    asked = result.prompt_chunk.token_ids
+    logits = hf_logits_over_kv(hf, kv, asked + result.token_ids, len(tokens_of(cm, [a, b])))
+    assert_near_greedy(logits[len(asked) - 1 : -1].float(), result.token_ids)
 
 
 @pytest.mark.parametrize("mode", ["exact", "reuse"])
 def test_question_logits_are_as_close_to_float32_as_hfs_own(engines, two_documents, hf_model, mode):
     """The question's logits over the documents, against HF's in float32: the engine's error
     is at most twice HF's own in the same dtype, at its largest and on average. In exact the
-    documents are one timeline; in reuse each one's KV is as computed alone, from position
-    0, and the question starts after the longer one."""
+    documents are one timeline; in reuse each one's KV is as computed alone after the
+    opening, and the question starts after the longer one."""
     _, _, hf = engines
     store = two_documents.store
     a, b = documents(two_documents)
@@ -113,14 +111,15 @@ def test_question_logits_are_as_close_to_float32_as_hfs_own(engines, two_documen
     result = store.model.llm.prefill(prompt, ctx.segments, ctx.position, all_logits=True)
     store.tiers.free([result.segment])
     store.composer.release(ctx)
-    ids = tokens_of([a, b]) + prompt
+    ids = tokens_of(two_documents, [a, b]) + prompt
     mask = torch.ones(len(ids), len(ids)).tril().bool()
     positions = None
     if mode == "reuse":
-        mask[a.token_count : a.token_count + b.token_count, : a.token_count] = False
-        longest = max(a.token_count, b.token_count)
-        positions = [*range(a.token_count), *range(b.token_count)]
-        positions += range(longest, longest + len(prompt))
+        o = len(store.model.chat.opening)
+        mask[o + a.token_count : o + a.token_count + b.token_count, o : o + a.token_count] = False
+        end = o + max(a.token_count, b.token_count)
+        positions = [*range(o + a.token_count), *range(o, o + b.token_count)]
+        positions += range(end, end + len(prompt))
     truth, same_dtype = (
         hf_logits(model, ids, mask=mask, position_ids=positions)[-len(prompt) :]
         for model in (hf_model, hf)

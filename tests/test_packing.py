@@ -100,7 +100,7 @@ def test_a_pool_that_cannot_free_a_block_moves_nothing(make_tiny_store):
 def test_answers_over_packed_chunks_equal_the_reference(make_cm, hf_model):
     """Separately loaded chunks in `reuse`, packed one after another (the second and third
     start mid-block, the third runs into the next block), attend as the reference does with
-    their own positions (all from 0) and a block-diagonal mask."""
+    their own positions (all right after the opening) and a block-diagonal mask."""
     cm = make_cm()
     a, b = cm.add_chunk(DOC_A), cm.add_chunk(DOC_B)
     c = cm.add_chunk(" ".join([DOC_A, DOC_B] * 5))
@@ -117,29 +117,33 @@ def test_answers_over_packed_chunks_equal_the_reference(make_cm, hf_model):
     result = store.model.llm.prefill(q, ctx.segments, ctx.position, all_logits=True)
     store.tiers.free([result.segment])
     store.composer.release(ctx)
-    ref = reuse_reference(hf_model, chunks, q)[-len(q) :]
+    opening = store.model.chat.opening
+    ref = reuse_reference(hf_model, opening, chunks, q)[-len(q) :]
     assert (result.logits - ref).abs().max().item() <= 1e-4
     answer = cm.generate(question, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     expected: list[int] = []
     for _ in range(4):
-        expected.append(int(reuse_reference(hf_model, chunks, q + expected)[-1].argmax()))
+        ref = reuse_reference(hf_model, opening, chunks, q + expected)
+        expected.append(int(ref[-1].argmax()))
     assert answer.token_ids == expected
 
 
-def reuse_reference(hf_model, chunks, tail: list[int]) -> torch.Tensor:
-    """HF logits of the chunks' tokens, each chunk at positions from 0 seeing only itself,
-    then `tail` after the longest chunk, seeing everything before it."""
-    ids, positions, mask_spans = [], [], []
+def reuse_reference(hf_model, opening: list[int], chunks, tail: list[int]) -> torch.Tensor:
+    """HF logits of the opening, then the chunks' tokens, each chunk at positions right after
+    the opening seeing only it and itself, then `tail` after the longest chunk, seeing
+    everything before it."""
+    o = len(opening)
+    ids, positions, mask_spans = list(opening), list(range(o)), []
     for x in chunks:
         mask_spans.append((len(ids), len(ids) + x.token_count))
         ids += x.token_ids
-        positions += range(x.token_count)
-    longest = max(x.token_count for x in chunks)
-    positions += range(longest, longest + len(tail))
+        positions += range(o, o + x.token_count)
+    end = o + max(x.token_count for x in chunks)
+    positions += range(end, end + len(tail))
     ids += tail
     mask = torch.ones(len(ids), len(ids)).tril().bool()
-    for start, end in mask_spans:
-        mask[start:end, :start] = False
+    for start, stop in mask_spans:
+        mask[start:stop, o:start] = False
     return hf_logits(hf_model, ids, mask=mask, position_ids=positions)
 
 

@@ -20,19 +20,20 @@ from kvchunks.store.hashing import (
 )
 
 A, B, C = "ab" * 32, "cd" * 32, "ef" * 32
-FP = model_fingerprint("LlamaForCausalLM", A, "float32", 256)
+FP = model_fingerprint("LlamaForCausalLM", A, "float32", 256, [])
 token_lists = st.lists(st.integers(0, 2**31 - 1), max_size=20)
 
 
 def test_known_inputs_give_fixed_digests():
-    # Written down once: a change here means every stored chunk address changes.
-    assert FP == "e8eca075a8d15b23e06899ed9d9b7c26201844eb2a03d4c2b0e14ee85091721f"
+    # Written down once: a change here means every stored chunk address changes (the last
+    # one: the opening joined the model fingerprint, as all KV is now computed after it).
+    assert FP == "44e0391832abe94eced8737ecff9e9ba7113dab52653cff270541cba3a63d0dc"
     assert context_hash([]) == "1af224fb48ac6cc531bc43d4bb963edf722a1bfe07dfae930666e5677905de02"
     ctx = context_hash([(B, 0), (C, 17)])
     assert ctx == "de016f15e04d0b00a0449ad7e4fdf049502285bbf7769f795f77363aa1d63b37"
     assert (
         chunk_hash(FP, ctx, 42, [1, 2, 3, 49151])
-        == "fc0848649c274a4bbe32037c825691540b7481b3baffd6a8e85a68d42cfa131d"
+        == "f791774aebfe36a322bf6a7c006a4db94ea653ac1e6b50d9f34372909354bede"
     )
     assert (
         content_hash([1, 2, 3, 49151])
@@ -63,7 +64,7 @@ def test_digests_follow_the_documented_canonical_bytes():
 def test_every_input_of_a_chunk_hash_matters():
     ctx = context_hash([])
     base = chunk_hash(FP, ctx, 0, [1, 2, 3])
-    other_model = model_fingerprint("LlamaForCausalLM", A, "bfloat16", 256)
+    other_model = model_fingerprint("LlamaForCausalLM", A, "bfloat16", 256, [])
     variants = {
         chunk_hash(other_model, ctx, 0, [1, 2, 3]),
         chunk_hash(FP, context_hash([(B, 0)]), 0, [1, 2, 3]),
@@ -77,8 +78,10 @@ def test_every_input_of_a_chunk_hash_matters():
 
 def test_fields_are_separated_not_concatenated():
     # Moving a boundary between two string fields must change the fingerprint.
-    assert model_fingerprint("ab", A, "c", 1) != model_fingerprint("a", A, "bc", 1)
-    assert model_fingerprint("a", A, "b", 256) != model_fingerprint("a", A, "b", 257)
+    assert model_fingerprint("ab", A, "c", 1, []) != model_fingerprint("a", A, "bc", 1, [])
+    assert model_fingerprint("a", A, "b", 256, []) != model_fingerprint("a", A, "b", 257, [])
+    # Every context starts with the opening, so it is part of the KV's identity.
+    assert model_fingerprint("a", A, "b", 256, [1]) != model_fingerprint("a", A, "b", 256, [])
     # Parent order and positions are part of the context.
     assert context_hash([(B, 0), (C, 5)]) != context_hash([(C, 5), (B, 0)])
     assert context_hash([(B, 0), (C, 5)]) != context_hash([(B, 0), (C, 6)])
@@ -119,9 +122,9 @@ def test_content_hash_ignores_context_and_position(make_cm):
         lambda: context_hash([(A, -1)]),
         lambda: chunk_hash("not-hex", context_hash([]), 0, [1]),
         lambda: chunk_hash(FP, context_hash([]), -3, [1]),
-        lambda: model_fingerprint("", A, "float32", 256),
-        lambda: model_fingerprint("Llama", "abc", "float32", 256),
-        lambda: model_fingerprint("Llama", A, "float32", 0),
+        lambda: model_fingerprint("", A, "float32", 256, []),
+        lambda: model_fingerprint("Llama", "abc", "float32", 256, []),
+        lambda: model_fingerprint("Llama", A, "float32", 0, []),
     ],
 )
 def test_bad_inputs_are_refused(call):

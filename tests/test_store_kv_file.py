@@ -21,8 +21,8 @@ from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.hashing import chunk_hash, content_hash, context_hash, model_fingerprint
 from kvchunks.store.kv_file import kv_path, read_kv_file, read_kv_header, write_kv_file
 
-FP = model_fingerprint("LlamaForCausalLM", "ab" * 32, "float32", 256)
-OTHER_FP = model_fingerprint("LlamaForCausalLM", "cd" * 32, "float32", 256)
+FP = model_fingerprint("LlamaForCausalLM", "ab" * 32, "float32", 256, [])
+OTHER_FP = model_fingerprint("LlamaForCausalLM", "cd" * 32, "float32", 256, [])
 SHAPE = (3, 5, 2, 8)  # layers, tokens, kv heads, head dim
 
 

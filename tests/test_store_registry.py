@@ -22,7 +22,7 @@ from kvchunks.store.redis_server import close, connect_embedded
 from kvchunks.store.registry import ChunkRegistry
 from kvchunks.store.tier_records import TierRecords
 
-FP = model_fingerprint("LlamaForCausalLM", "ab" * 32, "float32", 256)
+FP = model_fingerprint("LlamaForCausalLM", "ab" * 32, "float32", 256, [])
 
 
 def make_chunk(tokens: list[int], parents: tuple[ChunkRecord, ...] = (), **fields) -> ChunkRecord:
