@@ -40,7 +40,7 @@ MODES = ("exact", "reuse", "realign")
 DEFAULT_MODE = "realign"
 # The fraction of a composition's tokens that `realign` recomputes when none is given: on
 # bench/fidelity.py's curve, past it the KL against `exact` falls slowly for the time to
-# first token it costs (the answers' accuracy from 0.05 to 0.3 differs by single flips).
+# first token it costs (from 0.05 to 0.3 the answers are the same).
 DEFAULT_RECOMPUTE = 0.15
 
 

@@ -2,12 +2,12 @@
 
 Each case is 3-4 passages of real prose (paragraphs of Python's own reference manual,
 `pydoc_data.topics`, which ships with every Python), 150-500 tokens each, unless
-`--passages` and `--passage-tokens` say otherwise, loaded one by one (each computed on its
-own), with one made-up fact planted in the first, middle or last passage. A case is kept
-only if HF transformers answers its question from that passage alone. For each mode: fact
-accuracy, teacher-forced KL against `exact` along `exact`'s answer, top-1 agreement, time
-to first token and decode speed. A fixed 4-document case then compares decode and prefill
-over stored chunks with the same tokens as one timeline.
+`--passages` and `--passage-tokens` say otherwise, loaded one by one (each computed alone
+after the model's opening), with one made-up fact planted in the first, middle or last
+passage. A case is kept only if HF transformers answers its question from that passage
+alone. For each mode: fact accuracy, teacher-forced KL against `exact` along `exact`'s
+answer, top-1 agreement, time to first token and decode speed. A fixed 4-document case
+then compares decode and prefill over stored chunks with the same tokens as one timeline.
 
 Prints one JSON object last; the goals are in the README.
 """

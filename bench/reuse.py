@@ -111,7 +111,8 @@ def main() -> None:
     docs = [cm.add_chunk(document(rng, llm.tokenizer, args.doc_tokens)) for _ in range(args.docs)]
     for doc in docs:
         cm.activate_chunk(doc.hash)
-    context_ids = [t for d in docs for t in d.token_ids]
+    # What the model reads before the question: the opening, then the documents.
+    context_ids = cm.store.model.chat.opening + [t for d in docs for t in d.token_ids]
     answer = SamplingParams(temperature=0, max_tokens=args.answer_tokens, ignore_eos=True)
 
     ours, theirs, default = [], [], []

@@ -86,6 +86,11 @@ class Composer:
         with self.tiers.pinning(parents):
             context = self.context_of(parents, *recorded_combination(chunk))
             try:
+                if context.position != chunk.position:  # computed before the opening was
+                    raise ChunkNotFound(
+                        f"the KV of chunk {chunk.hash[:12]} is lost and cannot be rebuilt: it "
+                        "was computed without the model's opening; load its text again"
+                    )
                 self.tiers.make_room_for(chunk.token_count, chunk.packs)
                 segment = llm.prefill(
                     chunk.token_ids, context.segments, chunk.position, pack=chunk.packs
@@ -249,11 +254,10 @@ def leading_tokens(lengths: list[int], budget: int) -> list[int]:
     """Which tokens of chunks laid out one after another `realign` recomputes: the first
     ones of each chunk, `budget` in all, shared as evenly as the chunks' lengths allow.
 
-    A chunk computed on its own starts with the tokens every later token leans on (the
-    attention sinks of its own start); in a composition they must become ordinary tokens
-    that have seen the chunks before them. Measured on bench/fidelity.py, choosing instead
-    the tokens whose KV moves most (CacheBlend's rule) answered no better and needs an extra
-    pass to choose (see the README).
+    A chunk's first tokens saw nothing but the model's opening before them, and every later
+    token of the chunk leans on them: recomputed, they carry the chunks before them to the
+    rest. Measured on bench/fidelity.py, choosing instead the tokens whose KV moves most
+    (CacheBlend's rule) answered no better and needs an extra pass to choose (see the README).
     """
     taken = [0] * len(lengths)
     left = min(budget, sum(lengths))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from reference import hf_greedy, hf_logits, hf_logits_over_kv, hf_realigned_kv
 
-from kvchunks.common import InvalidInput
+from kvchunks.common import ChunkNotFound, InvalidInput
 from kvchunks.engine import SamplingParams
 from kvchunks.engine.chat import ChatFormat
 from kvchunks.service.compose import leading_tokens
@@ -74,6 +74,23 @@ def test_every_context_starts_with_the_models_opening(make_cm, llm):
     assert ChatFormat(plain).opening == []
     plain.add_bos_token = True
     assert ChatFormat(plain).opening == [plain.bos_token_id]
+
+
+def test_a_chunk_computed_without_the_opening_is_not_rebuilt_out_of_place(make_cm):
+    """A chunk stored before every context started with the opening sits at position 0:
+    once its KV is lost it is refused in one line, not computed again where it overlaps."""
+    cm = make_cm()
+    store = cm.store
+    tokens = store.model.chat.frame("system", DOC_A)
+    old = store.maker.new_record(tokens, [], 0, "", "reuse", role="system", kind="input")
+    with store.lock:
+        store.maker.register(old, [store.model.llm.prefill(tokens, [], 0).segment])
+        store.tiers.evict(old.hash)
+    store.files.remove(old.hash)  # no copy left anywhere: only a rebuild could bring it back
+    cm.activate_chunk(old.hash)
+    with pytest.raises(ChunkNotFound, match="without the model's opening"):
+        cm.generate("Where is the vault?", GREEDY)
+    assert not store.registry.missing([old.hash])  # refused, not deleted
 
 
 def conversation(make_cm, context="chat"):

@@ -127,6 +127,19 @@ def test_greedy_with_repetition_penalty_equals_hf_generate(llm, hf_model):
     assert out.token_ids != plain  # the penalty changed the answer: the test can tell
 
 
+def test_penalties_over_chunks_count_the_opening_and_the_chunks_as_hf_does(make_cm, hf_model):
+    """HF's processor penalizes every token of its input: over chunks, that is the opening,
+    the active chunks and the prompt, all of which the model reads."""
+    cm = make_cm(mode="exact")
+    doc = cm.add_chunk("You are named Ada. Ada is a helpful assistant trained by Face.")
+    cm.activate_chunk(doc.hash)
+    params = SamplingParams(temperature=0, max_tokens=16, repetition_penalty=1.5)
+    g = cm.generate("Who are you and who trained you?", params)
+    ids = cm.store.model.chat.opening + doc.token_ids + g.prompt_chunk.token_ids
+    expected = hf_generate(hf_model, ids, 16, repetition_penalty=1.5)
+    assert g.token_ids == expected[: len(g.token_ids)] and len(g.token_ids) > 4
+
+
 # -- stop strings -------------------------------------------------------------------------------
 
 
