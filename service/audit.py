@@ -17,7 +17,7 @@ def violations(tiers: Tiers) -> list[str]:
     out = registry_violations(registry)
     active = {h for name in registry.contexts() for h in registry.active(name)}
     with tiers.lock:
-        for chunk in registry.get_many(active - set(registry.missing(active))):
+        for chunk in registry.get_present(active):
             out += [
                 f"active chunk {chunk.hash[:12]}: KV of {owner.hash[:12]} cannot be loaded"
                 for owner in owners(registry, chunk)

@@ -182,6 +182,13 @@ class ChunkRegistry:
         return chunks  # type: ignore[return-value]
 
     @_redis_errors
+    def get_present(self, hashes: Iterable[str], context: str | None = None) -> list[ChunkInfo]:
+        """The chunks of `hashes` that exist, in the order asked: one deleted since its hash
+        was read (from an index, an active list) is simply left out."""
+        hashes = [self._check_hash(h) for h in hashes]
+        return [c for c in self._load_many(hashes, context)[0] if c is not None]
+
+    @_redis_errors
     def exists(self, chunk_hash: str) -> bool:
         return bool(self._redis.exists(self._chunk_key(chunk_hash)))
 
@@ -314,8 +321,7 @@ class ChunkRegistry:
             hashes = _strs(self._redis.zrange(self._key("hashes"), 0, -1))
         else:
             hashes = _strs(self._redis.smembers(self._key("tag", check_tag(tag))))
-        # A chunk deleted between the index read and the record read is simply not listed.
-        chunks = [c for c in self._load_many(hashes, context)[0] if c is not None]
+        chunks = self.get_present(hashes, context)
         if pattern:
             chunks = [c for c in chunks if _matches(c, pattern)]
         return sorted(chunks, key=lambda c: (c.created_at, c.hash))

@@ -271,6 +271,16 @@ def test_parsed_records_are_kept_up_to_a_number_of_tokens(reg):
     ]
 
 
+def test_get_present_leaves_out_a_chunk_deleted_since_its_hash_was_read(reg):
+    a, b, c = make_chunk([1]), make_chunk([2]), make_chunk([3])
+    for chunk in (a, b, c):
+        reg.put(chunk)
+    reg.delete(b.hash)
+    assert [x.hash for x in reg.get_present([c.hash, b.hash, a.hash])] == [c.hash, a.hash]
+    with pytest.raises(ChunkNotFound, match=b.hash):
+        reg.get_many([c.hash, b.hash, a.hash])
+
+
 def test_tier_records_land_in_order_and_wait_out_a_failing_redis(reg, monkeypatch):
     a, b = make_chunk([1]), make_chunk([2])
     for chunk in (a, b):

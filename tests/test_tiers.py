@@ -150,6 +150,20 @@ def test_active_chunks_are_never_evicted_and_a_full_pool_fails_cleanly(make_tiny
     assert {keep[1].hash, keep[2].hash, newer.hash} == set(store.tiers.kv)
 
 
+def test_making_room_ignores_an_active_chunk_deleted_meanwhile(make_tiny_store, monkeypatch):
+    """Another process may delete an active chunk between the read of the active lists and
+    the read of their records: it protects nothing then, and the room is made all the same."""
+    store = make_tiny_store(budgets=TierBudgets(gpu_blocks=2), prefetch_policy="explicit")
+    cm = ContextManager(store=store)
+    idle, gone = cm.add_chunk(note(0, 256), role="raw"), cm.add_chunk(note(1, 256), role="raw")
+    cm.delete_chunk(gone.hash)
+    monkeypatch.setattr(store.registry, "contexts", lambda: ["default"])
+    monkeypatch.setattr(store.registry, "active", lambda name: [gone.hash])
+    cm.add_chunk(note(2, 256), role="raw")
+    cm.add_chunk(note(3, 256), role="raw")
+    assert cm.get_chunk(idle.hash).tier == "cpu"  # moved out to make the room
+
+
 @pytest.mark.parametrize("mode", ["exact", "reuse", "realign"])
 def test_gpu_budget_holds_in_the_middle_of_a_generation(make_tiny_store, monkeypatch, mode):
     budget = 5  # one block per chunk: two active and three idle fill it
