@@ -51,25 +51,21 @@ class ChatFormat:
 
     @cached_property
     def opening(self) -> list[int]:
-        """What the model reads before a conversation's first turn: what the chat template
-        renders ahead of a lone user message (a default system turn, a BOS), or without a
-        template the tokenizer's own leading special tokens. Every context starts with it.
+        """What the model reads before a context's first chunk: a system turn with nothing in
+        it, as the chat template renders one, or without a template the tokenizer's own
+        leading special tokens (a BOS). Every context starts with it.
 
         A chunk computed right at position 0 makes its own first tokens the sink every later
         token leans on; computed after the opening, chunks loaded apart lean on the same
-        start, and so compose as a conversation would (bench/fidelity.py).
+        start, and so compose as one text does (bench/fidelity.py). The template's default
+        system prompt served as well for composing, but it is a persona (SmolLM2's names
+        itself) and changed answers; an empty turn did not.
         """
         if not self.has_template:
             plain = self._tokens("x")
             framed = self.tokenizer.encode("x")
             return framed[: framed.index(plain[0])] if plain[0] in framed else []
-        marker = "\x01"
-        whole = self._render([{"role": "user", "content": marker}])
-        try:
-            turn = self._turn_text("user", marker)
-        except InvalidInput:  # the template cannot frame single turns: nothing to set apart
-            return []
-        return self._tokens(whole[: -len(turn)]) if whole.endswith(turn) else []
+        return self.frame("system", "")
 
     @cached_property
     def generation_prompt(self) -> list[int]:

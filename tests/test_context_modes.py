@@ -60,12 +60,13 @@ def test_exact_equals_reference_on_concatenated_tokens(make_cm, hf_model, llm):
 
 
 def test_every_context_starts_with_the_models_opening(make_cm, llm):
-    """The opening is what the chat template renders before a lone user message (SmolLM2's
-    default system turn); a chunk loaded alone is computed right after it."""
+    """The opening is an empty system turn as the chat template renders it; a chunk loaded
+    alone is computed right after it."""
     cm = make_cm()
     chat = cm.store.model.chat
-    assert chat.opening and llm.decode(chat.opening).startswith("system\n")
-    assert chat.opening + chat.prompt("Hi") == list(llm.encode([{"role": "user", "content": "Hi"}]))
+    assert llm.tokenizer.decode(chat.opening) == "<|im_start|>system\n<|im_end|>\n"
+    rendered = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}]
+    assert chat.opening + chat.prompt("Hi") == list(llm.encode(rendered))
     doc = cm.add_chunk(DOC_A)
     assert doc.position == len(chat.opening) and doc.parent_chunks == []
     # Without a template, the opening is the special tokens the tokenizer puts first.
