@@ -107,6 +107,11 @@ class Composer:
 
     # -- layout -----------------------------------------------------------------------------
 
+    @property
+    def opening_length(self) -> int:
+        """Tokens of the model's opening: the position every composition starts at."""
+        return len(self.model.chat.opening)
+
     def context_of(
         self, parents: list[ChunkInfo], mode: str, recompute: float | None = None
     ) -> AttentionContext:
@@ -126,7 +131,7 @@ class Composer:
         """What a new chunk computed after `parts` attends to, in `mode` (see context_of)."""
         combine = combination(mode, recompute)
         opening = self.tiers.opening_kv()
-        start = len(self.model.chat.opening)
+        start = self.opening_length
         total = sum(p.length for p in parts)
         prefix = self.timeline_prefix(parts)
         if prefix == len(parts):
@@ -159,7 +164,7 @@ class Composer:
     def timeline_prefix(self, parts: list[Piece]) -> int:
         """How many leading pieces sit exactly where, and after what, they were computed."""
         layout: list[tuple[str, int, int]] = []
-        offset = len(self.model.chat.opening)
+        offset = self.opening_length
         for i, piece in enumerate(parts):
             expected = self._computed_after(piece)
             if merged(layout) != expected or piece.chunk.position + piece.start != offset:
@@ -182,7 +187,7 @@ class Composer:
 
     def _continuation_start(self, parts: list[Piece], prefix: int, combine: str) -> int:
         """Where the trailing pieces that continue the composition before them begin."""
-        end, offset = len(parts), len(self.model.chat.opening) + sum(p.length for p in parts)
+        end, offset = len(parts), self.opening_length + sum(p.length for p in parts)
         while end > prefix + 1:
             piece = parts[end - 1]
             offset -= piece.length
