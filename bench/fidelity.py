@@ -6,8 +6,11 @@ Each case is 3-4 passages of real prose (paragraphs of Python's own reference ma
 after the model's opening), with one made-up fact planted in the first, middle or last
 passage. A case is kept only if HF transformers answers its question from that passage
 alone. For each mode: fact accuracy, teacher-forced KL against `exact` along `exact`'s
-answer, top-1 agreement, time to first token and decode speed. A fixed 4-document case
-then compares decode and prefill over stored chunks with the same tokens as one timeline.
+answer, top-1 agreement, time to first token, decode speed, and which cases it answers
+(`right`, one digit per case, so that runs compare case by case: with `--dtype`, say).
+HF, which picks the cases, stays in float32: every dtype gets the same cases. A fixed
+4-document case then compares decode and prefill over stored chunks with the same tokens as
+one timeline.
 
 Prints one JSON object last; the goals are in the README.
 """
@@ -364,6 +367,7 @@ def main() -> None:
         "--passage-tokens", type=token_range, default=(150, 500), help="MIN-MAX per passage"
     )
     parser.add_argument("--passages", type=int, default=None, help="per case (default 3 or 4)")
+    parser.add_argument("--dtype", default="float32", help="the engine's; HF's stays float32")
     parser.add_argument("--smoke", action="store_true", help="one case, tiny sizes (CI)")
     args = parser.parse_args()
     if args.smoke:
@@ -371,7 +375,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    config = EngineConfig(kv_cache_bytes=1 << 30)
+    config = EngineConfig(kv_cache_bytes=1 << 30, dtype=args.dtype)
     cm = ContextManager(home=scratch_dir("bench-fidelity"), engine_config=config)
     tok = cm.store.model.tokenizer
     hf = AutoModelForCausalLM.from_pretrained(cm.store.model.llm.path, dtype=torch.float32).eval()
@@ -421,6 +425,8 @@ def main() -> None:
             "recomputed_tokens": round(mean(name, "recomputed"), 1),
             "lost_vs_exact": count("exact", name),
             "gained_vs_exact": count(name, "exact"),
+            # which cases it answers, in case order: runs compare case by case with it
+            "right": "".join("1" if r[name]["correct"] else "0" for r in rows),
         }
         for name, _, _ in settings
     }
@@ -437,6 +443,7 @@ def main() -> None:
                 "skipped_cases": skipped,
                 "context_tokens": [sum(len(tok.encode(p)) for p in c.passages) for c in kept],
                 "default_recompute": DEFAULT_RECOMPUTE,
+                "dtype": args.dtype,
                 "threads": torch.get_num_threads(),
                 "per_mode": summary,
                 "default_acc_vs_exact": round(summary["default"]["acc"] / exact_acc, 3)
