@@ -15,7 +15,7 @@ def violations(tiers: Tiers) -> list[str]:
     """Broken invariants of the registry and of this store (empty: all hold)."""
     registry = tiers.registry
     out = registry_violations(registry)
-    active = {h for name in registry.contexts() for h in registry.active(name)}
+    active = registry.active_anywhere()
     with tiers.lock:
         for chunk in registry.get_present(active):
             out += [

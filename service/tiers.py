@@ -207,7 +207,7 @@ class Tiers:
         return self.kv[key] if key in self.kv else [self.compositions[key].segment]
 
     def _protected(self) -> set[str]:
-        active = {h for name in self.registry.contexts() for h in self.registry.active(name)}
+        active = self.registry.active_anywhere()
         views = [c for c in self.registry.get_present(active) if c.layout == "view"]
         sources = {s.hash for view in views for s in view.sources}
         return active | sources | {h for h, n in self.pinned.items() if n > 0}

@@ -355,6 +355,10 @@ class ChunkRegistry:
         """The context's active chunk hashes in activation (= layout) order."""
         return _strs(self._redis.lrange(self._active_key(context), 0, -1))
 
+    def active_anywhere(self) -> set[str]:
+        """The hashes of the chunks active in any context."""
+        return {h for name in self.contexts() for h in self.active(name)}
+
     @_redis_errors
     def activate(self, context: str, chunk_hash: str, expected: list[str] | None = None) -> bool:
         """Append the chunk to the context's active list; False if it was already there.
