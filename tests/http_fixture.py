@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import openai
 import uvicorn
-from test_store_redis_url import StandaloneRedis, free_port
+from ports import free_port
+from test_store_redis_url import StandaloneRedis
 
 from kvchunks.engine import LLM, EngineConfig
 from kvchunks.server.app import create_app

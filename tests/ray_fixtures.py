@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,9 +21,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from ports import free_port
 
 BIN = Path(sys.executable).parent
 _STATE: dict[str, object] = {}
+# How `ray start` says that a port was taken: before it starts (its own check), or after.
+PORT_TAKEN = ("already occupied", "address already in use")
 
 
 @dataclass
@@ -73,6 +75,23 @@ def ray_service(request, ray_cluster: Cluster, model_path: Path, tmp_path_factor
 def _start_cluster() -> Cluster:
     import ray
 
+    # A port chosen free can still be taken before Ray binds it; such a start is tried again.
+    for _ in range(3):
+        cluster, failure = _ray_start()
+        if not failure:
+            break
+        _stop_cluster(cluster)
+        if not any(words in failure for words in PORT_TAKEN):
+            break
+    if failure:
+        pytest.fail(f"ray start failed: {failure[-2000:]}")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(address=cluster.address, namespace="kvchunks", log_to_driver=False)
+    return cluster
+
+
+def _ray_start() -> tuple[Cluster, str]:
+    """`ray start --head` on fresh ports: the cluster and its error output if it failed."""
     temp = tempfile.mkdtemp(prefix="kvray")  # short: Ray's socket paths must fit 107 bytes
     gcs, dashboard, agent, client = (free_port() for _ in range(4))
     # Token authentication would need ~/.ray/auth_token on every command line: not for a
@@ -101,12 +120,7 @@ def _start_cluster() -> Cluster:
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     cluster = Cluster(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", temp, env)
-    if done.returncode:
-        _stop_cluster(cluster)
-        pytest.fail(f"ray start failed: {done.stderr[-2000:]}")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(address=cluster.address, namespace="kvchunks", log_to_driver=False)
-    return cluster
+    return cluster, done.stderr if done.returncode else ""
 
 
 def _stop_cluster(cluster: Cluster) -> None:
@@ -159,12 +173,6 @@ def _stop_service(running: RayService) -> None:
     command = [str(BIN / "kvchunks"), "stop", "--address", cluster.address]
     done = subprocess.run(command, env=cluster.env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(proc: psutil.Process) -> list[psutil.Process]:

@@ -17,6 +17,7 @@ import pytest
 import ray
 import ray_fixtures
 from click.testing import CliRunner
+from ports import free_port
 
 from kvchunks.actors.client import connect
 from kvchunks.actors.remote import WorkerDied, get
@@ -324,7 +325,7 @@ def test_status_shows_workers_pools_and_tiers(ray_service):
 
 @pytest.mark.parametrize("command", ["status", "stop"])
 def test_commands_without_a_cluster_say_so(command):
-    nowhere = f"127.0.0.1:{ray_fixtures.free_port()}"
+    nowhere = f"127.0.0.1:{free_port()}"
     kvchunks = str(ray_fixtures.BIN / "kvchunks")
     done = subprocess.run([kvchunks, command, "--address", nowhere], capture_output=True, text=True)
     assert done.returncode == 1

@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from test_store_redis_url import StandaloneRedis, free_port
+from ports import free_port
+from test_store_redis_url import StandaloneRedis
 
 from kvchunks.common import RegistryUnavailable
 from kvchunks.engine import LLM, EngineConfig, SamplingParams

@@ -25,6 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from ports import free_port
 
 from kvchunks.common import RegistryUnavailable
 from kvchunks.store.chunk import ChunkInfo
@@ -33,12 +34,6 @@ from kvchunks.store.redis_server import close, connect_embedded, connect_url
 from kvchunks.store.registry import ChunkRegistry
 
 PASSWORD = "s3cret-pw"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
