@@ -147,8 +147,14 @@ class ChunkRegistry:
             if pipe.exists(key):
                 return False
             parents = chunk.parent_chunks
-            present = pipe.zmscore(hashes, parents) if parents else []
-            live = [p for p, score in zip(parents, present, strict=True) if score is not None]
+            live = self._present(pipe, parents)
+            # Chunks computed after this one that outlived an earlier copy of it (the same
+            # text loaded again, an import): their edges to it come back with it.
+            waiting = _strs(pipe.smembers(self._key("children", chunk.hash)))
+            restored = {
+                child: self._present(pipe, self._load(pipe, child).parent_chunks, chunk.hash)
+                for child in waiting
+            }
             pipe.multi()
             pipe.set(key, data)
             pipe.zadd(hashes, {chunk.hash: 0})
@@ -159,8 +165,11 @@ class ChunkRegistry:
                 pipe.hset(self._key("tiers"), chunk.hash, tier)
             if live:
                 pipe.rpush(self._key("parents", chunk.hash), *live)
-            for parent in live:
+            for parent in parents:  # a deleted parent's too, for when it is stored again
                 pipe.sadd(self._key("children", parent), chunk.hash)
+            for child, its_parents in restored.items():
+                pipe.delete(self._key("parents", child))
+                pipe.rpush(self._key("parents", child), *its_parents)
             return True
 
         # Watching the hash index serialises put/delete: a parent cannot vanish mid-put.
@@ -255,17 +264,18 @@ class ChunkRegistry:
                     f"chunk {chunk_hash[:12]} is still referenced {chunk.ref_count} time(s) "
                     "by views or running generations; delete those first"
                 )
-            parents = set(_strs(pipe.lrange(parents_key, 0, -1)))
             children = _strs(pipe.smembers(children_key))
             contexts = _strs(pipe.smembers(contexts_key))
             pipe.multi()
-            pipe.delete(key, parents_key, children_key)
+            # Its children set stays: they still name it, and get their edges back if it is
+            # stored again (see put).
+            pipe.delete(key, parents_key)
             pipe.zrem(hashes, chunk_hash)
             pipe.hdel(self._key("tiers"), chunk_hash)
             pipe.srem(self._key("content", chunk.content_hash), chunk_hash)
             for tag in chunk.tags:
                 pipe.srem(self._key("tag", tag), chunk_hash)
-            for parent in parents:
+            for parent in set(chunk.parent_chunks):
                 pipe.srem(self._key("children", parent), chunk_hash)
             for child in children:
                 pipe.lrem(self._key("parents", child), 0, chunk_hash)
@@ -472,6 +482,15 @@ class ChunkRegistry:
     @staticmethod
     def _pack(chunk: ChunkRecord) -> bytes:
         return pack_record(chunk.to_record())
+
+    def _present(
+        self, pipe: redis.client.Pipeline, hashes: list[str], arriving: str | None = None
+    ) -> list[str]:
+        """Those of `hashes` that are stored (or are `arriving`, being stored now), in order."""
+        scores = pipe.zmscore(self._key("hashes"), hashes) if hashes else []
+        return [
+            h for h, score in zip(hashes, scores, strict=True) if score is not None or h == arriving
+        ]
 
     def _load(self, pipe: redis.client.Pipeline, chunk_hash: str) -> ChunkRecord:
         data = pipe.get(self._chunk_key(chunk_hash))

@@ -16,6 +16,7 @@ from kvchunks.common import (
     InvalidInput,
     RegistryUnavailable,
 )
+from kvchunks.store.audit import registry_violations
 from kvchunks.store.chunk import ChunkInfo, ChunkRecord, SourceSpan
 from kvchunks.store.hashing import chunk_hash, content_hash, context_hash, model_fingerprint
 from kvchunks.store.redis_server import close, connect_embedded
@@ -159,17 +160,35 @@ def test_provenance_edges_and_their_removal(reg, redis_client):
     assert reg.parents(c.hash) == [a.hash]
     assert reg.children(a.hash) == [c.hash]
     assert reg.get(c.hash).parent_chunks == [a.hash, b.hash]  # the record keeps its history
+    reg.delete(c.hash)
     leftover = [k for k in redis_client.keys(f"{reg.namespace}:*") if b.hash.encode() in k]
     assert leftover == []
 
 
-def test_edges_only_to_parents_that_exist(reg):
+def test_edges_come_back_when_a_deleted_parent_is_stored_again(reg):
+    """The same text loaded again (or imported) has the same hash: the chunks computed after
+    it, which outlived its deletion, are its children again, in their parents' order."""
+    a, b = make_chunk([1]), make_chunk([2])
+    c = make_chunk([3], parents=(a, b))
+    gone_child = make_chunk([4], parents=(a,))
+    for chunk in (a, b, c, gone_child):
+        reg.put(chunk)
+    reg.delete(a.hash)
+    assert reg.parents(c.hash) == [b.hash] and reg.parents(gone_child.hash) == []
+    reg.delete(gone_child.hash)
+    assert reg.put(a)
+    assert reg.parents(c.hash) == [a.hash, b.hash]
+    assert reg.children(a.hash) == [c.hash]
+    assert registry_violations(reg) == []
+
+
+def test_edges_to_a_parent_stored_after_its_child(reg):
     ghost = make_chunk([7])
     child = make_chunk([8], parents=(ghost,))
     reg.put(child)
     assert reg.parents(child.hash) == []
     reg.put(ghost)
-    assert reg.children(ghost.hash) == []
+    assert reg.children(ghost.hash) == [child.hash] and reg.parents(child.hash) == [ghost.hash]
 
 
 def test_delete_cleans_every_index_and_context(reg, redis_client):
