@@ -119,3 +119,25 @@ def check_tag(tag: object) -> str:
     ):
         raise InvalidInput(f"invalid tag {tag!r}: use 1 to 64 printable characters, no spaces")
     return tag
+
+
+def checked_tags(tags: object) -> list[str]:
+    """A list of tags (None: none), each checked. One string is refused, not read as a list
+    of one-character tags."""
+    if tags is None:
+        return []
+    if not isinstance(tags, list | tuple):
+        raise InvalidInput(f"tags must be a list of tags, got {type(tags).__name__}")
+    return [check_tag(t) for t in tags]
+
+
+def checked_refs(refs: object) -> list:
+    """A list of chunk references (hashes or prefixes, checked where they are looked up)."""
+    if not isinstance(refs, list | tuple):
+        raise InvalidInput(f"chunks must be a list of chunk hashes, got {type(refs).__name__}")
+    return list(refs)
+
+
+def is_count(value: object) -> bool:
+    """A whole number given as one: True and False are not counts."""
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -25,7 +25,7 @@ from kvchunks.store.chunk import ChunkInfo, check_dtype
 from kvchunks.store.redis_server import close as close_redis
 from kvchunks.store.redis_server import connect
 from kvchunks.store.registry import ChunkRegistry
-from kvchunks.vocabulary import DEFAULT_DTYPE, check_name, check_tag, farthest_tier
+from kvchunks.vocabulary import DEFAULT_DTYPE, check_name, check_tag, checked_refs, farthest_tier
 
 ACTIVATE_ATTEMPTS = 5  # against other clients activating in the same context at once
 
@@ -149,7 +149,7 @@ class Catalog:
     def reorder_chunks(self, refs: list[str]) -> ContextView:
         """Lay the active chunks out in this order, which lists each of them once. No KV is
         copied: the next generation composes them in the new order."""
-        order = [self.registry.resolve(ref) for ref in refs]
+        order = [self.registry.resolve(ref) for ref in checked_refs(refs)]
         active = self.registry.active(self.context_name)
         if sorted(order) != sorted(active):
             raise InvalidInput("the new order must list every active chunk of the context once")

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from kvchunks.common import DtypeMismatch, KVChunksError, data_dir
+from kvchunks.common import DtypeMismatch, KVChunksError, OnProgress, data_dir
 from kvchunks.engine import LLM, EngineConfig
 from kvchunks.policies.budgets import TierBudgets
 from kvchunks.policies.prefetch import make_policy
@@ -117,6 +117,22 @@ class ChunkStore:
             self.model.on_start(self.restore_tiers)
 
     # -- tier moves (a view: its sources') ------------------------------------------------
+
+    def move(self, chunks: list[ChunkInfo], tier: str, on_progress: OnProgress | None) -> None:
+        """Move chunks' KV to `tier` (gpu, cpu or disk), one after another; for cpu, refused
+        before anything moves unless they fit host memory together. `on_progress(done,
+        total)` is told the bytes of KV moved so far: 0, then after each chunk."""
+        moves = {"gpu": self.move_to_gpu, "cpu": self.move_to_cpu, "disk": self.archive_to_disk}
+        if tier == "cpu":
+            self.tiers.check_fits_host([o for c in chunks for o in owners(self.registry, c)])
+        total = sum(self.model.kv_bytes(c.token_count) for c in chunks)
+        report = on_progress or (lambda done, total: None)
+        done = 0
+        report(done, total)
+        for chunk in chunks:
+            moves[tier](chunk)
+            done += self.model.kv_bytes(chunk.token_count)
+            report(done, total)
 
     def move_to_gpu(self, chunk: ChunkInfo) -> None:
         for owner in owners(self.registry, chunk):

@@ -3,12 +3,14 @@ file first, then the record), views that read other chunks' KV, and deletion."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
+import msgpack
 from transformers import PreTrainedTokenizerBase
 
-from kvchunks.common import ChunkInUse
+from kvchunks.common import ChunkInUse, ChunkNotFound, InvalidInput
 from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.service.compose import Composer
 from kvchunks.service.pieces import cut, spans
@@ -16,6 +18,25 @@ from kvchunks.service.tiers import Tiers
 from kvchunks.store.chunk import ChunkInfo, ChunkRecord, SourceSpan
 from kvchunks.store.hashing import chunk_hash, content_hash, context_hash
 from kvchunks.store.registry import ChunkRegistry
+
+# The metadata keys kvchunks records with every chunk (how it was computed, read to compute
+# it again and to refuse another dtype's KV); a caller's metadata may not set them.
+OWN_METADATA = ("mode", "combine", "timestamp", "dtype")
+
+
+def check_metadata(metadata: object) -> dict:
+    """A caller's metadata for a new chunk, or InvalidInput saying what is wrong with it."""
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
+        raise InvalidInput("metadata must be a mapping with text keys")
+    own = [k for k in OWN_METADATA if k in metadata]
+    if own:
+        raise InvalidInput(f"metadata key(s) {', '.join(own)} are kvchunks' own: use other names")
+    try:
+        msgpack.packb(metadata)
+    except (TypeError, ValueError, OverflowError) as e:
+        reason = f"metadata values must be plain data (text, numbers, lists): {e}"
+        raise InvalidInput(reason) from None
+    return metadata
 
 
 class ChunkMaker:
@@ -45,11 +66,12 @@ class ChunkMaker:
         placed = [(p.hash, p.position) for p in parents]
         address = chunk_hash(self.fingerprint, context_hash(placed, combine), position, tokens)
         metadata = {
+            **fields.pop("metadata", {}),
+            # kvchunks' own keys (OWN_METADATA) last: they win over any other's.
             "mode": mode,
             "combine": combine,
             "timestamp": time.time(),
             "dtype": self.dtype,
-            **fields.pop("metadata", {}),
         }
         return ChunkRecord(
             hash=address,
@@ -169,6 +191,13 @@ class ChunkMaker:
             if chunk.hash not in deleted:
                 deleted += self._delete_with_views(chunk)
         return deleted
+
+    def take_back(self, chunks: list[ChunkInfo]) -> None:
+        """Delete chunks a call made, one by one in the order given: one that someone else
+        deleted, or made a view over, meanwhile is no longer the call's alone, and stays."""
+        for chunk in chunks:
+            with contextlib.suppress(ChunkNotFound, ChunkInUse):
+                self.delete([chunk])
 
     def _views(self, chunk: ChunkInfo) -> list[ChunkInfo]:
         children = self.registry.get_many(self.registry.children(chunk.hash))

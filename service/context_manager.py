@@ -13,14 +13,15 @@ from kvchunks.engine import EngineConfig, SamplingParams
 from kvchunks.service import exchange, generation
 from kvchunks.service.catalog import Catalog
 from kvchunks.service.chunk_store import ChunkStore
+from kvchunks.service.chunks import check_metadata
 from kvchunks.service.context_settings import call_mode
 from kvchunks.service.conversation import checked_messages, message_chunks, message_tokens
 from kvchunks.service.generation import GenerationResult, Request
 from kvchunks.service.output_tracking import OutputTracker, OutputTracking
-from kvchunks.service.pieces import owners, spans_of
+from kvchunks.service.pieces import spans_of
 from kvchunks.service.text_parts import split_text
 from kvchunks.store.chunk import ChunkInfo
-from kvchunks.vocabulary import check_tag
+from kvchunks.vocabulary import TIERS, checked_refs, checked_tags, is_count
 
 # Told the tokens done and the total of a long operation, as the work goes on.
 
@@ -82,8 +83,9 @@ class ContextManager(OutputTracking, Catalog):
         """A standalone chunk of `text`, framed as a `role` turn; its KV is computed now."""
         tokens = self._framed(text, role)
         self._check_fits(len(tokens), "split the text into several chunks")
-        tags = [check_tag(t) for t in tags or []]
-        return self._add_framed(tokens, text, role, tags, {"source": "text", **(metadata or {})})
+        tags = checked_tags(tags)
+        metadata = check_metadata({} if metadata is None else metadata)
+        return self._add_framed(tokens, text, role, tags, {"source": "text", **metadata})
 
     def load_file(
         self,
@@ -102,9 +104,9 @@ class ContextManager(OutputTracking, Catalog):
         is one pass: its tokens count in proportion to the layers done), and once each part
         is stored. Nothing is computed unless every part fits the context window."""
         text = read_text_file(path)
-        if split_tokens is not None and split_tokens < 1:
+        if split_tokens is not None and not (is_count(split_tokens) and split_tokens > 0):
             raise InvalidInput("split_tokens must be a positive number of tokens")
-        tags = [check_tag(t) for t in tags or []]
+        tags = checked_tags(tags)
         parts = [text] if split_tokens is None else self._split(text, split_tokens)
         framed = [self._framed(part, role) for part in parts]
         too_long = "load it in parts of at most N tokens with --split N (split_tokens=N)"
@@ -164,22 +166,23 @@ class ContextManager(OutputTracking, Catalog):
     def delete_chunks(self, refs: list[str], cascade: bool = False) -> list[str]:
         """delete_chunk of several chunks, all or none: each is found, and none is read by a
         view left standing, before any is deleted. Returns hashes."""
-        return self.store.maker.delete([self.registry.find(ref) for ref in refs], cascade)
+        chunks = [self.registry.find(ref) for ref in checked_refs(refs)]
+        return self.store.maker.delete(chunks, cascade)
 
     def compose_chunks(self, refs: list[str], tags: list[str] | None = None) -> ChunkInfo:
         """One chunk that reads the given chunks' KV in order (a view: nothing is copied)."""
-        if len(refs) < 2:
+        if len(checked_refs(refs)) < 2:
             raise InvalidInput("compose needs at least two chunks")
         chunks = [self.registry.find(r) for r in refs]
         self.store.model.check_dtype(chunks)
-        tags = [check_tag(t) for t in tags or []]
+        tags = checked_tags(tags)
         return self._view(self.store.maker.make_view("composed", spans_of(chunks), tags=tags).hash)
 
     def split_chunk(self, ref: str, at: int) -> tuple[ChunkInfo, ChunkInfo]:
         """Two views of the chunk, split before token `at`."""
         chunk = self.registry.find(ref)
         self.store.model.check_dtype([chunk])
-        if not isinstance(at, int) or not 0 < at < chunk.token_count:
+        if not is_count(at) or not 0 < at < chunk.token_count:
             raise InvalidInput(f"split point must be between 1 and {chunk.token_count - 1}")
         head, tail = self.store.maker.split(chunk, at)
         return self._view(head.hash), self._view(tail.hash)
@@ -206,27 +209,15 @@ class ContextManager(OutputTracking, Catalog):
         self, refs: list[str], tier: str, on_progress: OnProgress | None = None
     ) -> list[ChunkInfo]:
         """Move chunks' KV to `tier` (gpu, cpu or disk), one after another. Every ref is found,
-        and for cpu every chunk checked to fit host memory, before anything moves.
+        and for cpu the chunks checked to fit host memory together, before anything moves.
         `on_progress(done, total)` is told the bytes of KV moved so far: 0, then after each."""
-        store = self.store
-        moves = {"gpu": store.move_to_gpu, "cpu": store.move_to_cpu, "disk": store.archive_to_disk}
-        if tier not in moves:
-            raise InvalidInput(f"no tier {tier!r}: choose one of {', '.join(moves)}")
-        if not refs:
+        if tier not in TIERS:
+            raise InvalidInput(f"no tier {tier!r}: choose one of {', '.join(TIERS)}")
+        if not checked_refs(refs):
             raise InvalidInput("move needs at least one chunk")
         chunks = [self.registry.find(ref, self.context_name) for ref in refs]
-        if tier == "cpu":
-            store.tiers.check_fits_host([o for c in chunks for o in owners(self.registry, c)])
-        total = sum(store.model.kv_bytes(c.token_count) for c in chunks)
-        report = on_progress or (lambda done, total: None)
-        moved, done = [], 0
-        report(done, total)
-        for chunk in chunks:
-            moves[tier](chunk)
-            moved.append(store.views.describe(chunk))
-            done += store.model.kv_bytes(chunk.token_count)
-            report(done, total)
-        return moved
+        self.store.move(chunks, tier, on_progress)
+        return [self.store.views.describe(chunk) for chunk in chunks]  # once all have moved
 
     def prefetch(self, ref: str) -> ChunkInfo:
         """Start bringing the chunk's KV into the pool in the background."""
@@ -259,9 +250,7 @@ class ContextManager(OutputTracking, Catalog):
         self._check_fits(_tokens(active) + len(prompt_tokens) + self._answer_room(params))
         call = _Call(settings, mode, recompute, params, on_text)
         result = self._answer(prompt, prompt_tokens, active, call)
-        if settings["auto_activate"]:
-            for chunk in [result.prompt_chunk, *result.output_chunks]:
-                self.activate_chunk(chunk.hash)
+        self._auto_activate(settings, [result.prompt_chunk, *result.output_chunks])
         return self._finished(result)
 
     def chat(
@@ -279,7 +268,8 @@ class ContextManager(OutputTracking, Catalog):
         `chunks` (for this call only), then each earlier message as a chunk computed after
         what precedes it; stored ones are used again, so a conversation resent with one more
         message computes only that message. With store=False nothing of the call is kept.
-        The active set is not changed."""
+        Under the context's auto_activate the messages, prompt and answer join the active
+        chunks (for clients that send only the new message, as the web page does)."""
         turns = checked_messages(messages)
         before = self.registry.get_many(self.registry.active(self.context_name))
         before += [self.registry.find(ref) for ref in chunks or []]
@@ -291,19 +281,33 @@ class ContextManager(OutputTracking, Catalog):
         framed = sum(map(len, tokens)) + len(prompt_tokens)
         self._check_fits(_tokens(before) + framed + self._answer_room(params))
         self.store.model.check_dtype(before)
-        made = message_chunks(self.store, self.context_name, turns, tokens, before, mode, recompute)
         call = _Call(settings, mode, recompute, params, on_text, store)
+        made: list[ChunkInfo] = []  # the messages' chunks this call computes
         result = None
         try:
-            result = self._answer(turns[-1].content, prompt_tokens, [*before, *made.chunks], call)
+            messages_kv = message_chunks(
+                self.store, self.context_name, turns, tokens, before, mode, recompute, made
+            )
+            result = self._answer(turns[-1].content, prompt_tokens, [*before, *messages_kv], call)
         finally:
-            if not store:  # what this call made goes again, newest first, even on an error
+            # A refused call changes nothing, and with store=False none is kept: what this
+            # call made goes again, newest first.
+            if result is None or not store:
                 new_prompt = [] if result is None or result.prompt_reused else [result.prompt_chunk]
-                self.store.maker.delete([*new_prompt, *reversed(made.made)])
-        made_tokens = sum(c.token_count for c in made.made)  # computed now, not reused
+                self.store.maker.take_back([*new_prompt, *reversed(made)])
+        made_tokens = sum(c.token_count for c in made)  # computed now, not reused
         result.tokens_reused -= made_tokens
         result.tokens_recomputed += made_tokens
+        if store:
+            stored = [*messages_kv, result.prompt_chunk, *result.output_chunks]
+            self._auto_activate(settings, stored)
         return self._finished(result, described=store)
+
+    def _auto_activate(self, settings: dict, chunks: list[ChunkInfo]) -> None:
+        """Under auto-activate, what a call stored joins the active chunks, in order."""
+        if settings["auto_activate"]:
+            for chunk in chunks:
+                self.activate_chunk(chunk.hash)
 
     def _answer(
         self, prompt: str, prompt_tokens: list[int], active: list[ChunkInfo], call: _Call
@@ -357,10 +361,11 @@ class ContextManager(OutputTracking, Catalog):
     def _check_fits(
         self, tokens: int, remedy: str = "deactivate chunks or lower max_tokens"
     ) -> None:
-        window = self.store.model.window
-        if tokens > window:
+        window, opening = self.store.model.window, self.store.composer.opening_length
+        if opening + tokens > window:  # every context starts with the model's opening
             raise ContextWindowExceeded(
-                f"{tokens} tokens exceed the context window of {window}; {remedy}"
+                f"{tokens} tokens (after the model's {opening}-token opening) exceed the "
+                f"context window of {window}; {remedy}"
             )
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from kvchunks.common import InvalidInput
 from kvchunks.store.chunk import ChunkInfo
-from kvchunks.vocabulary import DEFAULT_MODE, check_mode, check_recompute
+from kvchunks.vocabulary import DEFAULT_MODE, check_mode, check_recompute, is_count
 
 DEFAULT_SETTINGS = {
     "mode": DEFAULT_MODE,  # how chunks computed apart are combined (vocabulary.MODES)
@@ -32,7 +32,7 @@ def checked_settings(settings: dict, current_mode: str) -> dict:
     if not isinstance(settings.get("auto_activate", False), bool):
         raise InvalidInput("auto_activate is true or false")
     tokens = settings.get("output_tokens")
-    counted = isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0
+    counted = is_count(tokens) and tokens > 0
     if tokens is not None and tokens != "manual" and not counted:
         raise InvalidInput("output_tokens is None (per response), a positive int, or 'manual'")
     return settings

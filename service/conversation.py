@@ -34,11 +34,8 @@ def checked_messages(messages: list) -> list[Message]:
         role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
         if role not in ROLES:
             raise InvalidInput(f"messages[{i}].role must be one of {', '.join(ROLES)}")
-        if isinstance(content, list):  # OpenAI content parts: only text ones are read
-            texts = [p.get("text", "") for p in content if isinstance(p, dict)]
-            if not all(isinstance(t, str) for t in texts):
-                raise InvalidInput(f"messages[{i}].content: a text part's text must be text")
-            content = "".join(texts)
+        if isinstance(content, list):  # OpenAI content parts: text ones only
+            content = _joined_text_parts(content, i)
         if not isinstance(content, str) or not content.strip():
             raise InvalidInput(f"messages[{i}].content must be non-empty text")
         out.append(Message(role, content))
@@ -47,10 +44,20 @@ def checked_messages(messages: list) -> list[Message]:
     return out
 
 
-@dataclass
-class MessageChunks:
-    chunks: list[ChunkInfo]  # one per message but the last, in order
-    made: list[ChunkInfo]  # those computed by this call (not stored before)
+def _joined_text_parts(parts: list, i: int) -> str:
+    """The text of message i's content parts; any other kind of part (an image, audio) is
+    refused: the answer would be made without it."""
+    texts = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise InvalidInput(
+                f"messages[{i}].content: only text parts are served, not {kind or 'this part'!r}"
+            )
+        if not isinstance(part.get("text"), str):
+            raise InvalidInput(f"messages[{i}].content: a text part's text must be text")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def message_tokens(chat: ChatFormat, messages: list[Message]) -> list[list[int]]:
@@ -76,11 +83,13 @@ def message_chunks(
     before: list[ChunkInfo],
     mode: str,
     recompute: float | None,
-) -> MessageChunks:
+    made: list[ChunkInfo],
+) -> list[ChunkInfo]:
     """The chunks of messages[:-1] (their `message_tokens`), each computed after `before`
     and the messages before it, or found stored: an answer that repeats a stored one is
-    that chunk."""
-    out, made = [], []
+    that chunk. Those computed now (not stored before) are appended to `made` as they are
+    stored, so that a caller can take them back if this or what follows fails."""
+    out = []
     for i, (message, chunk_tokens) in enumerate(zip(messages[:-1], tokens, strict=True)):
         parents = [*before, *out]
         if _is_answer(messages, i):
@@ -101,7 +110,7 @@ def message_chunks(
         out.append(chunk)
         if new:
             made.append(chunk)
-    return MessageChunks(out, made)
+    return out
 
 
 def _is_answer(messages: list[Message], i: int) -> bool:

@@ -273,16 +273,16 @@ class Tiers:
         return True
 
     def check_fits_host(self, chunks: list[ChunkInfo]) -> None:
-        for chunk in chunks:
-            if not self.fits_host(chunk):
-                raise CapacityError(
-                    f"chunk {chunk.hash[:12]} ({self.model.kv_bytes(chunk.token_count)} bytes "
-                    f"of KV) does not fit the cpu budget of {self.host.budget_bytes} bytes; "
-                    "archive it to disk instead"
-                )
-
-    def fits_host(self, chunk: ChunkInfo) -> bool:
-        return self.model.kv_bytes(chunk.token_count) <= self.host.budget_bytes
+        """Refuse chunks whose KV together exceeds host memory: moved one after another,
+        each later one would push earlier ones on to disk."""
+        unique = list({c.hash: c for c in chunks}.values())
+        need = sum(self.model.kv_bytes(c.token_count) for c in unique)
+        if need > self.host.budget_bytes:
+            what = f"chunk {unique[0].hash[:12]}" if len(unique) == 1 else f"{len(unique)} chunks"
+            raise CapacityError(
+                f"the KV of {what} ({need} bytes) does not fit the cpu budget of "
+                f"{self.host.budget_bytes} bytes; archive to disk instead"
+            )
 
     def to_host(self, chunk: ChunkInfo) -> bool:
         """Keep the chunk's KV in host memory (from the pool, or from a KV source); False if

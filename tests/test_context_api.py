@@ -11,6 +11,7 @@ from test_packing import note
 
 from kvchunks.common import (
     AmbiguousHash,
+    CapacityError,
     ChunkFileError,
     ChunkInUse,
     ChunkNotFound,
@@ -18,7 +19,9 @@ from kvchunks.common import (
     InvalidInput,
 )
 from kvchunks.engine import SamplingParams
+from kvchunks.service import generation
 from kvchunks.service.context_manager import ContextManager
+from kvchunks.service.model_host import ModelHost
 from kvchunks.store.kv_file import kv_path
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
@@ -239,6 +242,7 @@ def test_bad_input_is_refused_without_state_change(make_cm, tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "binary.bin").write_bytes(b"\x00\x01\x02abc")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "notes.txt").write_text("Two words.")
     cases = [
         (ChunkNotFound, lambda: cm.activate_chunk("deadbeef")),
         (InvalidInput, lambda: cm.activate_chunk("xyz!")),
@@ -249,6 +253,17 @@ def test_bad_input_is_refused_without_state_change(make_cm, tmp_path):
         (InvalidInput, lambda: cm.load_file(tmp_path / "latin1.txt")),
         (InvalidInput, lambda: cm.add_chunk("")),
         (InvalidInput, lambda: cm.add_chunk("x", role="robot")),
+        (InvalidInput, lambda: cm.add_chunk("lone \ud800 surrogate")),
+        (InvalidInput, lambda: cm.add_chunk("x", tags="one-string")),
+        (InvalidInput, lambda: cm.add_chunk("x", metadata="not a mapping")),
+        (InvalidInput, lambda: cm.add_chunk("x", metadata={"dtype": "csv"})),
+        (InvalidInput, lambda: cm.add_chunk("x", metadata={"when": object()})),
+        (InvalidInput, lambda: cm.load_file(tmp_path / "notes.txt", split_tokens=True)),
+        (InvalidInput, lambda: cm.split_chunk(a.hash, True)),
+        (InvalidInput, lambda: cm.compose_chunks(None)),
+        (InvalidInput, lambda: cm.reorder_chunks(None)),
+        (InvalidInput, lambda: cm.delete_chunks(None)),
+        (InvalidInput, lambda: cm.move_chunks(None, "cpu")),
         (InvalidInput, lambda: cm.generate("")),
         (InvalidInput, lambda: cm.generate("hi", mode="fast")),
         (InvalidInput, lambda: cm.split_chunk(a.hash, 0)),
@@ -308,7 +323,8 @@ def test_an_answer_and_its_closing_must_fit_the_window(make_tiny_store):
     book = cm.compose_chunks([page.hash] * (window // 100 - 1))
     cm.activate_chunk(book.hash)
     question = "Go on."
-    room = window - book.token_count - len(cm.store.model.chat.prompt(question))
+    opening = cm.store.composer.opening_length  # every context starts with it
+    room = window - opening - book.token_count - len(cm.store.model.chat.prompt(question))
     before = snapshot(cm)
     with pytest.raises(ContextWindowExceeded):
         cm.generate(question, SamplingParams(temperature=0, max_tokens=room, ignore_eos=True))
@@ -397,6 +413,41 @@ def test_chunks_computed_after_a_deleted_chunk_keep_working(make_cm):
     kv_path(cm.store.home, g.output_chunk.hash).unlink()
     with pytest.raises(ChunkNotFound, match="cannot be rebuilt"):
         cm.populate(g.output_chunk.hash)
+    # The same text loaded again is the same chunk: its children are its children again.
+    assert cm.add_chunk(DOC).hash == doc.hash
+    assert cm.provenance(g.prompt_chunk.hash)[0][0].hash == doc.hash
+    assert g.prompt_chunk.hash in cm.registry.children(doc.hash)
+
+
+def test_a_chat_refused_after_its_messages_were_computed_keeps_none_of_them(make_cm, monkeypatch):
+    cm = make_cm()
+    before = snapshot(cm)
+
+    def refused(*_):
+        raise CapacityError("the gpu tier is full")
+
+    monkeypatch.setattr(generation, "generate", refused)
+    messages = [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another?"},
+    ]
+    with pytest.raises(CapacityError):
+        cm.chat(messages, GREEDY)
+    assert snapshot(cm) == before
+
+
+def test_the_window_checks_count_the_opening(make_cm, monkeypatch):
+    """Every chunk sits after the model's opening: a text that fits the window only without
+    it is refused by the first check, with the remedy, before anything is computed."""
+    cm = make_cm()
+    framed = len(cm.store.model.chat.frame("system", DOC))
+    monkeypatch.setattr(ModelHost, "window", property(lambda _: framed + 1))
+    before = snapshot(cm)
+    with pytest.raises(ContextWindowExceeded, match="opening.*split the text"):
+        cm.add_chunk(DOC)
+    assert snapshot(cm) == before
 
 
 def test_an_activate_and_deactivate_pair_takes_three_registry_round_trips(make_store, monkeypatch):

@@ -40,6 +40,23 @@ def test_a_resent_conversation_computes_only_its_new_message(make_cm):
     assert second.text == expected.text and second.output_chunk.hash == expected.output_chunk.hash
 
 
+def test_under_auto_activate_a_chat_of_one_message_at_a_time_goes_on(make_cm):
+    """As the web page sends it: one new message per request, the context's auto_activate
+    on. Each exchange joins the active chunks, so the next one reads it, as generate's do;
+    with store=False nothing is kept, so nothing joins."""
+    cm = make_cm("chat-auto", auto_activate=True)
+    doc = cm.add_chunk(DOC)
+    cm.activate_chunk(doc.hash)
+    first = cm.chat([user("When does the ferry leave?")], GREEDY)
+    exchange = [doc.hash, first.prompt_chunk.hash, first.output_chunk.hash]
+    assert [c.hash for c in cm.context().chunks] == exchange
+    assert first.output_chunk.is_active
+    cm.chat([user("How long does it take?")], GREEDY, store=False)
+    assert [c.hash for c in cm.context().chunks] == exchange
+    second = cm.chat([user("How long does it take?")], GREEDY)
+    assert second.prompt_chunk.parent_chunks == exchange
+
+
 def test_request_chunks_and_messages_without_storing(make_cm):
     cm = make_cm("chat-nostore")
     doc = cm.add_chunk(DOC)

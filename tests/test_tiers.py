@@ -209,6 +209,28 @@ def test_a_chunk_larger_than_host_memory_is_refused_and_moves_nothing(make_store
     assert cm.get_chunk(big.hash).tier == "gpu" and set(store.host.kv) == {note.hash}
 
 
+def test_chunks_moved_to_host_memory_together_must_fit_it_together(make_store):
+    """Each fits, both do not: moved one after the other, the second would push the first
+    on to disk while the call said both were in cpu. Refused before anything moves."""
+    probe = make_store(at=None)
+    one = ContextManager(store=probe).add_chunk("A short note.")
+    one_bytes = sum(t.nbytes for t in probe.model.llm.read_kv(probe.tiers.kv[one.hash]))
+    probe.close()
+    store = make_store(budgets=TierBudgets(cpu_bytes=one_bytes * 3 // 2))
+    cm = ContextManager(store=store)
+    a, b = cm.add_chunk("A short note."), cm.add_chunk("A brief memo.")
+    assert store.model.kv_bytes(b.token_count) == one_bytes  # the same length
+    view = cm.compose_chunks([a.hash, b.hash])
+    for call in (
+        lambda: cm.move_chunks([a.hash, b.hash], "cpu"),
+        lambda: cm.move_to_cpu(view.hash),
+    ):
+        with pytest.raises(CapacityError, match="the KV of 2 chunks .* does not fit"):
+            call()
+        assert [cm.get_chunk(c.hash).tier for c in (a, b)] == ["gpu", "gpu"]
+    assert [c.tier for c in cm.move_chunks([a.hash, b.hash], "disk")] == ["disk", "disk"]
+
+
 def test_disk_budget_is_a_clear_error_and_leaves_no_partial_file(make_store):
     store = make_store(budgets=TierBudgets(disk_bytes=1))
     cm = ContextManager(store=store)
