@@ -41,6 +41,14 @@ class ChatFormat:
     def frame(self, role: str, content: str) -> list[int]:
         if role not in ROLES:
             raise InvalidInput(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
+        if not content.isascii():  # JSON's \ud800 decodes to a str no tokenizer takes
+            try:
+                content.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InvalidInput(
+                    f"the text holds a lone surrogate ({content[e.start]!r} at character "
+                    f"{e.start}): it is not Unicode text"
+                ) from None
         if role == "raw" or not self.has_template:
             return self._tokens(content)
         return self._tokens(self._turn_text(role, content))

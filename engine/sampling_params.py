@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from kvchunks.common import InvalidInput
@@ -28,8 +29,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise InvalidInput(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise InvalidInput(f"temperature must be >= 0 and finite, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InvalidInput(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -38,8 +39,13 @@ class SamplingParams:
             raise InvalidInput(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidInput("stop must be a list of non-empty strings")
-        if not self.repetition_penalty > 0:
-            raise InvalidInput(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise InvalidInput(
+                f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}"
+            )
+        # What a torch generator takes: a 64-bit integer, signed or not.
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise InvalidInput(f"seed must be a 64-bit integer, got {self.seed}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not -2 <= value <= 2:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -21,6 +23,8 @@ from kvchunks.common import (
     RegistryUnavailable,
     ServiceUnavailable,
 )
+
+_log = logging.getLogger("kvchunks.server")
 
 # Most specific first: the first class an error is an instance of decides.
 STATUS: list[tuple[type[BaseException], int, str]] = [
@@ -50,6 +54,11 @@ def status_of(error: BaseException) -> tuple[int, str]:
 
 
 def as_response(error: BaseException) -> JSONResponse:
+    """The response for an error raised where the app's handlers do not see it (in a
+    generation's thread): a bug is logged with its traceback, as the handlers' are."""
+    if not isinstance(error, KVChunksError):
+        _log.error("unexpected error in a generation", exc_info=error)
+        return _internal_error(error)
     status, kind = status_of(error)
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
     return JSONResponse(body(message, kind, status), status_code=status)
@@ -74,7 +83,12 @@ async def on_http_exception(request: Request, error: HTTPException) -> JSONRespo
 
 
 async def on_unexpected_error(request: Request, error: Exception) -> JSONResponse:
-    """A bug: a JSON 500 for the client, which the server logs with its traceback."""
+    """A bug: a JSON 500 for the client; the server logs its traceback (Starlette raises it
+    again after this handler)."""
+    return _internal_error(error)
+
+
+def _internal_error(error: BaseException) -> JSONResponse:
     message = f"internal error ({type(error).__name__}); the server's log has the details"
     return JSONResponse(body(message, "server_error", 500), status_code=500)
 

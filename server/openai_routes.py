@@ -52,21 +52,24 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
 
 def _sampling(body: Sampling, default_max_tokens: int) -> SamplingParams:
-    if body.n != 1:
+    if body.n not in (None, 1):
         raise InvalidInput("n must be 1")
     for name, value in (body.model_extra or {}).items():
         if name in UNSERVED and value and value not in UNSERVED[name]:
             raise InvalidInput(f"{name} is not served by kvchunks; leave it out")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    given = {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "repetition_penalty": body.repetition_penalty,
+    }
     return SamplingParams(
-        temperature=body.temperature,
-        top_p=body.top_p,
         max_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
         seed=body.seed,
         stop=stop,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty,
+        **{name: value for name, value in given.items() if value is not None},
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 
 class ChunkFields(BaseModel):
@@ -46,19 +46,20 @@ UNSERVED: dict[str, tuple] = {
 class Sampling(ChunkFields):
     model_config = ConfigDict(extra="allow")  # kept, to refuse the UNSERVED ones
 
+    # Every field may be null, as OpenAI's are: null means the default (SamplingParams').
     model: str | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     seed: int | None = None
     stop: str | list[str] | None = None
     # Their ranges are SamplingParams' (a bad value is a 400 with its message).
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0  # an extension, as in vLLM
-    n: int = 1
-    stream: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # an extension, as in vLLM
+    n: int | None = None
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
 
 
@@ -70,40 +71,48 @@ class CompletionRequest(Sampling):
     prompt: str | list[str]
 
 
-class NewChunk(BaseModel):
+class Body(BaseModel):
+    """A chunk route's body: a field it does not know is refused, not ignored (a typo would
+    otherwise answer 200 with nothing done)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NewChunk(Body):
     text: str
     role: Literal["system", "user", "assistant", "raw"] = "system"
     tags: list[str] = Field(default_factory=list)
     source: str | None = Field(None, min_length=1, max_length=200)  # a name, kept in metadata
 
 
-class Tags(BaseModel):
+class Tags(Body):
     add: list[str] = Field(default_factory=list)
     remove: list[str] = Field(default_factory=list)
 
 
-class Move(BaseModel):
+class Move(Body):
     tier: Literal["gpu", "cpu", "disk"]
 
 
-class Compose(BaseModel):
+class Compose(Body):
     chunks: list[str]
     tags: list[str] = Field(default_factory=list)
 
 
-class Split(BaseModel):
-    at: int
+class Split(Body):
+    at: StrictInt  # true is not token 1
 
 
-class ChunkRef(BaseModel):
+class ChunkRef(Body):
     chunk: str
 
 
-class Order(BaseModel):
+class Order(Body):
     chunks: list[str]  # every active chunk of the context, in its new order
 
 
-class Settings(BaseModel):
+class Settings(Body):
     mode: Literal["exact", "reuse", "realign"] | None = None
     recompute: float | None = None
     auto_activate: bool | None = None
+    output_tokens: StrictInt | Literal["manual"] | None = None

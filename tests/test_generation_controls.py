@@ -104,13 +104,17 @@ def test_default_decoding_never_computes_penalties(monkeypatch):
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("repetition_penalty", 0.0, "repetition_penalty must be > 0, got 0.0"),
+        ("repetition_penalty", 0.0, "repetition_penalty must be > 0 and finite, got 0.0"),
         ("repetition_penalty", float("nan"), "repetition_penalty must be > 0"),
+        ("repetition_penalty", float("inf"), "repetition_penalty must be > 0 and finite"),
+        ("temperature", float("inf"), "temperature must be >= 0 and finite, got inf"),
+        ("seed", 2**64, "seed must be a 64-bit integer"),
+        ("seed", -(2**63) - 1, "seed must be a 64-bit integer"),
         ("presence_penalty", 2.5, "presence_penalty must be between -2 and 2, got 2.5"),
         ("frequency_penalty", -2.01, "frequency_penalty must be between -2 and 2, got -2.01"),
     ],
 )
-def test_penalties_out_of_range_are_refused(name, value, message):
+def test_sampling_values_out_of_range_are_refused(name, value, message):
     with pytest.raises(InvalidInput, match=message) as info:
         SamplingParams(**{name: value})
     assert "\n" not in str(info.value)

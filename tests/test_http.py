@@ -17,6 +17,7 @@ import pytest
 from http_fixture import Served
 
 from kvchunks.engine import SamplingParams
+from kvchunks.server.errors import as_response
 from kvchunks.server.streaming import stream_call
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.hashing import content_hash
@@ -232,6 +233,33 @@ def too_long() -> str:
             413,
         ),
         ("post", "/v1/chunks", {"text": "x" * (9 << 20)}, 413),
+        ("post", "/v1/chunks", {"text": "x", "tag": ["misspelt"]}, 400),
+        ("post", "/v1/chat/completions", {"messages": ASKED, "seed": 2**70}, 400),
+        (
+            "post",
+            "/v1/chat/completions",
+            {"messages": [{"role": "system", "content": "Be brief."}, *ASKED], "seed": 2**70},
+            400,
+        ),
+        (
+            "post",
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "What is in it?"},
+                            {"type": "image_url", "image_url": {"url": "data:,"}},
+                        ],
+                    }
+                ]
+            },
+            400,
+        ),
+        ("post", "/v1/contexts/c/settings", {"auto_activte": True}, 400),
+        ("post", "/v1/contexts/c/settings", {"output_tokens": 0}, 400),
+        ("post", "/v1/chunks/0000aaaa/split", {"at": True}, 400),
         ("get", "/v1/no-such-route", None, 404),
         ("put", "/v1/chunks", None, 405),
     ],
@@ -258,10 +286,44 @@ def test_openai_fields_that_ask_for_nothing_are_answered(served):
         "tool_choice": "none",
         "response_format": {"type": "text"},
         "user": "someone",
+        # OpenAI's fields are nullable, and the openai package sends null for None.
+        **dict.fromkeys(["temperature", "top_p", "n", "seed", "stream"], None),
+        **dict.fromkeys(["presence_penalty", "frequency_penalty", "repetition_penalty"], None),
     }
     with served.http() as http:
         response = http.post("/v1/chat/completions", json=question)
     assert response.status_code == 200, response.text
+
+
+def test_a_bug_in_a_generation_is_logged_with_its_traceback(caplog):
+    """Errors of a generation's thread do not reach the app's handlers: the response says
+    only that it is a bug, and the log has the rest."""
+    try:
+        raise RuntimeError("the secret detail")
+    except RuntimeError as e:
+        response = as_response(e)
+    assert response.status_code == 500
+    assert "RuntimeError" in response.body.decode() and b"secret" not in response.body
+    [record] = [r for r in caplog.records if r.name == "kvchunks.server"]
+    assert record.exc_info and "the secret detail" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chunks", '{"text": "lone \\ud800 surrogate"}'),
+        ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "lone \\ud800"}]}'),
+    ],
+)
+def test_text_that_is_not_unicode_is_refused(served, path, body):
+    """JSON may escape half of a surrogate pair alone: no tokenizer takes that text."""
+    before = state(served)
+    with served.http() as http:
+        headers = {"content-type": "application/json"}
+        response = http.post(path, content=body.encode(), headers=headers)
+    assert response.status_code == 400, response.text
+    assert "lone surrogate" in response.json()["error"]["message"]
+    assert state(served) == before
 
 
 @pytest.mark.parametrize(
