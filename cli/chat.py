@@ -161,6 +161,9 @@ class Chat:
                 continue
             except EOFError:
                 break
+            except UnicodeDecodeError:
+                self.error("a line of input is not UTF-8 text; it was skipped")
+                continue
             try:
                 self.handle(line.strip())
             except Quit:
@@ -242,11 +245,13 @@ class Chat:
 
 
 def _read_line() -> str:
-    """Input that is not a terminal (a pipe, a file): one command or prompt per line."""
-    line = sys.stdin.readline()
+    """Input that is not a terminal (a pipe, a file): one command or prompt per line, each
+    decoded alone, so that a line that is not UTF-8 is refused by itself (a text stream's
+    decoder would fail on, and lose, the block of input around it)."""
+    line = sys.stdin.buffer.readline()
     if not line:
         raise EOFError
-    return line
+    return line.decode("utf-8")
 
 
 # -- completion ---------------------------------------------------------------------------------

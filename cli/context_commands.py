@@ -67,6 +67,7 @@ def mode(state: State, mode: str | None, recompute: float | None) -> None:
     if mode:
         cm.configure(mode=mode, recompute=recompute)
         state.mode = state.recompute = None  # the new setting applies, not options at start
+    state.check_mode()
     say(state, f"mode: {render.mode_line(state.mode, state.recompute, cm.settings)}")
 
 

@@ -36,6 +36,7 @@ def demo(state: State, max_tokens: int) -> None:
     from kvchunks import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens)  # checked before any change
+    state.check_mode()
     path = state.data_dir / "demo" / "harbor-notes.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(DOCUMENT)
@@ -47,7 +48,7 @@ def demo(state: State, max_tokens: int) -> None:
     out.print(labelled("document", f"{short(doc.hash)}  {doc.token_count} tokens, activated"))
     out.print(labelled("question", QUESTION))
     with out.status("generating"):
-        result = cm.generate(QUESTION, params)
+        result = cm.generate(QUESTION, params, mode=state.mode, recompute=state.recompute)
     out.print(labelled("answer", result.text.strip()))
     out.print(
         f"          first token {result.ttft_s * 1000:.0f} ms, {result.tokens_per_s:.1f} tokens/s"
@@ -57,7 +58,9 @@ def demo(state: State, max_tokens: int) -> None:
     for c in made[1:]:
         parents = " + ".join(short(p) for p in c.parent_chunks)
         out.print(f"  {short(c.hash)} ({c.kind}) was computed after {parents}")
-    out.print("Continue with: kvchunks chat   (the document stays active in context 'default')")
+    named = "" if state.context == "default" else f"--context {state.context} "
+    chat = f"kvchunks {named}chat"
+    out.print(f"Continue with: {chat}   (the document stays active in context '{state.context}')")
 
 
 def labelled(label: str, text: str) -> Text:

@@ -20,7 +20,7 @@ from kvchunks.cli.demo import demo
 from kvchunks.cli.http import http
 from kvchunks.cli.model import model
 from kvchunks.cli.service import SERVICE_COMMANDS
-from kvchunks.cli.shared import dtype_option, sampling_options, usage_message
+from kvchunks.cli.shared import dtype_option, sampling_options, sampling_params, usage_message
 from kvchunks.cli.state import MODEL_ENV, State, pass_state
 from kvchunks.cli.tree import tree
 from kvchunks.common import HOME_ENV, InvalidInput, KVChunksError
@@ -156,6 +156,8 @@ def chat(state: State, sampling: dict, **options) -> None:
     from kvchunks.cli.chat import run
 
     apply_options(state, **options)
+    sampling_params(sampling)  # a bad option is refused before the chat starts
+    state.check_mode()
     state.sampling = sampling
     run(state)
 

@@ -59,11 +59,14 @@ class StepBar:
     def step(self, description: str, done: int, total: int) -> None:
         if self.progress is None or self.task is None:
             # Imported here: every command imports this module, and only a conversion draws.
+            from rich.console import Console
             from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
             quiet_converters()
             columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-            self.progress = Progress(*columns, transient=False)
+            # On stderr: stdout is the command's output (--json must stay one document).
+            console = Console(stderr=True)
+            self.progress = Progress(*columns, console=console, transient=False)
             self.progress.start()
             self.task = self.progress.add_task(description, total=total, completed=done)
         else:

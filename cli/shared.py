@@ -69,7 +69,13 @@ def show(state: State, as_json: bool, document: Any, text: Shown | Callable[[], 
 
 
 def usage_message(e: click.UsageError) -> str:
+    """One line: click's message, and where the help is."""
     hint = f" (see {e.ctx.command_path} --help)" if e.ctx else ""
+    if isinstance(e, click.exceptions.NoArgsIsHelpError) and e.ctx:  # its message is the help
+        command = e.ctx.command
+        if isinstance(command, click.Group):
+            return f"a command is missing: {', '.join(command.list_commands(e.ctx))}{hint}"
+        return f"arguments are missing{hint}"
     return e.format_message() + hint
 
 

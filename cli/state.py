@@ -77,6 +77,13 @@ class State:
         folder = functools.partial(resolve, self.model)
         return open_catalog(folder, context=self.context, home=self.home, dtype=self.dtype)
 
+    def check_mode(self) -> None:
+        """Refuse this run's --mode and --recompute if they do not go together, or with the
+        context's setting, before anything is loaded."""
+        from kvchunks.service.context_settings import call_mode
+
+        call_mode(self.catalog.settings, self.mode, self.recompute)
+
     def _connect(self) -> ContextManager:
         from kvchunks.actors.client import connect  # imports ray: only with --address
 

@@ -184,7 +184,7 @@ class ChunkMaker:
             if views:
                 raise ChunkInUse(
                     f"chunk {chunk.hash[:12]} is used by view(s) {', '.join(views)}; delete "
-                    "them first or delete with cascade"
+                    "them first or delete with cascade=True (--cascade)"
                 )
         deleted: list[str] = []
         for chunk in sorted(chunks, key=lambda c: c.layout != "view"):  # views before sources

@@ -19,7 +19,7 @@ def export_chunk(store: ChunkStore, chunk: ChunkInfo, path: str | Path, force: b
         raise InvalidInput("a view has no KV of its own: export the chunks it reads")
     target = _export_path(store.home, path)
     if target.exists() and not force:
-        raise InvalidInput(f"{target} exists; pass force to overwrite it")
+        raise InvalidInput(f"{target} exists; overwrite it with force=True (--force)")
     kv = store.tiers.kv_of(chunk)  # a read: the chunk stays in the tier it is in
     if kv is None:  # lost everywhere: recomputed, which leaves it in the pool
         with store.lock:

@@ -253,7 +253,7 @@ def test_bad_inputs_give_one_line_exit_1_and_change_nothing(state, tmp_path):
         ("split", small["hash"], "0"): "split point must be between 1 and",
         ("compose", small["hash"]): "compose needs at least two chunks",
         ("tag", small["hash"], "two words"): "invalid tag",
-        ("export", small["hash"], str(existing)): "exists; pass force",
+        ("export", small["hash"], str(existing)): "exists; overwrite it with force=True (--force)",
         ("export", small["hash"], "../outside.kvc"): "leaves the exports directory",
         ("export", big["hash"], "big.kvc"): "a view has no KV of its own",
         ("import", str(corrupt)): "has an unreadable header",
@@ -382,14 +382,18 @@ def test_load_activate_past_the_window_names_the_chunk_it_kept(state, tmp_path, 
     kvchunks(state, "delete", filler["hash"])
 
 
-def test_demo_prints_the_answer_as_written(state, monkeypatch, context_kept):
+def test_demo_prints_the_answer_as_written_in_the_mode_asked(state, monkeypatch, context_kept):
     cm = state.manager
     generate = cm.generate
+    asked = {}
 
     def bracketed(*args, **kwargs):
+        asked.update(kwargs)
         return dataclasses.replace(generate(*args, **kwargs), text="a [/i] b [red]c[/red]")
 
     monkeypatch.setattr(cm, "generate", bracketed)
+    monkeypatch.setattr(state, "mode", "exact")  # as `kvchunks --mode exact demo` sets it
     shown = kvchunks(state, "demo", "--max-tokens", "2").stdout
     assert "answer   a [/i] b [red]c[/red]\n" in shown
     assert "question What is the name of the night ferry" in shown
+    assert asked["mode"] == "exact" and f"active in context '{state.context}'" in shown

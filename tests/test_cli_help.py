@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from kvchunks.cli.main import cli
+from kvchunks.cli.model import StepBar
 
 SUBCOMMANDS = [
     "chat",
@@ -115,6 +116,35 @@ def test_usage_errors_are_one_line_with_status_2(args, tmp_path):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "--help" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["chat", "--presence-penalty", "5"], "presence_penalty must be between -2 and 2"),
+        (["--recompute", "0.3", "--mode", "exact", "chat"], "applies to realign only"),
+        (["--recompute", "5", "mode"], "recompute must be from 0 to 1"),
+        (["--mode", "exact", "--recompute", "0.3", "mode"], "applies to realign only"),
+    ],
+    ids=" ".join,
+)
+def test_chat_and_mode_refuse_what_generate_refuses(args, message, tmp_path):
+    """Options a generation would refuse are refused before the chat starts (it would
+    start, and fail at every prompt), and before `mode` shows them as if they held."""
+    result = invoke(args, tmp_path)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert result.stdout == ""
+
+
+def test_the_model_conversion_draws_its_progress_on_stderr(capfd):
+    """stdout is the command's output: with --json, one JSON document, even on first use."""
+    bar = StepBar()
+    bar.step("converting the model", 1, 3)
+    bar.close()
+    out, err = capfd.readouterr()
+    assert out == "" and "converting the model" in err
 
 
 def test_bad_files_are_refused_before_the_model_loads(tmp_path):

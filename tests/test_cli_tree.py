@@ -304,3 +304,11 @@ def test_a_chain_deeper_than_the_recursion_limit():
     built = provenance_tree(chain, sha(f"p{depth // 2}"))
     assert len(built.ancestors) == depth // 2 and len(list(built.nodes())) == depth - depth // 2
     assert len(json.dumps(provenance_tree(chain).to_json())) > depth * 64
+
+
+def test_a_piped_line_that_is_not_utf8_is_skipped_with_one_error(state):
+    """Decoded line by line: the bad line is refused alone, the lines after it still run."""
+    lines = b"/mode\n\xff\xfe caf\xe9\n/mode\n/quit\n"
+    result = kvchunks(state, "chat", stdin=lines)
+    assert result.stderr.count("error: ") == 1 and "not UTF-8" in result.stderr
+    assert result.stdout.count("mode: ") == 2
