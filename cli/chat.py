@@ -290,15 +290,13 @@ class SlashCompleter(Completer):
             options = [o for p in command.params if isinstance(p, click.Option) for o in p.opts]
             yield from _words(options, word)
             return
-        param = _positional(command, before)
-        if param is None:
-            return
-        if isinstance(param.type, click.Choice):
-            yield from _words([str(c) for c in param.type.choices], word)
-        elif isinstance(param.type, click.Path):
-            yield from self.paths.get_completions(Document(word, len(word)), event)
-        elif "HASH" in (param.metavar or ""):
-            yield from self._hashes(word)
+        for param in _next(command, before):
+            if isinstance(param.type, click.Choice):
+                yield from _words([str(c) for c in param.type.choices], word)
+            elif isinstance(param.type, click.Path):
+                yield from self.paths.get_completions(Document(word, len(word)), event)
+            elif "HASH" in (param.metavar or ""):
+                yield from self._hashes(word)
 
     def _hashes(self, word: str) -> Iterator[Completion]:
         try:
@@ -317,21 +315,28 @@ def _words(candidates: Iterable[str], word: str) -> Iterator[Completion]:
             yield Completion(candidate, -len(word))
 
 
-def _positional(command: click.Command, before: list[str]) -> click.Parameter | None:
-    """The argument that the next word fills, given the words typed before it."""
+def _next(command: click.Command, before: list[str]) -> list[click.Parameter]:
+    """What the next word may fill, given the words typed before it: the value of the option
+    just typed, else the next argument. A variadic argument (HASH...) followed by another
+    (TIER) takes words until the last ones: once it has one, the next word may be either."""
     options = {o: p for p in command.params if isinstance(p, click.Option) for o in p.opts}
-    count, takes_value = 0, False
+    count, option = 0, None
     for word in before:
-        if takes_value:
-            takes_value = False
+        if option is not None:
+            option = None  # this word was its value
         elif word.startswith("-"):
-            option = options.get(word)
-            takes_value = option is not None and not option.is_flag
+            found = options.get(word)
+            option = found if found is not None and not found.is_flag else None
         else:
             count += 1
-    for param in command.params:
-        if isinstance(param, click.Argument):
-            if param.nargs == -1 or count < param.nargs:
-                return param
-            count -= param.nargs
-    return None
+    if option is not None:
+        return [option]
+    arguments = [p for p in command.params if isinstance(p, click.Argument)]
+    for i, param in enumerate(arguments):
+        if param.nargs == -1:
+            has_one = count >= 1 or not param.required
+            return [param, *arguments[i + 1 : i + 2]] if has_one else [param]
+        if count < param.nargs:
+            return [param]
+        count -= param.nargs
+    return []

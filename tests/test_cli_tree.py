@@ -19,10 +19,14 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from prompt_toolkit.completion import CompleteEvent
+from prompt_toolkit.document import Document
 
 from kvchunks import ChunkInfo, provenance_tree
+from kvchunks.cli.chat import Chat, SlashCompleter
 from kvchunks.cli.main import cli
 from kvchunks.cli.state import State
+from kvchunks.vocabulary import ROLES
 
 EDGES = {
     ("doc", "question"),
@@ -312,3 +316,20 @@ def test_a_piped_line_that_is_not_utf8_is_skipped_with_one_error(state):
     result = kvchunks(state, "chat", stdin=lines)
     assert result.stderr.count("error: ") == 1 and "not UTF-8" in result.stderr
     assert result.stdout.count("mode: ") == 2
+
+
+def test_completion_offers_what_each_word_may_be(state, chunks):
+    """An option's value by its type; after a HASH... the next word may be another hash or
+    the argument after it (move's TIER)."""
+    completer = SlashCompleter(Chat(state))
+
+    def offered(text: str) -> list[str]:
+        found = completer.get_completions(Document(text, len(text)), CompleteEvent())
+        return [c.text for c in found]
+
+    first = chunks["follow2"][:8]
+    assert offered(f"/move {first} d") == ["disk"]
+    assert {"gpu", "cpu", "disk", chunks["follow1"][:12]} <= set(offered(f"/move {first} "))
+    assert offered("/move ") and not {"gpu", "cpu", "disk"} & set(offered("/move "))
+    assert offered("/load --role ") == list(ROLES)
+    assert offered("/tree --format d") == ["dot"]
