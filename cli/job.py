@@ -32,7 +32,7 @@ import click
 
 from kvchunks.cli.shared import dtype_option, sampling_options, sampling_params
 from kvchunks.common import ContextWindowExceeded, InvalidInput, KVChunksError, read_text_file
-from kvchunks.vocabulary import DEFAULT_MODE, MODES, check_recompute
+from kvchunks.vocabulary import DEFAULT_MODE, MODES, check_name, check_recompute
 
 if TYPE_CHECKING:
     from kvchunks import ChunkInfo, Client, SamplingParams
@@ -75,7 +75,8 @@ def main(
 ) -> None:
     """Load DOCS as chunks, answer each line of QUESTIONS with them active, write OUT."""
     try:
-        check_recompute(mode, recompute)  # before anything is loaded
+        check_name(context)  # before anything is loaded or connected to
+        check_recompute(mode, recompute)
         params = sampling_params(sampling)
         inputs = read_inputs(docs, questions, out)
         count = run(inputs, out, address, context, (mode, recompute), params, dtype)
@@ -126,10 +127,11 @@ def run(
     client = connect(address, context)
     if dtype:
         check_dtype(client, dtype)
-    chunks = [
+    added = [
         client.add_chunk(text, role="system", metadata={"source": name})
         for name, text in inputs.documents.items()
     ]
+    chunks = list({c.hash: c for c in added}.values())  # two files of one text: one chunk
     check_fits(client, chunks)  # before the context changes
     client.configure(auto_activate=False)  # every question sees the documents only
     client.clear()

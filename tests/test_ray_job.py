@@ -93,6 +93,18 @@ class StoringClient:
     def context(self) -> SimpleNamespace:
         return SimpleNamespace(window=8192)
 
+    def generate(self, question: str, *_, **__) -> SimpleNamespace:
+        self.changes.append("generate")
+        made = SimpleNamespace(hash="f" * 64)
+        return SimpleNamespace(
+            text="An answer.",
+            prompt_chunk=made,
+            output_chunk=made,
+            mode="realign",
+            tokens_reused=0,
+            tokens_recomputed=0,
+        )
+
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: self.changes.append(name)
 
@@ -140,3 +152,24 @@ def test_job_refuses_documents_over_the_window_before_the_context_changes(tmp_pa
     assert done.exit_code == 1, done.output
     assert "the documents have 10000 tokens, over the context window of 8192" in done.stderr
     assert client.changes == [] and not out.exists()
+
+
+def test_job_checks_the_context_name_before_it_connects(tmp_path, monkeypatch):
+    def connect(*_):
+        raise AssertionError("connected before the inputs were checked")
+
+    monkeypatch.setattr("kvchunks.actors.client.connect", connect)
+    args = [*job_files(tmp_path, GOOD, b"Why?"), "--out", str(tmp_path / "a.jsonl")]
+    done = CliRunner().invoke(job.main, [*args, "--context", "no spaces"])
+    assert done.exit_code == 1 and "invalid context name" in done.stderr, done.output
+
+
+def test_two_documents_of_one_text_are_one_chunk_counted_once(tmp_path, monkeypatch):
+    client = StoringClient(tokens_per_document=5000)  # once fits 8192, twice would not
+    monkeypatch.setattr("kvchunks.actors.client.connect", lambda *_: client)
+    out = tmp_path / "answers.jsonl"
+    same = {"a.txt": b"The ferry leaves at nine.", "b.txt": b"The ferry leaves at nine."}
+    done = CliRunner().invoke(job.main, [*job_files(tmp_path, same, b"Why?"), "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    [row] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(row["chunks"]) == 1 and client.changes.count("activate_chunk") == 1
