@@ -7,7 +7,6 @@ loading the model. Commands that read and change only the registry (list, info, 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,11 +70,9 @@ class State:
 
     def _open_catalog(self) -> Catalog:
         from kvchunks import open_catalog
-        from kvchunks.cli.model import resolve
 
-        # The model's folder is looked for only when a command needs its context window.
-        folder = functools.partial(resolve, self.model)
-        return open_catalog(folder, context=self.context, home=self.home, dtype=self.dtype)
+        # The model is looked for only when a command needs its context window.
+        return open_catalog(self.model, context=self.context, home=self.home, dtype=self.dtype)
 
     def check_mode(self) -> None:
         """Refuse this run's --mode and --recompute if they do not go together, or with the

@@ -40,6 +40,18 @@ def resolve_model(model: str | Path | None) -> Path:
     return folder
 
 
+def default_model_window() -> int:
+    """The default model's context window without converting it: from its config.json once
+    prepared, else from the GGUF file's header (read by `gguf`, without torch)."""
+    target = default_model_dir()
+    if (target / "config.json").is_file():
+        return context_window(read_config(target))
+    import gguf
+
+    field = gguf.GGUFReader(_locate_gguf(None)).fields["llama.context_length"]
+    return int(field.parts[field.data[0]][0])
+
+
 def read_config(folder: Path) -> dict:
     """A checkpoint folder's config.json, read with `json` alone: what is known of a model
     without torch (the catalog of chunks needs its context window, nothing more)."""

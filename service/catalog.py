@@ -18,7 +18,12 @@ from pathlib import Path
 import redis
 
 from kvchunks.common import ConcurrentChange, ContextWindowExceeded, InvalidInput
-from kvchunks.engine.checkpoint import context_window, read_config, resolve_model
+from kvchunks.engine.checkpoint import (
+    context_window,
+    default_model_window,
+    read_config,
+    resolve_model,
+)
 from kvchunks.service.context_settings import DEFAULT_SETTINGS, ContextView, checked_settings
 from kvchunks.service.pieces import Records, owner_hashes
 from kvchunks.store.chunk import ChunkInfo, check_dtype
@@ -211,7 +216,7 @@ def _nothing_recorded(chunk_hash: str) -> None:
 
 
 def open_catalog(
-    model: str | Path | Callable[[], Path] | None = None,
+    model: str | Path | None = None,
     *,
     context: str = "default",
     home: str | Path | None = None,
@@ -220,14 +225,17 @@ def open_catalog(
 ) -> Catalog:
     """A Catalog over the registry of a data directory (or the Redis at `redis_url`).
 
-    `model` (a checkpoint folder, or a function that finds one; default: the default model)
-    is looked for only when the context window is first needed, and only its config.json is
-    read: listing never needs the model. `dtype` is the one the model would run in
-    (default float32): chunks computed in another are not activated.
+    `model` (a checkpoint folder; default: the default model) is looked for only when the
+    context window is first needed, and only its config.json is read (the default model's
+    GGUF header if it is not prepared yet): listing never needs the model, and nothing here
+    converts it. `dtype` is the one the model would run in (default float32): chunks
+    computed in another are not activated.
     """
     client = connect(Path(home) if home is not None else None, redis_url)
-    folder = model if callable(model) else functools.partial(resolve_model, model)
-    window = functools.cache(lambda: context_window(read_config(folder())))
+    if model is None:
+        window = functools.cache(default_model_window)
+    else:
+        window = functools.cache(lambda: context_window(read_config(resolve_model(model))))
     registry = ChunkRegistry(client)
     dtype = dtype or DEFAULT_DTYPE
     return Catalog(registry, context, window=window, dtype=dtype, connection=client)
