@@ -67,9 +67,14 @@ const page = {
   },
 
   async setContext(name) {
+    const before = state.context;
     state.context = name;
-    localStorage.setItem(CONTEXT_ITEM, name);
-    await page.run(() => context.renderNames(state), `context ${name}`);
+    if (await page.run(() => context.renderNames(state), `context ${name}`)) {
+      localStorage.setItem(CONTEXT_ITEM, name);
+    } else {
+      state.context = before; // a name the server refused is not kept: back to the last one
+      await page.run(() => context.renderNames(state));
+    }
   },
 };
 
