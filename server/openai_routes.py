@@ -7,6 +7,7 @@ top-level fields, and the response says what kvchunks did in a `kvchunks` object
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -92,12 +93,15 @@ async def _respond(
     reply = Reply(kind, state.backend.model_name, body)
     events = stream_call(manager.chat, state.generation_slots, **call)
     if not body.stream:
-        async for event, value in events:
-            if event == "error":
-                return as_response(value)
-            if event == "result":
-                state.metrics.observe_generation(value, *reply.token_counts(value))
-                return JSONResponse(reply.whole(value))
+        async with contextlib.aclosing(events):  # closed: the generation stops at its next piece
+            async for event, value in events:
+                if event == "text" and await request.is_disconnected():
+                    return Response(status_code=499)  # nobody left to answer (nginx's code)
+                if event == "error":
+                    return as_response(value)
+                if event == "result":
+                    state.metrics.observe_generation(value, *reply.token_counts(value))
+                    return JSONResponse(reply.whole(value))
     # Streamed: headers go once the first piece (or an early refusal) is known, so that a
     # refused request still gets its status and JSON error.
     first = await anext(events)
