@@ -75,11 +75,12 @@ class State:
         return open_catalog(self.model, context=self.context, home=self.home, dtype=self.dtype)
 
     def check_mode(self) -> None:
-        """Refuse this run's --mode and --recompute if they do not go together, or with the
-        context's setting, before anything is loaded."""
-        from kvchunks.service.context_settings import call_mode
+        """Refuse this run's --recompute if it does not go with --mode, or with the context's
+        mode when none is given, before anything is loaded (as a generation would)."""
+        from kvchunks.vocabulary import check_recompute
 
-        call_mode(self.catalog.settings, self.mode, self.recompute)
+        if self.recompute is not None:
+            check_recompute(self.mode or self.catalog.settings["mode"], self.recompute)
 
     def _connect(self) -> ContextManager:
         from kvchunks.actors.client import connect  # imports ray: only with --address
