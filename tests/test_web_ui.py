@@ -172,16 +172,17 @@ def test_documents_activation_chat_and_tree_through_the_page(served, browser, tm
     page.type("api-key", KEY)
     page.find("#key-form button").click()
     # A name the server refuses is said so, and not kept: the page stays where it was.
-    shown = page.find("#context-select").get_attribute("value")
+    shown = wait_for(lambda: page.find("#context-select").get_attribute("value"), "a context")
     page.type("context-name", "no spaces allowed")
     page.find("#context-new button").click()
     wait_for(lambda: "invalid context name" in page.find("#status").text, "the refusal")
     wait_for(lambda: page.find("#context-select").get_attribute("value") == shown, "back")
-    assert page.js("return localStorage.getItem('kvchunks.context')") != "no spaces allowed"
+    stored = "return localStorage.getItem('kvchunks.context')"
+    assert page.js(stored) != "no spaces allowed"
     page.type("context-name", context)
     page.find("#context-new button").click()
     wait_for(lambda: page.find("#context-select").get_attribute("value") == context, "context")
-    assert page.js("return localStorage.getItem('kvchunks.context')") == context
+    wait_for(lambda: page.js(stored) == context, "the context kept once the server took it")
     page.shot("key-and-context")
 
     documents = {}
