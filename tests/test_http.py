@@ -367,41 +367,28 @@ def test_tags_are_all_checked_before_any_changes(served):
     assert state(served) == before
 
 
-def test_a_client_that_goes_away_stops_its_answer(served):
-    """The answer stops at its next token: its KV goes back to the pool and nothing of it is
-    stored (it would be, had it run to the end)."""
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_a_client_that_goes_away_stops_its_answer(served, stream):
+    """The answer stops at its next token, streamed or not: its KV goes back to the pool and
+    nothing of it is stored (it would be, had it run to the end for nobody)."""
     llm = served.cm.store.model.llm
     before, free = state(served), llm.pool_usage()["free"]
     question = {
         "messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
         "max_tokens": 1000,
         "temperature": 0,
-        "stream": True,
+        "stream": stream,
         "context": "http-gone",
     }
-    with served.http() as http, http.stream("POST", "/v1/chat/completions", json=question) as r:
-        assert r.status_code == 200
-        assert next(line for line in r.iter_lines() if '"content"' in line)
-    deadline = time.monotonic() + 20
-    while llm.pool_usage()["free"] != free and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert llm.pool_usage()["free"] == free
-    assert state(served) == before
-
-
-def test_a_client_that_stops_waiting_for_a_whole_answer_stops_it(served):
-    """Not streamed: the server notices the client gone at the answer's next token, as for
-    a stream, instead of computing the whole answer for nobody and storing it."""
-    llm = served.cm.store.model.llm
-    before, free = state(served), llm.pool_usage()["free"]
-    question = {
-        "messages": [{"role": "user", "content": "Tell me a long story about a dragon."}],
-        "max_tokens": 1000,
-        "temperature": 0,
-        "context": "http-gone-whole",
-    }
-    with served.http() as http, pytest.raises(httpx.ReadTimeout):
-        http.post("/v1/chat/completions", json=question, timeout=httpx.Timeout(5, read=2))
+    with served.http() as http:
+        if stream:
+            with http.stream("POST", "/v1/chat/completions", json=question) as r:
+                assert r.status_code == 200
+                assert next(line for line in r.iter_lines() if '"content"' in line)
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                timeout = httpx.Timeout(5, read=2)
+                http.post("/v1/chat/completions", json=question, timeout=timeout)
     deadline = time.monotonic() + 20
     while llm.pool_usage()["free"] != free and time.monotonic() < deadline:
         time.sleep(0.05)
