@@ -57,9 +57,9 @@ def check_recompute(mode: str, recompute: float | None) -> float | None:
     if mode != "realign":
         raise InvalidInput(
             f"a recompute fraction applies to realign only, not to {mode}; "
-            "use --mode realign or leave the fraction out"
+            "set the mode to realign, or leave the fraction out"
         )
-    if isinstance(recompute, bool) or not isinstance(recompute, (int, float)):
+    if not is_number(recompute):
         raise InvalidInput(f"recompute must be a number from 0 to 1, not {recompute!r}")
     if not 0 <= recompute <= 1:
         raise InvalidInput(f"recompute must be from 0 to 1 (a fraction of tokens), not {recompute}")
@@ -141,3 +141,8 @@ def checked_refs(refs: object) -> list:
 def is_count(value: object) -> bool:
     """A whole number given as one: True and False are not counts."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """An int or a float: True and False are not numbers."""
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -4,6 +4,9 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from kvchunks.common import InvalidInput
+from kvchunks.vocabulary import is_count, is_number
+
+NUMBERS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 @dataclass
@@ -29,6 +32,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
+        self._check_types()
         if not 0 <= self.temperature < math.inf:
             raise InvalidInput(f"temperature must be >= 0 and finite, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -50,6 +54,23 @@ class SamplingParams:
             value = getattr(self, name)
             if not -2 <= value <= 2:
                 raise InvalidInput(f"{name} must be between -2 and 2, got {value}")
+
+    def _check_types(self) -> None:
+        """Each field of its type, so that a wrong one is refused here rather than read
+        loosely (2.5 tokens, a string that is true) or failing in the middle of a step."""
+        for name in NUMBERS:
+            if not is_number(getattr(self, name)):
+                raise InvalidInput(f"{name} must be a number, got {getattr(self, name)!r}")
+        for name in ("max_tokens", "top_k"):
+            if not is_count(getattr(self, name)):
+                raise InvalidInput(f"{name} must be a whole number, got {getattr(self, name)!r}")
+        if self.seed is not None and not is_count(self.seed):
+            raise InvalidInput(f"seed must be a whole number or None, got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidInput(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        ids = self.stop_token_ids
+        if not isinstance(ids, list) or not all(is_count(t) and t >= 0 for t in ids):
+            raise InvalidInput("stop_token_ids must be a list of token ids")
 
     @property
     def greedy(self) -> bool:

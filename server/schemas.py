@@ -50,15 +50,16 @@ class Sampling(ChunkFields):
     model: str | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
+    # Strict: true is not 1 token, nor seed 1.
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    seed: StrictInt | None = None
     stop: str | list[str] | None = None
     # Their ranges are SamplingParams' (a bad value is a 400 with its message).
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None  # an extension, as in vLLM
-    n: int | None = None
+    n: StrictInt | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
 

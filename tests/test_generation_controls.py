@@ -112,6 +112,13 @@ def test_default_decoding_never_computes_penalties(monkeypatch):
         ("seed", -(2**63) - 1, "seed must be a 64-bit integer"),
         ("presence_penalty", 2.5, "presence_penalty must be between -2 and 2, got 2.5"),
         ("frequency_penalty", -2.01, "frequency_penalty must be between -2 and 2, got -2.01"),
+        ("max_tokens", 2.5, "max_tokens must be a whole number, got 2.5"),
+        ("max_tokens", True, "max_tokens must be a whole number, got True"),
+        ("top_k", "5", "top_k must be a whole number, got '5'"),
+        ("seed", 1.5, "seed must be a whole number or None, got 1.5"),
+        ("temperature", None, "temperature must be a number, got None"),
+        ("ignore_eos", "no", "ignore_eos must be true or false, got 'no'"),
+        ("stop_token_ids", [-1], "stop_token_ids must be a list of token ids"),
     ],
 )
 def test_sampling_values_out_of_range_are_refused(name, value, message):

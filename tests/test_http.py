@@ -261,6 +261,8 @@ def too_long() -> str:
         ("post", "/v1/contexts/c/settings", {"auto_activte": True}, 400),
         ("post", "/v1/contexts/c/settings", {"output_tokens": 0}, 400),
         ("post", "/v1/chunks/0000aaaa/split", {"at": True}, 400),
+        ("post", "/v1/chat/completions", {"messages": ASKED, "max_tokens": True}, 400),
+        ("post", "/v1/chat/completions", {"messages": ASKED, "seed": True}, 400),
         ("get", "/v1/no-such-route", None, 404),
         ("put", "/v1/chunks", None, 405),
     ],
