@@ -20,9 +20,16 @@ def data_dir() -> Path:
     return Path(home).expanduser() if home else Path.home() / ".local" / "share" / "kvchunks"
 
 
+def checked_path(path: object) -> Path:
+    """A file path given as a str or a Path, with ~ expanded."""
+    if not isinstance(path, str | Path):
+        raise InvalidInput(f"a file path is a str or a Path, got {type(path).__name__}")
+    return Path(path).expanduser()
+
+
 def read_text_file(path: str | Path) -> str:
     """A file's text, refusing what is missing, empty, binary or not UTF-8."""
-    file = Path(path).expanduser()
+    file = checked_path(path)
     if file.is_dir():  # which of its files, and how deep, is for the user to say
         raise InvalidInput(f"{file} is a directory; give its text files, as in {file}/*.txt")
     if not file.is_file():

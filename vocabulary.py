@@ -143,6 +143,20 @@ def is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_flag(name: str, value: object) -> bool:
+    """A yes-or-no argument is True or False: a string such as "no" would read as yes."""
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_callback(name: str, value: object) -> None:
+    """A callback is a function or None: anything else would fail at its first call, in the
+    middle of the work."""
+    if value is not None and not callable(value):
+        raise InvalidInput(f"{name} must be a function or None, got {type(value).__name__}")
+
+
 def is_number(value: object) -> bool:
     """An int or a float: True and False are not numbers."""
     return isinstance(value, int | float) and not isinstance(value, bool)

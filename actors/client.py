@@ -38,7 +38,7 @@ from kvchunks.engine import SamplingParams
 from kvchunks.service.context_manager import ContextManager
 from kvchunks.service.generation import GenerationResult
 from kvchunks.service.output_tracking import OutputTracker, OutputTracking
-from kvchunks.vocabulary import check_name
+from kvchunks.vocabulary import check_callback, check_name
 
 __all__ = ["Client", "ServiceUnavailable", "WorkerDied", "connect"]
 
@@ -173,6 +173,7 @@ class Client(OutputTracking):
         return self._answer("chat", kwargs, on_text)
 
     def _answer(self, method: str, kwargs: dict, on_text) -> GenerationResult:
+        check_callback("on_text", on_text)  # called here, as the text comes back
         self._worker = name = self._router.pick(self.context_name)
         handle = self._service.workers[name]
         get(handle.ready.remote(), f"{name} ready")  # waits while a crashed worker restarts

@@ -4,7 +4,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from kvchunks.common import InvalidInput
-from kvchunks.vocabulary import is_count, is_number
+from kvchunks.vocabulary import check_flag, is_count, is_number
 
 NUMBERS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
@@ -66,8 +66,7 @@ class SamplingParams:
                 raise InvalidInput(f"{name} must be a whole number, got {getattr(self, name)!r}")
         if self.seed is not None and not is_count(self.seed):
             raise InvalidInput(f"seed must be a whole number or None, got {self.seed!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise InvalidInput(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        check_flag("ignore_eos", self.ignore_eos)
         ids = self.stop_token_ids
         if not isinstance(ids, list) or not all(is_count(t) and t >= 0 for t in ids):
             raise InvalidInput("stop_token_ids must be a list of token ids")

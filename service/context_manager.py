@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 from kvchunks.common import ContextWindowExceeded, InvalidInput, OnProgress, read_text_file
@@ -16,14 +15,19 @@ from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.chunks import check_metadata
 from kvchunks.service.context_settings import call_mode
 from kvchunks.service.conversation import checked_messages, message_chunks, message_tokens
-from kvchunks.service.generation import GenerationResult, Request
+from kvchunks.service.generation import Call, GenerationResult, Request
 from kvchunks.service.output_tracking import OutputTracker, OutputTracking
 from kvchunks.service.pieces import spans_of
 from kvchunks.service.text_parts import split_text
 from kvchunks.store.chunk import ChunkInfo
-from kvchunks.vocabulary import TIERS, checked_refs, checked_tags, is_count
-
-# Told the tokens done and the total of a long operation, as the work goes on.
+from kvchunks.vocabulary import (
+    TIERS,
+    check_callback,
+    check_flag,
+    checked_refs,
+    checked_tags,
+    is_count,
+)
 
 
 class ContextManager(OutputTracking, Catalog):
@@ -107,6 +111,7 @@ class ContextManager(OutputTracking, Catalog):
         if split_tokens is not None and not (is_count(split_tokens) and split_tokens > 0):
             raise InvalidInput("split_tokens must be a positive number of tokens")
         tags = checked_tags(tags)
+        check_callback("on_progress", on_progress)
         parts = [text] if split_tokens is None else self._split(text, split_tokens)
         framed = [self._framed(part, role) for part in parts]
         too_long = "load it in parts of at most N tokens with --split N (split_tokens=N)"
@@ -167,7 +172,7 @@ class ContextManager(OutputTracking, Catalog):
         """delete_chunk of several chunks, all or none: each is found, and none is read by a
         view left standing, before any is deleted. Returns hashes."""
         chunks = [self.registry.find(ref) for ref in checked_refs(refs)]
-        return self.store.maker.delete(chunks, cascade)
+        return self.store.maker.delete(chunks, check_flag("cascade", cascade))
 
     def compose_chunks(self, refs: list[str], tags: list[str] | None = None) -> ChunkInfo:
         """One chunk that reads the given chunks' KV in order (a view: nothing is copied)."""
@@ -215,6 +220,7 @@ class ContextManager(OutputTracking, Catalog):
             raise InvalidInput(f"no tier {tier!r}: choose one of {', '.join(TIERS)}")
         if not checked_refs(refs):
             raise InvalidInput("move needs at least one chunk")
+        check_callback("on_progress", on_progress)
         chunks = [self.registry.find(ref, self.context_name) for ref in refs]
         self.store.move(chunks, tier, on_progress)
         return [self.store.views.describe(chunk) for chunk in chunks]  # once all have moved
@@ -244,11 +250,11 @@ class ContextManager(OutputTracking, Catalog):
             raise InvalidInput("empty prompt")
         settings = self.settings
         mode, recompute = call_mode(settings, mode, recompute)
+        call = Call(settings, mode, recompute, params, on_text)
         active = self.registry.get_many(self.registry.active(self.context_name))
         self.store.model.check_dtype(active)
         prompt_tokens = self.store.model.chat.prompt(prompt)
-        self._check_fits(_tokens(active) + len(prompt_tokens) + self._answer_room(params))
-        call = _Call(settings, mode, recompute, params, on_text)
+        self._check_fits(_tokens(active) + len(prompt_tokens) + self._answer_room(call))
         result = self._answer(prompt, prompt_tokens, active, call)
         self._auto_activate(settings, [result.prompt_chunk, *result.output_chunks])
         return self._finished(result)
@@ -272,16 +278,16 @@ class ContextManager(OutputTracking, Catalog):
         chunks (for clients that send only the new message, as the web page does)."""
         turns = checked_messages(messages)
         before = self.registry.get_many(self.registry.active(self.context_name))
-        before += [self.registry.find(ref) for ref in chunks or []]
+        before += [self.registry.find(ref) for ref in checked_refs(chunks or [])]
         settings = self.settings
         mode, recompute = call_mode(settings, mode, recompute)
+        call = Call(settings, mode, recompute, params, on_text, store)
         chat = self.store.model.chat
         tokens = message_tokens(chat, turns)
         prompt_tokens = chat.prompt(turns[-1].content)
         framed = sum(map(len, tokens)) + len(prompt_tokens)
-        self._check_fits(_tokens(before) + framed + self._answer_room(params))
+        self._check_fits(_tokens(before) + framed + self._answer_room(call))
         self.store.model.check_dtype(before)
-        call = _Call(settings, mode, recompute, params, on_text, store)
         made: list[ChunkInfo] = []  # the messages' chunks this call computes
         result = None
         try:
@@ -310,7 +316,7 @@ class ContextManager(OutputTracking, Catalog):
                 self.activate_chunk(chunk.hash)
 
     def _answer(
-        self, prompt: str, prompt_tokens: list[int], active: list[ChunkInfo], call: _Call
+        self, prompt: str, prompt_tokens: list[int], active: list[ChunkInfo], call: Call
     ) -> GenerationResult:
         """The answer to a prompt whose tokens, with `active` and the answer's room, were
         checked to fit the window and to be of the model's dtype."""
@@ -319,7 +325,7 @@ class ContextManager(OutputTracking, Catalog):
             prompt,
             prompt_tokens,
             active,
-            _params(call.params),
+            call.sampling,
             call.mode,
             call.recompute,
             call.settings["output_tokens"] if call.store else "manual",
@@ -353,10 +359,10 @@ class ContextManager(OutputTracking, Catalog):
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _answer_room(self, params: SamplingParams | None) -> int:
+    def _answer_room(self, call: Call) -> int:
         """Tokens an answer may take: max_tokens, then the tokens that close it the way the
         chat template closes a turn (stored with it, and active with it under auto-activate)."""
-        return _params(params).max_tokens + len(self.store.model.chat.turn_end)
+        return call.sampling.max_tokens + len(self.store.model.chat.turn_end)
 
     def _check_fits(
         self, tokens: int, remedy: str = "deactivate chunks or lower max_tokens"
@@ -369,26 +375,8 @@ class ContextManager(OutputTracking, Catalog):
             )
 
 
-@dataclass
-class _Call:
-    """One generate or chat call's choices: the context's settings as read once at its
-    start, the mode and recompute fraction they give, and the caller's arguments."""
-
-    settings: dict
-    mode: str
-    recompute: float | None
-    params: SamplingParams | None
-    on_text: Callable[[str], None] | None
-    store: bool = True
-
-
 def _tokens(chunks: list[ChunkInfo]) -> int:
     return sum(c.token_count for c in chunks)
-
-
-def _params(params: SamplingParams | None) -> SamplingParams:
-    """The sampling of a call: as given, else greedy answers of up to 256 tokens."""
-    return params or SamplingParams(temperature=0, max_tokens=256)
 
 
 def _by_layer(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from kvchunks.common import InvalidInput
 from kvchunks.store.chunk import ChunkInfo
-from kvchunks.vocabulary import DEFAULT_MODE, check_mode, check_recompute, is_count
+from kvchunks.vocabulary import DEFAULT_MODE, check_flag, check_mode, check_recompute, is_count
 
 DEFAULT_SETTINGS = {
     "mode": DEFAULT_MODE,  # how chunks computed apart are combined (vocabulary.MODES)
@@ -29,8 +29,7 @@ def checked_settings(settings: dict, current_mode: str) -> dict:
         settings.setdefault("recompute", None)
     if "recompute" in settings:
         check_recompute(settings.get("mode", current_mode), settings["recompute"])
-    if not isinstance(settings.get("auto_activate", False), bool):
-        raise InvalidInput("auto_activate is true or false")
+    check_flag("auto_activate", settings.get("auto_activate", False))
     tokens = settings.get("output_tokens")
     counted = is_count(tokens) and tokens > 0
     if tokens is not None and tokens != "manual" and not counted:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvchunks.common import InvalidInput
 from kvchunks.engine import LLM, SamplingParams
 from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.engine.sequence import Sequence
@@ -16,7 +17,7 @@ from kvchunks.engine.stop_strings import held_back
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.compose import AttentionContext
 from kvchunks.store.chunk import ChunkInfo
-from kvchunks.vocabulary import DEFAULT_MODE, recompute_fraction
+from kvchunks.vocabulary import DEFAULT_MODE, check_callback, check_flag, recompute_fraction
 
 
 @dataclass
@@ -68,6 +69,31 @@ class Request:
     recompute: float | None
     output_tokens: int | str | None  # chunk size of the answer; "manual": not stored
     keep_manual: bool  # an output tracker wants the answer even when output_tokens="manual"
+
+
+@dataclass
+class Call:
+    """One generate or chat call's choices: the context's settings as read once at its
+    start, the mode and recompute fraction they give, and the caller's arguments, checked
+    before any work."""
+
+    settings: dict
+    mode: str
+    recompute: float | None
+    params: SamplingParams | None
+    on_text: Callable[[str], None] | None
+    store: bool = True
+
+    def __post_init__(self) -> None:
+        if self.params is not None and not isinstance(self.params, SamplingParams):
+            raise InvalidInput(f"params must be SamplingParams, got {type(self.params).__name__}")
+        check_callback("on_text", self.on_text)
+        check_flag("store", self.store)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """The sampling asked for, else greedy answers of up to 256 tokens."""
+        return self.params or SamplingParams(temperature=0, max_tokens=256)
 
 
 def generate(

@@ -332,6 +332,8 @@ class ChunkRegistry:
         else:
             hashes = _strs(self._redis.smembers(self._key("tag", check_tag(tag))))
         chunks = self.get_present(hashes, context)
+        if pattern is not None and not isinstance(pattern, str):
+            raise InvalidInput(f"a pattern is text, got {type(pattern).__name__}")
         if pattern:
             chunks = [c for c in chunks if _matches(c, pattern)]
         return sorted(chunks, key=lambda c: (c.created_at, c.hash))

@@ -117,7 +117,7 @@ def test_default_decoding_never_computes_penalties(monkeypatch):
         ("top_k", "5", "top_k must be a whole number, got '5'"),
         ("seed", 1.5, "seed must be a whole number or None, got 1.5"),
         ("temperature", None, "temperature must be a number, got None"),
-        ("ignore_eos", "no", "ignore_eos must be true or false, got 'no'"),
+        ("ignore_eos", "no", "ignore_eos must be True or False, got 'no'"),
         ("stop_token_ids", [-1], "stop_token_ids must be a list of token ids"),
     ],
 )

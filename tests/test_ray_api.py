@@ -89,12 +89,14 @@ def scenario(cm, put) -> dict:
         error_of(lambda: cm.add_chunk("   ")),
         error_of(lambda: cm.delete_chunk(a.hash)),
         error_of(lambda: cm.split_chunk(b.hash, 0)),
+        error_of(lambda: cm.generate("Who?", GREEDY, on_text="print")),
     ]
     assert [e[0] for e in out["errors"]] == [
         ChunkNotFound.__name__,
         AmbiguousHash.__name__,
         InvalidInput.__name__,
         ChunkInUse.__name__,
+        InvalidInput.__name__,
         InvalidInput.__name__,
     ]
     out["deleted"] = [
