@@ -7,6 +7,8 @@ finds and converts that file: installing the package and drawing progress are it
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from collections.abc import Callable
@@ -118,9 +120,12 @@ def _convert(gguf: Path, target: Path, progress: ProgressHook) -> None:
     shutil.rmtree(partial, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     progress("de-quantizing weights to float32", 1, 3)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
+    # transformers draws its own bar for this step (tqdm, with no switch to turn it off),
+    # under the caller's: it is sent nowhere. Errors still raise.
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
     progress(f"writing safetensors to {target}", 2, 3)
     # Dequantized weights are plain float32: drop the GGUF marker so they save normally.
     del model.config.quantization_config
