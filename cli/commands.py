@@ -202,7 +202,8 @@ def compose(state: State, refs: tuple[str, ...], tags: tuple[str, ...], as_json:
     show(state, as_json, view.to_json(), line)
 
 
-@click.command()
+# A negative AT is a value to refuse with the split's own message, not an unknown option.
+@click.command(context_settings={"ignore_unknown_options": True})
 @hash_argument
 @click.argument("at", type=int)
 @json_option
@@ -250,7 +251,9 @@ def populate(state: State, ref: str) -> None:
 
 
 @click.command()
-@click.argument("refs", nargs=-1, required=True, metavar="HASH...")
+# Not required by click: it would take `move 3fa2` for a tier without hashes and say the
+# hashes are missing. The tier is checked first; the API refuses a move of no chunk.
+@click.argument("refs", nargs=-1, metavar="HASH...")
 @click.argument("tier", type=click.Choice(TIERS), metavar="TIER")
 @pass_state
 def move(state: State, refs: tuple[str, ...], tier: str) -> None:

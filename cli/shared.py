@@ -76,7 +76,8 @@ def usage_message(e: click.UsageError) -> str:
         if isinstance(command, click.Group):
             return f"a command is missing: {', '.join(command.list_commands(e.ctx))}{hint}"
         return f"arguments are missing{hint}"
-    return e.format_message() + hint
+    # Some of click's messages span lines (a missing choice lists one choice per line).
+    return " ".join(e.format_message().split()) + hint
 
 
 def sampling_options(f: Callable) -> Callable:

@@ -251,6 +251,8 @@ def test_bad_inputs_give_one_line_exit_1_and_change_nothing(state, tmp_path):
         ("move", small["hash"], "ffff0000", "disk"): "no chunk has hash",  # all or none
         ("delete", small["hash"]): "is used by view(s)",
         ("split", small["hash"], "0"): "split point must be between 1 and",
+        ("split", small["hash"], "-1"): "split point must be between 1 and",
+        ("move", "disk"): "move needs at least one chunk",
         ("compose", small["hash"]): "compose needs at least two chunks",
         ("tag", small["hash"], "two words"): "invalid tag",
         ("export", small["hash"], str(existing)): "exists; overwrite it with force=True (--force)",

@@ -119,6 +119,22 @@ def test_usage_errors_are_one_line_with_status_2(args, tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["move", "abcd"], "Invalid value for 'TIER': 'abcd' is not one of"),
+        (["move"], "Missing argument 'TIER'. Choose from: gpu, cpu, disk (see"),
+    ],
+    ids=" ".join,
+)
+def test_a_move_without_its_tier_says_so(args, says, tmp_path):
+    """The tier comes last: one hash alone is a tier missing, not hashes missing."""
+    result = invoke(args, tmp_path)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and says in lines[0], result.stderr
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (["chat", "--presence-penalty", "5"], "presence_penalty must be between -2 and 2"),
