@@ -334,8 +334,7 @@ def _next(command: click.Command, before: list[str]) -> list[click.Parameter]:
     arguments = [p for p in command.params if isinstance(p, click.Argument)]
     for i, param in enumerate(arguments):
         if param.nargs == -1:
-            has_one = count >= 1 or not param.required
-            return [param, *arguments[i + 1 : i + 2]] if has_one else [param]
+            return [param, *arguments[i + 1 : i + 2]] if count >= 1 else [param]
         if count < param.nargs:
             return [param]
         count -= param.nargs
