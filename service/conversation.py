@@ -16,7 +16,14 @@ from kvchunks.engine.chat import ChatFormat
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.store.chunk import ChunkInfo
 
-ROLES = ("system", "user", "assistant")
+# A message's role -> the role of its chunk. "developer" is OpenAI's newer name for the
+# system message, which its clients send for newer models.
+MESSAGE_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+}
 
 
 @dataclass
@@ -32,13 +39,13 @@ def checked_messages(messages: list) -> list[Message]:
     out = []
     for i, m in enumerate(messages):
         role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
-        if role not in ROLES:
-            raise InvalidInput(f"messages[{i}].role must be one of {', '.join(ROLES)}")
+        if role not in MESSAGE_ROLES:
+            raise InvalidInput(f"messages[{i}].role must be one of {', '.join(MESSAGE_ROLES)}")
         if isinstance(content, list):  # OpenAI content parts: text ones only
             content = _joined_text_parts(content, i)
         if not isinstance(content, str) or not content.strip():
             raise InvalidInput(f"messages[{i}].content must be non-empty text")
-        out.append(Message(role, content))
+        out.append(Message(MESSAGE_ROLES[role], content))
     if out[-1].role != "user":
         raise InvalidInput("the last message must be the user's (the prompt)")
     return out

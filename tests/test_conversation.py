@@ -74,6 +74,16 @@ def test_request_chunks_and_messages_without_storing(make_cm):
     assert len({c.hash for c in cm.list_chunks()} - before) == 3  # system, prompt, answer
 
 
+def test_a_developer_message_is_a_system_message(make_cm):
+    """OpenAI's newer name for the system message: the same chunk, the same answer."""
+    cm = make_cm("chat-developer")
+    asked = [{"role": "system", "content": DOC}, user("When does the ferry leave?")]
+    system = cm.chat(asked, GREEDY)
+    developer = cm.chat([{"role": "developer", "content": DOC}, asked[1]], GREEDY)
+    assert developer.prompt_chunk.parent_chunks == system.prompt_chunk.parent_chunks
+    assert developer.text == system.text and developer.prompt_reused
+
+
 @pytest.mark.parametrize(
     ("messages", "error"),
     [
