@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -90,6 +91,9 @@ def chat(tmp_path_factory, model_path):
         dimensions=(50, 200),
         encoding="utf-8",
         timeout=TIMEOUT,
+        # Started as from a terminal: a suite run as a background job of a script ignores
+        # SIGINT, the chat would inherit that, and then no Ctrl-C reaches it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     child.expect_exact(PASTE_ON)
     assert "kvchunks chat · SmolLM2-135M-Instruct · context 'default'" in clean(child.before)
