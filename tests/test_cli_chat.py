@@ -134,8 +134,8 @@ def test_ctrl_c_stops_an_answer_and_keeps_it(chat):
     chat.child.expect_exact(PASTE_ON)
     out = clean(chat.child.before)
     chat.child.expect_exact(PROMPT)
-    # Printed, so that a failure shows it whole (pytest cuts a long assertion short): the
-    # chat's stderr is in it, where an interrupt that a finalizer swallowed would be told.
+    # Printed, so that a failure shows it whole, the chat's stderr included: pytest cuts a
+    # long assertion message short.
     print(out)
     assert "interrupted; partial answer kept" in out
     kept = re.search(r"output ([0-9a-f]{12}) · (\d+) tokens", out)
