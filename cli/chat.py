@@ -305,7 +305,8 @@ class SlashCompleter(Completer):
             return
         for c in chunks:
             if c.hash.startswith(word.lower()):
-                meta = f"{c.kind} · {c.token_count} tok · {render.preview(c.text, 40)}"
+                what = f"{render.type_label(c)} · {c.token_count} tok"
+                meta = f"{what} · {render.preview(c.text, 40)}"
                 yield Completion(render.short(c.hash), -len(word), display_meta=meta)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 from rich.text import Text
 
-from kvchunks.cli.render import chunks_table, short
+from kvchunks.cli.render import chunks_table, short, type_label
 from kvchunks.cli.state import State, pass_state
 
 DOCUMENT = """\
@@ -57,7 +57,7 @@ def demo(state: State, max_tokens: int) -> None:
     out.print(chunks_table([cm.get_chunk(c.hash) for c in made], "chunks of this run"))
     for c in made[1:]:
         parents = " + ".join(short(p) for p in c.parent_chunks)
-        out.print(f"  {short(c.hash)} ({c.kind}) was computed after {parents}")
+        out.print(f"  {short(c.hash)} ({type_label(c)}) was computed after {parents}")
     named = "" if state.context == "default" else f"--context {state.context} "
     chat = f"kvchunks {named}chat"
     out.print(f"Continue with: {chat}   (the document stays active in context '{state.context}')")

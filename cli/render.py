@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
+from kvchunks.service.provenance import node_type
 from kvchunks.vocabulary import TIERS, recompute_fraction
 
 if TYPE_CHECKING:
@@ -27,12 +28,19 @@ def preview(text: str, width: int = 60) -> str:
 
 
 def describe(chunk: ChunkInfo) -> str:
-    """One line naming a chunk: short hash, token count and where it came from."""
-    return f"{short(chunk.hash)} ({chunk.token_count} tokens, {kind_label(chunk)})"
+    """One line naming a chunk: short hash, token count and what it is."""
+    return f"{short(chunk.hash)} ({chunk.token_count} tokens, {type_label(chunk)})"
 
 
 def kind_label(chunk: ChunkInfo) -> str:
     return f"{chunk.kind}, interrupted" if chunk.metadata.get("interrupted") else chunk.kind
+
+
+def type_label(chunk: ChunkInfo) -> str:
+    """What the chunk is in a conversation (document, prompt, answer, composed, split), as
+    `tree` and the web page name it."""
+    kind = node_type(chunk)
+    return f"{kind}, interrupted" if chunk.metadata.get("interrupted") else kind
 
 
 def add_row(table: Table, *cells: str) -> None:
@@ -68,14 +76,15 @@ def context_table(view: ContextView) -> Table:
 
 
 def _chunk_columns(mark: str, title: str | None) -> Table:
+    """One column for what a chunk is (its type, not its kind and role) and tags that may
+    wrap: in an 80-column terminal the text keeps a readable width."""
     table = Table(title=title, title_justify="left", caption_justify="left", expand=True)
     table.add_column(mark, justify="right", no_wrap=True)
     table.add_column("hash", no_wrap=True)
-    table.add_column("kind", no_wrap=True)
-    table.add_column("role", no_wrap=True)
+    table.add_column("type", no_wrap=True)
     table.add_column("tokens", justify="right", no_wrap=True)
     table.add_column("tier", no_wrap=True)
-    table.add_column("tags", no_wrap=True)
+    table.add_column("tags")
     table.add_column("text", overflow="ellipsis", no_wrap=True, ratio=1)
     return table
 
@@ -85,8 +94,7 @@ def _add_chunk_row(table: Table, c: ChunkInfo, mark: str) -> None:
         table,
         mark,
         short(c.hash),
-        kind_label(c),
-        c.role,
+        type_label(c),
         str(c.token_count),
         c.tier,
         ", ".join(c.tags),

@@ -142,7 +142,7 @@ def test_ctrl_c_stops_an_answer_and_keeps_it(chat):
     assert kept and int(kept.group(2)) > 0, out
     chat.hashes["partial"] = kept.group(1)
     out = chat.run("/output list")
-    assert re.search(rf"{kept.group(1)} +│ output, interrupted", out)
+    assert re.search(rf"{kept.group(1)} +│ answer, interrupted", out)
     assert chat.hashes["answer"] in out
     assert chat.run("/help quit").startswith("Usage: /quit")  # still chatting
     chat.run("/set --max-tokens 48")

@@ -208,7 +208,7 @@ def test_load_stops_at_a_file_too_long_and_names_what_it_kept(state, tmp_path):
     line = refused.stderr.strip()
     assert "\n" not in line and "exceed the context window" in line
     assert line.endswith(
-        f"loaded before it: {kept['hash'][:12]} ({kept['token_count']} tokens, input)"
+        f"loaded before it: {kept['hash'][:12]} ({kept['token_count']} tokens, document)"
     )
     kvchunks(state, "delete", kept["hash"])
     assert snapshot(state) == before

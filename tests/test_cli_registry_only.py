@@ -74,6 +74,16 @@ def test_list_info_tree_and_help(stored):
     assert "list" in kvchunks(stored, "--help")
 
 
+def test_a_listing_80_columns_wide_shows_what_each_chunk_is_and_its_text(stored):
+    hashes = stored[2]
+    listed = kvchunks(stored, "list", env={"COLUMNS": "80"}).splitlines()
+    rows = {h: next(line for line in listed if h[:12] in line) for h in hashes.values()}
+    assert all(len(line) == 80 for line in rows.values()), rows
+    doc, question = rows[hashes["doc"]], rows[hashes["question"]]
+    assert "document" in doc and "the vault's code" in doc, doc
+    assert "prompt" in question and "what is the code" in question, question
+
+
 def test_tag_activate_deactivate_context(stored):
     hashes = stored[2]
     assert "tags: later" in kvchunks(stored, "tag", hashes["note"], "later")

@@ -323,9 +323,11 @@ def test_completion_offers_what_each_word_may_be(state, chunks):
     the argument after it (move's TIER)."""
     completer = SlashCompleter(Chat(state))
 
+    def completions(text: str) -> list:
+        return list(completer.get_completions(Document(text, len(text)), CompleteEvent()))
+
     def offered(text: str) -> list[str]:
-        found = completer.get_completions(Document(text, len(text)), CompleteEvent())
-        return [c.text for c in found]
+        return [c.text for c in completions(text)]
 
     first = chunks["follow2"][:8]
     assert offered(f"/move {first} d") == ["disk"]
@@ -333,3 +335,5 @@ def test_completion_offers_what_each_word_may_be(state, chunks):
     assert offered("/move ") and not {"gpu", "cpu", "disk"} & set(offered("/move "))
     assert offered("/load --role ") == list(ROLES)
     assert offered("/tree --format d") == ["dot"]
+    [answer] = completions(f"/info {chunks['answer2a'][:8]}")  # what the hash is, beside it
+    assert answer.display_meta_text.startswith("answer · ")
