@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
-from kvchunks.service.provenance import node_type
+from kvchunks import TreeNode
 from kvchunks.vocabulary import TIERS, recompute_fraction
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def kind_label(chunk: ChunkInfo) -> str:
 def type_label(chunk: ChunkInfo) -> str:
     """What the chunk is in a conversation (document, prompt, answer, composed, split), as
     `tree` and the web page name it."""
-    kind = node_type(chunk)
+    kind = TreeNode(chunk).type
     return f"{kind}, interrupted" if chunk.metadata.get("interrupted") else kind
 
 
