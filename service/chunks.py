@@ -193,11 +193,12 @@ class ChunkMaker:
         return deleted
 
     def take_back(self, chunks: list[ChunkInfo]) -> None:
-        """Delete chunks a call made, one by one in the order given: one that someone else
-        deleted, or made a view over, meanwhile is no longer the call's alone, and stays."""
+        """Delete chunks a call made, one by one in the order given (newest first): one that
+        meanwhile someone else deleted, computed a chunk or a view after, or activated, is no
+        longer the call's alone, and stays."""
         for chunk in chunks:
             with contextlib.suppress(ChunkNotFound, ChunkInUse):
-                self.delete([chunk])
+                self._delete_one(chunk, unless_used=True)
 
     def _views(self, chunk: ChunkInfo) -> list[ChunkInfo]:
         children = self.registry.get_many(self.registry.children(chunk.hash))
@@ -208,9 +209,9 @@ class ChunkMaker:
         self._delete_one(chunk)
         return [*deleted, chunk.hash]
 
-    def _delete_one(self, chunk: ChunkInfo) -> None:
+    def _delete_one(self, chunk: ChunkInfo, unless_used: bool = False) -> None:
         self.tiers.records.flush()  # none may land on a chunk made again with this hash
-        self.registry.delete(chunk.hash)
+        self.registry.delete(chunk.hash, unless_used=unless_used)
         if chunk.layout == "view":
             for source in chunk.parent_chunks:
                 if self.registry.exists(source):

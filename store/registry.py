@@ -249,9 +249,12 @@ class ChunkRegistry:
         return self._modify(chunk_hash, change).ref_count
 
     @_redis_errors
-    def delete(self, chunk_hash: str, force: bool = False) -> None:
+    def delete(self, chunk_hash: str, force: bool = False, unless_used: bool = False) -> None:
         """Remove the chunk, its index entries, its provenance edges, and its place in every
-        context. A chunk still referenced (ref_count > 0) raises ChunkInUse unless `force`."""
+        context. A chunk still referenced (ref_count > 0) raises ChunkInUse unless `force`.
+        With `unless_used`, so does a chunk that another chunk was computed after, or that a
+        context has active: checked in the same transaction as the delete, so none can become
+        so in between."""
         key, hashes = self._chunk_key(chunk_hash), self._key("hashes")
         parents_key = self._key("parents", chunk_hash)
         children_key = self._key("children", chunk_hash)
@@ -266,6 +269,8 @@ class ChunkRegistry:
                 )
             children = _strs(pipe.smembers(children_key))
             contexts = _strs(pipe.smembers(contexts_key))
+            if unless_used:
+                self._check_unused(pipe, chunk_hash, children, contexts)
             pipe.multi()
             # Its children set stays: they still name it, and get their edges back if it is
             # stored again (see put).
@@ -283,6 +288,27 @@ class ChunkRegistry:
                 pipe.lrem(self._active_key(name), 0, chunk_hash)
 
         self._redis.transaction(remove, key, hashes, parents_key, children_key, contexts_key)
+
+    def _check_unused(
+        self, pipe: redis.client.Pipeline, chunk_hash: str, children: list[str], contexts: list[str]
+    ) -> None:
+        """Raise ChunkInUse if a chunk was computed after this one or a context has it active.
+        The active lists are watched too: an activation before the delete commits retries it."""
+        active_keys = [self._active_key(name) for name in contexts]
+        if active_keys:
+            pipe.watch(*active_keys)
+        active_in = [
+            n
+            for n, k in zip(contexts, active_keys, strict=True)
+            if chunk_hash in _strs(pipe.lrange(k, 0, -1))
+        ]
+        if children or active_in:
+            used = (
+                f"{len(children)} chunk(s) computed after it"
+                if children
+                else f"active in {', '.join(active_in)}"
+            )
+            raise ChunkInUse(f"chunk {chunk_hash[:12]} is in use: {used}")
 
     @_redis_errors
     def resolve(self, ref: str) -> str:

@@ -74,6 +74,27 @@ def test_request_chunks_and_messages_without_storing(make_cm):
     assert len({c.hash for c in cm.list_chunks()} - before) == 3  # system, prompt, answer
 
 
+def test_without_storing_a_chunk_another_request_took_up_meanwhile_stays(make_cm):
+    """store=False takes back what the call made, but not a chunk that, while the answer was
+    being generated, another request activated (or computed a chunk after): it is no longer
+    the call's alone."""
+    cm = make_cm("chat-shared")
+    other = cm.with_context("chat-shared-other")
+    before = {c.hash for c in cm.list_chunks()}
+    system = {"role": "system", "content": "Answer in one short sentence, please."}
+    taken_up = []
+
+    def meanwhile(_text: str) -> None:
+        if not taken_up:  # the messages are stored by now; the answer is being generated
+            [made] = [c for c in other.list_chunks() if c.hash not in before and c.role == "system"]
+            taken_up.append(other.activate_chunk(made.hash).hash)
+
+    answer = cm.chat([system, user("Where is Vaxholm?")], GREEDY, on_text=meanwhile, store=False)
+    assert answer.text and taken_up
+    assert {c.hash for c in cm.list_chunks()} - before == set(taken_up)  # the prompt went
+    assert [c.hash for c in other.context().chunks] == taken_up
+
+
 def test_a_developer_message_is_a_system_message(make_cm):
     """OpenAI's newer name for the system message: the same chunk, the same answer."""
     cm = make_cm("chat-developer")

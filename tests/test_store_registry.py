@@ -226,6 +226,48 @@ def test_referenced_chunk_is_not_deleted(reg):
     assert not reg.exists(source.hash)
 
 
+def test_a_delete_unless_used_keeps_a_chunk_computed_after_or_active(reg):
+    """What a call with store=False takes back: not a chunk that meanwhile became another
+    chunk's parent or was activated."""
+    first, lone = make_chunk([11]), make_chunk([13])
+    after = make_chunk([12], (first,))
+    for chunk in (first, after, lone):
+        reg.put(chunk)
+    reg.activate("busy", lone.hash)
+    with pytest.raises(ChunkInUse, match="1 chunk"):
+        reg.delete(first.hash, unless_used=True)
+    with pytest.raises(ChunkInUse, match="active in busy"):
+        reg.delete(lone.hash, unless_used=True)
+    assert all(reg.exists(c.hash) for c in (first, after, lone))
+    reg.delete(after.hash, unless_used=True)
+    reg.delete(first.hash, unless_used=True)  # nothing computed after it is left
+    reg.deactivate("busy", lone.hash)
+    reg.delete(lone.hash, unless_used=True)
+    assert not any(reg.exists(c.hash) for c in (first, after, lone))
+
+
+def test_an_activation_between_the_check_and_the_delete_keeps_the_chunk(reg, redis_client):
+    """The context's active list is watched with the check: an activation that lands after
+    the check retries the delete, which then sees it."""
+    chunk, other = make_chunk([14]), make_chunk([15])
+    reg.put(chunk)
+    reg.put(other)
+    reg.activate("busy", other.hash)  # the context exists: only its active list changes
+    raced = []
+
+    class Racing(ChunkRegistry):
+        def _check_unused(self, pipe, chunk_hash, children, contexts):
+            super()._check_unused(pipe, chunk_hash, children, contexts)
+            if not raced:
+                raced.append(chunk_hash)
+                reg.activate("busy", chunk_hash)  # another client, after the check
+
+    with pytest.raises(ChunkInUse, match="active in busy"):
+        Racing(redis_client, namespace=reg.namespace).delete(chunk.hash, unless_used=True)
+    assert raced == [chunk.hash] and reg.exists(chunk.hash)
+    assert reg.active("busy") == [other.hash, chunk.hash]
+
+
 def test_concurrent_reference_counts_are_not_lost(reg):
     chunk = make_chunk([4])
     reg.put(chunk)
