@@ -171,6 +171,7 @@ class Catalog:
             self._describe(chunks),
             self._window(),
             s["recompute"],
+            s["output_tokens"],
         )
 
     def clear(self) -> None:

@@ -59,6 +59,7 @@ class ContextView:
     chunks: list[ChunkInfo]
     window: int
     recompute: float | None = None
+    output_tokens: int | str | None = None  # answer chunk size, as DEFAULT_SETTINGS says
 
     @property
     def token_count(self) -> int:
@@ -77,6 +78,7 @@ class ContextView:
             "mode": self.mode,
             "recompute": self.recompute,
             "auto_activate": self.auto_activate,
+            "output_tokens": self.output_tokens,
             "window": self.window,
             "token_count": self.token_count,
             "chunks": [c.to_json() for c in self.chunks],

@@ -185,7 +185,12 @@ def test_every_chunk_route(served):
             a["hash"]
         ]
         settings = http.post("/v1/contexts/http-routes/settings", json={"mode": "exact"})
-        assert settings.json()["mode"] == "exact"
+        assert settings.json()["mode"] == "exact" and settings.json()["output_tokens"] is None
+        # Every setting that can be set can be read back.
+        chunked = http.post("/v1/contexts/http-routes/settings", json={"output_tokens": 64})
+        assert chunked.json()["output_tokens"] == 64
+        assert http.get("/v1/contexts/http-routes").json()["output_tokens"] == 64
+        http.post("/v1/contexts/http-routes/settings", json={"output_tokens": None})
         off = http.post("/v1/contexts/http-routes/deactivate", json={"chunk": a["hash"]})
         assert not off.json()["is_active"]
         http.post("/v1/contexts/http-routes/activate", json={"chunk": b["hash"]})
