@@ -33,7 +33,9 @@ def checked_settings(settings: dict, current_mode: str) -> dict:
     tokens = settings.get("output_tokens")
     counted = is_count(tokens) and tokens > 0
     if tokens is not None and tokens != "manual" and not counted:
-        raise InvalidInput("output_tokens is None (per response), a positive int, or 'manual'")
+        raise InvalidInput(
+            "output_tokens must be a positive integer, 'manual', or unset (one chunk per answer)"
+        )
     return settings
 
 

@@ -177,6 +177,12 @@ def test_settings(catalog):
     with pytest.raises(InvalidInput, match="recompute"):
         catalog.configure(recompute=0.5)  # realign only
     assert catalog.settings["recompute"] is None
+    catalog.configure(output_tokens="manual")
+    assert catalog.context().output_tokens == "manual"
+    for wrong in (0, 2.5, "all"):
+        with pytest.raises(InvalidInput, match="output_tokens must be a positive integer"):
+            catalog.configure(output_tokens=wrong)
+    assert catalog.context().to_json()["output_tokens"] == "manual"
 
 
 def test_contexts_are_independent(catalog, chunks, home, tmp_path):
