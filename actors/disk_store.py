@@ -31,7 +31,7 @@ class DiskStore:
         if not path.exists():
             return None
         try:
-            k, v, _, _ = read_kv_file(path, fingerprint, dtype, shape)
+            k, v, _, _ = read_kv_file(path, fingerprint, dtype, shape, expect_hash=chunk_hash)
         except ChunkFileError:
             return None
         return KVPayload.from_tensors(k, v)

@@ -33,7 +33,6 @@ WRITES = (
     "update",
     "add_tag",
     "remove_tag",
-    "add_ref",
     "delete",
     "activate",
     "deactivate",

@@ -13,7 +13,13 @@ from kvchunks.common import CapacityError, ChunkFileError, DtypeMismatch
 from kvchunks.service.kv_sources import KV
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.host_memory import HostMemory
-from kvchunks.store.kv_file import kv_path, read_kv_file, remove_partial_files, write_kv_file
+from kvchunks.store.kv_file import (
+    kv_path,
+    read_kv_file,
+    remove_partial_files,
+    stored_nbytes,
+    write_kv_file,
+)
 
 # (hash, bytes) -> whether a new file of that size fits a budget kept elsewhere (a cluster's,
 # for every worker of a node); it counts the file when it does.
@@ -56,7 +62,9 @@ class ChunkFiles:
         layers, _, heads, dim = self.shape
         shape = (layers, chunk.token_count, heads, dim)
         try:
-            k, v, _, _ = read_kv_file(path, self.fingerprint, self.dtype, shape, self.host.buffer)
+            k, v, _, _ = read_kv_file(
+                path, self.fingerprint, self.dtype, shape, self.host.buffer, expect_hash=chunk.hash
+            )
         except DtypeMismatch as e:  # sound, but another dtype's: recomputing would mix them
             raise DtypeMismatch(f"chunk {chunk.hash[:12]}", e.found, e.expected) from None
         except ChunkFileError:  # a damaged file is never used: the chunk is recomputed instead
@@ -67,7 +75,7 @@ class ChunkFiles:
 
     def write(self, chunk: ChunkInfo, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the chunk's file (replacing a damaged one), within the disk budget."""
-        self._check_budget(chunk.hash, k.nbytes + v.nbytes)
+        self._check_budget(chunk.hash, stored_nbytes(k, v, self.compression))
         record = chunk.to_record()
         write_kv_file(self.path(chunk.hash), k, v, record, self.fingerprint, self.compression)
 

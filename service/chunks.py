@@ -134,8 +134,9 @@ class ChunkMaker:
             return self.register(chunk, [result.segment]), True
 
     def make_view(self, kind: str, spans: list[SourceSpan], **fields) -> ChunkInfo:
-        """A composed or split chunk over other chunks' KV: no copy, sources kept by refcount.
-        A view made before (perhaps by a concurrent call) only takes the tags given now."""
+        """A composed or split chunk over other chunks' KV: no copy, sources kept by refcount
+        (counted by the registry as it stores the view). A view made before (perhaps by a
+        concurrent call) only takes the tags given now."""
         owners = {c.hash: c for c in self.registry.get_many({s.hash for s in spans})}
         tokens = [
             t for s in spans for t in owners[s.hash].token_ids[s.offset : s.offset + s.length]
@@ -160,10 +161,7 @@ class ChunkMaker:
                 **fields,
             )
         )
-        if made:
-            for source in sources:
-                self.registry.add_ref(source, 1)
-        else:
+        if not made:
             for tag in fields.get("tags", []):
                 self.registry.add_tag(address, tag)
         return self.registry.get(address)
@@ -210,13 +208,12 @@ class ChunkMaker:
         return [*deleted, chunk.hash]
 
     def _delete_one(self, chunk: ChunkInfo, unless_used: bool = False) -> None:
-        self.tiers.records.flush()  # none may land on a chunk made again with this hash
-        self.registry.delete(chunk.hash, unless_used=unless_used)
-        if chunk.layout == "view":
-            for source in chunk.parent_chunks:
-                if self.registry.exists(source):
-                    self.registry.add_ref(source, -1)
-            return
+        # Under the lock that making a chunk holds: the same chunk made again between the
+        # record's delete and the KV's would lose its new KV and file.
         with self.lock:
+            self.tiers.records.flush()  # none may land on a chunk made again with this hash
+            self.registry.delete(chunk.hash, unless_used=unless_used)
+            if chunk.layout == "view":  # the registry took back its references
+                return
             self.tiers.forget(chunk.hash)
             self.tiers.files.remove(chunk.hash)

@@ -118,9 +118,17 @@ class Prefetcher:
         with tiers.lock:
             if owner.hash in tiers.kv or self.registry.missing([owner.hash]):
                 return  # there already, or deleted since the transfer started
-            if kv is not None and owner.hash not in tiers.host:
+            # Handed to the pool through host memory; if the pool has no room, it leaves
+            # again: it was never within host memory's budget.
+            staged = kv is not None and owner.hash not in tiers.host
+            if staged:
                 tiers.host.put(owner.hash, *kv)
-            self.composer.owned_kv(owner)
+            try:
+                self.composer.owned_kv(owner)
+            except BaseException:
+                if staged:
+                    tiers.host.pop(owner.hash)
+                raise
             tiers.prefetched.add(owner.hash)
             self.stats["prefetched"] += 1
 

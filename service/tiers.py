@@ -339,6 +339,7 @@ class Tiers:
             return False
         if self._keep_in_host(chunk.hash, kv, nbytes):
             self.records.record(chunk.hash, "cpu")
+            self.lru.touch(chunk.hash)  # asked for now: not the first to go back to disk
         return True
 
     def to_disk(self, chunk_hash: str) -> bool:

@@ -107,8 +107,8 @@ def write_kv_file(
         raise InvalidInput("a model fingerprint is 64 hex digits")
     if compression not in COMPRESSIONS:
         raise InvalidInput(f"unknown compression {compression!r}; use one of {COMPRESSIONS}")
-    stored_dtype = torch.bfloat16 if compression == "bf16" else k.dtype
-    tensors = [t.detach().to("cpu", stored_dtype).contiguous() for t in (k, v)]
+    stored = stored_dtype(k.dtype, compression)
+    tensors = [t.detach().to("cpu", stored).contiguous() for t in (k, v)]
     packed = pack_record(record)
     metadata = {
         "format": FORMAT,
@@ -127,6 +127,16 @@ def write_kv_file(
     return KVHeader(VERSION, fingerprint, dtype, compression, shape, digest, record)
 
 
+def stored_dtype(dtype: torch.dtype, compression: str) -> torch.dtype:
+    """The dtype a file keeps KV of `dtype` in, under `compression`."""
+    return torch.bfloat16 if compression == "bf16" else dtype
+
+
+def stored_nbytes(k: torch.Tensor, v: torch.Tensor, compression: str) -> int:
+    """The bytes k and v take in a file, under `compression` (the header aside)."""
+    return (k.numel() + v.numel()) * stored_dtype(k.dtype, compression).itemsize
+
+
 def read_kv_header(path: Path) -> KVHeader:
     """The file's metadata, checked, without reading the KV bytes."""
     path = Path(path)
@@ -140,10 +150,12 @@ def read_kv_file(
     expect_dtype: str | torch.dtype | None = None,
     expect_shape: tuple[int | None, ...] | None = None,
     buffer: Callable[[int], torch.Tensor] | None = None,
+    expect_hash: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], KVHeader]:
     """Load and verify a chunk's KV: (k, v, record, header), k and v in the header's dtype.
 
     `expect_shape` is (num_layers, T, num_kv_heads, head_dim); None in it matches any size.
+    `expect_hash`: the chunk the file must hold (a sound file of another chunk is refused).
     The file is read into `buffer(file_size)` (a flat uint8 tensor), by default new memory;
     k and v are views of it unless the file's compression is undone.
     """
@@ -153,6 +165,9 @@ def read_kv_file(
         size = os.fstat(f.fileno()).st_size
         header, spans = _parse(f, size, path)
         _check_expected(header, path, expect_fingerprint, expect_dtype, expect_shape)
+        if expect_hash is not None and header.record["hash"] != expect_hash:
+            found = header.record["hash"][:12]
+            raise ChunkFileError(f"chunk file {path} holds chunk {found}, not {expect_hash[:12]}")
         f.seek(0)
         into = buffer(size) if buffer else torch.empty(size, dtype=torch.uint8)
         data = memoryview(into.numpy())  # not zeroed: every byte is read
@@ -165,7 +180,7 @@ def read_kv_file(
     if digest != header.sha256:
         raise ChunkFileError(f"chunk file {path} is corrupted: its KV fails the SHA-256 check")
     # The spans' dtype, shape and bounds are checked: the tensors are views of the buffer.
-    stored = torch.bfloat16 if header.compression == "bf16" else TORCH_DTYPES[header.dtype]
+    stored = stored_dtype(TORCH_DTYPES[header.dtype], header.compression)
     k, v = (
         torch.frombuffer(data, dtype=stored, count=(end - start) // stored.itemsize, offset=start)
         .view(header.shape)
@@ -231,6 +246,8 @@ def _check_tensors(
         )
     if k.dtype not in _DTYPE_NAMES:
         raise InvalidInput(f"KV dtype {k.dtype} is not one of {', '.join(DTYPES)}")
+    if k.numel() == 0:
+        raise InvalidInput(f"no KV to write: shape {tuple(k.shape)}")
     chunk = ChunkRecord.from_record(record)
     if chunk.token_count != k.shape[1]:
         raise InvalidInput(f"record has {chunk.token_count} tokens but the KV has {k.shape[1]}")
@@ -379,6 +396,8 @@ def _parse_meta(meta: dict[str, str], bad: Callable[[str], ChunkFileError]) -> K
     parts = meta["shape"].split(",")
     if len(parts) != 4 or not all(p.isascii() and p.isdigit() and len(p) <= 12 for p in parts):
         raise bad(f"has a malformed shape {meta['shape'][:60]!r}")
+    if 0 in map(int, parts):  # a chunk has at least one token; torch reads no empty span
+        raise bad(f"holds no KV (shape {meta['shape']})")
     try:
         packed = base64.b64decode(meta["record"], validate=True)
     except (binascii.Error, ValueError):
@@ -410,7 +429,7 @@ def _tensor_spans(
     """Check the `k`/`v` entries against the metadata and the file size; their byte spans."""
     if sorted(header) != ["k", "v"]:
         raise bad(f"holds tensors {sorted(header)[:4]}, expected k and v")
-    stored = "BF16" if kv.compression == "bf16" else _STORED[kv.dtype]
+    stored = _STORED[_DTYPE_NAMES[stored_dtype(TORCH_DTYPES[kv.dtype], kv.compression)]]
     count = kv.shape[0] * kv.shape[1] * kv.shape[2] * kv.shape[3]
     spans = []
     for name in ("k", "v"):

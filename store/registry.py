@@ -48,8 +48,9 @@ from kvchunks.vocabulary import TIERS, check_name, check_tag
 
 MIN_PREFIX = 4
 # Fields a chunk may change after it is stored. The rest either define its hash (tokens,
-# position, parents), have their own methods (ref_count: add_ref) or never change
-# (created_at). A view's tier (set_tiers) and activity (contexts) are not in the record.
+# position, parents), change with the views that read the chunk (ref_count: put and delete
+# of a view) or never change (created_at). A view's tier (set_tiers) and activity (contexts)
+# are not in the record.
 UPDATABLE = frozenset(
     [
         "metadata",
@@ -134,7 +135,8 @@ class ChunkRegistry:
     @_redis_errors
     def put(self, chunk: ChunkRecord, tier: str | None = None) -> bool:
         """Store a new chunk with its index entries, provenance edges and, if given, the tier
-        its KV is in, atomically.
+        its KV is in, atomically; a view counts as one more reference of each chunk it reads
+        (ChunkNotFound if one is gone).
 
         Returns False, changing nothing, when the hash is already stored (deduplication).
         """
@@ -155,6 +157,7 @@ class ChunkRegistry:
                 child: self._present(pipe, self._load(pipe, child).parent_chunks, chunk.hash)
                 for child in waiting
             }
+            referenced = self._referenced(pipe, chunk, +1)
             pipe.multi()
             pipe.set(key, data)
             pipe.zadd(hashes, {chunk.hash: 0})
@@ -170,6 +173,8 @@ class ChunkRegistry:
             for child, its_parents in restored.items():
                 pipe.delete(self._key("parents", child))
                 pipe.rpush(self._key("parents", child), *its_parents)
+            for source in referenced:
+                pipe.set(self._chunk_key(source.hash), self._pack(source))
             return True
 
         # Watching the hash index serialises put/delete: a parent cannot vanish mid-put.
@@ -238,20 +243,10 @@ class ChunkRegistry:
         )
 
     @_redis_errors
-    def add_ref(self, chunk_hash: str, delta: int = 1) -> int:
-        """Add `delta` (may be negative) to the chunk's reference count; the new count."""
-
-        def change(chunk: ChunkRecord) -> ChunkRecord:
-            if chunk.ref_count + delta < 0:
-                raise InvalidInput(f"reference count of chunk {chunk.hash[:12]} would go below 0")
-            return dataclasses.replace(chunk, ref_count=chunk.ref_count + delta)
-
-        return self._modify(chunk_hash, change).ref_count
-
-    @_redis_errors
     def delete(self, chunk_hash: str, force: bool = False, unless_used: bool = False) -> None:
-        """Remove the chunk, its index entries, its provenance edges, and its place in every
-        context. A chunk still referenced (ref_count > 0) raises ChunkInUse unless `force`.
+        """Remove the chunk, its index entries, its provenance edges, its place in every
+        context, and a view's references to the chunks it reads. A chunk views still read
+        (ref_count > 0) raises ChunkInUse unless `force`.
         With `unless_used`, so does a chunk that another chunk was computed after, or that a
         context has active: checked in the same transaction as the delete, so none can become
         so in between."""
@@ -271,6 +266,7 @@ class ChunkRegistry:
             contexts = _strs(pipe.smembers(contexts_key))
             if unless_used:
                 self._check_unused(pipe, chunk_hash, children, contexts)
+            referenced = self._referenced(pipe, chunk, -1)
             pipe.multi()
             # Its children set stays: they still name it, and get their edges back if it is
             # stored again (see put).
@@ -286,8 +282,27 @@ class ChunkRegistry:
                 pipe.lrem(self._key("parents", child), 0, chunk_hash)
             for name in contexts:
                 pipe.lrem(self._active_key(name), 0, chunk_hash)
+            for source in referenced:
+                pipe.set(self._chunk_key(source.hash), self._pack(source))
 
         self._redis.transaction(remove, key, hashes, parents_key, children_key, contexts_key)
+
+    def _referenced(
+        self, pipe: redis.client.Pipeline, chunk: ChunkRecord, delta: int
+    ) -> list[ChunkRecord]:
+        """For a view: the chunks it reads, their reference counts changed by `delta`, to be
+        written in the caller's transaction (watched: a tag added meanwhile is not lost). A
+        view being stored needs them all; one being deleted skips those already gone."""
+        if chunk.layout != "view":
+            return []
+        sources = list(dict.fromkeys(chunk.parent_chunks))
+        pipe.watch(*[self._chunk_key(h) for h in sources])
+        if delta < 0:
+            sources = self._present(pipe, sources)
+        return [
+            dataclasses.replace(record, ref_count=max(record.ref_count + delta, 0))
+            for record in (self._load(pipe, h) for h in sources)
+        ]
 
     def _check_unused(
         self, pipe: redis.client.Pipeline, chunk_hash: str, children: list[str], contexts: list[str]

@@ -140,6 +140,27 @@ def test_chunk_files_keep_the_disk_budget(tmp_path):
     assert files.used_bytes() == used and not files.exists(B)
 
 
+def test_a_chunk_files_own_file_only_is_its_kv(tmp_path):
+    """Another chunk's sound file at this chunk's path counts as damaged: never its KV."""
+    stats: Counter[str] = Counter()
+    files = make_files(tmp_path, stats)
+    files.write(chunk(3, A), *kv(3, seed=1))
+    files.write(chunk(3, B), *kv(3, seed=2))
+    files.path(B).write_bytes(files.path(A).read_bytes())
+    assert files.load(chunk(3, B)) is None and stats["bad_files"] == 1
+    assert files.load(chunk(3, A)) is not None
+
+
+def test_the_disk_budget_counts_the_bytes_a_compressed_file_takes(tmp_path):
+    host = HostMemory(1 << 20)
+    k, v = kv(100)
+    # Room for bfloat16 copies of k and v (a half each) and the header, not float32's.
+    budget = k.nbytes + 2048
+    files = ChunkFiles(tmp_path, "f" * 64, "float32", SHAPE, host, Counter(), budget, "bf16")
+    files.write(chunk(100), k, v)
+    assert 0 < files.used_bytes() <= budget
+
+
 def payload(tokens: int, seed: int = 0) -> KVPayload:
     return KVPayload.from_tensors(*kv(tokens, seed))
 

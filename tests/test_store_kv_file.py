@@ -215,6 +215,21 @@ def test_other_model_dtype_or_shape_is_refused(kv_file):
     assert tuple(k.shape) == SHAPE
 
 
+def test_a_sound_file_of_another_chunk_is_refused(kv_file):
+    """A file copied or restored to another chunk's path is not read as that chunk's KV."""
+    own = make_record()["hash"]
+    other = make_record(tokens=4)["hash"]
+    _raises_one_line(kv_file, f"holds chunk {own[:12]}, not {other[:12]}", expect_hash=other)
+    assert read_kv_file(kv_file, expect_hash=own)[2]["hash"] == own
+
+
+def test_an_empty_kv_is_not_written(tmp_path):
+    path = tmp_path / "empty.safetensors"
+    with pytest.raises(InvalidInput, match="no KV to write"):
+        write_kv_file(path, *make_kv(shape=(3, 0, 2, 8)), make_record(tokens=0), FP)
+    assert not path.exists()
+
+
 def test_huge_header_length_is_refused_before_reading(tmp_path):
     path = tmp_path / "huge.safetensors"
     path.write_bytes(struct.pack("<Q", 2**62) + b"{}")
@@ -250,6 +265,7 @@ def test_malformed_header_json(tmp_path, header):
         ("format", "something-else", "format"),
         ("version", "3", "version"),  # from a newer kvchunks
         ("record", "!!!not base64!!!", "base64"),
+        ("shape", "3,0,2,8", "holds no KV"),  # torch would raise its own error on it
     ],
 )
 def test_hostile_metadata_values(kv_file, key, value, match):

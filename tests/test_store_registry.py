@@ -210,20 +210,60 @@ def test_delete_cleans_every_index_and_context(reg, redis_client):
     assert not any(gone.hash.encode() in k for k in redis_client.keys(f"{reg.namespace}:*"))
 
 
-def test_referenced_chunk_is_not_deleted(reg):
-    source = make_chunk([1, 2])
+def make_view(sources: list[ChunkRecord], **fields) -> ChunkRecord:
+    """A composed view over the whole of each source."""
+    tokens = [t for c in sources for t in c.token_ids]
+    spans = [SourceSpan(c.hash, 0, c.token_count) for c in sources]
+    return ChunkRecord(
+        hash=chunk_hash(FP, context_hash([(c.hash, 0) for c in sources], "composed"), 0, tokens),
+        content_hash=content_hash(tokens),
+        token_ids=tokens,
+        kind="composed",
+        layout="view",
+        parent_chunks=list(dict.fromkeys(c.hash for c in sources)),
+        sources=spans,
+        **fields,
+    )
+
+
+def test_a_view_references_its_sources_while_it_is_stored(reg):
+    """The count changes in the same transaction as the view: no crash in between can leave
+    a source counted for a view that is gone, or the reverse."""
+    source, other = make_chunk([1, 2]), make_chunk([3])
     reg.put(source)
-    assert reg.add_ref(source.hash) == 1
-    with pytest.raises(ChunkInUse):
+    reg.put(other)
+    twice = make_view([source, other, source])
+    assert reg.put(twice) and not reg.put(twice)  # stored once: counted once
+    assert [reg.get(c.hash).ref_count for c in (source, other)] == [1, 1]
+    with pytest.raises(ChunkInUse, match="referenced 1 time"):
         reg.delete(source.hash)
     assert reg.exists(source.hash)
-    assert reg.add_ref(source.hash, -1) == 0
-    with pytest.raises(InvalidInput):
-        reg.add_ref(source.hash, -1)
-    assert reg.get(source.hash).ref_count == 0
-    reg.add_ref(source.hash, 2)
-    reg.delete(source.hash, force=True)
+    reg.delete(twice.hash)
+    assert [reg.get(c.hash).ref_count for c in (source, other)] == [0, 0]
+    reg.delete(source.hash)
     assert not reg.exists(source.hash)
+
+
+def test_a_view_over_a_deleted_chunk_is_not_stored(reg):
+    source, gone = make_chunk([4]), make_chunk([5])
+    reg.put(source)
+    reg.put(gone)
+    reg.delete(gone.hash)
+    view = make_view([source, gone])
+    with pytest.raises(ChunkNotFound):
+        reg.put(view)
+    assert not reg.exists(view.hash) and reg.get(source.hash).ref_count == 0
+
+
+def test_a_forced_delete_leaves_the_views_over_it_deletable(reg):
+    source, other = make_chunk([6]), make_chunk([7])
+    reg.put(source)
+    reg.put(other)
+    view = make_view([source, other])
+    reg.put(view)
+    reg.delete(source.hash, force=True)
+    reg.delete(view.hash)  # the source gone, the other's reference is still taken back
+    assert not reg.exists(view.hash) and reg.get(other.hash).ref_count == 0
 
 
 def test_a_delete_unless_used_keeps_a_chunk_computed_after_or_active(reg):
@@ -268,20 +308,29 @@ def test_an_activation_between_the_check_and_the_delete_keeps_the_chunk(reg, red
     assert reg.active("busy") == [other.hash, chunk.hash]
 
 
-def test_concurrent_reference_counts_are_not_lost(reg):
-    chunk = make_chunk([4])
-    reg.put(chunk)
+def test_concurrent_views_and_tags_lose_no_count_and_no_tag(reg):
+    source = make_chunk([8])
+    reg.put(source)
+    parts = [make_chunk([100 + i]) for i in range(40)]
+    for part in parts:
+        reg.put(part)
 
-    def bump():
-        for _ in range(50):
-            reg.add_ref(chunk.hash)
+    def make_views(start: int) -> None:
+        for part in parts[start : start + 10]:
+            reg.put(make_view([source, part]))
 
-    threads = [threading.Thread(target=bump) for _ in range(4)]
+    def tag() -> None:
+        for i in range(10):
+            reg.add_tag(source.hash, f"t{i}")
+
+    threads = [threading.Thread(target=make_views, args=(i,)) for i in range(0, 40, 10)]
+    threads.append(threading.Thread(target=tag))
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert reg.get(chunk.hash).ref_count == 200
+    stored = reg.get(source.hash)
+    assert stored.ref_count == 40 and sorted(stored.tags) == sorted(f"t{i}" for i in range(10))
 
 
 def test_update_changes_only_updatable_fields(reg):

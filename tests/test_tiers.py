@@ -164,6 +164,39 @@ def test_making_room_ignores_an_active_chunk_deleted_meanwhile(make_tiny_store, 
     assert cm.get_chunk(idle.hash).tier == "cpu"  # moved out to make the room
 
 
+def test_a_chunk_brought_from_disk_to_host_memory_is_the_last_to_go_back(make_tiny_store, tiny_llm):
+    """Host memory keeps its least recently used order for a chunk that came from disk: it
+    was asked for last, so another chunk goes to disk to make room before it does."""
+    budgets = TierBudgets(gpu_blocks=4, cpu_bytes=2 * tiny_llm.runner.block_bytes())
+    store = make_tiny_store(budgets=budgets, prefetch_policy="explicit")
+    cm = ContextManager(store=store)
+    used_first, asked_last, newest = (cm.add_chunk(note(i, 256), role="raw") for i in range(3))
+    cm.move_to_cpu(used_first.hash)
+    cm.archive_to_disk(asked_last.hash)
+    cm.move_to_cpu(asked_last.hash)
+    cm.move_to_cpu(newest.hash)  # host memory holds two: one of the others goes to disk
+    assert set(store.host.kv) == {asked_last.hash, newest.hash}
+    assert cm.get_chunk(used_first.hash).tier == "disk"
+
+
+def test_a_prefetch_the_pool_has_no_room_for_leaves_host_memory_as_it_was(make_tiny_store):
+    """The KV a prefetch read from disk goes to the pool through host memory; when the pool
+    is full of active chunks, it does not stay there, over host memory's budget."""
+    budgets = TierBudgets(gpu_blocks=1, cpu_bytes=1)  # no chunk fits host memory
+    store = make_tiny_store(budgets=budgets, prefetch_policy="explicit")
+    cm = ContextManager(store=store)
+    waiting = cm.add_chunk(note(0, 256), role="raw")
+    cm.archive_to_disk(waiting.hash)
+    active = cm.add_chunk(note(1, 256), role="raw")
+    cm.activate_chunk(active.hash)  # holds the pool's one block
+    skipped = store.stats["prefetch_skipped"]
+    cm.prefetch(waiting.hash)
+    store.wait_for_transfers()
+    assert store.stats["prefetch_skipped"] == skipped + 1
+    assert waiting.hash not in store.host and store.host.used_bytes == 0
+    assert cm.get_chunk(waiting.hash).tier == "disk"
+
+
 @pytest.mark.parametrize("mode", ["exact", "reuse", "realign"])
 def test_gpu_budget_holds_in_the_middle_of_a_generation(make_tiny_store, monkeypatch, mode):
     budget = 5  # one block per chunk: two active and three idle fill it
@@ -325,13 +358,13 @@ def gate_file_reads(monkeypatch, hashes) -> tuple[dict, dict, Counter]:
     reads: Counter[str] = Counter()
     read = chunk_files.read_kv_file
 
-    def gated(path, *args):
+    def gated(path, *args, **kwargs):
         chunk_hash = path.stem
         reads[chunk_hash] += 1
         if chunk_hash in release:
             started[chunk_hash].set()
             assert release[chunk_hash].wait(60)
-        return read(path, *args)
+        return read(path, *args, **kwargs)
 
     monkeypatch.setattr(chunk_files, "read_kv_file", gated)
     return started, release, reads
