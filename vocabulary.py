@@ -138,6 +138,20 @@ def checked_refs(refs: object) -> list:
     return list(refs)
 
 
+def check_unicode(text: str, what: str = "the text") -> str:
+    """Text that is Unicode: JSON's \\ud800 decodes to a str that UTF-8 (tokenizers, msgpack
+    records) refuses, and would fail only once the work is done."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidInput(
+                f"{what} holds a lone surrogate ({text[e.start]!r} at character {e.start}): "
+                "it is not Unicode text"
+            ) from None
+    return text
+
+
 def is_count(value: object) -> bool:
     """A whole number given as one: True and False are not counts."""
     return isinstance(value, int) and not isinstance(value, bool)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import cached_property
 
 from kvchunks.common import InvalidInput
-from kvchunks.vocabulary import ROLES
+from kvchunks.vocabulary import ROLES, check_unicode
 
 _ANCHOR = [{"role": "system", "content": "\x00"}]
 
@@ -41,14 +41,7 @@ class ChatFormat:
     def frame(self, role: str, content: str) -> list[int]:
         if role not in ROLES:
             raise InvalidInput(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
-        if not content.isascii():  # JSON's \ud800 decodes to a str no tokenizer takes
-            try:
-                content.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise InvalidInput(
-                    f"the text holds a lone surrogate ({content[e.start]!r} at character "
-                    f"{e.start}): it is not Unicode text"
-                ) from None
+        check_unicode(content)
         if role == "raw" or not self.has_template:
             return self._tokens(content)
         return self._tokens(self._turn_text(role, content))

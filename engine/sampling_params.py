@@ -4,7 +4,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from kvchunks.common import InvalidInput
-from kvchunks.vocabulary import check_flag, is_count, is_number
+from kvchunks.vocabulary import check_flag, check_unicode, is_count, is_number
 
 NUMBERS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
@@ -43,6 +43,8 @@ class SamplingParams:
             raise InvalidInput(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidInput("stop must be a list of non-empty strings")
+        for text in self.stop:
+            check_unicode(text, "a stop string")
         if not 0 < self.repetition_penalty < math.inf:
             raise InvalidInput(
                 f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}"

@@ -117,7 +117,9 @@ class Scheduler:
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
-        if not p.ignore_eos and (token in self.eos_token_ids or token in p.stop_token_ids):
+        # ignore_eos passes over the model's own end tokens only, as in vLLM: the tokens
+        # the request names still stop it.
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             return "stop"
         if p.stop and self._cut_at_stop(seq):
             return "stop"

@@ -120,8 +120,9 @@ def _route(scope: Scope) -> str:
 def _refusal(request: Request, api_key: str | None) -> JSONResponse | None:
     path = request.url.path
     if api_key and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # The scheme's name is case-insensitive (RFC 9110); the key is not.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), api_key.encode()):
             message = "missing or wrong API key: send Authorization: Bearer <key>"
             return errors.http_error(401, message)
     length = request.headers.get("content-length")

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvchunks import GenerationResult, SamplingParams
 from kvchunks.common import InvalidInput
-from kvchunks.server.errors import as_response
+from kvchunks.server.errors import as_response, http_error
 from kvchunks.server.schemas import UNSERVED, ChatRequest, CompletionRequest, Sampling
 from kvchunks.server.streaming import stream_call
 
@@ -31,11 +31,20 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions
 
 @router.get("/v1/models")
 def models(request: Request) -> dict:
+    return {"object": "list", "data": [_model_card(request)]}
+
+
+@router.get("/v1/models/{model:path}")
+def model(model: str, request: Request) -> Response:
+    card = _model_card(request)
+    if model != card["id"]:
+        return http_error(404, f"no model {model!r}; this server serves {card['id']!r}")
+    return JSONResponse(card)
+
+
+def _model_card(request: Request) -> dict:
     name = request.app.state.backend.model_name
-    return {
-        "object": "list",
-        "data": [{"id": name, "object": "model", "created": 0, "owned_by": "kvchunks"}],
-    }
+    return {"id": name, "object": "model", "created": 0, "owned_by": "kvchunks"}
 
 
 @router.post("/v1/chat/completions")
@@ -48,6 +57,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
         raise InvalidInput("prompt must be one string (batches of prompts are not served)")
+    if not prompts[0].strip():
+        raise InvalidInput("prompt must be non-empty text")
     messages = [{"role": "user", "content": prompts[0]}]
     return await _respond(request, body, messages, "text_completion", COMPLETION_MAX_TOKENS)
 
@@ -65,6 +76,9 @@ def _sampling(body: Sampling, default_max_tokens: int) -> SamplingParams:
         "presence_penalty": body.presence_penalty,
         "frequency_penalty": body.frequency_penalty,
         "repetition_penalty": body.repetition_penalty,
+        "top_k": body.top_k,
+        "stop_token_ids": body.stop_token_ids,
+        "ignore_eos": body.ignore_eos,
     }
     return SamplingParams(
         max_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
@@ -203,6 +217,8 @@ class Reply:
             "context": self.body.context,
             "prompt_chunk": result.prompt_chunk.hash if kept else None,
             "output_chunk": result.output_chunk.hash if kept and result.output_chunk else None,
+            # More than one when the context stores an answer in parts (output_tokens).
+            "output_chunks": [c.hash for c in result.output_chunks] if kept else [],
             "mode": result.mode,
             "recompute": result.recompute,
             "reused_tokens": result.tokens_reused,

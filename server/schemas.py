@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+)
 
 
 class ChunkFields(BaseModel):
@@ -16,16 +24,22 @@ class ChunkFields(BaseModel):
     context: str = "default"
     chunks: list[str] = Field(default_factory=list)  # used for this request only, in order
     mode: Literal["exact", "reuse", "realign"] | None = None
-    recompute: float | None = None
-    store: bool = True  # False: nothing of the request is kept
+    recompute: StrictFloat | None = None
+    store: StrictBool = True  # False: nothing of the request is kept
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _null_is_unset(cls, value: object) -> object:  # as OpenAI's fields are
+        return True if value is None else value
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool | None = None
 
 
-# OpenAI fields that change what an answer is, which kvchunks does not serve, and the values
-# that ask for nothing (besides None, False, 0 and empty ones, which clients send unset).
+# OpenAI fields, and vLLM's extensions, that change what an answer is, which kvchunks does not
+# serve, and the values that ask for nothing (besides None, False, 0 and empty ones, which
+# clients send unset).
 # A request that sets one otherwise is refused: answering as if it were absent would hand
 # the client something other than what it asked for.
 UNSERVED: dict[str, tuple] = {
@@ -40,6 +54,15 @@ UNSERVED: dict[str, tuple] = {
     "echo": (),
     "suffix": (),
     "best_of": (1,),
+    "min_tokens": (),
+    "min_p": (),
+    "use_beam_search": (),
+    "length_penalty": (1,),
+    "include_stop_str_in_output": (),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
 }
 
 
@@ -47,20 +70,24 @@ class Sampling(ChunkFields):
     model_config = ConfigDict(extra="allow")  # kept, to refuse the UNSERVED ones
 
     # Every field may be null, as OpenAI's are: null means the default (SamplingParams').
+    # Strict: true is not 1 token, nor temperature 1, nor seed 1.
     model: str | None = None
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    # Strict: true is not 1 token, nor seed 1.
+    temperature: StrictFloat | None = Field(None, ge=0, le=2)
+    top_p: StrictFloat | None = Field(None, gt=0, le=1)
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     seed: StrictInt | None = None
     stop: str | list[str] | None = None
     # Their ranges are SamplingParams' (a bad value is a 400 with its message).
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None  # an extension, as in vLLM
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
+    # Extensions, as in vLLM.
+    repetition_penalty: StrictFloat | None = None
+    top_k: StrictInt | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: StrictBool | None = None
     n: StrictInt | None = None
-    stream: bool | None = None
+    stream: StrictBool | None = None
     stream_options: StreamOptions | None = None
 
 
@@ -114,6 +141,6 @@ class Order(Body):
 
 class Settings(Body):
     mode: Literal["exact", "reuse", "realign"] | None = None
-    recompute: float | None = None
-    auto_activate: bool | None = None
+    recompute: StrictFloat | None = None
+    auto_activate: StrictBool | None = None
     output_tokens: StrictInt | Literal["manual"] | None = None

@@ -39,7 +39,7 @@ def checked_messages(messages: list) -> list[Message]:
     out = []
     for i, m in enumerate(messages):
         role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
-        if role not in MESSAGE_ROLES:
+        if not isinstance(role, str) or role not in MESSAGE_ROLES:
             raise InvalidInput(f"messages[{i}].role must be one of {', '.join(MESSAGE_ROLES)}")
         if isinstance(content, list):  # OpenAI content parts: text ones only
             content = _joined_text_parts(content, i)

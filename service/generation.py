@@ -137,17 +137,22 @@ def generate(
             elapsed = time.perf_counter() - started
             with store.lock:
                 prompt_chunk, prompt_kv = _store_prompt(store, record, seq, fresh)
-                outputs = _store_answer(
-                    store,
-                    request,
-                    seq,
-                    skip,
-                    [*active, prompt_chunk],
-                    [*ctx.segments, *prompt_kv],
-                    ctx.position + len(request.prompt_tokens),
-                    ctx.combine,
-                    interrupted,
-                )
+                try:
+                    outputs = _store_answer(
+                        store,
+                        request,
+                        seq,
+                        skip,
+                        [*active, prompt_chunk],
+                        [*ctx.segments, *prompt_kv],
+                        ctx.position + len(request.prompt_tokens),
+                        ctx.combine,
+                        interrupted,
+                    )
+                except BaseException:  # a refused call leaves nothing: nor its prompt
+                    if fresh:
+                        store.maker.take_back([prompt_chunk])
+                    raise
         finally:
             composer.release(ctx)
     return GenerationResult(
@@ -317,6 +322,9 @@ def _store_answer(
                 text=llm.decode(tokens[start : start + size]),
             )
             outputs.append(store.maker.register(record, part))
+    except BaseException:
+        store.maker.take_back(outputs[::-1])
+        raise
     finally:
         llm.release(own)
         store.tiers.free(kv[1:])

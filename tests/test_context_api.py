@@ -475,6 +475,31 @@ def test_a_chat_refused_after_its_messages_were_computed_keeps_none_of_them(make
     assert snapshot(cm) == before
 
 
+@pytest.mark.parametrize("call", ["generate", "chat"])
+def test_an_answer_that_cannot_be_stored_leaves_no_prompt_behind(make_cm, monkeypatch, call):
+    """The prompt is stored first, then the answer; when the answer's record is refused
+    (here: a full disk), the call changes nothing, its new prompt chunk included."""
+    cm = make_cm()
+    doc = cm.add_chunk(DOC)
+    cm.activate_chunk(doc.hash)
+    before = snapshot(cm)
+    register = cm.store.maker.register
+
+    def disk_full_for_answers(chunk, segments):
+        if chunk.kind == "output":
+            cm.store.tiers.free(segments)  # what register does with what it refuses
+            raise CapacityError("the disk tier is full")
+        return register(chunk, segments)
+
+    monkeypatch.setattr(cm.store.maker, "register", disk_full_for_answers)
+    with pytest.raises(CapacityError):
+        if call == "generate":
+            cm.generate("Where is the vault?", GREEDY)
+        else:
+            cm.chat([{"role": "user", "content": "Where is the vault?"}], GREEDY)
+    assert snapshot(cm) == before
+
+
 def test_the_window_checks_count_the_opening(make_cm, monkeypatch):
     """Every chunk sits after the model's opening: a text that fits the window only without
     it is refused by the first check, with the remedy, before anything is computed."""

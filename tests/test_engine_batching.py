@@ -64,9 +64,13 @@ def test_stop_tokens_and_max_tokens(llm):
     free = llm.generate([ids], GREEDY)[0].token_ids
     stop = free[5]
     first = free.index(stop)
-    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop]))
-    assert out[0].token_ids == free[: first + 1]
-    assert out[0].finish_reason == "stop"
+    for ignore_eos in (False, True):  # which leaves the tokens a request names in force
+        params = SamplingParams(
+            temperature=0, max_tokens=16, stop_token_ids=[stop], ignore_eos=ignore_eos
+        )
+        out = llm.generate([ids], params)
+        assert out[0].token_ids == free[: first + 1]
+        assert out[0].finish_reason == "stop"
     assert llm.generate([ids], GREEDY)[0].finish_reason == "length"
 
 

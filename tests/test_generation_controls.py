@@ -119,6 +119,8 @@ def test_default_decoding_never_computes_penalties(monkeypatch):
         ("temperature", None, "temperature must be a number, got None"),
         ("ignore_eos", "no", "ignore_eos must be True or False, got 'no'"),
         ("stop_token_ids", [-1], "stop_token_ids must be a list of token ids"),
+        # JSON's "\ud800": refused before the answer, whose record could not hold it.
+        ("stop", ["a\ud800"], "a stop string holds a lone surrogate"),
     ],
 )
 def test_sampling_values_out_of_range_are_refused(name, value, message):

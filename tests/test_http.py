@@ -268,6 +268,13 @@ def too_long() -> str:
         ("post", "/v1/chunks/0000aaaa/split", {"at": True}, 400),
         ("post", "/v1/chat/completions", {"messages": ASKED, "max_tokens": True}, 400),
         ("post", "/v1/chat/completions", {"messages": ASKED, "seed": True}, 400),
+        ("post", "/v1/chat/completions", {"messages": ASKED, "temperature": True}, 400),
+        ("post", "/v1/chat/completions", {"messages": ASKED, "recompute": True}, 400),
+        ("post", "/v1/contexts/c/settings", {"recompute": True}, 400),
+        ("post", "/v1/chat/completions", {"messages": ASKED, "min_tokens": 100}, 400),
+        ("post", "/v1/chat/completions", {"messages": [{"role": ["user"], "content": "x"}]}, 400),
+        ("post", "/v1/completions", {"prompt": " "}, 400),
+        ("get", "/v1/models/no-such-model", None, 404),
         ("get", "/v1/no-such-route", None, 404),
         ("put", "/v1/chunks", None, 405),
     ],
@@ -297,10 +304,59 @@ def test_openai_fields_that_ask_for_nothing_are_answered(served):
         # OpenAI's fields are nullable, and the openai package sends null for None.
         **dict.fromkeys(["temperature", "top_p", "n", "seed", "stream"], None),
         **dict.fromkeys(["presence_penalty", "frequency_penalty", "repetition_penalty"], None),
+        "stream_options": {"include_usage": None},
     }
     with served.http() as http:
         response = http.post("/v1/chat/completions", json=question)
-    assert response.status_code == 200, response.text
+        assert response.status_code == 200, response.text
+        unset = http.post("/v1/chat/completions", json={**question, "store": None})
+    assert unset.status_code == 200, unset.text  # null: the default, which stores
+    assert unset.json()["kvchunks"]["prompt_chunk"] is not None
+
+
+def test_vllm_sampling_extensions_are_served(served):
+    """top_k, stop_token_ids and ignore_eos change the answer as they do in process."""
+    client = served.openai()
+
+    def reply(max_tokens: int = 6, **options):
+        extra = {"context": "http-vllm", "store": False, **options}
+        return client.chat.completions.create(
+            model="any", messages=ASKED, max_tokens=max_tokens, extra_body=extra
+        )
+
+    def answer(**options) -> str:
+        return reply(**options).choices[0].message.content
+
+    sampled = {answer(temperature=2.0, top_k=1, seed=seed) for seed in (1, 2)}
+    assert sampled == {answer(temperature=0)}  # top_k 1: greedy at any seed
+    greedy = reply(temperature=0)
+    # The first token of the answer stops it: it is kept, as vLLM keeps it.
+    every_token = list(range(served.cm.store.model.tokenizer.vocab_size))
+    first = reply(temperature=0, stop_token_ids=every_token)
+    assert first.usage.completion_tokens == 1 and first.choices[0].finish_reason == "stop"
+    assert greedy.choices[0].message.content.startswith(first.choices[0].message.content)
+    ended = reply(40, temperature=0).usage.completion_tokens
+    assert ended < 40  # the greedy answer to a greeting ends by itself
+    assert reply(40, temperature=0, ignore_eos=True).usage.completion_tokens == 40
+
+
+def test_a_model_is_found_by_its_id(served):
+    client = served.openai()
+    [listed] = client.models.list().data
+    assert client.models.retrieve(listed.id).id == listed.id
+
+
+def test_an_answer_in_parts_names_every_chunk_it_stored(served):
+    with served.http() as http:
+        http.post("/v1/contexts/http-parts/settings", json={"output_tokens": 2})
+        reply = http.post(
+            "/v1/chat/completions",
+            json={"context": "http-parts", "messages": ASKED, "max_tokens": 5, "temperature": 0},
+        ).json()["kvchunks"]
+    stored = [served.cm.get_chunk(h) for h in reply["output_chunks"]]
+    assert len(stored) >= 2 and stored[-1].hash == reply["output_chunk"]
+    assert all(c.kind == "output" and c.token_count <= 2 for c in stored)
+    assert stored[1].parent_chunks[-1] == stored[0].hash  # one answer, in order
 
 
 def test_a_bug_in_a_generation_is_logged_with_its_traceback(caplog):
@@ -321,6 +377,10 @@ def test_a_bug_in_a_generation_is_logged_with_its_traceback(caplog):
     [
         ("/v1/chunks", '{"text": "lone \\ud800 surrogate"}'),
         ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "lone \\ud800"}]}'),
+        (
+            "/v1/chat/completions",
+            '{"messages": [{"role": "user", "content": "Hi"}], "stop": ["\\ud800"]}',
+        ),
     ],
 )
 def test_text_that_is_not_unicode_is_refused(served, path, body):
@@ -450,6 +510,9 @@ def test_the_api_key_is_required(served):
     with served.http(key=None) as http:
         assert http.get("/v1/chunks").status_code == 401
         assert http.get("/health").status_code == 200
+    with served.http() as http:  # the scheme's name in any case, as HTTP allows
+        bearer = {"Authorization": http.headers["Authorization"].replace("Bearer", "bearer")}
+        assert http.get("/v1/chunks", headers=bearer).status_code == 200
     with served.http(key="wrong") as http:
         refused = http.post("/v1/chunks", json={"text": "Not stored."})
         assert (
