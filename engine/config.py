@@ -36,7 +36,9 @@ class ModelConfig:
     rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
+    attention_bias: bool  # on q, k and v
+    output_bias: bool  # on the attention's output projection
+    mlp_bias: bool
     qk_norm: bool
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -66,6 +68,10 @@ class ModelConfig:
             max_position_embeddings=context_window(cfg),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=cfg.get("attention_bias", family == "qwen2"),
+            # Qwen2 puts biases on q, k and v only; Llama's and Qwen3's attention_bias covers
+            # the output projection too.
+            output_bias=family != "qwen2" and cfg.get("attention_bias", False),
+            mlp_bias=cfg.get("mlp_bias", False),
             qk_norm=family == "qwen3",
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
         )

@@ -25,6 +25,7 @@ from kvchunks.engine.sampler import sample
 from kvchunks.engine.sampling_params import SamplingParams
 from kvchunks.engine.scheduler import Scheduler
 from kvchunks.engine.sequence import Sequence
+from kvchunks.engine.stop_strings import stop_window
 
 Prompt = str | list[int] | list[dict]
 
@@ -133,6 +134,7 @@ class LLM:
         self._check_window(seq.position + len(token_ids) + params.max_tokens)
         reserved = len(token_ids) + params.max_tokens if reserve else 0
         with self._claim(continue_after, reserved) as (seq.blocks, seq.start):
+            seq.reserved = reserve
             self.scheduler.add(seq)
         return seq
 
@@ -161,19 +163,33 @@ class LLM:
                 self.block_manager.seal(seq.own_segment())
         return finished
 
-    def stream(self, seq: Sequence, lock: AbstractContextManager | None = None) -> Iterator[int]:
-        """Run the engine until seq finishes, yielding each new token of seq as it comes.
+    def steps(self, seq: Sequence, lock: AbstractContextManager | None = None) -> Iterator[None]:
+        """Run the engine until seq finishes, yielding after each step that changed its tokens
+        or finished it.
 
         With a lock, each step holds it, so other threads may use the pool between steps.
         """
-        emitted = seq.num_completion_tokens
         while not seq.is_finished:
+            before = seq.num_tokens
             with lock or nullcontext():
                 if not seq.is_finished:  # another thread's step may have finished it
                     self.step()
-            new = seq.completion_token_ids[emitted:]
-            emitted += len(new)
-            yield from new
+            if seq.num_tokens != before or seq.is_finished:
+                yield
+
+    def stream(self, seq: Sequence, lock: AbstractContextManager | None = None) -> Iterator[int]:
+        """Run the engine until seq finishes, yielding each new token of seq once it is
+        settled: while a stop string may still appear, the newest tokens it could cut away
+        wait (see steps for the lock)."""
+        emitted = seq.num_completion_tokens
+        for _ in self.steps(seq, lock):
+            tokens = seq.completion_token_ids
+            settled = len(tokens)
+            if seq.params.stop and not seq.is_finished:
+                settled += 1 - stop_window(seq.params.stop)
+            if settled > emitted:
+                yield from tokens[emitted:settled]
+                emitted = settled
 
     def abort(self, seq: Sequence) -> None:
         self.scheduler.abort(seq)

@@ -9,6 +9,7 @@ from kvchunks.common import CapacityError
 from kvchunks.engine.block_manager import BlockManager
 from kvchunks.engine.config import EngineConfig
 from kvchunks.engine.sequence import Sequence, Status
+from kvchunks.engine.stop_strings import stop_window
 
 
 class Scheduler:
@@ -69,10 +70,11 @@ class Scheduler:
         while self.running:
             seq = self.running.popleft()
             while not self._grow(seq, seq.num_tokens):
-                if not self.running:
+                victim = self._newest_unreserved()
+                if victim is None:
                     self._preempt(seq)
                     break
-                self._preempt(self.running.pop())
+                self._preempt(victim)
             else:
                 batch.append(seq)
         self.running.extend(batch)
@@ -86,10 +88,19 @@ class Scheduler:
             return False
         return True
 
+    def _newest_unreserved(self) -> Sequence | None:
+        """Take out the newest running sequence whose blocks were not reserved, if any."""
+        for seq in reversed(self.running):
+            if not seq.reserved:
+                self.running.remove(seq)
+                return seq
+        return None
+
     def _preempt(self, seq: Sequence) -> None:
-        """Free a sequence's KV and queue it to be recomputed when there is room again."""
+        """Free a sequence's KV (reopening a tail it continued in) and queue it to be
+        recomputed when there is room again."""
         self.num_preemptions += 1
-        self.blocks.release(seq.blocks)
+        self.blocks.give_back(seq.blocks, seq.start)
         seq.blocks, seq.start, seq.num_computed = [], 0, 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
@@ -129,10 +140,8 @@ class Scheduler:
 
     def _cut_at_stop(self, seq: Sequence) -> bool:
         """If a stop string has just appeared in the answer's text, end the answer before it
-        and say so. A string of n characters spans at most n tokens; one more covers a
-        character split across two."""
-        window = max(len(s) for s in seq.params.stop) + 1
-        tail_ids = seq.completion_token_ids[-window:]
+        and say so."""
+        tail_ids = seq.completion_token_ids[-stop_window(seq.params.stop) :]
         tail = self.detokenize(tail_ids)
         found = [tail.find(s) for s in seq.params.stop if s in tail]
         if not found:

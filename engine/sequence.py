@@ -35,6 +35,9 @@ class Sequence:
         self.context_token_ids = list(context_token_ids)
         self.position = sum(s.length for s in context) if position is None else position
         self.keep_kv = keep_kv
+        # Blocks for the whole answer were taken when it was queued (LLM.add_request's
+        # reserve): it never needs to grow, and is never preempted to let another grow.
+        self.reserved = False
         self.num_computed = 0
         self.blocks: list[int] = []
         self.start = 0  # slot offset of the first own token in blocks[0]

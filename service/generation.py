@@ -221,7 +221,7 @@ def _run(
     """Drive the engine until the answer is done; Ctrl-C keeps what was computed."""
     llm, ttft, shown = store.model.llm, 0.0, ""
     try:
-        for _ in llm.stream(seq, store.lock):
+        for _ in llm.steps(seq, store.lock):
             ttft = ttft or time.perf_counter() - started
             if on_text:
                 shown = _show(on_text, shown, _answer_text(llm, seq))
@@ -241,9 +241,10 @@ def _run(
 
 def _answer_text(llm: LLM, seq: Sequence) -> str:
     """The answer's text so far; while it runs, without an ending that may begin a stop
-    string (the stop string is never shown)."""
+    string (the stop string is never shown), nor a character whose bytes have not all come
+    (it decodes as U+FFFD until they have: shown, it could not be taken back)."""
     text = llm.decode(seq.completion_token_ids) + seq.stop_tail
-    return text if seq.is_finished else held_back(text, seq.params.stop)
+    return text if seq.is_finished else held_back(text.rstrip("\ufffd"), seq.params.stop)
 
 
 def _show(on_text: Callable[[str], None], shown: str, text: str) -> str:

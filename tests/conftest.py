@@ -59,14 +59,17 @@ def tiny_checkpoint(tmp_path_factory, model_path: Path):
             "qwen2": transformers.Qwen2Config,
             "qwen3": transformers.Qwen3Config,
             "llama": transformers.LlamaConfig,
+            "llama-bias": transformers.LlamaConfig,
         }
         classes = {
             "qwen2": transformers.Qwen2ForCausalLM,
             "qwen3": transformers.Qwen3ForCausalLM,
             "llama": transformers.LlamaForCausalLM,
+            "llama-bias": transformers.LlamaForCausalLM,
         }
+        options = {"llama-bias": dict(attention_bias=True, mlp_bias=True)}
         torch.manual_seed(1234)
-        config = configs[family](**common)
+        config = configs[family](**common, **options.get(family, {}))
         model = classes[family](config)
         with torch.no_grad():  # random, not zero, biases and norms so they matter in the test
             for name, p in model.named_parameters():

@@ -535,3 +535,17 @@ def test_an_activate_and_deactivate_pair_takes_three_registry_round_trips(make_s
     assert cm.activate_chunk(doc.hash).is_active
     assert not cm.deactivate_chunk(doc.hash).is_active
     assert len(sent) == 3
+
+
+def test_streamed_text_never_shows_half_a_character(make_tiny_store, tiny_llm, monkeypatch):
+    """A character whose bytes come in several tokens decodes as U+FFFD until its last byte
+    comes: the stream waits for it, so the pieces add up to the answer."""
+    from test_engine_batching import scripted
+
+    cm = ContextManager(store=make_tiny_store())
+    scripted(monkeypatch, tiny_llm, "你好世界, 😀!")
+    pieces: list[str] = []
+    params = SamplingParams(temperature=0, max_tokens=30)
+    g = cm.generate("Say hello.", params, on_text=pieces.append)
+    assert g.text == "你好世界, 😀!" and "".join(pieces) == g.text
+    assert not any("\ufffd" in piece for piece in pieces)

@@ -9,6 +9,7 @@ from test_engine_reference import random_tokens
 
 from kvchunks.common import CapacityError, InvalidInput
 from kvchunks.engine import LLM, EngineConfig, SamplingParams
+from kvchunks.engine import llm as llm_module
 from kvchunks.engine.block_manager import BlockManager
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -262,3 +263,70 @@ def test_a_failed_write_gives_its_blocks_back(llm, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         llm.write_kv(k, v, 0)
     assert llm.block_manager.num_free == free_before
+
+
+def scripted(monkeypatch, llm: LLM, *pieces: str) -> None:
+    """Make the engine's sampler spell the pieces' tokens one by one, then end the answer."""
+    encode = llm.tokenizer.encode
+    tokens = iter([t for piece in pieces for t in encode(piece, add_special_tokens=False)])
+    end = llm.eos_token_ids[0]
+    monkeypatch.setattr(llm_module, "sample", lambda _logits, seqs: [next(tokens, end)] * len(seqs))
+
+
+@pytest.mark.parametrize("stop", ["世界", "😀", "world"])
+def test_a_stop_string_of_many_byte_characters_ends_the_answer(tiny_llm, monkeypatch, stop):
+    """A byte-level tokenizer may spend a token on each byte: 世界 takes 5 tokens."""
+    scripted(monkeypatch, tiny_llm, f"Hello {stop} and more text after it")
+    params = SamplingParams(temperature=0, max_tokens=40, stop=[stop])
+    [out] = tiny_llm.generate([random_tokens(5, seed=8)], params)
+    assert (out.text, out.finish_reason) == ("Hello ", "stop")
+
+
+def test_stream_yields_no_token_a_stop_string_later_cuts(tiny_llm, monkeypatch):
+    scripted(monkeypatch, tiny_llm, "Hello", " wor", "ld", " again")  # " wor" is cut
+    params = SamplingParams(temperature=0, max_tokens=8, stop=[" world"])
+    seq = tiny_llm.add_request(random_tokens(5, seed=9), params)
+    streamed = list(tiny_llm.stream(seq))
+    assert streamed == seq.completion_token_ids
+    assert tiny_llm.tokenizer.decode(streamed) == "Hello"
+
+
+def test_a_reserved_request_is_never_preempted_for_another(tiny_checkpoint):
+    small = LLM(tiny_checkpoint("llama"), EngineConfig(num_blocks=6, block_size=16))
+    bm = small.block_manager
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain = small.add_request(random_tokens(16, seed=10), long)
+    small.step()  # its prefill: one full block, the next token needs another
+    short = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    reserved = small.add_request(random_tokens(10, seed=11), short, keep_kv=True, reserve=True)
+    held = list(reserved.blocks)
+    others = bm.allocate(bm.num_free)  # whatever else allocates meanwhile
+    small.step()  # the reserved request's prefill
+    small.step()  # the plain one cannot grow: it gives way, not the reserved one
+    assert reserved.blocks == held and plain.blocks == [] and small.scheduler.num_preemptions
+    small.abort(plain)
+    small.abort(reserved)
+    small.release(reserved.own_segment())
+    bm.release(others)
+    assert bm.num_free == 6
+
+
+def test_a_preempted_request_reopens_the_tail_it_continued(tiny_checkpoint):
+    small = LLM(tiny_checkpoint("llama"), EngineConfig(num_blocks=6, block_size=16))
+    bm = small.block_manager
+    base = small.prefill(random_tokens(10, seed=12)).segment  # its block's tail is open
+    assert bm.blocks_to_follow(base, 1) == 0
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    first = small.add_request(random_tokens(16, seed=13), params)
+    small.step()
+    after = small.add_request(random_tokens(10, seed=14), params, [base], 10, True, base)
+    small.step()
+    others = bm.allocate(bm.num_free)
+    small.step()  # the first request must grow: the later one, in base's tail, is preempted
+    assert after.blocks == [] and small.scheduler.num_preemptions
+    small.abort(after)
+    small.abort(first)
+    bm.release(others)
+    assert bm.blocks_to_follow(base, 1) == 0  # base can be continued in its block again
+    small.release(base)
+    assert bm.num_free == 6
