@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -13,16 +14,27 @@ Result = TypeVar("Result")
 OnText = Callable[[str], None]
 
 
+# Answers stopped before they started, remembered for when they start; a stop that comes
+# after its answer ended is remembered too, so only the latest few are kept.
+EARLY_STOPS_KEPT = 1024
+
+
 class AnswerStreams:
     def __init__(self):
         self.running: dict[str, threading.Event] = {}  # answer id -> set to stop it
+        self.stopped_early: OrderedDict[str, None] = OrderedDict()
+        self.lock = threading.Lock()
 
     def stream(self, answer_id: str, answer: Callable[[OnText], Result]) -> Iterator[str | Result]:
         """Run answer(on_text) on a thread of its own; yield each piece of text as it comes,
         then the result (or raise what the answer raised)."""
         pieces: queue.Queue = queue.Queue()
         outcome: dict = {}
-        self.running[answer_id] = stopped = threading.Event()
+        with self.lock:
+            if answer_id in self.stopped_early:
+                del self.stopped_early[answer_id]
+                raise ListenerGone(f"answer {answer_id} stopped before it started")
+            self.running[answer_id] = stopped = threading.Event()
 
         def on_text(piece: str) -> None:
             if stopped.is_set():
@@ -36,7 +48,8 @@ class AnswerStreams:
                 outcome["error"] = e
             finally:
                 pieces.put(None)
-                self.running.pop(answer_id, None)
+                with self.lock:
+                    self.running.pop(answer_id, None)
 
         threading.Thread(target=run, name="kvchunks-answer", daemon=True).start()
         while (piece := pieces.get()) is not None:
@@ -46,6 +59,13 @@ class AnswerStreams:
         yield outcome["result"]
 
     def stop(self, answer_id: str) -> None:
-        """The answer ends at its next piece of text, and nothing of it is kept."""
-        if (stopped := self.running.get(answer_id)) is not None:
-            stopped.set()
+        """The answer ends at its next piece of text, and nothing of it is kept; one that
+        has not started yet never starts (its call may wait behind others)."""
+        with self.lock:
+            stopped = self.running.get(answer_id)
+            if stopped is None:
+                self.stopped_early[answer_id] = None
+                while len(self.stopped_early) > EARLY_STOPS_KEPT:
+                    self.stopped_early.popitem(last=False)
+                return
+        stopped.set()

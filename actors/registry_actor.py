@@ -27,7 +27,8 @@ from kvchunks.store import redis_server
 from kvchunks.store.chunk import is_hash
 from kvchunks.store.registry import ChunkRegistry
 
-# ChunkRegistry methods that change state; RegistryClient sends these to the actor.
+# ChunkRegistry methods that change state; RegistryClient sends these to the actor. Every
+# other public method is a read (READS), which a client makes on Redis itself.
 WRITES = (
     "put",
     "update",
@@ -37,6 +38,7 @@ WRITES = (
     "activate",
     "deactivate",
     "find_and_deactivate",
+    "reorder",
     "clear_context",
     "update_settings",
     "set_tiers",
@@ -44,6 +46,7 @@ WRITES = (
 READS = (
     "get",
     "get_many",
+    "get_present",
     "exists",
     "missing",
     "resolve",
@@ -55,6 +58,7 @@ READS = (
     "children",
     "contexts",
     "active",
+    "active_anywhere",
     "settings",
 )
 

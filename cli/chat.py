@@ -25,6 +25,7 @@ from rich.table import Table
 from kvchunks.cli import commands, context_commands, render
 from kvchunks.cli.output_commands import output
 from kvchunks.cli.shared import (
+    HELP_OPTIONS,
     SAMPLING_OPTIONS,
     sampling_options,
     sampling_params,
@@ -66,7 +67,8 @@ def help_(state: State, name: str | None) -> None:
     command = SLASH.get(name.lstrip("/"))
     if command is None:
         raise InvalidInput(f"no command /{name.lstrip('/')}; /help lists them")
-    click.echo(command.get_help(click.Context(command, info_name=f"/{name.lstrip('/')}")))
+    shown = click.Context(command, info_name=f"/{name.lstrip('/')}", help_option_names=HELP_OPTIONS)
+    click.echo(command.get_help(shown))
 
 
 @click.command("set")
@@ -214,7 +216,13 @@ class Chat:
         command = SLASH.get(name)
         if command is None:
             raise click.UsageError(f"unknown command /{name}; /help lists them")
-        command.main(args, prog_name=f"/{name}", standalone_mode=False, obj=self.state)
+        command.main(
+            args,
+            prog_name=f"/{name}",
+            standalone_mode=False,
+            obj=self.state,
+            help_option_names=HELP_OPTIONS,
+        )
 
     def generate(self, prompt: str) -> None:
         result = context_commands.run_generation(

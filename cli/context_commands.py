@@ -51,7 +51,8 @@ def clear(state: State) -> None:
     say(state, f"deactivated {count} chunk(s); context '{cm.context_name}' is empty")
 
 
-@click.command()
+# A negative RECOMPUTE is a value to refuse with the setting's own message, not an option.
+@click.command(context_settings={"ignore_unknown_options": True})
 @click.argument("mode", type=click.Choice(MODES), required=False, metavar="[MODE]")
 @click.argument("recompute", type=float, required=False, metavar="[RECOMPUTE]")
 @pass_state
@@ -104,7 +105,8 @@ def generate(state: State, prompt: str, sampling: dict, as_json: bool) -> None:
 def run_generation(
     state: State, prompt: str, sampling: dict, on_text: Callable[[str], None] | None = None
 ) -> GenerationResult:
-    params = sampling_params(sampling)  # checked before the model loads
+    params = sampling_params(sampling)  # checked before the model loads, as the mode is
+    state.check_mode()
     return state.manager.generate(
         prompt, params, mode=state.mode, on_text=on_text, recompute=state.recompute
     )

@@ -20,7 +20,13 @@ from kvchunks.cli.demo import demo
 from kvchunks.cli.http import http
 from kvchunks.cli.model import model
 from kvchunks.cli.service import SERVICE_COMMANDS
-from kvchunks.cli.shared import dtype_option, sampling_options, sampling_params, usage_message
+from kvchunks.cli.shared import (
+    HELP_OPTIONS,
+    dtype_option,
+    sampling_options,
+    sampling_params,
+    usage_message,
+)
 from kvchunks.cli.state import MODEL_ENV, State, pass_state
 from kvchunks.cli.tree import tree
 from kvchunks.common import HOME_ENV, InvalidInput, KVChunksError
@@ -117,7 +123,7 @@ def apply_options(
     state.address = address or state.address
 
 
-@click.group("kvchunks", cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("kvchunks", cls=Group, context_settings={"help_option_names": HELP_OPTIONS})
 @state_options
 @click.pass_context
 def cli(ctx: click.Context, **options) -> None:

@@ -176,29 +176,31 @@ def generation_footer(result: GenerationResult) -> str:
     state = result.finish_reason
     if result.interrupted:
         state = "interrupted; partial answer kept" if outputs != "none" else "interrupted"
+    mode = _mode_named(result.mode, result.recompute)
     return (
         f"[prompt {short(result.prompt_chunk.hash)} · output {outputs} · "
-        f"{len(result.token_ids)} tokens · {state} · {_mode_used(result)} · "
+        f"{len(result.token_ids)} tokens · {state} · {mode} · "
         f"{result.tokens_reused} reused, {result.tokens_recomputed} recomputed · "
         f"ttft {result.ttft_s:.2f} s · {result.tokens_per_s:.1f} tokens/s]"
     )
 
 
-def _mode_used(result: GenerationResult) -> str:
-    if result.recompute is None:
-        return result.mode
-    return f"{result.mode} (recompute {result.recompute:g})"
-
-
 def mode_line(mode: str | None, recompute: float | None, settings: dict) -> str:
-    """The mode generations use: this run's choice, else the context's setting."""
-    chosen = mode or settings["mode"]
-    if chosen == "realign":
-        asked = recompute if recompute is not None else settings["recompute"]
-        chosen += f" (recompute {recompute_fraction(chosen, asked):g})"
-    if mode and mode != settings["mode"]:
-        chosen += f" for this session (the context's setting is {settings['mode']})"
+    """The mode generations use: this run's choice, else the context's setting (named too
+    when this run's mode or fraction differs from it)."""
+    setting = _mode_named(settings["mode"], settings["recompute"])
+    chosen = _mode_named(
+        mode or settings["mode"], settings["recompute"] if recompute is None else recompute
+    )
+    if chosen != setting:
+        chosen += f" for this session (the context's setting is {setting})"
     return chosen
+
+
+def _mode_named(mode: str, recompute: float | None) -> str:
+    if mode != "realign":
+        return mode
+    return f"{mode} (recompute {recompute_fraction(mode, recompute):g})"
 
 
 def _when(timestamp: float) -> str:

@@ -3,6 +3,7 @@ loads once): --json documents, and bad inputs that give one line, exit 1 and cha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -362,6 +363,15 @@ def test_load_expands_a_home_path_in_the_command_and_the_chat(state, tmp_path, m
     line = out.getvalue()
     assert err.getvalue() == ""
     assert line.startswith(f"loaded {chunk['hash'][:12]} (") and "already stored" in line
+
+
+def test_slash_commands_take_h_for_help_as_commands_do(state, monkeypatch):
+    out, err = plain_consoles(state, monkeypatch)
+    for line in ("/list -h", "/mode --help", "/help list"):
+        with contextlib.redirect_stdout(io.StringIO()) as shown:
+            Chat(state).handle(line)
+        assert shown.getvalue().startswith("Usage: /") and "-h, --help" in shown.getvalue()
+    assert err.getvalue() == ""
 
 
 def test_load_activate_past_the_window_names_the_chunk_it_kept(state, tmp_path, context_kept):

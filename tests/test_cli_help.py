@@ -139,17 +139,30 @@ def test_usage_errors_are_one_line_with_status_2(args, says, tmp_path):
             (["--recompute", "0.3", "--mode", "exact", "chat"], "applies to realign only"),
             (["--recompute", "5", "mode"], "recompute must be from 0 to 1"),
             (["--mode", "exact", "--recompute", "0.3", "mode"], "applies to realign only"),
+            (["--recompute", "2", "generate", "Hi"], "recompute must be from 0 to 1"),
+            (["--mode", "reuse", "--recompute", "0.3", "generate", "Hi"], "realign only"),
+            # A negative fraction is the setting's value to refuse, not an unknown option.
+            (["mode", "realign", "-0.1"], "recompute must be from 0 to 1"),
         ]
     ),
 )
-def test_chat_and_mode_refuse_what_generate_refuses(args, message, tmp_path):
-    """Options a generation would refuse are refused before the chat starts (it would
+def test_what_a_generation_refuses_is_refused_before_the_model_loads(args, message, tmp_path):
+    """Options a generation would refuse are refused before the model loads (a chat would
     start, and fail at every prompt), and before `mode` shows them as if they held."""
     result = invoke(args, tmp_path)
     assert result.exit_code == 1, result.output
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
-    assert result.stdout == ""
+    assert result.stdout == "" and not (tmp_path / "models").exists()
+
+
+def test_mode_says_when_this_runs_fraction_is_not_the_contexts(tmp_path):
+    result = invoke(["--recompute", "0.5", "mode"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        "mode: realign (recompute 0.5) for this session "
+        "(the context's setting is realign (recompute 0.15))\n"
+    )
 
 
 def test_the_model_conversion_draws_its_progress_on_stderr(capfd):

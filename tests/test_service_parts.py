@@ -210,3 +210,27 @@ def test_a_view_is_its_record_with_the_state_of_one_process_and_context():
     assert view.to_record() == record.to_record()  # the view's state is never kept
     assert ChunkRecord.from_record(view.to_record()) == record
     assert "tier" not in record.to_record() and "is_active" not in record.to_record()
+
+
+def test_every_registry_write_goes_through_the_registry_actor():
+    """A worker's RegistryClient sends WRITES to the one actor and makes READS on Redis
+    itself: a public method in neither would write around the actor."""
+    from kvchunks.actors.registry_actor import READS, WRITES, RegistryClient
+    from kvchunks.store.registry import ChunkRegistry
+
+    public = {name for name in dir(ChunkRegistry) if not name.startswith("_")}
+    assert public == set(WRITES) | set(READS) and not set(WRITES) & set(READS)
+    assert all(getattr(RegistryClient, name) is not getattr(ChunkRegistry, name) for name in WRITES)
+
+
+def test_an_answer_stopped_before_it_started_never_runs():
+    from kvchunks.actors.answer_stream import AnswerStreams
+    from kvchunks.common import ListenerGone
+
+    streams, ran = AnswerStreams(), []
+    streams.stop("early")  # its caller went away while the call waited to start
+    with pytest.raises(ListenerGone, match="before it started"):
+        list(streams.stream("early", lambda on_text: ran.append(on_text)))
+    assert ran == [] and streams.running == {}
+    answered = list(streams.stream("later", lambda on_text: (on_text("Hi"), "result")[1]))
+    assert answered == ["Hi", "result"]
