@@ -115,10 +115,11 @@ def start(
     home_dir, model_dir = (str(p) if p else None for p in (home, model))
     common = {"namespace": NAMESPACE, "lifetime": "detached" if detached else None}
     single = _pinned(ray.get_runtime_context().get_node_id(), common)
-    registry, started = None, []  # started: the actors other than the registry
+    # started: the actors other than the registry, each listed as soon as it is made, so
+    # that a start that fails halfway leaves none of them behind (their names taken).
+    registry, started = None, []
     try:
-        stores = _start_stores(home_dir, common)
-        started += [a for s in stores.values() for a in (s.host, s.disk)]
+        stores = _start_stores(home_dir, common, started)
         registry = RegistryActor.options(name=REGISTRY, **single).remote(home_dir, redis_url, names)
         url = get(registry.redis_url.remote(), "starting the registry")
         _check_redis_reach(url, len(stores))
@@ -126,13 +127,12 @@ def start(
         started.append(tiers)
         get(tiers.ready.remote(), "starting the tier manager")
         options = _worker_options(gpus, cpus_per_worker, common)
-        handles = {
-            name: InferenceWorkerActor.options(name=name, **options).remote(
+        handles = {}
+        for name in names:
+            handles[name] = InferenceWorkerActor.options(name=name, **options).remote(
                 name, registry, tiers, model_dir, home_dir, url, engine_options
             )
-            for name in names
-        }
-        started += handles.values()
+            started.append(handles[name])
         _wait([w.ready.remote() for w in handles.values()], timeout)
         get(tiers.connect_workers.remote(names), "starting the tier manager")
     except BaseException:
@@ -185,8 +185,9 @@ def _pinned(node: str, common: dict) -> dict:
     return {**common, "num_cpus": 0, "scheduling_strategy": here, "max_restarts": -1}
 
 
-def _start_stores(home: str | None, common: dict) -> dict:
-    """A HostStore and a DiskStore on every live node, ready."""
+def _start_stores(home: str | None, common: dict, started: list[ActorHandle]) -> dict:
+    """A HostStore and a DiskStore on every live node, ready (each added to `started` as it
+    is made)."""
     from kvchunks.actors.disk_store import DiskStoreActor
     from kvchunks.actors.host_store import HostStoreActor
     from kvchunks.actors.tier_manager import NodeStores
@@ -194,10 +195,11 @@ def _start_stores(home: str | None, common: dict) -> dict:
     stores = {}
     for node in (n["NodeID"] for n in ray.nodes() if n["Alive"]):
         on_node = _pinned(node, common)
-        stores[node] = NodeStores(
-            HostStoreActor.options(name=store_name(HOST_STORE, node), **on_node).remote(),
-            DiskStoreActor.options(name=store_name(DISK_STORE, node), **on_node).remote(home),
-        )
+        host = HostStoreActor.options(name=store_name(HOST_STORE, node), **on_node).remote()
+        started.append(host)
+        disk = DiskStoreActor.options(name=store_name(DISK_STORE, node), **on_node).remote(home)
+        started.append(disk)
+        stores[node] = NodeStores(host, disk)
     ready = [a.ready.remote() for s in stores.values() for a in (s.host, s.disk)]
     get(ready, "starting the tier stores")
     return stores

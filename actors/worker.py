@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -33,13 +34,15 @@ from kvchunks.actors.pool_report import PoolReport
 from kvchunks.actors.registry_actor import RegistryClient
 from kvchunks.actors.remote import CONTEXT_METHODS
 from kvchunks.actors.shared_tiers import SharedTiers
-from kvchunks.common import HOME_ENV, InvalidInput, data_dir
+from kvchunks.common import HOME_ENV, InvalidInput, KVChunksError, data_dir
 from kvchunks.engine import EngineConfig
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.context_manager import ContextManager
 from kvchunks.service.generation import GenerationResult
 from kvchunks.service.model_host import ModelHost
 from kvchunks.store import redis_server
+
+log = logging.getLogger(__name__)
 
 ANSWERS = ("generate", "chat")  # the methods that stream an answer (see `answer`)
 
@@ -177,7 +180,15 @@ class InferenceWorker:
                 with self.shared.serving(routed_context):
                     yield
             finally:
-                self.report.send()
+                self._report()
+
+    def _report(self) -> None:
+        """Report the pool after a call. A report that fails (the registry actor restarting)
+        is sent again with the next one: the call's outcome stays its own, success or error."""
+        try:
+            self.report.send()
+        except KVChunksError as e:
+            log.warning("worker %s could not report its pool: %s", self.name, e)
 
     @ray.method(concurrency_group=TRANSFERS)
     def forget(self, hashes: list[str]) -> None:

@@ -234,3 +234,32 @@ def test_an_answer_stopped_before_it_started_never_runs():
     assert ran == [] and streams.running == {}
     answered = list(streams.stream("later", lambda on_text: (on_text("Hi"), "result")[1]))
     assert answered == ["Hi", "result"]
+
+
+def test_a_pool_report_that_fails_leaves_the_calls_outcome_its_own(caplog):
+    """The report after a call goes to the registry actor, which may be restarting: the call
+    (committed, or failed for its own reason) is not made to fail with the report's error."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from kvchunks.actors.worker import InferenceWorker
+    from kvchunks.common import ServiceUnavailable
+
+    def restarting() -> None:
+        raise ServiceUnavailable("the registry actor is restarting")
+
+    worker = object.__new__(InferenceWorker)  # a plain class: its collaborators set by hand
+    worker.name, worker.lock, worker.deleted_lock, worker.deleted = (
+        "w0",
+        threading.Lock(),
+        threading.Lock(),
+        set(),
+    )
+    worker.store = SimpleNamespace(registry=SimpleNamespace(missing=lambda hashes: []))
+    worker.shared = SimpleNamespace(serving=lambda context: contextlib.nullcontext())
+    worker.report = SimpleNamespace(send=restarting)
+    with worker._serving():
+        pass  # a call that succeeded
+    with pytest.raises(KeyError, match="its own"), worker._serving():
+        raise KeyError("its own")
+    assert caplog.text.count("could not report its pool") == 2
