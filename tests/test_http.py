@@ -340,6 +340,13 @@ def test_vllm_sampling_extensions_are_served(served):
     assert reply(40, temperature=0, ignore_eos=True).usage.completion_tokens == 40
 
 
+def test_a_blank_completion_prompt_is_named_as_such(served):
+    with served.http() as http:
+        refused = http.post("/v1/completions", json={"prompt": " ", "max_tokens": 2})
+    assert refused.status_code == 400
+    assert refused.json()["error"]["message"] == "prompt must be non-empty text"
+
+
 def test_a_model_is_found_by_its_id(served):
     client = served.openai()
     [listed] = client.models.list().data
