@@ -293,9 +293,9 @@ class ChunkRegistry:
         """For a view: the chunks it reads, their reference counts changed by `delta`, to be
         written in the caller's transaction (watched: a tag added meanwhile is not lost). A
         view being stored needs them all; one being deleted skips those already gone."""
-        if chunk.layout != "view":
+        sources = list(dict.fromkeys(s.hash for s in chunk.sources))
+        if chunk.layout != "view" or not sources:
             return []
-        sources = list(dict.fromkeys(chunk.parent_chunks))
         pipe.watch(*[self._chunk_key(h) for h in sources])
         if delta < 0:
             sources = self._present(pipe, sources)
