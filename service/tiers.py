@@ -254,8 +254,7 @@ class Tiers:
         return self.model.llm.read_kv(segments, self.host.buffer)
 
     def _moved_out(self, chunk_hash: str, kv: KV | None) -> None:
-        """Free the chunk's pool blocks; its KV stays in host memory (kv, its copy) or in its
-        file (kv None)."""
+        """Free the chunk's pool blocks; its KV stays in host memory (kv) or its file (None)."""
         nbytes = self._nbytes(self.kv[chunk_hash])
         self.evict(chunk_hash)
         self.stats["evictions"] += 1
