@@ -9,6 +9,8 @@ when it dies). What it keeps is the TierManager's decision, within the node's bu
 
 from __future__ import annotations
 
+import secrets
+
 import numpy as np
 import ray
 
@@ -18,16 +20,24 @@ from kvchunks.actors.kv_transfer import KVPayload
 class HostStore:
     def __init__(self) -> None:
         self.kv: dict[str, KVPayload] = {}
+        # New at every start: a store Ray restarted has lost what it held, and the manager,
+        # which counts that in the node's budget, learns of it from the next `put`.
+        self.incarnation = secrets.token_hex(8)
 
     def ready(self) -> bool:
         return True
 
-    def put(self, chunk_hash: str, payload: KVPayload) -> None:
+    def started_as(self) -> str:
+        return self.incarnation
+
+    def put(self, chunk_hash: str, payload: KVPayload) -> str:
+        """Keep a copy of the payload; returns this store's incarnation."""
         if chunk_hash not in self.kv:
             own = KVPayload(
                 np.array(payload.k, copy=True), np.array(payload.v, copy=True), payload.dtype
             )
             self.kv[chunk_hash] = own
+        return self.incarnation
 
     def get(self, chunk_hash: str) -> KVPayload | None:
         return self.kv.get(chunk_hash)

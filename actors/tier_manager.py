@@ -24,6 +24,7 @@ import ray
 
 from kvchunks.actors.remote import DISK_STORE, HOST_STORE, NAMESPACE, get, store_name
 from kvchunks.actors.router import Router
+from kvchunks.common import ServiceUnavailable
 from kvchunks.policies.budgets import TierBudgets
 from kvchunks.policies.lru import LRUBudget
 from kvchunks.policies.prefetch import PrefetchPolicy
@@ -56,9 +57,14 @@ class TierManager:
         # every store is asked at once, not one after another.
         host_sizes = {node: s.host.sizes.remote() for node, s in self.stores.items()}
         disk_sizes = {node: s.disk.sizes.remote() for node, s in self.stores.items()}
+        started = {node: s.host.started_as.remote() for node, s in self.stores.items()}
         self.hosts = {
             node: LRUBudget(budgets.cpu_bytes, get(sizes, "a host store"))
             for node, sizes in host_sizes.items()
+        }
+        # Each HostStore's incarnation when it was counted (None: unknown, after a failed put).
+        self.host_started: dict[str, str | None] = {
+            node: get(ref, "a host store") for node, ref in started.items()
         }
         self.disks = {
             node: LRUBudget(budgets.disk_bytes, get(sizes, "a disk store"))
@@ -112,16 +118,39 @@ class TierManager:
         with self.lock:
             budget = self.hosts.get(node)
             victims = None if budget is None else budget.admit(chunk_hash, nbytes)
+            if victims is not None:
+                # Sent with the lock held: a store runs one caller's calls in the order they
+                # were sent, so it sees the budget's changes in the order they were made (a
+                # `forget` of this chunk cannot drop it before this put lands).
+                host = self.stores[node].host
+                for victim in victims:
+                    host.drop.remote(victim)
+                put = host.put.remote(chunk_hash, payload[0])
         if victims is None:
             self.stats["offload_refused"] += 1
             return False
-        host = self.stores[node].host
-        for victim in victims:
-            host.drop.remote(victim)  # actor calls run in order: gone before the put lands
-        get(host.put.remote(chunk_hash, payload[0]), "host store")
+        try:
+            started = get(put, "host store")
+        except ServiceUnavailable:
+            with self.lock:  # it may have restarted empty: the next put counts it again
+                self.host_started[node] = None
+            raise
+        if started != self.host_started[node]:
+            self._recount_host(node)
         self.stats["offloaded"] += 1
         self.stats["host_dropped"] += len(victims)
         return True
+
+    def _recount_host(self, node: str) -> None:
+        """The node's HostStore started again, and lost what it held: count what it holds
+        now. With the lock held, so that every put already counted has landed (sent before
+        this call) and none is counted meanwhile."""
+        with self.lock:
+            host = self.stores[node].host
+            started, sizes = get([host.started_as.remote(), host.sizes.remote()], "host store")
+            self.hosts[node] = LRUBudget(self.hosts[node].budget_bytes, sizes)
+            self.host_started[node] = started
+        self.stats["host_recounted"] += 1
 
     def in_host(self) -> list[str]:
         """The chunks some node's HostStore holds."""

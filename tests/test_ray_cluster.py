@@ -4,6 +4,7 @@ actor, KV lost with its owner, the tier stores, and `kvchunks status`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import threading
@@ -333,68 +334,139 @@ def test_commands_without_a_cluster_say_so(command):
     assert done.stderr.count("\n") == 1
 
 
-def test_tier_manager_keeps_each_nodes_host_and_disk_budgets(ray_service, tmp_path):
+def kv_payload(seed: int):
+    from kvchunks.actors.kv_transfer import KVPayload
+
+    k = np.random.default_rng(seed).standard_normal((2, 4, 1, 8), dtype=np.float32)
+    return KVPayload(k, -k, "float32")
+
+
+@contextlib.contextmanager
+def tier_manager_on(ray_service, tmp_path, cpu_chunks: int, **host_options):
+    """A TierManager (the plain class, here) over a HostStore and a DiskStore for each of
+    two made-up nodes, the host budget `cpu_chunks` payloads, the disk's 1,000 bytes."""
     from kvchunks.actors.disk_store import DiskStoreActor
     from kvchunks.actors.host_store import HostStoreActor
-    from kvchunks.actors.kv_transfer import KVPayload
     from kvchunks.actors.remote import DISK_STORE, HOST_STORE, NAMESPACE, store_name
     from kvchunks.actors.tier_manager import NodeStores, TierManager
     from kvchunks.policies.budgets import TierBudgets
     from kvchunks.policies.prefetch import Explicit
-
-    def payload(seed: int) -> KVPayload:
-        k = np.random.default_rng(seed).standard_normal((2, 4, 1, 8), dtype=np.float32)
-        return KVPayload(k, -k, "float32")
-
-    one = payload(0).nbytes
-    registry = ray_service.service.registry
 
     def named(kind: str, node: str) -> dict:  # as a service names each node's stores
         return {"name": store_name(kind, node), "namespace": NAMESPACE}
 
     stores = {
         node: NodeStores(
-            HostStoreActor.options(**named(HOST_STORE, node)).remote(),
+            HostStoreActor.options(**named(HOST_STORE, node), **host_options).remote(),
             DiskStoreActor.options(**named(DISK_STORE, node)).remote(str(tmp_path / node)),
         )
         for node in ("node-a", "node-b")
     }
-    budgets = TierBudgets(cpu_bytes=2 * one, disk_bytes=1000)
-    manager = TierManager(registry, list(stores), budgets, Explicit())
+    budgets = TierBudgets(cpu_bytes=cpu_chunks * kv_payload(0).nbytes, disk_bytes=1000)
+    try:
+        yield TierManager(ray_service.service.registry, list(stores), budgets, Explicit()), stores
+    finally:
+        for node_stores in stores.values():
+            ray.kill(node_stores.host)
+            ray.kill(node_stores.disk)
+
+
+def held_in(stores, node: str) -> set[str]:
+    return set(get(stores[node].host.sizes.remote()))
+
+
+def test_tier_manager_keeps_each_nodes_host_and_disk_budgets(ray_service, tmp_path):
+    one = kv_payload(0).nbytes
     x, y, z, q = (c * 64 for c in "1234")
+    with tier_manager_on(ray_service, tmp_path, cpu_chunks=2) as (manager, stores):
 
-    def offload(chunk_hash: str, node: str, seed: int) -> bool:
-        return manager.offload(chunk_hash, node, [ray.put(payload(seed))], one)
+        def offload(chunk_hash: str, node: str, seed: int) -> bool:
+            return manager.offload(chunk_hash, node, [ray.put(kv_payload(seed))], one)
 
-    def held(node: str) -> set[str]:
-        return set(get(stores[node].host.sizes.remote()))
+        def held(node: str) -> set[str]:
+            return held_in(stores, node)
 
-    # Evictions go to the worker's own node, within that node's budget, coldest out first.
-    assert offload(x, "node-a", 1) and offload(y, "node-a", 2) and held("node-a") == {x, y}
-    spec = {"fingerprint": "f" * 64, "dtype": "float32", "shape": (2, None, 1, 8)}
-    assert same_bits(get(manager.fetch(x, "w", "node-b", spec)), payload(1))  # x used: y cold
-    assert offload(z, "node-a", 3) and held("node-a") == {x, z} and held("node-b") == set()
-    # A copy on the requester's own node comes first; each node has a budget of its own.
-    assert offload(q, "node-a", 4) and offload(q, "node-b", 5) and held("node-b") == {q}
-    assert same_bits(get(manager.fetch(q, "w", "node-b", spec)), payload(5))
-    assert same_bits(get(manager.fetch(q, "w", "node-a", spec)), payload(4))
-    assert manager.fetch(y, "w", "node-a", spec) is None  # dropped, and no worker holds it
-    assert not manager.offload(y, "node-a", [ray.put(payload(6))], 3 * one)  # larger than all
-    assert not offload(y, "node-c", 6)  # a node without stores
-    # New files are admitted within each node's disk budget.
-    assert manager.admit_file(x, "node-a", 600) and not manager.admit_file(y, "node-a", 600)
-    assert manager.admit_file(y, "node-b", 600)
-    usage = manager.usage()
-    assert usage["node-a"]["disk"]["bytes"] == 600 and usage["node-a"]["cpu"]["chunks"] == 2
-    # A deleted chunk leaves every node's host memory and disk budget.
-    manager.forget(q)
-    assert q not in held("node-a") | held("node-b") and q not in manager.in_host()
-    manager.forget(x)
-    assert manager.admit_file(y, "node-a", 600)
-    assert manager.transfers()["host_dropped"] == 2 and manager.transfers()["offload_refused"] == 2
-    for node_stores in stores.values():
-        ray.kill(node_stores.host)
-        ray.kill(node_stores.disk)
+        # Evictions go to the worker's own node, within that node's budget, coldest out first.
+        assert offload(x, "node-a", 1) and offload(y, "node-a", 2) and held("node-a") == {x, y}
+        spec = {"fingerprint": "f" * 64, "dtype": "float32", "shape": (2, None, 1, 8)}
+        assert same_bits(get(manager.fetch(x, "w", "node-b", spec)), kv_payload(1))  # y cold
+        assert offload(z, "node-a", 3) and held("node-a") == {x, z} and held("node-b") == set()
+        # A copy on the requester's own node comes first; each node has a budget of its own.
+        assert offload(q, "node-a", 4) and offload(q, "node-b", 5) and held("node-b") == {q}
+        assert same_bits(get(manager.fetch(q, "w", "node-b", spec)), kv_payload(5))
+        assert same_bits(get(manager.fetch(q, "w", "node-a", spec)), kv_payload(4))
+        assert manager.fetch(y, "w", "node-a", spec) is None  # dropped, and no worker holds it
+        assert not manager.offload(y, "node-a", [ray.put(kv_payload(6))], 3 * one)  # too large
+        assert not offload(y, "node-c", 6)  # a node without stores
+        # New files are admitted within each node's disk budget.
+        assert manager.admit_file(x, "node-a", 600) and not manager.admit_file(y, "node-a", 600)
+        assert manager.admit_file(y, "node-b", 600)
+        usage = manager.usage()
+        assert usage["node-a"]["disk"]["bytes"] == 600 and usage["node-a"]["cpu"]["chunks"] == 2
+        # A deleted chunk leaves every node's host memory and disk budget.
+        manager.forget(q)
+        assert q not in held("node-a") | held("node-b") and q not in manager.in_host()
+        manager.forget(x)
+        assert manager.admit_file(y, "node-a", 600)
+        transfers = manager.transfers()
+        assert transfers["host_dropped"] == 2 and transfers["offload_refused"] == 2
+
+
+class ForgetBeforePut:
+    """A HostStore handle whose put is sent only once the manager has forgotten the chunk,
+    or after half a second if the manager holds that `forget` back."""
+
+    def __init__(self, host, manager):
+        self.host, self.manager, self.forgets = host, manager, []
+        self.put = self
+
+    def __getattr__(self, name: str):  # the store's other methods
+        return getattr(self.host, name)
+
+    def remote(self, chunk_hash: str, payload):
+        forget = threading.Thread(target=self.manager.forget, args=(chunk_hash,))
+        forget.start()
+        self.forgets.append(forget)
+        forget.join(timeout=0.5)
+        return self.host.put.remote(chunk_hash, payload)
+
+
+def test_a_chunk_deleted_while_it_is_offloaded_is_kept_in_no_host_store(ray_service, tmp_path):
+    from kvchunks.actors.tier_manager import NodeStores
+
+    with tier_manager_on(ray_service, tmp_path, cpu_chunks=2) as (manager, stores):
+        host = ForgetBeforePut(stores["node-a"].host, manager)
+        manager.stores["node-a"] = NodeStores(host, stores["node-a"].disk)
+        x = "1" * 64
+        assert manager.offload(x, "node-a", [ray.put(kv_payload(1))], kv_payload(1).nbytes)
+        host.forgets[0].join()
+        # Before, the forget's drop could land first, and the put then kept KV nobody counted.
+        assert held_in(stores, "node-a") == set() and manager.in_host() == []
+
+
+def test_a_restarted_host_store_is_counted_again(ray_service, tmp_path):
+    one = kv_payload(0).nbytes
+    x, y = "1" * 64, "2" * 64
+    with tier_manager_on(ray_service, tmp_path, cpu_chunks=2, max_restarts=1) as (
+        manager,
+        stores,
+    ):
+        host = stores["node-a"].host
+        assert manager.offload(x, "node-a", [ray.put(kv_payload(1))], one)
+        ray.kill(host, no_restart=False)  # it comes back empty
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                get(host.ready.remote())
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "the HostStore did not come back"
+                time.sleep(0.2)
+        assert manager.offload(y, "node-a", [ray.put(kv_payload(2))], one)
+        # x went with the store that held it: it is no longer counted in the node's budget.
+        assert held_in(stores, "node-a") == {y} and manager.in_host() == [y]
+        assert manager.usage()["node-a"]["cpu"] == {"chunks": 1, "bytes": one, "budget": 2 * one}
+        assert manager.transfers()["host_recounted"] == 1
 
 
 def test_restarted_registry_actor_gets_every_pool_again(ray_service):
