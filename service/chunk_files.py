@@ -56,6 +56,16 @@ class ChunkFiles:
     def load(self, chunk: ChunkInfo) -> KV | None:
         """The chunk's KV from its file, if it is there and sound (into host-memory buffers
         the tier keeps for reuse)."""
+        kv = self._read(chunk)
+        if kv is not None:
+            self.stats["file_loads"] += 1
+        return kv
+
+    def is_sound(self, chunk: ChunkInfo) -> bool:
+        """Whether the chunk's file is there and passes every check (its KV is read)."""
+        return self._read(chunk) is not None
+
+    def _read(self, chunk: ChunkInfo) -> KV | None:
         path = self.path(chunk.hash)
         if not path.exists():
             return None
@@ -70,7 +80,6 @@ class ChunkFiles:
         except ChunkFileError:  # a damaged file is never used: the chunk is recomputed instead
             self.stats["bad_files"] += 1
             return None
-        self.stats["file_loads"] += 1
         return k, v
 
     def write(self, chunk: ChunkInfo, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ out of the pool runs without it (unless the caller holds it), so generation step
 meanwhile. A move that makes room for new KV runs under it, as the blocks must be free
 before they are allocated; when only the blocks a copy holds would make the room, it waits
 for that copy (which needs no lock) and finishes its move itself. A move to disk runs under
-it too: it copies KV only to write a lost file again.
+it too: it checks the file, and copies KV only to write a lost or damaged file again.
 """
 
 from __future__ import annotations
@@ -342,14 +342,14 @@ class Tiers:
         return True
 
     def to_disk(self, chunk_hash: str) -> bool:
-        """Keep only the file (written again first if it was lost); False if there is no copy
-        of the KV to write it from."""
+        """Keep only the file (written again if lost or damaged); False: no KV to write it from."""
         with self.lock:
-            if not self.files.exists(chunk_hash):
-                kv = self._held_kv(chunk_hash)
-                if kv is None:
-                    return False
-                self.files.write(self.registry.get(chunk_hash), *kv)
+            held = chunk_hash in self.kv or chunk_hash in self.host
+            # Read and checked while a copy in memory can replace it: later damage shows only so.
+            if held and not self.files.is_sound(chunk := self.registry.get(chunk_hash)):
+                self.files.write(chunk, *self._held_kv(chunk_hash))
+            elif not held and not self.files.exists(chunk_hash):
+                return False
             self.evict(chunk_hash)
             self.host.pop(chunk_hash)
             self.lru.forget(chunk_hash)

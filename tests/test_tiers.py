@@ -43,6 +43,26 @@ def test_round_trip_through_every_tier_is_bitwise(make_cm):
     assert cm.get_chunk(doc.hash).tier == "gpu"
 
 
+@pytest.mark.parametrize("tier", ["gpu", "cpu"])
+def test_archiving_writes_a_damaged_file_again_from_the_copy_in_memory(make_cm, tier):
+    cm = make_cm()
+    doc = cm.add_chunk(DOC)
+    k0, v0 = kv_of(cm, doc.hash)
+    if tier == "cpu":
+        cm.move_to_cpu(doc.hash)
+    path = kv_path(cm.store.home, doc.hash)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # damaged after it was written
+    path.write_bytes(bytes(data))
+    assert cm.archive_to_disk(doc.hash).tier == "disk"
+    assert cm.store.stats["bad_files"] == 1 and cm.store.files.is_sound(doc)
+    before = cm.store.stats["recomputes"]
+    cm.move_to_gpu(doc.hash)  # from the file: no recompute
+    assert cm.store.stats["recomputes"] == before
+    k1, v1 = kv_of(cm, doc.hash)
+    assert torch.equal(k0, k1) and torch.equal(v0, v1)
+
+
 def test_moves_before_the_engine_starts_report_the_tier_they_made(make_cm, model_path, home):
     chunk = make_cm().add_chunk(DOC)
     store = ChunkStore(model_path, home=home)  # another process: its engine is not started
