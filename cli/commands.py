@@ -3,7 +3,8 @@ chat's slash command of the same name (`/save` and `/restore` are `export` and `
 The context's own commands are in context_commands.py.
 
 Commands that need only the registry (list, info, activate, deactivate, tag) work on
-`state.catalog`, so a one-shot run never loads the model or imports torch.
+`state.catalog`, so a one-shot run never loads the model or imports torch. The others look
+their chunks up there too before the model loads, so that a mistyped HASH is refused at once.
 
 Every command checks what it can before it changes anything, so a bad input leaves the chunk
 pool and the context as they were.
@@ -20,6 +21,7 @@ import click
 from kvchunks.cli import render
 from kvchunks.cli.shared import (
     activate_all,
+    check_refs,
     hash_argument,
     json_option,
     say,
@@ -197,6 +199,7 @@ def _window_line(state: State, cm: Catalog) -> None:
 @pass_state
 def compose(state: State, refs: tuple[str, ...], tags: tuple[str, ...], as_json: bool) -> None:
     """Make one chunk that reads these chunks' KV in order (a view: nothing is copied)."""
+    check_refs(state, refs)
     view = state.manager.compose_chunks(list(refs), tags=list(tags))
     line = f"composed {render.describe(view)} from {len(refs)} chunks"
     show(state, as_json, view.to_json(), line)
@@ -210,6 +213,7 @@ def compose(state: State, refs: tuple[str, ...], tags: tuple[str, ...], as_json:
 @pass_state
 def split(state: State, ref: str, at: int, as_json: bool) -> None:
     """Make two chunks of one, cut before token AT (views: nothing is copied)."""
+    check_refs(state, [ref])
     head, tail = state.manager.split_chunk(ref, at)
     line = f"split into {render.describe(head)} and {render.describe(tail)}"
     show(state, as_json, [head.to_json(), tail.to_json()], line)
@@ -234,6 +238,7 @@ def tag(state: State, ref: str, tag: str, remove: bool) -> None:
 @pass_state
 def delete(state: State, ref: str, cascade: bool) -> None:
     """Delete a chunk and its KV for good."""
+    check_refs(state, [ref])
     deleted = state.manager.delete_chunk(ref, cascade=cascade)
     say(state, f"deleted {', '.join(render.short(h) for h in deleted)}")
 
@@ -243,6 +248,7 @@ def delete(state: State, ref: str, cascade: bool) -> None:
 @pass_state
 def populate(state: State, ref: str) -> None:
     """Bring a chunk's KV into the pool now (from its file, or recomputed)."""
+    check_refs(state, [ref])
     chunk = state.manager.populate(ref)
     say(state, f"populated {render.describe(chunk)} on {chunk.tier}")
 
@@ -262,6 +268,7 @@ def move(state: State, refs: tuple[str, ...], tier: str) -> None:
     Several chunks move one after another; in a terminal a bar shows the bytes moved."""
     from kvchunks.cli.progress import move_progress  # rich's progress: only moves need it
 
+    check_refs(state, refs)
     with move_progress(state, len(refs)) as on_progress:
         chunks = state.manager.move_chunks(list(refs), tier, on_progress=on_progress)
     for chunk in chunks:
@@ -273,6 +280,7 @@ def move(state: State, refs: tuple[str, ...], tier: str) -> None:
 @pass_state
 def prefetch(state: State, ref: str) -> None:
     """Start bringing a chunk's KV towards the gpu pool in the background."""
+    check_refs(state, [ref])
     cm = state.manager
     cm.prefetch(ref)
     say(state, f"prefetching {render.short(cm.get_chunk(ref).hash)}")
@@ -291,6 +299,7 @@ def export(state: State, ref: str, file: Path, force: bool) -> None:
 
     A relative FILE goes under <data dir>/exports and may not leave it.
     """
+    check_refs(state, [ref])
     cm = state.manager
     target = cm.export_chunk(ref, file, force=force)
     say(state, f"saved {render.short(cm.get_chunk(ref).hash)} to {target}")

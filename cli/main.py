@@ -32,6 +32,9 @@ from kvchunks.cli.tree import tree
 from kvchunks.common import HOME_ENV, InvalidInput, KVChunksError
 from kvchunks.vocabulary import MODES, check_name
 
+# The commands whose generations --mode and --recompute set (the others would ignore them).
+GENERATING = ("generate", "chat", "demo", "mode")
+
 
 class Group(click.Group):
     """Every error is one line on stderr: kvchunks' own exit 1, usage errors exit 2."""
@@ -134,6 +137,13 @@ def cli(ctx: click.Context, **options) -> None:
     full chunk hash or a unique prefix of 4 or more hex digits.
     """
     state = ctx.ensure_object(State)  # a new one, unless the caller passes its own
+    combining = options["mode"] is not None or options["recompute"] is not None
+    if combining and ctx.invoked_subcommand not in GENERATING:
+        raise click.UsageError(
+            f"--mode and --recompute apply to {', '.join(GENERATING)}; "
+            f"`{ctx.invoked_subcommand}` does not generate",
+            ctx,
+        )
     apply_options(state, **options)
     ctx.call_on_close(state.close)
 

@@ -4,7 +4,7 @@ result is printed: one JSON document with --json, else plain lines or a table.""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -142,6 +142,12 @@ def sampling_params(sampling: dict) -> SamplingParams:
     from kvchunks import SamplingParams
 
     return SamplingParams(**(DEFAULT_SAMPLING | sampling))
+
+
+def check_refs(state: State, refs: Iterable[str]) -> None:
+    """Refuse an unknown or ambiguous HASH from the registry, before the model loads."""
+    for ref in refs:
+        state.catalog.get_chunk(ref)
 
 
 def activate_all(cm: Catalog, refs: list[str]) -> list[ChunkInfo]:

@@ -101,6 +101,9 @@ def test_help_and_usage_errors_do_not_import_torch():
     by_command_line(
         [
             (["--mode", "fast", "list"], "Invalid value for '--mode': 'fast' is not one of"),
+            # Not ignored where nothing is generated.
+            (["--mode", "exact", "list"], "apply to generate, chat, demo, mode; `list` does"),
+            (["--recompute", "0.3", "delete", "abcd"], "`delete` does not generate"),
             (["mode", "fast"], "Invalid value for '[MODE]': 'fast' is not one of"),
             (["info"], "Missing argument 'HASH'."),
             (["info", "abcd", "extra"], "Got unexpected extra argument (extra)"),
@@ -154,6 +157,26 @@ def test_what_a_generation_refuses_is_refused_before_the_model_loads(args, messa
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert result.stdout == "" and not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["compose", "abcd1234", "abcd5678"],
+        ["split", "abcd1234", "3"],
+        ["delete", "abcd1234"],
+        ["populate", "abcd1234"],
+        ["move", "abcd1234", "cpu"],
+        ["prefetch", "abcd1234"],
+        ["export", "abcd1234", "out.kvc"],
+    ],
+    ids=lambda args: args[0],
+)
+def test_an_unknown_hash_is_refused_before_the_model_loads(args, tmp_path):
+    result = invoke(["--model", str(tmp_path / "no-model"), *args], tmp_path)
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert lines == ["error: no chunk has hash or prefix 'abcd1234'"]
 
 
 def test_mode_says_when_this_runs_fraction_is_not_the_contexts(tmp_path):
