@@ -93,20 +93,24 @@ class ChunkMaker:
         they are freed and nothing of the chunk is left."""
         tiers = self.tiers
         written = False
-        try:
-            if self.registry.exists(chunk.hash):
+        owns_kv = chunk.layout != "view"
+        # The file's lock, so that another process deleting this chunk (record, then file)
+        # cannot remove the file written here.
+        with tiers.files.claimed(chunk.hash) if owns_kv else contextlib.nullcontext():
+            try:
+                if self.registry.exists(chunk.hash):
+                    tiers.free(segments)
+                    return self.registry.get(chunk.hash)
+                if owns_kv:
+                    tiers.files.write(chunk, *tiers.model.llm.read_kv(segments))
+                    written = True
+                self.registry.put(chunk, tier="gpu" if owns_kv else None)
+            except BaseException:
                 tiers.free(segments)
-                return self.registry.get(chunk.hash)
-            if chunk.layout != "view":
-                tiers.files.write(chunk, *tiers.model.llm.read_kv(segments))
-                written = True
-            self.registry.put(chunk, tier="gpu" if chunk.layout != "view" else None)
-        except BaseException:
-            tiers.free(segments)
-            if written:
-                tiers.files.remove(chunk.hash)
-            raise
-        if chunk.layout != "view":
+                if written:
+                    tiers.files.remove(chunk.hash)
+                raise
+        if owns_kv:
             tiers.adopt(chunk.hash, segments, record=False)
         return self.registry.get(chunk.hash)
 
@@ -208,12 +212,15 @@ class ChunkMaker:
         return [*deleted, chunk.hash]
 
     def _delete_one(self, chunk: ChunkInfo, unless_used: bool = False) -> None:
-        # Under the lock that making a chunk holds: the same chunk made again between the
+        # Under the locks that making a chunk holds (this process's, and the file's for the
+        # other processes on the data directory): the same chunk made again between the
         # record's delete and the KV's would lose its new KV and file.
-        with self.lock:
+        if chunk.layout == "view":  # no KV: the registry takes back its references
+            with self.lock:
+                self.registry.delete(chunk.hash, unless_used=unless_used)
+            return
+        with self.lock, self.tiers.files.claimed(chunk.hash):
             self.tiers.records.flush()  # none may land on a chunk made again with this hash
             self.registry.delete(chunk.hash, unless_used=unless_used)
-            if chunk.layout == "view":  # the registry took back its references
-                return
             self.tiers.forget(chunk.hash)
             self.tiers.files.remove(chunk.hash)

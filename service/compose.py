@@ -72,8 +72,7 @@ class Composer:
     def _rebuild(self, chunk: ChunkInfo) -> list[KVSegment]:
         """Compute a chunk's KV again, in the context it was computed in, and its file."""
         self.model.check_dtype([chunk])  # else another dtype's file would be overwritten
-        if self.registry.missing([chunk.hash]):  # its file went with it: do not make a new one
-            raise ChunkNotFound(f"chunk {chunk.hash[:12]} was deleted meanwhile")
+        self._check_not_deleted(chunk)
         self.stats["recomputes"] += 1
         try:
             parents = self.registry.get_many(chunk.parent_chunks)
@@ -98,12 +97,18 @@ class Composer:
             finally:
                 self.release(context)
         try:
-            self.files.remove(chunk.hash)  # the damaged file, if any
-            self.files.write(chunk, *llm.read_kv([segment]))
+            with self.files.claimed(chunk.hash):  # a delete elsewhere waits, or has ended
+                self._check_not_deleted(chunk)
+                self.files.remove(chunk.hash)  # the damaged file, if any
+                self.files.write(chunk, *llm.read_kv([segment]))
         except BaseException:  # no room on disk, say: the KV is nobody's yet
             llm.release(segment)
             raise
         return [segment]
+
+    def _check_not_deleted(self, chunk: ChunkInfo) -> None:
+        if self.registry.missing([chunk.hash]):  # its file went with it: do not make a new one
+            raise ChunkNotFound(f"chunk {chunk.hash[:12]} was deleted meanwhile")
 
     # -- layout -----------------------------------------------------------------------------
 

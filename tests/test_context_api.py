@@ -432,6 +432,34 @@ def test_a_chunk_made_again_while_it_is_deleted_keeps_its_new_kv(make_cm, monkey
     assert kv_path(cm.store.home, doc.hash).exists() and doc.hash in cm.store.tiers.kv
 
 
+def test_a_chunk_made_again_elsewhere_while_it_is_deleted_keeps_its_file(make_cm, monkeypatch):
+    """Two stores on one data directory, as the workers of a node are: one deletes a chunk
+    while the other loads its text again. The file the other writes is not removed."""
+    cm, other = make_cm(), make_cm()
+    doc = cm.add_chunk(DOC)
+    deleted, loaded_again = threading.Event(), threading.Event()
+    delete = cm.registry.delete
+
+    def slow_delete(*args, **kwargs):
+        delete(*args, **kwargs)
+        deleted.set()
+        loaded_again.wait(3)  # the other store's load gets its chance (or waits for the file)
+
+    monkeypatch.setattr(cm.registry, "delete", slow_delete)
+    deleting = threading.Thread(target=cm.delete_chunk, args=(doc.hash,))
+    deleting.start()
+    assert deleted.wait(60)
+    again = []
+    loading = threading.Thread(
+        target=lambda: (again.append(other.add_chunk(DOC)), loaded_again.set())
+    )
+    loading.start()
+    deleting.join(60)
+    loading.join(60)
+    assert again[0].hash == doc.hash and other.get_chunk(doc.hash).tier == "gpu"
+    assert other.store.files.is_sound(doc)
+
+
 def test_chunks_computed_after_a_deleted_chunk_keep_working(make_cm):
     cm = make_cm()
     doc = cm.add_chunk(DOC)
