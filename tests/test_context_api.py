@@ -406,10 +406,13 @@ def test_delete_with_views_needs_cascade(make_cm):
     assert cm.get_chunk(b.hash).ref_count == 0
 
 
-def test_a_chunk_made_again_while_it_is_deleted_keeps_its_new_kv(make_cm, monkeypatch):
-    """The same text loaded again while its chunk is being deleted: the load waits for the
-    delete to end, so the delete cannot take away the new chunk's file and pool KV."""
+@pytest.mark.parametrize("where", ["same store", "another store"])
+def test_a_chunk_made_again_while_it_is_deleted_keeps_its_new_kv(make_cm, monkeypatch, where):
+    """The same text loaded again while its chunk is being deleted, by the same store or by
+    another on the same data directory (as the workers of a node are): the load waits for
+    the delete to end, so the delete cannot take away the new chunk's file and pool KV."""
     cm = make_cm()
+    loader = cm if where == "same store" else make_cm()
     doc = cm.add_chunk(DOC)
     deleted, loaded_again = threading.Event(), threading.Event()
     delete = cm.registry.delete
@@ -417,33 +420,7 @@ def test_a_chunk_made_again_while_it_is_deleted_keeps_its_new_kv(make_cm, monkey
     def slow_delete(*args, **kwargs):
         delete(*args, **kwargs)
         deleted.set()
-        loaded_again.wait(3)  # the load gets its chance (it waits for the lock instead)
-
-    monkeypatch.setattr(cm.registry, "delete", slow_delete)
-    deleting = threading.Thread(target=cm.delete_chunk, args=(doc.hash,))
-    deleting.start()
-    assert deleted.wait(60)
-    again = []
-    loading = threading.Thread(target=lambda: (again.append(cm.add_chunk(DOC)), loaded_again.set()))
-    loading.start()
-    deleting.join(60)
-    loading.join(60)
-    assert again[0].hash == doc.hash and cm.get_chunk(doc.hash).tier == "gpu"
-    assert kv_path(cm.store.home, doc.hash).exists() and doc.hash in cm.store.tiers.kv
-
-
-def test_a_chunk_made_again_elsewhere_while_it_is_deleted_keeps_its_file(make_cm, monkeypatch):
-    """Two stores on one data directory, as the workers of a node are: one deletes a chunk
-    while the other loads its text again. The file the other writes is not removed."""
-    cm, other = make_cm(), make_cm()
-    doc = cm.add_chunk(DOC)
-    deleted, loaded_again = threading.Event(), threading.Event()
-    delete = cm.registry.delete
-
-    def slow_delete(*args, **kwargs):
-        delete(*args, **kwargs)
-        deleted.set()
-        loaded_again.wait(3)  # the other store's load gets its chance (or waits for the file)
+        loaded_again.wait(3)  # the load gets its chance (it waits for the locks instead)
 
     monkeypatch.setattr(cm.registry, "delete", slow_delete)
     deleting = threading.Thread(target=cm.delete_chunk, args=(doc.hash,))
@@ -451,13 +428,13 @@ def test_a_chunk_made_again_elsewhere_while_it_is_deleted_keeps_its_file(make_cm
     assert deleted.wait(60)
     again = []
     loading = threading.Thread(
-        target=lambda: (again.append(other.add_chunk(DOC)), loaded_again.set())
+        target=lambda: (again.append(loader.add_chunk(DOC)), loaded_again.set())
     )
     loading.start()
     deleting.join(60)
     loading.join(60)
-    assert again[0].hash == doc.hash and other.get_chunk(doc.hash).tier == "gpu"
-    assert other.store.files.is_sound(doc)
+    assert again[0].hash == doc.hash and loader.get_chunk(doc.hash).tier == "gpu"
+    assert loader.store.files.is_sound(doc) and doc.hash in loader.store.tiers.kv
 
 
 def test_chunks_computed_after_a_deleted_chunk_keep_working(make_cm):
