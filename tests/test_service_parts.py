@@ -263,3 +263,17 @@ def test_a_pool_report_that_fails_leaves_the_calls_outcome_its_own(caplog):
     with pytest.raises(KeyError, match="its own"), worker._serving():
         raise KeyError("its own")
     assert caplog.text.count("could not report its pool") == 2
+
+
+def test_every_kvchunks_error_is_a_public_name():
+    import kvchunks
+    from kvchunks import common
+
+    errors = {
+        name
+        for name, value in vars(common).items()
+        if isinstance(value, type) and issubclass(value, common.KVChunksError)
+    }
+    errors.remove("ListenerGone")  # ends an answer whose caller has gone: no caller sees it
+    assert errors <= set(kvchunks.__all__)
+    assert all(getattr(kvchunks, name) is getattr(common, name) for name in errors)
