@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch that this machine installs from its local wheel; set TORCH_SPEC for another.
+# The torch this project is tested with; set TORCH_SPEC for another version or build.
 TORCH_SPEC ?= torch==2.13.0
 INSTALLED := $(VENV)/.installed
 

@@ -34,7 +34,7 @@ def nearest_tier(tiers: list[str]) -> str:
     return min(tiers, key=TIERS.index)
 
 
-# The three ways of combining stored KV (DESIGN.md section 4), and their settings.
+# The three ways of combining stored KV, and their settings.
 
 MODES = ("exact", "reuse", "realign")
 DEFAULT_MODE = "realign"

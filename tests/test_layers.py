@@ -1,4 +1,4 @@
-"""Dependencies run one way (DESIGN.md section 1), and no module grows too large.
+"""Dependencies run one way, and no module grows too large.
 
 Every import of a kvchunks module in the package's source (at the top, inside functions,
 under TYPE_CHECKING, and `importlib`/`runpy` calls with a literal name) is mapped to its layer
