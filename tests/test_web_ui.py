@@ -156,6 +156,27 @@ class Page:
         ).click().perform()
 
 
+def open_on(page: Page, served: Served, context: str) -> None:
+    """The page on `context`, the key given, as a returning user has them."""
+    page.driver.get(f"{served.url}/ui")
+    page.js(
+        "localStorage.setItem('kvchunks.apiKey', arguments[0]);"
+        "localStorage.setItem('kvchunks.context', arguments[1]);",
+        KEY,
+        context,
+    )
+    page.driver.refresh()
+    wait_for(lambda: page.find("#context-select").get_attribute("value") == context, "the page")
+
+
+def status(page: Page) -> tuple[bool, str, str]:
+    """The status line: (shown, text, class)."""
+    return page.js(
+        "const line = document.getElementById('status');"
+        "return [!line.hidden, line.textContent, line.className];"
+    )
+
+
 def children_of(served: Served, context: str, parents: list[str]) -> list[dict]:
     with served.http() as http:
         chunks = http.get("/v1/chunks", params={"context": context}).json()["data"]
@@ -263,14 +284,7 @@ def test_dragging_an_active_chunk_reorders_the_context(served, browser, tmp_path
         for text in (FERRY, MUSEUM):
             hashes.append(http.post("/v1/chunks", json={"text": text}).json()["hash"])
             http.post(f"/v1/contexts/{context}/activate", json={"chunk": hashes[-1]})
-    browser.get(f"{served.url}/ui")
-    page.js(
-        "localStorage.setItem('kvchunks.apiKey', arguments[0]);"
-        "localStorage.setItem('kvchunks.context', arguments[1]);",
-        KEY,
-        context,
-    )
-    browser.refresh()
+    open_on(page, served, context)
     wait_for(lambda: page.active_list() == hashes, "the two active chunks")
     # Chromium's drag and drop is not driven by WebDriver: the page's own handlers get the
     # events a drag of the second item onto the first makes.
@@ -288,6 +302,135 @@ def test_dragging_an_active_chunk_reorders_the_context(served, browser, tmp_path
         view = http.get(f"/v1/contexts/{context}").json()
     assert [c["hash"] for c in view["chunks"]] == hashes[::-1]
     page.shot("reordered")
+    # The keyboard does it too: Alt+Down moves the focused chunk one place down.
+    from selenium.webdriver.common.keys import Keys
+
+    page.find(f'#active-list li[data-hash="{hashes[1]}"]').send_keys(Keys.ALT, Keys.ARROW_DOWN)
+    wait_for(lambda: page.active_list() == hashes, "the order the keyboard made")
+    with served.http() as http:
+        view = http.get(f"/v1/contexts/{context}").json()
+    assert [c["hash"] for c in view["chunks"]] == hashes
+
+
+@needs_chromium
+def test_the_page_shows_what_the_server_kept_after_a_refusal_or_an_outage(served, browser):
+    from selenium.webdriver.common.keys import Keys
+
+    page = Page(browser, Path())
+    context = f"web-{uuid.uuid4().hex[:8]}"
+    with served.http() as http:
+        http.post(f"/v1/contexts/{context}/settings", json={"mode": "realign", "recompute": 0.5})
+
+        def recompute() -> float | None:
+            return http.get(f"/v1/contexts/{context}").json()["recompute"]
+
+        open_on(page, served, context)
+        wait_for(lambda: page.find("#recompute").get_attribute("value") == "0.5", "the setting")
+        # Text that is no number is refused, not sent as "no setting"; a number the server
+        # refuses leaves the field showing what the server kept.
+        for typed, said in (("1e", "recompute must be a number"), ("5", "recompute must be")):
+            field = page.find("#recompute")  # typed over, as a user does (no clearing first)
+            field.send_keys(Keys.CONTROL, "a")
+            field.send_keys(typed, Keys.TAB)
+            wait_for(lambda s=said: s in status(page)[1], f"{typed!r} refused")
+            wait_for(lambda: page.find("#recompute").get_attribute("value") == "0.5", "0.5")
+            assert recompute() == 0.5
+        # A key that cannot travel in a header is refused when it is given.
+        page.type("api-key", "ключ")
+        page.find("#key-form button").click()
+        wait_for(lambda: "printable ASCII" in status(page)[1], "the key refused")
+        assert page.js("return localStorage.getItem('kvchunks.apiKey')") == KEY
+        # An input method's Enter confirms a conversion: it does not send the question.
+        page.js(
+            "const box = document.getElementById('chat-input'); box.value = 'にほんご';"
+            "box.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', isComposing: true,"
+            " bubbles: true, cancelable: true}));"
+        )
+        assert page.js("return document.querySelectorAll('.turn').length") == 0
+        assert page.find("#chat-input").get_attribute("value") == "にほんご"
+        # Enter skips the form's own checks: max tokens 0 is the server's to refuse.
+        chunks = len(http.get("/v1/chunks").json()["data"])
+        page.type("max-tokens", "0")
+        page.type("chat-input", "Hello?")
+        page.find("#chat-input").send_keys(Keys.ENTER)
+        wait_for(
+            lambda: page.js("return document.querySelector('.turn')?.dataset.done") == "error",
+            "the refusal in the chat",
+        )
+        assert "max_tokens" in page.find(".turn .facts").text
+        assert len(http.get("/v1/chunks").json()["data"]) == chunks
+        # A change made elsewhere while the user types shows once they stop. (The page
+        # notices a change by the store's counters: the move counts an eviction.)
+        page.find("#chat-input").click()
+        made = http.post("/v1/chunks", json={"text": f"Made elsewhere {uuid.uuid4()}."}).json()
+        http.post(f"/v1/chunks/{made['hash']}/move", json={"tier": "cpu"})
+        time.sleep(3.5)  # one poll of the page's while the user is in the chat box
+        page.js("document.activeElement.blur()")
+        wait_for(lambda: made["hash"] in page.row_hashes(), "the new chunk on the page", 10)
+    # With the server out of reach, a context switch says so and the page stays where it was;
+    # the message goes once the server answers again.
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/v1/*"]})
+    try:
+        page.choose("context-select", "default")
+        wait_for(lambda: "cannot be reached" in status(page)[1], "the outage said")
+        assert page.find("#context-select").get_attribute("value") == context
+    finally:
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+    wait_for(lambda: not status(page)[0], "the outage message gone", 10)
+    assert page.find("#context-select").get_attribute("value") == context
+    # Snippets are cut between characters, never inside an emoji's two UTF-16 units.
+    cut = page.driver.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "import('/ui/util.js').then(u => done(u.snippet('x'.repeat(88) + '🎉🎉🎉', 90)));"
+    )
+    assert cut == "x" * 88 + "🎉…"
+
+
+@needs_chromium
+def test_declining_to_delete_a_chunks_views_keeps_it_without_an_error(served, browser):
+    page = Page(browser, Path())
+    context = f"web-{uuid.uuid4().hex[:8]}"
+    with served.http() as http:
+        source = http.post("/v1/chunks", json={"text": f"Source {uuid.uuid4()}."}).json()
+        other = http.post("/v1/chunks", json={"text": f"Other {uuid.uuid4()}."}).json()
+        view = http.post(
+            "/v1/chunks/compose", json={"chunks": [source["hash"], other["hash"]]}
+        ).json()
+        open_on(page, served, context)
+        page.find(f'#chunk-table tr[data-hash="{source["hash"]}"] button.delete').click()
+        wait_for(lambda: alert_text(page), "the question whether to delete it")
+        page.driver.switch_to.alert.accept()
+        question = wait_for(lambda: alert_text(page), "the question about its views")
+        assert view["hash"][:12] in question and "cascade" not in question
+        page.driver.switch_to.alert.dismiss()  # not them
+        wait_for(lambda: status(page)[0], "the answer")
+        assert status(page)[1:] == [f"{source['hash'][:12]} kept", "status ok"]
+        for chunk in (source, view):
+            assert http.get(f"/v1/chunks/{chunk['hash']}").status_code == 200
+
+
+def alert_text(page: Page) -> str | None:
+    from selenium.common.exceptions import NoAlertPresentException
+
+    try:
+        return page.driver.switch_to.alert.text
+    except NoAlertPresentException:
+        return None
+
+
+@needs_chromium
+def test_many_separate_documents_draw_a_readable_tree(served, browser):
+    page = Page(browser, Path())
+    with served.http() as http:
+        for i in range(40):
+            http.post("/v1/chunks", json={"text": f"Note {i}: {uuid.uuid4()}."})
+        listed = len(http.get("/v1/chunks").json()["data"])
+    open_on(page, served, "default")
+    wait_for(lambda: page.js("return cy.nodes().length") == listed, "every chunk drawn")
+    # The trees are laid out in rows, not in one row of 40 and more documents side by side.
+    zoom = page.js("return cy.zoom()")
+    assert zoom > 0.25, zoom
 
 
 def test_the_page_loads_without_the_key_and_the_data_does_not(served):

@@ -13,6 +13,10 @@ export function apiKey() {
   return localStorage.getItem(KEY_ITEM) || "";
 }
 
+// A key travels in an HTTP header, which holds printable ASCII only.
+export const keyProblem = (key) =>
+  /^[\x20-\x7e]*$/.test(key) ? null : "an API key holds printable ASCII characters only";
+
 export function setApiKey(key) {
   if (key) localStorage.setItem(KEY_ITEM, key);
   else localStorage.removeItem(KEY_ITEM);
@@ -35,10 +39,21 @@ async function failure(response) {
   return new ApiError(response.status, message);
 }
 
+// What a call says when no response came at all (fetch's own TypeError names no cause).
+export const UNREACHABLE = "the server cannot be reached; the page keeps trying";
+
+async function send(path, init) {
+  try {
+    return await fetch(path, init);
+  } catch {
+    throw new ApiError(0, UNREACHABLE);
+  }
+}
+
 async function call(method, path, body) {
   const init = { method, headers: headers() };
   if (body !== undefined) init.body = JSON.stringify(body);
-  const response = await fetch(path, init);
+  const response = await send(path, init);
   if (!response.ok) throw await failure(response);
   return response.status === 204 ? null : response.json();
 }
@@ -63,7 +78,7 @@ export const api = {
 
 // POST /v1/chat/completions with stream=true: yields each parsed server-sent event.
 export async function* streamChat(body) {
-  const response = await fetch("/v1/chat/completions", {
+  const response = await send("/v1/chat/completions", {
     method: "POST",
     headers: headers(),
     body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }),

@@ -1,6 +1,6 @@
 // The kvchunks page: one state, read from the REST API, drawn by each part of the page.
 
-import { api, apiKey, setApiKey } from "./api.js";
+import { UNREACHABLE, api, apiKey, keyProblem, setApiKey } from "./api.js";
 import * as chat from "./chat.js";
 import * as chunks from "./chunks.js";
 import * as context from "./context.js";
@@ -41,8 +41,18 @@ const page = {
       return result ?? true;
     } catch (error) {
       page.status(explain(error));
+      // Drawn again from the server: a control the user changed shows what the server kept.
+      await page.refresh().catch(() => {});
       return null;
     }
+  },
+
+  // The server answered the usage poll: a standing "cannot be reached" is over.
+  reached() {
+    const line = $("status");
+    if (line.hidden || line.textContent !== UNREACHABLE) return;
+    line.hidden = true;
+    page.refresh().catch(() => {});
   },
 
   // A line under the header: an error stays until the next message, a success fades.
@@ -71,10 +81,13 @@ const page = {
     state.context = name;
     if (await page.run(() => context.renderNames(state), `context ${name}`)) {
       localStorage.setItem(CONTEXT_ITEM, name);
-    } else {
-      state.context = before; // a name the server refused is not kept: back to the last one
-      await page.run(() => context.renderNames(state));
+      return;
     }
+    // A name the server refused, or a server out of reach: back to the last context, which
+    // the select shows even when the server cannot list the names now.
+    state.context = before;
+    context.showName(before);
+    await page.run(() => context.renderNames(state));
   },
 };
 
@@ -87,7 +100,10 @@ function setupKey() {
   $("api-key").value = apiKey();
   $("key-form").addEventListener("submit", async (e) => {
     e.preventDefault();
-    setApiKey($("api-key").value.trim());
+    const key = $("api-key").value.trim();
+    const problem = keyProblem(key);
+    if (problem) return page.status(problem);
+    setApiKey(key);
     await start();
   });
 }

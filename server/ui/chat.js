@@ -13,7 +13,7 @@ export function setup(p) {
     ask();
   });
   $("chat-input").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey) {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {  // not an input method's Enter
       e.preventDefault();
       ask();
     }
@@ -23,11 +23,13 @@ export function setup(p) {
 async function ask() {
   const question = $("chat-input").value.trim();
   if (!question || $("chat-send").disabled) return;
+  const sampling = samplingFields();
+  if (!sampling) return; // said why; the question stays in the box
   $("chat-input").value = "";
   $("chat-send").disabled = true;
   const turn = newTurn(question);
   try {
-    const result = await stream(question, turn);
+    const result = await stream(question, sampling, turn);
     turn.facts.textContent = describe(result);
     turn.node.dataset.done = "true";
     toBottom();
@@ -51,12 +53,30 @@ function newTurn(question) {
 
 const toBottom = () => ($("chat-log").scrollTop = $("chat-log").scrollHeight);
 
-async function stream(question, turn) {
+// The fields as the request's numbers (the server checks their ranges), or null after
+// saying which one is not a number. Enter sends without the form's own checks.
+function samplingFields() {
+  const sampling = {};
+  for (const [id, name] of [
+    ["max-tokens", "max_tokens"],
+    ["temperature", "temperature"],
+  ]) {
+    const field = $(id);
+    if (field.validity.badInput) {
+      page.status(`${name} must be a number`);
+      return null;
+    }
+    if (field.value !== "") sampling[name] = Number(field.value);
+  }
+  return sampling;
+}
+
+async function stream(question, sampling, turn) {
   const body = {
     messages: [{ role: "user", content: question }],
     context: page.state.context,
-    max_tokens: Number($("max-tokens").value) || undefined,
-    temperature: Number($("temperature").value) || 0,
+    temperature: 0, // greedy unless the field says otherwise (OpenAI's default is 1)
+    ...sampling,
   };
   const started = performance.now();
   const result = { firstMs: null, totalMs: null, extension: null, usage: null };

@@ -127,15 +127,19 @@ function retag(chunk, add, removed) {
 // A chunk that views or later chunks depend on is deleted only with them, after a second yes.
 async function remove(chunk) {
   if (!confirm(`Delete ${short(chunk.hash)} (${chunkType(chunk)})?`)) return;
+  const said = (deleted) => `${short(chunk.hash)} ${deleted ? "deleted" : "kept"}`;
   await page.run(async () => {
     try {
       await api.deleteChunk(chunk.hash);
     } catch (error) {
-      const cascade = error instanceof ApiError && error.status === 409;
-      if (!cascade || !confirm(`${error.message}\n\nDelete them too?`)) throw error;
+      if (!(error instanceof ApiError && error.status === 409)) throw error;
+      // The server's message names the views, then how to delete them from code: not here.
+      const views = error.message.split(";")[0];
+      if (!confirm(`${views}.\n\nDelete them too?`)) return false;
       await api.deleteChunk(chunk.hash, true);
     }
-  }, `${short(chunk.hash)} deleted`);
+    return true;
+  }, said);
 }
 
 async function loadDocument() {

@@ -18,8 +18,13 @@ export function setup(p) {
   });
   $("mode").addEventListener("change", () => configure({ mode: $("mode").value }));
   $("recompute").addEventListener("change", () => {
-    const value = $("recompute").value;
-    configure({ mode: "realign", recompute: value === "" ? null : Number(value) });
+    const field = $("recompute");
+    // Text that is no number reads as "", which would clear the setting: refused instead.
+    if (field.validity.badInput) {
+      page.status("recompute must be a number from 0 to 1 (empty: the default)");
+      return page.refresh();
+    }
+    configure({ mode: "realign", recompute: field.value === "" ? null : Number(field.value) });
   });
   $("auto-activate").addEventListener("change", (e) =>
     configure({ auto_activate: e.target.checked }),
@@ -37,7 +42,17 @@ export async function renderNames(state) {
   select.value = state.context;
 }
 
+// The select shows the context the page works on, listed or not.
+export function showName(name) {
+  const select = $("context-select");
+  if (![...select.options].some((o) => o.value === name)) {
+    select.append(el("option", { value: name }, name));
+  }
+  select.value = name;
+}
+
 export function render(state) {
+  showName(state.context);
   const view = state.view;
   $("mode").value = view.mode;
   $("recompute").value = view.recompute ?? "";
@@ -53,7 +68,10 @@ function item(chunk, index, state) {
     "li",
     {
       draggable: "true",
+      tabindex: "0",
+      title: "Enter: details; Alt+↑ / Alt+↓: move",
       dataset: { hash: chunk.hash },
+      onkeydown: (e) => keyed(e, chunk, index, state),
       ondragstart: () => (dragged = index),
       ondragover: (e) => {
         e.preventDefault();
@@ -85,11 +103,32 @@ function item(chunk, index, state) {
   );
 }
 
-// Move the dragged chunk to where it was dropped, and send the whole new order.
+// The keyboard's way to what the mouse does: Enter shows the details, Alt+arrow moves.
+function keyed(e, chunk, index, state) {
+  const step = { ArrowUp: -1, ArrowDown: 1 }[e.key];
+  if (e.key === "Enter") page.select(chunk.hash);
+  else if (step && e.altKey) {
+    e.preventDefault();
+    const target = index + step;
+    if (target >= 0 && target < state.view.chunks.length) {
+      move(index, target, state).then(() => focusItem(chunk.hash));
+    }
+  }
+}
+
+const focusItem = (hash) =>
+  [...$("active-list").children].find((li) => li.dataset.hash === hash)?.focus();
+
+// Move the dragged chunk to where it was dropped.
 function drop(target, state) {
   const from = dragged;
   dragged = null;
   if (from === null || from === target) return page.refresh();
+  return move(from, target, state);
+}
+
+// Move one active chunk to another place, and send the whole new order.
+function move(from, target, state) {
   const order = state.view.chunks.map((c) => c.hash);
   const [moved] = order.splice(from, 1);
   order.splice(target, 0, moved);

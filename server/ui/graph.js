@@ -73,7 +73,7 @@ export function render(state) {
     drawn = shape;
     cy.elements().remove();
     cy.add([...nodes, ...edges]);
-    cy.layout({ name: "dagre", rankDir: "TB", nodeSep: 14, rankSep: 36, fit: true, padding: 12 }).run();
+    layOut();
   }
   const active = new Set(chunks.filter((c) => c.is_active).map((c) => c.hash));
   cy.nodes().forEach((node) => {
@@ -81,6 +81,37 @@ export function render(state) {
     node.toggleClass("chosen", node.id() === state.selected);
   });
   focus(state.selected);
+}
+
+const TREE = { name: "dagre", rankDir: "TB", nodeSep: 14, rankSep: 36, fit: false };
+const GAP = 24; // between trees
+
+// Each tree laid out on its own, then the trees in rows about as wide as the panel's shape
+// asks (largest first): one row of many separate documents would be too wide to read.
+function layOut() {
+  const trees = cy.elements().components();
+  trees.sort((a, b) => b.nodes().length - a.nodes().length);
+  let area = 0;
+  for (const tree of trees) {
+    tree.layout(TREE).run();
+    const box = tree.boundingBox();
+    area += (box.w + GAP) * (box.h + GAP);
+  }
+  const widest = Math.max(0, ...trees.map((tree) => tree.boundingBox().w));
+  const rowWidth = Math.max(widest, Math.sqrt((area * cy.width()) / Math.max(cy.height(), 1)));
+  let x = 0;
+  let y = 0;
+  let rowHeight = 0;
+  for (const tree of trees) {
+    const box = tree.boundingBox();
+    if (x > 0 && x + box.w > rowWidth) {
+      [x, y, rowHeight] = [0, y + rowHeight + GAP, 0];
+    }
+    tree.nodes().shift({ x: x - box.x1, y: y - box.y1 });
+    x += box.w + GAP;
+    rowHeight = Math.max(rowHeight, box.h);
+  }
+  cy.fit(undefined, 12);
 }
 
 // A newly chosen chunk (here, in the table or in the details) is brought into view, readable.

@@ -19,13 +19,20 @@ async function poll() {
   let usage;
   try {
     usage = await api.usage();
-  } catch {
-    return; // the page says why when it loads chunks; the meters just stay as they were
+  } catch (error) {
+    // Said at once when the server is gone; other refusals (a key not given yet) the page
+    // says when it loads chunks. The meters stay as they were.
+    if (error.status === 0) page.status(error.message);
+    return;
   }
+  page.reached();
   last = usage;
   show(usage);
   const seen = JSON.stringify(usage.stats);
-  if (counters && seen !== counters && !busy()) page.refresh().catch(() => {});
+  if (counters && seen !== counters) {
+    if (busy()) return; // not taken as seen: the page catches up once the user is done
+    page.refresh().catch(() => {});
+  }
   counters = seen;
 }
 

@@ -22,9 +22,10 @@ export const short = (hash) => hash.slice(0, 12);
 export const chunkType = (chunk) => chunk.type;
 export const treeParent = (chunk) => chunk.follows ?? null;
 
+// Cut by characters (code points), never inside one: an emoji is two UTF-16 units.
 export function snippet(text, length) {
-  const flat = (text || "").replace(/\s+/g, " ").trim();
-  return flat.length > length ? `${flat.slice(0, length - 1)}…` : flat;
+  const flat = [...(text || "").replace(/\s+/g, " ").trim()];
+  return flat.length > length ? `${flat.slice(0, length - 1).join("")}…` : flat.join("");
 }
 
 export function bytes(n) {
