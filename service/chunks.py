@@ -24,6 +24,15 @@ from kvchunks.store.registry import ChunkRegistry
 OWN_METADATA = ("mode", "combine", "timestamp", "dtype")
 
 
+def chunk_address(
+    fingerprint: str, parents: list[ChunkInfo], combine: str, position: int, tokens: list[int]
+) -> str:
+    """The content address of a chunk computed at `position` after `parents`, combined as
+    named (see store.hashing)."""
+    placed = [(p.hash, p.position) for p in parents]
+    return chunk_hash(fingerprint, context_hash(placed, combine), position, tokens)
+
+
 def check_metadata(metadata: object) -> dict:
     """A caller's metadata for a new chunk, or InvalidInput saying what is wrong with it."""
     if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
@@ -63,8 +72,7 @@ class ChunkMaker:
         **fields,
     ) -> ChunkRecord:
         """The record of a chunk computed at `position` after `parents`, combined as named."""
-        placed = [(p.hash, p.position) for p in parents]
-        address = chunk_hash(self.fingerprint, context_hash(placed, combine), position, tokens)
+        address = chunk_address(self.fingerprint, parents, combine, position, tokens)
         metadata = {
             **fields.pop("metadata", {}),
             # kvchunks' own keys (OWN_METADATA) last: they win over any other's.

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from kvchunks.common import InvalidInput, checked_path
 from kvchunks.service.chunk_store import ChunkStore
+from kvchunks.service.chunks import chunk_address
 from kvchunks.store.chunk import ChunkInfo, ChunkRecord
+from kvchunks.store.hashing import content_hash
 from kvchunks.store.kv_file import read_kv_file, write_kv_file
 from kvchunks.vocabulary import check_flag
 
@@ -60,7 +62,28 @@ def import_chunk(store: ChunkStore, path: str | Path) -> str:
     chunk = dataclasses.replace(ChunkRecord.from_record(record), ref_count=0)
     if chunk.layout == "view" or k.shape[1] != chunk.token_count:
         raise InvalidInput(f"{file} does not hold a chunk's own KV")
+    _check_address(store, chunk, file)
     if not store.registry.exists(chunk.hash):
         with store.lock:
             store.maker.register(chunk, [store.tiers.write(k, v, chunk)])
     return chunk.hash
+
+
+def _check_address(store: ChunkStore, chunk: ChunkRecord, file: Path) -> None:
+    """Refuse a record whose hashes are not those of its tokens: stored under a real address,
+    it would stand for that chunk (the same text loaded here would return it). The chunk
+    address also names the chunks it was computed after, with their positions: it is
+    checked when they are stored here (always, for a chunk computed after none)."""
+    if chunk.content_hash != content_hash(chunk.token_ids):
+        raise InvalidInput(f"{file}: the record's content hash is not that of its tokens")
+    parents = store.registry.get_present(chunk.parent_chunks)
+    if len(parents) < len(chunk.parent_chunks):
+        return
+    combine = chunk.metadata.get("combine", "")
+    if not isinstance(combine, str):
+        raise InvalidInput(f"{file}: the record's combination is not a name")
+    address = chunk_address(
+        store.model.fingerprint, parents, combine, chunk.position, chunk.token_ids
+    )
+    if address != chunk.hash:
+        raise InvalidInput(f"{file}: the record's chunk hash is not that of its tokens")

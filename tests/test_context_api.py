@@ -22,6 +22,7 @@ from kvchunks.engine import SamplingParams
 from kvchunks.service import generation
 from kvchunks.service.context_manager import ContextManager
 from kvchunks.service.model_host import ModelHost
+from kvchunks.store.hashing import content_hash
 from kvchunks.store.kv_file import kv_path
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16)
@@ -229,6 +230,16 @@ def test_import_refuses_corrupted_and_foreign_files(make_cm, tmp_path, model_pat
     write_kv_file(wrong_dtype, k.bfloat16(), v.bfloat16(), record, cm.store.model.fingerprint)
     with pytest.raises(ChunkFileError):
         other.import_chunk(wrong_dtype)
+    # Another text's tokens under the document's hashes (a sound file, written anew): the
+    # same document loaded there would return it.
+    tokens = cm.store.model.chat.frame("system", "Tickets cost twelve euros.")
+    forged_tokens = (tokens * k.shape[1])[: k.shape[1]]
+    for content in (record["content_hash"], content_hash(forged_tokens)):
+        forged = tmp_path / "forged.kvc"
+        forged_record = record | {"token_ids": forged_tokens, "content_hash": content}
+        write_kv_file(forged, k, v, forged_record, cm.store.model.fingerprint)
+        with pytest.raises(InvalidInput, match="hash is not that of its tokens"):
+            other.import_chunk(forged)
     assert snapshot(other) == before
 
 
