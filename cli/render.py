@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import unicodedata
 from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
@@ -23,7 +24,10 @@ def short(chunk_hash: str) -> str:
 
 
 def preview(text: str, width: int = 60) -> str:
+    """The text on one line, cut to `width`; a control character (an escape sequence a
+    terminal would act on, a NUL that Graphviz refuses) shows as �."""
     flat = " ".join(text.split())
+    flat = "".join("\ufffd" if unicodedata.category(c) == "Cc" else c for c in flat)
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 

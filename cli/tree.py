@@ -156,6 +156,7 @@ def _attributes(node: TreeNode, on_path: bool) -> str:
 
 def _quote(value: str) -> str:
     """A DOT quoted string whose lines are the lines of `value`: a backslash and a quote are
-    escaped (Graphviz would read \\n or \\l in a chunk's text as a line break)."""
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    escaped (Graphviz would read \\n or \\l in a chunk's text as a line break), and so is an
+    ampersand (it would read &amp; as &)."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("&", "&amp;")
     return '"' + escaped.replace("\n", "\\n") + '"'

@@ -337,3 +337,19 @@ def test_completion_offers_what_each_word_may_be(state, chunks):
     assert offered("/tree --format d") == ["dot"]
     [answer] = completions(f"/info {chunks['answer2a'][:8]}")  # what the hash is, beside it
     assert answer.display_meta_text.startswith("answer · ")
+
+
+def test_dot_and_previews_keep_control_characters_and_entities_literal():
+    """A NUL makes Graphviz refuse the whole graph, an escape sequence in a table would be
+    acted on by the terminal, and Graphviz reads &amp; in a label as &."""
+    from kvchunks.cli.render import preview
+    from kvchunks.cli.tree import to_dot
+
+    text = "Menu:\x00 fish &amp; <b>chips</b>\x1b[2J"
+    chunk = ChunkInfo(hash=sha("menu"), content_hash=sha("text"), token_ids=[1], text=text)
+    assert preview(text) == "Menu:\ufffd fish &amp; <b>chips</b>\ufffd[2J"
+    dot = to_dot(provenance_tree([chunk]))
+    assert "\x00" not in dot and "\x1b" not in dot
+    assert "fish &amp;amp; <b>" in dot
+    nodes, _ = dot_graph(dot)
+    assert set(nodes) == {sha("menu")}
