@@ -119,6 +119,7 @@ class Catalog:
         """Let the model see this chunk, after the chunks already active (no KV is copied)."""
         chunk, active = self.registry.find_with_active(ref, self.context_name)
         check_dtype([chunk], self._dtype)
+        activated = False
         for attempt in range(ACTIVATE_ATTEMPTS):
             if attempt:  # someone changed the active chunks since they were read
                 active = self.registry.active(self.context_name)
@@ -127,12 +128,14 @@ class Catalog:
             self._check_window_after(active, chunk.hash)
             try:  # the window check holds only if nobody activated something meanwhile
                 self.registry.activate(self.context_name, chunk.hash, expected=active)
+                activated = True
                 break
             except ConcurrentChange:
                 if attempt == ACTIVATE_ATTEMPTS - 1:
                     raise
         chunk = self._describe([ChunkInfo.view(chunk, chunk.tier, is_active=True)])[0]
-        if self._on_activate is not None:
+        # Only a new activation: a policy learning from co-activations would count one again.
+        if activated and self._on_activate is not None:
             self._on_activate(chunk, active)
         return chunk
 

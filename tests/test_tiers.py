@@ -326,6 +326,7 @@ def test_coactivation_prefetches_chunks_often_active_together(make_store):
     for partner in (often, often, once):
         cm.activate_chunk(partner.hash)
         cm.activate_chunk(doc.hash)
+        cm.activate_chunk(doc.hash)  # already active: not active together once more
         cm.clear()
     store.wait_for_transfers()
     for c in (often, once):
