@@ -15,6 +15,13 @@ class TierBudgets:
     disk_bytes: int | None = None  # None: as much as the disk has
     disk_compression: str = "none"  # or "bf16": half the bytes, declared in each file
 
+    def __post_init__(self) -> None:
+        if self.gpu_blocks is not None and self.gpu_blocks < 1:
+            raise InvalidInput(
+                f"the gpu budget (KVCHUNKS_GPU_BLOCKS) must be at least 1 block, not "
+                f"{self.gpu_blocks}; unset, it is the whole pool"
+            )
+
     @classmethod
     def from_env(cls) -> TierBudgets:
         """KVCHUNKS_GPU_BLOCKS, KVCHUNKS_CPU_BYTES and KVCHUNKS_DISK_BYTES, where set."""
@@ -23,7 +30,7 @@ class TierBudgets:
             raw = os.environ.get(f"KVCHUNKS_{name.upper()}")
             if raw is None:
                 continue
-            if not raw.isdigit():
+            if not (raw.isascii() and raw.isdigit()):  # not "²", which int() refuses
                 raise InvalidInput(f"KVCHUNKS_{name.upper()} must be a whole number, not {raw!r}")
             values[name] = int(raw)
         compression = os.environ.get("KVCHUNKS_DISK_COMPRESSION", "none")

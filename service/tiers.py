@@ -176,7 +176,7 @@ class Tiers:
         frees enough blocks. A pool that cannot make room moves nothing."""
         llm = self.model.llm
         pool = llm.pool_usage()
-        budget = min(self.budgets.gpu_blocks or pool["blocks"], pool["blocks"])
+        budget = min(self.budgets.gpu_blocks or pool["blocks"], pool["blocks"])  # None: all
         # The opening's block is the engine's fixed cost, not the gpu tier's: outside the budget.
         opening = sum(len(s.blocks) for s in self.opening or [])
         used = pool["blocks"] - pool["free"] - opening

@@ -44,6 +44,8 @@ def test_budgets_come_from_the_environment(monkeypatch):
     [
         ("KVCHUNKS_CPU_BYTES", "4G"),
         ("KVCHUNKS_GPU_BLOCKS", "-1"),
+        ("KVCHUNKS_GPU_BLOCKS", "0"),  # a pool that may hold nothing, not "no limit"
+        ("KVCHUNKS_CPU_BYTES", "²"),  # a digit to str.isdigit, not to int()
         ("KVCHUNKS_DISK_COMPRESSION", "zip"),
     ],
 )
