@@ -108,8 +108,13 @@ def check_writable(out: Path) -> None:
     folder = out.absolute().parent
     if not folder.is_dir():
         raise InvalidInput(f"no folder {folder} to write {out.name} in; create it first")
-    if not os.access(out if out.exists() else folder, os.W_OK):
+    if not os.access(folder, os.W_OK):  # OUT is replaced by a file written beside it
         raise InvalidInput(f"cannot write {out}: permission denied")
+
+
+def partial_path(out: Path) -> Path:
+    """Where the answers go as they come; OUT is replaced by it once every one is in."""
+    return out.with_name(f"{out.name}.partial")
 
 
 def run(
@@ -137,7 +142,10 @@ def run(
     client.clear()
     for chunk in chunks:
         client.activate_chunk(chunk.hash)
-    with out.open("w") as f:
+    # A run that fails (a question that does not fit, a worker gone) leaves the last whole
+    # OUT as it was, and its answers so far beside it.
+    partial = partial_path(out)
+    with partial.open("w") as f:
         for question in inputs.questions:
             result = client.generate(question, params, combine[0], recompute=combine[1])
             output = result.output_chunk.hash if result.output_chunk else None
@@ -153,6 +161,7 @@ def run(
             }
             f.write(json.dumps(record) + "\n")
             f.flush()
+    partial.replace(out)
     return len(inputs.questions)
 
 

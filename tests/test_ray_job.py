@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from kvchunks.actors.remote import get
 from kvchunks.cli import job
+from kvchunks.common import ContextWindowExceeded
 from kvchunks.engine import SamplingParams
 
 ray_cluster, ray_service = ray_fixtures.ray_cluster, ray_fixtures.ray_service  # used by name
@@ -152,6 +153,27 @@ def test_job_refuses_documents_over_the_window_before_the_context_changes(tmp_pa
     assert done.exit_code == 1, done.output
     assert "the documents have 10000 tokens, over the context window of 8192" in done.stderr
     assert client.changes == [] and not out.exists()
+
+
+def test_a_failed_run_leaves_the_last_answers_file_as_it_was(tmp_path, monkeypatch):
+    client = StoringClient(tokens_per_document=10)
+    answer = client.generate
+
+    def generate(question: str, *args, **kwargs):
+        if question != "Why?":
+            raise ContextWindowExceeded("the second question does not fit")
+        return answer(question, *args, **kwargs)
+
+    monkeypatch.setattr(client, "generate", generate)
+    monkeypatch.setattr("kvchunks.actors.client.connect", lambda *_: client)
+    out = tmp_path / "answers.jsonl"
+    out.write_text("the last run's answers\n")
+    args = [*job_files(tmp_path, GOOD, b"Why?\nAnd then?"), "--out", str(out)]
+    done = CliRunner().invoke(job.main, args)
+    assert done.exit_code == 1 and "does not fit" in done.stderr, done.output
+    assert out.read_text() == "the last run's answers\n"
+    [row] = [json.loads(line) for line in job.partial_path(out).read_text().splitlines()]
+    assert row["question"] == "Why?"
 
 
 def test_job_checks_the_context_name_before_it_connects(tmp_path, monkeypatch):
