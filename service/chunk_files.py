@@ -70,16 +70,17 @@ class ChunkFiles:
     def load(self, chunk: ChunkInfo) -> KV | None:
         """The chunk's KV from its file, if it is there and sound (into host-memory buffers
         the tier keeps for reuse)."""
-        kv = self._read(chunk)
+        kv = self._read(chunk, self.host.buffer)
         if kv is not None:
             self.stats["file_loads"] += 1
         return kv
 
     def is_sound(self, chunk: ChunkInfo) -> bool:
-        """Whether the chunk's file is there and passes every check (its KV is read)."""
-        return self._read(chunk) is not None
+        """Whether the chunk's file is there and passes every check (its KV is read, into
+        memory of its own: the tier's buffers are for KV it keeps)."""
+        return self._read(chunk, None) is not None
 
-    def _read(self, chunk: ChunkInfo) -> KV | None:
+    def _read(self, chunk: ChunkInfo, buffer: Callable[[int], torch.Tensor] | None) -> KV | None:
         path = self.path(chunk.hash)
         if not path.exists():
             return None
@@ -87,7 +88,7 @@ class ChunkFiles:
         shape = (layers, chunk.token_count, heads, dim)
         try:
             k, v, _, _ = read_kv_file(
-                path, self.fingerprint, self.dtype, shape, self.host.buffer, expect_hash=chunk.hash
+                path, self.fingerprint, self.dtype, shape, buffer, expect_hash=chunk.hash
             )
         except DtypeMismatch as e:  # sound, but another dtype's: recomputing would mix them
             raise DtypeMismatch(f"chunk {chunk.hash[:12]}", e.found, e.expected) from None

@@ -453,15 +453,15 @@ def test_a_restarted_host_store_is_counted_again(ray_service, tmp_path):
     ):
         host = stores["node-a"].host
         assert manager.offload(x, "node-a", [ray.put(kv_payload(1))], one)
+        first = get(host.started_as.remote())
         ray.kill(host, no_restart=False)  # it comes back empty
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                get(host.ready.remote())
-                break
-            except Exception:
-                assert time.monotonic() < deadline, "the HostStore did not come back"
-                time.sleep(0.2)
+        while True:  # the kill takes effect later: wait for the new incarnation
+            with contextlib.suppress(Exception):
+                if get(host.started_as.remote()) != first:
+                    break
+            assert time.monotonic() < deadline, "the HostStore did not come back"
+            time.sleep(0.2)
         assert manager.offload(y, "node-a", [ray.put(kv_payload(2))], one)
         # x went with the store that held it: it is no longer counted in the node's budget.
         assert held_in(stores, "node-a") == {y} and manager.in_host() == [y]
