@@ -22,6 +22,7 @@ EARLY_STOPS_KEPT = 1024
 class AnswerStreams:
     def __init__(self):
         self.running: dict[str, threading.Event] = {}  # answer id -> set to stop it
+        self.keeping: set[str] = set()  # of those stopped, the ones whose answer is kept
         self.stopped_early: OrderedDict[str, None] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -37,6 +38,8 @@ class AnswerStreams:
             self.running[answer_id] = stopped = threading.Event()
 
         def on_text(piece: str) -> None:
+            if stopped.is_set() and answer_id in self.keeping:
+                raise KeyboardInterrupt  # the caller's Ctrl-C: the generation keeps its part
             if stopped.is_set():
                 raise ListenerGone(f"answer {answer_id} stopped: its caller went away")
             pieces.put(piece)
@@ -50,6 +53,7 @@ class AnswerStreams:
                 pieces.put(None)
                 with self.lock:
                     self.running.pop(answer_id, None)
+                    self.keeping.discard(answer_id)
 
         threading.Thread(target=run, name="kvchunks-answer", daemon=True).start()
         while (piece := pieces.get()) is not None:
@@ -58,11 +62,14 @@ class AnswerStreams:
             raise outcome["error"]
         yield outcome["result"]
 
-    def stop(self, answer_id: str) -> None:
-        """The answer ends at its next piece of text, and nothing of it is kept; one that
-        has not started yet never starts (its call may wait behind others)."""
+    def stop(self, answer_id: str, keep: bool = False) -> None:
+        """The answer ends at its next piece of text, and nothing of it is kept, or with
+        `keep` what was computed of it is; one that has not started yet never starts (its
+        call may wait behind others)."""
         with self.lock:
             stopped = self.running.get(answer_id)
+            if keep and stopped is not None:
+                self.keeping.add(answer_id)
             if stopped is None:
                 self.stopped_early[answer_id] = None
                 while len(self.stopped_early) > EARLY_STOPS_KEPT:

@@ -183,6 +183,11 @@ class Client(OutputTracking):
         with ray_errors(f"{name} {method}"):
             try:
                 result = _read_answer(refs, on_text)
+            except KeyboardInterrupt:  # as in process: the answer ends, its part is kept
+                if answer_id is None:
+                    raise
+                handle.stop_answer.remote(answer_id, keep=True)
+                result = _read_answer(refs, lambda piece: None)  # text sent before the stop
             except BaseException:  # nobody reads the rest: the worker stops, keeping nothing
                 if answer_id is not None:
                     handle.stop_answer.remote(answer_id)

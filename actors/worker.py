@@ -150,10 +150,11 @@ class InferenceWorker:
             yield from self.answers.stream(answer_id, run)
 
     @ray.method(concurrency_group=TRANSFERS)
-    def stop_answer(self, answer_id: str) -> None:
-        """The caller of a streamed answer stopped listening (its HTTP client went away, a
-        Ctrl-C): the answer ends at its next piece, and nothing of it is kept."""
-        self.answers.stop(answer_id)
+    def stop_answer(self, answer_id: str, keep: bool = False) -> None:
+        """The caller of a streamed answer stopped: the answer ends at its next piece. Its
+        listener went away (an HTTP client gone): nothing of it is kept. `keep` (a Ctrl-C):
+        what was computed is kept, as a Ctrl-C keeps it in process."""
+        self.answers.stop(answer_id, keep)
 
     def _answer(self, context, method, kwargs, track, on_text) -> GenerationResult:
         self.shared.redirect(context)  # the client routed this request: that choice stands

@@ -201,9 +201,25 @@ def test_transfers_are_served_while_every_call_thread_waits(ray_service):
     get(waiting)
 
 
+def test_a_ctrl_c_keeps_the_part_of_the_answer_computed_as_in_process(ray_service):
+    client = connect("auto", "interrupted", worker=0)
+    params = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
+    pieces: list[str] = []
+
+    def interrupted(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            raise KeyboardInterrupt
+
+    result = client.generate("Tell a long story about the sea.", params, on_text=interrupted)
+    assert result.interrupted and result.output_chunk is not None
+    kept = client.get_chunk(result.output_chunk.hash)
+    assert 0 < kept.token_count < 1000 and kept.text.startswith(pieces[0].strip())
+
+
 def test_an_answer_nobody_reads_any_more_stops_on_the_worker(ray_service):
-    """The caller's on_text fails (an HTTP client gone, a Ctrl-C): the worker's answer stops
-    at its next piece, frees the worker, and nothing of it is stored."""
+    """The caller's on_text fails (an HTTP client gone): the worker's answer stops at its
+    next piece, frees the worker, and nothing of it is stored."""
     client = connect("auto", "stopped", worker=0)
     worker = ray_service.worker("worker-0")
     before = {c.hash for c in client.list_chunks()}
