@@ -33,13 +33,18 @@ def deploy(port: int, host: str = "127.0.0.1", api_key: str | None = None) -> st
 
 
 def undeploy() -> bool:
-    """Stop the HTTP app and Serve, if they run; True if they did."""
+    """Stop the HTTP app, if it runs, and Serve too if nothing else runs on it (another
+    application on the cluster is not ours to stop); True if the app ran."""
     from ray import serve
     from ray.serve.exceptions import RayServeException
 
     try:
-        serve.delete(APP_NAME)
+        running = serve.status().applications
     except RayServeException:  # Serve was never started on this cluster: nothing to stop
         return False
-    serve.shutdown()
+    if APP_NAME not in running:
+        return False
+    serve.delete(APP_NAME)
+    if not set(running) - {APP_NAME}:
+        serve.shutdown()
     return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 from collections import Counter
 
 import numpy as np
@@ -277,3 +278,25 @@ def test_every_kvchunks_error_is_a_public_name():
     errors.remove("ListenerGone")  # ends an answer whose caller has gone: no caller sees it
     assert errors <= set(kvchunks.__all__)
     assert all(getattr(kvchunks, name) is getattr(common, name) for name in errors)
+
+
+def test_stopping_the_http_app_leaves_the_other_serve_applications(monkeypatch):
+    """`kvchunks stop` deletes its own Serve application only, and stops Serve only when
+    nothing else runs on it (Ray's Serve calls stand in here; tests/test_ray_cluster.py
+    runs the app for real)."""
+    from ray import serve
+
+    from kvchunks.server.ray_serve import APP_NAME, undeploy
+
+    calls: list = []
+    monkeypatch.setattr(serve, "delete", lambda name: calls.append(("delete", name)))
+    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("shutdown"))
+    for running, called in (
+        ({APP_NAME: 1, "other": 1}, [("delete", APP_NAME)]),
+        ({"other": 1}, []),
+        ({APP_NAME: 1}, [("delete", APP_NAME), "shutdown"]),
+    ):
+        calls.clear()
+        status = types.SimpleNamespace(applications=running)
+        monkeypatch.setattr(serve, "status", lambda status=status: status)
+        assert undeploy() == (APP_NAME in running) and calls == called
