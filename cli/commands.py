@@ -109,8 +109,12 @@ def _load_file(
     from kvchunks.cli.progress import load_progress  # rich's progress: only loads need it
 
     with load_progress(state, path) as on_progress:
-        made = state.manager.load_file(
-            path, role=role, tags=list(tags), split_tokens=split_tokens, on_progress=on_progress
+        made = state.manager.load_file(  # absolute: a cluster's worker reads it elsewhere
+            path.absolute(),
+            role=role,
+            tags=list(tags),
+            split_tokens=split_tokens,
+            on_progress=on_progress,
         )
     return made if isinstance(made, list) else [made]
 

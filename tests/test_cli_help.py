@@ -220,6 +220,31 @@ def test_bad_files_are_refused_before_the_model_loads(tmp_path):
     assert not home.exists()  # no registry was started, nothing was written
 
 
+def test_load_hands_the_file_over_by_its_absolute_path(tmp_path, monkeypatch):
+    """On a cluster a worker reads the file, from a folder of its own, where a relative path
+    would name another file or none."""
+    from kvchunks import ChunkInfo
+    from kvchunks.cli.state import State
+
+    monkeypatch.chdir(tmp_path)
+    Path("note.txt").write_text("A note.")
+    given = []
+
+    class Client:  # the Ray client's load_file, as a cluster's worker would be asked
+        def load_file(self, path, **_):
+            given.append(path)
+            return ChunkInfo(hash="a" * 64, content_hash="b" * 64, token_ids=[1], text="A note.")
+
+        def close(self) -> None:
+            pass
+
+    state = State(home=tmp_path / "home")
+    state._manager = Client()
+    result = CliRunner().invoke(cli, ["load", "note.txt"], obj=state)
+    assert result.exit_code == 0, result.output
+    assert given == [Path.cwd() / "note.txt"]
+
+
 def test_bench_lists_runs_and_refuses_unknown_names():
     listed = invoke(["bench"])
     assert listed.exit_code == 0 and "engine" in listed.output.split()
