@@ -4,6 +4,7 @@ file first, then the record), views that read other chunks' KV, and deletion."""
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 
@@ -42,8 +43,10 @@ def check_metadata(metadata: object) -> dict:
         raise InvalidInput(f"metadata key(s) {', '.join(own)} are kvchunks' own: use other names")
     try:
         msgpack.packb(metadata)
+        # Shown as JSON (--json, HTTP): no NaN or infinity, no bytes.
+        json.dumps(metadata, allow_nan=False)
     except (TypeError, ValueError, OverflowError) as e:
-        reason = f"metadata values must be plain data (text, numbers, lists): {e}"
+        reason = f"metadata values must be plain data (text, finite numbers, lists): {e}"
         raise InvalidInput(reason) from None
     return metadata
 

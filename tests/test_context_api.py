@@ -269,6 +269,8 @@ def test_bad_input_is_refused_without_state_change(make_cm, tmp_path):
         (InvalidInput, lambda: cm.add_chunk("x", metadata="not a mapping")),
         (InvalidInput, lambda: cm.add_chunk("x", metadata={"dtype": "csv"})),
         (InvalidInput, lambda: cm.add_chunk("x", metadata={"when": object()})),
+        (InvalidInput, lambda: cm.add_chunk("x", metadata={"score": float("nan")})),  # not JSON
+        (InvalidInput, lambda: cm.add_chunk("x", metadata={"raw": b"\x00\x01"})),
         (InvalidInput, lambda: cm.load_file(tmp_path / "notes.txt", split_tokens=True)),
         (InvalidInput, lambda: cm.split_chunk(a.hash, True)),
         (InvalidInput, lambda: cm.compose_chunks(None)),
