@@ -225,10 +225,19 @@ class Chat:
         )
 
     def generate(self, prompt: str) -> None:
-        result = context_commands.run_generation(
-            self.state, prompt, self.state.sampling, context_commands.stream
-        )
-        click.echo()
+        streamed = []
+
+        def on_text(text: str) -> None:
+            streamed.append(text)
+            context_commands.stream(text)
+
+        try:
+            result = context_commands.run_generation(
+                self.state, prompt, self.state.sampling, on_text
+            )
+        finally:
+            if streamed:  # the footer, or an error, starts a line of its own
+                click.echo()
         self.state.out.print(
             render.generation_footer(result), style="dim", markup=False, highlight=False
         )
@@ -259,7 +268,7 @@ def _read_line() -> str:
     line = sys.stdin.buffer.readline()
     if not line:
         raise EOFError
-    return line.decode("utf-8")
+    return line.decode("utf-8").removeprefix("\ufeff")  # a file saved with a BOM
 
 
 # -- completion ---------------------------------------------------------------------------------

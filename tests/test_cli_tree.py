@@ -318,6 +318,11 @@ def test_a_piped_line_that_is_not_utf8_is_skipped_with_one_error(state):
     assert result.stdout.count("mode: ") == 2
 
 
+def test_a_piped_file_saved_with_a_byte_order_mark_runs_its_first_command(state):
+    result = kvchunks(state, "chat", stdin=b"\xef\xbb\xbf/mode\n/quit\n")
+    assert result.stdout.count("mode: ") == 1 and "error" not in result.stderr
+
+
 def test_completion_offers_what_each_word_may_be(state, chunks):
     """An option's value by its type; after a HASH... the next word may be another hash or
     the argument after it (move's TIER)."""
