@@ -44,14 +44,31 @@ def resolve_model(model: str | Path | None) -> Path:
 
 def default_model_window() -> int:
     """The default model's context window without converting it: from its config.json once
-    prepared, else from the GGUF file's header (read by `gguf`, without torch)."""
+    prepared, else from the GGUF file's header."""
     target = default_model_dir()
     if (target / "config.json").is_file():
         return context_window(read_config(target))
+    return _gguf_window(_locate_gguf(None), target.with_name(f"{DEFAULT_MODEL}.window.json"))
+
+
+def _gguf_window(gguf_file: Path, kept: Path) -> int:
+    """The window in a GGUF file's header, read by `gguf` (without torch). Its reader builds
+    every field, the whole vocabulary too (5 s on two cores), so the answer is kept in
+    `kept` for the commands that ask again, as long as the file is the same."""
+    stat = gguf_file.stat()
+    same_file = {"file": str(gguf_file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        read = json.loads(kept.read_text())
+        if read["of"] == same_file:
+            return int(read["window"])
     import gguf
 
-    field = gguf.GGUFReader(_locate_gguf(None)).fields["llama.context_length"]
-    return int(field.parts[field.data[0]][0])
+    field = gguf.GGUFReader(gguf_file).fields["llama.context_length"]
+    window = int(field.parts[field.data[0]][0])
+    with contextlib.suppress(OSError):  # a data directory not writable: read again next time
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps({"of": same_file, "window": window}))
+    return window
 
 
 def read_config(folder: Path) -> dict:

@@ -124,16 +124,20 @@ def test_activate_refuses_a_chunk_of_another_dtype_as_the_engine_does(stored):
 
 def test_a_new_data_directory_reads_the_default_models_window_without_converting_it(tmp_path):
     """The default model not prepared yet: its window comes from the GGUF file's header, and
-    nothing converts it (that is the first command that loads the model)."""
+    nothing converts it (that is the first command that loads the model). Reading the header
+    builds the whole vocabulary, so the window is kept: the next command reads no GGUF."""
     home = tmp_path / "new"
     env = {k: v for k, v in os.environ.items() if k != "KVCHUNKS_MODEL"}
-    done = subprocess.run(
-        [sys.executable, "-c", WRAPPER, "--data-dir", str(home), "context", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**env, "NO_COLOR": "1"},
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["window"] == 8192
-    assert done.stderr.splitlines()[-1] == "heavy:" and not (home / "models").exists()
+    watch = WRAPPER.replace(repr(HEAVY), repr((*HEAVY, "gguf")))
+    for read_gguf in (True, False):
+        done = subprocess.run(
+            [sys.executable, "-c", watch, "--data-dir", str(home), "context", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**env, "NO_COLOR": "1"},
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["window"] == 8192
+        assert done.stderr.splitlines()[-1] == ("heavy: gguf" if read_gguf else "heavy:")
+    assert not (home / "models" / "SmolLM2-135M-Instruct").exists()
