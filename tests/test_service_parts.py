@@ -280,6 +280,8 @@ def test_every_kvchunks_error_is_a_public_name():
     assert all(getattr(kvchunks, name) is getattr(common, name) for name in errors)
 
 
+# Ray Serve's own configuration models warn on import (pydantic 2 deprecations, not ours).
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_stopping_the_http_app_leaves_the_other_serve_applications(monkeypatch):
     """`kvchunks stop` deletes its own Serve application only, and stops Serve only when
     nothing else runs on it (Ray's Serve calls stand in here; tests/test_ray_cluster.py
