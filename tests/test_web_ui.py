@@ -71,10 +71,16 @@ def browser(tmp_path_factory) -> Iterator:
 
 
 def wait_for(check: Callable, what: str, timeout: float = 30.0):
-    """check()'s first truthy value, polled; fails with `what` after `timeout` seconds."""
+    """check()'s first truthy value, polled; fails with `what` after `timeout` seconds. An
+    element the page drew again between finding and reading it is read again."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while True:
-        value = check()
+        try:
+            value = check()
+        except StaleElementReferenceException:  # the page redraws after a refresh
+            value = None
         if value:
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
