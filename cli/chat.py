@@ -67,8 +67,7 @@ def help_(state: State, name: str | None) -> None:
     command = SLASH.get(name.lstrip("/"))
     if command is None:
         raise InvalidInput(f"no command /{name.lstrip('/')}; /help lists them")
-    shown = click.Context(command, info_name=f"/{name.lstrip('/')}", help_option_names=HELP_OPTIONS)
-    click.echo(command.get_help(shown))
+    click.echo(command.get_help(slash_context(name.lstrip("/"), command)))
 
 
 @click.command("set")
@@ -136,8 +135,14 @@ def help_table() -> Table:
 def usage(name: str, command: click.Command) -> str:
     if isinstance(command, click.Group):
         return "|".join(command.commands)
-    pieces = command.collect_usage_pieces(click.Context(command, info_name=name))
+    pieces = command.collect_usage_pieces(slash_context(name, command))
     return " ".join(p for p in pieces if p != "[OPTIONS]")
+
+
+def slash_context(name: str, command: click.Command) -> click.Context:
+    # Every context of a command must name the same help options: click makes a command's help
+    # option once, from the first context that asks, and keeps it.
+    return click.Context(command, info_name=f"/{name}", help_option_names=HELP_OPTIONS)
 
 
 # -- the loop -----------------------------------------------------------------------------------

@@ -367,6 +367,7 @@ def test_load_expands_a_home_path_in_the_command_and_the_chat(state, tmp_path, m
 
 def test_slash_commands_take_h_for_help_as_commands_do(state, monkeypatch):
     out, err = plain_consoles(state, monkeypatch)
+    Chat(state).handle("/help")  # reads every command's usage first, as a chat often does
     for line in ("/list -h", "/mode --help", "/help list"):
         with contextlib.redirect_stdout(io.StringIO()) as shown:
             Chat(state).handle(line)
