@@ -7,6 +7,9 @@ import contextlib
 import json
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import msgpack
 from transformers import PreTrainedTokenizerBase
@@ -51,6 +54,13 @@ def check_metadata(metadata: object) -> dict:
     return metadata
 
 
+@dataclass
+class Hold:
+    """The chunks one running call has made or found, in the order it took them."""
+
+    hashes: list[str] = field(default_factory=list)
+
+
 class ChunkMaker:
     def __init__(
         self,
@@ -64,6 +74,11 @@ class ChunkMaker:
         self.registry, self.tiers, self.composer = registry, tiers, composer
         self.fingerprint, self.tokenizer, self.lock = fingerprint, tokenizer, lock
         self.dtype = tiers.model.engine_config.dtype  # recorded: chunks of dtypes never mix
+        # A call may take back a chunk that another running call found stored and reads, or
+        # stores as its own: see `holding`. Each of these names only chunks a call holds.
+        self.held: Counter[str] = Counter()
+        self.kept: set[str] = set()  # stored by a call as its own: never taken back
+        self.unwanted: dict[str, ChunkInfo] = {}  # taken back while held, in that order
 
     def new_record(
         self,
@@ -131,22 +146,29 @@ class ChunkMaker:
         parents: list[ChunkInfo],
         mode: str,
         recompute: float | None = None,
+        hold: Hold | None = None,
         **fields,
     ) -> tuple[ChunkInfo, bool]:
         """A chunk of `tokens` computed against `parents` in `mode`, and True; or the stored
-        duplicate, and False."""
+        duplicate, and False. With a hold, the call holds the chunk before anyone else may
+        take it back."""
         llm = self.tiers.model.llm
         with self.lock, self.tiers.pinning(parents):
             ctx = self.composer.context_of(parents, mode, recompute)
             try:
                 chunk = self.new_record(tokens, parents, ctx.position, ctx.combine, mode, **fields)
-                if self.registry.exists(chunk.hash):
-                    return self.registry.get(chunk.hash), False
-                self.tiers.make_room_for(len(tokens), chunk.packs)
-                result = llm.prefill(tokens, ctx.segments, ctx.position, pack=chunk.packs)
+                found = self.registry.exists(chunk.hash)
+                if not found:
+                    self.tiers.make_room_for(len(tokens), chunk.packs)
+                    result = llm.prefill(tokens, ctx.segments, ctx.position, pack=chunk.packs)
             finally:
                 self.composer.release(ctx)
-            return self.register(chunk, [result.segment]), True
+            stored = (
+                self.registry.get(chunk.hash) if found else self.register(chunk, [result.segment])
+            )
+            if hold is not None:
+                self.hold(hold, stored.hash)
+            return stored, not found
 
     def make_view(self, kind: str, spans: list[SourceSpan], **fields) -> ChunkInfo:
         """A composed or split chunk over other chunks' KV: no copy, sources kept by refcount
@@ -205,13 +227,56 @@ class ChunkMaker:
                 deleted += self._delete_with_views(chunk)
         return deleted
 
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[Hold]:
+        """A call's hold on the chunks it makes or finds (`hold`). A chunk taken back while a
+        call holds it goes when the last holder ends, unless a holder stored it as its own
+        (`keep`) or it is used by then."""
+        hold = Hold()
+        try:
+            yield hold
+        finally:
+            with self.lock:
+                for chunk_hash in reversed(hold.hashes):  # newest first, as take_back goes
+                    self.held[chunk_hash] -= 1
+                    if self.held[chunk_hash] == 0:
+                        del self.held[chunk_hash]
+                        self.kept.discard(chunk_hash)
+                        if chunk_hash in self.unwanted:
+                            self._take_back_one(self.unwanted.pop(chunk_hash))
+
+    def hold(self, hold: Hold, chunk_hash: str) -> None:
+        """Add a chunk to the call's hold; called under the lock the chunk was found under,
+        so that no take-back comes in between."""
+        with self.lock:
+            hold.hashes.append(chunk_hash)
+            self.held[chunk_hash] += 1
+
+    def keep(self, chunks: list[ChunkInfo]) -> None:
+        """A call stores these chunks, which it holds, as its own: they are not taken back."""
+        with self.lock:
+            for chunk in chunks:
+                self.unwanted.pop(chunk.hash, None)
+                if self.held[chunk.hash]:
+                    self.kept.add(chunk.hash)
+
     def take_back(self, chunks: list[ChunkInfo]) -> None:
-        """Delete chunks a call made, one by one in the order given (newest first): one that
-        meanwhile someone else deleted, computed a chunk or a view after, or activated, is no
+        """Delete chunks a call made, one by one in the order given (newest first). One that
+        a running call holds goes when the last holder ends. One that meanwhile someone else
+        deleted, stored as its own, computed a chunk or a view after, or activated, is no
         longer the call's alone, and stays."""
         for chunk in chunks:
-            with contextlib.suppress(ChunkNotFound, ChunkInUse):
-                self._delete_one(chunk, unless_used=True)
+            with self.lock:
+                if chunk.hash in self.kept:
+                    continue
+                if self.held[chunk.hash]:
+                    self.unwanted[chunk.hash] = chunk
+                else:
+                    self._take_back_one(chunk)
+
+    def _take_back_one(self, chunk: ChunkInfo) -> None:
+        with contextlib.suppress(ChunkNotFound, ChunkInUse):
+            self._delete_one(chunk, unless_used=True)
 
     def _views(self, chunk: ChunkInfo) -> list[ChunkInfo]:
         children = self.registry.get_many(self.registry.children(chunk.hash))

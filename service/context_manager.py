@@ -12,7 +12,7 @@ from kvchunks.engine import EngineConfig, SamplingParams
 from kvchunks.service import exchange, generation
 from kvchunks.service.catalog import Catalog
 from kvchunks.service.chunk_store import ChunkStore
-from kvchunks.service.chunks import check_metadata
+from kvchunks.service.chunks import Hold, check_metadata
 from kvchunks.service.context_settings import call_mode
 from kvchunks.service.conversation import checked_messages, message_chunks, message_tokens
 from kvchunks.service.generation import Call, GenerationResult, Request
@@ -144,10 +144,12 @@ class ContextManager(OutputTracking, Catalog):
     def _add_framed(
         self, tokens: list[int], text: str, role: str, tags: list[str], meta: dict
     ) -> ChunkInfo:
-        with self.store.put_back_if_interrupted():
-            chunk, _ = self.store.maker.compute(
-                tokens, [], "reuse", role=role, kind="input", text=text, metadata=meta
+        maker = self.store.maker
+        with self.store.put_back_if_interrupted(), maker.holding() as hold:
+            chunk, _ = maker.compute(
+                tokens, [], "reuse", hold=hold, role=role, kind="input", text=text, metadata=meta
             )
+            maker.keep([chunk])  # it may be a message a request made and will take back
         for tag in tags:
             chunk = self.registry.add_tag(chunk.hash, tag)
         return self._view(chunk.hash)
@@ -255,7 +257,9 @@ class ContextManager(OutputTracking, Catalog):
         self.store.model.check_dtype(active)
         prompt_tokens = self.store.model.chat.prompt(prompt)
         self._check_fits(_tokens(active) + len(prompt_tokens) + self._answer_room(call))
-        result = self._answer(prompt, prompt_tokens, active, call)
+        with self.store.maker.holding() as hold:
+            result = self._answer(prompt, prompt_tokens, active, call, hold)
+            self.store.maker.keep([result.prompt_chunk])
         self._auto_activate(settings, [result.prompt_chunk, *result.output_chunks])
         return self._finished(result)
 
@@ -290,23 +294,27 @@ class ContextManager(OutputTracking, Catalog):
         self.store.model.check_dtype(before)
         made: list[ChunkInfo] = []  # the messages' chunks this call computes
         result = None
-        try:
-            messages_kv = message_chunks(
-                self.store, self.context_name, turns, tokens, before, mode, recompute, made
-            )
-            result = self._answer(turns[-1].content, prompt_tokens, [*before, *messages_kv], call)
-        finally:
-            # A refused call changes nothing, and with store=False none is kept: what this
-            # call made goes again, newest first.
-            if result is None or not store:
-                new_prompt = [] if result is None or result.prompt_reused else [result.prompt_chunk]
-                self.store.maker.take_back([*new_prompt, *reversed(made)])
+        maker = self.store.maker
+        with maker.holding() as hold:
+            try:
+                messages_kv = message_chunks(
+                    self.store, self.context_name, turns, tokens, before, call, made, hold
+                )
+                active = [*before, *messages_kv]
+                result = self._answer(turns[-1].content, prompt_tokens, active, call, hold)
+            finally:
+                # A refused call changes nothing, and with store=False none is kept: what
+                # this call made goes again, newest first.
+                if result is None or not store:
+                    fresh = [] if result is None or result.prompt_reused else [result.prompt_chunk]
+                    maker.take_back([*fresh, *reversed(made)])
+            stored = [*messages_kv, result.prompt_chunk] if store else []
+            maker.keep(stored)
         made_tokens = sum(c.token_count for c in made)  # computed now, not reused
         result.tokens_reused -= made_tokens
         result.tokens_recomputed += made_tokens
         if store:
-            stored = [*messages_kv, result.prompt_chunk, *result.output_chunks]
-            self._auto_activate(settings, stored)
+            self._auto_activate(settings, [*stored, *result.output_chunks])
         return self._finished(result, described=store)
 
     def _auto_activate(self, settings: dict, chunks: list[ChunkInfo]) -> None:
@@ -316,7 +324,12 @@ class ContextManager(OutputTracking, Catalog):
                 self.activate_chunk(chunk.hash)
 
     def _answer(
-        self, prompt: str, prompt_tokens: list[int], active: list[ChunkInfo], call: Call
+        self,
+        prompt: str,
+        prompt_tokens: list[int],
+        active: list[ChunkInfo],
+        call: Call,
+        hold: Hold,
     ) -> GenerationResult:
         """The answer to a prompt whose tokens, with `active` and the answer's room, were
         checked to fit the window and to be of the model's dtype."""
@@ -331,7 +344,7 @@ class ContextManager(OutputTracking, Catalog):
             call.settings["output_tokens"] if call.store else "manual",
             keep_manual=call.store and bool(self._trackers),
         )
-        return generation.generate(self.store, request, call.on_text)
+        return generation.generate(self.store, request, call.on_text, hold)
 
     def _finished(self, result: GenerationResult, described: bool = True) -> GenerationResult:
         """The result as the caller sees it (chunks read for this context), tracked."""

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from kvchunks.common import InvalidInput
 from kvchunks.engine.chat import ChatFormat
 from kvchunks.service.chunk_store import ChunkStore
+from kvchunks.service.chunks import Hold
+from kvchunks.service.generation import Call
 from kvchunks.store.chunk import ChunkInfo
 
 # A message's role -> the role of its chunk. "developer" is OpenAI's newer name for the
@@ -88,27 +90,29 @@ def message_chunks(
     messages: list[Message],
     tokens: list[list[int]],
     before: list[ChunkInfo],
-    mode: str,
-    recompute: float | None,
+    call: Call,
     made: list[ChunkInfo],
+    hold: Hold,
 ) -> list[ChunkInfo]:
     """The chunks of messages[:-1] (their `message_tokens`), each computed after `before`
-    and the messages before it, or found stored: an answer that repeats a stored one is
-    that chunk. Those computed now (not stored before) are appended to `made` as they are
-    stored, so that a caller can take them back if this or what follows fails."""
+    and the messages before it in the call's mode, or found stored: an answer that repeats
+    a stored one is that chunk. Those computed now (not stored before) are appended to
+    `made` as they are stored, so that a caller can take them back if this or what follows
+    fails. The call holds each chunk, made or found."""
     out = []
     for i, (message, chunk_tokens) in enumerate(zip(messages[:-1], tokens, strict=True)):
         parents = [*before, *out]
         if _is_answer(messages, i):
-            answer = _stored_answer(store, parents, message.content)
+            answer = _stored_answer(store, parents, message.content, hold)
             if answer is not None:
                 out.append(answer)
                 continue
         chunk, new = store.maker.compute(
             chunk_tokens,
             parents,
-            mode,
-            recompute,
+            call.mode,
+            call.recompute,
+            hold,
             role=message.role,
             kind="input",
             text=message.content,
@@ -125,15 +129,20 @@ def _is_answer(messages: list[Message], i: int) -> bool:
     return messages[i].role == "assistant" and i > 0 and messages[i - 1].role == "user"
 
 
-def _stored_answer(store: ChunkStore, parents: list[ChunkInfo], text: str) -> ChunkInfo | None:
-    """The stored answer, computed after exactly `parents`, whose text is `text`."""
+def _stored_answer(
+    store: ChunkStore, parents: list[ChunkInfo], text: str, hold: Hold
+) -> ChunkInfo | None:
+    """The stored answer, computed after exactly `parents`, whose text is `text`; the call
+    holds it."""
     registry = store.registry
     expected = [p.hash for p in parents]
-    for child in registry.get_many(registry.children(parents[-1].hash)):
-        if (
-            child.kind == "output"
-            and child.parent_chunks == expected
-            and child.text.strip() == text.strip()
-        ):
-            return child
+    with store.lock:  # found and held before another call may take it back
+        for child in registry.get_many(registry.children(parents[-1].hash)):
+            if (
+                child.kind == "output"
+                and child.parent_chunks == expected
+                and child.text.strip() == text.strip()
+            ):
+                store.maker.hold(hold, child.hash)
+                return child
     return None

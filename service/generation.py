@@ -15,6 +15,7 @@ from kvchunks.engine.kv_segment import KVSegment
 from kvchunks.engine.sequence import Sequence
 from kvchunks.engine.stop_strings import held_back
 from kvchunks.service.chunk_store import ChunkStore
+from kvchunks.service.chunks import Hold
 from kvchunks.service.compose import AttentionContext
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.vocabulary import DEFAULT_MODE, check_callback, check_flag, recompute_fraction
@@ -97,9 +98,10 @@ class Call:
 
 
 def generate(
-    store: ChunkStore, request: Request, on_text: Callable[[str], None] | None
+    store: ChunkStore, request: Request, on_text: Callable[[str], None] | None, hold: Hold
 ) -> GenerationResult:
-    """Answer the request attending to its active chunks; store the prompt and answer."""
+    """Answer the request attending to its active chunks; store the prompt and answer. The
+    call holds the prompt chunk, whether it is new or found stored."""
     tiers, maker, composer = store.tiers, store.maker, store.composer
     store.model.llm  # noqa: B018  (starts the engine on first use: not part of the first token)
     started = time.perf_counter()
@@ -132,6 +134,7 @@ def generate(
             )
             with store.lock:
                 seq, fresh = _start(store, record, ctx, request.params, seen)
+                store.maker.hold(hold, record.hash)
             skip = len(request.prompt_tokens) if fresh else 1
             answer, ttft, interrupted = _run(store, seq, on_text, started, skip)
             elapsed = time.perf_counter() - started

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from kvchunks.common import ChunkNotFound, ContextWindowExceeded, InvalidInput
@@ -93,6 +95,69 @@ def test_without_storing_a_chunk_another_request_took_up_meanwhile_stays(make_cm
     assert answer.text and taken_up
     assert {c.hash for c in cm.list_chunks()} - before == set(taken_up)  # the prompt went
     assert [c.hash for c in other.context().chunks] == taken_up
+
+
+def test_without_storing_what_a_running_answer_found_stays_for_it(make_cm, monkeypatch):
+    """store=False takes back what the call made only once no other call holds it: here an
+    answer that found the call's message and prompt stored, running as they would go,
+    keeps them and stores its answer after them."""
+    cm = make_cm("chat-running")
+    other = cm.with_context("chat-running-other")
+    before = {c.hash for c in cm.list_chunks()}
+    messages = [
+        {"role": "system", "content": "Answer briefly, please."},
+        user("Where is Sandhamn?"),
+    ]
+    maker, take_back = cm.store.maker, cm.store.maker.take_back
+    running, taken_back, kept = threading.Event(), threading.Event(), []
+
+    def while_running(_text: str) -> None:
+        running.set()
+        taken_back.wait(timeout=120)
+
+    answering = threading.Thread(
+        target=lambda: kept.append(other.chat(messages, GREEDY, on_text=while_running))
+    )
+
+    def take_back_while_another_answers(chunks: list) -> None:
+        monkeypatch.setattr(maker, "take_back", take_back)
+        answering.start()
+        assert running.wait(timeout=120)
+        take_back(chunks)
+        taken_back.set()
+
+    monkeypatch.setattr(maker, "take_back", take_back_while_another_answers)
+    dropped = cm.chat(messages, GREEDY, store=False)
+    answering.join(timeout=120)
+    [answer] = kept  # before the fix: ChunkNotFound in the thread, its prompt gone
+    assert dropped.text and answer.prompt_reused
+    [system] = answer.prompt_chunk.parent_chunks
+    made = {system, answer.prompt_chunk.hash, answer.output_chunk.hash}
+    assert {c.hash for c in cm.list_chunks()} - before == made
+
+
+def test_a_document_loaded_while_a_call_without_storing_holds_it_stays(make_cm):
+    """A document loaded while a store=False call holds the same chunk (its system message)
+    is the loader's: the call's take-back leaves it."""
+    cm = make_cm("chat-load")
+    other = cm.with_context("chat-load-other")
+    text = "Sandhamn lies in the outer archipelago; boats leave from Strandvägen."
+    before = {c.hash for c in cm.list_chunks()}
+    loaded = []
+
+    def meanwhile(_text: str) -> None:
+        if not loaded:
+            loaded.append(other.add_chunk(text, role="system"))
+
+    cm.chat(
+        [{"role": "system", "content": text}, user("Where is it?")],
+        GREEDY,
+        on_text=meanwhile,
+        store=False,
+    )
+    [doc] = loaded
+    assert cm.get_chunk(doc.hash).text == text  # before the fix: ChunkNotFound
+    assert {c.hash for c in cm.list_chunks()} - before == {doc.hash}
 
 
 def test_a_developer_message_is_a_system_message(make_cm):
