@@ -24,7 +24,6 @@ from kvchunks.cli.shared import (
     check_refs,
     hash_argument,
     json_option,
-    say,
     show,
 )
 from kvchunks.cli.state import State, pass_state
@@ -141,7 +140,8 @@ def list_chunks(state: State, pattern: str | None, tag: str | None, as_json: boo
     the source file and the tags, ignoring case.
     """
     chunks = state.catalog.list_chunks(pattern, tag)
-    show(state, as_json, [c.to_json() for c in chunks], lambda: render.chunks_table(chunks))
+    documents = [c.to_json() for c in chunks]
+    show(state, as_json, documents, lambda: render.chunks_table(chunks))
 
 
 @click.command()
@@ -170,30 +170,34 @@ def info(state: State, ref: str, as_json: bool) -> None:
 
 @click.command()
 @click.argument("refs", nargs=-1, required=True, metavar="HASH...")
+@json_option
 @pass_state
-def activate(state: State, refs: tuple[str, ...]) -> None:
+def activate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
     """Let the model see these chunks, after the ones already active (all or none)."""
-    cm = state.catalog
-    for chunk in activate_all(cm, list(refs)):
-        say(state, f"activated {render.describe(chunk)}")
-    _window_line(state, cm)
+    _show_switched(state, as_json, "activated", activate_all(state.catalog, list(refs)))
 
 
 @click.command()
 @click.argument("refs", nargs=-1, required=True, metavar="HASH...")
+@json_option
 @pass_state
-def deactivate(state: State, refs: tuple[str, ...]) -> None:
+def deactivate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
     """Hide these chunks from the model (they stay stored)."""
     cm = state.catalog
-    hashes = [cm.get_chunk(ref).hash for ref in refs]
-    for chunk_hash in hashes:
-        say(state, f"deactivated {render.describe(cm.deactivate_chunk(chunk_hash))}")
-    _window_line(state, cm)
+    hashes = [cm.get_chunk(ref).hash for ref in refs]  # all found before any changes
+    _show_switched(state, as_json, "deactivated", [cm.deactivate_chunk(h) for h in hashes])
 
 
-def _window_line(state: State, cm: Catalog) -> None:
-    view = cm.context()
-    say(state, f"{len(view.chunks)} active, {view.token_count} of {view.window} tokens")
+def _show_switched(state: State, as_json: bool, verb: str, chunks: list[ChunkInfo]) -> None:
+    """The chunks (de)activated, each as the REST API's activate and deactivate return it;
+    as text, a line each and the window's use."""
+
+    def lines() -> list[str]:
+        view = state.catalog.context()
+        window = f"{len(view.chunks)} active, {view.token_count} of {view.window} tokens"
+        return [*(f"{verb} {render.describe(c)}" for c in chunks), window]
+
+    show(state, as_json, [c.to_json() for c in chunks], lines)
 
 
 @click.command()
@@ -227,34 +231,40 @@ def split(state: State, ref: str, at: int, as_json: bool) -> None:
 @hash_argument
 @click.argument("tag")
 @click.option("--remove", is_flag=True, help="Take the tag off instead.")
+@json_option
 @pass_state
-def tag(state: State, ref: str, tag: str, remove: bool) -> None:
+def tag(state: State, ref: str, tag: str, remove: bool, as_json: bool) -> None:
     """Tag a chunk (or untag it with --remove)."""
     cm = state.catalog
     chunk = cm.untag_chunk(ref, tag) if remove else cm.tag_chunk(ref, tag)
     tags = ", ".join(chunk.tags) or "none"
-    say(state, f"{'untagged' if remove else 'tagged'} {render.short(chunk.hash)}; tags: {tags}")
+    line = f"{'untagged' if remove else 'tagged'} {render.short(chunk.hash)}; tags: {tags}"
+    show(state, as_json, chunk.to_json(), line)
 
 
 @click.command()
 @hash_argument
 @click.option("--cascade", is_flag=True, help="Also delete the views that read this chunk.")
+@json_option
 @pass_state
-def delete(state: State, ref: str, cascade: bool) -> None:
+def delete(state: State, ref: str, cascade: bool, as_json: bool) -> None:
     """Delete a chunk and its KV for good."""
     check_refs(state, [ref])
     deleted = state.manager.delete_chunk(ref, cascade=cascade)
-    say(state, f"deleted {', '.join(render.short(h) for h in deleted)}")
+    line = f"deleted {', '.join(render.short(h) for h in deleted)}"
+    show(state, as_json, {"deleted": deleted}, line)  # DELETE /v1/chunks/{ref}'s body
 
 
 @click.command()
 @hash_argument
+@json_option
 @pass_state
-def populate(state: State, ref: str) -> None:
+def populate(state: State, ref: str, as_json: bool) -> None:
     """Bring a chunk's KV into the pool now (from its file, or recomputed)."""
     check_refs(state, [ref])
     chunk = state.manager.populate(ref)
-    say(state, f"populated {render.describe(chunk)} on {chunk.tier}")
+    line = f"populated {render.describe(chunk)} on {chunk.tier}"
+    show(state, as_json, chunk.to_json(), line)
 
 
 # -- tiers ------------------------------------------------------------------------------------
@@ -265,8 +275,9 @@ def populate(state: State, ref: str) -> None:
 # hashes are missing. The tier is checked first; the API refuses a move of no chunk.
 @click.argument("refs", nargs=-1, metavar="HASH...")
 @click.argument("tier", type=click.Choice(TIERS), metavar="TIER")
+@json_option
 @pass_state
-def move(state: State, refs: tuple[str, ...], tier: str) -> None:
+def move(state: State, refs: tuple[str, ...], tier: str, as_json: bool) -> None:
     """Move chunks' KV to TIER: gpu (the pool), cpu (host memory) or disk.
 
     Several chunks move one after another; in a terminal a bar shows the bytes moved."""
@@ -275,19 +286,19 @@ def move(state: State, refs: tuple[str, ...], tier: str) -> None:
     check_refs(state, refs)
     with move_progress(state, len(refs)) as on_progress:
         chunks = state.manager.move_chunks(list(refs), tier, on_progress=on_progress)
-    for chunk in chunks:
-        say(state, f"moved {render.short(chunk.hash)} to {chunk.tier}")
+    lines = [f"moved {render.short(c.hash)} to {c.tier}" for c in chunks]
+    show(state, as_json, [c.to_json() for c in chunks], lines)
 
 
 @click.command()
 @hash_argument
+@json_option
 @pass_state
-def prefetch(state: State, ref: str) -> None:
+def prefetch(state: State, ref: str, as_json: bool) -> None:
     """Start bringing a chunk's KV towards the gpu pool in the background."""
     check_refs(state, [ref])
-    cm = state.manager
-    cm.prefetch(ref)
-    say(state, f"prefetching {render.short(cm.get_chunk(ref).hash)}")
+    chunk = state.manager.prefetch(ref)  # its tier as the prefetch starts
+    show(state, as_json, chunk.to_json(), f"prefetching {render.short(chunk.hash)}")
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -297,8 +308,9 @@ def prefetch(state: State, ref: str) -> None:
 @hash_argument
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+@json_option
 @pass_state
-def export(state: State, ref: str, file: Path, force: bool) -> None:
+def export(state: State, ref: str, file: Path, force: bool, as_json: bool) -> None:
     """Write a chunk (tokens, record, KV) to FILE for another data directory to import.
 
     A relative FILE goes under <data dir>/exports and may not leave it.
@@ -306,7 +318,9 @@ def export(state: State, ref: str, file: Path, force: bool) -> None:
     check_refs(state, [ref])
     cm = state.manager
     target = cm.export_chunk(ref, file, force=force)
-    say(state, f"saved {render.short(cm.get_chunk(ref).hash)} to {target}")
+    chunk = cm.get_chunk(ref)
+    line = f"saved {render.short(chunk.hash)} to {target}"
+    show(state, as_json, {**chunk.to_json(), "path": str(target)}, line)
 
 
 @click.command("import")

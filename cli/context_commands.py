@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import click
 
 from kvchunks.cli import render
-from kvchunks.cli.shared import json_option, sampling_options, sampling_params, say, show
+from kvchunks.cli.shared import json_option, sampling_options, sampling_params, show
 from kvchunks.cli.state import State, pass_state
 from kvchunks.vocabulary import MODES
 
@@ -42,21 +42,24 @@ def reorder(state: State, refs: tuple[str, ...], as_json: bool) -> None:
 
 
 @click.command()
+@json_option
 @pass_state
-def clear(state: State) -> None:
+def clear(state: State, as_json: bool) -> None:
     """Deactivate every chunk of the context (nothing is deleted)."""
     cm = state.catalog
     count = len(cm.context().chunks)
     cm.clear()
-    say(state, f"deactivated {count} chunk(s); context '{cm.context_name}' is empty")
+    line = f"deactivated {count} chunk(s); context '{cm.context_name}' is empty"
+    show(state, as_json, lambda: cm.context().to_json(), line)
 
 
 # A negative RECOMPUTE is a value to refuse with the setting's own message, not an option.
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.argument("mode", type=click.Choice(MODES), required=False, metavar="[MODE]")
 @click.argument("recompute", type=float, required=False, metavar="[RECOMPUTE]")
+@json_option
 @pass_state
-def mode(state: State, mode: str | None, recompute: float | None) -> None:
+def mode(state: State, mode: str | None, recompute: float | None, as_json: bool) -> None:
     """Show or set how the context combines chunks' KV: MODE is exact, reuse or realign,
     and RECOMPUTE (realign only) the fraction of tokens computed again, from 0 to 1.
 
@@ -69,18 +72,26 @@ def mode(state: State, mode: str | None, recompute: float | None) -> None:
         cm.configure(mode=mode, recompute=recompute)
         state.mode = state.recompute = None  # the new setting applies, not options at start
     state.check_mode()
-    say(state, f"mode: {render.mode_line(state.mode, state.recompute, cm.settings)}")
+    line = f"mode: {render.mode_line(state.mode, state.recompute, cm.settings)}"
+    _show_settings(state, as_json, line)
 
 
 @click.command()
 @click.argument("switch", type=click.Choice(["on", "off"]), required=False, metavar="[on|off]")
+@json_option
 @pass_state
-def auto(state: State, switch: str | None) -> None:
+def auto(state: State, switch: str | None, as_json: bool) -> None:
     """Show or set whether each prompt and answer is activated after a generation."""
     cm = state.catalog
     if switch:
         cm.configure(auto_activate=switch == "on")
-    say(state, f"auto-activate: {'on' if cm.settings['auto_activate'] else 'off'}")
+    line = f"auto-activate: {'on' if cm.settings['auto_activate'] else 'off'}"
+    _show_settings(state, as_json, line)
+
+
+def _show_settings(state: State, as_json: bool, line: str) -> None:
+    """The context view, as the REST API's settings route returns it; as text, `line`."""
+    show(state, as_json, lambda: state.catalog.context().to_json(), line)
 
 
 # -- generation -------------------------------------------------------------------------------

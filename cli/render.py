@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
-from kvchunks import TreeNode
 from kvchunks.vocabulary import TIERS, recompute_fraction
 
 if TYPE_CHECKING:
@@ -43,7 +42,7 @@ def kind_label(chunk: ChunkInfo) -> str:
 def type_label(chunk: ChunkInfo) -> str:
     """What the chunk is in a conversation (document, prompt, answer, composed, split), as
     `tree` and the web page name it."""
-    kind = TreeNode(chunk).type
+    kind = chunk.type
     return f"{kind}, interrupted" if chunk.metadata.get("interrupted") else kind
 
 

@@ -52,11 +52,18 @@ def say(state: State, line: str) -> None:
 Shown = str | list[str] | RenderableType
 
 
-def show(state: State, as_json: bool, document: Any, text: Shown | Callable[[], Shown]) -> None:
-    """`document` as JSON with --json; else `text`: a plain line, plain lines, a table, or
-    the function that makes one of them (a table of many chunks is not built for --json)."""
+def show(
+    state: State,
+    as_json: bool,
+    document: Any | Callable[[], Any],
+    text: Shown | Callable[[], Shown],
+) -> None:
+    """`document` (or the function that makes it) as JSON with --json; else `text`: a plain
+    line, plain lines, a table, or the function that makes one of them. Each is made only when
+    shown: a table of many chunks is not built for --json, nor a context view (which reads
+    the model's window) for a line that does not need one."""
     if as_json:
-        click.echo(render.dumps(document))
+        click.echo(render.dumps(document() if callable(document) else document))
         return
     if callable(text):
         text = text()

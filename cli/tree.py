@@ -102,7 +102,7 @@ def node_label(node: TreeNode) -> Text:
     chunk = node.chunk
     label = Text(no_wrap=True, overflow="ellipsis", style="bold" if chunk.is_active else "")
     label.append(f"{ACTIVE if chunk.is_active else INACTIVE} {render.short(chunk.hash)} ")
-    label.append(f"{node.type} ({chunk.role})", style=STYLES.get(node.type, ""))
+    label.append(f"{chunk.type} ({chunk.role})", style=STYLES.get(chunk.type, ""))
     label.append(f" · {chunk.token_count} tokens · {chunk.tier} · ")
     label.append(render.preview(chunk.text, PREVIEW), style="dim")
     return label
@@ -110,7 +110,7 @@ def node_label(node: TreeNode) -> Text:
 
 def _path(ancestors: list[TreeNode]) -> str:
     """The chunks that lead to a subtree, root first; a long path keeps its two ends."""
-    names = [f"{render.short(n.chunk.hash)} {n.type}" for n in ancestors]
+    names = [f"{render.short(n.chunk.hash)} {n.chunk.type}" for n in ancestors]
     if len(names) > PATH_SHOWN + 1:
         names = [names[0], f"… {len(names) - PATH_SHOWN} more", *names[1 - PATH_SHOWN :]]
     return " › ".join(names)
@@ -135,10 +135,10 @@ def to_dot(built: ProvenanceTree) -> str:
 
 def _attributes(node: TreeNode, on_path: bool) -> str:
     chunk = node.chunk
-    shape, fill = DOT_LOOK[node.type]
+    shape, fill = DOT_LOOK[chunk.type]
     label = "\n".join(
         [
-            f"{render.short(chunk.hash)} {node.type}",
+            f"{render.short(chunk.hash)} {chunk.type}",
             f"{chunk.token_count} tokens · {chunk.tier}",
             render.preview(chunk.text, 30),
         ]

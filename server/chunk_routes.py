@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from kvchunks import ChunkInfo, TreeNode, provenance_tree
+from kvchunks import provenance_tree
 from kvchunks.server.schemas import (
     ChunkRef,
     Compose,
@@ -44,12 +44,8 @@ def list_chunks(
     it), so that the web page draws the same tree."""
     chunks = _api(request, context).list_chunks(pattern, tag)
     follows = {n.chunk.hash: n.follows for n in provenance_tree(chunks).nodes()}
-    data = [{**_typed(c), "follows": follows.get(c.hash)} for c in chunks]
+    data = [{**c.to_json(), "follows": follows.get(c.hash)} for c in chunks]
     return {"object": "list", "data": data}
-
-
-def _typed(chunk: ChunkInfo, tokens: bool = False) -> dict:
-    return {**chunk.to_json(tokens), "type": TreeNode(chunk).type}
 
 
 @router.post("/v1/chunks/compose", status_code=201)
@@ -59,7 +55,7 @@ def compose(body: Compose, request: Request, context: str = "default") -> dict:
 
 @router.get("/v1/chunks/{ref}")
 def get_chunk(ref: str, request: Request, context: str = "default") -> dict:
-    return _typed(_api(request, context).get_chunk(ref), tokens=True)
+    return _api(request, context).get_chunk(ref).to_json(tokens=True)
 
 
 @router.delete("/v1/chunks/{ref}")

@@ -28,10 +28,6 @@ class TreeNode:
     follows: str | None = None  # the hash of the chunk it hangs under; None for a root
     children: list[TreeNode] = field(default_factory=list)  # oldest first
 
-    @property
-    def type(self) -> str:
-        return node_type(self.chunk)
-
     def walk(self) -> Iterator[TreeNode]:
         """This node, then its descendants depth first, oldest branch first."""
         return walk([self])
@@ -57,7 +53,6 @@ class ProvenanceTree:
             "nodes": [
                 {
                     **n.chunk.to_json(),
-                    "type": n.type,
                     "follows": n.follows,
                     "children": [c.chunk.hash for c in n.children],
                 }
@@ -94,18 +89,6 @@ def predecessor(chunk: ChunkInfo, present: Collection[str]) -> str | None:
     records claim so, their nodes are reached from no root and not drawn, and the path up
     from one of them stops after as many steps as there are chunks."""
     return next((h for h in reversed(chunk.parent_chunks) if h in present), None)
-
-
-def node_type(chunk: ChunkInfo) -> str:
-    """What a chunk is in a conversation: an answer (generated, or an assistant message of a
-    resent conversation), a prompt (a user turn, even asked with nothing active, or any input
-    computed after other chunks), a document (an input loaded on its own), or a composed or
-    split view."""
-    if chunk.kind == "output" or (chunk.kind == "input" and chunk.role == "assistant"):
-        return "answer"
-    if chunk.kind != "input":
-        return chunk.kind
-    return "prompt" if chunk.role == "user" or chunk.parent_chunks else "document"
 
 
 def walk(roots: list[TreeNode]) -> Iterator[TreeNode]:

@@ -196,6 +196,18 @@ class ChunkInfo(ChunkRecord):
         )
         return chunk
 
+    @property
+    def type(self) -> str:
+        """What the chunk is in a conversation: an answer (generated, or an assistant message
+        of a resent conversation), a prompt (a user turn, even asked with nothing active, or
+        any input computed after other chunks), a document (an input loaded on its own), or
+        a composed or split view."""
+        if self.kind == "output" or (self.kind == "input" and self.role == "assistant"):
+            return "answer"
+        if self.kind != "input":
+            return self.kind
+        return "prompt" if self.role == "user" or self.parent_chunks else "document"
+
     def to_json(self, tokens: bool = False) -> dict[str, Any]:
         """The chunk as JSON values, as `kvchunks info --json` and the HTTP API show it
         (`tokens` adds the token ids)."""
@@ -204,6 +216,7 @@ class ChunkInfo(ChunkRecord):
             "content_hash": self.content_hash,
             "role": self.role,
             "kind": self.kind,
+            "type": self.type,
             "tier": self.tier,
             "layout": self.layout,
             "position": self.position,

@@ -275,11 +275,12 @@ def test_bad_inputs_give_one_line_exit_1_and_change_nothing(state, tmp_path):
             ("generate", "Hi", "--max-tokens", "0"): "is not in the range x>=1",
         }
         for args, message in [*cases.items(), *usage.items()]:
-            result = kvchunks(state, *args, status=2 if args in usage else 1)
-            lines = result.stderr.splitlines()
-            assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
-            assert message in lines[0], (args, lines[0])
-            assert result.stdout == ""
+            for json_flag in ([], ["--json"]):  # with --json too: no JSON, the same line
+                result = kvchunks(state, *args, *json_flag, status=2 if args in usage else 1)
+                lines = result.stderr.splitlines()
+                assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
+                assert message in lines[0], (args, lines[0])
+                assert result.stdout == ""
         assert snapshot(state) == before
     finally:
         cm.registry.delete(twin)
@@ -410,3 +411,98 @@ def test_demo_prints_the_answer_as_written_in_the_mode_asked(state, monkeypatch,
     assert "answer   a [/i] b [red]c[/red]\n" in shown
     assert "question What is the name of the night ferry" in shown
     assert asked["mode"] == "exact" and f"active in context '{state.context}'" in shown
+
+
+# -- --json prints what the REST API returns --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def http(state):
+    """The REST API over the commands' own chunk store, in this process: a command's --json
+    must print what the route doing the same returns."""
+    from fastapi.testclient import TestClient
+
+    from kvchunks.server.app import create_app
+    from kvchunks.server.backend import LocalBackend
+
+    with TestClient(create_app(LocalBackend(state.manager))) as client:
+        yield client
+
+
+def stored(http, chunk_hash: str) -> dict:
+    """The chunk as every chunk route returns it (GET adds only its token ids)."""
+    document = http.get(f"/v1/chunks/{chunk_hash}").json()
+    del document["token_ids"]
+    return document
+
+
+@pytest.fixture
+def bell(state, tmp_path):
+    note = tmp_path / "bell.txt"
+    note.write_text("The church bell rings twelve times at noon.\n")
+    [chunk] = as_json(state, "load", str(note))
+    yield chunk
+    kvchunks(state, "delete", chunk["hash"], "--cascade")
+
+
+def test_chunk_documents_have_the_type_the_routes_give(state, http, bell):
+    h = bell["hash"]
+    assert bell.pop("already_stored") is False and bell == stored(http, h)
+    assert bell["type"] == "document"
+    info = as_json(state, "info", h)
+    route = http.get(f"/v1/chunks/{h}").json()
+    assert {k: info[k] for k in route} == route  # info adds the hashes of its provenance
+    listed = http.get("/v1/chunks", params={"pattern": "church bell"}).json()["data"]
+    assert as_json(state, "list", "church bell") == [
+        {k: v for k, v in c.items() if k != "follows"} for c in listed
+    ]
+    vault = as_json(state, "list", "--tag", "vault")[0]
+    view = as_json(state, "compose", h, vault["hash"])
+    head, tail = as_json(state, "split", h, "3")
+    for made, kind in ((view, "composed"), (head, "split"), (tail, "split")):
+        assert made["type"] == kind and made == stored(http, made["hash"])
+
+
+def test_chunk_changes_print_what_the_routes_return(state, http, bell, tmp_path):
+    h = bell["hash"]
+    added = http.post(f"/v1/chunks/{h}/tags", json={"add": ["bells"]}).json()
+    assert as_json(state, "tag", h, "bells", "--remove")["tags"] == []
+    assert as_json(state, "tag", h, "bells") == added  # the same change, the same document
+    on_disk = http.post(f"/v1/chunks/{h}/move", json={"tier": "disk"}).json()
+    assert [c["tier"] for c in as_json(state, "move", h, "cpu")] == ["cpu"]
+    assert as_json(state, "move", h, "disk") == [on_disk]
+    populated = as_json(state, "populate", h)
+    assert populated["tier"] == "gpu" and populated == stored(http, h)
+    assert as_json(state, "prefetch", h) == populated  # in the pool already: nothing to bring
+    target = tmp_path / "bell.kvc"
+    exported = as_json(state, "export", h, str(target))
+    assert exported == {**populated, "path": str(target)} and target.exists()
+    view = as_json(state, "compose", h, h)
+    deleted = as_json(state, "delete", h, "--cascade")  # DELETE /v1/chunks/{ref}'s body
+    assert list(deleted) == ["deleted"] and set(deleted["deleted"]) == {h, view["hash"]}
+    imported = as_json(state, "import", str(target))
+    assert imported["type"] == "document" and imported == stored(http, h)
+
+
+def test_context_changes_print_what_the_routes_return(state, http, bell, context_kept):
+    h = bell["hash"]
+    on = http.post("/v1/contexts/default/activate", json={"chunk": h}).json()
+    with contextlib.redirect_stdout(io.StringIO()) as shown:  # the chat's command too
+        Chat(state).handle(f"/deactivate {h} --json")
+    [off] = json.loads(shown.getvalue())
+    assert not off["is_active"] and off == stored(http, h)
+    assert as_json(state, "activate", h) == [on]
+    context = http.get("/v1/contexts/default").json()
+    assert context["chunks"][-1]["type"] == "document" and as_json(state, "context") == context
+    settings = "/v1/contexts/default/settings"
+    before = {k: context[k] for k in ("mode", "recompute", "auto_activate")}
+    try:
+        reuse = http.post(settings, json={"mode": "reuse", "auto_activate": True}).json()
+        assert as_json(state, "mode", "exact")["mode"] == "exact"
+        assert as_json(state, "mode", "reuse") == reuse
+        assert as_json(state, "auto", "off")["auto_activate"] is False
+        assert as_json(state, "auto", "on") == reuse == as_json(state, "mode")
+    finally:
+        http.post(settings, json=before)
+    cleared = as_json(state, "clear")
+    assert cleared["chunks"] == [] and cleared == http.get("/v1/contexts/default").json()

@@ -88,6 +88,8 @@ def test_tag_activate_deactivate_context(stored):
     hashes = stored[2]
     assert "tags: later" in kvchunks(stored, "tag", hashes["note"], "later")
     assert "tags: none" in kvchunks(stored, "tag", hashes["note"], "later", "--remove")
+    tagged = json.loads(kvchunks(stored, "tag", hashes["note"], "soon", "--json"))
+    assert tagged["tags"] == ["soon"] and tagged["type"] == "document"  # --json: no torch
     activated = kvchunks(stored, "activate", hashes["doc"][:8], hashes["note"])
     assert activated.splitlines()[-1] == "2 active, 70 of 8192 tokens"
     context = json.loads(kvchunks(stored, "context", "--json"))
@@ -99,7 +101,13 @@ def test_tag_activate_deactivate_context(stored):
     assert "deactivated" in kvchunks(stored, "deactivate", hashes["note"])
     assert "mode: reuse" in kvchunks(stored, "mode", "reuse")
     assert "auto-activate: off" in kvchunks(stored, "auto")
+    settings = json.loads(kvchunks(stored, "auto", "--json"))
+    assert (settings["mode"], settings["auto_activate"]) == ("reuse", False)
+    assert json.loads(kvchunks(stored, "mode", "--json")) == settings
     assert "deactivated 1 chunk(s)" in kvchunks(stored, "clear")
+    [on] = json.loads(kvchunks(stored, "activate", hashes["question"], "--json"))
+    assert on["is_active"] and on["type"] == "prompt"
+    assert json.loads(kvchunks(stored, "clear", "--json"))["chunks"] == []
 
 
 def test_activate_refuses_a_chunk_of_another_dtype_as_the_engine_does(stored):
