@@ -439,6 +439,68 @@ def test_many_separate_documents_draw_a_readable_tree(served, browser):
     assert zoom > 0.25, zoom
 
 
+@needs_chromium
+def test_the_tree_is_walked_and_a_node_shown_from_the_keyboard(served, browser, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    page = Page(browser, tmp_path)
+    context = f"web-{uuid.uuid4().hex[:8]}"
+    with served.http() as http:
+        # A document with three views hanging under it: a composed one and a split's two parts.
+        other = http.post("/v1/chunks", json={"text": f"Other {uuid.uuid4()}."}).json()
+        root = http.post("/v1/chunks", json={"text": f"{MUSEUM} {uuid.uuid4()}"}).json()
+        http.post("/v1/chunks/compose", json={"chunks": [other["hash"], root["hash"]]})
+        http.post(f"/v1/chunks/{root['hash']}/split", json={"at": 5})
+        http.post(f"/v1/contexts/{context}/activate", json={"chunk": root["hash"]})
+        listed = http.get("/v1/chunks", params={"context": context}).json()["data"]
+    chunks = {c["hash"]: c for c in listed}
+    below = {c["hash"] for c in listed if c["follows"] == root["hash"]}
+    assert len(below) == 3
+    open_on(page, served, context)
+    page.choose("graph-scope", "active")  # the document's tree alone
+    wait_for(lambda: page.js("return cy.nodes().length") == 4, "the tree drawn")
+
+    def focused() -> dict:
+        return page.js(
+            "const item = document.activeElement, box = item.getBoundingClientRect();"
+            "const graph = document.getElementById('graph').getBoundingClientRect();"
+            "return {hash: item.dataset.hash, role: item.getAttribute('role'),"
+            " name: item.getAttribute('aria-label'), ring: getComputedStyle(item).outlineStyle,"
+            " seen: box.top >= graph.top && box.bottom <= Math.min(graph.bottom, innerHeight),"
+            " stops: document.querySelectorAll('#graph-keys [tabindex=\"0\"]').length};"
+        )
+
+    def press(key: str) -> str:
+        ActionChains(browser).send_keys(key).perform()
+        now = focused()
+        chunk = chunks[now["hash"]]
+        text = " ".join(chunk["text"].split())[:30]
+        active = ", active" if chunk["is_active"] else ""
+        assert now["role"] == "treeitem" and now["name"].startswith(
+            f"{chunk['type']}{active}: {text}"
+        ), now
+        assert now["ring"] != "none" and now["seen"] and now["stops"] == 1, now
+        return now["hash"]
+
+    page.find("#graph-scope").send_keys(Keys.TAB)  # one tab stop into the tree: its root
+    wait_for(lambda: focused()["hash"] == root["hash"], "the root focused by Tab")
+    assert press(Keys.ARROW_UP) == root["hash"]  # nothing above a root
+    first = press(Keys.ARROW_DOWN)
+    walked = [first, press(Keys.ARROW_RIGHT), press(Keys.ARROW_RIGHT)]
+    assert set(walked) == below and press(Keys.ARROW_RIGHT) == walked[-1]
+    assert press(Keys.ARROW_LEFT) == walked[1]
+    assert press(Keys.ARROW_UP) == root["hash"]
+    assert press(Keys.ARROW_DOWN) == walked[1]  # back to the child it came up from
+    page.shot("tree-keys")
+    ActionChains(browser).send_keys(Keys.ENTER).perform()
+    wait_for(
+        lambda: page.find("#details-text").text.strip() == chunks[walked[1]]["text"].strip(),
+        "the chunk reached shown in the details",
+    )
+    assert focused()["hash"] == walked[1]  # the focus stays in the tree
+
+
 def test_the_page_loads_without_the_key_and_the_data_does_not(served):
     with served.http(key=None) as http:
         assert http.get("/ui", follow_redirects=True).text.startswith("<!doctype html>")

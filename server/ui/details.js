@@ -2,16 +2,18 @@
 
 import { $, badge, el, short, when } from "./util.js";
 
+const HINT = "Click a node, or press Enter on it, for its text and record.";
 let page;
 
 export function setup(p) {
   page = p;
+  render(page.state); // the hint, before anything is read
 }
 
 export function render(state) {
   const chunk = state.chunks.find((c) => c.hash === state.selected);
   if (!chunk) {
-    $("details").replaceChildren(el("p", { class: "hint" }, "Click a node for its text and record."));
+    $("details").replaceChildren(el("p", { class: "hint" }, HINT));
     return;
   }
   const action = chunk.is_active ? "deactivate" : "activate";

@@ -1,6 +1,7 @@
 // The provenance tree, drawn by Cytoscape.js with the dagre layout: each chunk hangs under
 // the last chunk it was computed after, so a conversation's branches show as a tree.
 
+import * as keys from "./graph-keys.js";
 import { $, chunkType, short, snippet, treeParent } from "./util.js";
 
 const STYLE = [
@@ -52,11 +53,12 @@ const STYLE = [
 
 let cy = null;
 let drawn = ""; // the nodes and edges last laid out: the layout runs again only when they change
-let focused = null; // the chosen chunk the view last moved to
+let centred = null; // the chosen chunk the view last moved to
 
 export function setup(page) {
   cy = cytoscape({ container: $("graph"), style: STYLE, minZoom: 0.05, maxZoom: 2.5 });
   cy.on("tap", "node", (e) => page.select(e.target.id()));
+  keys.setup(cy, page, reveal);
   $("graph-scope").addEventListener("change", () => render(page.state));
   window.cy = cy; // the graph's model, for the browser console and the browser test
 }
@@ -69,7 +71,8 @@ export function render(state) {
     .filter((c) => known.has(treeParent(c)))
     .map((c) => ({ data: { id: `${treeParent(c)}-${c.hash}`, source: treeParent(c), target: c.hash } }));
   const shape = JSON.stringify([nodes.map((n) => n.data.id), edges.map((e) => e.data.id)]);
-  if (shape !== drawn) {
+  const reshaped = shape !== drawn;
+  if (reshaped) {
     drawn = shape;
     cy.elements().remove();
     cy.add([...nodes, ...edges]);
@@ -80,7 +83,8 @@ export function render(state) {
     node.toggleClass("active", active.has(node.id()));
     node.toggleClass("chosen", node.id() === state.selected);
   });
-  focus(state.selected);
+  keys.render(chunks, state.selected, reshaped);
+  centreChosen(state.selected);
 }
 
 const TREE = { name: "dagre", rankDir: "TB", nodeSep: 14, rankSep: 36, fit: false };
@@ -114,12 +118,27 @@ function layOut() {
   cy.fit(undefined, 12);
 }
 
+const READABLE = 0.9; // a zoom at which the nodes' labels read easily
+
 // A newly chosen chunk (here, in the table or in the details) is brought into view, readable.
-function focus(hash) {
+function centreChosen(hash) {
   const node = hash ? cy.getElementById(hash) : cy.collection();
-  if (hash === focused || node.empty()) return;
-  focused = hash;
-  cy.stop().animate({ center: { eles: node }, zoom: Math.max(cy.zoom(), 0.9) }, { duration: 200 });
+  if (hash === centred || node.empty()) return;
+  centred = hash;
+  centre(node);
+}
+
+// A node reached from the keyboard is brought into view, readable, only when it is not: the
+// drawing holds still while the keys walk through what it shows.
+function reveal(node) {
+  const box = node.renderedBoundingBox();
+  const inside = box.x1 >= 0 && box.y1 >= 0 && box.x2 <= cy.width() && box.y2 <= cy.height();
+  if (!inside || cy.zoom() < READABLE) centre(node);
+}
+
+function centre(node) {
+  const zoom = Math.max(cy.zoom(), READABLE);
+  cy.stop().animate({ center: { eles: node }, zoom }, { duration: 200 });
 }
 
 function label(chunk) {

@@ -43,10 +43,11 @@ export function render() {
   else poll();
 }
 
-// Someone is using a control in the table or a form: redrawing now would take it away.
+// Someone is using a control in the table or a form, or walking the tree: redrawing now
+// would take it away.
 function busy() {
   const focused = document.activeElement;
-  return focused && focused !== document.body && focused.closest("table, form");
+  return focused && focused !== document.body && focused.closest("table, form, [role=tree]");
 }
 
 function show(usage) {
