@@ -6,6 +6,7 @@ import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from kvchunks.common import ListenerGone
@@ -19,10 +20,17 @@ OnText = Callable[[str], None]
 EARLY_STOPS_KEPT = 1024
 
 
+@dataclass
+class Stop:
+    """A running answer's stop: set by its caller, who may keep what was computed."""
+
+    asked: threading.Event = field(default_factory=threading.Event)
+    keep: bool = False
+
+
 class AnswerStreams:
     def __init__(self):
-        self.running: dict[str, threading.Event] = {}  # answer id -> set to stop it
-        self.keeping: set[str] = set()  # of those stopped, the ones whose answer is kept
+        self.running: dict[str, Stop] = {}  # answer id -> its stop
         self.stopped_early: OrderedDict[str, None] = OrderedDict()
         self.lock = threading.Lock()
 
@@ -35,12 +43,12 @@ class AnswerStreams:
             if answer_id in self.stopped_early:
                 del self.stopped_early[answer_id]
                 raise ListenerGone(f"answer {answer_id} stopped before it started")
-            self.running[answer_id] = stopped = threading.Event()
+            self.running[answer_id] = stop = Stop()
 
         def on_text(piece: str) -> None:
-            if stopped.is_set() and answer_id in self.keeping:
+            if stop.asked.is_set() and stop.keep:
                 raise KeyboardInterrupt  # the caller's Ctrl-C: the generation keeps its part
-            if stopped.is_set():
+            if stop.asked.is_set():
                 raise ListenerGone(f"answer {answer_id} stopped: its caller went away")
             pieces.put(piece)
 
@@ -53,7 +61,6 @@ class AnswerStreams:
                 pieces.put(None)
                 with self.lock:
                     self.running.pop(answer_id, None)
-                    self.keeping.discard(answer_id)
 
         threading.Thread(target=run, name="kvchunks-answer", daemon=True).start()
         while (piece := pieces.get()) is not None:
@@ -67,12 +74,11 @@ class AnswerStreams:
         `keep` what was computed of it is; one that has not started yet never starts (its
         call may wait behind others)."""
         with self.lock:
-            stopped = self.running.get(answer_id)
-            if keep and stopped is not None:
-                self.keeping.add(answer_id)
-            if stopped is None:
+            stop = self.running.get(answer_id)
+            if stop is None:
                 self.stopped_early[answer_id] = None
                 while len(self.stopped_early) > EARLY_STOPS_KEPT:
                     self.stopped_early.popitem(last=False)
                 return
-        stopped.set()
+            stop.keep = stop.keep or keep  # a keep asked once is not taken back
+            stop.asked.set()

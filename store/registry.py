@@ -260,7 +260,7 @@ class ChunkRegistry:
             if chunk.ref_count and not force:
                 raise ChunkInUse(
                     f"chunk {chunk_hash[:12]} is still referenced {chunk.ref_count} time(s) "
-                    "by views or running generations; delete those first"
+                    "by views; delete those first"
                 )
             children = _strs(pipe.smembers(children_key))
             contexts = _strs(pipe.smembers(contexts_key))

@@ -237,6 +237,35 @@ def test_an_answer_stopped_before_it_started_never_runs():
     assert answered == ["Hi", "result"]
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_running_answer_stopped_ends_at_its_next_text_keeping_its_part_if_asked(keep):
+    """The answer's next on_text raises: KeyboardInterrupt, which a generation ends on keeping
+    what was computed (the caller's Ctrl-C), or ListenerGone, which keeps nothing."""
+    from kvchunks.actors.answer_stream import AnswerStreams
+    from kvchunks.common import ListenerGone
+
+    streams, seen, stopped = AnswerStreams(), [], threading.Event()
+
+    def answer(on_text) -> str:
+        try:
+            on_text("one")
+            stopped.wait(timeout=30)
+            on_text("two")
+        except BaseException as e:
+            seen.append(type(e))
+            return "kept" if isinstance(e, KeyboardInterrupt) else "not kept"
+        return "done"
+
+    stream = streams.stream("a1", answer)
+    assert next(stream) == "one"
+    streams.stop("a1", keep=keep)
+    streams.stop("a1")  # a second stop does not take a keep back
+    stopped.set()
+    assert list(stream) == ["kept" if keep else "not kept"]
+    assert seen == [KeyboardInterrupt if keep else ListenerGone]
+    assert streams.running == {}
+
+
 def test_a_pool_report_that_fails_leaves_the_calls_outcome_its_own(caplog):
     """The report after a call goes to the registry actor, which may be restarting: the call
     (committed, or failed for its own reason) is not made to fail with the report's error."""
