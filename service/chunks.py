@@ -237,13 +237,23 @@ class ChunkMaker:
             yield hold
         finally:
             with self.lock:
-                for chunk_hash in reversed(hold.hashes):  # newest first, as take_back goes
-                    self.held[chunk_hash] -= 1
-                    if self.held[chunk_hash] == 0:
-                        del self.held[chunk_hash]
-                        self.kept.discard(chunk_hash)
-                        if chunk_hash in self.unwanted:
-                            self._take_back_one(self.unwanted.pop(chunk_hash))
+                # Every count goes down first: a take-back that fails (Redis gone) leaves
+                # nothing held.
+                for chunk in self._let_go(hold):
+                    self._take_back_one(chunk)
+
+    def _let_go(self, hold: Hold) -> list[ChunkInfo]:
+        """Drop a call's hold. Returns the chunks taken back while held that no call holds
+        now, newest first, as take_back goes."""
+        unwanted = []
+        for held in reversed(hold.hashes):
+            self.held[held] -= 1
+            if self.held[held] == 0:
+                del self.held[held]
+                self.kept.discard(held)
+                if held in self.unwanted:
+                    unwanted.append(self.unwanted.pop(held))
+        return unwanted
 
     def hold(self, hold: Hold, chunk_hash: str) -> None:
         """Add a chunk to the call's hold; called under the lock the chunk was found under,
