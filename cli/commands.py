@@ -140,8 +140,7 @@ def list_chunks(state: State, pattern: str | None, tag: str | None, as_json: boo
     the source file and the tags, ignoring case.
     """
     chunks = state.catalog.list_chunks(pattern, tag)
-    documents = [c.to_json() for c in chunks]
-    show(state, as_json, documents, lambda: render.chunks_table(chunks))
+    show(state, as_json, [c.to_json() for c in chunks], lambda: render.chunks_table(chunks))
 
 
 @click.command()

@@ -50,7 +50,7 @@ def clear(state: State, as_json: bool) -> None:
     count = len(cm.context().chunks)
     cm.clear()
     line = f"deactivated {count} chunk(s); context '{cm.context_name}' is empty"
-    show(state, as_json, lambda: cm.context().to_json(), line)
+    _show_context(state, as_json, line)
 
 
 # A negative RECOMPUTE is a value to refuse with the setting's own message, not an option.
@@ -73,7 +73,7 @@ def mode(state: State, mode: str | None, recompute: float | None, as_json: bool)
         state.mode = state.recompute = None  # the new setting applies, not options at start
     state.check_mode()
     line = f"mode: {render.mode_line(state.mode, state.recompute, cm.settings)}"
-    _show_settings(state, as_json, line)
+    _show_context(state, as_json, line)
 
 
 @click.command()
@@ -86,11 +86,11 @@ def auto(state: State, switch: str | None, as_json: bool) -> None:
     if switch:
         cm.configure(auto_activate=switch == "on")
     line = f"auto-activate: {'on' if cm.settings['auto_activate'] else 'off'}"
-    _show_settings(state, as_json, line)
+    _show_context(state, as_json, line)
 
 
-def _show_settings(state: State, as_json: bool, line: str) -> None:
-    """The context view, as the REST API's settings route returns it; as text, `line`."""
+def _show_context(state: State, as_json: bool, line: str) -> None:
+    """The context view, as the REST API's context routes return it; as text, `line`."""
     show(state, as_json, lambda: state.catalog.context().to_json(), line)
 
 
