@@ -499,6 +499,41 @@ def test_the_tree_is_walked_and_a_node_shown_from_the_keyboard(served, browser, 
         "the chunk reached shown in the details",
     )
     assert focused()["hash"] == walked[1]  # the focus stays in the tree
+    assert press(Keys.ARROW_RIGHT) == walked[2]
+    ActionChains(browser).send_keys(Keys.SPACE).perform()
+    wait_for(
+        lambda: page.find("#details-text").text.strip() == chunks[walked[2]]["text"].strip(),
+        "Space shows the chunk as Enter does",
+    )
+
+    # An answer arrives while the keyboard is in the tree: the tree is drawn again with the
+    # prompt and answer, and the focus stays on its node; when that node is gone meanwhile
+    # (deleted elsewhere), on the node above it.
+    def answer_while_walking(on: str, question: str, delete: bool) -> None:
+        drawn = page.js("return cy.nodes().length")
+        page.type("max-tokens", "40")
+        page.type("chat-input", question)
+        ActionChains(browser).send_keys(Keys.ENTER).perform()
+        page.js("document.querySelector(`#graph-keys [data-hash='${arguments[0]}']`).focus()", on)
+        if delete:
+            with served.http() as http:
+                assert http.delete(f"/v1/chunks/{on}").status_code == 200
+        assert page.js("return document.querySelector('.turn:last-child').dataset.done") is None
+        wait_for(
+            lambda: page.js("return document.querySelector('.turn:last-child').dataset.done"),
+            "the answer",
+        )
+        wait_for(lambda: page.js("return cy.nodes().length") != drawn, "the tree drawn again")
+
+    answer_while_walking(walked[0], QUESTION, delete=False)
+    assert focused()["hash"] == walked[0]
+    (prompt,) = [c for c in children_of(served, context, [root["hash"]]) if c["text"] == QUESTION]
+    (answer,) = children_of(served, context, [root["hash"], prompt["hash"]])
+    # The answer's parent is not the tree's first node, where a lost focus would land.
+    answer_while_walking(answer["hash"], "When is the museum closed?", delete=True)
+    assert focused()["hash"] == prompt["hash"]
+    chunks[prompt["hash"]] = prompt
+    assert press(Keys.ARROW_UP) == root["hash"]  # the keys go on from there
 
 
 def test_the_page_loads_without_the_key_and_the_data_does_not(served):

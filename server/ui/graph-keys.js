@@ -3,7 +3,7 @@
 // text, which takes the focus (and shows the focus ring) where the node is drawn. The tree is
 // one tab stop (roving tabindex). The arrows follow the drawing, which hangs each chunk below
 // the one it follows: ↑ the parent, ↓ a child, ← → the siblings (between roots: the trees);
-// Home and End the first and last node. Enter does what a click does.
+// Home and End the first and last node. Enter and Space do what a click does.
 
 import { $, chunkType, el, snippet } from "./util.js";
 
@@ -14,6 +14,7 @@ let items = new Map(); // hash -> its stand-in, in tree order (depth first, as d
 let current = null; // the node that holds the tab stop
 let chosen = null; // the selection when last drawn: a new one takes the tab stop
 let upFrom = null; // the node ↑ last left: ↓ goes back to it
+let parentOf = new Map(); // hash -> the node it hangs under, as last built
 
 export function setup(graph, p, revealNode) {
   [cy, page, reveal] = [graph, p, revealNode];
@@ -23,14 +24,19 @@ export function setup(graph, p, revealNode) {
   tree.addEventListener("focusin", (e) => focused(e.target));
 }
 
-// `reshaped`: the nodes or edges changed, and were laid out again.
+// `reshaped`: the nodes or edges changed, and were laid out again. A keyboard user in the
+// tree (say, while an answer arrives) stays on their node, or on the nearest one above it that
+// is still drawn: the rebuilt stand-ins would otherwise drop the focus to the page's start.
 export function render(chunks, selected, reshaped) {
+  const walking = $("graph-keys").contains(document.activeElement);
+  const above = parentOf;
   if (reshaped) build();
   if (selected !== chosen) {
     chosen = selected;
     if (items.has(selected)) current = selected;
   }
-  if (!items.has(current)) current = items.keys().next().value ?? null;
+  while (current && !items.has(current)) current = above.get(current);
+  current ??= items.keys().next().value ?? null;
   for (const chunk of chunks) {
     const item = items.get(chunk.hash);
     item?.setAttribute("aria-label", label(chunk));
@@ -38,12 +44,14 @@ export function render(chunks, selected, reshaped) {
   }
   rove();
   place();
+  if (walking && reshaped) items.get(current)?.focus({ preventScroll: true });
 }
 
 // Depth first in drawn order, so that a screen reader's reading order is the drawing's.
 function build() {
   items = new Map();
-  const add = (nodes, level) =>
+  parentOf = new Map();
+  const add = (nodes, level, parent) =>
     nodes.forEach((node, i) => {
       const item = el("div", {
         role: "treeitem",
@@ -54,9 +62,10 @@ function build() {
         dataset: { hash: node.id() },
       });
       items.set(node.id(), item);
-      add(children(node), level + 1);
+      if (parent) parentOf.set(node.id(), parent);
+      add(children(node), level + 1, node.id());
     });
-  add(roots(), 1);
+  add(roots(), 1, null);
   $("graph-keys").replaceChildren(...items.values());
 }
 
@@ -97,8 +106,10 @@ const MOVES = {
 function keyed(e) {
   if (e.altKey || e.ctrlKey || e.metaKey || e.shiftKey) return; // the browser's own keys
   const hash = e.target.dataset.hash;
-  if (e.key === "Enter") page.select(hash);
-  else if (MOVES[e.key]) {
+  if (e.key === "Enter" || e.key === " ") {
+    e.preventDefault(); // Space would scroll the page too
+    page.select(hash);
+  } else if (MOVES[e.key]) {
     e.preventDefault(); // the arrows would scroll the page too
     const to = MOVES[e.key](cy.getElementById(hash));
     if (e.key === "ArrowUp") upFrom = hash;
