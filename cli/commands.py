@@ -25,6 +25,7 @@ from kvchunks.cli.shared import (
     hash_argument,
     json_option,
     show,
+    show_switched,
 )
 from kvchunks.cli.state import State, pass_state
 from kvchunks.cli.tree import split_timelines
@@ -173,7 +174,7 @@ def info(state: State, ref: str, as_json: bool) -> None:
 @pass_state
 def activate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
     """Let the model see these chunks, after the ones already active (all or none)."""
-    _show_switched(state, as_json, "activated", activate_all(state.catalog, list(refs)))
+    show_switched(state, as_json, "activated", activate_all(state.catalog, list(refs)))
 
 
 @click.command()
@@ -184,19 +185,7 @@ def deactivate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
     """Hide these chunks from the model (they stay stored)."""
     cm = state.catalog
     hashes = [cm.get_chunk(ref).hash for ref in refs]  # all found before any changes
-    _show_switched(state, as_json, "deactivated", [cm.deactivate_chunk(h) for h in hashes])
-
-
-def _show_switched(state: State, as_json: bool, verb: str, chunks: list[ChunkInfo]) -> None:
-    """The chunks (de)activated, each as the REST API's activate and deactivate return it;
-    as text, a line each and the window's use."""
-
-    def lines() -> list[str]:
-        view = state.catalog.context()
-        window = f"{len(view.chunks)} active, {view.token_count} of {view.window} tokens"
-        return [*(f"{verb} {render.describe(c)}" for c in chunks), window]
-
-    show(state, as_json, [c.to_json() for c in chunks], lines)
+    show_switched(state, as_json, "deactivated", [cm.deactivate_chunk(h) for h in hashes])
 
 
 @click.command()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import click
 
 from kvchunks.cli import render
-from kvchunks.cli.shared import activate_all, json_option, say, show
+from kvchunks.cli.shared import activate_all, json_option, show, show_switched
 from kvchunks.cli.state import State, pass_state
 from kvchunks.common import InvalidInput
 
@@ -34,39 +34,42 @@ def output_list(state: State, as_json: bool) -> None:
 
 @output.command("activate")
 @click.argument("refs", nargs=-1, metavar="[HASH...]")
+@json_option
 @pass_state
-def output_activate(state: State, refs: tuple[str, ...]) -> None:
+def output_activate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
     """Activate answers; without HASH, the last prompt and its answer, so the conversation
     goes on from them."""
     cm = state.manager
     last = cm.last_generation
     turn = [last.prompt_chunk.hash, *(c.hash for c in last.output_chunks)] if last else []
-    for chunk in activate_all(cm, list(refs) or _required(turn)):
-        say(state, f"activated {render.describe(chunk)}")
+    show_switched(state, as_json, "activated", activate_all(cm, list(refs) or _required(turn)))
 
 
 @output.command("delete")
 @click.argument("refs", nargs=-1, metavar="[HASH...]")
 @click.option("--cascade", is_flag=True, help="Also delete the views that read them.")
+@json_option
 @pass_state
-def output_delete(state: State, refs: tuple[str, ...], cascade: bool) -> None:
+def output_delete(state: State, refs: tuple[str, ...], cascade: bool, as_json: bool) -> None:
     """Delete answers; without HASH, the last answer."""
     cm = state.manager
     deleted = cm.delete_chunks(list(refs) or _required(_last_outputs(state)), cascade)
-    say(state, f"deleted {', '.join(render.short(h) for h in deleted)}")
+    line = f"deleted {', '.join(render.short(h) for h in deleted)}"
+    show(state, as_json, {"deleted": deleted}, line)  # as `delete --json`
 
 
 @output.command("tag")
 @click.argument("tag")
 @click.argument("refs", nargs=-1, metavar="[HASH...]")
+@json_option
 @pass_state
-def output_tag(state: State, tag: str, refs: tuple[str, ...]) -> None:
+def output_tag(state: State, tag: str, refs: tuple[str, ...], as_json: bool) -> None:
     """Tag answers with TAG; without HASH, the last answer."""
     cm = state.manager
     hashes = [cm.get_chunk(ref).hash for ref in list(refs) or _required(_last_outputs(state))]
-    for chunk_hash in hashes:
-        chunk = cm.tag_chunk(chunk_hash, tag)
-        say(state, f"tagged {render.short(chunk.hash)}; tags: {', '.join(chunk.tags)}")
+    chunks = [cm.tag_chunk(chunk_hash, tag) for chunk_hash in hashes]
+    lines = [f"tagged {render.short(c.hash)}; tags: {', '.join(c.tags)}" for c in chunks]
+    show(state, as_json, [c.to_json() for c in chunks], lines)
 
 
 def _last_outputs(state: State) -> list[str]:

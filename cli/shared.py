@@ -171,3 +171,15 @@ def activate_all(cm: Catalog, refs: list[str]) -> list[ChunkInfo]:
                 cm.deactivate_chunk(chunk.hash)
         raise
     return done
+
+
+def show_switched(state: State, as_json: bool, verb: str, chunks: list[ChunkInfo]) -> None:
+    """The chunks (de)activated, each as the REST API's activate and deactivate return it;
+    as text, a line each and the window's use."""
+
+    def lines() -> list[str]:
+        view = state.catalog.context()
+        window = f"{len(view.chunks)} active, {view.token_count} of {view.window} tokens"
+        return [*(f"{verb} {render.describe(c)}" for c in chunks), window]
+
+    show(state, as_json, [c.to_json() for c in chunks], lines)

@@ -207,6 +207,22 @@ def test_move_between_tiers(chat):
     assert "prefetching" in chat.run(f"/prefetch {doc}")
 
 
+def test_output_commands_print_json(chat):
+    partial = chat.hashes["partial"]
+    (tagged,) = chat.json(f"/output tag kept {partial} --json")
+    assert tagged["hash"].startswith(partial) and tagged["type"] == "answer"
+    assert tagged["tags"] == ["reply", "kept"]
+    (activated,) = chat.json(f"/output activate {partial} --json")
+    assert activated["hash"] == tagged["hash"] and activated["is_active"]
+    chat.run(f"/deactivate {partial}")
+    chat.run("/set --max-tokens 4")
+    answer = re.search(r"output ([0-9a-f]{12})", chat.run("Say yes.")).group(1)
+    chat.run("/set --max-tokens 48")
+    deleted = chat.json("/output delete --json")  # the last answer
+    assert len(deleted["deleted"]) == 1 and deleted["deleted"][0].startswith(answer)
+    assert answer not in chat.run("/list")
+
+
 def test_bad_inputs_are_one_line_and_change_nothing(chat, tmp_path):
     from kvchunks.store.chunk import ChunkInfo
     from kvchunks.store.hashing import content_hash
