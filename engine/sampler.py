@@ -21,15 +21,20 @@ def _sample_one(logits: torch.Tensor, seq: Sequence) -> int:
     p = seq.params
     if p.greedy:
         return int(logits.argmax())
-    logits = logits.float() / p.temperature
+    # Penalties far from 1 can push logits to infinity, which softmax turns into NaN: the
+    # largest finite float stands in for it (those tokens share the mass, as in the limit).
+    biggest = torch.finfo(torch.float32).max
+    logits = (logits.float() / p.temperature).clamp(-biggest, biggest)
     if p.top_k and p.top_k < logits.numel():
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token once the mass before it already reaches top_p; the first always stays.
+        # Drop a token once the mass before it already reaches top_p; the first always stays
+        # (a top_p below float32's smallest number compares as 0, which would drop it too).
         drop = cumulative - sorted_logits.softmax(-1) >= p.top_p
+        drop[0] = False
         logits = logits.scatter(0, order[drop], float("-inf"))
     probs = logits.softmax(-1)
     if seq.generator is not None:  # a seed's generator is a CPU one: the same draws anywhere

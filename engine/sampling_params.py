@@ -7,11 +7,14 @@ from kvchunks.common import InvalidInput
 from kvchunks.vocabulary import check_flag, check_unicode, is_count, is_number
 
 NUMBERS = ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+# A temperature below this samples as greedy: float32 logits divided by much less overflow to
+# infinity, and the distribution is one token's anyway (vLLM draws the line here too).
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
 class SamplingParams:
-    """How to pick each next token. temperature 0 means greedy."""
+    """How to pick each next token. temperature 0 (below GREEDY_BELOW) means greedy."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -75,7 +78,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:

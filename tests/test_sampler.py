@@ -78,3 +78,24 @@ def test_a_batch_samples_each_row_by_its_own_settings():
     rows = [sample(flipped, [greedy, top2]) for _ in range(200)]
     assert {r[0] for r in rows} == {0}
     assert {r[1] for r in rows} == {len(LOGITS) - 1, len(LOGITS) - 2}
+
+
+def test_settings_at_the_edges_of_their_ranges_sample_without_failing_the_batch():
+    """Values the checks accept, however extreme, give tokens: float32 must not overflow into
+    a NaN distribution, which would fail the whole batch's step, other requests' rows too."""
+    seen = [0, 1]  # the context: the two likeliest tokens (the prompt, 9, has a negative logit)
+    rows = {
+        "greedy": (SamplingParams(temperature=0), {0}),
+        "tiny temperature": (SamplingParams(temperature=1e-38, seed=1), {0}),
+        "tiny top_p": (SamplingParams(temperature=1.0, top_p=1e-46, seed=1), {0}),
+        # Both seen tokens' logits overflow: they share the mass.
+        "tiny repetition_penalty": (SamplingParams(repetition_penalty=1e-39, seed=1), {0, 1}),
+        "huge repetition_penalty": (SamplingParams(repetition_penalty=1e38, seed=1), None),
+    }
+    seqs = [Sequence([9], params, context_token_ids=tuple(seen)) for params, _ in rows.values()]
+    logits = LOGITS.expand(len(seqs), -1)
+    draws = [sample(logits, seqs) for _ in range(50)]
+    for i, (name, (_, allowed)) in enumerate(rows.items()):
+        tokens = {d[i] for d in draws}
+        assert tokens <= (allowed or set(range(len(LOGITS)))), name
+    assert {d[3] for d in draws} == {0, 1}
