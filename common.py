@@ -13,6 +13,14 @@ HOME_ENV = "KVCHUNKS_HOME"
 OnProgress = Callable[[int, int], None]
 
 
+def part_by_layer(
+    report: OnProgress, before: int, tokens: int, total: int
+) -> Callable[[int, int], None]:
+    """A layer callback that reports a part of `tokens` tokens after `before` done: in
+    proportion to the layers its one pass has been through."""
+    return lambda layer, layers: report(before + tokens * layer // layers, total)
+
+
 def data_dir() -> Path:
     """Where kvchunks keeps models, chunk KV and the embedded Redis: `KVCHUNKS_HOME`, else
     `~/.local/share/kvchunks`."""

@@ -7,7 +7,13 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
-from kvchunks.common import ContextWindowExceeded, InvalidInput, OnProgress, read_text_file
+from kvchunks.common import (
+    ContextWindowExceeded,
+    InvalidInput,
+    OnProgress,
+    part_by_layer,
+    read_text_file,
+)
 from kvchunks.engine import EngineConfig, SamplingParams
 from kvchunks.service import exchange, generation
 from kvchunks.service.catalog import Catalog
@@ -125,7 +131,7 @@ class ContextManager(OutputTracking, Catalog):
         llm = self.store.model.llm
         for i, (part, tokens) in enumerate(zip(parts, framed, strict=True)):
             numbered = {} if split_tokens is None else {"part": i, "parts": len(parts)}
-            by_layer = _by_layer(report, done, len(tokens), total)
+            by_layer = part_by_layer(report, done, len(tokens), total)
             with llm.layer_progress(by_layer) if on_progress else nullcontext():
                 made.append(self._add_framed(tokens, part, role, tags, source | numbered))
             done += len(tokens)
@@ -182,6 +188,7 @@ class ContextManager(OutputTracking, Catalog):
             raise InvalidInput("compose needs at least two chunks")
         chunks = [self.registry.find(r) for r in refs]
         self.store.model.check_dtype(chunks)
+        self._check_fits(_tokens(chunks), "compose fewer chunks, or shorter ones")
         tags = checked_tags(tags)
         return self._view(self.store.maker.make_view("composed", spans_of(chunks), tags=tags).hash)
 
@@ -282,7 +289,9 @@ class ContextManager(OutputTracking, Catalog):
         chunks (for clients that send only the new message, as the web page does)."""
         turns = checked_messages(messages)
         before = self.registry.get_many(self.registry.active(self.context_name))
-        before += [self.registry.find(ref) for ref in checked_refs(chunks or [])]
+        # Attended to once each: one already active, or named twice, is not read again.
+        for chunk in map(self.registry.find, checked_refs(chunks or [])):
+            before += [] if chunk.hash in {c.hash for c in before} else [chunk]
         settings = self.settings
         mode, recompute = call_mode(settings, mode, recompute)
         call = Call(settings, mode, recompute, params, on_text, store)
@@ -377,9 +386,7 @@ class ContextManager(OutputTracking, Catalog):
         chat template closes a turn (stored with it, and active with it under auto-activate)."""
         return call.sampling.max_tokens + len(self.store.model.chat.turn_end)
 
-    def _check_fits(
-        self, tokens: int, remedy: str = "deactivate chunks or lower max_tokens"
-    ) -> None:
+    def _check_fits(self, tokens: int, remedy: str = "deactivate chunks or lower max_tokens"):
         window, opening = self.store.model.window, self.store.composer.opening_length
         if opening + tokens > window:  # every context starts with the model's opening
             raise ContextWindowExceeded(
@@ -390,11 +397,3 @@ class ContextManager(OutputTracking, Catalog):
 
 def _tokens(chunks: list[ChunkInfo]) -> int:
     return sum(c.token_count for c in chunks)
-
-
-def _by_layer(
-    report: OnProgress, before: int, tokens: int, total: int
-) -> Callable[[int, int], None]:
-    """A layer callback that reports a part of `tokens` tokens after `before` done: in
-    proportion to the layers its one pass has been through."""
-    return lambda layer, layers: report(before + tokens * layer // layers, total)

@@ -334,6 +334,9 @@ def test_activation_past_the_window_is_refused(make_cm):
     before = snapshot(cm)
     with pytest.raises(ContextWindowExceeded):
         cm.activate_chunk(page.hash)
+    # Nor is a view made that could never be active.
+    with pytest.raises(ContextWindowExceeded, match="compose fewer chunks"):
+        cm.compose_chunks([page.hash] * (repeats + 1))
     assert snapshot(cm) == before
 
 

@@ -76,6 +76,21 @@ def test_request_chunks_and_messages_without_storing(make_cm):
     assert len({c.hash for c in cm.list_chunks()} - before) == 3  # system, prompt, answer
 
 
+def test_request_chunks_already_active_or_named_twice_are_read_once(make_cm):
+    cm = make_cm("chat-once")
+    doc, other = cm.add_chunk(DOC), cm.add_chunk("The museum is closed on Mondays.")
+    cm.activate_chunk(doc.hash)
+    question = [user("When does the ferry leave?")]
+    once = cm.chat(question, GREEDY, chunks=[other.hash], store=False)
+    again = cm.chat(question, GREEDY, chunks=[doc.hash[:8], other.hash, other.hash], store=False)
+    assert again.text == once.text
+    read = doc.token_count + other.token_count  # each once (realign recomputes some the first time)
+    assert once.tokens_reused + once.tokens_recomputed == read
+    assert again.tokens_reused + again.tokens_recomputed == read
+    kept = cm.chat(question, GREEDY, chunks=[other.hash, doc.hash])
+    assert kept.prompt_chunk.parent_chunks == [doc.hash, other.hash]
+
+
 def test_without_storing_a_chunk_another_request_took_up_meanwhile_stays(make_cm):
     """store=False takes back what the call made, but not a chunk that, while the answer was
     being generated, another request activated (or computed a chunk after): it is no longer
