@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import runpy
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from importlib import resources
@@ -202,4 +203,12 @@ def benches() -> list[str]:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _stopped)
     cli(prog_name="kvchunks")
+
+
+def _stopped(signum: int, _frame: object) -> None:
+    """SIGTERM (kill, systemd, docker) ends the command as Ctrl-C does: its context closes and
+    the exit hooks run, so the embedded Redis it started stops with it (uvicorn hands the
+    signal on here once the server has shut down gracefully). The status says why it ended."""
+    sys.exit(128 + signum)
