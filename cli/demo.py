@@ -32,7 +32,8 @@ QUESTION = "What is the name of the night ferry, and who is its captain?"
 )
 @pass_state
 def demo(state: State, max_tokens: int) -> None:
-    """Load a document, activate it, ask about it, and show the chunks."""
+    """Load a document, activate it alone (what else was active in the context is deactivated,
+    and named), ask about it, and show the chunks."""
     from kvchunks import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens)  # checked before any change
@@ -41,10 +42,15 @@ def demo(state: State, max_tokens: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(DOCUMENT)
     cm = state.manager
+    out = state.out
+    # The question reads the document alone: what else is active makes way, and is named.
+    others = [c.hash for c in cm.context().chunks]
     cm.clear()
+    if others:
+        put_back = f"kvchunks {_context_option(state)}activate {' '.join(map(short, others))}"
+        out.print(f"deactivated {len(others)} chunk(s) of context '{state.context}': {put_back}")
     doc = cm.load_file(path, tags=["demo"])
     cm.activate_chunk(doc.hash)
-    out = state.out
     out.print(labelled("document", f"{short(doc.hash)}  {doc.token_count} tokens, activated"))
     out.print(labelled("question", QUESTION))
     with out.status("generating"):
@@ -58,8 +64,7 @@ def demo(state: State, max_tokens: int) -> None:
     for c in made[1:]:
         parents = " + ".join(short(p) for p in c.parent_chunks)
         out.print(f"  {short(c.hash)} ({type_label(c)}) was computed after {parents}")
-    named = "" if state.context == "default" else f"--context {state.context} "
-    chat = f"kvchunks {named}chat"
+    chat = f"kvchunks {_context_option(state)}chat"
     out.print(f"Continue with: {chat}   (the document stays active in context '{state.context}')")
 
 
@@ -67,3 +72,7 @@ def labelled(label: str, text: str) -> Text:
     """A bold label, then `text` as it is: the model's answer may contain [brackets], which
     rich would otherwise read as markup."""
     return Text.assemble((label, "bold"), " " * (LABEL_WIDTH - len(label)), text)
+
+
+def _context_option(state: State) -> str:
+    return "" if state.context == "default" else f"--context {state.context} "

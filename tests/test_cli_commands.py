@@ -396,7 +396,12 @@ def test_load_activate_past_the_window_names_the_chunk_it_kept(state, tmp_path, 
     kvchunks(state, "delete", filler["hash"])
 
 
-def test_demo_prints_the_answer_as_written_in_the_mode_asked(state, monkeypatch, context_kept):
+def test_demo_prints_the_answer_as_written_in_the_mode_asked(
+    state, monkeypatch, context_kept, tmp_path
+):
+    note = tmp_path / "aside.txt"
+    note.write_text("An aside the demo's question must not read.\n")
+    [aside] = as_json(state, "load", str(note), "--activate")
     cm = state.manager
     generate = cm.generate
     asked = {}
@@ -411,6 +416,11 @@ def test_demo_prints_the_answer_as_written_in_the_mode_asked(state, monkeypatch,
     assert "answer   a [/i] b [red]c[/red]\n" in shown
     assert "question What is the name of the night ferry" in shown
     assert asked["mode"] == "exact" and f"active in context '{state.context}'" in shown
+    # What was active made way for the document, and the line says how to put it back.
+    assert f"context '{state.context}': kvchunks activate " in shown
+    assert aside["hash"][:12] in shown.split("deactivated", 1)[1].splitlines()[0]
+    assert [c["type"] for c in as_json(state, "context")["chunks"]] == ["document"]
+    assert aside["hash"] not in {c["hash"] for c in as_json(state, "context")["chunks"]}
 
 
 # -- --json prints what the REST API returns --------------------------------------------------
