@@ -15,6 +15,7 @@ import click
 from kvchunks.cli import render
 from kvchunks.cli.shared import json_option, sampling_options, sampling_params, show
 from kvchunks.cli.state import State, pass_state
+from kvchunks.common import InvalidInput
 from kvchunks.vocabulary import MODES
 
 if TYPE_CHECKING:
@@ -68,6 +69,11 @@ def mode(state: State, mode: str | None, recompute: float | None, as_json: bool)
     tokens of each (the default fraction when RECOMPUTE is left out).
     """
     cm = state.catalog
+    if mode and (state.mode or state.recompute is not None):
+        raise InvalidInput(
+            "--mode and --recompute set one run's mode; the context's is set by "
+            f"`mode {mode}{'' if recompute is None else f' {recompute}'}` alone"
+        )
     if mode:
         cm.configure(mode=mode, recompute=recompute)
         state.mode = state.recompute = None  # the new setting applies, not options at start

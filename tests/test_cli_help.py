@@ -146,6 +146,9 @@ def test_usage_errors_are_one_line_with_status_2(args, says, tmp_path):
             (["--mode", "reuse", "--recompute", "0.3", "generate", "Hi"], "realign only"),
             # A negative fraction is the setting's value to refuse, not an unknown option.
             (["mode", "realign", "-0.1"], "recompute must be from 0 to 1"),
+            # One run's options next to the context's setting: neither is dropped silently.
+            (["--recompute", "0.5", "mode", "realign"], "is set by `mode realign` alone"),
+            (["--mode", "exact", "mode", "reuse", "0.2"], "is set by `mode reuse 0.2` alone"),
         ]
     ),
 )
