@@ -7,13 +7,20 @@ Those that need only the registry (context, reorder, clear, mode, auto) work on
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import click
 
 from kvchunks.cli import render
-from kvchunks.cli.shared import json_option, sampling_options, sampling_params, show
+from kvchunks.cli.shared import (
+    INTERRUPTED,
+    json_option,
+    sampling_options,
+    sampling_params,
+    show,
+)
 from kvchunks.cli.state import State, pass_state
 from kvchunks.common import InvalidInput
 from kvchunks.vocabulary import MODES
@@ -110,13 +117,17 @@ def _show_context(state: State, as_json: bool, line: str) -> None:
 @pass_state
 def generate(state: State, prompt: str, sampling: dict, as_json: bool) -> None:
     """Answer PROMPT with the active context, streaming the text; the prompt and the answer
-    become chunks (the footer on stderr names them)."""
+    become chunks (the footer on stderr names them). Stopped by Ctrl-C, the partial answer is
+    kept, and the exit status is 130."""
     if as_json:
-        click.echo(render.dumps(run_generation(state, prompt, sampling).to_json()))
-        return
-    result = run_generation(state, prompt, sampling, on_text=stream)
-    click.echo()
-    state.err.print(render.generation_footer(result), markup=False, highlight=False)
+        result = run_generation(state, prompt, sampling)
+        click.echo(render.dumps(result.to_json()))
+    else:
+        result = run_generation(state, prompt, sampling, on_text=stream)
+        click.echo()
+        state.err.print(render.generation_footer(result), markup=False, highlight=False)
+    if result.interrupted:  # a script must not take the partial answer for a whole one
+        sys.exit(INTERRUPTED)
 
 
 def run_generation(

@@ -23,6 +23,7 @@ from kvchunks.cli.model import model
 from kvchunks.cli.service import SERVICE_COMMANDS
 from kvchunks.cli.shared import (
     HELP_OPTIONS,
+    INTERRUPTED,
     dtype_option,
     sampling_options,
     sampling_params,
@@ -38,7 +39,8 @@ GENERATING = ("generate", "chat", "demo", "mode")
 
 
 class Group(click.Group):
-    """Every error is one line on stderr: kvchunks' own exit 1, usage errors exit 2."""
+    """Every error is one line on stderr: kvchunks' own exit 1, usage errors exit 2, Ctrl-C
+    exits 130."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         with one_line_errors():
@@ -61,6 +63,9 @@ def one_line_errors() -> Iterator[None]:
     except click.UsageError as e:
         click.echo(f"error: {usage_message(e)}", err=True)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: one line too, and the shell's status for it
+        click.echo("error: interrupted", err=True)
+        sys.exit(INTERRUPTED)
 
 
 def state_options(f: Callable) -> Callable:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 # What a generation from the command line uses where no option says otherwise (greedy, unlike
 # SamplingParams()); `sampling_options` hands over only the options given.
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C, as shells report it
 HELP_OPTIONS = ["-h", "--help"]  # of every command, and of every slash command in the chat
 DEFAULT_SAMPLING = {"temperature": 0.0, "max_tokens": 256, "top_p": 1.0, "top_k": 0, "seed": None}
 SAMPLING_OPTIONS = [

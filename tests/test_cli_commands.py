@@ -396,6 +396,30 @@ def test_load_activate_past_the_window_names_the_chunk_it_kept(state, tmp_path, 
     kvchunks(state, "delete", filler["hash"])
 
 
+def test_ctrl_c_keeps_the_partial_answer_and_exits_130(state, monkeypatch, context_kept):
+    from kvchunks.cli import context_commands
+
+    shown = []
+
+    def stopped(text: str) -> None:
+        shown.append(text)
+        if len(shown) == 3:  # Ctrl-C while the answer streams
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(context_commands, "stream", stopped)
+    done = kvchunks(state, "generate", "Count to twenty.", "--max-tokens", "12", status=130)
+    assert "interrupted; partial answer kept" in done.stderr
+    answers = [c for c in as_json(state, "list") if c["metadata"].get("interrupted")]
+    assert answers and answers[-1]["type"] == "answer"
+
+    def before_any_token(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(state.manager, "generate", before_any_token)
+    done = kvchunks(state, "generate", "Count to twenty.", status=130)
+    assert done.stderr == "error: interrupted\n" and done.stdout == ""
+
+
 def test_demo_prints_the_answer_as_written_in_the_mode_asked(
     state, monkeypatch, context_kept, tmp_path
 ):
