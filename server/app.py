@@ -51,8 +51,11 @@ def create_app(backend: Backend, api_key: str | None = None) -> FastAPI:
     def home() -> RedirectResponse:
         return RedirectResponse("/ui/")
 
-    @app.get("/health")
+    # Up means the registry answers: without it every data route is a 503, and a load
+    # balancer should send the requests elsewhere. HEAD too, as some health checkers send it.
+    @app.api_route("/health", methods=["GET", "HEAD"])
     def health() -> dict:
+        backend.contexts()  # the registry unreachable: a 503 with the reason (errors.py)
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -630,10 +630,15 @@ def test_registry_down_is_503_and_changes_nothing(served):
                     "/v1/chat/completions",
                     {"messages": [{"role": "user", "content": "Hi?"}]},
                 ),
+                ("get", "/health", None),  # not up: a load balancer looks elsewhere
             ):
                 response = http.request(method, path, json=body)
                 assert response.status_code == 503, response.text
                 assert json.loads(response.text)["error"]["type"] == "service_unavailable"
+            assert http.head("/health").status_code == 503
     finally:
         served.redis.start()
     assert state(served) == before
+    with served.http(key=None) as http:  # open to checkers without the key, GET or HEAD
+        assert http.get("/health").json() == {"status": "ok"}
+        assert http.head("/health").status_code == 200
