@@ -7,10 +7,12 @@ Every call runs on a worker thread: the API is synchronous.
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
 from kvchunks import provenance_tree
+from kvchunks.common import InvalidInput
 from kvchunks.server.schemas import (
+    Body,
     ChunkRef,
     Compose,
     Move,
@@ -22,7 +24,19 @@ from kvchunks.server.schemas import (
 )
 from kvchunks.vocabulary import check_tag
 
-router = APIRouter()
+
+def _known_query(request: Request) -> None:
+    """A query parameter the route does not take is refused, as an unknown body field is:
+    ignored, `?tags=x` would list every chunk, and a script might then delete them all."""
+    route = request.scope["route"]
+    known = sorted(p.alias for p in route.dependant.query_params)
+    unknown = sorted(set(request.query_params) - set(known))
+    if unknown:
+        takes = ", ".join(known) or "none"
+        raise InvalidInput(f"unknown query parameter '{unknown[0]}'; this route takes: {takes}")
+
+
+router = APIRouter(dependencies=[Depends(_known_query)])
 
 
 def _api(request: Request, context: str = "default"):
@@ -139,6 +153,6 @@ def reorder(name: str, body: Order, request: Request) -> dict:
 
 
 @router.post("/v1/contexts/{name}/clear")
-def clear(name: str, request: Request) -> Response:
+def clear(name: str, request: Request, body: Body | None = None) -> Response:
     _api(request, name).clear()
     return Response(status_code=204)

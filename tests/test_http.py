@@ -274,6 +274,9 @@ def too_long() -> str:
         ("post", "/v1/chat/completions", {"messages": ASKED, "min_tokens": 100}, 400),
         ("post", "/v1/chat/completions", {"messages": [{"role": ["user"], "content": "x"}]}, 400),
         ("post", "/v1/completions", {"prompt": " "}, 400),
+        ("get", "/v1/chunks?tags=misspelt", None, 400),  # would list every chunk
+        ("delete", "/v1/chunks/0000aaaa?casade=true", None, 400),
+        ("post", "/v1/contexts/c/clear", {"all": True}, 400),
         ("get", "/v1/models/no-such-model", None, 404),
         ("get", "/v1/no-such-route", None, 404),
         ("put", "/v1/chunks", None, 405),
