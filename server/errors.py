@@ -95,8 +95,8 @@ def _internal_error(error: BaseException) -> JSONResponse:
 
 async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     """What is wrong with a request, in one line: the field and why, or the body itself."""
-    first = error.errors()[0] if error.errors() else {}
-    where = [str(p) for p in first.get("loc", ()) if p != "body"]
+    first = _deepest_at_first_field(error.errors())
+    where = [str(p) for p in first.get("loc", ()) if p != "body" and not _branch(p)]
     if first.get("type") == "json_invalid":
         reason = first.get("ctx", {}).get("error", "decode error")
         at = f" (at character {where[0]})" if where else ""
@@ -106,3 +106,17 @@ async def on_validation_error(request: Request, error: RequestValidationError) -
     else:  # curl -d, for one, sends a form's Content-Type, and the body arrives as bytes
         message = "the body must be a JSON object, sent with Content-Type: application/json"
     return JSONResponse(body(message, "invalid_request_error", 400), status_code=400)
+
+
+def _deepest_at_first_field(errors: list[dict]) -> dict:
+    """Of the errors at the first wrong field (a union gives one per type it allows), the one
+    that reaches furthest in: `"stop": [5]` is wrong at stop.0, not for not being a string."""
+    if not errors:
+        return {}
+    field = errors[0].get("loc", ())[:2]
+    return max((e for e in errors if e.get("loc", ())[:2] == field), key=lambda e: len(e["loc"]))
+
+
+def _branch(part: object) -> bool:
+    """A union member's tag in an error's place (`str`, `list[str]`), not a field or index."""
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool"} or "[" in part)

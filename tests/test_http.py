@@ -292,6 +292,16 @@ def test_errors_are_openai_json_and_change_nothing(served, method, path, body, s
     assert state(served) == before
 
 
+def test_a_wrong_field_is_named_where_it_is_wrong(served):
+    """A union's member (str | list[str]) is no place in the request: the message names the
+    field, and the element of a list that is wrong."""
+    with served.http() as http:
+        for stop, says in (([5], "stop.0: Input should be a valid string"), (5, "stop: Input")):
+            response = http.post("/v1/chat/completions", json={"messages": ASKED, "stop": stop})
+            assert response.status_code == 400
+            assert response.json()["error"]["message"].startswith(says), response.text
+
+
 def test_openai_fields_that_ask_for_nothing_are_answered(served):
     """What clients send for fields they leave unset is no reason to refuse a request."""
     question = {
