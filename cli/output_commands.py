@@ -9,7 +9,7 @@ import click
 from kvchunks.cli import render
 from kvchunks.cli.shared import activate_all, json_option, show, show_switched
 from kvchunks.cli.state import State, pass_state
-from kvchunks.common import InvalidInput
+from kvchunks.common import ChunkNotFound, InvalidInput
 
 
 @click.group()
@@ -40,9 +40,8 @@ def output_activate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
     """Activate answers; without HASH, the last prompt and its answer, so the conversation
     goes on from them."""
     cm = state.manager
-    last = cm.last_generation
-    turn = [last.prompt_chunk.hash, *(c.hash for c in last.output_chunks)] if last else []
-    show_switched(state, as_json, "activated", activate_all(cm, list(refs) or _required(turn)))
+    chosen = list(refs) or _last_turn(state, with_prompt=True)
+    show_switched(state, as_json, "activated", activate_all(cm, chosen))
 
 
 @output.command("delete")
@@ -53,7 +52,7 @@ def output_activate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
 def output_delete(state: State, refs: tuple[str, ...], cascade: bool, as_json: bool) -> None:
     """Delete answers; without HASH, the last answer."""
     cm = state.manager
-    deleted = cm.delete_chunks(list(refs) or _required(_last_outputs(state)), cascade)
+    deleted = cm.delete_chunks(list(refs) or _last_turn(state), cascade)
     line = f"deleted {', '.join(render.short(h) for h in deleted)}"
     show(state, as_json, {"deleted": deleted}, line)  # as `delete --json`
 
@@ -66,18 +65,28 @@ def output_delete(state: State, refs: tuple[str, ...], cascade: bool, as_json: b
 def output_tag(state: State, tag: str, refs: tuple[str, ...], as_json: bool) -> None:
     """Tag answers with TAG; without HASH, the last answer."""
     cm = state.manager
-    hashes = [cm.get_chunk(ref).hash for ref in list(refs) or _required(_last_outputs(state))]
+    hashes = [cm.get_chunk(ref).hash for ref in list(refs) or _last_turn(state)]
     chunks = [cm.tag_chunk(chunk_hash, tag) for chunk_hash in hashes]
     lines = [f"tagged {render.short(c.hash)}; tags: {', '.join(c.tags)}" for c in chunks]
     show(state, as_json, [c.to_json() for c in chunks], lines)
 
 
-def _last_outputs(state: State) -> list[str]:
-    last = state.manager.last_generation
-    return [c.hash for c in last.output_chunks] if last else []
-
-
-def _required(hashes: list[str]) -> list[str]:
-    if not hashes:
+def _last_turn(state: State, with_prompt: bool = False) -> list[str]:
+    """The last generation's answer chunks (after its prompt, with_prompt); refused in one
+    line when there is none, or when one of them has been deleted since."""
+    cm = state.manager
+    last = cm.last_generation
+    if last is None:
         raise InvalidInput("no answer generated in this chat yet; give a HASH (see /output list)")
+    if not last.output_chunks:
+        raise InvalidInput("the last generation kept no answer; give a HASH (see /output list)")
+    turn = [last.prompt_chunk] if with_prompt else []
+    hashes = [c.hash for c in [*turn, *last.output_chunks]]
+    try:
+        for chunk_hash in hashes:
+            cm.get_chunk(chunk_hash)
+    except ChunkNotFound:
+        raise InvalidInput(
+            "the last answer (or its prompt) was deleted; give a HASH (see /output list)"
+        ) from None
     return hashes

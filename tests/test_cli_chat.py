@@ -221,6 +221,8 @@ def test_output_commands_print_json(chat):
     deleted = chat.json("/output delete --json")  # the last answer
     assert len(deleted["deleted"]) == 1 and deleted["deleted"][0].startswith(answer)
     assert answer not in chat.run("/list")
+    for line in ("/output tag gone", "/output activate", "/output delete"):
+        assert "the last answer (or its prompt) was deleted" in chat.error(line)
 
 
 def test_bad_inputs_are_one_line_and_change_nothing(chat, tmp_path):
