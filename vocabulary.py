@@ -157,6 +157,13 @@ def is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_prompt(prompt: object) -> str:
+    """A prompt with something to answer."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidInput("empty prompt")
+    return prompt
+
+
 def check_flag(name: str, value: object) -> bool:
     """A yes-or-no argument is True or False: a string such as "no" would read as yes."""
     if not isinstance(value, bool):

@@ -260,7 +260,7 @@ def populate(state: State, ref: str, as_json: bool) -> None:
 
 @click.command()
 # Not required by click: it would take `move 3fa2` for a tier without hashes and say the
-# hashes are missing. The tier is checked first; the API refuses a move of no chunk.
+# hashes are missing. The tier is checked first, then the hashes (before the model loads).
 @click.argument("refs", nargs=-1, metavar="HASH...")
 @click.argument("tier", type=click.Choice(TIERS), metavar="TIER")
 @json_option
@@ -271,6 +271,8 @@ def move(state: State, refs: tuple[str, ...], tier: str, as_json: bool) -> None:
     Several chunks move one after another; in a terminal a bar shows the bytes moved."""
     from kvchunks.cli.progress import move_progress  # rich's progress: only moves need it
 
+    if not refs:
+        raise click.MissingParameter(param_type="argument", param_hint="'HASH...'")
     check_refs(state, refs)
     with move_progress(state, len(refs)) as on_progress:
         chunks = state.manager.move_chunks(list(refs), tier, on_progress=on_progress)

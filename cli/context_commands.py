@@ -23,7 +23,7 @@ from kvchunks.cli.shared import (
 )
 from kvchunks.cli.state import State, pass_state
 from kvchunks.common import InvalidInput
-from kvchunks.vocabulary import MODES
+from kvchunks.vocabulary import MODES, check_prompt
 
 if TYPE_CHECKING:
     from kvchunks import GenerationResult
@@ -134,6 +134,7 @@ def run_generation(
     state: State, prompt: str, sampling: dict, on_text: Callable[[str], None] | None = None
 ) -> GenerationResult:
     params = sampling_params(sampling)  # checked before the model loads, as the mode is
+    check_prompt(prompt)
     state.check_mode()
     return state.manager.generate(
         prompt, params, mode=state.mode, on_text=on_text, recompute=state.recompute

@@ -30,6 +30,7 @@ from kvchunks.vocabulary import (
     TIERS,
     check_callback,
     check_flag,
+    check_prompt,
     checked_refs,
     checked_tags,
     is_count,
@@ -255,8 +256,7 @@ class ContextManager(OutputTracking, Catalog):
 
         mode and recompute default to the context's settings; recompute (realign only) is
         the fraction of the composed chunks' tokens whose KV is computed again in order."""
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InvalidInput("empty prompt")
+        check_prompt(prompt)
         settings = self.settings
         mode, recompute = call_mode(settings, mode, recompute)
         call = Call(settings, mode, recompute, params, on_text)

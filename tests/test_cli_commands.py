@@ -47,6 +47,7 @@ def doc(tmp_path_factory) -> Path:
 
 
 def kvchunks(state: State, *args: str, status: int = 0):
+    state.mode = state.recompute = None  # this run's options, as a new process starts
     result = CliRunner().invoke(cli, list(args), obj=state, env={"NO_COLOR": "1", "COLUMNS": "200"})
     assert result.exit_code == status, (args, result.output, result.exception)
     return result
@@ -232,8 +233,11 @@ def test_bad_inputs_give_one_line_exit_1_and_change_nothing(state, tmp_path):
     cm = state.manager
     small = as_json(state, "list", "--tag", "vault")[0]
     inactive = next(c for c in as_json(state, "list") if not c["is_active"])
-    copies = -(-cm.store.model.window // small["token_count"]) + 1
-    big = as_json(state, "compose", *[small["hash"]] * copies)  # a view past the window
+    # Views that fit the window alone, but not together after the active vault document.
+    assert small["is_active"]
+    copies = (cm.store.model.window - cm.store.composer.opening_length) // small["token_count"]
+    big = as_json(state, "compose", *[small["hash"]] * copies)
+    pair = as_json(state, "compose", small["hash"], small["hash"])
     twin = small["hash"][:4] + ("0" if small["hash"][4] != "0" else "1") * 60
     cm.registry.put(ChunkInfo(hash=twin, content_hash=content_hash([1]), token_ids=[1]))
     existing = tmp_path / "taken.kvc"
@@ -246,14 +250,14 @@ def test_bad_inputs_give_one_line_exit_1_and_change_nothing(state, tmp_path):
     cases = {
         ("info", "ffff0000"): "no chunk has hash or prefix",
         ("info", small["hash"][:4]): f"matches {min(small['hash'], twin)[:12]}",
-        ("activate", big["hash"]): "over the context window of 8192",
+        ("activate", pair["hash"], big["hash"]): "over the context window of 8192",
         ("activate", inactive["hash"], big["hash"]): "over the context window",  # all or none
+        ("compose", *[small["hash"]] * (copies + 1)): "compose fewer chunks, or shorter ones",
         ("deactivate", small["hash"], "ffff0000"): "no chunk has hash",
         ("move", small["hash"], "ffff0000", "disk"): "no chunk has hash",  # all or none
         ("delete", small["hash"]): "is used by view(s)",
         ("split", small["hash"], "0"): "split point must be between 1 and",
         ("split", small["hash"], "-1"): "split point must be between 1 and",
-        ("move", "disk"): "move needs at least one chunk",
         ("compose", small["hash"]): "compose needs at least two chunks",
         ("tag", small["hash"], "two words"): "invalid tag",
         ("export", small["hash"], str(existing)): "exists; overwrite it with force=True (--force)",
@@ -273,6 +277,7 @@ def test_bad_inputs_give_one_line_exit_1_and_change_nothing(state, tmp_path):
             ("generate", "Hi", "--temperature", "-1"): "is not in the range x>=0",
             ("generate", "Hi", "--top-p", "0"): "is not in the range 0<x<=1",
             ("generate", "Hi", "--max-tokens", "0"): "is not in the range x>=1",
+            ("move", "disk"): "Missing argument 'HASH...'",
         }
         for args, message in [*cases.items(), *usage.items()]:
             for json_flag in ([], ["--json"]):  # with --json too: no JSON, the same line
@@ -435,8 +440,7 @@ def test_demo_prints_the_answer_as_written_in_the_mode_asked(
         return dataclasses.replace(generate(*args, **kwargs), text="a [/i] b [red]c[/red]")
 
     monkeypatch.setattr(cm, "generate", bracketed)
-    monkeypatch.setattr(state, "mode", "exact")  # as `kvchunks --mode exact demo` sets it
-    shown = kvchunks(state, "demo", "--max-tokens", "2").stdout
+    shown = kvchunks(state, "--mode", "exact", "demo", "--max-tokens", "2").stdout
     assert "answer   a [/i] b [red]c[/red]\n" in shown
     assert "question What is the name of the night ferry" in shown
     assert asked["mode"] == "exact" and f"active in context '{state.context}'" in shown

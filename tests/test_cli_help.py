@@ -112,6 +112,7 @@ def test_help_and_usage_errors_do_not_import_torch():
             # The tier comes last: one hash alone is a tier missing, not hashes missing.
             (["move", "abcd"], "Invalid value for 'TIER': 'abcd' is not one of"),
             (["move"], "Missing argument 'TIER'. Choose from: gpu, cpu, disk (see"),
+            (["move", "disk"], "Missing argument 'HASH...'. (see"),
             (["load", "--split", "0", "x.txt"], "'--split': 0 is not in the range x>=1"),
             (
                 ["generate", "hi", "--temperature", "-1"],
@@ -146,6 +147,7 @@ def test_usage_errors_are_one_line_with_status_2(args, says, tmp_path):
             (["--mode", "reuse", "--recompute", "0.3", "generate", "Hi"], "realign only"),
             # A negative fraction is the setting's value to refuse, not an unknown option.
             (["mode", "realign", "-0.1"], "recompute must be from 0 to 1"),
+            (["generate", " "], "empty prompt"),
             # One run's options next to the context's setting: neither is dropped silently.
             (["--recompute", "0.5", "mode", "realign"], "is set by `mode realign` alone"),
             (["--mode", "exact", "mode", "reuse", "0.2"], "is set by `mode reuse 0.2` alone"),
