@@ -329,13 +329,16 @@ class SlashCompleter(Completer):
             if c.hash.startswith(word.lower()):
                 what = f"{render.type_label(c)} · {c.token_count} tok"
                 meta = f"{what} · {render.preview(c.text, 40)}"
-                yield Completion(render.short(c.hash), -len(word), display_meta=meta)
+                short = render.short(c.hash)
+                yield Completion(f"{short} ", -len(word), display=short, display_meta=meta)
 
 
 def _words(candidates: Iterable[str], word: str) -> Iterator[Completion]:
+    """Each candidate that `word` begins, followed by a space, as a shell completes a word:
+    the next one is typed straight after it."""
     for candidate in candidates:
         if candidate.startswith(word):
-            yield Completion(candidate, -len(word))
+            yield Completion(f"{candidate} ", -len(word), display=candidate)
 
 
 def _next(command: click.Command, before: list[str]) -> list[click.Parameter]:

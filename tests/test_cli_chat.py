@@ -297,9 +297,9 @@ def test_bad_inputs_are_one_line_and_change_nothing(chat, tmp_path):
 
 def test_tab_completion_and_history(chat):
     doc = chat.hashes["doc"]
-    chat.child.send("/inf\t")  # the command
+    chat.child.send("/inf\t")  # the command, and a space after it (drawn as a cursor move)
     chat.child.expect_exact("/info")
-    chat.child.send(f" {doc[:5]}\t")  # then the hash
+    chat.child.send(f"{doc[:5]}\t")  # then the hash, typed straight after
     chat.child.expect_exact(doc)
     chat.child.send("\r")
     chat.child.expect_exact(PASTE_OFF)
