@@ -59,5 +59,6 @@ def http(state: State, host: str, port: int, api_key: str | None, dtype: str | N
 
     manager = state.manager
     backend = ClusterBackend(manager) if state.address else LocalBackend(manager)
-    click.echo(f"kvchunks HTTP API on http://{host}:{port} (OpenAPI: /docs)", err=True)
+    url = f"http://{host}:{port}"
+    click.echo(f"kvchunks HTTP API on {url} (web page: {url}/ui, schema: /openapi.json)", err=True)
     uvicorn.run(create_app(backend, api_key), host=host, port=port, log_level="warning")

@@ -53,7 +53,8 @@ def create_app(backend: Backend, api_key: str | None = None) -> FastAPI:
 
     # Up means the registry answers: without it every data route is a 503, and a load
     # balancer should send the requests elsewhere. HEAD too, as some health checkers send it.
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.get("/health")
+    @app.head("/health", include_in_schema=False)  # one operation in the OpenAPI schema
     def health() -> dict:
         backend.contexts()  # the registry unreachable: a 503 with the reason (errors.py)
         return {"status": "ok"}
@@ -127,7 +128,8 @@ def _refusal(request: Request, api_key: str | None) -> JSONResponse | None:
         # The scheme's name is case-insensitive (RFC 9110); the key is not.
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), api_key.encode()):
             message = "missing or wrong API key: send Authorization: Bearer <key>"
-            return errors.http_error(401, message)
+            # RFC 6750: a 401 names the scheme the client should use.
+            return errors.http_error(401, message, {"WWW-Authenticate": "Bearer"})
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
         return errors.http_error(413, _too_large(f"{length} bytes"))

@@ -332,7 +332,10 @@ def test_completion_offers_what_each_word_may_be(state, chunks):
         return list(completer.get_completions(Document(text, len(text)), CompleteEvent()))
 
     def offered(text: str) -> list[str]:
-        return [c.text for c in completions(text)]
+        """What each completion writes, without the space that follows a whole word."""
+        texts = [c.text for c in completions(text)]
+        assert all(t.endswith(" ") for t in texts), texts  # the next word is typed at once
+        return [t.rstrip() for t in texts]
 
     first = chunks["follow2"][:8]
     assert offered(f"/move {first} d") == ["disk"]

@@ -538,6 +538,7 @@ def test_the_api_key_is_required(served):
         assert (
             refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
         )
+        assert refused.headers["WWW-Authenticate"] == "Bearer"  # RFC 6750
     assert not served.cm.list_chunks(pattern="Not stored")
 
 
