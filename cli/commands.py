@@ -22,6 +22,7 @@ from kvchunks.cli import render
 from kvchunks.cli.shared import (
     activate_all,
     check_refs,
+    found_once,
     hash_argument,
     json_option,
     show,
@@ -184,8 +185,8 @@ def activate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
 def deactivate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
     """Hide these chunks from the model (they stay stored)."""
     cm = state.catalog
-    hashes = [cm.get_chunk(ref).hash for ref in refs]  # all found before any changes
-    show_switched(state, as_json, "deactivated", [cm.deactivate_chunk(h) for h in hashes])
+    chunks = [cm.deactivate_chunk(h) for h in found_once(cm, list(refs))]
+    show_switched(state, as_json, "deactivated", chunks)
 
 
 @click.command()
@@ -224,9 +225,14 @@ def split(state: State, ref: str, at: int, as_json: bool) -> None:
 def tag(state: State, ref: str, tag: str, remove: bool, as_json: bool) -> None:
     """Tag a chunk (or untag it with --remove)."""
     cm = state.catalog
+    had = tag in cm.get_chunk(ref).tags
     chunk = cm.untag_chunk(ref, tag) if remove else cm.tag_chunk(ref, tag)
     tags = ", ".join(chunk.tags) or "none"
-    line = f"{'untagged' if remove else 'tagged'} {render.short(chunk.hash)}; tags: {tags}"
+    short = render.short(chunk.hash)
+    if had != remove:  # nothing to do: say so, rather than that it was done
+        line = f"{short} {'already had' if had else 'had no'} tag {tag!r}; tags: {tags}"
+    else:
+        line = f"{'untagged' if remove else 'tagged'} {short}; tags: {tags}"
     show(state, as_json, chunk.to_json(), line)
 
 

@@ -83,7 +83,6 @@ def mode(state: State, mode: str | None, recompute: float | None, as_json: bool)
         )
     if mode:
         cm.configure(mode=mode, recompute=recompute)
-        state.mode = state.recompute = None  # the new setting applies, not options at start
     state.check_mode()
     line = f"mode: {render.mode_line(state.mode, state.recompute, cm.settings)}"
     _show_context(state, as_json, line)

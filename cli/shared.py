@@ -159,8 +159,9 @@ def check_refs(state: State, refs: Iterable[str]) -> None:
 
 
 def activate_all(cm: Catalog, refs: list[str]) -> list[ChunkInfo]:
-    """Activate in order; if one cannot be (unknown hash, window full), none is."""
-    hashes = [cm.get_chunk(ref).hash for ref in refs]
+    """Activate in order, each chunk once; if one cannot be (unknown hash, window full),
+    none is."""
+    hashes = found_once(cm, refs)
     before = {c.hash for c in cm.context().chunks}
     done: list[ChunkInfo] = []
     try:
@@ -172,6 +173,12 @@ def activate_all(cm: Catalog, refs: list[str]) -> list[ChunkInfo]:
                 cm.deactivate_chunk(chunk.hash)
         raise
     return done
+
+
+def found_once(cm: Catalog, refs: list[str]) -> list[str]:
+    """The chunks' full hashes in order, each once (two prefixes may name one chunk), all
+    found before anything changes."""
+    return list(dict.fromkeys(cm.get_chunk(ref).hash for ref in refs))
 
 
 def show_switched(state: State, as_json: bool, verb: str, chunks: list[ChunkInfo]) -> None:

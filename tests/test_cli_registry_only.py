@@ -87,10 +87,16 @@ def test_a_listing_80_columns_wide_shows_what_each_chunk_is_and_its_text(stored)
 def test_tag_activate_deactivate_context(stored):
     hashes = stored[2]
     assert "tags: later" in kvchunks(stored, "tag", hashes["note"], "later")
-    assert "tags: none" in kvchunks(stored, "tag", hashes["note"], "later", "--remove")
+    again = kvchunks(stored, "tag", hashes["note"], "later")
+    assert again.strip() == f"{hashes['note'][:12]} already had tag 'later'; tags: later"
+    assert "untagged" in kvchunks(stored, "tag", hashes["note"], "later", "--remove")
+    absent = kvchunks(stored, "tag", hashes["note"], "later", "--remove")
+    assert absent.strip() == f"{hashes['note'][:12]} had no tag 'later'; tags: none"
     tagged = json.loads(kvchunks(stored, "tag", hashes["note"], "soon", "--json"))
     assert tagged["tags"] == ["soon"] and tagged["type"] == "document"  # --json: no torch
-    activated = kvchunks(stored, "activate", hashes["doc"][:8], hashes["note"])
+    # One chunk named twice (by two prefixes) is activated, and reported, once.
+    activated = kvchunks(stored, "activate", hashes["doc"][:8], hashes["note"], hashes["doc"])
+    assert [line.split()[0] for line in activated.splitlines()] == ["activated"] * 2 + ["2"]
     assert activated.splitlines()[-1] == "2 active, 70 of 8192 tokens"
     context = json.loads(kvchunks(stored, "context", "--json"))
     assert [c["hash"] for c in context["chunks"]] == [hashes["doc"], hashes["note"]]
@@ -98,7 +104,8 @@ def test_tag_activate_deactivate_context(stored):
     assert [c["hash"] for c in reordered["chunks"]] == [hashes["note"], hashes["doc"]]
     refused = kvchunks(stored, "reorder", hashes["note"], status=1)
     assert refused == "error: the new order must list every active chunk of the context once"
-    assert "deactivated" in kvchunks(stored, "deactivate", hashes["note"])
+    deactivated = kvchunks(stored, "deactivate", hashes["note"], hashes["note"][:8])
+    assert deactivated.count("deactivated") == 1, deactivated
     assert "mode: reuse" in kvchunks(stored, "mode", "reuse")
     assert "auto-activate: off" in kvchunks(stored, "auto")
     settings = json.loads(kvchunks(stored, "auto", "--json"))
