@@ -83,7 +83,8 @@ class Catalog:
 
     def configure(self, **settings) -> dict:
         """Set context settings: mode (exact/reuse/realign), recompute (realign's fraction;
-        a new mode without one clears it), auto_activate, output_tokens."""
+        a new mode without one clears it), auto_activate, output_tokens. None sets one's
+        default."""
         settings = checked_settings(settings, self.settings["mode"])
         self.registry.update_settings(self.context_name, settings)
         return self.settings

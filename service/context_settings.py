@@ -18,12 +18,14 @@ DEFAULT_SETTINGS = {
 
 
 def checked_settings(settings: dict, current_mode: str) -> dict:
-    """`settings` as a context stores them, or InvalidInput (a new mode without a recompute
-    fraction clears the fraction)."""
+    """`settings` as a context stores them, or InvalidInput (None sets the default; a new
+    mode without a recompute fraction clears the fraction)."""
     unknown = set(settings) - set(DEFAULT_SETTINGS)
     if unknown:
         raise InvalidInput(f"unknown setting(s) {', '.join(sorted(unknown))}")
-    settings = dict(settings)
+    # None is each setting's default, as it already was for recompute and output_tokens
+    # (a JSON null over HTTP sets the default rather than being refused as an odd value).
+    settings = {k: DEFAULT_SETTINGS[k] if v is None else v for k, v in settings.items()}
     if "mode" in settings:
         check_mode(settings["mode"])
         settings.setdefault("recompute", None)

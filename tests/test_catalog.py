@@ -183,6 +183,8 @@ def test_settings(catalog):
         with pytest.raises(InvalidInput, match="output_tokens must be a positive integer"):
             catalog.configure(output_tokens=wrong)
     assert catalog.context().to_json()["output_tokens"] == "manual"
+    catalog.configure(mode=None, auto_activate=None)  # None: the default
+    assert (catalog.settings["mode"], catalog.settings["auto_activate"]) == ("realign", False)
 
 
 def test_contexts_are_independent(catalog, chunks, home, tmp_path):

@@ -190,7 +190,15 @@ def test_every_chunk_route(served):
         chunked = http.post("/v1/contexts/http-routes/settings", json={"output_tokens": 64})
         assert chunked.json()["output_tokens"] == 64
         assert http.get("/v1/contexts/http-routes").json()["output_tokens"] == 64
-        http.post("/v1/contexts/http-routes/settings", json={"output_tokens": None})
+        # null sets each setting's default, as OpenAI's null fields mean "the default".
+        nulls = dict.fromkeys(("mode", "recompute", "auto_activate", "output_tokens"))
+        reset = http.post("/v1/contexts/http-routes/settings", json=nulls).json()
+        assert {k: reset[k] for k in nulls} == {
+            "mode": "realign",
+            "recompute": None,
+            "auto_activate": False,
+            "output_tokens": None,
+        }
         off = http.post("/v1/contexts/http-routes/deactivate", json={"chunk": a["hash"]})
         assert not off.json()["is_active"]
         http.post("/v1/contexts/http-routes/activate", json={"chunk": b["hash"]})
