@@ -31,6 +31,7 @@ from kvchunks.cli.shared import (
 from kvchunks.cli.state import State, pass_state
 from kvchunks.cli.tree import split_timelines
 from kvchunks.common import ContextWindowExceeded, KVChunksError, read_text_file
+from kvchunks.service.export_paths import export_target, import_source
 from kvchunks.vocabulary import ROLES, TIERS
 
 if TYPE_CHECKING:
@@ -312,6 +313,8 @@ def export(state: State, ref: str, file: Path, force: bool, as_json: bool) -> No
     A relative FILE goes under <data dir>/exports and may not leave it.
     """
     check_refs(state, [ref])
+    if not state.address:  # with one, the path is the worker's, checked there
+        export_target(state.data_dir, file, force)
     cm = state.manager
     target = cm.export_chunk(ref, file, force=force)
     chunk = cm.get_chunk(ref)
@@ -326,6 +329,8 @@ def export(state: State, ref: str, file: Path, force: bool, as_json: bool) -> No
 def import_(state: State, file: Path, as_json: bool) -> None:
     """Add the chunk in FILE (written by export, same model); relative paths are also looked
     up in <data dir>/exports."""
+    if not state.address:  # with one, the path is the worker's, checked there
+        import_source(state.data_dir, file)
     chunk = state.manager.import_chunk(file)
     line = f"restored {render.describe(chunk)} from {file}"
     show(state, as_json, chunk.to_json(), line)

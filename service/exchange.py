@@ -6,26 +6,20 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from kvchunks.common import InvalidInput, checked_path
+from kvchunks.common import InvalidInput
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.chunks import chunk_address
+from kvchunks.service.export_paths import export_target, import_source
 from kvchunks.store.chunk import ChunkInfo, ChunkRecord
 from kvchunks.store.hashing import content_hash
 from kvchunks.store.kv_file import read_kv_file, write_kv_file
-from kvchunks.vocabulary import check_flag
 
 
 def export_chunk(store: ChunkStore, chunk: ChunkInfo, path: str | Path, force: bool) -> Path:
-    """Write one chunk (tokens, record and KV) to a file. A relative path lands in
-    `<home>/exports`; it may not climb out of it."""
-    check_flag("force", force)
+    """Write one chunk (tokens, record and KV) to a file (see export_paths.export_target)."""
+    target = export_target(store.home, path, force)
     if chunk.layout == "view":
         raise InvalidInput("a view has no KV of its own: export the chunks it reads")
-    target = _export_path(store.home, path)
-    if target.is_dir():
-        raise InvalidInput(f"{target} is a directory; give the path of the file to write")
-    if target.exists() and not force:
-        raise InvalidInput(f"{target} exists; overwrite it with force=True (--force)")
     kv = store.tiers.kv_of(chunk)  # a read: the chunk stays in the tier it is in
     if kv is None:  # lost everywhere: recomputed, which leaves it in the pool
         with store.lock:
@@ -35,25 +29,10 @@ def export_chunk(store: ChunkStore, chunk: ChunkInfo, path: str | Path, force: b
     return target
 
 
-def _export_path(home: Path, path: str | Path) -> Path:
-    base = (home / "exports").resolve()
-    given = checked_path(path)
-    target = given if given.is_absolute() else (base / given).resolve()
-    if not given.is_absolute() and base not in target.parents:
-        raise InvalidInput(f"{path} leaves the exports directory {base}; give an absolute path")
-    if not target.parent.is_dir():
-        if given.is_absolute():
-            raise InvalidInput(f"directory {target.parent} does not exist")
-        target.parent.mkdir(parents=True, exist_ok=True)
-    return target
-
-
 def import_chunk(store: ChunkStore, path: str | Path) -> str:
     """Add a chunk exported from a data directory of the same model, dtype and shapes;
     returns its hash."""
-    file = checked_path(path)
-    if not file.is_absolute() and not file.exists():
-        file = store.home / "exports" / file
+    file = import_source(store.home, path)
     model = store.model
     k, v, record, _ = read_kv_file(
         file, model.fingerprint, model.engine_config.dtype, model.kv_shape()

@@ -156,3 +156,16 @@ def test_a_new_data_directory_reads_the_default_models_window_without_converting
         assert json.loads(done.stdout)["window"] == 8192
         assert done.stderr.splitlines()[-1] == ("heavy: gguf" if read_gguf else "heavy:")
     assert not (home / "models" / "SmolLM2-135M-Instruct").exists()
+
+
+def test_export_and_import_refuse_a_bad_path_before_the_model_loads(stored, tmp_path):
+    """The model folder holds only config.json and torch is never imported: the path is
+    checked first, as it would be after loading, and refused with the same line."""
+    home, _, hashes = stored
+    missing = tmp_path / "no-such-dir" / "doc.kvc"
+    refused = kvchunks(stored, "export", hashes["doc"], str(missing), status=1)
+    assert refused == f"error: directory {missing.parent} does not exist"
+    refused = kvchunks(stored, "export", hashes["doc"], "../outside.kvc", status=1)
+    assert refused.startswith("error: ../outside.kvc leaves the exports directory")
+    refused = kvchunks(stored, "import", "never-written.kvc", status=1)
+    assert refused == f"error: chunk file {home / 'exports' / 'never-written.kvc'} does not exist"
