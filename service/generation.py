@@ -221,7 +221,7 @@ def _start(
 def _run(
     store: ChunkStore, seq: Sequence, on_text, started: float, skip: int
 ) -> tuple[list[int], float, bool]:
-    """Drive the engine until the answer is done; Ctrl-C keeps what was computed."""
+    """Drive the engine until the answer is done; Ctrl-C keeps what was sampled."""
     llm, ttft, shown = store.model.llm, 0.0, ""
     try:
         for _ in llm.steps(seq, store.lock):
@@ -233,7 +233,7 @@ def _run(
     except KeyboardInterrupt:
         with store.lock:
             llm.abort(seq)
-        return seq.completion_token_ids[: max(seq.num_computed - skip, 0)], ttft, True
+        return seq.completion_token_ids, ttft, True
     except BaseException:  # nothing of the answer is stored: its KV goes
         with store.lock:
             llm.abort(seq)
@@ -292,22 +292,27 @@ def _store_answer(
     an assistant turn. The sequence's first `skip` own tokens are the prompt's."""
     llm = store.model.llm
     own = seq.own_segment()
-    answer = seq.completion_token_ids[: max(own.length - skip, 0)]
+    computed = seq.completion_token_ids[: max(own.length - skip, 0)]
+    # An interrupted answer keeps every token shown, the last one sampled but not yet
+    # computed; a finished one ends the way the chat template ends a turn.
+    answer = seq.completion_token_ids if interrupted else computed
     granularity = request.output_tokens
-    kv = llm.slice([own], skip, len(answer))
+    own_part = llm.slice([own], skip, len(computed))
+    made: list[KVSegment] = []  # computed here; let go once each output holds its own part
     outputs: list[ChunkInfo] = []
     try:  # each output stored takes its own references; the sequence's are let go after
         if not answer or (granularity == "manual" and not request.keep_manual):
             return []
         closing = [] if interrupted else store.model.chat.close_answer(answer)
-        if closing:
-            store.tiers.make_room(llm.blocks_for(len(closing), after=own))
-            kv.append(
+        rest = answer[len(computed) :] + closing
+        if rest:
+            store.tiers.make_room(llm.blocks_for(len(rest), after=own))
+            made.append(
                 llm.prefill(
-                    closing, [*context, kv[0]], position + len(answer), continue_after=own
+                    rest, [*context, *own_part], position + len(computed), continue_after=own
                 ).segment
             )
-        tokens = answer + closing
+        kv, tokens = [*own_part, *made], computed + rest
         size = granularity if isinstance(granularity, int) else len(tokens)
         generation = {**request.params.to_dict(), "mode": request.mode}
         meta = {"source": "generation", "context": request.context, "interrupted": interrupted}
@@ -331,5 +336,5 @@ def _store_answer(
         raise
     finally:
         llm.release(own)
-        store.tiers.free(kv[1:])
+        store.tiers.free(made)
     return outputs

@@ -10,7 +10,7 @@ import pytest
 import ray_fixtures
 import torch
 from click.testing import CliRunner
-from reference import hf_generate
+from reference import hf_generate, hf_kv
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from kvchunks.cli.chat import Chat
@@ -173,6 +173,31 @@ def test_stop_string_ends_the_answer_and_its_chunk_before_it(make_cm):
     assert chunk.token_ids[: len(cut.token_ids)] == cut.token_ids
     assert chunk.token_ids[len(cut.token_ids) :] == cm.store.model.chat.close_answer(cut.token_ids)
     assert chunk.generation_params["stop"] == [stop]
+
+
+def test_ctrl_c_keeps_the_answer_as_shown_with_the_kv_hf_computes(make_cm, hf_model):
+    """The last token shown was sampled but not computed when Ctrl-C came: the kept answer
+    still ends with it, and its KV is the model's over the whole conversation."""
+    cm = make_cm()
+    shown: list[str] = []
+
+    def stopped(piece: str) -> None:
+        shown.append(piece)
+        if len(shown) == 4:
+            raise KeyboardInterrupt
+
+    params = SamplingParams(temperature=0, max_tokens=40)
+    g = cm.generate("Count from one to twenty, in words.", params, on_text=stopped)
+    answer = g.output_chunk
+    assert g.interrupted and g.text == "".join(shown)
+    assert answer.token_ids == g.token_ids and answer.text == g.text
+    ids = [*cm.store.model.chat.opening, *g.prompt_chunk.token_ids, *answer.token_ids]
+    k, v = cm.store.model.llm.read_kv(cm.store.composer.segments(answer))
+    n = answer.token_count
+    for layer, (hf_k, hf_v) in enumerate(hf_kv(hf_model, ids)):
+        for ours, ref in ((k[layer], hf_k), (v[layer], hf_v)):
+            hf_tail = ref[0, :, -n:].transpose(0, 1)  # [tokens, kv_heads, head_dim]
+            assert (ours - hf_tail).abs().max().item() <= 1e-4, layer
 
 
 # -- every way to generate ----------------------------------------------------------------------
