@@ -17,9 +17,9 @@ from kvchunks.store.kv_file import read_kv_file, write_kv_file
 
 def export_chunk(store: ChunkStore, chunk: ChunkInfo, path: str | Path, force: bool) -> Path:
     """Write one chunk (tokens, record and KV) to a file (see export_paths.export_target)."""
-    target = export_target(store.home, path, force)
     if chunk.layout == "view":
         raise InvalidInput("a view has no KV of its own: export the chunks it reads")
+    target = export_target(store.home, path, force)
     kv = store.tiers.kv_of(chunk)  # a read: the chunk stays in the tier it is in
     if kv is None:  # lost everywhere: recomputed, which leaves it in the pool
         with store.lock:

@@ -12,8 +12,8 @@ from kvchunks.vocabulary import check_flag
 
 def export_target(home: Path, path: str | Path, force: bool) -> Path:
     """The file `export` writes: an absolute path in a directory that exists, or a relative
-    one that may not climb out of the exports directory (made if needed). An existing file
-    is overwritten only with `force`."""
+    one that may not climb out of the exports directory (its directories are made as the
+    file is written). An existing file is overwritten only with `force`."""
     check_flag("force", force)
     base = (home / "exports").resolve()
     given = checked_path(path)
@@ -24,10 +24,8 @@ def export_target(home: Path, path: str | Path, force: bool) -> Path:
         raise InvalidInput(f"{target} is a directory; give the path of the file to write")
     if target.exists() and not force:
         raise InvalidInput(f"{target} exists; overwrite it with force=True (--force)")
-    if not target.parent.is_dir():
-        if given.is_absolute():
-            raise InvalidInput(f"directory {target.parent} does not exist")
-        target.parent.mkdir(parents=True, exist_ok=True)
+    if given.is_absolute() and not target.parent.is_dir():
+        raise InvalidInput(f"directory {target.parent} does not exist")
     return target
 
 
