@@ -30,8 +30,13 @@ from kvchunks.cli.shared import (
 )
 from kvchunks.cli.state import State, pass_state
 from kvchunks.cli.tree import split_timelines
-from kvchunks.common import ContextWindowExceeded, KVChunksError, read_text_file
-from kvchunks.service.export_paths import export_target, import_source
+from kvchunks.common import (
+    ContextWindowExceeded,
+    KVChunksError,
+    export_target,
+    import_source,
+    read_text_file,
+)
 from kvchunks.vocabulary import ROLES, TIERS
 
 if TYPE_CHECKING:

@@ -6,17 +6,18 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from kvchunks.common import InvalidInput
+from kvchunks.common import InvalidInput, export_target, import_source
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.chunks import chunk_address
-from kvchunks.service.export_paths import export_target, import_source
 from kvchunks.store.chunk import ChunkInfo, ChunkRecord
 from kvchunks.store.hashing import content_hash
 from kvchunks.store.kv_file import read_kv_file, write_kv_file
+from kvchunks.vocabulary import check_flag
 
 
 def export_chunk(store: ChunkStore, chunk: ChunkInfo, path: str | Path, force: bool) -> Path:
-    """Write one chunk (tokens, record and KV) to a file (see export_paths.export_target)."""
+    """Write one chunk (tokens, record and KV) to a file (see common.export_target)."""
+    check_flag("force", force)
     if chunk.layout == "view":
         raise InvalidInput("a view has no KV of its own: export the chunks it reads")
     target = export_target(store.home, path, force)
