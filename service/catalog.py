@@ -145,10 +145,11 @@ class Catalog:
         window = self._window()
         if total > window:
             adding = self._token_count([chunk_hash])
+            first = freeing(self.registry.get_many(active), total - window)
             raise ContextWindowExceeded(
                 f"activating {chunk_hash[:12]} ({adding} tokens) would make {total} "
                 f"active tokens, over the context window of {window}; "
-                "deactivate something first"
+                f"deactivate something first{first}"
             )
 
     def deactivate_chunk(self, ref: str) -> ChunkInfo:
@@ -244,6 +245,38 @@ def open_catalog(
     registry = ChunkRegistry(client)
     dtype = dtype or DEFAULT_DTYPE
     return Catalog(registry, context, window=window, dtype=dtype, connection=client)
+
+
+def check_fits(tokens: int, window: int, opening: int, remedy: str | list[ChunkInfo]) -> None:
+    """Refuse `tokens` that do not fit the window after the model's opening (every context
+    starts with it). `remedy` says what to do, or is a generation's active chunks: then
+    deactivate some (the first that make room are named) or lower max_tokens."""
+    over = opening + tokens - window
+    if over > 0:
+        if remedy == []:
+            remedy = "shorten the prompt or lower max_tokens"
+        elif isinstance(remedy, list):
+            remedy = f"deactivate chunks{freeing(remedy, over)} or lower max_tokens"
+        raise ContextWindowExceeded(
+            f"{tokens} tokens (after the model's {opening}-token opening) exceed the "
+            f"context window of {window} by {over}; {remedy}"
+        )
+
+
+def freeing(active: list[ChunkInfo], needed: int) -> str:
+    """For a refusal's remedy: the fewest active chunks, first in the layout (a
+    conversation's oldest turns), whose deactivation frees `needed` tokens; empty if all of
+    them would not."""
+    named, freed = [], 0
+    for chunk in active:
+        if freed >= needed:
+            break
+        named.append(chunk.hash[:12])
+        freed += chunk.token_count
+    if freed < needed:
+        return ""
+    listed = ", ".join(named[:4]) + (f" and {len(named) - 4} more" if len(named) > 4 else "")
+    return f" (the first {len(named)} active, {listed}, free {freed} tokens)"
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from kvchunks.common import (
-    ContextWindowExceeded,
     InvalidInput,
     OnProgress,
     part_by_layer,
@@ -16,7 +15,7 @@ from kvchunks.common import (
 )
 from kvchunks.engine import EngineConfig, SamplingParams
 from kvchunks.service import exchange, generation
-from kvchunks.service.catalog import Catalog
+from kvchunks.service.catalog import Catalog, check_fits
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.chunks import Hold, check_metadata
 from kvchunks.service.context_settings import call_mode
@@ -263,7 +262,7 @@ class ContextManager(OutputTracking, Catalog):
         active = self.registry.get_many(self.registry.active(self.context_name))
         self.store.model.check_dtype(active)
         prompt_tokens = self.store.model.chat.prompt(prompt)
-        self._check_fits(_tokens(active) + len(prompt_tokens) + self._answer_room(call))
+        self._check_fits(_tokens(active) + len(prompt_tokens) + self._answer_room(call), active)
         with self.store.maker.holding() as hold:
             result = self._answer(prompt, prompt_tokens, active, call, hold)
             self.store.maker.keep([result.prompt_chunk])
@@ -288,7 +287,8 @@ class ContextManager(OutputTracking, Catalog):
         Under the context's auto_activate the messages, prompt and answer join the active
         chunks (for clients that send only the new message, as the web page does)."""
         turns = checked_messages(messages)
-        before = self.registry.get_many(self.registry.active(self.context_name))
+        active = self.registry.get_many(self.registry.active(self.context_name))
+        before = list(active)
         # Attended to once each: one already active, or named twice, is not read again.
         for chunk in map(self.registry.find, checked_refs(chunks or [])):
             before += [] if chunk.hash in {c.hash for c in before} else [chunk]
@@ -299,7 +299,7 @@ class ContextManager(OutputTracking, Catalog):
         tokens = message_tokens(chat, turns)
         prompt_tokens = chat.prompt(turns[-1].content)
         framed = sum(map(len, tokens)) + len(prompt_tokens)
-        self._check_fits(_tokens(before) + framed + self._answer_room(call))
+        self._check_fits(_tokens(before) + framed + self._answer_room(call), active)
         self.store.model.check_dtype(before)
         made: list[ChunkInfo] = []  # the messages' chunks this call computes
         result = None
@@ -386,13 +386,9 @@ class ContextManager(OutputTracking, Catalog):
         chat template closes a turn (stored with it, and active with it under auto-activate)."""
         return call.sampling.max_tokens + len(self.store.model.chat.turn_end)
 
-    def _check_fits(self, tokens: int, remedy: str = "deactivate chunks or lower max_tokens"):
-        window, opening = self.store.model.window, self.store.composer.opening_length
-        if opening + tokens > window:  # every context starts with the model's opening
-            raise ContextWindowExceeded(
-                f"{tokens} tokens (after the model's {opening}-token opening) exceed the "
-                f"context window of {window}; {remedy}"
-            )
+    def _check_fits(self, tokens: int, remedy: str | list[ChunkInfo]) -> None:
+        opening = self.store.composer.opening_length
+        check_fits(tokens, self.store.model.window, opening, remedy)
 
 
 def _tokens(chunks: list[ChunkInfo]) -> int:

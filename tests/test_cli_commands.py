@@ -332,8 +332,8 @@ def text_files_gone_bad(at: Path, window: int) -> dict[Path, str]:
         at / "empty.txt": "is empty",
         at / "binary.bin": "looks binary",
         at / "latin1.txt": "is not UTF-8",
-        at / "too-long.txt": "exceed the context window of 8192; load it in parts of at most N "
-        "tokens with --split N",
+        at / "too-long.txt": "exceed the context window of 8192 by 111; load it in parts of at "
+        "most N tokens with --split N",
     }
     (at / "empty.txt").write_text(" \n")
     (at / "binary.bin").write_bytes(b"\x00\x01\x02 abc")

@@ -332,12 +332,42 @@ def test_activation_past_the_window_is_refused(make_cm):
     book = cm.compose_chunks([page.hash] * repeats)
     cm.activate_chunk(book.hash)
     before = snapshot(cm)
-    with pytest.raises(ContextWindowExceeded):
+    with pytest.raises(ContextWindowExceeded) as refused:
         cm.activate_chunk(page.hash)
+    named = f"(the first 1 active, {book.hash[:12]}, free {book.token_count} tokens)"
+    assert str(refused.value).endswith(f"deactivate something first {named}")
     # Nor is a view made that could never be active.
     with pytest.raises(ContextWindowExceeded, match="compose fewer chunks"):
         cm.compose_chunks([page.hash] * (repeats + 1))
     assert snapshot(cm) == before
+
+
+def test_a_generation_past_the_window_names_the_first_chunks_that_make_room(make_tiny_store):
+    """A conversation that fills the window is refused with the fewest chunks, first in the
+    layout, whose deactivation makes room; deactivating them, the same call answers."""
+    cm = ContextManager(store=make_tiny_store(), mode="reuse")
+    window, opening = cm.store.model.window, cm.store.composer.opening_length
+    first, second = cm.add_chunk(note(1, 40), role="raw"), cm.add_chunk(note(2, 40), role="raw")
+    page = cm.add_chunk(note(0, 100), role="raw")
+    book = cm.compose_chunks([page.hash] * (window // 100 - 3))
+    for chunk in (first, second, book):
+        cm.activate_chunk(chunk.hash)
+    question = "Go on."
+    asked = len(cm.store.model.chat.prompt(question)) + len(cm.store.model.chat.turn_end)
+    room = window - opening - book.token_count - asked  # for the answer, without the notes
+    params = SamplingParams(temperature=0, max_tokens=room - 10, ignore_eos=True)
+    before = snapshot(cm)
+    with pytest.raises(ContextWindowExceeded) as refused:
+        cm.generate(question, params)  # 70 over: the two notes (80 tokens) make room
+    named = f"{first.hash[:12]}, {second.hash[:12]}, free 80 tokens"
+    assert f"by 70; deactivate chunks (the first 2 active, {named}) or lower" in str(refused.value)
+    assert snapshot(cm) == before
+    cm.deactivate_chunk(first.hash)
+    cm.deactivate_chunk(second.hash)
+    assert cm.generate(question, params).output_chunk is not None
+    cm.clear()
+    with pytest.raises(ContextWindowExceeded, match="; shorten the prompt or lower max_tokens$"):
+        cm.generate(question, SamplingParams(max_tokens=window))  # nothing active to name
 
 
 def test_an_answer_and_its_closing_must_fit_the_window(make_tiny_store):
