@@ -142,14 +142,17 @@ class ChunkStore:
         # Not under the pool lock: to_host takes it only around what needs it, not the copy.
         chunk_owners = owners(self.registry, chunk)
         self.tiers.check_fits_host(chunk_owners)  # refused before anything moves
+        self.prefetcher.moved_out([o.hash for o in chunk_owners])
         for owner in chunk_owners:
             if not self.tiers.to_host(owner):  # no copy left: computed in the pool first
                 self.composer.owned_kv(owner)
                 self.tiers.to_host(owner)
 
     def archive_to_disk(self, chunk: ChunkInfo) -> None:
+        chunk_owners = owners(self.registry, chunk)
+        self.prefetcher.moved_out([o.hash for o in chunk_owners])
         with self.lock:
-            for owner in owners(self.registry, chunk):
+            for owner in chunk_owners:
                 if not self.tiers.to_disk(owner.hash):
                     self.composer.owned_kv(owner)
                     self.tiers.to_disk(owner.hash)

@@ -319,6 +319,30 @@ def test_prefetch_brings_provenance_neighbours_before_use(make_store):
     assert store.stats["prefetch_hits"] == prefetch_hits + 3
 
 
+def test_a_move_out_is_not_undone_by_a_prefetch_asked_for_before_it(make_store):
+    """Transfers run one at a time in the background: a prefetch (or an activation's) still
+    queued when the user moves the chunk out leaves it where the user put it; one asked for
+    after the move brings it in."""
+    store = make_store()
+    cm = ContextManager(store=store)
+    doc = cm.add_chunk(DOC)
+    cm.archive_to_disk(doc.hash)
+    for ask, move, tier in (
+        (lambda: cm.prefetch(doc.hash), cm.archive_to_disk, "disk"),
+        (lambda: cm.activate_chunk(doc.hash), cm.move_to_cpu, "cpu"),
+    ):
+        gate = threading.Event()
+        store.prefetcher.after_transfers(gate.wait)  # holds the queue
+        ask()
+        move(doc.hash)
+        gate.set()
+        store.wait_for_transfers()
+        assert cm.get_chunk(doc.hash).tier == tier
+    cm.prefetch(doc.hash)  # asked for after the move
+    store.wait_for_transfers()
+    assert cm.get_chunk(doc.hash).tier == "gpu"
+
+
 def test_coactivation_prefetches_chunks_often_active_together(make_store):
     store = make_store(prefetch_policy="coactivation")
     cm = ContextManager(store=store)
