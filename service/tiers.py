@@ -210,7 +210,7 @@ class Tiers:
         active = self.registry.active_anywhere()
         views = [c for c in self.registry.get_present(active) if c.layout == "view"]
         sources = {s.hash for view in views for s in view.sources}
-        return active | sources | {h for h, n in self.pinned.items() if n > 0}
+        return active | sources | set(self.pinned)
 
     @contextlib.contextmanager
     def pinning(self, chunks: list[ChunkInfo]) -> Iterator[None]:
@@ -229,7 +229,7 @@ class Tiers:
 
     def unpin(self, keys: list[str]) -> None:
         with self.lock:
-            self.pinned.subtract(keys)
+            self.pinned -= Counter(keys)  # drops those at zero: every make-room reads them
 
     # -- derived KV -----------------------------------------------------------------------
 

@@ -317,6 +317,7 @@ def test_prefetch_brings_provenance_neighbours_before_use(make_store):
     assert store.stats["prefetch_hits"] == prefetch_hits + 3
     cm.generate("And its colour?", GREEDY)
     assert store.stats["prefetch_hits"] == prefetch_hits + 3
+    assert not store.tiers.pinned  # no generation runs: no entry left, not even at zero
 
 
 def test_a_move_out_is_not_undone_by_a_prefetch_asked_for_before_it(make_store):
