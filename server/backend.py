@@ -3,7 +3,9 @@ through the Client. Both hand out one API object per context with the same metho
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections import OrderedDict
 from typing import Any, Protocol
 
 
@@ -29,23 +31,38 @@ class Backend(Protocol):
 
 
 class _OnePerContext:
-    """One API object per context, made on first use by the root's `with_context` and kept:
-    it holds what the registry does not (the last generation's figures, output trackers,
-    and for a Client the worker where the context's KV gathers)."""
+    """One API object per context, made on first use by the root's `with_context` and kept
+    while it is among the KEPT most recently used: a server with a context per user would
+    otherwise keep one for every name ever sent. The registry holds each context's state;
+    an object holds only what a request does not need (the last generation's figures,
+    output trackers, and for a Client the worker where the context's KV gathers)."""
+
+    KEPT = 256
 
     def __init__(self, root):  # a ContextManager or a Client
         self.root = root
-        self._managers = {root.context_name: root}
+        self._managers: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def made(self, context: str):
         """The context's API object if `manager` has made it (None: it may have to ask Ray)."""
-        return self._managers.get(context)
+        if context == self.root.context_name:
+            return self.root
+        manager = self._managers.get(context)
+        with contextlib.suppress(KeyError):  # let go meanwhile: made again when next asked
+            self._managers.move_to_end(context)  # without the lock, which a Ray call may hold
+        return manager
 
     def manager(self, context: str):
+        if context == self.root.context_name:
+            return self.root
         with self._lock:
-            if context not in self._managers:
+            if context in self._managers:
+                self._managers.move_to_end(context)
+            else:
                 self._managers[context] = self.root.with_context(context)
+                if len(self._managers) > self.KEPT:
+                    self._managers.popitem(last=False)
             return self._managers[context]
 
 

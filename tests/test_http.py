@@ -664,3 +664,20 @@ def test_registry_down_is_503_and_changes_nothing(served):
     with served.http(key=None) as http:  # open to checkers without the key, GET or HEAD
         assert http.get("/health").json() == {"status": "ok"}
         assert http.head("/health").status_code == 200
+
+
+def test_the_server_keeps_the_api_objects_of_recent_contexts_only(served, monkeypatch):
+    """One object per context name sent, kept while among the most recently used: a server
+    with a context per user does not keep one for every name it was ever sent."""
+    from kvchunks.server.backend import LocalBackend
+
+    backend = LocalBackend(served.cm)
+    monkeypatch.setattr(LocalBackend, "KEPT", 2)
+    a, b = backend.manager("kept-a"), backend.manager("kept-b")
+    assert backend.made("kept-a") is a  # used again: now the most recent
+    c = backend.manager("kept-c")  # kept-b, the least recently used, is let go
+    assert backend.made("kept-b") is None
+    assert backend.made("kept-a") is a and backend.manager("kept-c") is c
+    assert backend.manager(served.cm.context_name) is served.cm  # the server's own stays
+    again = backend.manager("kept-b")  # made again when asked for, over the same store
+    assert again is not b and again.context_name == "kept-b" and again.store is b.store
