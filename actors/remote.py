@@ -36,6 +36,7 @@ CONTEXT_METHODS = frozenset(
         "deactivate_chunk",
         "delete_chunk",
         "delete_chunks",
+        "delete_context",
         "export_chunk",
         "get_chunk",
         "import_chunk",

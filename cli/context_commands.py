@@ -30,11 +30,21 @@ if TYPE_CHECKING:
 
 
 @click.command()
+@click.option(
+    "--delete", is_flag=True, help="Forget the context: its active list, settings and name."
+)
 @json_option
 @pass_state
-def context(state: State, as_json: bool) -> None:
-    """Show the active chunks in layout order and their tokens against the window."""
-    view = state.catalog.context()
+def context(state: State, delete: bool, as_json: bool) -> None:
+    """Show the active chunks in layout order and their tokens against the window; with
+    --delete, forget the context instead (no chunk is deleted)."""
+    cm = state.catalog
+    if delete:
+        count = len(cm.context().chunks)
+        cm.delete_context()
+        line = f"deleted context '{cm.context_name}' ({count} chunk(s) were active; none deleted)"
+        return _show_context(state, as_json, line)
+    view = cm.context()
     show(state, as_json, view.to_json(), lambda: render.context_table(view))
 
 

@@ -20,6 +20,10 @@ class Backend(Protocol):
         """`manager(context)` if it has been made: a lookup that never blocks."""
         ...
 
+    def let_go(self, context: str) -> None:
+        """Drop the context's API object, if one is kept (its context was deleted)."""
+        ...
+
     def usage(self) -> dict:
         """{"stats", "pool", "host_bytes", "disk_bytes"} for the metrics, and the tiers'
         budgets ("host_budget", "disk_budget": bytes, or None when unknown or unlimited)."""
@@ -64,6 +68,10 @@ class _OnePerContext:
                 if len(self._managers) > self.KEPT:
                     self._managers.popitem(last=False)
             return self._managers[context]
+
+    def let_go(self, context: str) -> None:
+        with self._lock:
+            self._managers.pop(context, None)
 
 
 class LocalBackend(_OnePerContext):

@@ -152,6 +152,14 @@ def reorder(name: str, body: Order, request: Request) -> dict:
     return _api(request, name).reorder_chunks(body.chunks).to_json()
 
 
+@router.delete("/v1/contexts/{name}", status_code=204)
+def delete_context(name: str, request: Request) -> Response:
+    backend = request.app.state.backend
+    backend.manager(name).delete_context()
+    backend.let_go(name)
+    return Response(status_code=204)
+
+
 @router.post("/v1/contexts/{name}/clear")
 def clear(name: str, request: Request, body: Body | None = None) -> Response:
     _api(request, name).clear()

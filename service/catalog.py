@@ -183,6 +183,11 @@ class Catalog:
         """Deactivate every chunk of this context (nothing is deleted)."""
         self.registry.clear_context(self.context_name)
 
+    def delete_context(self) -> None:
+        """Forget this context: its active list, its settings and its name. No chunk is
+        deleted; using the context again starts it anew, with the default settings."""
+        self.registry.delete_context(self.context_name)
+
     # -- helpers ----------------------------------------------------------------------------
 
     def _view(self, chunk_hash: str) -> ChunkInfo:

@@ -480,6 +480,16 @@ class ChunkRegistry:
         self._redis.delete(self._active_key(context))
 
     @_redis_errors
+    def delete_context(self, context: str) -> None:
+        """Forget the context: its active list, its settings and its name (chunks stay)."""
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(
+                self._active_key(context), self._key("ctx", check_name(context), "settings")
+            )
+            pipe.srem(self._key("contexts"), context)
+            pipe.execute()
+
+    @_redis_errors
     def settings(self, context: str) -> dict[str, Any]:
         """The context's settings as stored ({} for a context never configured)."""
         stored = self._redis.hgetall(self._key("ctx", check_name(context), "settings"))

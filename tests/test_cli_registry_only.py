@@ -169,3 +169,17 @@ def test_export_and_import_refuse_a_bad_path_before_the_model_loads(stored, tmp_
     assert refused.startswith("error: ../outside.kvc leaves the exports directory")
     refused = kvchunks(stored, "import", "never-written.kvc", status=1)
     assert refused == f"error: chunk file {home / 'exports' / 'never-written.kvc'} does not exist"
+
+
+def test_a_deleted_context_is_forgotten_and_its_chunks_stay(stored):
+    home, model, hashes = stored
+    kvchunks(stored, "--context", "gone", "mode", "reuse")
+    kvchunks(stored, "--context", "gone", "activate", hashes["note"])
+    deleted = kvchunks(stored, "--context", "gone", "context", "--delete")
+    assert (
+        deleted.splitlines()[0] == "deleted context 'gone' (1 chunk(s) were active; none deleted)"
+    )
+    with open_catalog(model, home=home, context="gone") as catalog:
+        assert "gone" not in catalog.registry.contexts()
+        assert catalog.context().chunks == [] and catalog.settings["mode"] == "realign"
+        assert catalog.get_chunk(hashes["note"]).hash == hashes["note"]

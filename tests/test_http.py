@@ -204,6 +204,14 @@ def test_every_chunk_route(served):
         http.post("/v1/contexts/http-routes/activate", json={"chunk": b["hash"]})
         assert http.post("/v1/contexts/http-routes/clear").status_code == 204
         assert http.get("/v1/contexts/http-routes").json()["chunks"] == []
+        http.post("/v1/contexts/http-gone/settings", json={"mode": "exact"})
+        http.post("/v1/contexts/http-gone/activate", json={"chunk": b["hash"]})
+        assert "http-gone" in http.get("/v1/contexts").json()["data"]
+        assert http.delete("/v1/contexts/http-gone").status_code == 204
+        assert "http-gone" not in http.get("/v1/contexts").json()["data"]
+        anew = http.get("/v1/contexts/http-gone").json()  # used again: as a new one
+        assert (anew["chunks"], anew["mode"]) == ([], "realign")
+        assert http.get(f"/v1/chunks/{b['hash']}").status_code == 200  # chunks stay
         blocked = http.delete(f"/v1/chunks/{a['hash']}")
         assert blocked.status_code == 409 and "cascade" in blocked.json()["error"]["message"]
         gone = http.delete(f"/v1/chunks/{a['hash']}", params={"cascade": "true"}).json()
