@@ -40,6 +40,7 @@ WRITES = (
     "find_and_deactivate",
     "reorder",
     "clear_context",
+    "delete_context",
     "update_settings",
     "set_tiers",
 )
