@@ -7,7 +7,14 @@ import dataclasses
 
 import pytest
 import torch
-from reference import hf_greedy, hf_logits, hf_logits_over_kv, hf_realigned_kv
+from reference import (
+    hf_greedy,
+    hf_kv,
+    hf_logits,
+    hf_logits_over_kv,
+    hf_realigned_kv,
+    hf_rerotated,
+)
 
 from kvchunks.common import ChunkNotFound, InvalidInput
 from kvchunks.engine import SamplingParams
@@ -161,6 +168,56 @@ def test_realign_equals_hfs_own_kv_of_each_chunk_moved_into_place(make_cm, hf_mo
     assert (logits - ref).abs().max().item() <= 1e-4
     _, reuse = prompt_logits(cm, "What colour does Marie like?", "reuse")
     assert (reuse - ref).abs().max().item() > 1e-3  # reuse leaves b at overlapping positions
+
+
+def test_realign_moves_a_view_that_starts_inside_its_chunk_from_where_it_was(make_cm, hf_model):
+    """The tail of a split sat at the chunk's position plus the split point: re-placed after
+    another chunk, its keys turn by the distance from there, as HF's own cache of the whole
+    chunk, cut and moved, does."""
+    cm = make_cm()
+    a, b = cm.add_chunk(DOC_A), cm.add_chunk(DOC_B)
+    at = 7
+    _, tail = cm.split_chunk(b.hash, at)
+    cm.activate_chunk(a.hash)
+    cm.activate_chunk(tail.hash)
+    q, logits = prompt_logits(cm, "Who has cats?", "realign", recompute=0)
+    opening = cm.store.model.chat.opening
+    o = len(opening)
+    kv = hf_realigned_kv(hf_model, opening, [a.token_ids])
+    cut = [
+        (k[:, :, o + at :], v[:, :, o + at :]) for k, v in hf_kv(hf_model, opening + b.token_ids)
+    ]
+    kv = [
+        (
+            torch.cat([k, hf_rerotated(hf_model, tk, len(a.token_ids) - at)], 2),
+            torch.cat([v, tv], 2),
+        )
+        for (k, v), (tk, tv) in zip(kv, cut, strict=True)
+    ]
+    ref = hf_logits_over_kv(hf_model, kv, q, o + a.token_count + tail.token_count)
+    assert (logits - ref).abs().max().item() <= 1e-4
+
+
+def test_turns_computed_in_another_mode_are_composed_again_not_continued(make_cm):
+    """A question and answer computed over two documents in `exact` continue exact's
+    composition only: in `realign` their KV read other KV than realign's, so they are part of
+    the composition (placed and recomputed with the documents), not appended as stored."""
+    cm = make_cm(auto_activate=True)
+    a, b = cm.add_chunk(DOC_A), cm.add_chunk(DOC_B)
+    cm.activate_chunk(a.hash)
+    cm.activate_chunk(b.hash)
+    cm.generate("Who has cats?", SamplingParams(temperature=0, max_tokens=8), mode="exact")
+    store = cm.store
+    active = store.registry.get_many(store.registry.active(cm.context_name))
+    assert len(active) == 4  # the documents, the question and the answer
+    for mode, recompute, recomputed in (
+        ("exact", None, 0),  # the documents' composition is kept; the turn continues it
+        # The first document sits where it was computed: composed are the rest, turn too.
+        ("realign", 0.5, round(0.5 * sum(c.token_count for c in active[1:]))),
+    ):
+        ctx = store.composer.context_of(active, mode, recompute)
+        store.composer.release(ctx)
+        assert ctx.recomputed == recomputed, mode
 
 
 def test_views_attend_exactly_like_their_sources(make_cm):

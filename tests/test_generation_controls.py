@@ -20,6 +20,7 @@ from kvchunks.common import DtypeMismatch, InvalidInput
 from kvchunks.engine import SamplingParams, sampler
 from kvchunks.engine.sampler import penalize, sample
 from kvchunks.engine.sequence import Sequence
+from kvchunks.engine.stop_strings import held_back
 from kvchunks.store.kv_file import kv_path, read_kv_header
 
 ray_cluster, ray_service = ray_fixtures.ray_cluster, ray_fixtures.ray_service  # used by name
@@ -154,6 +155,13 @@ def test_penalties_over_chunks_count_the_opening_and_the_chunks_as_hf_does(make_
 
 
 # -- stop strings -------------------------------------------------------------------------------
+
+
+def test_an_ending_that_may_begin_a_stop_string_is_held_back_down_to_one_character():
+    assert held_back("Hello\n", ["\n\n"]) == "Hello"  # shown, it could not be taken back
+    assert held_back("ab", ["b!"]) == "a"
+    assert held_back("Hello wor", ["world", "x"]) == "Hello "
+    assert held_back("Hello", ["\n\n"]) == "Hello"
 
 
 def test_stop_string_ends_the_answer_and_its_chunk_before_it(make_cm):
