@@ -154,9 +154,8 @@ def reorder(name: str, body: Order, request: Request) -> dict:
 
 @router.delete("/v1/contexts/{name}", status_code=204)
 def delete_context(name: str, request: Request) -> Response:
-    backend = request.app.state.backend
-    backend.manager(name).delete_context()
-    backend.let_go(name)
+    _api(request, name).delete_context()
+    request.app.state.backend.let_go(name)
     return Response(status_code=204)
 
 
