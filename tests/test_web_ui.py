@@ -319,6 +319,38 @@ def test_dragging_an_active_chunk_reorders_the_context(served, browser, tmp_path
 
 
 @needs_chromium
+def test_deleting_a_context_forgets_it_and_keeps_its_chunks(served, browser):
+    page = Page(browser, Path())
+    context = f"web-{uuid.uuid4().hex[:8]}"
+    with served.http() as http:
+        chunk = http.post("/v1/chunks", json={"text": f"Kept {uuid.uuid4()}."}).json()
+        http.post(f"/v1/contexts/{context}/activate", json={"chunk": chunk["hash"]})
+        http.post(f"/v1/contexts/{context}/settings", json={"mode": "exact"})
+        before = http.get(f"/v1/contexts/{context}").json()
+        open_on(page, served, context)
+        wait_for(lambda: page.active_list() == [chunk["hash"]], "the active chunk")
+        page.find("#context-delete").click()
+        question = wait_for(lambda: alert_text(page), "the question whether to delete it")
+        assert context in question and "no chunk is deleted" in question
+        page.driver.switch_to.alert.dismiss()  # not now: nothing changes
+        assert http.get(f"/v1/contexts/{context}").json() == before
+        page.find("#context-delete").click()
+        wait_for(lambda: alert_text(page), "the question asked again")
+        page.driver.switch_to.alert.accept()
+        wait_for(lambda: status(page)[1] == f"context {context} deleted", "the deletion")
+        assert page.find("#context-select").get_attribute("value") == "default"
+        names = [
+            o.get_attribute("value")
+            for o in page.driver.find_elements("css selector", "#context-select option")
+        ]
+        assert context not in names
+        assert context not in http.get("/v1/contexts").json()["data"]
+        fresh = http.get(f"/v1/contexts/{context}").json()
+        assert (fresh["mode"], fresh["chunks"]) == ("realign", [])
+        assert http.get(f"/v1/chunks/{chunk['hash']}").status_code == 200
+
+
+@needs_chromium
 def test_the_page_shows_what_the_server_kept_after_a_refusal_or_an_outage(served, browser):
     from selenium.webdriver.common.keys import Keys
 

@@ -69,6 +69,7 @@ export const api = {
   move: (hash, tier) => call("POST", `/v1/chunks/${hash}/move`, { tier }),
   contexts: () => call("GET", "/v1/contexts").then((r) => r.data),
   context: (name) => call("GET", ctx(name)),
+  deleteContext: (name) => call("DELETE", ctx(name)),
   configure: (name, settings) => call("POST", `${ctx(name)}/settings`, settings),
   activate: (name, chunk) => call("POST", `${ctx(name)}/activate`, { chunk }),
   deactivate: (name, chunk) => call("POST", `${ctx(name)}/deactivate`, { chunk }),

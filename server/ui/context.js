@@ -1,5 +1,5 @@
-// The context panel: pick or create a context, its settings, and its active chunks in
-// layout order (drag to reorder, × to deactivate).
+// The context panel: pick, create or delete a context, its settings, and its active chunks
+// in layout order (drag to reorder, × to deactivate).
 
 import { api } from "./api.js";
 import { $, badge, el, short, snippet } from "./util.js";
@@ -16,6 +16,7 @@ export function setup(p) {
     $("context-name").value = "";
     if (name) page.setContext(name);
   });
+  $("context-delete").addEventListener("click", remove);
   $("mode").addEventListener("change", () => configure({ mode: $("mode").value }));
   $("recompute").addEventListener("change", () => {
     const field = $("recompute");
@@ -29,6 +30,17 @@ export function setup(p) {
   $("auto-activate").addEventListener("change", (e) =>
     configure({ auto_activate: e.target.checked }),
   );
+}
+
+// Forget the context on the server, then work on "default" (which, deleted, starts anew).
+async function remove() {
+  const name = page.state.context;
+  const forgotten = "Its settings and active list are forgotten; no chunk is deleted.";
+  if (!confirm(`Delete context ${name}? ${forgotten}`)) return;
+  if (await page.run(() => api.deleteContext(name))) {
+    await page.setContext("default");
+    page.status(`context ${name} deleted`, true);
+  }
 }
 
 function configure(settings) {
