@@ -170,6 +170,33 @@ def test_active_chunks_are_never_evicted_and_a_full_pool_fails_cleanly(make_tiny
     assert {keep[1].hash, keep[2].hash, newer.hash} == set(store.tiers.kv)
 
 
+def test_what_a_running_generation_reads_stays_in_the_pool(make_tiny_store):
+    """A generation pins what it reads (the active chunks and those its request names) until
+    it ends: room that another request makes meanwhile moves other chunks, and none at all
+    when only the pinned ones would free enough."""
+    store = make_tiny_store(budgets=TierBudgets(gpu_blocks=3), prefetch_policy="explicit")
+    cm = ContextManager(store=store)
+    read, idle = (cm.add_chunk(note(i, 256), role="raw") for i in range(2))  # a block each
+    tiers, made = [], []
+
+    def meanwhile(text: str) -> None:  # another request, while the answer streams
+        if made:
+            return
+        cm.move_to_gpu(idle.hash)  # used again: `read` is now the least recently used
+        made.append(cm.with_context("other").add_chunk(note(2, 256), role="raw"))
+        tiers.append((cm.get_chunk(read.hash).tier, cm.get_chunk(idle.hash).tier))
+
+    messages = [{"role": "user", "content": "Which note is it?"}]
+    cm.chat(messages, GREEDY, chunks=[read.hash], on_text=meanwhile)
+    assert made and tiers == [("gpu", "cpu")]  # the least recently used stayed: it is read
+    with store.tiers.pinning([cm.get_chunk(h) for h in store.tiers.kv]):
+        before = set(store.tiers.kv)
+        with pytest.raises(CapacityError):
+            cm.add_chunk(note(3, 256), role="raw")
+        assert set(store.tiers.kv) == before
+    assert not store.tiers.pinned
+
+
 def test_making_room_ignores_an_active_chunk_deleted_meanwhile(make_tiny_store, monkeypatch):
     """Another process may delete an active chunk between the read of the active lists and
     the read of their records: it protects nothing then, and the room is made all the same."""
