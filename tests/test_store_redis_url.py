@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import itertools
 import os
 import signal
 import socket
@@ -126,17 +127,38 @@ def test_url_server_killed_between_writes_keeps_every_acknowledged_chunk(standal
 
 
 def test_embedded_server_killed_between_writes_keeps_every_acknowledged_chunk(tmp_path):
+    """The embedded server is started again under the writer, which goes on without an error."""
     client = connect_embedded(tmp_path)
-    pid = client.pid
-    acknowledged = acknowledged_until_killed(
-        ChunkRegistry(client), lambda: os.kill(pid, signal.SIGKILL)
-    )
+    registry, killed = ChunkRegistry(client), client.pid
+    acknowledged: list[str] = []
+    stop, errors = threading.Event(), []
+
+    def write() -> None:
+        try:
+            for i in itertools.takewhile(lambda _: not stop.is_set(), itertools.count(1)):
+                registry.put(_chunk(i))
+                registry.activate("default", _chunk(i).hash)
+                acknowledged.append(_chunk(i).hash)
+        except RegistryUnavailable as e:
+            errors.append(e)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    while len(acknowledged) < 50:
+        time.sleep(0.005)
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < 150 and not errors and time.monotonic() < deadline:
+        time.sleep(0.005)
+    stop.set()
+    writer.join(timeout=60)
+    assert errors == [] and len(acknowledged) >= 150 and client.pid != killed
     fresh = connect_embedded(tmp_path)
     try:
         close(client)
         registry = ChunkRegistry(fresh)
         assert len(registry.get_many(acknowledged)) == len(acknowledged)
-        assert registry.active("default")[: len(acknowledged)] == acknowledged
+        assert registry.active("default") == acknowledged
     finally:
         close(fresh)
 
