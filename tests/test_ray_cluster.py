@@ -1,6 +1,7 @@
 """The shared chunk pool with two CPU workers: shipping instead of recomputing, routing,
 transfers that never wait behind calls, a worker killed mid-generation, a restarted registry
-actor, KV lost with its owner, the tier stores, and `kvchunks status`."""
+actor, KV lost with its owner, the tier stores, `kvchunks status`, and a start that fails
+halfway."""
 
 from __future__ import annotations
 
@@ -537,3 +538,23 @@ def test_kv_lost_with_its_owner_comes_from_elsewhere(ray_cluster):
     chunk = types.SimpleNamespace(hash="ab" * 32, token_count=4)
     assert shared.load(chunk) is None  # then the KV file, or a recompute
     ray.kill(manager)
+
+
+def test_a_start_that_fails_halfway_leaves_nothing_running(ray_service, tmp_path, monkeypatch):
+    from kvchunks.actors import service
+    from kvchunks.actors.remote import ServiceUnavailable
+
+    # Its own namespace, so that the session's running service does not count as started.
+    monkeypatch.setattr(service, "NAMESPACE", "kvchunks-failed-start")
+    home = tmp_path / "home"
+    with pytest.raises(ServiceUnavailable) as failed:  # the stores, registry and tiers started
+        service.start(1, model=tmp_path / "no-model", home=home, cpus_per_worker=0, timeout=120)
+    assert "an actor could not start" in str(failed.value) and "no config.json" in str(failed.value)
+    named = ray.util.list_named_actors(all_namespaces=True)
+    assert [a for a in named if a["namespace"] == "kvchunks-failed-start"] == []
+    # The registry's embedded Redis stopped with it: its record is gone, its server too.
+    assert (home / "redis").is_dir() and not (home / "redis" / "kvchunks.db.settings").exists()
+    assert not service.is_running()
+    monkeypatch.undo()
+    assert service.is_running()  # the session's service, untouched: its registry answers
+    assert "chunks" in get(ray_service.service.registry.summary.remote())
