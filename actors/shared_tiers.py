@@ -90,6 +90,11 @@ class SharedTiers:
         self.stats["spilled"] += int(kept)
         return kept
 
+    def unspill(self, chunk_hash: str) -> None:
+        """The chunk was archived to disk (its file checked): no node's HostStore keeps it."""
+        with contextlib.suppress(ServiceUnavailable):  # then it stays there, as cpu
+            get(self.tier_manager.drop_host.remote(chunk_hash), "KV archive")
+
     def admit_file(self, chunk_hash: str, nbytes: int) -> bool:
         """Whether a new KV file of `nbytes` fits the node's disk budget (then counted there)."""
         admit = self.tier_manager.admit_file.remote(chunk_hash, self.node, nbytes)

@@ -152,6 +152,14 @@ class TierManager:
             self.host_started[node] = started
         self.stats["host_recounted"] += 1
 
+    def drop_host(self, chunk_hash: str) -> None:
+        """A chunk was archived to disk: every node's HostStore drops its copy (sent with the
+        lock held, so that it lands after any put counted before it)."""
+        with self.lock:
+            for node, budget in self.hosts.items():
+                if budget.forget(chunk_hash):
+                    self.stores[node].host.drop.remote(chunk_hash)
+
     def in_host(self) -> list[str]:
         """The chunks some node's HostStore holds."""
         with self.lock:

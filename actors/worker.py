@@ -85,6 +85,7 @@ class InferenceWorker:
             registry=RegistryClient(redis_server.connect_url(redis_url), registry),
             peers=self.shared,
             spill=self.shared.spill,
+            unspill=self.shared.unspill,
             admit_file=self.shared.admit_file,
             hand_over=self.shared.hand_over,
             pool_tiers=self.shared.pool_tiers,

@@ -33,7 +33,7 @@ from kvchunks.service.kv_sources import KVLoader, KVSource
 from kvchunks.service.model_host import ModelHost
 from kvchunks.service.pieces import owners
 from kvchunks.service.prefetcher import HandOver, Prefetcher
-from kvchunks.service.tiers import Spill, Tiers
+from kvchunks.service.tiers import Spill, Tiers, Unspill
 from kvchunks.service.views import ChunkViews, PoolTiers
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.host_memory import HostMemory
@@ -57,6 +57,7 @@ class ChunkStore:
         registry: ChunkRegistry | None = None,
         peers: KVSource | None = None,  # asked before the files: a shared pool's other copies
         spill: Spill | None = None,  # instead of host memory: a shared pool's node memory
+        unspill: Unspill | None = None,  # drops a chunk archived to disk from that memory
         admit_file: AdmitFile | None = None,  # instead of the disk budget: a shared pool's
         hand_over: HandOver | None = None,
         pool_tiers: PoolTiers | None = None,
@@ -95,6 +96,7 @@ class ChunkStore:
             self.lock,
             self.stats,
             spill,
+            unspill,
         )
         self.composer = Composer(
             self.model, self.registry, self.tiers, self.files, self.lock, self.stats

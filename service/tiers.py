@@ -40,6 +40,7 @@ from kvchunks.store.tier_records import TierRecords
 # Where KV that leaves the pool goes instead of this process's host memory: a shared pool's
 # node-wide host memory, which outlives the process. (hash, K, V) -> True once it is there.
 Spill = Callable[[str, torch.Tensor, torch.Tensor], bool]
+Unspill = Callable[[str], None]  # drops a chunk from it (moved to disk on purpose)
 
 
 @dataclass
@@ -76,10 +77,11 @@ class Tiers:
         lock: threading.RLock,
         stats: Counter[str],
         spill: Spill | None = None,
+        unspill: Unspill | None = None,
     ):
         self.model, self.registry, self.files, self.host = model, registry, files, host
         self.loader, self.budgets, self.lock, self.stats = loader, budgets, lock, stats
-        self.spill = spill
+        self.spill, self.unspill = spill, unspill
         self.kv: dict[str, list[KVSegment]] = {}  # resident KV of chunks that own KV
         self.compositions: dict[str, Composition] = {}  # derived KV by composition key
         self.opening: list[KVSegment] | None = None  # ModelHost's opening, once computed
@@ -342,17 +344,25 @@ class Tiers:
         return True
 
     def to_disk(self, chunk_hash: str) -> bool:
-        """Keep only the file (written again if lost or damaged); False: no KV to write it from."""
-        with self.lock:
+        """Keep only the file (written again if lost or damaged); False: no KV to write it from.
+        Under the file's lock, as a delete is: one elsewhere ends before this or after it."""
+        with self.lock, self.files.claimed(chunk_hash):
+            chunk = self.registry.get(chunk_hash)  # ChunkNotFound: deleted, its file with it
             held = chunk_hash in self.kv or chunk_hash in self.host
-            # Read and checked while a copy in memory can replace it: later damage shows only so.
-            if held and not self.files.is_sound(chunk := self.registry.get(chunk_hash)):
-                self.files.write(chunk, *self._held_kv(chunk_hash))
-            elif not held and not self.files.exists(chunk_hash):
+            # Read and checked while a copy can replace it (in a shared pool, maybe only the
+            # node's HostStore or a peer has one): later damage shows only so.
+            if (held or self.spill is not None) and not self.files.is_sound(chunk):
+                kv = self._held_kv(chunk_hash) if held else self.loader.load(chunk)
+                if kv is None:
+                    return False
+                self.files.write(chunk, *kv)
+            elif not self.files.exists(chunk_hash):
                 return False
             self.evict(chunk_hash)
             self.host.pop(chunk_hash)
             self.lru.forget(chunk_hash)
+            if self.unspill is not None:  # the file is sound: the node's copy can go
+                self.unspill(chunk_hash)
             self.records.record(chunk_hash, "disk")
             return True
 

@@ -558,3 +558,22 @@ def test_a_start_that_fails_halfway_leaves_nothing_running(ray_service, tmp_path
     monkeypatch.undo()
     assert service.is_running()  # the session's service, untouched: its registry answers
     assert "chunks" in get(ray_service.service.registry.summary.remote())
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_archiving_a_chunk_in_host_store_leaves_only_its_sound_file(ray_service, damaged):
+    from kvchunks.store.kv_file import read_kv_file
+
+    s, service = ray_service, ray_service.service
+    on_a = connect("auto", f"archive-host-{damaged}", worker=0)
+    doc = on_a.add_chunk(f"The {'red' if damaged else 'blue'} kayak is chained to pier 4.")
+    assert on_a.move_to_cpu(doc.hash).tier == "cpu"
+    assert doc.hash in get(service.tiers.in_host.remote())
+    path = kv_path(s.home, doc.hash)
+    if damaged:  # damaged while its KV was in the node's host memory
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 0xFF
+        path.write_bytes(bytes(data))
+    assert on_a.archive_to_disk(doc.hash).tier == "disk"
+    assert doc.hash not in get(service.tiers.in_host.remote())
+    read_kv_file(path, expect_hash=doc.hash)  # sound: the chunk's only copy now

@@ -524,3 +524,31 @@ def test_a_generation_keeps_the_room_it_made(model_path, llm, home, monkeypatch)
     assert cm.generate("Where is the vault?", GREEDY).token_ids == expected
     store.close()
     assert small.block_manager.num_free == 8
+
+
+def test_a_chunk_deleted_elsewhere_while_it_is_archived_leaves_no_file(make_cm, monkeypatch):
+    """Two stores on one data directory (a node's workers): one archives a chunk whose file
+    it writes again, the other deletes the chunk meanwhile. No orphan file is left."""
+    from kvchunks.common import ChunkNotFound
+
+    cm, other = make_cm(), make_cm()
+    doc = cm.add_chunk(DOC)
+    cm.move_to_cpu(doc.hash)
+    path = kv_path(cm.store.home, doc.hash)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # so that the archive writes the file again
+    path.write_bytes(bytes(data))
+    is_sound, deleting = cm.store.files.is_sound, []
+
+    def checked_then_deleted(chunk):
+        sound = is_sound(chunk)
+        deleting.append(threading.Thread(target=other.delete_chunk, args=(doc.hash,)))
+        deleting[0].start()
+        deleting[0].join(2)  # the delete ends here, unless the archive holds the file
+        return sound
+
+    monkeypatch.setattr(cm.store.files, "is_sound", checked_then_deleted)
+    with contextlib.suppress(ChunkNotFound):
+        cm.archive_to_disk(doc.hash)
+    deleting[0].join(60)
+    assert cm.registry.missing([doc.hash]) and not path.exists()
