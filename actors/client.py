@@ -103,9 +103,11 @@ class Client(OutputTracking):
         self.last_generation: GenerationResult | None = None
 
     def _call(self, method: str, *args, **kwargs):
-        brought = _brought_chunk(method, args)
-        if brought is not None:  # go where the chunk is, rather than ship it here
-            self._worker = self._router.pick(self.context_name, brought)
+        moved, into_pool = _moved_chunk(method, args)
+        if moved is not None and into_pool:  # go where the chunk is, rather than ship it here
+            self._worker = self._router.pick(self.context_name, moved)
+        elif moved is not None:  # out of the pool that holds it, not a copy shipped here
+            self._worker = self._router.holder(moved) or self._worker
         name, routed = self._worker, self._router.pinned is None
         call = self._service.workers[name].call.remote(
             self.context_name, method, args, kwargs, routed
@@ -214,18 +216,19 @@ def _read_answer(
     return result
 
 
-# Methods that bring a chunk's KV into the serving worker's pool.
+# Methods that bring a chunk's KV into the serving worker's pool, and that move it out of it.
 _BRINGS_KV = frozenset({"populate", "move_to_gpu", "prefetch"})
+_TAKES_KV_OUT = frozenset({"move_to_cpu", "archive_to_disk"})
 
 
-def _brought_chunk(method: str, args: tuple) -> str | None:
-    """The chunk whose KV a call brings into the serving worker's pool, None if it brings
-    none: its first argument, or for a move of several chunks to gpu the first of them."""
-    if method in _BRINGS_KV and args:
-        return args[0]
-    if method == "move_chunks" and args[1:2] == ("gpu",) and args[0]:
-        return args[0][0]
-    return None
+def _moved_chunk(method: str, args: tuple) -> tuple[str | None, bool]:
+    """The chunk whose KV a call moves (its first argument, or for a move of several chunks
+    the first of them; None if it moves none), and whether it brings it into the pool."""
+    if method in _BRINGS_KV | _TAKES_KV_OUT and args:
+        return args[0], method in _BRINGS_KV
+    if method == "move_chunks" and args[:1] and args[0]:
+        return args[0][0], args[1:2] == ("gpu",)
+    return None, False
 
 
 def _forwarded(name: str, member: object) -> object:

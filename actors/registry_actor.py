@@ -160,10 +160,10 @@ class RegistryActor:
     def holders(self, chunk_hash: str) -> list[str]:
         return [w for w in self.workers if chunk_hash in self.held.get(w, {})]
 
-    def placement(self, context: str, adding: str | None = None) -> dict:
-        """`placement_of` the context's active chunks (with the chunk `adding` refers to,
-        about to be activated)."""
-        chunks = self.registry.active(context)
+    def placement(self, context: str | None, adding: str | None = None) -> dict:
+        """`placement_of` the context's active chunks (none for None) with the chunk `adding`
+        refers to (about to be activated, or moved out)."""
+        chunks = self.registry.active(context) if context is not None else []
         if adding is not None:
             with contextlib.suppress(KVChunksError):  # the worker reports a bad ref properly
                 chunks.append(adding if is_hash(adding) else self.registry.resolve(adding))

@@ -23,6 +23,13 @@ class Router:
             return self.pinned
         return _best(get(self.registry.placement.remote(context, adding), "the registry"))
 
+    def holder(self, ref: str) -> str | None:
+        """The worker holding most of the KV of the chunk `ref` names; None if none does."""
+        if self.pinned is not None:
+            return self.pinned
+        placement = get(self.registry.placement.remote(None, ref), "the registry")
+        return _best(placement) if any(placement["held"].values()) else None
+
     def pick_for(self, hashes: list[str]) -> str:
         """The worker for a request that reads these chunks."""
         if self.pinned is not None:

@@ -111,6 +111,20 @@ def test_a_move_to_gpu_goes_to_the_worker_holding_the_chunk(ray_service, move):
     assert get(s.service.registry.holders.remote(doc.hash)) == ["worker-1"]
 
 
+@pytest.mark.parametrize(("move", "tier"), [("move_to_cpu", "cpu"), ("archive_to_disk", "disk")])
+def test_a_move_out_goes_to_the_worker_holding_the_chunk(ray_service, move, tier):
+    s, context = ray_service, f"{move}-out"
+    doc = connect("auto", f"{context}-src", worker=1).add_chunk(f"The {move} key is by the door.")
+    on_0 = connect("auto", context, worker=0)
+    on_0.activate_chunk(on_0.add_chunk(f"The {move} lamp is blue.").hash)
+    client = connect("auto", context)  # routed: to worker-0, which holds its active chunk
+    before = {w: s.stats(w) for w in ("worker-0", "worker-1")}
+    assert getattr(client, move)(doc.hash[:10]).tier == tier  # not a copy made on worker-0
+    for w in before:
+        assert delta(s.stats(w), before[w]).get("shipped", 0) == 0
+    assert "worker-1" not in get(s.service.registry.holders.remote(doc.hash))
+
+
 def wait_for(condition, what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
