@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from kvchunks.common import DtypeMismatch, KVChunksError, OnProgress, data_dir
+from kvchunks.common import CapacityError, DtypeMismatch, KVChunksError, OnProgress, data_dir
 from kvchunks.engine import LLM, EngineConfig
 from kvchunks.policies.budgets import TierBudgets
 from kvchunks.policies.prefetch import make_policy
@@ -126,7 +126,7 @@ class ChunkStore:
         total)` is told the bytes of KV moved so far: 0, then after each chunk."""
         moves = {"gpu": self.move_to_gpu, "cpu": self.move_to_cpu, "disk": self.archive_to_disk}
         if tier == "cpu":
-            self.tiers.check_fits_host([o for c in chunks for o in owners(self.registry, c)])
+            self._check_fits_host([o for c in chunks for o in owners(self.registry, c)])
         total = sum(self.model.kv_bytes(c.token_count) for c in chunks)
         report = on_progress or (lambda done, total: None)
         done = 0
@@ -136,6 +136,19 @@ class ChunkStore:
             done += self.model.kv_bytes(chunk.token_count)
             report(done, total)
 
+    def _check_fits_host(self, chunks: list[ChunkInfo]) -> None:
+        """Refuse chunks whose KV together exceeds host memory: moved one after another,
+        each later one would push earlier ones on to disk."""
+        unique = list({c.hash: c for c in chunks}.values())
+        need = sum(self.model.kv_bytes(c.token_count) for c in unique)
+        budget = self.tiers.host.budget_bytes
+        if need > budget:
+            what = f"chunk {unique[0].hash[:12]}" if len(unique) == 1 else f"{len(unique)} chunks"
+            raise CapacityError(
+                f"the KV of {what} ({need} bytes) does not fit the cpu budget of "
+                f"{budget} bytes; archive to disk instead"
+            )
+
     def move_to_gpu(self, chunk: ChunkInfo) -> None:
         for owner in owners(self.registry, chunk):
             self.composer.owned_kv(owner)
@@ -143,7 +156,7 @@ class ChunkStore:
     def move_to_cpu(self, chunk: ChunkInfo) -> None:
         # Not under the pool lock: to_host takes it only around what needs it, not the copy.
         chunk_owners = owners(self.registry, chunk)
-        self.tiers.check_fits_host(chunk_owners)  # refused before anything moves
+        self._check_fits_host(chunk_owners)  # refused before anything moves
         self.prefetcher.moved_out([o.hash for o in chunk_owners])
         for owner in chunk_owners:
             if not self.tiers.to_host(owner):  # no copy left: computed in the pool first

@@ -273,18 +273,6 @@ class Tiers:
         self.host.put(chunk_hash, *kv)
         return True
 
-    def check_fits_host(self, chunks: list[ChunkInfo]) -> None:
-        """Refuse chunks whose KV together exceeds host memory: moved one after another,
-        each later one would push earlier ones on to disk."""
-        unique = list({c.hash: c for c in chunks}.values())
-        need = sum(self.model.kv_bytes(c.token_count) for c in unique)
-        if need > self.host.budget_bytes:
-            what = f"chunk {unique[0].hash[:12]}" if len(unique) == 1 else f"{len(unique)} chunks"
-            raise CapacityError(
-                f"the KV of {what} ({need} bytes) does not fit the cpu budget of "
-                f"{self.host.budget_bytes} bytes; archive to disk instead"
-            )
-
     def to_host(self, chunk: ChunkInfo) -> bool:
         """Keep the chunk's KV in host memory (from the pool, or from a KV source); False if
         there is no copy of it anywhere (recompute it first).
