@@ -47,27 +47,31 @@ export function render(chunks, selected, reshaped) {
   if (walking && reshaped) items.get(current)?.focus({ preventScroll: true });
 }
 
-// Depth first in drawn order, so that a screen reader's reading order is the drawing's.
+// Depth first in drawn order, so that a screen reader's reading order is the drawing's. A
+// stack, not recursion: a conversation thousands of turns long is a branch that deep.
 function build() {
   items = new Map();
   parentOf = new Map();
-  const add = (nodes, level, parent) =>
-    nodes.forEach((node, i) => {
-      const item = el("div", {
-        role: "treeitem",
-        tabindex: "-1",
-        "aria-level": level,
-        "aria-posinset": i + 1,
-        "aria-setsize": nodes.length,
-        dataset: { hash: node.id() },
-      });
-      items.set(node.id(), item);
-      if (parent) parentOf.set(node.id(), parent);
-      add(children(node), level + 1, node.id());
+  const stack = siblings(roots(), 1, null).reverse();
+  while (stack.length) {
+    const { node, level, parent, position, count } = stack.pop();
+    const item = el("div", {
+      role: "treeitem",
+      tabindex: "-1",
+      "aria-level": level,
+      "aria-posinset": position,
+      "aria-setsize": count,
+      dataset: { hash: node.id() },
     });
-  add(roots(), 1, null);
+    items.set(node.id(), item);
+    if (parent) parentOf.set(node.id(), parent);
+    stack.push(...siblings(children(node), level + 1, node.id()).reverse());
+  }
   $("graph-keys").replaceChildren(...items.values());
 }
+
+const siblings = (nodes, level, parent) =>
+  nodes.map((node, i) => ({ node, level, parent, position: i + 1, count: nodes.length }));
 
 // What a screen reader says of a node: what it is, whether it is active, how its text begins.
 const label = (chunk) =>
