@@ -10,12 +10,15 @@ import contextlib
 import contextvars
 from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 
 import ray
 import torch
 
 from kvchunks.actors.kv_transfer import KVPayload
 from kvchunks.actors.remote import ServiceUnavailable, get
+from kvchunks.service.kv_sources import KV
+from kvchunks.service.node_memory import Spilled
 from kvchunks.store.chunk import ChunkInfo
 
 # The context whose routed call is running (None: a caller pinned to this worker); read in
@@ -26,9 +29,9 @@ ROUTED_CONTEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 
 class SharedTiers:
-    """A KV source (`load`), a spill target (`spill`), a disk budget (`admit_file`), a
-    prefetch hand-over (`hand_over`) and the shared pool's tiers (`pool_tiers`) for a
-    worker's ChunkStore."""
+    """A KV source (`load`), the node's memory (`spill`, `unspill`), a disk budget
+    (`admit_file`), a prefetch hand-over (`hand_over`) and the shared pool's tiers
+    (`pool_tiers`) for a worker's ChunkStore."""
 
     def __init__(
         self,
@@ -62,33 +65,42 @@ class SharedTiers:
         """The worker that `context`'s next calls should go to, if not this one; asked once."""
         return self.redirects.pop(context, None)
 
-    def load(self, chunk: ChunkInfo) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def load(self, chunk: ChunkInfo) -> KV | None:
         """The chunk's KV shipped from elsewhere in the cluster (counted as `shipped`), or
         None: then the worker reads its file or recomputes."""
         request = self.tier_manager.fetch.remote(chunk.hash, self.worker, self.node, self.spec)
         try:
             ref = get(request, "KV fetch")
-            payload = get(ref, "KV transfer") if ref is not None else None
-        except ServiceUnavailable:  # the peer died meanwhile: the file or a recompute will do
+        except ServiceUnavailable:
+            return None
+        kv = self._received(ref, chunk) if ref is not None else None
+        self.stats["shipped"] += kv is not None
+        return kv
+
+    def _received(self, ref: ray.ObjectRef, chunk: ChunkInfo) -> KV | None:
+        """The KV behind `ref` if it is the chunk's, of this worker's model and dtype; None if
+        not, or if its holder died meanwhile (the file or a recompute will do)."""
+        try:
+            payload = get(ref, "KV transfer")
+        except ServiceUnavailable:
             return None
         layers, _, heads, dim = self.spec["shape"]
         expected = (layers, chunk.token_count, heads, dim)
         if payload is None or payload.shape != expected or payload.dtype != self.spec["dtype"]:
             return None
-        self.stats["shipped"] += 1
         return payload.tensors()
 
-    def spill(self, chunk_hash: str, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Hand KV leaving the worker's pool to the node's HostStore; True once it is there."""
+    def spill(self, chunk_hash: str, k: torch.Tensor, v: torch.Tensor) -> Spilled:
+        """Hand KV leaving the worker's pool to the node's HostStore (see NodeMemory)."""
         payload = KVPayload.from_tensors(k, v)
         ref = ray.put(payload)
         try:  # the ref travels in a list so that the TierManager passes it on unread
             offload = self.tier_manager.offload.remote(chunk_hash, self.node, [ref], payload.nbytes)
-            kept = get(offload, "KV offload")
+            kept, dropped = get(offload, "KV offload")
         except ServiceUnavailable:
-            return False
+            return Spilled(False, {})
         self.stats["spilled"] += int(kept)
-        return kept
+        return Spilled(kept, {h: partial(self._received, refs[0]) for h, refs in dropped.items()})
 
     def unspill(self, chunk_hash: str) -> None:
         """The chunk was archived to disk (its file checked): no node's HostStore keeps it."""

@@ -111,24 +111,29 @@ class TierManager:
 
     def offload(
         self, chunk_hash: str, node: str, payload: list[ray.ObjectRef], nbytes: int
-    ) -> bool:
+    ) -> tuple[bool, dict[str, list[ray.ObjectRef]]]:
         """Keep KV a worker evicted in its node's host memory, dropping the least recently
         used there to make room (the ref comes wrapped in a list, so that it reaches the
-        HostStore unread). False if it cannot fit, or the node has no HostStore."""
+        HostStore unread). Returns whether it is kept (not if it cannot fit, or the node has
+        no HostStore), and the chunks dropped for it that no worker's pool holds, each with
+        a ref to the KV dropped (in a list): the worker records them in disk, their files
+        checked against it, as its own host memory's moves to disk are."""
         with self.lock:
             budget = self.hosts.get(node)
             victims = None if budget is None else budget.admit(chunk_hash, nbytes)
             if victims is not None:
                 # Sent with the lock held: a store runs one caller's calls in the order they
                 # were sent, so it sees the budget's changes in the order they were made (a
-                # `forget` of this chunk cannot drop it before this put lands).
+                # `forget` of this chunk cannot drop it before this put lands, and each
+                # victim's KV is read before it goes).
                 host = self.stores[node].host
+                dropped = {victim: [host.get.remote(victim)] for victim in victims}
                 for victim in victims:
                     host.drop.remote(victim)
                 put = host.put.remote(chunk_hash, payload[0])
         if victims is None:
             self.stats["offload_refused"] += 1
-            return False
+            return False, {}
         try:
             started = get(put, "host store")
         except ServiceUnavailable:
@@ -139,7 +144,9 @@ class TierManager:
             self._recount_host(node)
         self.stats["offloaded"] += 1
         self.stats["host_dropped"] += len(victims)
-        return True
+        holders = get([self.registry.holders.remote(h) for h in dropped], "the registry")
+        unheld = [h for h, held in zip(dropped, holders, strict=True) if not held]
+        return True, {h: dropped[h] for h in unheld}
 
     def _recount_host(self, node: str) -> None:
         """The node's HostStore started again, and lost what it held: count what it holds

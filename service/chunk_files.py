@@ -80,6 +80,17 @@ class ChunkFiles:
         memory of its own: the tier's buffers are for KV it keeps)."""
         return self._read(chunk, None) is not None
 
+    def repair(self, chunk: ChunkInfo, copy: Callable[[], KV | None]) -> bool:
+        """Whether the chunk's file is sound, written again from `copy()` if it was not
+        (False: it was not, and there was no copy). Called with the file `claimed`."""
+        if self.is_sound(chunk):
+            return True
+        kv = copy()
+        if kv is None:
+            return False
+        self.write(chunk, *kv)
+        return True
+
     def _read(self, chunk: ChunkInfo, buffer: Callable[[int], torch.Tensor] | None) -> KV | None:
         path = self.path(chunk.hash)
         if not path.exists():

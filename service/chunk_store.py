@@ -31,9 +31,10 @@ from kvchunks.service.chunks import ChunkMaker
 from kvchunks.service.compose import Composer
 from kvchunks.service.kv_sources import KVLoader, KVSource
 from kvchunks.service.model_host import ModelHost
+from kvchunks.service.node_memory import NodeMemory
 from kvchunks.service.pieces import owners
 from kvchunks.service.prefetcher import HandOver, Prefetcher
-from kvchunks.service.tiers import Spill, Tiers, Unspill
+from kvchunks.service.tiers import Tiers
 from kvchunks.service.views import ChunkViews, PoolTiers
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.host_memory import HostMemory
@@ -56,8 +57,7 @@ class ChunkStore:
         prefetch_policy: str | None = None,  # None: KVCHUNKS_PREFETCH_POLICY, else provenance
         registry: ChunkRegistry | None = None,
         peers: KVSource | None = None,  # asked before the files: a shared pool's other copies
-        spill: Spill | None = None,  # instead of host memory: a shared pool's node memory
-        unspill: Unspill | None = None,  # drops a chunk archived to disk from that memory
+        node_memory: NodeMemory | None = None,  # instead of host memory: a shared pool's
         admit_file: AdmitFile | None = None,  # instead of the disk budget: a shared pool's
         hand_over: HandOver | None = None,
         pool_tiers: PoolTiers | None = None,
@@ -95,8 +95,7 @@ class ChunkStore:
             self.budgets,
             self.lock,
             self.stats,
-            spill,
-            unspill,
+            node_memory,
         )
         self.composer = Composer(
             self.model, self.registry, self.tiers, self.files, self.lock, self.stats

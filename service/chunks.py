@@ -153,7 +153,7 @@ class ChunkMaker:
         duplicate, and False. With a hold, the call holds the chunk before anyone else may
         take it back."""
         llm = self.tiers.model.llm
-        with self.lock, self.tiers.pinning(parents):
+        with self.lock, self.tiers.pins.pinning(parents):
             ctx = self.composer.context_of(parents, mode, recompute)
             try:
                 chunk = self.new_record(tokens, parents, ctx.position, ctx.combine, mode, **fields)

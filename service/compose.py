@@ -82,7 +82,7 @@ class Composer:
                 f"was computed after is deleted ({e})"
             ) from None
         llm = self.model.llm
-        with self.tiers.pinning(parents):
+        with self.tiers.pins.pinning(parents):
             context = self.context_of(parents, *recorded_combination(chunk))
             try:
                 if context.position != chunk.position:  # computed before the opening was
@@ -163,7 +163,7 @@ class Composer:
         """The caller no longer attends to ctx: its KV may go, its derived KV be dropped
         under pressure."""
         with self.lock:
-            self.tiers.unpin(ctx.held)
+            self.tiers.pins.unpin(ctx.held)
             self.tiers.free(ctx.segments)
 
     def timeline_prefix(self, parts: list[Piece]) -> int:
@@ -223,7 +223,7 @@ class Composer:
             else:
                 recomputed = self._compose(key, parts[prefix:end], combine, head)
             self.tiers.lru.touch(key)
-            self.tiers.pin([key])
+            self.tiers.pins.pin([key])
             return key, self.tiers.compositions[key], recomputed
 
     def _compose(self, key: str, parts: list[Piece], combine: str, head: list[KVSegment]) -> int:

@@ -109,7 +109,7 @@ def generate(
     with contextlib.ExitStack() as pins:
         # Nothing this generation reads may be evicted meanwhile: the active chunks, and a
         # stored prompt it continues from.
-        pins.enter_context(tiers.pinning(active))
+        pins.enter_context(tiers.pins.pinning(active))
         with store.lock:
             ctx = composer.context_of(active, request.mode, request.recompute)
         try:
@@ -124,7 +124,7 @@ def generate(
                 text=request.prompt,
                 metadata={"source": "prompt", "context": request.context},
             )
-            pins.enter_context(tiers.pinning([record]))
+            pins.enter_context(tiers.pins.pinning([record]))
             # repetition_penalty counts the opening's and active chunks' tokens: the model
             # sees them.
             seen = (

@@ -16,11 +16,11 @@ it too: it checks the file, and copies KV only to write a lost or damaged file a
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -31,16 +31,12 @@ from kvchunks.policies.lru import LRU
 from kvchunks.service.chunk_files import ChunkFiles
 from kvchunks.service.kv_sources import KV, KVLoader
 from kvchunks.service.model_host import ModelHost
-from kvchunks.service.pieces import owners
+from kvchunks.service.node_memory import NodeMemory
+from kvchunks.service.pins import Pins
 from kvchunks.store.chunk import ChunkInfo, ChunkRecord
 from kvchunks.store.host_memory import HostMemory
 from kvchunks.store.registry import ChunkRegistry
 from kvchunks.store.tier_records import TierRecords
-
-# Where KV that leaves the pool goes instead of this process's host memory: a shared pool's
-# node-wide host memory, which outlives the process. (hash, K, V) -> True once it is there.
-Spill = Callable[[str, torch.Tensor, torch.Tensor], bool]
-Unspill = Callable[[str], None]  # drops a chunk from it (moved to disk on purpose)
 
 
 @dataclass
@@ -76,17 +72,16 @@ class Tiers:
         budgets: TierBudgets,
         lock: threading.RLock,
         stats: Counter[str],
-        spill: Spill | None = None,
-        unspill: Unspill | None = None,
+        node_memory: NodeMemory | None = None,  # instead of host memory (a shared pool)
     ):
         self.model, self.registry, self.files, self.host = model, registry, files, host
         self.loader, self.budgets, self.lock, self.stats = loader, budgets, lock, stats
-        self.spill, self.unspill = spill, unspill
+        self.node_memory = node_memory
         self.kv: dict[str, list[KVSegment]] = {}  # resident KV of chunks that own KV
         self.compositions: dict[str, Composition] = {}  # derived KV by composition key
         self.opening: list[KVSegment] | None = None  # ModelHost's opening, once computed
         self.lru = LRU()
-        self.pinned: Counter[str] = Counter()  # what a running generation attends to
+        self.pins = Pins(registry, lock)  # what running work reads
         self.prefetched: set[str] = set()  # brought in ahead of use, not used yet
         self.records = TierRecords(registry)
         self.copies: list[HostCopy] = []  # moves to host memory whose copy is running
@@ -212,26 +207,7 @@ class Tiers:
         active = self.registry.active_anywhere()
         views = [c for c in self.registry.get_present(active) if c.layout == "view"]
         sources = {s.hash for view in views for s in view.sources}
-        return active | sources | set(self.pinned)
-
-    @contextlib.contextmanager
-    def pinning(self, chunks: list[ChunkInfo]) -> Iterator[None]:
-        """Keep the KV these chunks read in the pool (no eviction) while the block runs."""
-        held = [o.hash for c in chunks for o in owners(self.registry, c)]
-        self.pin(held)
-        try:
-            yield
-        finally:
-            self.unpin(held)
-
-    def pin(self, keys: list[str]) -> None:
-        """Keep these chunks' or compositions' KV in the pool until `unpin`."""
-        with self.lock:
-            self.pinned.update(keys)
-
-    def unpin(self, keys: list[str]) -> None:
-        with self.lock:
-            self.pinned -= Counter(keys)  # drops those at zero: every make-room reads them
+        return active | sources | self.pins.held()
 
     # -- derived KV -----------------------------------------------------------------------
 
@@ -267,8 +243,11 @@ class Tiers:
         return self.model.kv_bytes(sum(s.length for s in segments))
 
     def _keep_in_host(self, chunk_hash: str, kv: KV, nbytes: int) -> bool:
-        if self.spill is not None:
-            return self.spill(chunk_hash, *kv)
+        if self.node_memory is not None:
+            spilled = self.node_memory.spill(chunk_hash, *kv)
+            for dropped, copy in spilled.dropped.items():
+                self._dropped_from_node(dropped, copy)
+            return spilled.kept
         self._make_host_room(nbytes)
         self.host.put(chunk_hash, *kv)
         return True
@@ -321,7 +300,7 @@ class Tiers:
         if chunk.hash in self.host:
             return True
         nbytes = self.model.kv_bytes(chunk.token_count)
-        if self.spill is None:  # first: the chunks it moves out leave it their buffers
+        if self.node_memory is None:  # first: the chunks it moves out leave it their buffers
             self._make_host_room(nbytes)
         kv = self.loader.load(chunk)
         if kv is None:
@@ -339,20 +318,31 @@ class Tiers:
             held = chunk_hash in self.kv or chunk_hash in self.host
             # Read and checked while a copy can replace it (in a shared pool, maybe only the
             # node's HostStore or a peer has one): later damage shows only so.
-            if (held or self.spill is not None) and not self.files.is_sound(chunk):
-                kv = self._held_kv(chunk_hash) if held else self.loader.load(chunk)
-                if kv is None:
+            if held or self.node_memory is not None:
+
+                def copy() -> KV | None:
+                    return self._held_kv(chunk_hash) if held else self.loader.load(chunk)
+
+                if not self.files.repair(chunk, copy):
                     return False
-                self.files.write(chunk, *kv)
             elif not self.files.exists(chunk_hash):
                 return False
             self.evict(chunk_hash)
             self.host.pop(chunk_hash)
             self.lru.forget(chunk_hash)
-            if self.unspill is not None:  # the file is sound: the node's copy can go
-                self.unspill(chunk_hash)
+            if self.node_memory is not None:  # the file is sound: the node's copy can go
+                self.node_memory.unspill(chunk_hash)
             self.records.record(chunk_hash, "disk")
             return True
+
+    def _dropped_from_node(self, chunk_hash: str, copy: Callable[[ChunkInfo], KV | None]) -> None:
+        """The node's memory let go of a chunk to make room: it is in disk now, its file
+        checked (written again from `copy` if it was damaged), as a local move to disk does."""
+        with self.files.claimed(chunk_hash):
+            present = self.registry.get_present([chunk_hash])  # none: deleted meanwhile
+            if present and chunk_hash not in self.kv:
+                self.files.repair(present[0], partial(copy, present[0]))  # else: recomputed
+                self.records.record(chunk_hash, "disk")
 
     def kv_of(self, chunk: ChunkInfo) -> KV | None:
         """The chunk's KV from wherever it is kept (pool: a copy), moving nothing between

@@ -413,7 +413,7 @@ def test_tier_manager_keeps_each_nodes_host_and_disk_budgets(ray_service, tmp_pa
     with tier_manager_on(ray_service, tmp_path, cpu_chunks=2) as (manager, stores):
 
         def offload(chunk_hash: str, node: str, seed: int) -> bool:
-            return manager.offload(chunk_hash, node, [ray.put(kv_payload(seed))], one)
+            return manager.offload(chunk_hash, node, [ray.put(kv_payload(seed))], one)[0]
 
         def held(node: str) -> set[str]:
             return held_in(stores, node)
@@ -422,13 +422,16 @@ def test_tier_manager_keeps_each_nodes_host_and_disk_budgets(ray_service, tmp_pa
         assert offload(x, "node-a", 1) and offload(y, "node-a", 2) and held("node-a") == {x, y}
         spec = {"fingerprint": "f" * 64, "dtype": "float32", "shape": (2, None, 1, 8)}
         assert same_bits(get(manager.fetch(x, "w", "node-b", spec)), kv_payload(1))  # y cold
-        assert offload(z, "node-a", 3) and held("node-a") == {x, z} and held("node-b") == set()
+        kept, dropped = manager.offload(z, "node-a", [ray.put(kv_payload(3))], one)
+        assert kept and held("node-a") == {x, z} and held("node-b") == set()
+        # y's KV comes back with it (no worker holds it): its file is checked against it.
+        assert list(dropped) == [y] and same_bits(get(dropped[y][0]), kv_payload(2))
         # A copy on the requester's own node comes first; each node has a budget of its own.
         assert offload(q, "node-a", 4) and offload(q, "node-b", 5) and held("node-b") == {q}
         assert same_bits(get(manager.fetch(q, "w", "node-b", spec)), kv_payload(5))
         assert same_bits(get(manager.fetch(q, "w", "node-a", spec)), kv_payload(4))
         assert manager.fetch(y, "w", "node-a", spec) is None  # dropped, and no worker holds it
-        assert not manager.offload(y, "node-a", [ray.put(kv_payload(6))], 3 * one)  # too large
+        assert not manager.offload(y, "node-a", [ray.put(kv_payload(6))], 3 * one)[0]  # too big
         assert not offload(y, "node-c", 6)  # a node without stores
         # New files are admitted within each node's disk budget.
         assert manager.admit_file(x, "node-a", 600) and not manager.admit_file(y, "node-a", 600)
@@ -470,7 +473,7 @@ def test_a_chunk_deleted_while_it_is_offloaded_is_kept_in_no_host_store(ray_serv
         host = ForgetBeforePut(stores["node-a"].host, manager)
         manager.stores["node-a"] = NodeStores(host, stores["node-a"].disk)
         x = "1" * 64
-        assert manager.offload(x, "node-a", [ray.put(kv_payload(1))], kv_payload(1).nbytes)
+        assert manager.offload(x, "node-a", [ray.put(kv_payload(1))], kv_payload(1).nbytes)[0]
         host.forgets[0].join()
         # Before, the forget's drop could land first, and the put then kept KV nobody counted.
         assert held_in(stores, "node-a") == set() and manager.in_host() == []
@@ -484,7 +487,7 @@ def test_a_restarted_host_store_is_counted_again(ray_service, tmp_path):
         stores,
     ):
         host = stores["node-a"].host
-        assert manager.offload(x, "node-a", [ray.put(kv_payload(1))], one)
+        assert manager.offload(x, "node-a", [ray.put(kv_payload(1))], one)[0]
         first = get(host.started_as.remote())
         ray.kill(host, no_restart=False)  # it comes back empty
         deadline = time.monotonic() + 60
@@ -494,7 +497,7 @@ def test_a_restarted_host_store_is_counted_again(ray_service, tmp_path):
                     break
             assert time.monotonic() < deadline, "the HostStore did not come back"
             time.sleep(0.2)
-        assert manager.offload(y, "node-a", [ray.put(kv_payload(2))], one)
+        assert manager.offload(y, "node-a", [ray.put(kv_payload(2))], one)[0]
         # x went with the store that held it: it is no longer counted in the node's budget.
         assert held_in(stores, "node-a") == {y} and manager.in_host() == [y]
         assert manager.usage()["node-a"]["cpu"] == {"chunks": 1, "bytes": one, "budget": 2 * one}

@@ -17,6 +17,7 @@ from kvchunks.policies.budgets import TierBudgets
 from kvchunks.service import chunk_files, generation
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.context_manager import ContextManager
+from kvchunks.service.node_memory import Spilled
 from kvchunks.store.kv_file import kv_path
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
@@ -189,12 +190,12 @@ def test_what_a_running_generation_reads_stays_in_the_pool(make_tiny_store):
     messages = [{"role": "user", "content": "Which note is it?"}]
     cm.chat(messages, GREEDY, chunks=[read.hash], on_text=meanwhile)
     assert made and tiers == [("gpu", "cpu")]  # the least recently used stayed: it is read
-    with store.tiers.pinning([cm.get_chunk(h) for h in store.tiers.kv]):
+    with store.tiers.pins.pinning([cm.get_chunk(h) for h in store.tiers.kv]):
         before = set(store.tiers.kv)
         with pytest.raises(CapacityError):
             cm.add_chunk(note(3, 256), role="raw")
         assert set(store.tiers.kv) == before
-    assert not store.tiers.pinned
+    assert not store.tiers.pins.counts
 
 
 def test_making_room_ignores_an_active_chunk_deleted_meanwhile(make_tiny_store, monkeypatch):
@@ -224,6 +225,48 @@ def test_a_chunk_brought_from_disk_to_host_memory_is_the_last_to_go_back(make_ti
     cm.move_to_cpu(newest.hash)  # host memory holds two: one of the others goes to disk
     assert set(store.host.kv) == {asked_last.hash, newest.hash}
     assert cm.get_chunk(used_first.hash).tier == "disk"
+
+
+class OneChunkNodeMemory:
+    """A node's shared memory that holds one chunk: each spill drops the chunks before it and
+    hands back the copies it held, as the TierManager does for a full HostStore."""
+
+    def __init__(self):
+        self.held: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def spill(self, chunk_hash: str, k: torch.Tensor, v: torch.Tensor) -> Spilled:
+        dropped = {h: (lambda chunk, kv=kv: kv) for h, kv in self.held.items()}
+        self.held = {chunk_hash: (k.clone(), v.clone())}
+        return Spilled(True, dropped)
+
+    def unspill(self, chunk_hash: str) -> None:
+        self.held.pop(chunk_hash, None)
+
+
+def test_a_chunk_the_node_memory_drops_is_in_disk_with_a_sound_file(make_tiny_store):
+    node = OneChunkNodeMemory()
+    store = make_tiny_store(node_memory=node, prefetch_policy="explicit")
+    cm = ContextManager(store=store)
+    first, second, third = (cm.add_chunk(note(i, 256), role="raw") for i in range(3))
+    k0, v0 = kv_of(cm, first.hash)
+    path = kv_path(store.home, first.hash)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF  # damaged while its only sound copy is in the node's memory
+    path.write_bytes(bytes(data))
+    cm.move_to_cpu(first.hash)
+    cm.move_to_cpu(second.hash)  # the node's memory drops the first
+    assert list(node.held) == [second.hash]
+    k1, v1 = store.files.load(first)  # written again from the copy dropped
+    assert torch.equal(k0, k1) and torch.equal(v0, v1)
+    # Dropped too: a chunk back in this pool (it stays gpu) and one deleted meanwhile.
+    cm.move_to_gpu(second.hash)
+    gone = "f" * 64
+    node.held[gone] = (k0, v0)
+    cm.move_to_cpu(third.hash)
+    store.tiers.records.flush()
+    tiers = {c.hash: c.tier for c in store.registry.get_many([first.hash, second.hash])}
+    assert tiers == {first.hash: "disk", second.hash: "gpu"}
+    assert not kv_path(store.home, gone).exists()
 
 
 def test_a_prefetch_the_pool_has_no_room_for_leaves_host_memory_as_it_was(make_tiny_store):
@@ -344,7 +387,7 @@ def test_prefetch_brings_provenance_neighbours_before_use(make_store):
     assert store.stats["prefetch_hits"] == prefetch_hits + 3
     cm.generate("And its colour?", GREEDY)
     assert store.stats["prefetch_hits"] == prefetch_hits + 3
-    assert not store.tiers.pinned  # no generation runs: no entry left, not even at zero
+    assert not store.tiers.pins.counts  # no generation runs: no entry left, not even at zero
 
 
 def test_a_move_out_is_not_undone_by_a_prefetch_asked_for_before_it(make_store):
