@@ -14,8 +14,9 @@ from pathlib import Path
 import ray
 
 from kvchunks.actors.kv_transfer import KVPayload
-from kvchunks.common import ChunkFileError, data_dir
-from kvchunks.store.kv_file import kv_path, read_kv_file
+from kvchunks.actors.remote import NAMESPACE, REGISTRY, get
+from kvchunks.common import ChunkFileError, ServiceUnavailable, data_dir
+from kvchunks.store.kv_file import claimed, kv_path, read_kv_file
 
 
 class DiskStore:
@@ -41,7 +42,20 @@ class DiskStore:
         return {f.stem: f.stat().st_size for f in (self.home / "kv").glob("*/*.safetensors")}
 
     def remove(self, chunk_hash: str) -> None:
-        kv_path(self.home, chunk_hash).unlink(missing_ok=True)
+        """Remove a deleted chunk's file, unless the chunk was made again since it was deleted:
+        under the file's lock, which making a chunk holds from its file to its record."""
+        with claimed(self.home, chunk_hash):
+            if self._deleted(chunk_hash):
+                kv_path(self.home, chunk_hash).unlink(missing_ok=True)
+
+    def _deleted(self, chunk_hash: str) -> bool:
+        """Whether the registry has no such chunk; False if it cannot say (a file left with no
+        chunk costs only its space; one removed under a chunk loses its KV)."""
+        try:
+            registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
+            return get(registry.call.remote("missing", [chunk_hash]), "the registry") != []
+        except (ValueError, ServiceUnavailable):  # ValueError: no registry actor
+            return False
 
 
 DiskStoreActor = ray.remote(DiskStore)

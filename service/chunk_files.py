@@ -4,9 +4,8 @@ its KV survives the process and can be shipped or loaded again without a recompu
 from __future__ import annotations
 
 import contextlib
-import fcntl
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from kvchunks.service.kv_sources import KV
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.host_memory import HostMemory
 from kvchunks.store.kv_file import (
+    claimed,
     kv_path,
     read_kv_file,
     remove_partial_files,
@@ -52,17 +52,9 @@ class ChunkFiles:
     def path(self, chunk_hash: str) -> Path:
         return kv_path(self.home, chunk_hash)
 
-    @contextlib.contextmanager
-    def claimed(self, chunk_hash: str) -> Iterator[None]:
-        """Hold the chunk's file against the other processes on this data directory (the
-        workers of a node): making a chunk (file, then record) and deleting it (record, then
-        file) each hold it throughout, so that neither removes the other's file. One lock
-        file serves the 1/256 of the hashes that share a folder."""
-        lock = self.path(chunk_hash).with_name(".lock")
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "a") as f:  # closing it lets go
-            fcntl.flock(f, fcntl.LOCK_EX)
-            yield
+    def claimed(self, chunk_hash: str) -> contextlib.AbstractContextManager[None]:
+        """Hold the chunk's file against the other processes on this data directory."""
+        return claimed(self.home, chunk_hash)
 
     def exists(self, chunk_hash: str) -> bool:
         return self.path(chunk_hash).exists()

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -36,7 +38,7 @@ import os
 import secrets
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +92,19 @@ def kv_path(data_dir: Path, chunk_hash: str) -> Path:
     if not is_hash(chunk_hash):
         raise InvalidInput(f"{chunk_hash!r} is not a full chunk hash")
     return Path(data_dir) / "kv" / chunk_hash[:2] / f"{chunk_hash}.safetensors"
+
+
+@contextlib.contextmanager
+def claimed(data_dir: Path, chunk_hash: str) -> Iterator[None]:
+    """Hold the chunk's file against the other processes on this data directory (a node's
+    workers and its DiskStore): making a chunk (file, then record) and deleting it (record,
+    then file) each hold it throughout, so that neither removes the other's file. One lock
+    file serves the 1/256 of the hashes that share a folder."""
+    lock = kv_path(data_dir, chunk_hash).with_name(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:  # closing it lets go
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def write_kv_file(

@@ -479,6 +479,31 @@ def test_a_chunk_deleted_while_it_is_offloaded_is_kept_in_no_host_store(ray_serv
         assert held_in(stores, "node-a") == set() and manager.in_host() == []
 
 
+def test_a_disk_store_removes_only_the_files_of_deleted_chunks_and_holds_the_lock(
+    ray_service, tmp_path
+):
+    """A deleted chunk's file goes from every node's disk; one made again with the same
+    hash in the meantime (its file written, then its record, under the file's lock) keeps
+    the file written for it."""
+    from kvchunks.store.kv_file import claimed
+
+    made = connect("auto", "disk-store-remove", worker=0).add_chunk("The heron fishes at dawn.")
+    deleted = "e" * 64
+    with tier_manager_on(ray_service, tmp_path, cpu_chunks=1) as (_, stores):
+        disk, home = stores["node-a"].disk, tmp_path / "node-a"
+        for chunk_hash in (made.hash, deleted):
+            kv_path(home, chunk_hash).parent.mkdir(parents=True, exist_ok=True)
+            kv_path(home, chunk_hash).write_bytes(b"KV")
+        get(disk.remove.remote(made.hash))
+        assert kv_path(home, made.hash).exists()  # the chunk is in the registry: kept
+        with claimed(home, deleted):  # as a worker making the chunk holds it
+            removing = disk.remove.remote(deleted)
+            time.sleep(0.5)
+            assert kv_path(home, deleted).exists()
+        get(removing)
+        assert not kv_path(home, deleted).exists()
+
+
 def test_a_restarted_host_store_is_counted_again(ray_service, tmp_path):
     one = kv_payload(0).nbytes
     x, y = "1" * 64, "2" * 64
