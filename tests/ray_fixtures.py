@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -141,6 +142,8 @@ def _stop_cluster(cluster: Cluster) -> None:
     _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
     for proc in alive:
         _signal(proc.kill)
+    psutil.wait_procs(alive, timeout=3)
+    shutil.rmtree(cluster.temp_dir, ignore_errors=True)  # its logs and sockets: 4 MB a run
 
 
 def _start_service(cluster: Cluster, model: Path, home: Path) -> RayService:
