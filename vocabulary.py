@@ -159,7 +159,9 @@ def is_count(value: object) -> bool:
 
 def check_prompt(prompt: object) -> str:
     """A prompt with something to answer."""
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str):
+        raise InvalidInput(f"the prompt must be text, got {type(prompt).__name__}")
+    if not prompt.strip():
         raise InvalidInput("empty prompt")
     return prompt
 

@@ -43,6 +43,7 @@ WRITES = (
     "delete_context",
     "update_settings",
     "set_tiers",
+    "record_opening",
 )
 READS = (
     "get",
@@ -61,6 +62,7 @@ READS = (
     "active",
     "active_anywhere",
     "settings",
+    "opening",
 )
 
 

@@ -21,6 +21,7 @@ import click
 from kvchunks.cli import render
 from kvchunks.cli.shared import (
     activate_all,
+    active_hashes,
     check_refs,
     found_once,
     hash_argument,
@@ -181,7 +182,8 @@ def info(state: State, ref: str, as_json: bool) -> None:
 @pass_state
 def activate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
     """Let the model see these chunks, after the ones already active (all or none)."""
-    show_switched(state, as_json, "activated", activate_all(state.catalog, list(refs)))
+    before = active_hashes(state.catalog)
+    show_switched(state, as_json, True, activate_all(state.catalog, list(refs)), before)
 
 
 @click.command()
@@ -191,8 +193,8 @@ def activate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
 def deactivate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
     """Hide these chunks from the model (they stay stored)."""
     cm = state.catalog
-    chunks = [cm.deactivate_chunk(h) for h in found_once(cm, list(refs))]
-    show_switched(state, as_json, "deactivated", chunks)
+    hashes, before = found_once(cm, list(refs)), active_hashes(cm)
+    show_switched(state, as_json, False, [cm.deactivate_chunk(h) for h in hashes], before)
 
 
 @click.command()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import click
 
 from kvchunks.cli import render
-from kvchunks.cli.shared import activate_all, json_option, show, show_switched
+from kvchunks.cli.shared import activate_all, active_hashes, json_option, show, show_switched
 from kvchunks.cli.state import State, pass_state
 from kvchunks.common import ChunkNotFound, InvalidInput
 
@@ -41,7 +41,8 @@ def output_activate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
     goes on from them."""
     cm = state.manager
     chosen = list(refs) or _last_turn(state, with_prompt=True)
-    show_switched(state, as_json, "activated", activate_all(cm, chosen))
+    before = active_hashes(cm)
+    show_switched(state, as_json, True, activate_all(cm, chosen), before)
 
 
 @output.command("delete")

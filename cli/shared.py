@@ -162,7 +162,7 @@ def activate_all(cm: Catalog, refs: list[str]) -> list[ChunkInfo]:
     """Activate in order, each chunk once; if one cannot be (unknown hash, window full),
     none is."""
     hashes = found_once(cm, refs)
-    before = {c.hash for c in cm.context().chunks}
+    before = active_hashes(cm)
     done: list[ChunkInfo] = []
     try:
         for chunk_hash in hashes:
@@ -181,13 +181,22 @@ def found_once(cm: Catalog, refs: list[str]) -> list[str]:
     return list(dict.fromkeys(cm.get_chunk(ref).hash for ref in refs))
 
 
-def show_switched(state: State, as_json: bool, verb: str, chunks: list[ChunkInfo]) -> None:
+def active_hashes(cm: Catalog) -> set[str]:
+    return {c.hash for c in cm.context().chunks}
+
+
+def show_switched(
+    state: State, as_json: bool, activating: bool, chunks: list[ChunkInfo], before: set[str]
+) -> None:
     """The chunks (de)activated, each as the REST API's activate and deactivate return it;
-    as text, a line each and the window's use."""
+    as text, a line each (saying so of those that were so already: `before`, the chunks
+    active before) and the window's use."""
+    verb, same = ("activated", "already active") if activating else ("deactivated", "not active")
 
     def lines() -> list[str]:
         view = state.catalog.context()
         window = f"{len(view.chunks)} active, {view.token_count} of {view.window} tokens"
-        return [*(f"{verb} {render.describe(c)}" for c in chunks), window]
+        switched = [f"{verb if (c.hash in before) != activating else same} " for c in chunks]
+        return [*(s + render.describe(c) for s, c in zip(switched, chunks, strict=True)), window]
 
     show(state, as_json, [c.to_json() for c in chunks], lines)

@@ -20,6 +20,7 @@ import redis
 from kvchunks.common import ConcurrentChange, ContextWindowExceeded, InvalidInput
 from kvchunks.engine.checkpoint import (
     context_window,
+    default_model_dir,
     default_model_window,
     read_config,
     resolve_model,
@@ -49,6 +50,7 @@ class Catalog:
         context: str = "default",
         *,
         window: Callable[[], int],  # the model's context window, asked when a check needs it
+        opening: Callable[[], int],  # the length of the model's opening, which precedes them
         describe: Describe | None = None,
         on_activate: OnActivate | None = None,
         dtype: str = DEFAULT_DTYPE,  # of the model: chunks of another are never activated
@@ -56,7 +58,7 @@ class Catalog:
     ):
         self.context_name = check_name(context)
         self.registry = registry
-        self._window = window
+        self._window, self._opening = window, opening
         self._describe = describe or self._recorded_views
         self._on_activate = on_activate
         self._dtype = dtype
@@ -142,14 +144,14 @@ class Catalog:
 
     def _check_window_after(self, active: list[str], chunk_hash: str) -> None:
         total = self._token_count([*active, chunk_hash])
-        window = self._window()
-        if total > window:
+        window, opening = self._window(), self._opening()
+        if total > window - opening:
             adding = self._token_count([chunk_hash])
-            first = freeing(self.registry.get_many(active), total - window)
+            first = freeing(self.registry.get_many(active), total - (window - opening))
             raise ContextWindowExceeded(
                 f"activating {chunk_hash[:12]} ({adding} tokens) would make {total} "
-                f"active tokens, over the context window of {window}; "
-                f"deactivate something first{first}"
+                f"active tokens, over the context window of {window} after the model's "
+                f"{opening}-token opening; deactivate something first{first}"
             )
 
     def deactivate_chunk(self, ref: str) -> ChunkInfo:
@@ -248,8 +250,16 @@ def open_catalog(
     else:
         window = functools.cache(lambda: context_window(read_config(resolve_model(model))))
     registry = ChunkRegistry(client)
+    folder = str((default_model_dir() if model is None else Path(model).expanduser()).resolve())
     dtype = dtype or DEFAULT_DTYPE
-    return Catalog(registry, context, window=window, dtype=dtype, connection=client)
+    return Catalog(
+        registry,
+        context,
+        window=window,
+        opening=lambda: registry.opening(folder),
+        dtype=dtype,
+        connection=client,
+    )
 
 
 def check_fits(tokens: int, window: int, opening: int, remedy: str | list[ChunkInfo]) -> None:

@@ -114,6 +114,7 @@ class ChunkStore:
         )
         self.views = ChunkViews(self.tiers, pool_tiers)
         self.model.on_start(self.tiers.opening_kv)
+        self.model.on_start(self._record_opening)
         if restore:
             self.model.on_start(self.restore_tiers)
 
@@ -203,6 +204,10 @@ class ChunkStore:
                 continue
             except KVChunksError:  # no room, or its KV lost for good: a use of it says why
                 self.tiers.records.record(chunk.hash, "disk")
+
+    def _record_opening(self) -> None:
+        """For the checks that run without the model (the command line's quick activate)."""
+        self.registry.record_opening(str(self.model.path.resolve()), len(self.model.chat.opening))
 
     def wait_for_transfers(self) -> None:
         self.prefetcher.wait()

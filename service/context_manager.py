@@ -63,6 +63,7 @@ class ContextManager(OutputTracking, Catalog):
             self.store.registry,
             context,
             window=lambda: self.store.model.window,
+            opening=lambda: self.store.composer.opening_length,
             describe=self.store.views.describe_many,
             on_activate=self.store.prefetcher.on_activate,
             dtype=self.store.model.engine_config.dtype,
@@ -196,7 +197,9 @@ class ContextManager(OutputTracking, Catalog):
         """Two views of the chunk, split before token `at`."""
         chunk = self.registry.find(ref)
         self.store.model.check_dtype([chunk])
-        if not is_count(at) or not 0 < at < chunk.token_count:
+        if not is_count(at):
+            raise InvalidInput(f"split point must be a whole number, got {at!r}")
+        if not 0 < at < chunk.token_count:
             raise InvalidInput(f"split point must be between 1 and {chunk.token_count - 1}")
         head, tail = self.store.maker.split(chunk, at)
         return self._view(head.hash), self._view(tail.hash)

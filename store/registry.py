@@ -496,6 +496,17 @@ class ChunkRegistry:
         return {k.decode(): msgpack.unpackb(v, raw=False) for k, v in stored.items()}
 
     @_redis_errors
+    def record_opening(self, model: str, tokens: int) -> None:
+        """The length of a model's opening (every context starts with it), recorded when its
+        engine starts, for the checks that run without its tokenizer (a quick activate)."""
+        self._redis.hset(self._key("openings"), model, tokens)
+
+    @_redis_errors
+    def opening(self, model: str) -> int:
+        """The recorded length of a model's opening; 0 if its engine never ran here."""
+        return int(self._redis.hget(self._key("openings"), model) or 0)
+
+    @_redis_errors
     def update_settings(self, context: str, values: dict[str, Any]) -> None:
         """Set some of the context's settings (values: msgpack types), keeping the others."""
         if not values:

@@ -142,6 +142,25 @@ def test_activation_keeps_order_and_the_window(catalog, chunks):
     assert catalog.context().chunks == []
 
 
+def test_activation_leaves_room_for_the_opening_its_models_engine_recorded(
+    catalog, chunks, tmp_path
+):
+    """The model's opening precedes the active chunks: activation counts the length its
+    engine recorded in the registry, as the generation's and composition's checks do."""
+    doc, question = chunks["doc"], chunks["question"]
+    catalog.activate_chunk(doc.hash)
+    folder = str((tmp_path / "model").resolve())
+    catalog.registry.record_opening(folder, WINDOW - 43)  # doc + question: 43 tokens
+    catalog.activate_chunk(question.hash)  # exactly the room left
+    catalog.deactivate_chunk(question.hash)
+    catalog.registry.record_opening(folder, WINDOW - 42)
+    refused = "over the context window of 60 after the model's 18-token opening"
+    with pytest.raises(ContextWindowExceeded, match=refused):
+        catalog.activate_chunk(question.hash)
+    assert [c.hash for c in catalog.context().chunks] == [doc.hash]
+    assert catalog.registry.opening("another model") == 0  # never ran: nothing counted
+
+
 def test_reorder_lays_the_active_chunks_out_anew_in_one_step(catalog, chunks):
     doc, question, answer, note = chunks.values()
     for chunk in (doc, question, answer):
@@ -219,6 +238,7 @@ def test_what_a_manager_passes_in(catalog, chunks):
     pooled = Catalog(
         catalog.registry,
         window=lambda: WINDOW,
+        opening=lambda: 0,
         describe=describe,
         on_activate=lambda chunk, before: activated.append((chunk.hash, before)),
     )

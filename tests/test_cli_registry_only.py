@@ -106,6 +106,12 @@ def test_tag_activate_deactivate_context(stored):
     assert refused == "error: the new order must list every active chunk of the context once"
     deactivated = kvchunks(stored, "deactivate", hashes["note"], hashes["note"][:8])
     assert deactivated.count("deactivated") == 1, deactivated
+    # What was so already is said to be, not to have been done.
+    again = kvchunks(stored, "deactivate", hashes["note"]).splitlines()[0]
+    assert again.startswith(f"not active {hashes['note'][:12]}"), again
+    mixed = kvchunks(stored, "activate", hashes["doc"], hashes["note"]).splitlines()
+    assert [line.split()[0] for line in mixed] == ["already", "activated", "2"], mixed
+    kvchunks(stored, "deactivate", hashes["note"])
     assert "mode: reuse" in kvchunks(stored, "mode", "reuse")
     assert "auto-activate: off" in kvchunks(stored, "auto")
     settings = json.loads(kvchunks(stored, "auto", "--json"))

@@ -307,6 +307,12 @@ def test_bad_input_is_refused_without_state_change(make_cm, tmp_path):
         with pytest.raises(error):
             call()
         assert snapshot(cm) == before, error
+    # A value of the wrong type is named as such, not as one out of range or empty.
+    with pytest.raises(InvalidInput, match="^the prompt must be text, got int$"):
+        cm.generate(5)
+    with pytest.raises(InvalidInput, match="^split point must be a whole number, got '3'$"):
+        cm.split_chunk(a.hash, "3")
+    assert snapshot(cm) == before
     assert view.ref_count == 0 and cm.get_chunk(a.hash).ref_count == 1
 
 
@@ -561,6 +567,23 @@ def test_the_window_checks_count_the_opening(make_cm, monkeypatch):
     with pytest.raises(ContextWindowExceeded, match="opening.*split the text"):
         cm.add_chunk(DOC)
     assert snapshot(cm) == before
+
+
+def test_activation_counts_the_opening_also_without_the_model(make_cm, monkeypatch, home):
+    """A chunk that fits the window only without the opening is refused at activation (no
+    generation could use it), by the manager and by the command line's quick catalog,
+    which reads the opening's length that the engine recorded when it started."""
+    from kvchunks import open_catalog
+
+    cm = make_cm()
+    doc = cm.add_chunk(DOC)
+    opening = cm.store.composer.opening_length
+    monkeypatch.setattr(ModelHost, "window", property(lambda _: doc.token_count + opening - 1))
+    with pytest.raises(ContextWindowExceeded, match=f"after the model's {opening}-token opening"):
+        cm.activate_chunk(doc.hash)
+    with open_catalog(cm.store.model.path, home=home) as catalog:
+        assert catalog.registry.opening(str(cm.store.model.path.resolve())) == opening > 0
+    assert cm.context().chunks == []
 
 
 def test_an_activate_and_deactivate_pair_takes_three_registry_round_trips(make_store, monkeypatch):
