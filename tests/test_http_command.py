@@ -60,3 +60,25 @@ def test_sigterm_stops_the_server_and_its_embedded_redis(tmp_path, model_path):
         for proc in redis:
             if proc.is_running():
                 proc.kill()
+
+
+def test_sigterm_during_a_generate_keeps_nothing_of_it(tmp_path, model_path):
+    """Ctrl-C keeps an answer the user stopped; SIGTERM ends the process, and the request
+    is taken back whole, prompt included. The exit status says why it ended."""
+    home = tmp_path / "home"
+    env = {**os.environ, "KVCHUNKS_HOME": str(home), "KVCHUNKS_MODEL": str(model_path)}
+    command = [KVCHUNKS, "generate", "Write a long story about a lighthouse.", "--max-tokens"]
+    run = subprocess.Popen(
+        [*command, "2000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert run.stdout.read(20), run.stderr.read()  # it is answering
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        run.kill()
+        run.wait()
+    listed = subprocess.run(
+        [KVCHUNKS, "list", "--json"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert listed.returncode == 0 and listed.stdout.strip() == "[]", listed.stdout
