@@ -384,7 +384,8 @@ def test_slash_commands_take_h_for_help_as_commands_do(state, monkeypatch):
 def test_load_activate_past_the_window_names_the_chunk_it_kept(state, tmp_path, context_kept):
     small = as_json(state, "list", "--tag", "vault")[0]
     view = as_json(state, "context")
-    room = view["window"] - view["token_count"]
+    opening = state.manager.store.composer.opening_length  # before the active chunks
+    room = view["window"] - opening - view["token_count"]
     filler = as_json(state, "compose", *[small["hash"]] * (room // small["token_count"]))
     kvchunks(state, "activate", filler["hash"])  # less room left than one more vault
     note = tmp_path / "late.txt"
