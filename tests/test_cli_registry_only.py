@@ -133,6 +133,12 @@ def test_activate_refuses_a_chunk_of_another_dtype_as_the_engine_does(stored):
             before = catalog.context().chunks
             refused = kvchunks(stored, "activate", half.hash, status=1)
             assert refused == f"error: {engine_says}" and catalog.context().chunks == before
+            # All or none, and "none" leaves a chunk that was active before it active.
+            doc = stored[2]["doc"]
+            kvchunks(stored, "activate", doc)
+            kvchunks(stored, "activate", doc, half.hash, status=1)
+            assert [c.hash for c in catalog.context().chunks] == [doc]
+            kvchunks(stored, "deactivate", doc)
             assert "activated" in kvchunks(stored, "--dtype", "bfloat16", "activate", half.hash)
             kvchunks(stored, "deactivate", half.hash)
             assert "activated" in kvchunks(

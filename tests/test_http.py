@@ -189,6 +189,7 @@ def test_every_chunk_route(served):
         # Every setting that can be set can be read back.
         chunked = http.post("/v1/contexts/http-routes/settings", json={"output_tokens": 64})
         assert chunked.json()["output_tokens"] == 64
+        assert chunked.json()["mode"] == "exact"  # a setting not sent is left as it was
         assert http.get("/v1/contexts/http-routes").json()["output_tokens"] == 64
         # null sets each setting's default, as OpenAI's null fields mean "the default".
         nulls = dict.fromkeys(("mode", "recompute", "auto_activate", "output_tokens"))
@@ -369,6 +370,41 @@ def test_vllm_sampling_extensions_are_served(served):
     assert reply(40, temperature=0, ignore_eos=True).usage.completion_tokens == 40
 
 
+def test_each_error_class_has_its_status():
+    from kvchunks import common
+
+    expected = {
+        common.ChunkNotFound("x"): (404, "not_found_error"),
+        common.AmbiguousHash("ab", ["ab1", "ab2"]): (409, "conflict_error"),
+        common.DtypeMismatch("chunk x", "bfloat16", "float32"): (409, "conflict_error"),
+        common.ChunkInUse("x"): (409, "conflict_error"),
+        common.ConcurrentChange("x"): (409, "conflict_error"),
+        common.ContextWindowExceeded("x"): (413, "context_length_exceeded"),
+        common.RegistryUnavailable("x"): (503, "service_unavailable"),
+        common.ServiceUnavailable("x"): (503, "service_unavailable"),
+        common.CapacityError("x"): (507, "insufficient_storage"),  # this request's KV: not down
+        common.ChunkFileError("x"): (500, "server_error"),
+        common.InvalidInput("x"): (400, "invalid_request_error"),
+    }
+    for error, (status, kind) in expected.items():
+        answer = as_response(error)
+        assert answer.status_code == status, error
+        assert json.loads(answer.body)["error"]["type"] == kind, error
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_an_answer_cut_by_max_tokens_ends_for_length(served, stream):
+    client = served.openai()
+    asked = {"model": "any", "temperature": 0, "extra_body": {"ignore_eos": True, "store": False}}
+    messages = [{"role": "user", "content": "Count to ten."}]
+    chat = client.chat.completions.create(messages=messages, max_tokens=2, stream=stream, **asked)
+    choices = [c for part in chat for c in part.choices] if stream else chat.choices
+    assert choices[-1].finish_reason == "length"
+    # /v1/completions without max_tokens answers 16 tokens, as OpenAI's does.
+    done = client.completions.create(prompt="Count to ten.", **asked)
+    assert done.usage.completion_tokens == 16 and done.choices[0].finish_reason == "length"
+
+
 def test_a_blank_completion_prompt_is_named_as_such(served):
     with served.http() as http:
         refused = http.post("/v1/completions", json={"prompt": " ", "max_tokens": 2})
@@ -545,6 +581,7 @@ def test_an_ambiguous_prefix_is_409(served):
 def test_the_api_key_is_required(served):
     with served.http(key=None) as http:
         assert http.get("/v1/chunks").status_code == 401
+        assert http.get("/metrics").status_code == 401  # what is stored and how it is used
         assert http.get("/health").status_code == 200
     with served.http() as http:  # the scheme's name in any case, as HTTP allows
         bearer = {"Authorization": http.headers["Authorization"].replace("Bearer", "bearer")}

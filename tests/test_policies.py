@@ -77,3 +77,26 @@ def test_policies_are_chosen_by_name_or_from_the_environment(monkeypatch):
     monkeypatch.setenv(POLICY_ENV, "nearest")
     with pytest.raises(InvalidInput, match=f"'nearest' in {POLICY_ENV}; use one of"):
         make_policy(None, registry=None)
+
+
+class Children:
+    """The one registry read the provenance policy makes."""
+
+    def __init__(self, children: dict[str, list[str]]):
+        self.of = children
+
+    def children(self, chunk_hash: str) -> list[str]:
+        return self.of.get(chunk_hash, [])
+
+
+def test_provenance_picks_parents_then_children_that_are_not_active():
+    p1, p2, c1, c2, c3 = (name * 64 for name in "abcde")
+    activated = ChunkInfo(
+        hash="f" * 64, content_hash="f" * 64, token_ids=[1], parent_chunks=[p1, p2]
+    )
+    policy = ProvenanceNeighbours(Children({activated.hash: [c1, p1, c2, c3]}), limit=2)
+    # p1 and c1 are active already: the two picks are the first two that are not.
+    assert policy.on_activate(activated, [p1, c1]) == [p2, c2]
+    assert ProvenanceNeighbours(Children({activated.hash: [c1, p1]})).on_activate(
+        activated, []
+    ) == [p1, p2, c1]  # each once

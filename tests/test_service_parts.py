@@ -182,8 +182,10 @@ def test_lru_budget_names_the_coldest_chunks_to_drop_and_refuses_what_cannot_fit
     budget.touch("old")  # now x is the coldest
     assert budget.admit("z", 150) == ["x", "y"] and set(budget.sizes) == {"old", "z"}
     assert budget.admit("z", 150) == [] and budget.used_bytes() == 250  # counted once
+    budget.admit("old", 100)  # kept again: now the most recent, z the coldest
+    assert budget.admit("w", 100) == ["z"]
     assert budget.admit("huge", 301) is None and "huge" not in budget.sizes
-    assert budget.fits(50) and not budget.fits(51)
+    assert budget.fits(100) and not budget.fits(101)
     assert budget.forget("old") and not budget.forget("old")
     assert LRUBudget(None).admit("any", 10**15) == []  # no limit
 
