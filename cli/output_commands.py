@@ -42,7 +42,7 @@ def output_activate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
     cm = state.manager
     chosen = list(refs) or _last_turn(state, with_prompt=True)
     before = active_hashes(cm)
-    show_switched(state, as_json, True, activate_all(cm, chosen), before)
+    show_switched(state, as_json, True, activate_all(cm, chosen, before), before)
 
 
 @output.command("delete")

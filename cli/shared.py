@@ -158,11 +158,10 @@ def check_refs(state: State, refs: Iterable[str]) -> None:
         state.catalog.get_chunk(ref)
 
 
-def activate_all(cm: Catalog, refs: list[str]) -> list[ChunkInfo]:
+def activate_all(cm: Catalog, refs: list[str], before: set[str]) -> list[ChunkInfo]:
     """Activate in order, each chunk once; if one cannot be (unknown hash, window full),
-    none is."""
+    none is (`before`: the chunks active before, which stay so)."""
     hashes = found_once(cm, refs)
-    before = active_hashes(cm)
     done: list[ChunkInfo] = []
     try:
         for chunk_hash in hashes:
@@ -193,10 +192,13 @@ def show_switched(
     active before) and the window's use."""
     verb, same = ("activated", "already active") if activating else ("deactivated", "not active")
 
+    def line(chunk: ChunkInfo) -> str:
+        changed = (chunk.hash in before) != activating
+        return f"{verb if changed else same} {render.describe(chunk)}"
+
     def lines() -> list[str]:
         view = state.catalog.context()
         window = f"{len(view.chunks)} active, {view.token_count} of {view.window} tokens"
-        switched = [f"{verb if (c.hash in before) != activating else same} " for c in chunks]
-        return [*(s + render.describe(c) for s, c in zip(switched, chunks, strict=True)), window]
+        return [*map(line, chunks), window]
 
     show(state, as_json, [c.to_json() for c in chunks], lines)

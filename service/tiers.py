@@ -319,10 +319,9 @@ class Tiers:
             # Read and checked while a copy can replace it (in a shared pool, maybe only the
             # node's HostStore or a peer has one): later damage shows only so.
             if held or self.node_memory is not None:
-
-                def copy() -> KV | None:
-                    return self._held_kv(chunk_hash) if held else self.loader.load(chunk)
-
+                copy = (
+                    partial(self._held_kv, chunk_hash) if held else partial(self.loader.load, chunk)
+                )
                 if not self.files.repair(chunk, copy):
                     return False
             elif not self.files.exists(chunk_hash):
