@@ -496,6 +496,32 @@ def test_a_body_sent_in_chunks_is_held_to_the_limit(served):
     assert state(served) == before
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_not(served, chunked):
+    """The limit is inclusive, whether the size is announced or counted as it comes."""
+    from kvchunks.server.app import MAX_BODY_BYTES
+
+    text = f"A body of exactly the limit, sent {'in chunks' if chunked else 'whole'}."
+    head = json.dumps({"text": text}).encode()
+
+    def post(size: int) -> httpx.Response:
+        body = head[:-1] + b" " * (size - len(head)) + b"}"  # JSON whitespace pads it
+        content = (body[i : i + (1 << 20)] for i in range(0, size, 1 << 20)) if chunked else body
+        with served.http() as http:
+            headers = {"content-type": "application/json"}
+            return http.post("/v1/chunks", content=content, headers=headers)
+
+    before = state(served)
+    refused = post(MAX_BODY_BYTES + 1)
+    assert refused.status_code == 413, refused.text[:200]
+    assert refused.json()["error"]["type"] == "request_too_large"
+    assert state(served) == before
+    accepted = post(MAX_BODY_BYTES)
+    assert accepted.status_code == 201, accepted.text[:200]
+    assert served.cm.get_chunk(accepted.json()["hash"]).text == text
+    served.cm.delete_chunk(accepted.json()["hash"])
+
+
 def test_tags_are_all_checked_before_any_changes(served):
     doc = add_doc(served, ROUTE_TEXT)
     before = state(served)
