@@ -162,6 +162,10 @@ class RegistryActor:
     def holders(self, chunk_hash: str) -> list[str]:
         return [w for w in self.workers if chunk_hash in self.held.get(w, {})]
 
+    def unheld(self, hashes: list[str]) -> list[str]:
+        """Those of `hashes` that no worker's pool holds."""
+        return [h for h in hashes if not self.holders(h)]
+
     def placement(self, context: str | None, adding: str | None = None) -> dict:
         """`placement_of` the context's active chunks (none for None) with the chunk `adding`
         refers to (about to be activated, or moved out)."""

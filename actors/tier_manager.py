@@ -144,8 +144,7 @@ class TierManager:
             self._recount_host(node)
         self.stats["offloaded"] += 1
         self.stats["host_dropped"] += len(victims)
-        holders = get([self.registry.holders.remote(h) for h in dropped], "the registry")
-        unheld = [h for h, held in zip(dropped, holders, strict=True) if not held]
+        unheld = get(self.registry.unheld.remote(list(dropped)), "the registry")
         return True, {h: dropped[h] for h in unheld}
 
     def _recount_host(self, node: str) -> None:

@@ -447,6 +447,26 @@ def test_tier_manager_keeps_each_nodes_host_and_disk_budgets(ray_service, tmp_pa
         assert transfers["host_dropped"] == 2 and transfers["offload_refused"] == 2
 
 
+def test_a_chunk_dropped_from_a_host_store_comes_back_only_if_no_pool_holds_it(
+    ray_service, tmp_path
+):
+    """Only a chunk no worker holds needs its file checked: the holder's pool is a copy."""
+    client = connect("auto", "host-drop", worker=0)
+    doc = client.add_chunk("The tram to Lidingö leaves from Ropsten every twenty minutes.")
+    registry = ray_service.service.registry
+    assert get(registry.holders.remote(doc.hash)) == ["worker-0"]
+    one, lone = kv_payload(0).nbytes, "9" * 64
+    try:
+        with tier_manager_on(ray_service, tmp_path, cpu_chunks=2) as (manager, stores):
+            for chunk_hash, seed in ((doc.hash, 1), (lone, 2)):
+                assert manager.offload(chunk_hash, "node-a", [ray.put(kv_payload(seed))], one)[0]
+            kept, dropped = manager.offload("8" * 64, "node-a", [ray.put(kv_payload(3))], 2 * one)
+            assert kept and held_in(stores, "node-a") == {"8" * 64}
+            assert list(dropped) == [lone] and same_bits(get(dropped[lone][0]), kv_payload(2))
+    finally:
+        client.delete_chunk(doc.hash)
+
+
 class ForgetBeforePut:
     """A HostStore handle whose put is sent only once the manager has forgotten the chunk,
     or after half a second if the manager holds that `forget` back."""
