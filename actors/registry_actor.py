@@ -35,6 +35,9 @@ WRITES = (
     "add_tag",
     "remove_tag",
     "delete",
+    "take_back",
+    "hold",
+    "let_go",
     "activate",
     "deactivate",
     "find_and_deactivate",
@@ -108,7 +111,7 @@ class RegistryActor:
         if method not in WRITES and method not in READS:
             raise InvalidInput(f"the registry has no method {method!r}")
         result = getattr(self.registry, method)(*args, **kwargs)
-        if method == "delete":
+        if method == "delete" or (method == "take_back" and result):
             self._forget_everywhere(args[0])
         return result
 

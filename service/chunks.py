@@ -7,7 +7,7 @@ import contextlib
 import json
 import threading
 import time
-from collections import Counter
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -56,9 +56,12 @@ def check_metadata(metadata: object) -> dict:
 
 @dataclass
 class Hold:
-    """The chunks one running call has made or found, in the order it took them."""
+    """The chunks one running call has made or found, in the order it took them, and those
+    it stores as its own (`kept`). Its holds are in the registry, under `holder`."""
 
+    holder: str = field(default_factory=lambda: uuid.uuid4().hex)
     hashes: list[str] = field(default_factory=list)
+    kept: set[str] = field(default_factory=set)
 
 
 class ChunkMaker:
@@ -74,11 +77,6 @@ class ChunkMaker:
         self.registry, self.tiers, self.composer = registry, tiers, composer
         self.fingerprint, self.tokenizer, self.lock = fingerprint, tokenizer, lock
         self.dtype = tiers.model.engine_config.dtype  # recorded: chunks of dtypes never mix
-        # A call may take back a chunk that another running call found stored and reads, or
-        # stores as its own: see `holding`. Each of these names only chunks a call holds.
-        self.held: Counter[str] = Counter()
-        self.kept: set[str] = set()  # stored by a call as its own: never taken back
-        self.unwanted: dict[str, ChunkInfo] = {}  # taken back while held, in that order
 
     def new_record(
         self,
@@ -157,6 +155,8 @@ class ChunkMaker:
             ctx = self.composer.context_of(parents, mode, recompute)
             try:
                 chunk = self.new_record(tokens, parents, ctx.position, ctx.combine, mode, **fields)
+                if hold is not None:  # before it is looked for: see `hold`
+                    self.hold(hold, chunk.hash)
                 found = self.registry.exists(chunk.hash)
                 if not found:
                     self.tiers.make_room_for(len(tokens), chunk.packs)
@@ -166,8 +166,6 @@ class ChunkMaker:
             stored = (
                 self.registry.get(chunk.hash) if found else self.register(chunk, [result.segment])
             )
-            if hold is not None:
-                self.hold(hold, stored.hash)
             return stored, not found
 
     def make_view(self, kind: str, spans: list[SourceSpan], **fields) -> ChunkInfo:
@@ -229,64 +227,41 @@ class ChunkMaker:
 
     @contextlib.contextmanager
     def holding(self) -> Iterator[Hold]:
-        """A call's hold on the chunks it makes or finds (`hold`). A chunk taken back while a
-        call holds it goes when the last holder ends, unless a holder stored it as its own
-        (`keep`) or it is used by then."""
+        """A call's hold on the chunks it makes or finds (`hold`), in the registry, so that
+        it holds across the processes and workers that share it. A chunk taken back while a
+        call holds it goes when the last holder lets go, unless a holder stored it as its
+        own (`keep`) or it is used by then."""
         hold = Hold()
         try:
             yield hold
         finally:
-            with self.lock:
-                # Every count goes down first: a take-back that fails (Redis gone) leaves
-                # nothing held.
-                for chunk in self._let_go(hold):
+            if hold.hashes:
+                gone = self.registry.let_go(hold.holder, hold.hashes[::-1], hold.kept)
+                for chunk in self.registry.get_present(gone):  # newest first, as take_back
                     self._take_back_one(chunk)
 
-    def _let_go(self, hold: Hold) -> list[ChunkInfo]:
-        """Drop a call's hold. Returns the chunks taken back while held that no call holds
-        now, newest first, as take_back goes."""
-        unwanted = []
-        for held in reversed(hold.hashes):
-            self.held[held] -= 1
-            if self.held[held] == 0:
-                del self.held[held]
-                self.kept.discard(held)
-                if held in self.unwanted:
-                    unwanted.append(self.unwanted.pop(held))
-        return unwanted
-
     def hold(self, hold: Hold, chunk_hash: str) -> None:
-        """Add a chunk to the call's hold; called under the lock the chunk was found under,
-        so that no take-back comes in between."""
-        with self.lock:
-            hold.hashes.append(chunk_hash)
-            self.held[chunk_hash] += 1
+        """Add a chunk to the call's hold; called before the call looks the chunk up, so
+        that a take-back that deletes it does so before the call finds it."""
+        self.registry.hold(hold.holder, [chunk_hash])
+        hold.hashes.append(chunk_hash)
 
-    def keep(self, chunks: list[ChunkInfo]) -> None:
-        """A call stores these chunks, which it holds, as its own: they are not taken back."""
-        with self.lock:
-            for chunk in chunks:
-                self.unwanted.pop(chunk.hash, None)
-                if self.held[chunk.hash]:
-                    self.kept.add(chunk.hash)
+    def keep(self, hold: Hold, chunks: list[ChunkInfo]) -> None:
+        """The call stores these chunks, which it holds, as its own: they are not taken back
+        (recorded as the call lets go; until then its hold defers any take-back)."""
+        hold.kept.update(c.hash for c in chunks)
 
     def take_back(self, chunks: list[ChunkInfo]) -> None:
         """Delete chunks a call made, one by one in the order given (newest first). One that
-        a running call holds goes when the last holder ends. One that meanwhile someone else
-        deleted, stored as its own, computed a chunk or a view after, or activated, is no
-        longer the call's alone, and stays."""
+        a running call holds goes when the last holder lets go. One that meanwhile someone
+        else deleted, stored as its own, computed a chunk or a view after, or activated, is
+        no longer the call's alone, and stays."""
         for chunk in chunks:
-            with self.lock:
-                if chunk.hash in self.kept:
-                    continue
-                if self.held[chunk.hash]:
-                    self.unwanted[chunk.hash] = chunk
-                else:
-                    self._take_back_one(chunk)
+            self._take_back_one(chunk)
 
     def _take_back_one(self, chunk: ChunkInfo) -> None:
-        with contextlib.suppress(ChunkNotFound, ChunkInUse):
-            self._delete_one(chunk, unless_used=True)
+        with contextlib.suppress(ChunkNotFound):
+            self._delete_one(chunk, taking_back=True)
 
     def _views(self, chunk: ChunkInfo) -> list[ChunkInfo]:
         children = self.registry.get_many(self.registry.children(chunk.hash))
@@ -297,16 +272,24 @@ class ChunkMaker:
         self._delete_one(chunk)
         return [*deleted, chunk.hash]
 
-    def _delete_one(self, chunk: ChunkInfo, unless_used: bool = False) -> None:
+    def _delete_one(self, chunk: ChunkInfo, taking_back: bool = False) -> None:
         # Under the locks that making a chunk holds (this process's, and the file's for the
         # other processes on the data directory): the same chunk made again between the
         # record's delete and the KV's would lose its new KV and file.
         if chunk.layout == "view":  # no KV: the registry takes back its references
             with self.lock:
-                self.registry.delete(chunk.hash, unless_used=unless_used)
+                self._unregister(chunk.hash, taking_back)
             return
         with self.lock, self.tiers.files.claimed(chunk.hash):
             self.tiers.records.flush()  # none may land on a chunk made again with this hash
-            self.registry.delete(chunk.hash, unless_used=unless_used)
-            self.tiers.forget(chunk.hash)
-            self.tiers.files.remove(chunk.hash)
+            if self._unregister(chunk.hash, taking_back):
+                self.tiers.forget(chunk.hash)
+                self.tiers.files.remove(chunk.hash)
+
+    def _unregister(self, chunk_hash: str, taking_back: bool) -> bool:
+        """Delete the chunk's record (a take-back may leave it: see take_back); whether it
+        went."""
+        if taking_back:
+            return self.registry.take_back(chunk_hash)
+        self.registry.delete(chunk_hash)
+        return True

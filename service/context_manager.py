@@ -156,7 +156,7 @@ class ContextManager(OutputTracking, Catalog):
             chunk, _ = maker.compute(
                 tokens, [], "reuse", hold=hold, role=role, kind="input", text=text, metadata=meta
             )
-            maker.keep([chunk])  # it may be a message a request made and will take back
+            maker.keep(hold, [chunk])  # it may be a message a request made and will take back
         for tag in tags:
             chunk = self.registry.add_tag(chunk.hash, tag)
         return self._view(chunk.hash)
@@ -268,7 +268,7 @@ class ContextManager(OutputTracking, Catalog):
         self._check_fits(_tokens(active) + len(prompt_tokens) + self._answer_room(call), active)
         with self.store.maker.holding() as hold:
             result = self._answer(prompt, prompt_tokens, active, call, hold)
-            self.store.maker.keep([result.prompt_chunk])
+            self.store.maker.keep(hold, [result.prompt_chunk])
         self._auto_activate(settings, [result.prompt_chunk, *result.output_chunks])
         return self._finished(result)
 
@@ -321,7 +321,7 @@ class ContextManager(OutputTracking, Catalog):
                     fresh = [] if result is None or result.prompt_reused else [result.prompt_chunk]
                     maker.take_back([*fresh, *reversed(made)])
             stored = [*messages_kv, result.prompt_chunk] if store else []
-            maker.keep(stored)
+            maker.keep(hold, stored)
         made_tokens = sum(c.token_count for c in made)  # computed now, not reused
         result.tokens_reused -= made_tokens
         result.tokens_recomputed += made_tokens

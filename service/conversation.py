@@ -136,13 +136,14 @@ def _stored_answer(
     holds it."""
     registry = store.registry
     expected = [p.hash for p in parents]
-    with store.lock:  # found and held before another call may take it back
-        for child in registry.get_many(registry.children(parents[-1].hash)):
-            if (
-                child.kind == "output"
-                and child.parent_chunks == expected
-                and child.text.strip() == text.strip()
-            ):
-                store.maker.hold(hold, child.hash)
+    for child in registry.get_present(registry.children(parents[-1].hash)):
+        if (
+            child.kind == "output"
+            and child.parent_chunks == expected
+            and child.text.strip() == text.strip()
+        ):
+            store.maker.hold(hold, child.hash)
+            # held now: a take-back can no longer delete it, but may have done so before
+            if registry.exists(child.hash):
                 return child
     return None

@@ -12,6 +12,9 @@ Key layout; every key starts with `<namespace>:` so several registries can share
     contexts             set     names of the contexts ever written
     ctx:<name>:active    list    the context's active chunk hashes; activation order = layout
     ctx:<name>:settings  hash    setting name -> msgpack value (mode, auto_activate, ...)
+    hold:<h>             hash    running call's id -> how many times it holds <h> (see hold)
+    kept:<h>             string  set while held: a holder stored <h> as its own
+    unwanted:<h>         string  set while held: <h> was taken back, and goes with its last hold
 
 Every method takes full hashes; `resolve` turns a user's short prefix into one. Writes that
 touch several keys run in one MULTI/EXEC under WATCH, so a record and its index entries never
@@ -117,6 +120,28 @@ return 1
 """
 
 
+# A call lets go of its holds (KEYS: hold, kept and unwanted key of each chunk; ARGV[1]: the
+# call's id; ARGV[i+1]: '1' where the call stored the i-th chunk as its own). Returns the
+# (1-based) indexes of the chunks taken back while held that no call holds any more.
+_LET_GO = """
+local out = {}
+for i = 1, #KEYS / 3 do
+  local held, kept, unwanted = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  if redis.call('HINCRBY', held, ARGV[1], -1) <= 0 then redis.call('HDEL', held, ARGV[1]) end
+  local others = redis.call('EXISTS', held) == 1
+  if ARGV[i + 1] == '1' then
+    redis.call('DEL', unwanted)
+    if others then redis.call('SET', kept, '1') end
+  end
+  if not others then
+    redis.call('DEL', kept)
+    if redis.call('DEL', unwanted) == 1 then table.insert(out, i) end
+  end
+end
+return out
+"""
+
+
 class ChunkRegistry:
     """Chunk metadata, tags, provenance graph and contexts over one Redis client."""
 
@@ -128,6 +153,7 @@ class ChunkRegistry:
         self._activate_script = client.register_script(_ACTIVATE)
         self._set_tier_script = client.register_script(_SET_TIER)
         self._reorder_script = client.register_script(_REORDER)
+        self._let_go_script = client.register_script(_LET_GO)
         self._parsed = ParsedRecords()
 
     # -- chunks ------------------------------------------------------------------------
@@ -243,49 +269,93 @@ class ChunkRegistry:
         )
 
     @_redis_errors
-    def delete(self, chunk_hash: str, force: bool = False, unless_used: bool = False) -> None:
+    def delete(self, chunk_hash: str, force: bool = False) -> None:
         """Remove the chunk, its index entries, its provenance edges, its place in every
-        context, and a view's references to the chunks it reads. A chunk views still read
-        (ref_count > 0) raises ChunkInUse unless `force`.
-        With `unless_used`, so does a chunk that another chunk was computed after, or that a
-        context has active: checked in the same transaction as the delete, so none can become
-        so in between."""
-        key, hashes = self._chunk_key(chunk_hash), self._key("hashes")
-        parents_key = self._key("parents", chunk_hash)
-        children_key = self._key("children", chunk_hash)
-        contexts_key = self._key("contexts")
+        context, its holds, and a view's references to the chunks it reads. A chunk views
+        still read (ref_count > 0) raises ChunkInUse unless `force`."""
+        watched = self._delete_watched(chunk_hash)
 
         def remove(pipe: redis.client.Pipeline) -> None:
-            chunk = self._load(pipe, chunk_hash)
-            if chunk.ref_count and not force:
-                raise ChunkInUse(
-                    f"chunk {chunk_hash[:12]} is still referenced {chunk.ref_count} time(s) "
-                    "by views; delete those first"
-                )
-            children = _strs(pipe.smembers(children_key))
-            contexts = _strs(pipe.smembers(contexts_key))
-            if unless_used:
-                self._check_unused(pipe, chunk_hash, children, contexts)
-            referenced = self._referenced(pipe, chunk, -1)
-            pipe.multi()
-            # Its children set stays: they still name it, and get their edges back if it is
-            # stored again (see put).
-            pipe.delete(key, parents_key)
-            pipe.zrem(hashes, chunk_hash)
-            pipe.hdel(self._key("tiers"), chunk_hash)
-            pipe.srem(self._key("content", chunk.content_hash), chunk_hash)
-            for tag in chunk.tags:
-                pipe.srem(self._key("tag", tag), chunk_hash)
-            for parent in set(chunk.parent_chunks):
-                pipe.srem(self._key("children", parent), chunk_hash)
-            for child in children:
-                pipe.lrem(self._key("parents", child), 0, chunk_hash)
-            for name in contexts:
-                pipe.lrem(self._active_key(name), 0, chunk_hash)
-            for source in referenced:
-                pipe.set(self._chunk_key(source.hash), self._pack(source))
+            chunk, children, contexts = self._delete_reads(pipe, chunk_hash, force)
+            self._remove(pipe, chunk, children, contexts)
 
-        self._redis.transaction(remove, key, hashes, parents_key, children_key, contexts_key)
+        self._redis.transaction(remove, *watched)
+
+    @_redis_errors
+    def take_back(self, chunk_hash: str) -> bool:
+        """Delete a chunk a call made and does not keep, as `delete` does, unless it is no
+        longer the call's alone: a holder stored it as its own, another chunk was computed
+        after it or a view reads it, or a context has it active (then False, and nothing
+        changes). One a running call holds is marked to go when its last holder lets go
+        (False). Checked in the transaction that deletes: none can come in between."""
+        watched = self._delete_watched(chunk_hash)
+        held, kept, unwanted = self._hold_keys(chunk_hash)
+
+        def remove(pipe: redis.client.Pipeline) -> bool:
+            chunk, children, contexts = self._delete_reads(pipe, chunk_hash, force=True)
+            if pipe.exists(kept):
+                return False
+            if pipe.exists(held):  # whether it is used is asked when the last hold goes
+                pipe.multi()
+                pipe.set(unwanted, b"1")
+                return False
+            if chunk.ref_count or self._used(pipe, chunk_hash, children, contexts):
+                return False
+            self._remove(pipe, chunk, children, contexts)
+            return True
+
+        return self._redis.transaction(remove, *watched, held, kept, value_from_callable=True)
+
+    def _delete_watched(self, chunk_hash: str) -> list[str]:
+        names = ("parents", "children")
+        return [
+            self._chunk_key(chunk_hash),
+            self._key("hashes"),
+            *(self._key(name, chunk_hash) for name in names),
+            self._key("contexts"),
+        ]
+
+    def _delete_reads(
+        self, pipe: redis.client.Pipeline, chunk_hash: str, force: bool
+    ) -> tuple[ChunkRecord, list[str], list[str]]:
+        """The chunk to delete, the chunks computed after it, and every context's name."""
+        chunk = self._load(pipe, chunk_hash)
+        if chunk.ref_count and not force:
+            raise ChunkInUse(
+                f"chunk {chunk_hash[:12]} is still referenced {chunk.ref_count} time(s) "
+                "by views; delete those first"
+            )
+        children = _strs(pipe.smembers(self._key("children", chunk_hash)))
+        return chunk, children, _strs(pipe.smembers(self._key("contexts")))
+
+    def _remove(
+        self,
+        pipe: redis.client.Pipeline,
+        chunk: ChunkRecord,
+        children: list[str],
+        contexts: list[str],
+    ) -> None:
+        """Queue the chunk's removal (see delete) in the caller's transaction."""
+        chunk_hash = chunk.hash
+        referenced = self._referenced(pipe, chunk, -1)
+        pipe.multi()
+        # Its children set stays: they still name it, and get their edges back if it is
+        # stored again (see put).
+        pipe.delete(self._chunk_key(chunk_hash), self._key("parents", chunk_hash))
+        pipe.delete(*self._hold_keys(chunk_hash))
+        pipe.zrem(self._key("hashes"), chunk_hash)
+        pipe.hdel(self._key("tiers"), chunk_hash)
+        pipe.srem(self._key("content", chunk.content_hash), chunk_hash)
+        for tag in chunk.tags:
+            pipe.srem(self._key("tag", tag), chunk_hash)
+        for parent in set(chunk.parent_chunks):
+            pipe.srem(self._key("children", parent), chunk_hash)
+        for child in children:
+            pipe.lrem(self._key("parents", child), 0, chunk_hash)
+        for name in contexts:
+            pipe.lrem(self._active_key(name), 0, chunk_hash)
+        for source in referenced:
+            pipe.set(self._chunk_key(source.hash), self._pack(source))
 
     def _referenced(
         self, pipe: redis.client.Pipeline, chunk: ChunkRecord, delta: int
@@ -304,26 +374,45 @@ class ChunkRegistry:
             for record in (self._load(pipe, h) for h in sources)
         ]
 
-    def _check_unused(
+    def _used(
         self, pipe: redis.client.Pipeline, chunk_hash: str, children: list[str], contexts: list[str]
-    ) -> None:
-        """Raise ChunkInUse if a chunk was computed after this one or a context has it active.
-        The active lists are watched too: an activation before the delete commits retries it."""
+    ) -> bool:
+        """Whether a chunk was computed after this one or a context has it active. The active
+        lists are watched too: an activation before the delete commits retries it."""
         active_keys = [self._active_key(name) for name in contexts]
         if active_keys:
             pipe.watch(*active_keys)
-        active_in = [
-            n
-            for n, k in zip(contexts, active_keys, strict=True)
-            if chunk_hash in _strs(pipe.lrange(k, 0, -1))
-        ]
-        if children or active_in:
-            used = (
-                f"{len(children)} chunk(s) computed after it"
-                if children
-                else f"active in {', '.join(active_in)}"
-            )
-            raise ChunkInUse(f"chunk {chunk_hash[:12]} is in use: {used}")
+        return bool(children) or any(
+            chunk_hash in _strs(pipe.lrange(k, 0, -1)) for k in active_keys
+        )
+
+    # -- holds of running calls ---------------------------------------------------------------
+    # A running call holds the chunks it makes or finds, so that another call's take-back
+    # (store=False) waits for it; kept in Redis, they hold across every process and worker
+    # on the registry. A call that dies holding leaves its holds: the chunks it held are
+    # then never taken back (a delete clears them).
+
+    def _hold_keys(self, chunk_hash: str) -> tuple[str, str, str]:
+        return tuple(self._key(name, chunk_hash) for name in ("hold", "kept", "unwanted"))
+
+    @_redis_errors
+    def hold(self, holder: str, hashes: list[str]) -> None:
+        """The call `holder` holds these chunks (once more each time it is named)."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            for chunk_hash in hashes:
+                pipe.hincrby(self._key("hold", self._check_hash(chunk_hash)), holder, 1)
+            pipe.execute()
+
+    @_redis_errors
+    def let_go(self, holder: str, hashes: list[str], kept: Iterable[str] = ()) -> list[str]:
+        """The call `holder` no longer holds these chunks (each once per time named, in that
+        order), having stored those in `kept` as its own. Returns those taken back while held
+        that nobody holds now, in that order: the caller takes them back."""
+        hashes, kept = [self._check_hash(h) for h in hashes], set(kept)
+        keys = [key for h in hashes for key in self._hold_keys(h)]
+        flags = [b"1" if h in kept else b"0" for h in hashes]
+        gone = self._let_go_script(keys=keys, args=[holder, *flags])
+        return [hashes[int(i) - 1] for i in gone]
 
     @_redis_errors
     def resolve(self, ref: str) -> str:

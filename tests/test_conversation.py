@@ -151,6 +151,49 @@ def test_without_storing_what_a_running_answer_found_stays_for_it(make_cm, monke
     assert {c.hash for c in cm.list_chunks()} - before == made
 
 
+def test_without_storing_what_a_running_answer_elsewhere_found_stays_for_it(
+    make_cm, monkeypatch
+):
+    """The same when the running answer is another process's (a worker of a cluster): here a
+    second store on the same data directory, with its own maker and lock. The call that
+    takes back ends first, while the other answer still runs."""
+    cm = make_cm("chat-apart")
+    elsewhere = make_cm("chat-apart-other")  # another ChunkStore: shares only the registry
+    before = {c.hash for c in cm.list_chunks()}
+    messages = [
+        {"role": "system", "content": "Answer briefly, please, and politely."},
+        user("Where is Grinda?"),
+    ]
+    maker, take_back = cm.store.maker, cm.store.maker.take_back
+    running, go_on, kept = threading.Event(), threading.Event(), []
+
+    def while_running(_text: str) -> None:
+        running.set()
+        go_on.wait(timeout=120)
+
+    answering = threading.Thread(
+        target=lambda: kept.append(elsewhere.chat(messages, GREEDY, on_text=while_running))
+    )
+
+    def take_back_while_another_answers(chunks: list) -> None:
+        monkeypatch.setattr(maker, "take_back", take_back)
+        answering.start()
+        assert running.wait(timeout=120)
+        take_back(chunks)
+
+    monkeypatch.setattr(maker, "take_back", take_back_while_another_answers)
+    try:
+        dropped = cm.chat(messages, GREEDY, store=False)  # ends, the other still answering
+    finally:
+        go_on.set()
+        answering.join(timeout=120)
+    [answer] = kept  # before holds were in the registry: ChunkNotFound in the thread
+    assert dropped.text and answer.prompt_reused
+    [system] = answer.prompt_chunk.parent_chunks
+    made = {system, answer.prompt_chunk.hash, answer.output_chunk.hash}
+    assert {c.hash for c in cm.list_chunks()} - before == made
+
+
 def test_a_document_loaded_while_a_call_without_storing_holds_it_stays(make_cm):
     """A document loaded while a store=False call holds the same chunk (its system message)
     is the loader's: the call's take-back leaves it."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 import uuid
 
@@ -266,7 +267,7 @@ def test_a_forced_delete_leaves_the_views_over_it_deletable(reg):
     assert not reg.exists(view.hash) and reg.get(other.hash).ref_count == 0
 
 
-def test_a_delete_unless_used_keeps_a_chunk_computed_after_or_active(reg):
+def test_a_take_back_keeps_a_chunk_computed_after_or_active(reg):
     """What a call with store=False takes back: not a chunk that meanwhile became another
     chunk's parent or was activated."""
     first, lone = make_chunk([11]), make_chunk([13])
@@ -274,21 +275,20 @@ def test_a_delete_unless_used_keeps_a_chunk_computed_after_or_active(reg):
     for chunk in (first, after, lone):
         reg.put(chunk)
     reg.activate("busy", lone.hash)
-    with pytest.raises(ChunkInUse, match="1 chunk"):
-        reg.delete(first.hash, unless_used=True)
-    with pytest.raises(ChunkInUse, match="active in busy"):
-        reg.delete(lone.hash, unless_used=True)
+    assert not reg.take_back(first.hash) and not reg.take_back(lone.hash)
     assert all(reg.exists(c.hash) for c in (first, after, lone))
-    reg.delete(after.hash, unless_used=True)
-    reg.delete(first.hash, unless_used=True)  # nothing computed after it is left
+    assert reg.take_back(after.hash)
+    assert reg.take_back(first.hash)  # nothing computed after it is left
     reg.deactivate("busy", lone.hash)
-    reg.delete(lone.hash, unless_used=True)
+    assert reg.take_back(lone.hash)
     assert not any(reg.exists(c.hash) for c in (first, after, lone))
+    with pytest.raises(ChunkNotFound):
+        reg.take_back(lone.hash)
 
 
 def test_an_activation_between_the_check_and_the_delete_keeps_the_chunk(reg, redis_client):
     """The context's active list is watched with the check: an activation that lands after
-    the check retries the delete, which then sees it."""
+    the check retries the take-back, which then sees it."""
     chunk, other = make_chunk([14]), make_chunk([15])
     reg.put(chunk)
     reg.put(other)
@@ -296,16 +296,66 @@ def test_an_activation_between_the_check_and_the_delete_keeps_the_chunk(reg, red
     raced = []
 
     class Racing(ChunkRegistry):
-        def _check_unused(self, pipe, chunk_hash, children, contexts):
-            super()._check_unused(pipe, chunk_hash, children, contexts)
+        def _used(self, pipe, chunk_hash, children, contexts):
+            used = super()._used(pipe, chunk_hash, children, contexts)
             if not raced:
                 raced.append(chunk_hash)
                 reg.activate("busy", chunk_hash)  # another client, after the check
+            return used
 
-    with pytest.raises(ChunkInUse, match="active in busy"):
-        Racing(redis_client, namespace=reg.namespace).delete(chunk.hash, unless_used=True)
+    assert not Racing(redis_client, namespace=reg.namespace).take_back(chunk.hash)
     assert raced == [chunk.hash] and reg.exists(chunk.hash)
     assert reg.active("busy") == [other.hash, chunk.hash]
+
+
+def hold_keys(reg: ChunkRegistry, redis_client) -> list[bytes]:
+    """The registry's keys for holds: none once no call holds anything."""
+    keys = redis_client.keys(f"{reg.namespace}:*")
+    return [k for k in keys if re.search(rb":(hold|kept|unwanted):", k)]
+
+
+def test_a_chunk_taken_back_while_held_goes_with_its_last_hold(reg, redis_client):
+    a, b = make_chunk([21]), make_chunk([22])
+    reg.put(a)
+    reg.put(b)
+    reg.hold("one", [a.hash, b.hash, a.hash])  # held twice by the same call
+    reg.hold("two", [a.hash])
+    assert not reg.take_back(a.hash) and not reg.take_back(b.hash)  # marked, not deleted
+    assert reg.exists(a.hash) and reg.exists(b.hash)
+    # Let go in the order given; each name lets go of one hold.
+    assert reg.let_go("one", [a.hash, b.hash]) == [b.hash]
+    assert reg.let_go("one", [a.hash]) == []  # "two" still holds it
+    assert reg.let_go("two", [a.hash]) == [a.hash]
+    assert reg.exists(a.hash)  # the caller of let_go takes them back
+    assert reg.take_back(a.hash) and reg.take_back(b.hash)
+    assert hold_keys(reg, redis_client) == []
+
+
+def test_a_chunk_a_holder_keeps_is_not_taken_back(reg, redis_client):
+    """Kept by one call while another (its maker) still holds it: the maker's take-back,
+    before or after, leaves it; the mark goes with the last hold."""
+    early, late = make_chunk([23]), make_chunk([24])
+    for chunk in (early, late):
+        reg.put(chunk)
+        reg.hold("maker", [chunk.hash])
+        reg.hold("reader", [chunk.hash])
+    assert not reg.take_back(early.hash)  # before the reader keeps it
+    assert reg.let_go("reader", [early.hash, late.hash], kept=[early.hash, late.hash]) == []
+    assert not reg.take_back(late.hash)  # after
+    assert reg.let_go("maker", [late.hash, early.hash]) == []
+    assert reg.exists(early.hash) and reg.exists(late.hash)
+    assert hold_keys(reg, redis_client) == []
+    assert reg.take_back(late.hash)  # no one holds or keeps it now
+
+
+def test_a_delete_clears_the_holds(reg, redis_client):
+    chunk = make_chunk([25])
+    reg.put(chunk)
+    reg.hold("call", [chunk.hash])
+    assert not reg.take_back(chunk.hash)
+    reg.delete(chunk.hash)
+    assert hold_keys(reg, redis_client) == []
+    assert reg.let_go("call", [chunk.hash]) == [] and hold_keys(reg, redis_client) == []
 
 
 def test_concurrent_views_and_tags_lose_no_count_and_no_tag(reg):
