@@ -58,6 +58,7 @@ READS = (
     "find",
     "find_with_active",
     "list_chunks",
+    "held",
     "by_content",
     "parents",
     "children",

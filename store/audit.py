@@ -26,6 +26,8 @@ def registry_violations(registry: ChunkRegistry) -> list[str]:
         for h in registry.active(name)
         if h not in chunks
     ]
+    # Every call lets go of what it holds as it ends, whether it succeeds or fails.
+    out += [f"chunk {h[:12]}: held by a call that has ended" for h in registry.held()]
     for h in chunks:  # provenance edges join existing chunks only
         edges = set(registry.parents(h)) | set(registry.children(h))
         out += [

@@ -404,6 +404,17 @@ class ChunkRegistry:
             pipe.execute()
 
     @_redis_errors
+    def held(self) -> list[str]:
+        """The chunks a call holds, or that carry a mark of one (see the key layout): none
+        on a quiet registry."""
+        found = {
+            key.rsplit(b":", 1)[1].decode()
+            for name in ("hold", "kept", "unwanted")
+            for key in self._redis.scan_iter(match=self._key(name, "*"), count=_BATCH)
+        }
+        return sorted(found)
+
+    @_redis_errors
     def let_go(self, holder: str, hashes: list[str], kept: Iterable[str] = ()) -> list[str]:
         """The call `holder` no longer holds these chunks (each once per time named, in that
         order), having stored those in `kept` as its own. Returns those taken back while held

@@ -151,9 +151,7 @@ def test_without_storing_what_a_running_answer_found_stays_for_it(make_cm, monke
     assert {c.hash for c in cm.list_chunks()} - before == made
 
 
-def test_without_storing_what_a_running_answer_elsewhere_found_stays_for_it(
-    make_cm, monkeypatch
-):
+def test_without_storing_what_a_running_answer_elsewhere_found_stays_for_it(make_cm, monkeypatch):
     """The same when the running answer is another process's (a worker of a cluster): here a
     second store on the same data directory, with its own maker and lock. The call that
     takes back ends first, while the other answer still runs."""

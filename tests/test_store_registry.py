@@ -320,6 +320,10 @@ def test_a_chunk_taken_back_while_held_goes_with_its_last_hold(reg, redis_client
     reg.put(b)
     reg.hold("one", [a.hash, b.hash, a.hash])  # held twice by the same call
     reg.hold("two", [a.hash])
+    assert reg.held() == sorted([a.hash, b.hash])
+    assert registry_violations(reg) == [
+        f"chunk {h[:12]}: held by a call that has ended" for h in sorted([a.hash, b.hash])
+    ]
     assert not reg.take_back(a.hash) and not reg.take_back(b.hash)  # marked, not deleted
     assert reg.exists(a.hash) and reg.exists(b.hash)
     # Let go in the order given; each name lets go of one hold.
@@ -328,7 +332,7 @@ def test_a_chunk_taken_back_while_held_goes_with_its_last_hold(reg, redis_client
     assert reg.let_go("two", [a.hash]) == [a.hash]
     assert reg.exists(a.hash)  # the caller of let_go takes them back
     assert reg.take_back(a.hash) and reg.take_back(b.hash)
-    assert hold_keys(reg, redis_client) == []
+    assert hold_keys(reg, redis_client) == [] and reg.held() == []
 
 
 def test_a_chunk_a_holder_keeps_is_not_taken_back(reg, redis_client):
