@@ -4,11 +4,12 @@ file first, then the record), views that read other chunks' KV, and deletion."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import msgpack
@@ -156,7 +157,7 @@ class ChunkMaker:
             try:
                 chunk = self.new_record(tokens, parents, ctx.position, ctx.combine, mode, **fields)
                 if hold is not None:  # before it is looked for: see `hold`
-                    self.hold(hold, chunk.hash)
+                    self.hold(hold, [chunk.hash])
                 found = self.registry.exists(chunk.hash)
                 if not found:
                     self.tiers.make_room_for(len(tokens), chunk.packs)
@@ -236,15 +237,19 @@ class ChunkMaker:
             yield hold
         finally:
             if hold.hashes:
-                gone = self.registry.let_go(hold.holder, hold.hashes[::-1], hold.kept)
-                for chunk in self.registry.get_present(gone):  # newest first, as take_back
-                    self._take_back_one(chunk)
+                # Newest first, as take_back goes: what was computed after a chunk first.
+                order = list(dict.fromkeys(hold.hashes))[::-1]
+                gone = self.registry.let_go(hold.holder, order, hold.kept)
+                for chunk in self.registry.get_present(gone):
+                    self._take_back_one(chunk, marked=True)
 
-    def hold(self, hold: Hold, chunk_hash: str) -> None:
-        """Add a chunk to the call's hold; called before the call looks the chunk up, so
-        that a take-back that deletes it does so before the call finds it."""
-        self.registry.hold(hold.holder, [chunk_hash])
-        hold.hashes.append(chunk_hash)
+    def hold(self, hold: Hold, hashes: list[str]) -> None:
+        """Add chunks to the call's hold; called before the call looks them up, so that a
+        take-back that deletes one does so before the call finds it. Named in the call's
+        hold first: a hold whose reply is lost (Ctrl-C, a failed call) is let go too."""
+        if hashes:
+            hold.hashes += hashes
+            self.registry.hold(hold.holder, hashes)
 
     def keep(self, hold: Hold, chunks: list[ChunkInfo]) -> None:
         """The call stores these chunks, which it holds, as its own: they are not taken back
@@ -259,9 +264,9 @@ class ChunkMaker:
         for chunk in chunks:
             self._take_back_one(chunk)
 
-    def _take_back_one(self, chunk: ChunkInfo) -> None:
+    def _take_back_one(self, chunk: ChunkInfo, marked: bool = False) -> None:
         with contextlib.suppress(ChunkNotFound):
-            self._delete_one(chunk, taking_back=True)
+            self._delete_one(chunk, functools.partial(self.registry.take_back, marked=marked))
 
     def _views(self, chunk: ChunkInfo) -> list[ChunkInfo]:
         children = self.registry.get_many(self.registry.children(chunk.hash))
@@ -269,27 +274,25 @@ class ChunkMaker:
 
     def _delete_with_views(self, chunk: ChunkInfo) -> list[str]:
         deleted = [h for view in self._views(chunk) for h in self._delete_with_views(view)]
-        self._delete_one(chunk)
+        self._delete_one(chunk, self._delete_record)
         return [*deleted, chunk.hash]
 
-    def _delete_one(self, chunk: ChunkInfo, taking_back: bool = False) -> None:
+    def _delete_record(self, chunk_hash: str) -> bool:
+        self.registry.delete(chunk_hash)
+        return True
+
+    def _delete_one(self, chunk: ChunkInfo, unregister: Callable[[str], bool]) -> None:
+        """Delete the chunk's record with `unregister` (which says whether it went), then
+        its KV and file."""
         # Under the locks that making a chunk holds (this process's, and the file's for the
         # other processes on the data directory): the same chunk made again between the
         # record's delete and the KV's would lose its new KV and file.
         if chunk.layout == "view":  # no KV: the registry takes back its references
             with self.lock:
-                self._unregister(chunk.hash, taking_back)
+                unregister(chunk.hash)
             return
         with self.lock, self.tiers.files.claimed(chunk.hash):
             self.tiers.records.flush()  # none may land on a chunk made again with this hash
-            if self._unregister(chunk.hash, taking_back):
+            if unregister(chunk.hash):
                 self.tiers.forget(chunk.hash)
                 self.tiers.files.remove(chunk.hash)
-
-    def _unregister(self, chunk_hash: str, taking_back: bool) -> bool:
-        """Delete the chunk's record (a take-back may leave it: see take_back); whether it
-        went."""
-        if taking_back:
-            return self.registry.take_back(chunk_hash)
-        self.registry.delete(chunk_hash)
-        return True

@@ -308,6 +308,9 @@ class ContextManager(OutputTracking, Catalog):
         result = None
         maker = self.store.maker
         with maker.holding() as hold:
+            # Held too, so that a take-back elsewhere of a chunk this call reads (one of
+            # `chunks` a call made just now) waits for it, and goes after what it computes.
+            maker.hold(hold, [c.hash for c in before])
             try:
                 messages_kv = message_chunks(
                     self.store, self.context_name, turns, tokens, before, call, made, hold

@@ -142,7 +142,7 @@ def _stored_answer(
             and child.parent_chunks == expected
             and child.text.strip() == text.strip()
         ):
-            store.maker.hold(hold, child.hash)
+            store.maker.hold(hold, [child.hash])
             # held now: a take-back can no longer delete it, but may have done so before
             if registry.exists(child.hash):
                 return child

@@ -133,7 +133,7 @@ def generate(
                 else []
             )
             with store.lock:
-                store.maker.hold(hold, record.hash)
+                store.maker.hold(hold, [record.hash])
                 seq, fresh = _start(store, record, ctx, request.params, seen)
             skip = len(request.prompt_tokens) if fresh else 1
             answer, ttft, interrupted = _run(store, seq, on_text, started, skip)

@@ -12,7 +12,7 @@ Key layout; every key starts with `<namespace>:` so several registries can share
     contexts             set     names of the contexts ever written
     ctx:<name>:active    list    the context's active chunk hashes; activation order = layout
     ctx:<name>:settings  hash    setting name -> msgpack value (mode, auto_activate, ...)
-    hold:<h>             hash    running call's id -> how many times it holds <h> (see hold)
+    hold:<h>             hash    id of each running call that holds <h> -> 1 (see hold)
     kept:<h>             string  set while held: a holder stored <h> as its own
     unwanted:<h>         string  set while held: <h> was taken back, and goes with its last hold
 
@@ -122,12 +122,14 @@ return 1
 
 # A call lets go of its holds (KEYS: hold, kept and unwanted key of each chunk; ARGV[1]: the
 # call's id; ARGV[i+1]: '1' where the call stored the i-th chunk as its own). Returns the
-# (1-based) indexes of the chunks taken back while held that no call holds any more.
+# (1-based) indexes of the chunks taken back while held that no call holds any more; their
+# mark stays until the caller's take-back, so that a keeper coming in between wins. Running
+# it twice (a command resent) changes nothing more.
 _LET_GO = """
 local out = {}
 for i = 1, #KEYS / 3 do
   local held, kept, unwanted = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  if redis.call('HINCRBY', held, ARGV[1], -1) <= 0 then redis.call('HDEL', held, ARGV[1]) end
+  redis.call('HDEL', held, ARGV[1])
   local others = redis.call('EXISTS', held) == 1
   if ARGV[i + 1] == '1' then
     redis.call('DEL', unwanted)
@@ -135,7 +137,7 @@ for i = 1, #KEYS / 3 do
   end
   if not others then
     redis.call('DEL', kept)
-    if redis.call('DEL', unwanted) == 1 then table.insert(out, i) end
+    if redis.call('EXISTS', unwanted) == 1 then table.insert(out, i) end
   end
 end
 return out
@@ -282,29 +284,35 @@ class ChunkRegistry:
         self._redis.transaction(remove, *watched)
 
     @_redis_errors
-    def take_back(self, chunk_hash: str) -> bool:
+    def take_back(self, chunk_hash: str, marked: bool = False) -> bool:
         """Delete a chunk a call made and does not keep, as `delete` does, unless it is no
         longer the call's alone: a holder stored it as its own, another chunk was computed
         after it or a view reads it, or a context has it active (then False, and nothing
         changes). One a running call holds is marked to go when its last holder lets go
-        (False). Checked in the transaction that deletes: none can come in between."""
+        (False). `marked`: the take-back of a chunk let_go returned, which goes only if its
+        mark is still there (a keeper may have come in between). Checked in the transaction
+        that deletes: none of these can come in between."""
         watched = self._delete_watched(chunk_hash)
         held, kept, unwanted = self._hold_keys(chunk_hash)
 
         def remove(pipe: redis.client.Pipeline) -> bool:
             chunk, children, contexts = self._delete_reads(pipe, chunk_hash, force=True)
-            if pipe.exists(kept):
+            if (marked and not pipe.exists(unwanted)) or pipe.exists(kept):
                 return False
             if pipe.exists(held):  # whether it is used is asked when the last hold goes
-                pipe.multi()
-                pipe.set(unwanted, b"1")
+                if not marked:
+                    pipe.multi()
+                    pipe.set(unwanted, b"1")
                 return False
             if chunk.ref_count or self._used(pipe, chunk_hash, children, contexts):
+                pipe.multi()
+                pipe.delete(unwanted)
                 return False
             self._remove(pipe, chunk, children, contexts)
             return True
 
-        return self._redis.transaction(remove, *watched, held, kept, value_from_callable=True)
+        keys = (*watched, held, kept, unwanted)
+        return self._redis.transaction(remove, *keys, value_from_callable=True)
 
     def _delete_watched(self, chunk_hash: str) -> list[str]:
         names = ("parents", "children")
@@ -397,10 +405,11 @@ class ChunkRegistry:
 
     @_redis_errors
     def hold(self, holder: str, hashes: list[str]) -> None:
-        """The call `holder` holds these chunks (once more each time it is named)."""
+        """The call `holder` holds these chunks (holding one again changes nothing, so a
+        command resent after a lost reply counts once)."""
         with self._redis.pipeline(transaction=False) as pipe:
             for chunk_hash in hashes:
-                pipe.hincrby(self._key("hold", self._check_hash(chunk_hash)), holder, 1)
+                pipe.hset(self._key("hold", self._check_hash(chunk_hash)), holder, b"1")
             pipe.execute()
 
     @_redis_errors
@@ -416,9 +425,9 @@ class ChunkRegistry:
 
     @_redis_errors
     def let_go(self, holder: str, hashes: list[str], kept: Iterable[str] = ()) -> list[str]:
-        """The call `holder` no longer holds these chunks (each once per time named, in that
-        order), having stored those in `kept` as its own. Returns those taken back while held
-        that nobody holds now, in that order: the caller takes them back."""
+        """The call `holder` no longer holds these chunks, in that order, having stored those
+        in `kept` as its own. Returns those taken back while held that nobody holds now, in
+        that order: the caller takes them back (take_back with `marked`)."""
         hashes, kept = [self._check_hash(h) for h in hashes], set(kept)
         keys = [key for h in hashes for key in self._hold_keys(h)]
         flags = [b"1" if h in kept else b"0" for h in hashes]

@@ -192,6 +192,50 @@ def test_without_storing_what_a_running_answer_elsewhere_found_stays_for_it(make
     assert {c.hash for c in cm.list_chunks()} - before == made
 
 
+def test_without_storing_a_chunk_another_call_read_goes_after_what_it_computed(
+    make_cm, monkeypatch
+):
+    """Two calls that keep nothing, in two processes: the second reads the first's message
+    as one of its `chunks` and finds its prompt stored. What both made goes when the last
+    of them ends, the prompt before the message it was computed after."""
+    cm = make_cm("chat-both")
+    elsewhere = make_cm("chat-both-other")
+    before = {c.hash for c in cm.list_chunks()}
+    system = {"role": "system", "content": "Answer briefly, and name the island."}
+    question = user("Where is Utö?")
+    maker, take_back = cm.store.maker, cm.store.maker.take_back
+    running, go_on, answered, readers = threading.Event(), threading.Event(), [], []
+
+    def while_running(_text: str) -> None:
+        running.set()
+        go_on.wait(timeout=120)
+
+    def read_it(made: str) -> None:
+        answer = elsewhere.chat(
+            [question], GREEDY, chunks=[made], on_text=while_running, store=False
+        )
+        answered.append(answer)
+
+    def take_back_while_another_answers(chunks: list) -> None:
+        monkeypatch.setattr(maker, "take_back", take_back)
+        [made] = [c.hash for c in cm.list_chunks() if c.hash not in before and c.role == "system"]
+        readers.append(threading.Thread(target=read_it, args=(made,)))
+        readers[0].start()
+        assert running.wait(timeout=120)
+        take_back(chunks)
+
+    monkeypatch.setattr(maker, "take_back", take_back_while_another_answers)
+    try:
+        cm.chat([system, question], GREEDY, store=False)
+    finally:
+        go_on.set()
+    readers[0].join(timeout=120)
+    [answer] = answered
+    assert answer.prompt_reused  # the first call's prompt, found stored
+    assert {c.hash for c in cm.list_chunks()} == before  # the message did not stay behind
+    assert cm.registry.held() == []
+
+
 def test_a_document_loaded_while_a_call_without_storing_holds_it_stays(make_cm):
     """A document loaded while a store=False call holds the same chunk (its system message)
     is the loader's: the call's take-back leaves it."""

@@ -318,7 +318,8 @@ def test_a_chunk_taken_back_while_held_goes_with_its_last_hold(reg, redis_client
     a, b = make_chunk([21]), make_chunk([22])
     reg.put(a)
     reg.put(b)
-    reg.hold("one", [a.hash, b.hash, a.hash])  # held twice by the same call
+    reg.hold("one", [a.hash, b.hash])
+    reg.hold("one", [a.hash])  # again (a command resent): still one hold
     reg.hold("two", [a.hash])
     assert reg.held() == sorted([a.hash, b.hash])
     assert registry_violations(reg) == [
@@ -326,13 +327,39 @@ def test_a_chunk_taken_back_while_held_goes_with_its_last_hold(reg, redis_client
     ]
     assert not reg.take_back(a.hash) and not reg.take_back(b.hash)  # marked, not deleted
     assert reg.exists(a.hash) and reg.exists(b.hash)
-    # Let go in the order given; each name lets go of one hold.
-    assert reg.let_go("one", [a.hash, b.hash]) == [b.hash]
-    assert reg.let_go("one", [a.hash]) == []  # "two" still holds it
+    assert reg.let_go("one", [a.hash, b.hash]) == [b.hash]  # "two" still holds a
+    assert reg.let_go("one", [a.hash, b.hash]) == [b.hash]  # resent: the same answer
     assert reg.let_go("two", [a.hash]) == [a.hash]
-    assert reg.exists(a.hash)  # the caller of let_go takes them back
-    assert reg.take_back(a.hash) and reg.take_back(b.hash)
+    assert reg.exists(a.hash)  # the caller of let_go takes them back, marked
+    assert reg.take_back(a.hash, marked=True) and reg.take_back(b.hash, marked=True)
     assert hold_keys(reg, redis_client) == [] and reg.held() == []
+
+
+def test_a_keeper_between_the_last_let_go_and_its_take_back_wins(reg, redis_client):
+    """A call that finds the chunk and keeps it after the maker let go of it, before the
+    maker's take-back came: the take-back leaves it."""
+    chunk = make_chunk([26])
+    reg.put(chunk)
+    reg.hold("maker", [chunk.hash])
+    assert not reg.take_back(chunk.hash)
+    assert reg.let_go("maker", [chunk.hash]) == [chunk.hash]
+    reg.hold("keeper", [chunk.hash])
+    assert not reg.take_back(chunk.hash, marked=True)  # held again: the mark stays
+    assert reg.let_go("keeper", [chunk.hash], kept=[chunk.hash]) == []
+    assert not reg.take_back(chunk.hash, marked=True)
+    assert reg.exists(chunk.hash) and hold_keys(reg, redis_client) == []
+
+
+def test_a_marked_chunk_in_use_keeps_no_mark(reg, redis_client):
+    parent = make_chunk([27])
+    child = make_chunk([28], (parent,))
+    reg.put(parent)
+    reg.put(child)
+    reg.hold("call", [parent.hash])
+    assert not reg.take_back(parent.hash)
+    assert reg.let_go("call", [parent.hash]) == [parent.hash]
+    assert not reg.take_back(parent.hash, marked=True)  # the child was computed after it
+    assert reg.exists(parent.hash) and hold_keys(reg, redis_client) == []
 
 
 def test_a_chunk_a_holder_keeps_is_not_taken_back(reg, redis_client):
