@@ -59,6 +59,7 @@ READS = (
     "find_with_active",
     "list_chunks",
     "held",
+    "holds_named",
     "by_content",
     "parents",
     "children",

@@ -89,6 +89,7 @@ class InferenceWorker:
             hand_over=self.shared.hand_over,
             pool_tiers=self.shared.pool_tiers,
             restore=False,
+            holder_name=name,
         )
         self.report = PoolReport(registry, name, self.store.tiers)
         self.answers = AnswerStreams()
@@ -98,6 +99,7 @@ class InferenceWorker:
         self.deleted: set[str] = set()  # chunks deleted through other workers, to drop here
         self.deleted_lock = threading.Lock()
         self.report.send()  # a restarted worker's pool is empty: forget what its last life held
+        self.store.maker.let_go_of_earlier_life()  # and what its calls held when it died
 
     @ray.method(concurrency_group=TRANSFERS)
     def ready(self) -> bool:

@@ -17,6 +17,7 @@ Each part has one role and is handed what it uses:
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,7 @@ class ChunkStore:
         hand_over: HandOver | None = None,
         pool_tiers: PoolTiers | None = None,
         restore: bool = True,  # bring back the recorded gpu/cpu tiers when the engine starts
+        holder_name: str | None = None,  # a worker's: its calls' holds outlive a crash of it
     ):
         self.home = Path(home) if home is not None else data_dir()
         if isinstance(model, ModelHost):
@@ -111,6 +113,7 @@ class ChunkStore:
             self.model.fingerprint,
             self.model.tokenizer,
             self.lock,
+            holder_name or uuid.uuid4().hex,
         )
         self.views = ChunkViews(self.tiers, pool_tiers)
         self.model.on_start(self.tiers.opening_kv)

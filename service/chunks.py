@@ -60,7 +60,7 @@ class Hold:
     """The chunks one running call has made or found, in the order it took them, and those
     it stores as its own (`kept`). Its holds are in the registry, under `holder`."""
 
-    holder: str = field(default_factory=lambda: uuid.uuid4().hex)
+    holder: str
     hashes: list[str] = field(default_factory=list)
     kept: set[str] = field(default_factory=set)
 
@@ -74,9 +74,11 @@ class ChunkMaker:
         fingerprint: str,
         tokenizer: PreTrainedTokenizerBase,
         lock: threading.RLock,
+        holder_name: str,
     ):
         self.registry, self.tiers, self.composer = registry, tiers, composer
         self.fingerprint, self.tokenizer, self.lock = fingerprint, tokenizer, lock
+        self.holder_name = holder_name  # each call's holds are named after it (see holding)
         self.dtype = tiers.model.engine_config.dtype  # recorded: chunks of dtypes never mix
 
     def new_record(
@@ -232,16 +234,28 @@ class ChunkMaker:
         it holds across the processes and workers that share it. A chunk taken back while a
         call holds it goes when the last holder lets go, unless a holder stored it as its
         own (`keep`) or it is used by then."""
-        hold = Hold()
+        hold = Hold(f"{self.holder_name}:{uuid.uuid4().hex}")
         try:
             yield hold
         finally:
-            if hold.hashes:
-                # Newest first, as take_back goes: what was computed after a chunk first.
-                order = list(dict.fromkeys(hold.hashes))[::-1]
-                gone = self.registry.let_go(hold.holder, order, hold.kept)
-                for chunk in self.registry.get_present(gone):
+            # Newest first, as take_back goes: what was computed after a chunk goes first.
+            left = list(dict.fromkeys(hold.hashes))[::-1]
+            while left:
+                unwanted = self.registry.let_go(hold.holder, left, hold.kept)
+                if unwanted is None:
+                    break
+                left = left[left.index(unwanted) + 1 :]
+                for chunk in self.registry.get_present([unwanted]):
                     self._take_back_one(chunk, marked=True)
+
+    def let_go_of_earlier_life(self) -> None:
+        """Let go of what calls held under this store's name when its process died: a
+        worker started again after a crash (a store without a name of its own has a new
+        one in each process, and nothing to let go of)."""
+        for holder, held in self.registry.holds_named(f"{self.holder_name}:"):
+            unwanted = self.registry.let_go(holder, [held])
+            for chunk in self.registry.get_present([unwanted] if unwanted else []):
+                self._take_back_one(chunk, marked=True)
 
     def hold(self, hold: Hold, hashes: list[str]) -> None:
         """Add chunks to the call's hold; called before the call looks them up, so that a
@@ -251,7 +265,7 @@ class ChunkMaker:
             hold.hashes += hashes
             self.registry.hold(hold.holder, hashes)
 
-    def keep(self, hold: Hold, chunks: list[ChunkInfo]) -> None:
+    def keep(self, hold: Hold, chunks: list[ChunkRecord]) -> None:
         """The call stores these chunks, which it holds, as its own: they are not taken back
         (recorded as the call lets go; until then its hold defers any take-back)."""
         hold.kept.update(c.hash for c in chunks)

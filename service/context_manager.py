@@ -19,7 +19,12 @@ from kvchunks.service.catalog import Catalog, check_fits
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.chunks import Hold, check_metadata
 from kvchunks.service.context_settings import call_mode
-from kvchunks.service.conversation import checked_messages, message_chunks, message_tokens
+from kvchunks.service.conversation import (
+    checked_messages,
+    held_context,
+    message_chunks,
+    message_tokens,
+)
 from kvchunks.service.generation import Call, GenerationResult, Request
 from kvchunks.service.output_tracking import OutputTracker, OutputTracking
 from kvchunks.service.pieces import spans_of
@@ -268,7 +273,7 @@ class ContextManager(OutputTracking, Catalog):
         self._check_fits(_tokens(active) + len(prompt_tokens) + self._answer_room(call), active)
         with self.store.maker.holding() as hold:
             result = self._answer(prompt, prompt_tokens, active, call, hold)
-            self.store.maker.keep(hold, [result.prompt_chunk])
+            self.store.maker.keep(hold, [result.prompt_chunk, *result.output_chunks])
         self._auto_activate(settings, [result.prompt_chunk, *result.output_chunks])
         return self._finished(result)
 
@@ -290,11 +295,7 @@ class ContextManager(OutputTracking, Catalog):
         Under the context's auto_activate the messages, prompt and answer join the active
         chunks (for clients that send only the new message, as the web page does)."""
         turns = checked_messages(messages)
-        active = self.registry.get_many(self.registry.active(self.context_name))
-        before = list(active)
-        # Attended to once each: one already active, or named twice, is not read again.
-        for chunk in map(self.registry.find, checked_refs(chunks or [])):
-            before += [] if chunk.hash in {c.hash for c in before} else [chunk]
+        refs = checked_refs(chunks or [])
         settings = self.settings
         mode, recompute = call_mode(settings, mode, recompute)
         call = Call(settings, mode, recompute, params, on_text, store)
@@ -302,15 +303,13 @@ class ContextManager(OutputTracking, Catalog):
         tokens = message_tokens(chat, turns)
         prompt_tokens = chat.prompt(turns[-1].content)
         framed = sum(map(len, tokens)) + len(prompt_tokens)
-        self._check_fits(_tokens(before) + framed + self._answer_room(call), active)
-        self.store.model.check_dtype(before)
         made: list[ChunkInfo] = []  # the messages' chunks this call computes
         result = None
         maker = self.store.maker
         with maker.holding() as hold:
-            # Held too, so that a take-back elsewhere of a chunk this call reads (one of
-            # `chunks` a call made just now) waits for it, and goes after what it computes.
-            maker.hold(hold, [c.hash for c in before])
+            active, before = held_context(self.store, self.context_name, hold, refs)
+            self._check_fits(_tokens(before) + framed + self._answer_room(call), active)
+            self.store.model.check_dtype(before)
             try:
                 messages_kv = message_chunks(
                     self.store, self.context_name, turns, tokens, before, call, made, hold
@@ -323,13 +322,13 @@ class ContextManager(OutputTracking, Catalog):
                 if result is None or not store:
                     fresh = [] if result is None or result.prompt_reused else [result.prompt_chunk]
                     maker.take_back([*fresh, *reversed(made)])
-            stored = [*messages_kv, result.prompt_chunk] if store else []
-            maker.keep(hold, stored)
+            kept = [*messages_kv, result.prompt_chunk, *result.output_chunks] if store else []
+            maker.keep(hold, kept)
         made_tokens = sum(c.token_count for c in made)  # computed now, not reused
         result.tokens_reused -= made_tokens
         result.tokens_recomputed += made_tokens
         if store:
-            self._auto_activate(settings, [*stored, *result.output_chunks])
+            self._auto_activate(settings, kept)
         return self._finished(result, described=store)
 
     def _auto_activate(self, settings: dict, chunks: list[ChunkInfo]) -> None:

@@ -43,9 +43,12 @@ def import_chunk(store: ChunkStore, path: str | Path) -> str:
     if chunk.layout == "view" or k.shape[1] != chunk.token_count:
         raise InvalidInput(f"{file} does not hold a chunk's own KV")
     _check_address(store, chunk, file)
-    if not store.registry.exists(chunk.hash):
-        with store.lock:
-            store.maker.register(chunk, [store.tiers.write(k, v, chunk)])
+    with store.maker.holding() as hold:  # a call keeping nothing may make it meanwhile
+        store.maker.hold(hold, [chunk.hash])
+        if not store.registry.exists(chunk.hash):
+            with store.lock:
+                store.maker.register(chunk, [store.tiers.write(k, v, chunk)])
+        store.maker.keep(hold, [chunk])
     return chunk.hash
 
 

@@ -151,6 +151,7 @@ def generate(
                         ctx.position + len(request.prompt_tokens),
                         ctx.combine,
                         interrupted,
+                        hold,
                     )
                 except BaseException:  # a refused call leaves nothing: nor its prompt
                     if fresh:
@@ -287,6 +288,7 @@ def _store_answer(
     position: int,
     combine: str,
     interrupted: bool,
+    hold: Hold,
 ) -> list[ChunkInfo]:
     """Turn the answer's KV into output chunk(s), closed the way the chat template closes
     an assistant turn. The sequence's first `skip` own tokens are the prompt's."""
@@ -330,6 +332,7 @@ def _store_answer(
                 metadata=meta,
                 text=llm.decode(tokens[start : start + size]),
             )
+            store.maker.hold(hold, [record.hash])  # a call keeping nothing may make it too
             outputs.append(store.maker.register(record, part))
     except BaseException:
         store.maker.take_back(outputs[::-1])

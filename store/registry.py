@@ -120,13 +120,13 @@ return 1
 """
 
 
-# A call lets go of its holds (KEYS: hold, kept and unwanted key of each chunk; ARGV[1]: the
-# call's id; ARGV[i+1]: '1' where the call stored the i-th chunk as its own). Returns the
-# (1-based) indexes of the chunks taken back while held that no call holds any more; their
-# mark stays until the caller's take-back, so that a keeper coming in between wins. Running
-# it twice (a command resent) changes nothing more.
+# A call lets go of its holds, in order (KEYS: hold, kept and unwanted key of each chunk;
+# ARGV[1]: the call's id; ARGV[i+1]: '1' where the call stored the i-th chunk as its own), up
+# to the first chunk taken back while held that no call holds any more: returns its
+# (1-based) index, or 0 once all are let go. Its mark stays until the caller's take-back, so
+# that a keeper coming in between wins. Running it twice (a command resent) changes nothing
+# more.
 _LET_GO = """
-local out = {}
 for i = 1, #KEYS / 3 do
   local held, kept, unwanted = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
   redis.call('HDEL', held, ARGV[1])
@@ -137,10 +137,10 @@ for i = 1, #KEYS / 3 do
   end
   if not others then
     redis.call('DEL', kept)
-    if redis.call('EXISTS', unwanted) == 1 then table.insert(out, i) end
+    if redis.call('EXISTS', unwanted) == 1 then return i end
   end
 end
-return out
+return 0
 """
 
 
@@ -424,15 +424,27 @@ class ChunkRegistry:
         return sorted(found)
 
     @_redis_errors
-    def let_go(self, holder: str, hashes: list[str], kept: Iterable[str] = ()) -> list[str]:
-        """The call `holder` no longer holds these chunks, in that order, having stored those
-        in `kept` as its own. Returns those taken back while held that nobody holds now, in
-        that order: the caller takes them back (take_back with `marked`)."""
+    def holds_named(self, prefix: str) -> list[tuple[str, str]]:
+        """Each hold whose call's id starts with `prefix`: (call's id, chunk hash)."""
+        found = []
+        for key in self._redis.scan_iter(match=self._key("hold", "*"), count=_BATCH):
+            chunk_hash = key.rsplit(b":", 1)[1].decode()
+            holders = (h.decode() for h in self._redis.hkeys(key))
+            found += [(h, chunk_hash) for h in holders if h.startswith(prefix)]
+        return found
+
+    @_redis_errors
+    def let_go(self, holder: str, hashes: list[str], kept: Iterable[str] = ()) -> str | None:
+        """The call `holder` lets go of these chunks in order, having stored those in `kept`
+        as its own, up to the first one taken back while held that nobody holds now, which
+        it returns: the caller takes it back (take_back with `marked`), then lets go of the
+        rest. So a call that computed chunks after another lets go of that one only once
+        they are gone. None once it has let go of them all."""
         hashes, kept = [self._check_hash(h) for h in hashes], set(kept)
         keys = [key for h in hashes for key in self._hold_keys(h)]
         flags = [b"1" if h in kept else b"0" for h in hashes]
-        gone = self._let_go_script(keys=keys, args=[holder, *flags])
-        return [hashes[int(i) - 1] for i in gone]
+        stop = int(self._let_go_script(keys=keys, args=[holder, *flags]))
+        return hashes[stop - 1] if stop else None
 
     @_redis_errors
     def resolve(self, ref: str) -> str:

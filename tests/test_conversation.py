@@ -8,6 +8,7 @@ import pytest
 
 from kvchunks.common import ChunkNotFound, ContextWindowExceeded, InvalidInput
 from kvchunks.engine import SamplingParams
+from kvchunks.service.context_manager import ContextManager
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 DOC = "The ferry to Vaxholm leaves from Strömkajen at 9:15 and takes seventy minutes."
@@ -234,6 +235,26 @@ def test_without_storing_a_chunk_another_call_read_goes_after_what_it_computed(
     assert answer.prompt_reused  # the first call's prompt, found stored
     assert {c.hash for c in cm.list_chunks()} == before  # the message did not stay behind
     assert cm.registry.held() == []
+
+
+def test_a_worker_started_again_lets_go_of_what_its_last_life_held(make_store):
+    """Holds are named after the store: a worker's store, made again after a crash under
+    the same name, lets go of its dead calls' holds (taking back what they marked), and
+    leaves other stores' holds alone."""
+    first = make_store(holder_name="worker-7")
+    cm = ContextManager(store=first)
+    made = cm.add_chunk("The ferry to Sandhamn leaves at noon.")
+    kept = cm.add_chunk("The ferry to Möja leaves at one.")
+    registry = first.registry
+    registry.hold("worker-7:dead-call", [made.hash, kept.hash])
+    registry.hold("worker-70:running", [kept.hash])  # another worker's call, still running
+    assert not registry.take_back(made.hash) and not registry.take_back(kept.hash)
+    again = make_store(holder_name="worker-7", restore=False)
+    again.maker.let_go_of_earlier_life()
+    assert not registry.exists(made.hash)  # taken back once its dead holder let go
+    assert registry.exists(kept.hash) and registry.held() == [kept.hash]
+    assert registry.let_go("worker-70:running", [kept.hash]) == kept.hash
+    assert registry.take_back(kept.hash, marked=True) and registry.held() == []
 
 
 def test_a_document_loaded_while_a_call_without_storing_holds_it_stays(make_cm):

@@ -285,6 +285,8 @@ def test_killed_worker_loses_no_chunk_and_answers_the_same(ray_service):
     again = client.generate("Where does Pelle sleep?", GREEDY)  # served by the restarted worker
     assert again.text == first.text and again.output_chunk.hash == first.output_chunk.hash
     assert s.stats("worker-1").get("recomputes", 0) == 0
+    # The restarted worker let go of what the killed call held (its prompt, never stored).
+    assert get(s.service.registry.call.remote("held")) == []
 
 
 def test_kv_evicted_to_host_memory_outlives_its_worker(ray_service):

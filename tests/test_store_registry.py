@@ -327,9 +327,9 @@ def test_a_chunk_taken_back_while_held_goes_with_its_last_hold(reg, redis_client
     ]
     assert not reg.take_back(a.hash) and not reg.take_back(b.hash)  # marked, not deleted
     assert reg.exists(a.hash) and reg.exists(b.hash)
-    assert reg.let_go("one", [a.hash, b.hash]) == [b.hash]  # "two" still holds a
-    assert reg.let_go("one", [a.hash, b.hash]) == [b.hash]  # resent: the same answer
-    assert reg.let_go("two", [a.hash]) == [a.hash]
+    assert reg.let_go("one", [a.hash, b.hash]) == b.hash  # "two" still holds a
+    assert reg.let_go("one", [a.hash, b.hash]) == b.hash  # resent: the same answer
+    assert reg.let_go("two", [a.hash]) == a.hash
     assert reg.exists(a.hash)  # the caller of let_go takes them back, marked
     assert reg.take_back(a.hash, marked=True) and reg.take_back(b.hash, marked=True)
     assert hold_keys(reg, redis_client) == [] and reg.held() == []
@@ -342,10 +342,10 @@ def test_a_keeper_between_the_last_let_go_and_its_take_back_wins(reg, redis_clie
     reg.put(chunk)
     reg.hold("maker", [chunk.hash])
     assert not reg.take_back(chunk.hash)
-    assert reg.let_go("maker", [chunk.hash]) == [chunk.hash]
+    assert reg.let_go("maker", [chunk.hash]) == chunk.hash
     reg.hold("keeper", [chunk.hash])
     assert not reg.take_back(chunk.hash, marked=True)  # held again: the mark stays
-    assert reg.let_go("keeper", [chunk.hash], kept=[chunk.hash]) == []
+    assert reg.let_go("keeper", [chunk.hash], kept=[chunk.hash]) is None
     assert not reg.take_back(chunk.hash, marked=True)
     assert reg.exists(chunk.hash) and hold_keys(reg, redis_client) == []
 
@@ -357,9 +357,29 @@ def test_a_marked_chunk_in_use_keeps_no_mark(reg, redis_client):
     reg.put(child)
     reg.hold("call", [parent.hash])
     assert not reg.take_back(parent.hash)
-    assert reg.let_go("call", [parent.hash]) == [parent.hash]
+    assert reg.let_go("call", [parent.hash]) == parent.hash
     assert not reg.take_back(parent.hash, marked=True)  # the child was computed after it
     assert reg.exists(parent.hash) and hold_keys(reg, redis_client) == []
+
+
+def test_a_call_lets_go_of_a_chunk_only_once_what_it_computed_after_it_is_gone(reg, redis_client):
+    """Two calls keeping nothing share a message; the second computed its prompt after it.
+    Whichever lets go first, the message is not left behind."""
+    message = make_chunk([29])
+    prompt = make_chunk([30], (message,))
+    reg.put(message)
+    reg.put(prompt)
+    reg.hold("first", [message.hash])
+    reg.hold("second", [message.hash, prompt.hash])
+    for chunk in (message, prompt):
+        assert not reg.take_back(chunk.hash)  # each call takes back what it made: marked
+    # The second stops at its prompt, still holding the message it was computed after.
+    assert reg.let_go("second", [prompt.hash, message.hash]) == prompt.hash
+    assert reg.let_go("first", [message.hash]) is None  # the second holds it
+    assert reg.take_back(prompt.hash, marked=True)
+    assert reg.let_go("second", [message.hash]) == message.hash
+    assert reg.take_back(message.hash, marked=True)
+    assert not reg.exists(message.hash) and hold_keys(reg, redis_client) == []
 
 
 def test_a_chunk_a_holder_keeps_is_not_taken_back(reg, redis_client):
@@ -371,9 +391,9 @@ def test_a_chunk_a_holder_keeps_is_not_taken_back(reg, redis_client):
         reg.hold("maker", [chunk.hash])
         reg.hold("reader", [chunk.hash])
     assert not reg.take_back(early.hash)  # before the reader keeps it
-    assert reg.let_go("reader", [early.hash, late.hash], kept=[early.hash, late.hash]) == []
+    assert reg.let_go("reader", [early.hash, late.hash], kept=[early.hash, late.hash]) is None
     assert not reg.take_back(late.hash)  # after
-    assert reg.let_go("maker", [late.hash, early.hash]) == []
+    assert reg.let_go("maker", [late.hash, early.hash]) is None
     assert reg.exists(early.hash) and reg.exists(late.hash)
     assert hold_keys(reg, redis_client) == []
     assert reg.take_back(late.hash)  # no one holds or keeps it now
@@ -386,7 +406,7 @@ def test_a_delete_clears_the_holds(reg, redis_client):
     assert not reg.take_back(chunk.hash)
     reg.delete(chunk.hash)
     assert hold_keys(reg, redis_client) == []
-    assert reg.let_go("call", [chunk.hash]) == [] and hold_keys(reg, redis_client) == []
+    assert reg.let_go("call", [chunk.hash]) is None and hold_keys(reg, redis_client) == []
 
 
 def test_concurrent_views_and_tags_lose_no_count_and_no_tag(reg):
