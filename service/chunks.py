@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import threading
 import time
 import uuid
@@ -239,23 +240,39 @@ class ChunkMaker:
             yield hold
         finally:
             # Newest first, as take_back goes: what was computed after a chunk goes first.
-            left = list(dict.fromkeys(hold.hashes))[::-1]
-            while left:
-                unwanted = self.registry.let_go(hold.holder, left, hold.kept)
-                if unwanted is None:
-                    break
-                left = left[left.index(unwanted) + 1 :]
-                for chunk in self.registry.get_present([unwanted]):
-                    self._take_back_one(chunk, marked=True)
+            self._let_go(hold.holder, list(dict.fromkeys(hold.hashes))[::-1], hold.kept)
 
     def let_go_of_earlier_life(self) -> None:
         """Let go of what calls held under this store's name when its process died: a
         worker started again after a crash (a store without a name of its own has a new
-        one in each process, and nothing to let go of)."""
+        one in each process, and nothing to let go of). Each call's chunks newest first,
+        as the call itself would have let go of them."""
+        calls: dict[str, list[str]] = {}
         for holder, held in self.registry.holds_named(f"{self.holder_name}:"):
-            unwanted = self.registry.let_go(holder, [held])
-            for chunk in self.registry.get_present([unwanted] if unwanted else []):
-                self._take_back_one(chunk, marked=True)
+            calls.setdefault(holder, []).append(held)
+        for holder, hashes in calls.items():
+            made = {c.hash: c.created_at for c in self.registry.get_present(hashes)}
+            newest_first = sorted(hashes, key=lambda h: made.get(h, math.inf), reverse=True)
+            self._let_go(holder, newest_first, set())
+
+    def _let_go(self, holder: str, left: list[str], kept: set[str]) -> None:
+        """Let go of a call's holds in the order given, taking back each chunk a take-back
+        marked that nobody holds then, before letting go of the next. A take-back that
+        fails does not stop it, as the call's other holds must not outlive it: the first
+        failure is raised at the end."""
+        failed: BaseException | None = None
+        while left:
+            unwanted = self.registry.let_go(holder, left, kept)
+            if unwanted is None:
+                break
+            left = left[left.index(unwanted) + 1 :]
+            try:
+                for chunk in self.registry.get_present([unwanted]):
+                    self._take_back_one(chunk, marked=True)
+            except BaseException as e:  # Ctrl-C too: it is raised once all are let go
+                failed = failed or e
+        if failed is not None:
+            raise failed
 
     def hold(self, hold: Hold, hashes: list[str]) -> None:
         """Add chunks to the call's hold; called before the call looks them up, so that a

@@ -239,22 +239,51 @@ def test_without_storing_a_chunk_another_call_read_goes_after_what_it_computed(
 
 def test_a_worker_started_again_lets_go_of_what_its_last_life_held(make_store):
     """Holds are named after the store: a worker's store, made again after a crash under
-    the same name, lets go of its dead calls' holds (taking back what they marked), and
+    the same name, lets go of its dead calls' holds, newest chunk first (taking back what
+    they marked: a chunk others were computed after goes only once they are gone), and
     leaves other stores' holds alone."""
     first = make_store(holder_name="worker-7")
     cm = ContextManager(store=first)
-    made = cm.add_chunk("The ferry to Sandhamn leaves at noon.")
-    kept = cm.add_chunk("The ferry to Möja leaves at one.")
+    note = cm.add_chunk("The ferry to Sandhamn leaves at noon.")
+    cm.activate_chunk(note.hash)
+    answer = cm.generate("When does it leave?", GREEDY)
+    cm.clear()
+    other = cm.add_chunk("The ferry to Möja leaves at one.")
+    made = [note, answer.prompt_chunk, *answer.output_chunks]  # each computed after the last
     registry = first.registry
-    registry.hold("worker-7:dead-call", [made.hash, kept.hash])
-    registry.hold("worker-70:running", [kept.hash])  # another worker's call, still running
-    assert not registry.take_back(made.hash) and not registry.take_back(kept.hash)
+    registry.hold("worker-7:dead-call", [c.hash for c in [*made, other]])
+    registry.hold("worker-70:running", [other.hash])  # another worker's call, still running
+    for chunk in [*made, other]:
+        assert not registry.take_back(chunk.hash)  # marked, to go with the last hold
     again = make_store(holder_name="worker-7", restore=False)
     again.maker.let_go_of_earlier_life()
-    assert not registry.exists(made.hash)  # taken back once its dead holder let go
-    assert registry.exists(kept.hash) and registry.held() == [kept.hash]
-    assert registry.let_go("worker-70:running", [kept.hash]) == kept.hash
-    assert registry.take_back(kept.hash, marked=True) and registry.held() == []
+    assert registry.missing([c.hash for c in made]) == [c.hash for c in made]
+    assert registry.exists(other.hash) and registry.held() == [other.hash]
+    assert registry.let_go("worker-70:running", [other.hash]) == other.hash
+    assert registry.take_back(other.hash, marked=True) and registry.held() == []
+
+
+def test_a_take_back_that_fails_lets_go_of_the_calls_other_holds_first(make_store, monkeypatch):
+    store = make_store()
+    cm = ContextManager(store=store)
+    chunks = [cm.add_chunk(f"Holds note {i}: the tide turns at {i} o'clock.") for i in (4, 5)]
+    maker, registry = store.maker, store.registry
+
+    def failing(chunk, marked=False):
+        raise OSError(f"cannot remove the file of {chunk.hash[:12]}")
+
+    monkeypatch.setattr(maker, "_take_back_one", failing)
+    # The first failure is raised: the newest chunk's.
+    with pytest.raises(OSError, match=chunks[1].hash[:12]), maker.holding() as hold:
+        maker.hold(hold, [c.hash for c in chunks])
+        for chunk in chunks:
+            assert not registry.take_back(chunk.hash)  # marked
+    assert registry.holds_named(hold.holder) == []  # every hold let go, though both failed
+    monkeypatch.undo()
+    for chunk in chunks:
+        maker._take_back_one(chunk, marked=True)
+    hashes = [c.hash for c in chunks]
+    assert registry.held() == [] and registry.missing(hashes) == hashes
 
 
 def test_a_document_loaded_while_a_call_without_storing_holds_it_stays(make_cm):
