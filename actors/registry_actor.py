@@ -60,6 +60,7 @@ READS = (
     "list_chunks",
     "held",
     "holds_named",
+    "orphan_marks",
     "by_content",
     "parents",
     "children",

@@ -246,14 +246,21 @@ class ChunkMaker:
         """Let go of what calls held under this store's name when its process died: a
         worker started again after a crash (a store without a name of its own has a new
         one in each process, and nothing to let go of). Each call's chunks newest first,
-        as the call itself would have let go of them."""
+        as the call itself would have let go of them; then the chunks it let go of but died
+        before taking back (a live call taking one back meanwhile makes the same delete)."""
         calls: dict[str, list[str]] = {}
         for holder, held in self.registry.holds_named(f"{self.holder_name}:"):
             calls.setdefault(holder, []).append(held)
         for holder, hashes in calls.items():
-            made = {c.hash: c.created_at for c in self.registry.get_present(hashes)}
-            newest_first = sorted(hashes, key=lambda h: made.get(h, math.inf), reverse=True)
-            self._let_go(holder, newest_first, set())
+            self._let_go(holder, self._newest_first(hashes), set())
+        orphans = self._newest_first(self.registry.orphan_marks())
+        for chunk in self.registry.get_present(orphans):
+            self._take_back_one(chunk, marked=True)
+
+    def _newest_first(self, hashes: list[str]) -> list[str]:
+        """Chunks newest first (one not stored: first), as take_back goes."""
+        made = {c.hash: c.created_at for c in self.registry.get_present(hashes)}
+        return sorted(hashes, key=lambda h: made.get(h, math.inf), reverse=True)
 
     def _let_go(self, holder: str, left: list[str], kept: set[str]) -> None:
         """Let go of a call's holds in the order given, taking back each chunk a take-back

@@ -434,6 +434,17 @@ class ChunkRegistry:
         return found
 
     @_redis_errors
+    def orphan_marks(self) -> list[str]:
+        """Chunks marked to be taken back that no call holds: a call let go of them and
+        has not taken them back yet, or died before it could."""
+        found = []
+        for key in self._redis.scan_iter(match=self._key("unwanted", "*"), count=_BATCH):
+            chunk_hash = key.rsplit(b":", 1)[1].decode()
+            if not self._redis.exists(self._key("hold", chunk_hash)):
+                found.append(chunk_hash)
+        return found
+
+    @_redis_errors
     def let_go(self, holder: str, hashes: list[str], kept: Iterable[str] = ()) -> str | None:
         """The call `holder` lets go of these chunks in order, having stored those in `kept`
         as its own, up to the first one taken back while held that nobody holds now, which

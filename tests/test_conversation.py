@@ -255,6 +255,12 @@ def test_a_worker_started_again_lets_go_of_what_its_last_life_held(make_store):
     registry.hold("worker-70:running", [other.hash])  # another worker's call, still running
     for chunk in [*made, other]:
         assert not registry.take_back(chunk.hash)  # marked, to go with the last hold
+    # One more the dead worker let go of but did not live to take back.
+    orphan = cm.add_chunk("The ferry to Utö leaves at two.")
+    registry.hold("worker-7:dying-call", [orphan.hash])
+    assert not registry.take_back(orphan.hash)
+    assert registry.let_go("worker-7:dying-call", [orphan.hash]) == orphan.hash
+    made.append(orphan)
     again = make_store(holder_name="worker-7", restore=False)
     again.maker.let_go_of_earlier_life()
     assert registry.missing([c.hash for c in made]) == [c.hash for c in made]
