@@ -31,7 +31,7 @@ OWN_METADATA = ("mode", "combine", "timestamp", "dtype")
 
 
 def chunk_address(
-    fingerprint: str, parents: list[ChunkInfo], combine: str, position: int, tokens: list[int]
+    fingerprint: str, parents: list[ChunkRecord], combine: str, position: int, tokens: list[int]
 ) -> str:
     """The content address of a chunk computed at `position` after `parents`, combined as
     named (see store.hashing)."""
@@ -85,7 +85,7 @@ class ChunkMaker:
     def new_record(
         self,
         tokens: list[int],
-        parents: list[ChunkInfo],
+        parents: list[ChunkRecord],
         position: int,
         combine: str,
         mode: str,

@@ -17,7 +17,7 @@ from kvchunks.engine.stop_strings import held_back
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.chunks import Hold
 from kvchunks.service.compose import AttentionContext
-from kvchunks.store.chunk import ChunkInfo
+from kvchunks.store.chunk import ChunkInfo, ChunkRecord
 from kvchunks.vocabulary import DEFAULT_MODE, check_callback, check_flag, recompute_fraction
 
 
@@ -318,21 +318,27 @@ def _store_answer(
         size = granularity if isinstance(granularity, int) else len(tokens)
         generation = {**request.params.to_dict(), "mode": request.mode}
         meta = {"source": "generation", "context": request.context, "interrupted": interrupted}
-        for start in range(0, len(tokens), size):
-            part = llm.share(kv, start, min(size, len(tokens) - start))
-            record = store.maker.new_record(
-                tokens[start : start + size],
-                [*parents, *outputs],
-                position + start,
-                combine,
-                request.mode,
-                role="assistant",
-                kind="output",
-                generation_params=generation,
-                metadata=meta,
-                text=llm.decode(tokens[start : start + size]),
+        starts = range(0, len(tokens), size)
+        records: list[ChunkRecord] = []
+        for start in starts:
+            records.append(
+                store.maker.new_record(
+                    tokens[start : start + size],
+                    [*parents, *records],
+                    position + start,
+                    combine,
+                    request.mode,
+                    role="assistant",
+                    kind="output",
+                    generation_params=generation,
+                    metadata=meta,
+                    text=llm.decode(tokens[start : start + size]),
+                )
             )
-            store.maker.hold(hold, [record.hash])  # a call keeping nothing may make it too
+        # Held before they are stored: a call keeping nothing may make them too.
+        store.maker.hold(hold, [r.hash for r in records])
+        for start, record in zip(starts, records, strict=True):
+            part = llm.share(kv, start, min(size, len(tokens) - start))
             outputs.append(store.maker.register(record, part))
     except BaseException:
         store.maker.take_back(outputs[::-1])

@@ -14,7 +14,7 @@ Key layout; every key starts with `<namespace>:` so several registries can share
     ctx:<name>:settings  hash    setting name -> msgpack value (mode, auto_activate, ...)
     hold:<h>             hash    id of each running call that holds <h> -> 1 (see hold)
     kept:<h>             string  set while held: a holder stored <h> as its own
-    unwanted:<h>         string  set while held: <h> was taken back, and goes with its last hold
+    unwanted:<h>         string  <h> was taken back while held: it goes once its last hold does
 
 Every method takes full hashes; `resolve` turns a user's short prefix into one. Writes that
 touch several keys run in one MULTI/EXEC under WATCH, so a record and its index entries never
@@ -32,7 +32,7 @@ import fnmatch
 import functools
 import re
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 import msgpack
@@ -397,8 +397,8 @@ class ChunkRegistry:
     # -- holds of running calls ---------------------------------------------------------------
     # A running call holds the chunks it makes or finds, so that another call's take-back
     # (store=False) waits for it; kept in Redis, they hold across every process and worker
-    # on the registry. A call that dies holding leaves its holds: the chunks it held are
-    # then never taken back (a delete clears them).
+    # on the registry. A call that dies holding leaves its holds, until its store lets go
+    # of them (holds_named, orphan_marks) or a delete clears them.
 
     def _hold_keys(self, chunk_hash: str) -> tuple[str, str, str]:
         return tuple(self._key(name, chunk_hash) for name in ("hold", "kept", "unwanted"))
@@ -416,19 +416,14 @@ class ChunkRegistry:
     def held(self) -> list[str]:
         """The chunks a call holds, or that carry a mark of one (see the key layout): none
         on a quiet registry."""
-        found = {
-            key.rsplit(b":", 1)[1].decode()
-            for name in ("hold", "kept", "unwanted")
-            for key in self._redis.scan_iter(match=self._key(name, "*"), count=_BATCH)
-        }
-        return sorted(found)
+        names = ("hold", "kept", "unwanted")
+        return sorted({h for name in names for _, h in self._keys_of(name)})
 
     @_redis_errors
     def holds_named(self, prefix: str) -> list[tuple[str, str]]:
         """Each hold whose call's id starts with `prefix`: (call's id, chunk hash)."""
         found = []
-        for key in self._redis.scan_iter(match=self._key("hold", "*"), count=_BATCH):
-            chunk_hash = key.rsplit(b":", 1)[1].decode()
+        for key, chunk_hash in self._keys_of("hold"):
             holders = (h.decode() for h in self._redis.hkeys(key))
             found += [(h, chunk_hash) for h in holders if h.startswith(prefix)]
         return found
@@ -437,12 +432,13 @@ class ChunkRegistry:
     def orphan_marks(self) -> list[str]:
         """Chunks marked to be taken back that no call holds: a call let go of them and
         has not taken them back yet, or died before it could."""
-        found = []
-        for key in self._redis.scan_iter(match=self._key("unwanted", "*"), count=_BATCH):
-            chunk_hash = key.rsplit(b":", 1)[1].decode()
-            if not self._redis.exists(self._key("hold", chunk_hash)):
-                found.append(chunk_hash)
-        return found
+        marked = [h for _, h in self._keys_of("unwanted")]
+        return [h for h in marked if not self._redis.exists(self._key("hold", h))]
+
+    def _keys_of(self, name: str) -> Iterator[tuple[bytes, str]]:
+        """Each `<name>:<chunk hash>` key of this registry, and its chunk's hash."""
+        for key in self._redis.scan_iter(match=self._key(name, "*"), count=_BATCH):
+            yield key, key.rsplit(b":", 1)[1].decode()
 
     @_redis_errors
     def let_go(self, holder: str, hashes: list[str], kept: Iterable[str] = ()) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -113,6 +114,37 @@ def test_without_storing_a_chunk_another_request_took_up_meanwhile_stays(make_cm
     assert [c.hash for c in other.context().chunks] == taken_up
 
 
+@contextlib.contextmanager
+def answering_while_taking_back(monkeypatch, maker, answer, resume_after_take_back=False):
+    """While the block runs, the first take-back of `maker` starts `answer(on_text)` on a
+    thread and takes back once that answer's text streams; the answer then waits in its
+    on_text until the take-back is done (`resume_after_take_back`) or else the block ends.
+    Yields the list the answer's result lands in (empty if it raised)."""
+    take_back = maker.take_back
+    running, go_on, answered, threads = threading.Event(), threading.Event(), [], []
+
+    def on_text(_text: str) -> None:
+        running.set()
+        go_on.wait(timeout=120)
+
+    def take_back_while_another_answers(chunks: list) -> None:
+        monkeypatch.setattr(maker, "take_back", take_back)
+        threads.append(threading.Thread(target=lambda: answered.append(answer(on_text))))
+        threads[0].start()
+        assert running.wait(timeout=120)
+        take_back(chunks)
+        if resume_after_take_back:
+            go_on.set()
+
+    monkeypatch.setattr(maker, "take_back", take_back_while_another_answers)
+    try:
+        yield answered
+    finally:
+        go_on.set()
+        for thread in threads:
+            thread.join(timeout=120)
+
+
 def test_without_storing_what_a_running_answer_found_stays_for_it(make_cm, monkeypatch):
     """store=False takes back what the call made only once no other call holds it: here an
     answer that found the call's message and prompt stored, running as they would go,
@@ -124,27 +156,14 @@ def test_without_storing_what_a_running_answer_found_stays_for_it(make_cm, monke
         {"role": "system", "content": "Answer briefly, please."},
         user("Where is Sandhamn?"),
     ]
-    maker, take_back = cm.store.maker, cm.store.maker.take_back
-    running, taken_back, kept = threading.Event(), threading.Event(), []
 
-    def while_running(_text: str) -> None:
-        running.set()
-        taken_back.wait(timeout=120)
+    def answer(on_text):
+        return other.chat(messages, GREEDY, on_text=on_text)
 
-    answering = threading.Thread(
-        target=lambda: kept.append(other.chat(messages, GREEDY, on_text=while_running))
-    )
-
-    def take_back_while_another_answers(chunks: list) -> None:
-        monkeypatch.setattr(maker, "take_back", take_back)
-        answering.start()
-        assert running.wait(timeout=120)
-        take_back(chunks)
-        taken_back.set()
-
-    monkeypatch.setattr(maker, "take_back", take_back_while_another_answers)
-    dropped = cm.chat(messages, GREEDY, store=False)
-    answering.join(timeout=120)
+    with answering_while_taking_back(
+        monkeypatch, cm.store.maker, answer, resume_after_take_back=True
+    ) as kept:
+        dropped = cm.chat(messages, GREEDY, store=False)
     [answer] = kept  # before the fix: ChunkNotFound in the thread, its prompt gone
     assert dropped.text and answer.prompt_reused
     [system] = answer.prompt_chunk.parent_chunks
@@ -163,29 +182,12 @@ def test_without_storing_what_a_running_answer_elsewhere_found_stays_for_it(make
         {"role": "system", "content": "Answer briefly, please, and politely."},
         user("Where is Grinda?"),
     ]
-    maker, take_back = cm.store.maker, cm.store.maker.take_back
-    running, go_on, kept = threading.Event(), threading.Event(), []
 
-    def while_running(_text: str) -> None:
-        running.set()
-        go_on.wait(timeout=120)
+    def answer(on_text):
+        return elsewhere.chat(messages, GREEDY, on_text=on_text)
 
-    answering = threading.Thread(
-        target=lambda: kept.append(elsewhere.chat(messages, GREEDY, on_text=while_running))
-    )
-
-    def take_back_while_another_answers(chunks: list) -> None:
-        monkeypatch.setattr(maker, "take_back", take_back)
-        answering.start()
-        assert running.wait(timeout=120)
-        take_back(chunks)
-
-    monkeypatch.setattr(maker, "take_back", take_back_while_another_answers)
-    try:
+    with answering_while_taking_back(monkeypatch, cm.store.maker, answer) as kept:
         dropped = cm.chat(messages, GREEDY, store=False)  # ends, the other still answering
-    finally:
-        go_on.set()
-        answering.join(timeout=120)
     [answer] = kept  # before holds were in the registry: ChunkNotFound in the thread
     assert dropped.text and answer.prompt_reused
     [system] = answer.prompt_chunk.parent_chunks
@@ -204,33 +206,13 @@ def test_without_storing_a_chunk_another_call_read_goes_after_what_it_computed(
     before = {c.hash for c in cm.list_chunks()}
     system = {"role": "system", "content": "Answer briefly, and name the island."}
     question = user("Where is Utö?")
-    maker, take_back = cm.store.maker, cm.store.maker.take_back
-    running, go_on, answered, readers = threading.Event(), threading.Event(), [], []
 
-    def while_running(_text: str) -> None:
-        running.set()
-        go_on.wait(timeout=120)
-
-    def read_it(made: str) -> None:
-        answer = elsewhere.chat(
-            [question], GREEDY, chunks=[made], on_text=while_running, store=False
-        )
-        answered.append(answer)
-
-    def take_back_while_another_answers(chunks: list) -> None:
-        monkeypatch.setattr(maker, "take_back", take_back)
+    def answer(on_text):  # started once the first call's message is stored
         [made] = [c.hash for c in cm.list_chunks() if c.hash not in before and c.role == "system"]
-        readers.append(threading.Thread(target=read_it, args=(made,)))
-        readers[0].start()
-        assert running.wait(timeout=120)
-        take_back(chunks)
+        return elsewhere.chat([question], GREEDY, chunks=[made], on_text=on_text, store=False)
 
-    monkeypatch.setattr(maker, "take_back", take_back_while_another_answers)
-    try:
+    with answering_while_taking_back(monkeypatch, cm.store.maker, answer) as answered:
         cm.chat([system, question], GREEDY, store=False)
-    finally:
-        go_on.set()
-    readers[0].join(timeout=120)
     [answer] = answered
     assert answer.prompt_reused  # the first call's prompt, found stored
     assert {c.hash for c in cm.list_chunks()} == before  # the message did not stay behind
