@@ -267,11 +267,11 @@ class ContextManager(OutputTracking, Catalog):
         settings = self.settings
         mode, recompute = call_mode(settings, mode, recompute)
         call = Call(settings, mode, recompute, params, on_text)
-        active = self.registry.get_many(self.registry.active(self.context_name))
-        self.store.model.check_dtype(active)
         prompt_tokens = self.store.model.chat.prompt(prompt)
-        self._check_fits(_tokens(active) + len(prompt_tokens) + self._answer_room(call), active)
         with self.store.maker.holding() as hold:
+            active, _ = held_context(self.store, self.context_name, hold, [])
+            self.store.model.check_dtype(active)
+            self._check_fits(_tokens(active) + len(prompt_tokens) + self._answer_room(call), active)
             result = self._answer(prompt, prompt_tokens, active, call, hold)
             self.store.maker.keep(hold, [result.prompt_chunk, *result.output_chunks])
         self._auto_activate(settings, [result.prompt_chunk, *result.output_chunks])

@@ -219,6 +219,38 @@ def test_without_storing_a_chunk_another_call_read_goes_after_what_it_computed(
     assert cm.registry.held() == []
 
 
+def test_a_generation_holds_the_active_chunks_it_reads(make_cm, monkeypatch):
+    """A chunk a call keeping nothing made, active in another context when a generation
+    there starts and deactivated by hand while it answers, stays for that generation, which
+    stores its prompt after it; the call that made it ends first."""
+    cm = make_cm("gen-held")
+    other = cm.with_context("gen-held-other")
+    before = {c.hash for c in cm.list_chunks()}
+    system = {"role": "system", "content": "Answer briefly, and name the skerry."}
+    read = []
+
+    def answer(on_text):  # started once the first call's message is stored
+        [made] = [c.hash for c in cm.list_chunks() if c.hash not in before and c.role == "system"]
+        other.activate_chunk(made)
+        read.append(made)
+
+        def deactivated_meanwhile(text: str) -> None:
+            if other.context().chunks:
+                other.deactivate_chunk(made)
+            on_text(text)
+
+        return other.generate("Which skerry?", GREEDY, on_text=deactivated_meanwhile)
+
+    with answering_while_taking_back(monkeypatch, cm.store.maker, answer) as answered:
+        cm.chat([system, user("Where is Gillöga?")], GREEDY, store=False)
+    [answer] = answered
+    assert answer.prompt_chunk.parent_chunks == read
+    # Before generate held them: the message went, its prompt stored after a deleted chunk.
+    made = {*read, answer.prompt_chunk.hash, answer.output_chunk.hash}
+    assert {c.hash for c in cm.list_chunks()} - before == made
+    assert cm.registry.held() == []
+
+
 def test_a_worker_started_again_lets_go_of_what_its_last_life_held(make_store):
     """Holds are named after the store: a worker's store, made again after a crash under
     the same name, lets go of its dead calls' holds, newest chunk first (taking back what
