@@ -289,6 +289,24 @@ class ChunkMaker:
             hold.hashes += hashes
             self.registry.hold(hold.holder, hashes)
 
+    def hold_lineage(self, hold: Hold, chunks: list[ChunkInfo]) -> None:
+        """Add to the call's hold the chunks these held ones were computed after, and theirs
+        in turn: a take-back of one while the call runs then waits for it too, and goes
+        after the held chunk computed after it (not held, it would find that chunk still
+        there, and stay once it went). Held before they are read. The call lets go of them
+        all after the chunks computed after them: they take the front of its hold, oldest
+        first."""
+        seen, lineage = set(hold.hashes), []
+        parents = _parents_not_in(chunks, seen)
+        while parents:
+            self.registry.hold(hold.holder, parents)
+            seen.update(parents)
+            found = self.registry.get_present(parents)
+            lineage += found
+            parents = _parents_not_in(found, seen)
+        front = [c.hash for c in sorted([*chunks, *lineage], key=lambda c: c.created_at)]
+        hold.hashes[:] = list(dict.fromkeys([*front, *hold.hashes]))
+
     def keep(self, hold: Hold, chunks: list[ChunkRecord]) -> None:
         """The call stores these chunks, which it holds, as its own: they are not taken back
         (recorded as the call lets go; until then its hold defers any take-back)."""
@@ -334,3 +352,7 @@ class ChunkMaker:
             if unregister(chunk.hash):
                 self.tiers.forget(chunk.hash)
                 self.tiers.files.remove(chunk.hash)
+
+
+def _parents_not_in(chunks: list[ChunkInfo], seen: set[str]) -> list[str]:
+    return list(dict.fromkeys(p for c in chunks for p in c.parent_chunks if p not in seen))

@@ -89,15 +89,16 @@ def held_context(
 ) -> tuple[list[ChunkInfo], list[ChunkInfo]]:
     """A chat's context: its active chunks, and those with the request's chunks after them
     (each attended to once: one already active, or named twice, is not read again). Held
-    by the call, so that a take-back elsewhere of one of them (a chunk a call made just
-    now) waits for it and goes after what it computes; read again once held, as a
-    take-back may have come first."""
+    by the call, with the chunks they were computed after, so that a take-back elsewhere
+    of one of them (a chunk a call made just now) waits for it and goes after what it
+    computes; read again once held, as a take-back may have come first."""
     registry = store.registry
     named = [registry.find(ref).hash for ref in refs]
     active = registry.active(context)
     hashes = list(dict.fromkeys([*active, *named]))
     store.maker.hold(hold, hashes)
     before = registry.get_many(hashes)
+    store.maker.hold_lineage(hold, before)
     return before[: len(active)], before
 
 

@@ -219,6 +219,31 @@ def test_without_storing_a_chunk_another_call_read_goes_after_what_it_computed(
     assert cm.registry.held() == []
 
 
+def test_without_storing_what_a_chunk_another_call_read_was_computed_after_goes_too(
+    make_cm, monkeypatch
+):
+    """The same when the second call reads the first's prompt, computed after its message:
+    the message goes too, once the prompt has gone."""
+    cm = make_cm("chat-lineage")
+    elsewhere = make_cm("chat-lineage-other")
+    before = {c.hash for c in cm.list_chunks()}
+    system = {"role": "system", "content": "Answer briefly, and name the harbour."}
+
+    def answer(on_text):  # started once the first call's prompt is stored
+        [prompt] = [c.hash for c in cm.list_chunks() if c.hash not in before and c.role == "user"]
+        return elsewhere.chat(
+            [user("And then?")], GREEDY, chunks=[prompt], on_text=on_text, store=False
+        )
+
+    with answering_while_taking_back(monkeypatch, cm.store.maker, answer) as answered:
+        cm.chat([system, user("Where is Arholma?")], GREEDY, store=False)
+    [answer] = answered
+    assert answer.text
+    # Before the call held the lineage of what it read: the message stayed behind.
+    assert {c.hash for c in cm.list_chunks()} == before
+    assert cm.registry.held() == []
+
+
 def test_a_generation_holds_the_active_chunks_it_reads(make_cm, monkeypatch):
     """A chunk a call keeping nothing made, active in another context when a generation
     there starts and deactivated by hand while it answers, stays for that generation, which
