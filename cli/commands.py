@@ -145,8 +145,8 @@ def _activate_loaded(cm: Catalog, chunks: list[ChunkInfo]) -> list[ChunkInfo]:
 def list_chunks(state: State, pattern: str | None, tag: str | None, as_json: bool) -> None:
     """List chunks, oldest first.
 
-    PATTERN is a glob (or, without * ? [, a substring) matched against the hash, the text,
-    the source file and the tags, ignoring case.
+    PATTERN is a glob matched against the hash, the text, the source file and the tags,
+    ignoring case; without * ? [ it matches the start of the hash, or anywhere in the others.
     """
     chunks = state.catalog.list_chunks(pattern, tag)
     show(state, as_json, [c.to_json() for c in chunks], lambda: render.chunks_table(chunks))

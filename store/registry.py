@@ -494,7 +494,8 @@ class ChunkRegistry:
         """Chunks in creation order, filtered by `tag` and by a glob `pattern`.
 
         The pattern matches, case-insensitively, the hash, the text, metadata["source"] or
-        any tag; without any of * ? [ it matches as a substring ("abc" means "*abc*").
+        any tag; without any of * ? [ it matches the hash's start or a substring of the
+        others ("abc" means "abc*" for the hash, "*abc*" for them).
         """
         if tag is None:
             hashes = _strs(self._redis.zrange(self._key("hashes"), 0, -1))
@@ -744,11 +745,14 @@ def _strs(values: Iterable[bytes]) -> list[str]:
 
 
 def _matches(chunk: ChunkInfo, pattern: str) -> bool:
-    glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
-    glob = glob.lower()
+    pattern = pattern.lower()
+    glob = any(c in pattern for c in "*?[")
+    # A hash is matched from its start, as a ref is: "12" inside a hash is chance.
+    if fnmatch.fnmatchcase(chunk.hash, pattern if glob else f"{pattern}*"):
+        return True
     source = chunk.metadata.get("source")
-    fields = [chunk.hash, chunk.text, *chunk.tags, *([source] if isinstance(source, str) else [])]
-    return any(fnmatch.fnmatchcase(f.lower(), glob) for f in fields)
+    fields = [chunk.text, *chunk.tags, *([source] if isinstance(source, str) else [])]
+    return any(fnmatch.fnmatchcase(f.lower(), pattern if glob else f"*{pattern}*") for f in fields)
 
 
 class ParsedRecords:

@@ -623,6 +623,8 @@ def test_list_filters_by_glob_and_tag_in_creation_order(reg):
     assert hashes(pattern="*.md") == [third.hash]  # metadata source
     assert hashes(pattern="foo?") == [second.hash]  # tags
     assert hashes(pattern=second.hash[:10]) == [second.hash]  # hash
+    assert hashes(pattern=second.hash[1:11]) == []  # from its start, as a ref
+    assert hashes(pattern=f"*{second.hash[1:11]}*") == [second.hash]  # unless a glob says
     assert hashes(pattern="fr*") == []  # a glob is anchored
     assert hashes(tag="food", pattern="pasta*") == [second.hash]
     assert hashes(tag="none") == []
