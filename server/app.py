@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -34,6 +35,7 @@ UI_DIR = Path(__file__).parent / "ui"
 def create_app(backend: Backend, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="kvchunks", summary="OpenAI-compatible serving over KV-cache chunks")
     app.state.backend = backend
+    app.state.started = int(time.time())  # the model card's `created`
     app.state.generation_slots = asyncio.Semaphore(MAX_GENERATIONS)
     app.state.metrics = Metrics(backend.usage)
     app.add_exception_handler(KVChunksError, errors.on_kvchunks_error)

@@ -20,7 +20,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from kvchunks import GenerationResult, SamplingParams
 from kvchunks.common import InvalidInput
 from kvchunks.server.errors import as_response, http_error
-from kvchunks.server.schemas import UNSERVED, ChatRequest, CompletionRequest, Sampling
+from kvchunks.server.schemas import (
+    UNSERVED,
+    UNUSED,
+    ChatRequest,
+    CompletionRequest,
+    Sampling,
+)
 from kvchunks.server.streaming import stream_call
 
 router = APIRouter()
@@ -43,8 +49,8 @@ def model(model: str, request: Request) -> Response:
 
 
 def _model_card(request: Request) -> dict:
-    name = request.app.state.backend.model_name
-    return {"id": name, "object": "model", "created": 0, "owned_by": "kvchunks"}
+    name, created = request.app.state.backend.model_name, request.app.state.started
+    return {"id": name, "object": "model", "created": created, "owned_by": "kvchunks"}
 
 
 @router.post("/v1/chat/completions")
@@ -59,6 +65,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         raise InvalidInput("prompt must be one string (batches of prompts are not served)")
     if not prompts[0].strip():
         raise InvalidInput("prompt must be non-empty text")
+    logprobs = (body.model_extra or {}).get("logprobs")
+    if logprobs is not None and logprobs is not False:  # 0 asks for the chosen tokens'
+        raise InvalidInput("logprobs is not served by kvchunks; leave it out")
     messages = [{"role": "user", "content": prompts[0]}]
     return await _respond(request, body, messages, "text_completion", COMPLETION_MAX_TOKENS)
 
@@ -66,9 +75,16 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 def _sampling(body: Sampling, default_max_tokens: int) -> SamplingParams:
     if body.n not in (None, 1):
         raise InvalidInput("n must be 1")
+    if body.stream_options and body.stream_options.include_usage and not body.stream:
+        raise InvalidInput("stream_options is for streamed answers: set stream, or leave it out")
     for name, value in (body.model_extra or {}).items():
         if name in UNSERVED and value and value not in UNSERVED[name]:
             raise InvalidInput(f"{name} is not served by kvchunks; leave it out")
+        if name not in UNSERVED and name not in UNUSED:
+            raise InvalidInput(
+                f"unknown field {name!r} (kvchunks' own are context, chunks, mode, recompute "
+                "and store)"
+            )
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     given = {
         "temperature": body.temperature,
@@ -105,20 +121,24 @@ async def _respond(
         "store": body.store,
     }
     reply = Reply(kind, state.backend.model_name, body)
-    events = stream_call(manager.chat, state.generation_slots, **call)
+    events = stream_call(manager.chat, state.generation_slots, request.is_disconnected, **call)
+    gone = Response(status_code=499)  # nobody left to answer (nginx's code)
     if not body.stream:
         async with contextlib.aclosing(events):  # closed: the generation stops at its next piece
             async for event, value in events:
                 if event == "text" and await request.is_disconnected():
-                    return Response(status_code=499)  # nobody left to answer (nginx's code)
+                    return gone
                 if event == "error":
                     return as_response(value)
                 if event == "result":
                     state.metrics.observe_generation(value, *reply.token_counts(value))
                     return JSONResponse(reply.whole(value))
+        return gone  # it left while waiting for its turn
     # Streamed: headers go once the first piece (or an early refusal) is known, so that a
     # refused request still gets its status and JSON error.
-    first = await anext(events)
+    first = await anext(events, None)
+    if first is None:
+        return gone
     if first[0] == "error":
         return as_response(first[1])
     return StreamingResponse(_sse(reply, first, events, state), media_type="text/event-stream")
@@ -127,7 +147,8 @@ async def _respond(
 async def _sse(reply: Reply, first, events: AsyncIterator, state) -> AsyncIterator[str]:
     """The answer as server-sent events. The engine never shows a stop string, so the text
     goes out as it comes."""
-    opening = _event(reply.chunk(role=True))  # sent with the first text: one write, not two
+    # A chat answer opens with its role, sent with the first text: one write, not two.
+    opening = _event(reply.chunk(role=True)) if reply.kind == "chat.completion" else ""
     pending = [first]
     while True:
         event, value = pending.pop() if pending else await anext(events)

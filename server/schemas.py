@@ -19,8 +19,6 @@ from pydantic import (
 class ChunkFields(BaseModel):
     """The kvchunks extensions of a generation request."""
 
-    model_config = ConfigDict(extra="ignore")  # OpenAI fields kvchunks does not use
-
     context: str = "default"
     chunks: list[str] = Field(default_factory=list)  # used for this request only, in order
     mode: Literal["exact", "reuse", "realign"] | None = None
@@ -66,8 +64,23 @@ UNSERVED: dict[str, tuple] = {
 }
 
 
+# OpenAI fields that do not change what the answer is: accepted, and not used. Any other
+# field a generation request does not know is refused: a mistyped extension ("chunk" for
+# "chunks") would otherwise answer without what it asked for.
+UNUSED = frozenset(
+    {
+        "user",
+        "metadata",
+        "service_tier",
+        "parallel_tool_calls",
+        "prompt_cache_key",
+        "safety_identifier",
+    }
+)
+
+
 class Sampling(ChunkFields):
-    model_config = ConfigDict(extra="allow")  # kept, to refuse the UNSERVED ones
+    model_config = ConfigDict(extra="allow")  # kept, to refuse the UNSERVED and unknown ones
 
     # Every field may be null, as OpenAI's are: null means the default (SamplingParams').
     # Strict: true is not 1 token, nor temperature 1, nor seed 1.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from kvchunks.common import ListenerGone
@@ -17,10 +17,14 @@ FIRST_PIECE_WAIT = 0.05
 
 
 async def stream_call(
-    fn: Callable[..., Any], slots: asyncio.Semaphore, **kwargs
+    fn: Callable[..., Any],
+    slots: asyncio.Semaphore,
+    client_gone: Callable[[], Awaitable[bool]],
+    **kwargs,
 ) -> AsyncIterator[tuple[str, Any]]:
     """Run fn(**kwargs, on_text=...) on a thread; yield ("text", piece) as they come, then
-    ("result", value) or ("error", exception).
+    ("result", value) or ("error", exception). Nothing, and fn is not run, when the client
+    went away while the call waited for its slot.
 
     The call holds one of `slots` until its thread ends, not until its caller stops
     listening: a generation whose client went away still holds KV until it has stopped. It
@@ -49,6 +53,9 @@ async def stream_call(
                 loop.call_soon_threadsafe(slots.release)
 
     await slots.acquire()
+    if await client_gone():  # a prompt computed for nobody would hold up those still here
+        slots.release()
+        return
     threading.Thread(target=work, name="kvchunks-http-generation", daemon=True).start()
     try:
         while True:

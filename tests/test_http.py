@@ -126,7 +126,9 @@ def test_completions_chunk_fields_and_stop_strings(served):
         )
 
     def streamed(**options) -> str:
-        return "".join(p.choices[0].text for p in complete(stream=True, **options) if p.choices)
+        pieces = [p.choices[0].text for p in complete(stream=True, **options) if p.choices]
+        assert "" not in pieces[:-1]  # text from the first piece; the last says why it ended
+        return "".join(pieces)
 
     done = complete()
     assert done.choices[0].text and done.model_extra["kvchunks"]["output_chunk"] is None
@@ -218,7 +220,8 @@ def test_every_chunk_route(served):
         gone = http.delete(f"/v1/chunks/{a['hash']}", params={"cascade": "true"}).json()
         assert set(gone["deleted"]) == {a["hash"], composed.json()["hash"]}
         assert http.get(f"/v1/chunks/{a['hash']}").status_code == 404
-        assert http.get("/v1/models").json()["data"][0]["owned_by"] == "kvchunks"
+        [card] = http.get("/v1/models").json()["data"]
+        assert card["owned_by"] == "kvchunks" and card["created"] > 1.7e9
         schema = http.get("/openapi.json").json()
         assert "/v1/chat/completions" in schema["paths"] and "/v1/chunks/{ref}" in schema["paths"]
 
@@ -248,12 +251,12 @@ def too_long() -> str:
         ("post", "/v1/chunks", {"text": "x", "tags": ["has space"]}, 400),
         ("get", "/v1/chunks/0000aaaa", None, 404),
         ("post", "/v1/contexts/c/activate", {"chunk": "ffff0000"}, 404),
-        ("post", "/v1/chunks", {"text": too_long()}, 413),
+        ("post", "/v1/chunks", {"text": too_long()}, 400),
         (
             "post",
             "/v1/chat/completions",
             {"messages": [{"role": "user", "content": too_long()}]},
-            413,
+            400,
         ),
         ("post", "/v1/chunks", {"text": "x" * (9 << 20)}, 413),
         ("post", "/v1/chunks", {"text": "x", "tag": ["misspelt"]}, 400),
@@ -291,6 +294,15 @@ def too_long() -> str:
         ("post", "/v1/chat/completions", {"messages": ASKED, "min_tokens": 100}, 400),
         ("post", "/v1/chat/completions", {"messages": [{"role": ["user"], "content": "x"}]}, 400),
         ("post", "/v1/completions", {"prompt": " "}, 400),
+        ("post", "/v1/completions", {"prompt": "x", "logprobs": 0}, 400),  # the chosen's
+        ("post", "/v1/chat/completions", {"messages": ASKED, "chunk": ["0000aaaa"]}, 400),
+        ("post", "/v1/chat/completions", {"messages": ASKED, "guided_decoding_backend": "x"}, 400),
+        (
+            "post",
+            "/v1/chat/completions",
+            {"messages": ASKED, "stream_options": {"include_usage": True}},
+            400,
+        ),
         ("get", "/v1/chunks?tags=misspelt", None, 400),  # would list every chunk
         ("delete", "/v1/chunks/0000aaaa?casade=true", None, 400),
         ("post", "/v1/contexts/c/clear", {"all": True}, 400),
@@ -379,7 +391,7 @@ def test_each_error_class_has_its_status():
         common.DtypeMismatch("chunk x", "bfloat16", "float32"): (409, "conflict_error"),
         common.ChunkInUse("x"): (409, "conflict_error"),
         common.ConcurrentChange("x"): (409, "conflict_error"),
-        common.ContextWindowExceeded("x"): (413, "context_length_exceeded"),
+        common.ContextWindowExceeded("x"): (400, "context_length_exceeded"),
         common.RegistryUnavailable("x"): (503, "service_unavailable"),
         common.ServiceUnavailable("x"): (503, "service_unavailable"),
         common.CapacityError("x"): (507, "insufficient_storage"),  # this request's KV: not down
@@ -572,7 +584,7 @@ def test_the_first_piece_is_sent_before_the_next_is_computed():
         return "done"
 
     async def consume() -> None:
-        events = stream_call(generate, asyncio.Semaphore(1))
+        events = stream_call(generate, asyncio.Semaphore(1), still_here)
         assert await anext(events) == ("text", "first")
         await asyncio.sleep(0.005)  # sending it
         order.append("sent the first piece")
@@ -580,6 +592,32 @@ def test_the_first_piece_is_sent_before_the_next_is_computed():
 
     asyncio.run(consume())
     assert order == ["sent the first piece", "computed the next piece"]
+
+
+async def still_here() -> bool:
+    return False
+
+
+def test_a_call_whose_client_left_while_it_waited_for_its_slot_is_not_run():
+    """All slots taken: a request waits its turn; its client gone by then, nothing is
+    computed for it, and its slot goes to the next."""
+    ran: list[str] = []
+
+    async def left() -> bool:
+        return True
+
+    async def consume() -> None:
+        slots = asyncio.Semaphore(1)
+        await slots.acquire()  # another generation's
+        events = stream_call(lambda on_text: ran.append("ran"), slots, left)
+        waiting = asyncio.ensure_future(anext(events, None))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()  # its turn has not come
+        slots.release()
+        assert await waiting is None and ran == []
+        assert not slots.locked()
+
+    asyncio.run(consume())
 
 
 def test_an_ambiguous_prefix_is_409(served):
