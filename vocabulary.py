@@ -159,11 +159,20 @@ def is_count(value: object) -> bool:
 
 def check_prompt(prompt: object) -> str:
     """A prompt with something to answer."""
-    if not isinstance(prompt, str):
-        raise InvalidInput(f"the prompt must be text, got {type(prompt).__name__}")
-    if not prompt.strip():
-        raise InvalidInput("empty prompt")
-    return prompt
+    return check_text(prompt, "the prompt", "empty prompt")
+
+
+def check_text(
+    text: object,
+    what: str = "a chunk's text",
+    empty: str = "empty text: nothing to make a chunk of",
+) -> str:
+    """Text with something in it; `what` names it when it is not text, `empty` when blank."""
+    if not isinstance(text, str):
+        raise InvalidInput(f"{what} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise InvalidInput(empty)
+    return text
 
 
 def check_flag(name: str, value: object) -> bool:

@@ -35,6 +35,7 @@ from kvchunks.vocabulary import (
     check_callback,
     check_flag,
     check_prompt,
+    check_text,
     checked_refs,
     checked_tags,
     is_count,
@@ -149,9 +150,7 @@ class ContextManager(OutputTracking, Catalog):
         return split_text(text, max_tokens, lambda t: len(tok.encode(t, add_special_tokens=False)))
 
     def _framed(self, text: str, role: str) -> list[int]:
-        if not isinstance(text, str) or not text.strip():
-            raise InvalidInput("empty text: nothing to make a chunk of")
-        return self.store.model.chat.frame(role, text)
+        return self.store.model.chat.frame(role, check_text(text))
 
     def _add_framed(
         self, tokens: list[int], text: str, role: str, tags: list[str], meta: dict

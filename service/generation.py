@@ -5,6 +5,7 @@ output chunk(s) whose parents are the active chunks and the prompt."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     prompt_chunk: ChunkInfo
-    output_chunk: ChunkInfo | None
+    output_chunk: ChunkInfo | None  # the last of output_chunks; None for an empty answer
     output_chunks: list[ChunkInfo]
     finish_reason: str | None
     interrupted: bool = False
@@ -88,6 +89,10 @@ class Call:
     def __post_init__(self) -> None:
         if self.params is not None and not isinstance(self.params, SamplingParams):
             raise InvalidInput(f"params must be SamplingParams, got {type(self.params).__name__}")
+        if self.params is not None:
+            # Checked again, as a copy: a field may have been set since it was made (params
+            # are a plain dataclass, as vLLM's are), or be set while the call runs.
+            self.params = dataclasses.replace(self.params)
         check_callback("on_text", self.on_text)
         check_flag("store", self.store)
 

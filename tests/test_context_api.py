@@ -308,8 +308,10 @@ def test_bad_input_is_refused_without_state_change(make_cm, tmp_path):
             call()
         assert snapshot(cm) == before, error
     # A value of the wrong type is named as such, not as one out of range or empty.
-    with pytest.raises(InvalidInput, match="^the prompt must be text, got int$"):
+    with pytest.raises(InvalidInput, match="^the prompt must be a string, got int$"):
         cm.generate(5)
+    with pytest.raises(InvalidInput, match="^a chunk's text must be a string, got bytes$"):
+        cm.add_chunk(b"The ferry leaves at nine.")
     with pytest.raises(InvalidInput, match="^split point must be a whole number, got '3'$"):
         cm.split_chunk(a.hash, "3")
     assert snapshot(cm) == before

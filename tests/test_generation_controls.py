@@ -130,6 +130,29 @@ def test_sampling_values_out_of_range_are_refused(name, value, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("max_tokens", 0, "max_tokens must be >= 1"),
+        ("stop", "H", "stop must be a list of non-empty strings"),
+        ("seed", "x", "seed must be a whole number"),
+    ],
+)
+def test_sampling_values_set_after_the_params_were_made_are_refused(make_cm, name, value, message):
+    """Params are a plain dataclass: a field set later is checked when a call takes them."""
+    cm = make_cm("params-set-later")
+    params = SamplingParams(temperature=0, max_tokens=4)
+    setattr(params, name, value)
+    before = [c.hash for c in cm.list_chunks()]
+    for call in (
+        lambda: cm.generate("Hi", params),
+        lambda: cm.chat([{"role": "user", "content": "Hi"}], params),
+    ):
+        with pytest.raises(InvalidInput, match=message):
+            call()
+    assert [c.hash for c in cm.list_chunks()] == before
+
+
 def test_greedy_with_repetition_penalty_equals_hf_generate(llm, hf_model):
     ids = llm.encode([{"role": "user", "content": "Write the word cat ten times."}])
     for penalty in (1.0, 1.4):
@@ -255,8 +278,8 @@ def test_cli_options_and_chat_set_reach_the_engine(make_cm):
 
 def test_http_fields_reach_the_engine_and_bad_values_are_400(served):
     with served.http() as http:
-        body = {"prompt": "Say hi.", "max_tokens": 5, **PENALTIES}
-        reply = http.post("/v1/completions", json=body)
+        body = {"max_tokens": 5, **PENALTIES}
+        reply = http.post("/v1/completions", json={**body, "prompt": "Say hi."})
         assert reply.status_code == 200, reply.text
         output = served.cm.get_chunk(reply.json()["kvchunks"]["output_chunk"])
         assert {k: output.generation_params[k] for k in PENALTIES} == PENALTIES
