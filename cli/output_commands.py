@@ -40,7 +40,7 @@ def output_activate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
     """Activate answers; without HASH, the last prompt and its answer, so the conversation
     goes on from them."""
     cm = state.manager
-    chosen = list(refs) or _last_turn(state, with_prompt=True)
+    chosen = _answers(state, refs, "activate") or _last_turn(state, with_prompt=True)
     before = active_hashes(cm)
     show_switched(state, as_json, True, activate_all(cm, chosen, before), before)
 
@@ -53,7 +53,7 @@ def output_activate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
 def output_delete(state: State, refs: tuple[str, ...], cascade: bool, as_json: bool) -> None:
     """Delete answers; without HASH, the last answer."""
     cm = state.manager
-    deleted = cm.delete_chunks(list(refs) or _last_turn(state), cascade)
+    deleted = cm.delete_chunks(_answers(state, refs, "delete") or _last_turn(state), cascade)
     line = f"deleted {', '.join(render.short(h) for h in deleted)}"
     show(state, as_json, {"deleted": deleted}, line)  # as `delete --json`
 
@@ -66,10 +66,23 @@ def output_delete(state: State, refs: tuple[str, ...], cascade: bool, as_json: b
 def output_tag(state: State, tag: str, refs: tuple[str, ...], as_json: bool) -> None:
     """Tag answers with TAG; without HASH, the last answer."""
     cm = state.manager
-    hashes = [cm.get_chunk(ref).hash for ref in list(refs) or _last_turn(state)]
+    hashes = _answers(state, refs, "tag") or _last_turn(state)
     chunks = [cm.tag_chunk(chunk_hash, tag) for chunk_hash in hashes]
     lines = [f"tagged {render.short(c.hash)}; tags: {', '.join(c.tags)}" for c in chunks]
     show(state, as_json, [c.to_json() for c in chunks], lines)
+
+
+def _answers(state: State, refs: tuple[str, ...], command: str) -> list[str]:
+    """The hashes of the answers HASH... name; refused in one line, before anything is
+    done, if one of them is another kind of chunk (the top-level commands act on any)."""
+    chunks = [state.manager.get_chunk(ref) for ref in refs]
+    for chunk in chunks:
+        if chunk.type != "answer":
+            raise InvalidInput(
+                f"{render.short(chunk.hash)} is a {chunk.type}, not an answer: /{command} "
+                "acts on any chunk"
+            )
+    return [c.hash for c in chunks]
 
 
 def _last_turn(state: State, with_prompt: bool = False) -> list[str]:

@@ -272,6 +272,9 @@ def test_bad_inputs_are_one_line_and_change_nothing(chat, tmp_path):
         f"/delete {doc}": "is used by view(s)",
         # all or none: the first answer is not deleted when the second one cannot be
         f"/output delete {chat.hashes['partial']} {chat.hashes['answer']}": "is used by view(s)",
+        f"/output delete {chat.hashes['answer']} {doc}": "is a document, not an answer",
+        f"/output tag kept {doc}": "is a document, not an answer: /tag acts on any chunk",
+        f"/output activate {chat.hashes['prompt']}": "is a prompt, not an answer",
         f"/tag {doc} 'two words'": "invalid tag",
         f"/compose {doc}": "compose needs at least two chunks",
         f"/move {doc} tape": "'tape' is not one of 'gpu', 'cpu', 'disk'",
