@@ -265,13 +265,17 @@ def open_catalog(
 def check_fits(tokens: int, window: int, opening: int, remedy: str | list[ChunkInfo]) -> None:
     """Refuse `tokens` that do not fit the window after the model's opening (every context
     starts with it). `remedy` says what to do, or is a generation's active chunks: then
-    deactivate some (the first that make room are named) or lower max_tokens."""
+    deactivate some (the first that make room are named) or lower max_tokens, or where even
+    deactivating them all would not make room, shorten the prompt."""
     over = opening + tokens - window
     if over > 0:
-        if remedy == []:
-            remedy = "shorten the prompt or lower max_tokens"
-        elif isinstance(remedy, list):
-            remedy = f"deactivate chunks{freeing(remedy, over)} or lower max_tokens"
+        if isinstance(remedy, list):  # deactivating them all may not be enough
+            first = freeing(remedy, over)
+            remedy = (
+                f"deactivate chunks{first} or lower max_tokens"
+                if first
+                else "shorten the prompt or lower max_tokens"
+            )
         raise ContextWindowExceeded(
             f"{tokens} tokens (after the model's {opening}-token opening) exceed the "
             f"context window of {window} by {over}; {remedy}"

@@ -350,6 +350,23 @@ def test_activation_past_the_window_is_refused(make_cm):
     assert snapshot(cm) == before
 
 
+def test_chunks_activated_together_that_overflow_are_refused_as_one_request(make_cm):
+    """The command line activates several chunks all or none: the refusal names them
+    together, not the one that overflowed (it would blame those before it, taken back)."""
+    from kvchunks.cli.shared import activate_all
+
+    cm = make_cm("activate-together")
+    page = cm.add_chunk("lorem ipsum dolor sit amet " * 200)
+    more_than_half = cm.store.model.window // page.token_count // 2 + 1
+    a, b = (cm.compose_chunks([page.hash] * n) for n in (more_than_half, more_than_half + 1))
+    before = snapshot(cm)
+    with pytest.raises(ContextWindowExceeded) as refused:
+        activate_all(cm, [a.hash, b.hash[:8]], set())
+    says = f"the 2 chunks to activate hold {a.token_count + b.token_count} tokens, 0 more are"
+    assert str(refused.value).startswith(says)
+    assert snapshot(cm) == before
+
+
 def test_a_generation_past_the_window_names_the_first_chunks_that_make_room(make_tiny_store):
     """A conversation that fills the window is refused with the fewest chunks, first in the
     layout, whose deactivation makes room; deactivating them, the same call answers."""
@@ -373,6 +390,9 @@ def test_a_generation_past_the_window_names_the_first_chunks_that_make_room(make
     cm.deactivate_chunk(first.hash)
     cm.deactivate_chunk(second.hash)
     assert cm.generate(question, params).output_chunk is not None
+    # Deactivating every chunk would not make room: the prompt (or max_tokens) is the cause.
+    with pytest.raises(ContextWindowExceeded, match="; shorten the prompt or lower max_tokens$"):
+        cm.generate(question, SamplingParams(max_tokens=window))
     cm.clear()
     with pytest.raises(ContextWindowExceeded, match="; shorten the prompt or lower max_tokens$"):
         cm.generate(question, SamplingParams(max_tokens=window))  # nothing active to name
