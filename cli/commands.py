@@ -282,7 +282,8 @@ def populate(state: State, ref: str, as_json: bool) -> None:
 def move(state: State, refs: tuple[str, ...], tier: str, as_json: bool) -> None:
     """Move chunks' KV to TIER: gpu (the pool), cpu (host memory) or disk.
 
-    Several chunks move one after another; in a terminal a bar shows the bytes moved."""
+    Several chunks move one after another; in a terminal a bar shows the bytes moved. A
+    view's KV is that of the chunks it reads: they move."""
     from kvchunks.cli.progress import move_progress  # rich's progress: only moves need it
 
     if not refs:
@@ -290,8 +291,16 @@ def move(state: State, refs: tuple[str, ...], tier: str, as_json: bool) -> None:
     check_refs(state, refs)
     with move_progress(state, len(refs)) as on_progress:
         chunks = state.manager.move_chunks(list(refs), tier, on_progress=on_progress)
-    lines = [f"moved {render.short(c.hash)} to {c.tier}" for c in chunks]
+    lines = [f"moved {render.short(c.hash)}{_kv_of(c)} to {c.tier}" for c in chunks]
     show(state, as_json, [c.to_json() for c in chunks], lines)
+
+
+def _kv_of(chunk: ChunkInfo) -> str:
+    """For a view, the chunks whose KV moved with it."""
+    if chunk.layout != "view":
+        return ""
+    sources = dict.fromkeys(render.short(s.hash) for s in chunk.sources)
+    return f" (a view: the KV of {', '.join(sources)})"
 
 
 @click.command()

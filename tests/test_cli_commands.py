@@ -103,6 +103,9 @@ def test_compose_split_tag_info_export_import(state, doc, tmp_path):
     assert (head["token_count"], tail["token_count"]) == (4, chunk["token_count"] - 4)
     assert "tags: vault, facts" in kvchunks(state, "tag", h, "facts").stdout
     assert "tags: vault" in kvchunks(state, "tag", h, "facts", "--remove").stdout
+    moved = kvchunks(state, "move", view["hash"], "gpu").stdout
+    kv_of = f"{h[:12]}, {other['hash'][:12]}"
+    assert moved == f"moved {view['hash'][:12]} (a view: the KV of {kv_of}) to gpu\n"
     info = as_json(state, "info", h[:6])
     assert {view["hash"], head["hash"], tail["hash"]} <= set(info["children"])
     assert info["token_ids"] and info["parents"] == []
