@@ -80,7 +80,9 @@ UNUSED = frozenset(
 
 
 class Sampling(ChunkFields):
-    model_config = ConfigDict(extra="allow")  # kept, to refuse the UNSERVED and unknown ones
+    # Extra fields kept, to refuse the UNSERVED and unknown ones; NaN named as not finite,
+    # not as out of a range.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     # Every field may be null, as OpenAI's are: null means the default (SamplingParams').
     # Strict: true is not 1 token, nor temperature 1, nor seed 1.

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import random
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,7 +35,10 @@ from kvchunks.store.redis_server import connect
 from kvchunks.store.registry import ChunkRegistry
 from kvchunks.vocabulary import DEFAULT_DTYPE, check_name, check_tag, checked_refs, farthest_tier
 
-ACTIVATE_ATTEMPTS = 5  # against other clients activating in the same context at once
+# Against other clients activating in the same context at once: each round one of them
+# gets in, and the others try again after a random wait (together, they would collide again).
+ACTIVATE_ATTEMPTS = 32
+ACTIVATE_BACKOFF_S = 0.001
 
 # Records as callers see them: each chunk's view with its tier (and pool segments, with a pool).
 Describe = Callable[[list[ChunkInfo]], list[ChunkInfo]]
@@ -125,6 +130,7 @@ class Catalog:
         activated = False
         for attempt in range(ACTIVATE_ATTEMPTS):
             if attempt:  # someone changed the active chunks since they were read
+                time.sleep(random.uniform(0, ACTIVATE_BACKOFF_S * attempt))
                 active = self.registry.active(self.context_name)
             if chunk.hash in active:
                 break

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,30 @@ def test_reorder_lays_the_active_chunks_out_anew_in_one_step(catalog, chunks):
     with pytest.raises(ConcurrentChange):  # the list changed after it was read
         catalog.registry.reorder(catalog.context_name, order[::-1], expected=order[::-1])
     assert catalog.registry.active(catalog.context_name) == order
+
+
+def test_sixteen_clients_activating_in_one_context_at_once_all_get_in(catalog):
+    """Activation is optimistic: each round one client gets in, and the others try again
+    after a random wait, often enough that sixteen at once all get in."""
+    made = [record([100 + i, 200 + i]) for i in range(16)]
+    for chunk in made:
+        catalog.registry.put(chunk)
+    together, refused = threading.Barrier(len(made)), []
+
+    def activate(chunk: ChunkRecord) -> None:
+        together.wait()
+        try:
+            catalog.activate_chunk(chunk.hash)
+        except ConcurrentChange as e:
+            refused.append(e)
+
+    threads = [threading.Thread(target=activate, args=(chunk,)) for chunk in made]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert refused == []
+    assert sorted(catalog.registry.active(catalog.context_name)) == sorted(c.hash for c in made)
 
 
 def test_chunks_of_another_dtype_are_not_activated(catalog, home, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import threading
 import time
@@ -329,6 +330,10 @@ def test_a_wrong_field_is_named_where_it_is_wrong(served):
             response = http.post("/v1/chat/completions", json={"messages": ASKED, "stop": stop})
             assert response.status_code == 400
             assert response.json()["error"]["message"].startswith(says), response.text
+        # NaN is not out of a range: it is no number to compare.
+        response = http.post("/v1/chat/completions", json={"messages": ASKED, "top_p": math.nan})
+        says = "top_p: Input should be a finite number"
+        assert response.json()["error"]["message"].startswith(says), response.text
 
 
 def test_openai_fields_that_ask_for_nothing_are_answered(served):
