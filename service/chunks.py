@@ -299,6 +299,9 @@ class ChunkMaker:
         seen, lineage = set(hold.hashes), []
         parents = _parents_not_in(chunks, seen)
         while parents:
+            # Named in the hold first, as `hold` does; a parent deleted since (its children
+            # still name it) too: its hold is written all the same.
+            hold.hashes[:0] = parents
             self.registry.hold(hold.holder, parents)
             seen.update(parents)
             found = self.registry.get_present(parents)

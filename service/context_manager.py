@@ -237,7 +237,8 @@ class ContextManager(OutputTracking, Catalog):
         if not checked_refs(refs):
             raise InvalidInput("move needs at least one chunk")
         check_callback("on_progress", on_progress)
-        chunks = [self.registry.find(ref, self.context_name) for ref in refs]
+        found = (self.registry.find(ref, self.context_name) for ref in refs)
+        chunks = list({c.hash: c for c in found}.values())  # each once: two refs may name one
         self.store.move(chunks, tier, on_progress)
         return [self.store.views.describe(chunk) for chunk in chunks]  # once all have moved
 

@@ -126,7 +126,7 @@ def test_compose_split_tag_info_export_import(state, doc, tmp_path):
 
 def test_move_populate_mode_auto_clear(state):
     h = as_json(state, "list", "--tag", "vault")[0]["hash"]
-    assert "to disk" in kvchunks(state, "move", h, "disk").stdout
+    assert kvchunks(state, "move", h, h[:8], "disk").stdout.count("to disk") == 1  # one chunk
     assert "to gpu" in kvchunks(state, "move", h, "gpu").stdout
     assert "on gpu" in kvchunks(state, "populate", h).stdout
     assert "prefetching" in kvchunks(state, "prefetch", h).stdout

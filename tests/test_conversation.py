@@ -244,6 +244,22 @@ def test_without_storing_what_a_chunk_another_call_read_was_computed_after_goes_
     assert cm.registry.held() == []
 
 
+def test_a_call_reading_a_chunk_whose_parent_was_deleted_leaves_no_hold(make_cm):
+    """A chunk's record still names a parent deleted since: the call holds the lineage of
+    what it reads, that parent's name too, and lets go of all of it."""
+    cm = make_cm("held-orphan")
+    note = cm.add_chunk("The lighthouse on Landsort is lit at dusk.")
+    cm.activate_chunk(note.hash)
+    asked = cm.generate("When is it lit?", GREEDY)
+    cm.clear()
+    cm.delete_chunk(note.hash)  # the prompt and answer computed after it stay
+    cm.activate_chunk(asked.output_chunk.hash)
+    again = cm.chat([user("Say it again.")], GREEDY, store=False)
+    assert again.text and note.hash in asked.output_chunk.parent_chunks
+    cm.generate("And once more?", GREEDY)
+    assert cm.registry.held() == []
+
+
 def test_a_generation_holds_the_active_chunks_it_reads(make_cm, monkeypatch):
     """A chunk a call keeping nothing made, active in another context when a generation
     there starts and deactivated by hand while it answers, stays for that generation, which

@@ -331,7 +331,9 @@ def test_a_wrong_field_is_named_where_it_is_wrong(served):
             assert response.status_code == 400
             assert response.json()["error"]["message"].startswith(says), response.text
         # NaN is not out of a range: it is no number to compare.
-        response = http.post("/v1/chat/completions", json={"messages": ASKED, "top_p": math.nan})
+        nan = json.dumps({"messages": ASKED, "top_p": math.nan})  # Python's json writes NaN
+        headers = {"content-type": "application/json"}
+        response = http.post("/v1/chat/completions", content=nan, headers=headers)
         says = "top_p: Input should be a finite number"
         assert response.json()["error"]["message"].startswith(says), response.text
 
