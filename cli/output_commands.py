@@ -78,9 +78,10 @@ def _answers(state: State, refs: tuple[str, ...], command: str) -> list[str]:
     chunks = [state.manager.get_chunk(ref) for ref in refs]
     for chunk in chunks:
         if chunk.type != "answer":
+            kind = f"{chunk.type} view" if chunk.layout == "view" else chunk.type
             raise InvalidInput(
-                f"{render.short(chunk.hash)} is a {chunk.type}, not an answer: /{command} "
-                "acts on any chunk"
+                f"{render.short(chunk.hash)} is a {kind}, not an answer: /{command} acts on "
+                "any chunk"
             )
     return [c.hash for c in chunks]
 

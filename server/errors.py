@@ -33,7 +33,7 @@ STATUS: list[tuple[type[BaseException], int, str]] = [
     (ChunkInUse, 409, "conflict_error"),
     (DtypeMismatch, 409, "conflict_error"),
     (ConcurrentChange, 409, "conflict_error"),
-    # 400, as OpenAI and vLLM answer it: clients look for a context overflow there.
+    # 400, the status OpenAI and vLLM answer it with (clients look for an overflow there).
     (ContextWindowExceeded, 400, "context_length_exceeded"),
     (RegistryUnavailable, 503, "service_unavailable"),
     (ServiceUnavailable, 503, "service_unavailable"),

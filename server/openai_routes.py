@@ -24,6 +24,7 @@ from kvchunks.server.schemas import (
     UNSERVED,
     UNUSED,
     ChatRequest,
+    ChunkFields,
     CompletionRequest,
     Sampling,
 )
@@ -78,13 +79,12 @@ def _sampling(body: Sampling, default_max_tokens: int) -> SamplingParams:
     if body.stream_options and body.stream_options.include_usage and not body.stream:
         raise InvalidInput("stream_options is for streamed answers: set stream, or leave it out")
     for name, value in (body.model_extra or {}).items():
-        if name in UNSERVED and value and value not in UNSERVED[name]:
+        if name in UNUSED or _asks_nothing(name, value):
+            continue
+        if name in UNSERVED:
             raise InvalidInput(f"{name} is not served by kvchunks; leave it out")
-        if name not in UNSERVED and name not in UNUSED:
-            raise InvalidInput(
-                f"unknown field {name!r} (kvchunks' own are context, chunks, mode, recompute "
-                "and store)"
-            )
+        own = ", ".join(ChunkFields.model_fields)
+        raise InvalidInput(f"unknown field {name!r} (kvchunks' own are {own})")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     given = {
         "temperature": body.temperature,
@@ -102,6 +102,16 @@ def _sampling(body: Sampling, default_max_tokens: int) -> SamplingParams:
         stop=stop,
         **{name: value for name, value in given.items() if value is not None},
     )
+
+
+def _asks_nothing(name: str, value: object) -> bool:
+    """Null; a value UNSERVED lists as asking for what kvchunks does anyway; else false, 0
+    or empty, which clients send for a field they leave unset."""
+    if value is None:
+        return True
+    if UNSERVED.get(name):
+        return value in UNSERVED[name]
+    return not value
 
 
 async def _respond(

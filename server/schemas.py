@@ -61,12 +61,17 @@ UNSERVED: dict[str, tuple] = {
     "guided_regex": (),
     "guided_choice": (),
     "guided_grammar": (),
+    # vLLM's, at the values that ask for what kvchunks does anyway.
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "add_generation_prompt": (True,),
+    "modalities": (["text"],),
 }
 
 
 # OpenAI fields that do not change what the answer is: accepted, and not used. Any other
-# field a generation request does not know is refused: a mistyped extension ("chunk" for
-# "chunks") would otherwise answer without what it asked for.
+# field a generation request does not know is refused unless unset (null, false, empty): a
+# mistyped extension ("chunk" for "chunks") would otherwise answer without what it asked for.
 UNUSED = frozenset(
     {
         "user",

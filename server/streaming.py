@@ -53,7 +53,12 @@ async def stream_call(
                 loop.call_soon_threadsafe(slots.release)
 
     await slots.acquire()
-    if await client_gone():  # a prompt computed for nobody would hold up those still here
+    try:
+        left = await client_gone()
+    except BaseException:  # cancelled (the server stopping): the slot is not used
+        slots.release()
+        raise
+    if left:  # a prompt computed for nobody would hold up those still here
         slots.release()
         return
     threading.Thread(target=work, name="kvchunks-http-generation", daemon=True).start()

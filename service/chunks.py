@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import graphlib
 import json
 import math
 import threading
@@ -291,11 +292,11 @@ class ChunkMaker:
 
     def hold_lineage(self, hold: Hold, chunks: list[ChunkInfo]) -> None:
         """Add to the call's hold the chunks these held ones were computed after, and theirs
-        in turn: a take-back of one while the call runs then waits for it too, and goes
-        after the held chunk computed after it (not held, it would find that chunk still
-        there, and stay once it went). Held before they are read. The call lets go of them
-        all after the chunks computed after them: they take the front of its hold, oldest
-        first."""
+        in turn. Held, such a chunk that a call keeping nothing takes back goes after the
+        held chunk computed after it; not held, it would see that chunk, stay, and be left
+        behind once that chunk went. Named in the hold before they are read. The call lets
+        go of them after the chunks computed after them: they take the front of its hold,
+        parents first."""
         seen, lineage = set(hold.hashes), []
         parents = _parents_not_in(chunks, seen)
         while parents:
@@ -307,7 +308,11 @@ class ChunkMaker:
             found = self.registry.get_present(parents)
             lineage += found
             parents = _parents_not_in(found, seen)
-        front = [c.hash for c in sorted([*chunks, *lineage], key=lambda c: c.created_at)]
+        found = {c.hash: c for c in [*chunks, *lineage]}
+        # Parents before the chunks computed after them, by provenance (not by the clock:
+        # workers' clocks may differ).
+        graph = {h: [p for p in c.parent_chunks if p in found] for h, c in found.items()}
+        front = graphlib.TopologicalSorter(graph).static_order()
         hold.hashes[:] = list(dict.fromkeys([*front, *hold.hashes]))
 
     def keep(self, hold: Hold, chunks: list[ChunkRecord]) -> None:

@@ -87,11 +87,12 @@ def message_tokens(chat: ChatFormat, messages: list[Message]) -> list[list[int]]
 def held_context(
     store: ChunkStore, context: str, hold: Hold, refs: list[str]
 ) -> tuple[list[ChunkInfo], list[ChunkInfo]]:
-    """A chat's context: its active chunks, and those with the request's chunks after them
-    (each attended to once: one already active, or named twice, is not read again). Held
-    by the call, with the chunks they were computed after, so that a take-back elsewhere
-    of one of them (a chunk a call made just now) waits for it and goes after what it
-    computes; read again once held, as a take-back may have come first."""
+    """What a call reads: the context's active chunks, and those with the request's chunks
+    (`refs`, a chat's) after them (each attended to once: one already active, or named
+    twice, is not read again). Held by the call, with the chunks they were computed after,
+    so that a take-back elsewhere of one of them (a chunk a call made just now) waits for
+    it and goes after what it computes; read again once held, as a take-back may have
+    come first."""
     registry = store.registry
     named = [registry.find(ref).hash for ref in refs]
     active = registry.active(context)

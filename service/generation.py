@@ -5,6 +5,7 @@ output chunk(s) whose parents are the active chunks and the prompt."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -90,9 +91,9 @@ class Call:
         if self.params is not None and not isinstance(self.params, SamplingParams):
             raise InvalidInput(f"params must be SamplingParams, got {type(self.params).__name__}")
         if self.params is not None:
-            # Checked again, as a copy: a field may have been set since it was made (params
-            # are a plain dataclass, as vLLM's are), or be set while the call runs.
-            self.params = dataclasses.replace(self.params)
+            # Checked again, as a copy of its own (lists too): a field may have been set since
+            # it was made (params are a plain dataclass, as vLLM's are), or be while it runs.
+            self.params = dataclasses.replace(copy.deepcopy(self.params))
         check_callback("on_text", self.on_text)
         check_flag("store", self.store)
 

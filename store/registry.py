@@ -291,7 +291,8 @@ class ChunkRegistry:
         changes). One a running call holds is marked to go when its last holder lets go
         (False). `marked`: the take-back of a chunk let_go returned, which goes only if its
         mark is still there (a keeper may have come in between). Checked in the transaction
-        that deletes: none of these can come in between."""
+        that deletes: none of these can come in between. One in use while a chunk computed
+        after it is held is marked all the same, to be taken back again once that goes."""
         watched = self._delete_watched(chunk_hash)
         held, kept, unwanted = self._hold_keys(chunk_hash)
 
@@ -305,8 +306,15 @@ class ChunkRegistry:
                     pipe.set(unwanted, b"1")
                 return False
             if chunk.ref_count or self._used(pipe, chunk_hash, children, contexts):
+                # A chunk computed after it that a running call holds may yet go, and that
+                # call holds this one too (its lineage), or is about to: marked, this one
+                # goes after it when that call lets go, if nothing else uses it by then.
+                waits = self._any_held(pipe, children)
                 pipe.multi()
-                pipe.delete(unwanted)
+                if waits:
+                    pipe.set(unwanted, b"1")
+                else:
+                    pipe.delete(unwanted)
                 return False
             self._remove(pipe, chunk, children, contexts)
             return True
@@ -434,6 +442,13 @@ class ChunkRegistry:
         has not taken them back yet, or died before it could."""
         marked = [h for _, h in self._keys_of("unwanted")]
         return [h for h in marked if not self._redis.exists(self._key("hold", h))]
+
+    def _any_held(self, pipe: redis.client.Pipeline, hashes: list[str]) -> bool:
+        """Whether a running call holds one of these chunks (the holds watched with it)."""
+        keys = [self._key("hold", h) for h in hashes]
+        if keys:
+            pipe.watch(*keys)
+        return any(pipe.exists(k) for k in keys)
 
     def _keys_of(self, name: str) -> Iterator[tuple[bytes, str]]:
         """Each `<name>:<chunk hash>` key of this registry, and its chunk's hash."""

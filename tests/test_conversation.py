@@ -260,6 +260,36 @@ def test_a_call_reading_a_chunk_whose_parent_was_deleted_leaves_no_hold(make_cm)
     assert cm.registry.held() == []
 
 
+def test_a_calls_lineage_is_let_go_of_after_what_was_computed_after_it(make_store):
+    """By provenance, not by the records' clocks (workers' may differ): here a parent whose
+    record says it was made after its child is still let go of after it."""
+    from kvchunks.service.chunks import Hold
+    from kvchunks.store.chunk import ChunkRecord
+    from kvchunks.store.hashing import content_hash
+
+    store = make_store()
+
+    def stored(tokens: list[int], parents: list[str], made: float) -> ChunkRecord:
+        record = ChunkRecord(
+            hash=content_hash([*tokens, len(parents)]),  # any 64 hex digits will do
+            content_hash=content_hash(tokens),
+            token_ids=tokens,
+            parent_chunks=parents,
+            created_at=made,
+        )
+        store.registry.put(record)
+        return record
+
+    parent = stored([5, 6], [], made=200.0)
+    child = stored([7], [parent.hash], made=100.0)
+    hold = Hold("lineage-order")
+    store.maker.hold(hold, [child.hash])
+    store.maker.hold_lineage(hold, store.registry.get_many([child.hash]))
+    assert hold.hashes == [parent.hash, child.hash]  # let go of in reverse: the child first
+    store.registry.let_go(hold.holder, hold.hashes[::-1])
+    assert store.registry.held() == []
+
+
 def test_a_generation_holds_the_active_chunks_it_reads(make_cm, monkeypatch):
     """A chunk a call keeping nothing made, active in another context when a generation
     there starts and deactivated by hand while it answers, stays for that generation, which

@@ -298,6 +298,7 @@ def too_long() -> str:
         ("post", "/v1/completions", {"prompt": "x", "logprobs": 0}, 400),  # the chosen's
         ("post", "/v1/chat/completions", {"messages": ASKED, "chunk": ["0000aaaa"]}, 400),
         ("post", "/v1/chat/completions", {"messages": ASKED, "guided_decoding_backend": "x"}, 400),
+        ("post", "/v1/chat/completions", {"messages": ASKED, "skip_special_tokens": False}, 400),
         (
             "post",
             "/v1/chat/completions",
@@ -350,6 +351,11 @@ def test_openai_fields_that_ask_for_nothing_are_answered(served):
         "tool_choice": "none",
         "response_format": {"type": "text"},
         "user": "someone",
+        # vLLM's, at what kvchunks does anyway; and fields it does not know, left unset.
+        "skip_special_tokens": True,
+        "add_generation_prompt": True,
+        "reasoning_effort": None,
+        "chat_template_kwargs": {},
         # OpenAI's fields are nullable, and the openai package sends null for None.
         **dict.fromkeys(["temperature", "top_p", "n", "seed", "stream"], None),
         **dict.fromkeys(["presence_penalty", "frequency_penalty", "repetition_penalty"], None),

@@ -362,6 +362,27 @@ def test_a_marked_chunk_in_use_keeps_no_mark(reg, redis_client):
     assert reg.exists(parent.hash) and hold_keys(reg, redis_client) == []
 
 
+def test_a_chunk_marked_while_one_computed_after_it_is_held_waits_for_that_hold(reg, redis_client):
+    """A call keeping nothing made a message and a prompt after it; another call reads the
+    prompt and holds the message (the prompt's lineage) only a moment later. The maker lets
+    go in between: the message keeps its mark, and goes after the prompt."""
+    message = make_chunk([31])
+    prompt = make_chunk([32], (message,))
+    reg.put(message)
+    reg.put(prompt)
+    reg.hold("maker", [message.hash, prompt.hash])
+    reg.hold("reader", [prompt.hash])
+    assert not reg.take_back(prompt.hash) and not reg.take_back(message.hash)  # marked
+    assert reg.let_go("maker", [prompt.hash, message.hash]) == message.hash
+    assert not reg.take_back(message.hash, marked=True)  # the prompt is held: still marked
+    reg.hold("reader", [message.hash])  # the reader's lineage
+    assert reg.let_go("reader", [prompt.hash, message.hash]) == prompt.hash
+    assert reg.take_back(prompt.hash, marked=True)
+    assert reg.let_go("reader", [message.hash]) == message.hash
+    assert reg.take_back(message.hash, marked=True)
+    assert not reg.exists(message.hash) and hold_keys(reg, redis_client) == []
+
+
 def test_a_call_lets_go_of_a_chunk_only_once_what_it_computed_after_it_is_gone(reg, redis_client):
     """Two calls keeping nothing share a message; the second computed its prompt after it.
     Whichever lets go first, the message is not left behind."""
