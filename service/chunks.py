@@ -7,7 +7,6 @@ import contextlib
 import functools
 import graphlib
 import json
-import math
 import threading
 import time
 import uuid
@@ -259,9 +258,11 @@ class ChunkMaker:
             self._take_back_one(chunk, marked=True)
 
     def _newest_first(self, hashes: list[str]) -> list[str]:
-        """Chunks newest first (one not stored: first), as take_back goes."""
-        made = {c.hash: c.created_at for c in self.registry.get_present(hashes)}
-        return sorted(hashes, key=lambda h: made.get(h, math.inf), reverse=True)
+        """Chunks each before those it was computed after (one not stored: first), as
+        take_back goes."""
+        stored = _parents_first(self.registry.get_present(hashes))[::-1]
+        gone = set(hashes) - set(stored)
+        return [*(h for h in hashes if h in gone), *stored]
 
     def _let_go(self, holder: str, left: list[str], kept: set[str]) -> None:
         """Let go of a call's holds in the order given, taking back each chunk a take-back
@@ -300,20 +301,12 @@ class ChunkMaker:
         seen, lineage = set(hold.hashes), []
         parents = _parents_not_in(chunks, seen)
         while parents:
-            # Named in the hold first, as `hold` does; a parent deleted since (its children
-            # still name it) too: its hold is written all the same.
-            hold.hashes[:0] = parents
-            self.registry.hold(hold.holder, parents)
+            self.hold(hold, parents)  # a parent deleted since (its children name it) too
             seen.update(parents)
             found = self.registry.get_present(parents)
             lineage += found
             parents = _parents_not_in(found, seen)
-        found = {c.hash: c for c in [*chunks, *lineage]}
-        # Parents before the chunks computed after them, by provenance (not by the clock:
-        # workers' clocks may differ).
-        graph = {h: [p for p in c.parent_chunks if p in found] for h, c in found.items()}
-        front = graphlib.TopologicalSorter(graph).static_order()
-        hold.hashes[:] = list(dict.fromkeys([*front, *hold.hashes]))
+        hold.hashes[:] = list(dict.fromkeys([*_parents_first([*chunks, *lineage]), *hold.hashes]))
 
     def keep(self, hold: Hold, chunks: list[ChunkRecord]) -> None:
         """The call stores these chunks, which it holds, as its own: they are not taken back
@@ -360,6 +353,14 @@ class ChunkMaker:
             if unregister(chunk.hash):
                 self.tiers.forget(chunk.hash)
                 self.tiers.files.remove(chunk.hash)
+
+
+def _parents_first(chunks: list[ChunkInfo]) -> list[str]:
+    """The chunks' hashes, each after those among them it was computed after: by provenance,
+    not by the records' clocks (workers' clocks may differ)."""
+    present = {c.hash for c in chunks}
+    graph = {c.hash: [p for p in c.parent_chunks if p in present] for c in chunks}
+    return list(graphlib.TopologicalSorter(graph).static_order())
 
 
 def _parents_not_in(chunks: list[ChunkInfo], seen: set[str]) -> list[str]:

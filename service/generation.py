@@ -88,9 +88,10 @@ class Call:
     store: bool = True
 
     def __post_init__(self) -> None:
-        if self.params is not None and not isinstance(self.params, SamplingParams):
-            raise InvalidInput(f"params must be SamplingParams, got {type(self.params).__name__}")
         if self.params is not None:
+            if not isinstance(self.params, SamplingParams):
+                kind = type(self.params).__name__
+                raise InvalidInput(f"params must be SamplingParams, got {kind}")
             # Checked again, as a copy of its own (lists too): a field may have been set since
             # it was made (params are a plain dataclass, as vLLM's are), or be while it runs.
             self.params = dataclasses.replace(copy.deepcopy(self.params))

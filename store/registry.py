@@ -761,13 +761,15 @@ def _strs(values: Iterable[bytes]) -> list[str]:
 
 def _matches(chunk: ChunkInfo, pattern: str) -> bool:
     pattern = pattern.lower()
-    glob = any(c in pattern for c in "*?[")
-    # A hash is matched from its start, as a ref is: "12" inside a hash is chance.
-    if fnmatch.fnmatchcase(chunk.hash, pattern if glob else f"{pattern}*"):
-        return True
+    # Without glob characters a hash is matched from its start, as a ref is ("12" inside a
+    # hash is chance), the other fields anywhere.
+    plain = not any(c in pattern for c in "*?[")
+    hash_glob, glob = (f"{pattern}*", f"*{pattern}*") if plain else (pattern, pattern)
     source = chunk.metadata.get("source")
     fields = [chunk.text, *chunk.tags, *([source] if isinstance(source, str) else [])]
-    return any(fnmatch.fnmatchcase(f.lower(), pattern if glob else f"*{pattern}*") for f in fields)
+    return fnmatch.fnmatchcase(chunk.hash, hash_glob) or any(
+        fnmatch.fnmatchcase(f.lower(), glob) for f in fields
+    )
 
 
 class ParsedRecords:
