@@ -112,6 +112,38 @@ def bench_reuse(llm, hf, docs: list[list[int]], question: list[int], repeats: in
     return times
 
 
+def profile(llm, prompts: list[list[int]], docs: list[list[int]], question: list[int]) -> None:
+    """The busiest operations, on stderr, of a question over stored documents and of a step
+    of the batch's decode (both warm)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiled
+
+    stored = [llm.prefill(doc, position=0).segment for doc in docs]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    seqs = [llm.add_request(p, params) for p in prompts]
+    llm.step()
+    llm.step()  # the prefill, then one decode step: the next one is warm
+    runs = {
+        "reuse ttft": lambda: llm.release(llm.prefill(question, context=stored).segment),
+        f"decode step, batch {len(prompts)}": llm.step,
+    }
+    for name, run in runs.items():
+        with profiled(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            synced(run)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+        print(f"--- {name}\n{table}", file=sys.stderr, flush=True)
+    while not all(s.is_finished for s in seqs):
+        llm.step()
+    for segment in stored:
+        llm.release(segment)
+
+
+def progress(name: str, figures: tuple[float, float]) -> tuple[float, float]:
+    """Each figure on stderr as it comes, ours then HF's: a run cut short keeps what it had."""
+    print(f"{name}: {figures[0]:.5g} (HF {figures[1]:.5g})", file=sys.stderr, flush=True)
+    return figures
+
+
 SMOKE = {
     "batch": 4,
     "prompt_tokens": 16,
@@ -136,6 +168,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kv-cache-mb", type=int, default=4096, help="the engine's KV pool")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
+    parser.add_argument(
+        "--profile", action="store_true", help="where a reuse TTFT's and a decode step's time goes"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/gpu.py needs a CUDA device and torch sees none; run it on a GPU machine")
@@ -157,11 +192,19 @@ def main() -> None:
     rng = random.Random(0)
 
     prompts = [random_ids(rng, args.prompt_tokens) for _ in range(args.batch)]
-    one = bench_decode(llm, hf, prompts[:1], args.new_tokens, args.repeats)
-    batch = bench_decode(llm, hf, prompts, args.new_tokens, args.repeats)
-    prefill = bench_prefill(llm, hf, random_ids(rng, args.prefill_tokens), args.repeats)
+    one = progress(
+        "decode b1 tok/s", bench_decode(llm, hf, prompts[:1], args.new_tokens, args.repeats)
+    )
+    batch = progress(
+        f"decode b{args.batch} tok/s", bench_decode(llm, hf, prompts, args.new_tokens, args.repeats)
+    )
+    prefill = progress(
+        "prefill tok/s", bench_prefill(llm, hf, random_ids(rng, args.prefill_tokens), args.repeats)
+    )
     docs = [random_ids(rng, args.doc_tokens) for _ in range(4)]
-    reuse = bench_reuse(llm, hf, docs, random_ids(rng, 24), args.repeats)
+    reuse = progress("reuse ttft s", bench_reuse(llm, hf, docs, random_ids(rng, 24), args.repeats))
+    if args.profile:
+        profile(llm, prompts, docs, random_ids(rng, 24))
     result = {
         "device": torch.cuda.get_device_name(),
         "dtype": args.dtype,

@@ -144,7 +144,7 @@ class TorchAttention:
         out = F.scaled_dot_product_attention(
             grouped, ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=batch.mask
         )
-        return out.view_as(rows)
+        return out.reshape(rows.shape)  # CUDA's kernels may lay heads out differently
 
 
 def _sdpa(q, k, v, mask) -> torch.Tensor:

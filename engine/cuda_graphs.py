@@ -1,17 +1,21 @@
-"""CUDA graphs for decode steps on the FlexAttention backend (CUDA only).
+"""CUDA graphs for decode steps and short prefills on the FlexAttention backend (CUDA only).
 
 A decode step runs a few small kernels per layer for a handful of rows, so on a GPU its
-time goes to launching them; replaying a captured graph launches them all at once. As in
-nano-vLLM, there is one graph per batch size in a fixed set, a batch is padded up to the
-next size, and what changes from step to step is data, not shape: token ids, slots, RoPE
-tables and the FlexAttention plan, whose block lists are padded to a fixed width. A graph
-is captured when a step of its size first comes, and serves every activation pattern that
-fits it. Padding rows are one-token sequences in a scratch slot of the pool that nothing
+time goes to launching them; replaying a captured graph launches them all at once. The
+same holds for a short prompt over stored context (a question over loaded documents, a
+chat turn): its few queries cost little, the launches much. As in nano-vLLM, there is one
+graph per shape in a fixed set, a step is padded up to the next shape, and what changes
+from step to step is data, not shape: token ids, slots, RoPE tables and the FlexAttention
+plan, whose block lists are padded to a fixed width. A graph is captured when a step of
+its shape first comes, and serves every activation pattern that fits it. Padding rows are
+one-token sequences, or rows no sequence owns, in a scratch slot of the pool that nothing
 else uses.
 
-A step is replayed when every sequence decodes one token, none attends to a RoPE-shifted
-segment (one key group) or to one slot twice, and every sequence's keys lie in at most
-`max_entries` blocks, as those of one contiguous timeline do; any other step runs eagerly.
+The shapes: a batch of sequences that each decode one token (graphs by batch size), or
+one sequence with up to QUERY_TILE new tokens (graphs by their count, rounded up). Such a
+step is replayed when no sequence attends to a RoPE-shifted segment (one key group) or to
+one slot twice, and every sequence's keys lie in at most `max_entries` blocks, as those
+of one contiguous timeline do; any other step runs eagerly.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from kvchunks.engine.attention import AttentionMetadata, SequenceAttention
-from kvchunks.engine.flex_attention import FlexAttention, FlexPlan, build_plan
+from kvchunks.engine.flex_attention import QUERY_TILE, FlexAttention, FlexPlan, build_plan
 from kvchunks.engine.model import CausalLM
+
+PREFILL_SIZES = [16, 32, 64, QUERY_TILE]  # new tokens of one sequence's short prefill
 
 
 @dataclass
@@ -39,8 +45,8 @@ class Captured:
     hidden: torch.Tensor
 
 
-class DecodeGraphs:
-    """The captured graphs of one engine, by batch size (see the module's docstring)."""
+class StepGraphs:
+    """The captured graphs of one engine, by shape (see the module's docstring)."""
 
     def __init__(
         self,
@@ -54,47 +60,65 @@ class DecodeGraphs:
         self.sizes = [s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, max_batch, 16))
         self.sizes.append(max_batch)
         self.max_entries, self.scratch_slot = max_entries, scratch_slot
-        self.captured: dict[int, Captured] = {}
+        self.scratch = torch.tensor([scratch_slot], device=backend.k_slots.device)
+        self.captured: dict[tuple[int, int], Captured] = {}
         self.memory = None  # one memory pool for every graph: they never run at once
 
     def run(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
-        """Hidden states [N, hidden] of a decode step from a graph; None if none fits it."""
-        n = len(meta.sequences)
-        shifted = any(s.key_cos is not None for s in meta.sequences)
-        if len(ids) != n or n > self.sizes[-1] or shifted:
+        """Hidden states [tokens, hidden] of a step from a graph; None if none fits it."""
+        n, tokens = len(meta.sequences), len(ids)
+        shape = self._shape(n, tokens)
+        if shape is None or any(s.key_cos is not None for s in meta.sequences):
             return None
-        size = next(s for s in self.sizes if s >= n)
-        plan = self._plan(meta.sequences + self._padding(n, size))
+        size, queries = shape
+        plan = self._plan(meta.sequences + self._padding(tokens, size - n), queries)
         if not plan.exact or plan.table.blocks.shape[1] != self.max_entries:
             return None  # a slot seen twice, or keys in more blocks than a graph holds
-        captured = self.captured.get(size) or self._capture(size)
-        captured.ids[:n] = ids
+        captured = self.captured.get(shape) or self._capture(shape)
+        captured.ids[:tokens] = ids
+        rows = len(captured.ids)
         captured.meta.slot_mapping.copy_(
-            F.pad(meta.slot_mapping, (0, size - n), value=self.scratch_slot)
+            F.pad(meta.slot_mapping, (0, rows - tokens), value=self.scratch_slot)
         )
-        captured.meta.cos[:n] = meta.cos
-        captured.meta.sin[:n] = meta.sin
+        captured.meta.cos[:tokens] = meta.cos
+        captured.meta.sin[:tokens] = meta.sin
         for fixed, fresh in zip(_tensors(captured.plan), _tensors(plan), strict=True):
             fixed.copy_(fresh)
         captured.graph.replay()
-        return captured.hidden[:n]
+        return captured.hidden[:tokens]
 
-    def _capture(self, size: int) -> Captured:
-        padding = self._padding(0, size)
+    def _shape(self, n: int, tokens: int) -> tuple[int, int] | None:
+        """(sequences, queries per sequence) of the graph for a step of n sequences and
+        `tokens` new tokens, padded up; None when no graph takes it."""
+        if tokens == n and n <= self.sizes[-1]:
+            return next(s for s in self.sizes if s >= n), 1
+        if n == 1 and tokens <= PREFILL_SIZES[-1]:
+            return 1, next(q for q in PREFILL_SIZES if q >= tokens)
+        return None
+
+    def _capture(self, shape: tuple[int, int]) -> Captured:
+        size, queries = shape
+        rows = size * queries
         cache = self.backend.k_slots
-        cos = cache.new_ones(size, 1, cache.shape[-1])
-        slots = torch.full((size,), self.scratch_slot, device=cache.device)
-        meta = AttentionMetadata(slots, cos, cos.new_zeros(cos.shape), padding)
-        ids = torch.zeros(size, dtype=torch.long, device=cache.device)
-        plan = self._plan(padding)
+        cos = cache.new_ones(rows, 1, cache.shape[-1])
+        slots = torch.full((rows,), self.scratch_slot, device=cache.device)
+        # Stand-ins of the step's shape; their plan is overwritten before every replay.
+        if queries == 1:
+            stand_ins = self._padding(0, size)
+        else:
+            stand_ins = [SequenceAttention(0, queries, slots, fresh=False)]
+        meta = AttentionMetadata(slots, cos, cos.new_zeros(cos.shape), stand_ins)
+        ids = torch.zeros(rows, dtype=torch.long, device=cache.device)
+        plan = self._plan(stand_ins, queries)
+        plan.exact = True  # the stand-in sees its slot many times; what replays never does
 
         def forward() -> torch.Tensor:
             self.backend.use(meta, plan)
             return self.model(ids, meta, self.backend)
 
         graph, hidden = self._record(forward)
-        self.captured[size] = Captured(graph, ids, meta, plan, hidden)
-        return self.captured[size]
+        self.captured[shape] = Captured(graph, ids, meta, plan, hidden)
+        return self.captured[shape]
 
     def _record(self, forward: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
         """Capture `forward` in a graph; return it and the tensor the forward writes."""
@@ -107,14 +131,16 @@ class DecodeGraphs:
         self.memory = graph.pool()
         return graph, hidden
 
-    def _plan(self, sequences: list[SequenceAttention]) -> FlexPlan:
+    def _plan(self, sequences: list[SequenceAttention], queries: int) -> FlexPlan:
         backend = self.backend
-        return build_plan(sequences, backend.block_size, backend.num_blocks, self.max_entries)
+        return build_plan(
+            sequences, backend.block_size, backend.num_blocks, self.max_entries, queries
+        )
 
-    def _padding(self, first_row: int, size: int) -> list[SequenceAttention]:
-        """One-token sequences in the scratch slot for rows first_row..size-1."""
-        slot = torch.tensor([self.scratch_slot], device=self.backend.k_slots.device)
-        return [SequenceAttention(i, i + 1, slot, fresh=False) for i in range(first_row, size)]
+    def _padding(self, first_row: int, count: int) -> list[SequenceAttention]:
+        """`count` one-token sequences in the scratch slot, from row first_row on."""
+        rows = range(first_row, first_row + count)
+        return [SequenceAttention(i, i + 1, self.scratch, fresh=False) for i in rows]
 
 
 def _tensors(plan: FlexPlan) -> list[torch.Tensor]:

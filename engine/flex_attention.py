@@ -90,7 +90,9 @@ class FlexAttention(TorchAttention):
         else:
             parts = [self._attend(q, keys, values, plan, g, lse=True) for g in plan.groups]
             out = _merge(*zip(*parts, strict=True))
-        result = torch.empty_like(q)
+        # Zeros, not uninitialized memory: rows no query writes (a graph's padding past a
+        # short prompt) go on through the layers, and their KV into the scratch slot.
+        result = torch.zeros_like(q)
         result[plan.query_rows.flatten()] = out.transpose(1, 2).flatten(0, 1)
         return result[:-1]
 
@@ -123,6 +125,10 @@ class FlexAttention(TorchAttention):
 @functools.cache
 def _compiled_flex_attention():
     """One compiled FlexAttention for every engine in the process, so they share kernels."""
+    # Each dtype, pool size and graph shape of those engines may add a compile; past
+    # Dynamo's default limit of 8 a call would run FlexAttention eagerly, over the whole
+    # pool (and break a graph's capture).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention)
 
 
@@ -142,42 +148,56 @@ def _merge(outs: tuple[torch.Tensor, ...], lses: tuple[torch.Tensor, ...]) -> to
 
 
 def build_plan(
-    sequences: list[SequenceAttention], block_size: int, num_blocks: int, width: int = 0
+    sequences: list[SequenceAttention],
+    block_size: int,
+    num_blocks: int,
+    width: int = 0,
+    queries_width: int = 0,
 ) -> FlexPlan:
     """Block lists and slot ranks for every (rotation group, sequence) row of the batch,
-    with room for at least `width` blocks per row (a CUDA graph's fixed shape)."""
+    with room for at least `width` blocks and `queries_width` queries per row (a CUDA
+    graph's fixed shape).
+
+    Built in host memory and moved to the device once made: on a GPU its many small steps,
+    some of which need their results' sizes, would each launch a kernel or wait for one."""
     device = sequences[0].key_slots.device
-    lengths = torch.tensor([s.key_slots.numel() for s in sequences], device=device)
-    queries = torch.tensor([s.query_end - s.query_start for s in sequences], device=device)
-    starts = torch.tensor([s.query_start for s in sequences], device=device)
-    query_at = torch.arange(int(queries.max()), device=device)
+    lengths = torch.tensor([s.key_slots.numel() for s in sequences])
+    queries = torch.tensor([s.query_end - s.query_start for s in sequences])
+    starts = torch.tensor([s.query_start for s in sequences])
+    query_at = torch.arange(max(int(queries.max()), queries_width))
     valid = query_at[None, :] < queries[:, None]
     # Queries are the last of the keys, and each sees the keys up to its own.
     query_rank = torch.where(valid, (lengths - queries)[:, None] + query_at, -1)
     group_of_key, rotations = _rotation_groups(sequences)
     num_rows = len(rotations) * len(sequences)
-    rows = group_of_key * len(sequences) + _owner(lengths)
-    slots = torch.cat([s.key_slots for s in sequences])
-    table = _slot_table(rows, slots, _rank(lengths), num_rows, block_size, num_blocks, width)
+    owner = _owner(lengths)
+    rows = group_of_key * len(sequences) + owner
+    slots = torch.cat([s.key_slots for s in sequences]).cpu()
+    table = _slot_table(rows, slots, _rank(lengths, owner), num_rows, block_size, num_blocks, width)
     lists = _block_lists(table, *_query_tiles(query_rank, len(rotations)))
+    query_rows = (starts[:, None] + query_at).masked_fill(~valid, int(queries.sum()))
+    exact = int((table.ranks != NOT_SEEN).sum()) == slots.numel()
+    table = table.to(device)
+    lists = tuple((counts.to(device), ids.to(device)) for counts, ids in lists)
+    query_rank = query_rank.to(device)
     groups = [
         KeyGroup(_block_mask(table, lists, part, query_rank, block_size), *rotation)
         for part, rotation in zip(_parts(len(sequences), len(rotations)), rotations, strict=True)
     ]
-    query_rows = (starts[:, None] + query_at).masked_fill(~valid, int(queries.sum()))
-    exact = int((table.ranks != NOT_SEEN).sum()) == slots.numel()
-    return FlexPlan(query_rows, query_rank, table, groups, exact)
+    return FlexPlan(query_rows.to(device), query_rank, table, groups, exact)
 
 
 def _owner(lengths: torch.Tensor) -> torch.Tensor:
-    """For each key of the concatenated batch, the index of its sequence."""
-    return torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    """For each key of the concatenated batch, the index of its sequence: a running count
+    of the sequences begun (repeat_interleave would run a host thread per sequence)."""
+    begun = torch.zeros(int(lengths.sum()), dtype=torch.long)
+    begun.index_add_(0, lengths.cumsum(0)[:-1], torch.ones(len(lengths) - 1, dtype=torch.long))
+    return begun.cumsum(0)
 
 
-def _rank(lengths: torch.Tensor) -> torch.Tensor:
+def _rank(lengths: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
     """For each key of the concatenated batch, its index within its sequence."""
-    first = (torch.cumsum(lengths, 0) - lengths).repeat_interleave(lengths)
-    return torch.arange(int(lengths.sum()), device=lengths.device) - first
+    return torch.arange(len(owner)) - (lengths.cumsum(0) - lengths)[owner]
 
 
 def _parts(batch: int, groups: int) -> list[slice]:
@@ -188,10 +208,9 @@ def _parts(batch: int, groups: int) -> list[slice]:
 def _rotation_groups(sequences: list[SequenceAttention]) -> tuple[torch.Tensor, list[tuple]]:
     """Each key's group (keys rotated alike), and each group's (cos, sin) or (None, None)."""
     total = sum(s.key_slots.numel() for s in sequences)
-    device = sequences[0].key_slots.device
     shifted = [s.key_cos for s in sequences if s.key_cos is not None]
     if not shifted:
-        return torch.zeros(total, dtype=torch.long, device=device), [(None, None)]
+        return torch.zeros(total, dtype=torch.long), [(None, None)]
     like = shifted[0][:1, 0]  # [1, head_dim]
     kept = torch.cat([torch.ones_like(like), torch.zeros_like(like)], dim=-1)  # no rotation
     tables = [
@@ -202,7 +221,7 @@ def _rotation_groups(sequences: list[SequenceAttention]) -> tuple[torch.Tensor, 
     ]
     unique, group_of_key = torch.unique(torch.cat(tables), dim=0, return_inverse=True)
     cos, sin = unique[:, None].chunk(2, dim=-1)  # each [groups, 1, head_dim]
-    return group_of_key, list(zip(cos, sin, strict=True))
+    return group_of_key.cpu(), list(zip(cos, sin, strict=True))
 
 
 @dataclass
@@ -215,6 +234,11 @@ class SlotTable:
     entry_of_block: torch.Tensor  # [rows, num_blocks] int32
     blocks: torch.Tensor  # [rows, entries] pool block of each entry
     listed: torch.Tensor  # [rows, entries] bool: entry in use
+
+    def to(self, device: torch.device) -> SlotTable:
+        return SlotTable(
+            *(t.to(device) for t in (self.ranks, self.entry_of_block, self.blocks, self.listed))
+        )
 
 
 def _slot_table(

@@ -15,7 +15,7 @@ from kvchunks.engine.attention import (
     TorchAttention,
 )
 from kvchunks.engine.config import EngineConfig, ModelConfig
-from kvchunks.engine.cuda_graphs import DecodeGraphs
+from kvchunks.engine.cuda_graphs import StepGraphs
 from kvchunks.engine.flash_attention import FlashAttention, flash_attn_available
 from kvchunks.engine.flex_attention import KERNEL_BLOCK, FlexAttention, flex_usable
 from kvchunks.engine.kv_segment import KVSegment
@@ -39,7 +39,7 @@ class ModelRunner:
         self.model.prepare_for_decode()
         self.inv_freq = inverse_frequencies(model_config).to(self.device)
         self.num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // self.block_bytes())
-        # On CUDA one block more, beyond the block manager's: decode graphs' padding rows
+        # On CUDA one block more, beyond the block manager's: graphs' padding rows
         # write their KV there.
         scratch = 1 if self.device.type == "cuda" else 0
         self.kv_cache = torch.zeros(
@@ -53,34 +53,36 @@ class ModelRunner:
             device=self.device,
         )
         self.backend = self._backend()
-        self.graphs = self._decode_graphs()
+        self.graphs = self._step_graphs()
         # Selective recompute needs an arbitrary visibility mask, which only torch's SDPA takes.
         self.masked_backend = TorchAttention(self.kv_cache)
 
     def _backend(self) -> TorchAttention:
-        choice = self.config.attention_backend
-        usable = flash_attn_available(self.config.device, self.config.torch_dtype)
-        if choice == "flash-attn" and not usable:
-            raise InvalidInput(
-                "the flash-attn backend needs CUDA, float16/bfloat16 and `pip install "
-                "kvchunks[cuda]`; use attention_backend='torch' or 'auto'"
-            )
-        if choice in ("auto", "flash-attn") and usable:
+        """`auto` is flex on CUDA (it reads the pool in place; flash-attn and torch gather
+        every visible key per step) and torch on CPU, where flex runs eagerly."""
+        choice, device = self.config.attention_backend, self.config.device
+        if choice == "auto":
+            on_cuda = self.device.type == "cuda" and flex_usable(device, self.block_size)
+            choice = "flex" if on_cuda else "torch"
+        if choice == "flash-attn":
+            if not flash_attn_available(device, self.config.torch_dtype):
+                raise InvalidInput(
+                    "the flash-attn backend needs CUDA, float16/bfloat16 and `pip install "
+                    "kvchunks[cuda]`; use attention_backend='torch' or 'auto'"
+                )
             return FlashAttention(self.kv_cache)
-        # `auto` does not take flex: its compiled kernels and decode graphs have not yet run
-        # on a GPU, so it is asked for by name until they have.
-        if choice != "flex":
+        if choice == "torch":
             return TorchAttention(self.kv_cache)
-        if not flex_usable(self.config.device, self.block_size):
+        if not flex_usable(device, self.block_size):
             raise InvalidInput(
                 f"the flex backend on CUDA needs a block_size that is a multiple of "
                 f"{KERNEL_BLOCK}; use attention_backend='torch' or another block_size"
             )
         return FlexAttention(self.kv_cache, compiled=self.device.type == "cuda")
 
-    def _decode_graphs(self) -> DecodeGraphs | None:
-        """CUDA graphs for decode steps: on the flex backend, whose plan has fixed shapes once
-        padded (the gather backends' keys do not)."""
+    def _step_graphs(self) -> StepGraphs | None:
+        """CUDA graphs for decode steps and short prefills: on the flex backend, whose plan
+        has fixed shapes once padded (the gather backends' keys do not)."""
         if self.config.enforce_eager or not isinstance(self.backend, FlexAttention):
             return None
         if self.device.type != "cuda":
@@ -90,7 +92,7 @@ class ModelRunner:
         max_entries = min(window // self.block_size + 2, self.num_blocks)
         max_batch = min(self.config.max_num_seqs, 512)
         scratch_slot = self.num_blocks * self.block_size
-        return DecodeGraphs(self.model, self.backend, max_batch, max_entries, scratch_slot)
+        return StepGraphs(self.model, self.backend, max_batch, max_entries, scratch_slot)
 
     def block_bytes(self) -> int:
         return self.model_config.kv_bytes(self.block_size, self.config.torch_dtype)
@@ -111,30 +113,45 @@ class ModelRunner:
         order = range(len(seqs))
         if decode:
             order = sorted(order, key=lambda i: _num_keys(seqs[i]))
-        input_ids, positions, slots, per_seq = [], [], [], []
-        last_rows, offset = [0] * len(seqs), 0
-        for i in order:
-            seq = seqs[i]
-            first, last = seq.num_computed, seq.num_tokens
-            input_ids += seq.token_ids[first:last]
-            positions.append(torch.arange(seq.position + first, seq.position + last))
-            own = self._own_slots(seq, last)
-            slots.append(own[first:])
-            per_seq.append(self._sequence_attention(seq, own, offset, offset + last - first))
-            offset += last - first
-            last_rows[i] = offset - 1
-        pos = torch.cat(positions).to(self.device)
-        cos, sin = cos_sin(self.inv_freq, pos, self.config.torch_dtype)
-        meta = AttentionMetadata(torch.cat(slots), cos, sin, per_seq)
+        ids, meta = self._step_inputs([seqs[i] for i in order])
         if decode:
-            meta.decode = self._decode_groups(per_seq)
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+            meta.decode = self._decode_groups(meta.sequences)
         hidden = None if self.graphs is None or all_logits else self.graphs.run(ids, meta)
         if hidden is None:
             hidden = self.model(ids, meta, self.backend)
         if not all_logits:
+            last_rows = [0] * len(seqs)
+            for i, attention in zip(order, meta.sequences, strict=True):
+                last_rows[i] = attention.query_end - 1
             hidden = hidden[last_rows]  # one row per sequence, in the order given
         return self.model.logits(hidden)
+
+    def _step_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, AttentionMetadata]:
+        """The token ids of the sequences' new tokens, in this order, and their metadata.
+
+        Every index is made in host memory and crosses to the device in one copy: made
+        there, each sequence's few small tensors would cost a kernel launch apiece."""
+        input_ids, positions, slots, keys, fresh = [], [], [], [], []
+        for seq in seqs:
+            first, last = seq.num_computed, seq.num_tokens
+            input_ids += seq.token_ids[first:last]
+            positions.append(torch.arange(seq.position + first, seq.position + last))
+            own = KVSegment(tuple(seq.blocks), seq.start, last, 0)
+            slots.append(slots_of([own.sub(first, last - first, self.block_size)], self.block_size))
+            fresh.append(not seq.context and first == 0)
+            if not fresh[-1]:
+                keys.append(slots_of([*seq.context, own], self.block_size))
+        host = [torch.tensor(input_ids), torch.cat(positions), torch.cat(slots), *keys]
+        moved = torch.cat(host).to(self.device).split([len(t) for t in host])
+        ids, pos, slot_mapping, key_slots = moved[0], moved[1], moved[2], iter(moved[3:])
+        per_seq, offset = [], 0
+        for seq, new in zip(seqs, fresh, strict=True):
+            end = offset + seq.num_tokens - seq.num_computed
+            own = slot_mapping[offset:end] if new else next(key_slots)
+            per_seq.append(self._sequence_attention(seq, own, offset, end, new))
+            offset = end
+        cos, sin = cos_sin(self.inv_freq, pos, self.config.torch_dtype)
+        return ids, AttentionMetadata(slot_mapping, cos, sin, per_seq)
 
     @torch.inference_mode()
     def recompute(
@@ -157,24 +174,18 @@ class ModelRunner:
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         self.model(ids, meta, self.masked_backend)
 
-    def _own_slots(self, seq: Sequence, num_tokens: int) -> torch.Tensor:
-        return self.segment_slots(KVSegment(tuple(seq.blocks), seq.start, num_tokens, 0))
-
     def segment_slots(self, segment: KVSegment) -> torch.Tensor:
-        """The flat pool slot of each of the segment's tokens."""
-        index = torch.arange(segment.start, segment.end_slot(), device=self.device)
-        blocks = torch.tensor(segment.blocks, dtype=torch.long, device=self.device)
-        return blocks[index // self.block_size] * self.block_size + index % self.block_size
+        """The flat pool slot of each of the segment's tokens, on the device."""
+        return slots_of([segment], self.block_size).to(self.device)
 
     def _sequence_attention(
-        self, seq: Sequence, own: torch.Tensor, q_start: int, q_end: int
+        self, seq: Sequence, key_slots: torch.Tensor, q_start: int, q_end: int, fresh: bool
     ) -> SequenceAttention:
-        if not seq.context and seq.num_computed == 0:
-            return SequenceAttention(q_start, q_end, own, fresh=True)
-        key_slots = torch.cat([*(self.segment_slots(s) for s in seq.context), own])
-        attention = SequenceAttention(q_start, q_end, key_slots, fresh=False)
+        """key_slots: the sequence's own slots when fresh, else its context's, then its own."""
+        attention = SequenceAttention(q_start, q_end, key_slots, fresh)
         if any(s.shift for s in seq.context):
-            attention.key_cos, attention.key_sin = self._key_rotation(seq, own.numel())
+            num_own = key_slots.numel() - sum(s.length for s in seq.context)
+            attention.key_cos, attention.key_sin = self._key_rotation(seq, num_own)
         return attention
 
     def _key_rotation(self, seq: Sequence, num_own: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,6 +221,15 @@ class ModelRunner:
             batch.key_cos = pad_sequence([c for c, _ in tables], batch_first=True)
             batch.key_sin = pad_sequence([s for _, s in tables], batch_first=True)
         return batch
+
+
+def slots_of(segments: list[KVSegment], block_size: int) -> torch.Tensor:
+    """The flat pool slot of each token of the segments, in order, in host memory: one
+    range per run of adjacent slots (a few per segment), so few operations."""
+    runs = [run for segment in segments for run in segment.slot_runs(block_size)]
+    return torch.cat(
+        [torch.arange(first, first + count) for first, count in runs] or [torch.arange(0)]
+    )
 
 
 def _num_keys(seq: Sequence) -> int:

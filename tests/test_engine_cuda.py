@@ -1,5 +1,5 @@
 """CUDA paths: logits against HF in float32 and bfloat16, the flex backend against the torch
-reference path, batching, decode graphs against eager decoding, flash-attn
+reference path, batching, decode and short-prefill graphs against eager runs, flash-attn
 against torch, and the pinned host tier with its copy stream. Skipped without a CUDA
 device.
 
@@ -17,10 +17,11 @@ import pytest
 import torch
 from reference import hf_logits
 from test_engine_filtered import check_shifted_and_plain_batch
-from test_engine_flex import decode_in_shrinking_batches, prefill_steps
+from test_engine_flex import decode_in_shrinking_batches, prefill_steps, short_prefills
 from test_engine_reference import random_tokens
 
 from kvchunks.engine import LLM, EngineConfig, SamplingParams
+from kvchunks.engine.attention import TorchAttention
 from kvchunks.engine.flex_attention import FlexAttention
 from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.context_manager import ContextManager
@@ -49,6 +50,13 @@ def cuda_llm(model_path):
 @pytest.fixture(scope="module")
 def torch_llm(model_path):
     return cuda_engine(model_path, attention_backend="torch")
+
+
+def test_auto_is_flex_with_graphs_on_cuda_when_blocks_fit_its_kernels(model_path):
+    fits = LLM(model_path, EngineConfig(device="cuda", kv_cache_bytes=64 << 20))
+    assert isinstance(fits.runner.backend, FlexAttention) and fits.runner.graphs is not None
+    small = LLM(model_path, EngineConfig(device="cuda", kv_cache_bytes=64 << 20, block_size=16))
+    assert type(small.runner.backend) is TorchAttention and small.runner.graphs is None
 
 
 def test_cuda_logits_match_reference(cuda_llm, torch_llm, hf_model):
@@ -87,6 +95,13 @@ def test_decode_graphs_match_eager_and_torch(cuda_llm, torch_llm, model_path):
     assert decode_in_shrinking_batches(cuda_llm) == expected  # the graphs again, new data
 
 
+def test_short_prefill_graphs_match_torch_backend(cuda_llm, torch_llm):
+    """Prompts of up to 128 tokens over stored KV replay graphs of 16 and 32 queries."""
+    for graphed, reference in zip(short_prefills(cuda_llm), short_prefills(torch_llm), strict=True):
+        assert (graphed - reference).abs().max().item() <= 1e-4
+    assert {(1, 16), (1, 32)} <= set(cuda_llm.runner.graphs.captured)
+
+
 def test_cuda_batched_equals_one_at_a_time(cuda_llm):
     prompts = [random_tokens(n, seed=n) for n in (5, 77, 300)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -100,10 +115,12 @@ def test_cuda_shifted_and_plain_sequences_decode_like_hf(torch_llm, hf_model):
     check_shifted_and_plain_batch(torch_llm, hf_model)
 
 
-def test_seeded_sampling_draws_the_same_on_cuda_and_cpu(cuda_llm, llm):
+def test_seeded_sampling_draws_the_same_on_cuda_and_cpu(cuda_llm, model_path):
+    cpu_llm = LLM(model_path, EngineConfig(device="cpu", kv_cache_bytes=64 << 20))
     ids = random_tokens(30, seed=3)
     seeded = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, max_tokens=12, seed=11)
-    assert cuda_llm.generate([ids], seeded)[0].token_ids == llm.generate([ids], seeded)[0].token_ids
+    on_cuda = cuda_llm.generate([ids], seeded)[0].token_ids
+    assert on_cuda == cpu_llm.generate([ids], seeded)[0].token_ids
 
 
 def test_flash_attn_matches_torch_backend(model_path):

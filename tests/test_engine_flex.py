@@ -14,7 +14,7 @@ from test_engine_reference import random_tokens
 
 from kvchunks.engine import LLM, EngineConfig, SamplingParams
 from kvchunks.engine.attention import SequenceAttention, TorchAttention
-from kvchunks.engine.cuda_graphs import DecodeGraphs
+from kvchunks.engine.cuda_graphs import StepGraphs
 from kvchunks.engine.flex_attention import QUERY_TILE, FlexAttention, build_plan
 
 BLOCK = 16
@@ -140,7 +140,7 @@ class EagerReplay:
         self.replays += 1
 
 
-class ReplayedGraphs(DecodeGraphs):
+class ReplayedGraphs(StepGraphs):
     def _record(self, forward):
         graph = EagerReplay(forward)
         return graph, graph.hidden
@@ -194,6 +194,39 @@ def test_batched_decode_from_graph_inputs_matches_torch_backend(engines, tiny_ch
     runner.graphs = graphs
     expected = decode_in_shrinking_batches(engines[1])
     assert decode_in_shrinking_batches(llm) == expected
-    assert sorted(graphs.captured) == [1, 2, 4]
+    decode_shapes = sorted(shape for shape in graphs.captured if shape[1] == 1)
+    assert decode_shapes == [(1, 1), (2, 1), (4, 1)]
     assert decode_in_shrinking_batches(llm) == expected  # the same graphs, new data
     assert all(c.graph.replays == 2 for c in graphs.captured.values())
+
+
+def short_prefills(engine: LLM) -> list[torch.Tensor]:
+    """Last-token logits of a document and of prompts of 5, 16, 20 and 2 * QUERY_TILE tokens
+    over part of it (starting and ending inside blocks)."""
+    bs = engine.config.block_size
+    doc = engine.prefill(random_tokens(3 * bs - 3, 1))
+    logits = [doc.logits]
+    for n in (5, 16, 20, 2 * QUERY_TILE):
+        turn = engine.prefill(random_tokens(n, n), context=[doc.segment.sub(3, 20, bs)])
+        logits.append(turn.logits)
+        engine.release(turn.segment)
+    engine.release(doc.segment)
+    return logits
+
+
+def test_short_prefills_from_graph_inputs_match_torch_backend(engines, tiny_checkpoint):
+    """Prompts of up to QUERY_TILE tokens, fresh or over part of a stored segment, from
+    graphs of 16, 32 and 64 queries (rows past the prompt padded), equal the torch backend's
+    logits; a longer prompt runs eagerly."""
+    config = EngineConfig(attention_backend="flex", num_blocks=48, block_size=BLOCK)
+    llm = LLM(tiny_checkpoint("llama"), config)
+    (scratch,) = llm.block_manager.allocate(1)
+    runner = llm.runner
+    graphs = ReplayedGraphs(runner.model, runner.backend, 8, 8, scratch * BLOCK)
+    runner.graphs = graphs
+    expected = short_prefills(engines[1])
+    for ours, reference in zip(short_prefills(llm), expected, strict=True):
+        assert (ours - reference).abs().max().item() <= 1e-4
+    # The document (45 tokens) took a graph of 64, the prompts of 5 and 16 one of 16.
+    assert sorted(graphs.captured) == [(1, 16), (1, 32), (1, 64)]
+    assert graphs.captured[1, 16].graph.replays == 2
