@@ -146,6 +146,15 @@ class ReplayedGraphs(StepGraphs):
         return graph, graph.hidden
 
 
+def engine_with_replayed_graphs(folder) -> tuple[LLM, ReplayedGraphs]:
+    """A flex engine whose graphs replay on CPU, with a scratch block taken from its pool."""
+    llm = LLM(folder, EngineConfig(attention_backend="flex", num_blocks=48, block_size=BLOCK))
+    (scratch,) = llm.block_manager.allocate(1)
+    runner = llm.runner
+    runner.graphs = ReplayedGraphs(runner.model, runner.backend, 8, 8, scratch * BLOCK)
+    return llm, runner.graphs
+
+
 def decode_in_shrinking_batches(llm: LLM) -> list[list[int]]:
     """Greedy decode of five sequences in one batch, each seeing other segments: nothing,
     a chunk, pieces of two chunks sharing blocks, a chunk RoPE-shifted after another, and
@@ -186,12 +195,7 @@ def test_batched_decode_from_graph_inputs_matches_torch_backend(engines, tiny_ch
     rows of an earlier batch overwritten), and the same graphs serve a second round. On CPU
     a replay runs the captured forward again on the fixed tensors; the CUDA capture itself
     runs only on a GPU."""
-    config = EngineConfig(attention_backend="flex", num_blocks=48, block_size=BLOCK)
-    llm = LLM(tiny_checkpoint("llama"), config)
-    (scratch,) = llm.block_manager.allocate(1)
-    runner = llm.runner
-    graphs = ReplayedGraphs(runner.model, runner.backend, 8, 8, scratch * BLOCK)
-    runner.graphs = graphs
+    llm, graphs = engine_with_replayed_graphs(tiny_checkpoint("llama"))
     expected = decode_in_shrinking_batches(engines[1])
     assert decode_in_shrinking_batches(llm) == expected
     decode_shapes = sorted(shape for shape in graphs.captured if shape[1] == 1)
@@ -218,12 +222,7 @@ def test_short_prefills_from_graph_inputs_match_torch_backend(engines, tiny_chec
     """Prompts of up to QUERY_TILE tokens, fresh or over part of a stored segment, from
     graphs of 16, 32 and 64 queries (rows past the prompt padded), equal the torch backend's
     logits; a longer prompt runs eagerly."""
-    config = EngineConfig(attention_backend="flex", num_blocks=48, block_size=BLOCK)
-    llm = LLM(tiny_checkpoint("llama"), config)
-    (scratch,) = llm.block_manager.allocate(1)
-    runner = llm.runner
-    graphs = ReplayedGraphs(runner.model, runner.backend, 8, 8, scratch * BLOCK)
-    runner.graphs = graphs
+    llm, graphs = engine_with_replayed_graphs(tiny_checkpoint("llama"))
     expected = short_prefills(engines[1])
     for ours, reference in zip(short_prefills(llm), expected, strict=True):
         assert (ours - reference).abs().max().item() <= 1e-4
