@@ -97,7 +97,7 @@ class EngineConfig:
     dtype: str = DEFAULT_DTYPE
     device: str | None = None
     attention_backend: str = "auto"
-    enforce_eager: bool = False  # no CUDA graphs for decode (they need CUDA and flex)
+    enforce_eager: bool = False  # no CUDA graphs (they need CUDA and flex)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

@@ -1,4 +1,4 @@
-"""flash-attn backend (CUDA, float16/bfloat16), used when the package is installed.
+"""flash-attn backend (CUDA, float16/bfloat16), asked for by name when the package is installed.
 
 Keys are gathered from the pool exactly as in the torch backend (so segments may start and
 end inside blocks), then one `flash_attn_varlen_func` call serves the whole batch. Its
