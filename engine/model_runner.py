@@ -184,13 +184,13 @@ class ModelRunner:
         """key_slots: the sequence's own slots when fresh, else its context's, then its own."""
         attention = SequenceAttention(q_start, q_end, key_slots, fresh)
         if any(s.shift for s in seq.context):
-            num_own = key_slots.numel() - sum(s.length for s in seq.context)
-            attention.key_cos, attention.key_sin = self._key_rotation(seq, num_own)
+            attention.key_cos, attention.key_sin = self._key_rotation(seq)
         return attention
 
-    def _key_rotation(self, seq: Sequence, num_own: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _key_rotation(self, seq: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE delta tables for every key of seq: its segments' shifts, 0 for its own tokens."""
-        shifts = [torch.full((s.length,), s.shift) for s in seq.context] + [torch.zeros(num_own)]
+        own = torch.zeros(seq.num_tokens)
+        shifts = [torch.full((s.length,), s.shift) for s in seq.context] + [own]
         return cos_sin(self.inv_freq, torch.cat(shifts).to(self.device), self.config.torch_dtype)
 
     def _decode_groups(self, per_seq: list[SequenceAttention]) -> list[DecodeBatch]:

@@ -15,7 +15,12 @@ from test_engine_reference import random_tokens
 from kvchunks.engine import LLM, EngineConfig, SamplingParams
 from kvchunks.engine.attention import SequenceAttention, TorchAttention
 from kvchunks.engine.cuda_graphs import StepGraphs
-from kvchunks.engine.flex_attention import QUERY_TILE, FlexAttention, build_plan
+from kvchunks.engine.flex_attention import (
+    QUERY_TILE,
+    FlexAttention,
+    _compiled_flex_attention,
+    build_plan,
+)
 
 BLOCK = 16
 
@@ -229,3 +234,10 @@ def test_short_prefills_from_graph_inputs_match_torch_backend(engines, tiny_chec
     # The document (45 tokens) took a graph of 64, the prompts of 5 and 16 one of 16.
     assert sorted(graphs.captured) == [(1, 16), (1, 32), (1, 64)]
     assert graphs.captured[1, 16].graph.replays == 2
+
+
+def test_the_compiled_flex_attention_may_recompile_for_many_engines():
+    """Past Dynamo's default of 8 recompiles a call would run eagerly over the whole pool
+    (and break a graph's capture); one process's engines need more (dtypes, pools, shapes)."""
+    _compiled_flex_attention()  # compiles nothing until it is called
+    assert torch._dynamo.config.recompile_limit >= 64
