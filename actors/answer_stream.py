@@ -13,6 +13,7 @@ from kvchunks.common import ListenerGone
 
 Result = TypeVar("Result")
 OnText = Callable[[str], None]
+CheckStop = Callable[[], None]
 
 
 # Answers stopped before they started, remembered for when they start; a stop that comes
@@ -24,8 +25,17 @@ EARLY_STOPS_KEPT = 1024
 class Stop:
     """A running answer's stop: set by its caller, who may keep what was computed."""
 
+    answer_id: str
     asked: threading.Event = field(default_factory=threading.Event)
     keep: bool = False
+
+    def check(self) -> None:
+        """Raise once asked: KeyboardInterrupt, on which a generation ends keeping what it
+        computed (the caller's Ctrl-C), or ListenerGone, which keeps nothing."""
+        if self.asked.is_set() and self.keep:
+            raise KeyboardInterrupt
+        if self.asked.is_set():
+            raise ListenerGone(f"answer {self.answer_id} stopped: its caller went away")
 
 
 class AnswerStreams:
@@ -34,27 +44,28 @@ class AnswerStreams:
         self.stopped_early: OrderedDict[str, None] = OrderedDict()
         self.lock = threading.Lock()
 
-    def stream(self, answer_id: str, answer: Callable[[OnText], Result]) -> Iterator[str | Result]:
-        """Run answer(on_text) on a thread of its own; yield each piece of text as it comes,
-        then the result (or raise what the answer raised)."""
+    def stream(
+        self, answer_id: str, answer: Callable[[OnText, CheckStop], Result]
+    ) -> Iterator[str | Result]:
+        """Run answer(on_text, check_stop) on a thread of its own; yield each piece of text as
+        it comes, then the result (or raise what the answer raised)."""
         pieces: queue.Queue = queue.Queue()
         outcome: dict = {}
         with self.lock:
             if answer_id in self.stopped_early:
                 del self.stopped_early[answer_id]
                 raise ListenerGone(f"answer {answer_id} stopped before it started")
-            self.running[answer_id] = stop = Stop()
+            self.running[answer_id] = stop = Stop(answer_id)
 
         def on_text(piece: str) -> None:
-            if stop.asked.is_set() and stop.keep:
-                raise KeyboardInterrupt  # the caller's Ctrl-C: the generation keeps its part
-            if stop.asked.is_set():
-                raise ListenerGone(f"answer {answer_id} stopped: its caller went away")
+            stop.check()
             pieces.put(piece)
 
         def run() -> None:
             try:
-                outcome["result"] = answer(on_text)
+                outcome["result"] = answer(on_text, stop.check)
+            except KeyboardInterrupt:  # a Ctrl-C before the first token: nothing to keep
+                outcome["error"] = ListenerGone(f"answer {answer_id} stopped before its answer")
             except BaseException as e:  # handed to the caller below, as raised
                 outcome["error"] = e
             finally:

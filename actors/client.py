@@ -33,7 +33,7 @@ from kvchunks.actors.remote import (
     worker_name,
 )
 from kvchunks.actors.router import Router
-from kvchunks.common import InvalidInput
+from kvchunks.common import InvalidInput, ListenerGone
 from kvchunks.engine import SamplingParams
 from kvchunks.service.context_manager import ContextManager
 from kvchunks.service.generation import GenerationResult
@@ -146,11 +146,13 @@ class Client(OutputTracking):
         mode: str | None = None,
         on_text: Callable[[str], None] | None = None,
         recompute: float | None = None,
+        check_stop: Callable[[], None] | None = None,
     ) -> GenerationResult:
         """Answer `prompt` on the worker holding most of the active chunks (see ContextManager);
-        on_text receives the answer's text as it streams back."""
+        on_text receives the answer's text as it streams back. check_stop is called here
+        while the answer runs; what it raises stops the worker's answer (as in process)."""
         kwargs = {"prompt": prompt, "params": params, "mode": mode, "recompute": recompute}
-        return self._answer("generate", kwargs, on_text)
+        return self._answer("generate", kwargs, on_text, check_stop)
 
     def chat(
         self,
@@ -161,9 +163,10 @@ class Client(OutputTracking):
         recompute: float | None = None,
         chunks: list[str] | None = None,
         store: bool = True,
+        check_stop: Callable[[], None] | None = None,
     ) -> GenerationResult:
-        """ContextManager.chat on the worker holding most of the active chunks; on_text
-        receives the answer's text as it streams back."""
+        """ContextManager.chat on the worker holding most of the active chunks; on_text and
+        check_stop as in `generate`."""
         kwargs = {
             "messages": messages,
             "params": params,
@@ -172,28 +175,31 @@ class Client(OutputTracking):
             "chunks": chunks,
             "store": store,
         }
-        return self._answer("chat", kwargs, on_text)
+        return self._answer("chat", kwargs, on_text, check_stop)
 
-    def _answer(self, method: str, kwargs: dict, on_text) -> GenerationResult:
-        check_callback("on_text", on_text)  # called here, as the text comes back
+    def _answer(self, method: str, kwargs: dict, on_text, check_stop) -> GenerationResult:
+        check_callback("on_text", on_text)  # both called here, as the answer comes back
+        check_callback("check_stop", check_stop)
         self._worker = name = self._router.pick(self.context_name)
         handle = self._service.workers[name]
         get(handle.ready.remote(), f"{name} ready")  # waits while a crashed worker restarts
-        answer_id = uuid.uuid4().hex if on_text is not None else None  # streamed, stoppable
+        stoppable = on_text is not None or check_stop is not None
+        answer_id = uuid.uuid4().hex if stoppable else None
         track = bool(self._trackers)
         refs = handle.answer.remote(self.context_name, method, kwargs, track, answer_id)
-        with ray_errors(f"{name} {method}"):
-            try:
-                result = _read_answer(refs, on_text)
-            except KeyboardInterrupt:  # as in process: the answer ends, its part is kept
-                if answer_id is None:
-                    raise
-                handle.stop_answer.remote(answer_id, keep=True)
-                result = _read_answer(refs, lambda piece: None)  # text sent before the stop
-            except BaseException:  # nobody reads the rest: the worker stops, keeping nothing
-                if answer_id is not None:
-                    handle.stop_answer.remote(answer_id)
+        what = f"{name} {method}"
+        try:
+            with ray_errors(what):
+                result = _read_answer(refs, on_text, check_stop)
+        except KeyboardInterrupt:  # as in process: the answer ends, its part is kept
+            if answer_id is None:
                 raise
+            handle.stop_answer.remote(answer_id, keep=True)
+            result = _kept_part(refs, what)
+        except BaseException:  # nobody reads the rest: the worker stops, keeping nothing
+            if answer_id is not None:
+                handle.stop_answer.remote(answer_id)
+            raise
         if result is None:
             raise WorkerDied(f"{name} {method} ended without a result; retry the call")
         for tracker in self._trackers:
@@ -202,18 +208,41 @@ class Client(OutputTracking):
         return result
 
 
+# While the next piece of an answer has not come, check_stop is called this often.
+STOP_POLL_S = 0.1
+
+
 def _read_answer(
-    refs: ray.ObjectRefGenerator, on_text: Callable[[str], None] | None
+    refs: ray.ObjectRefGenerator,
+    on_text: Callable[[str], None] | None,
+    check_stop: Callable[[], None] | None = None,
 ) -> GenerationResult | None:
-    """Pass the answer's text to on_text as it comes; its result (None if it never came)."""
+    """Pass the answer's text to on_text as it comes, calling check_stop while waiting for
+    it; its result (None if it never came)."""
     result = None
-    for ref in refs:
+    while True:
+        if check_stop is not None:
+            while not ray.wait([refs], timeout=STOP_POLL_S)[0]:
+                check_stop()
+            check_stop()
+        ref = next(refs, None)
+        if ref is None:
+            return result
         item = ray.get(ref)
-        if isinstance(item, str):
-            on_text(item)  # type: ignore[misc]
-        else:
+        if not isinstance(item, str):
             result = item
-    return result
+        elif on_text is not None:  # a caller with check_stop alone gets no text
+            on_text(item)
+
+
+def _kept_part(refs: ray.ObjectRefGenerator, what: str) -> GenerationResult | None:
+    """What a Ctrl-C keeps of an answer (the text sent before the stop is dropped); one
+    stopped before its first token kept nothing, and the Ctrl-C goes on to the caller."""
+    try:
+        with ray_errors(what):
+            return _read_answer(refs, lambda piece: None)
+    except ListenerGone:
+        raise KeyboardInterrupt from None
 
 
 # Methods that bring a chunk's KV into the serving worker's pool, and that move it out of it.

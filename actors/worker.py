@@ -147,27 +147,32 @@ class InferenceWorker:
             raise InvalidInput(f"ContextManager has no answering method {method!r}")
         run = functools.partial(self._answer, context, method, kwargs, track)
         if answer_id is None:
-            yield run(None)
+            yield run()
         else:
             yield from self.answers.stream(answer_id, run)
 
     @ray.method(concurrency_group=TRANSFERS)
     def stop_answer(self, answer_id: str, keep: bool = False) -> None:
-        """The caller of a streamed answer stopped: the answer ends at its next piece. Its
-        listener went away (an HTTP client gone): nothing of it is kept. `keep` (a Ctrl-C):
-        what was computed is kept, as a Ctrl-C keeps it in process."""
+        """The caller of a streamed answer stopped: the answer ends within a layer of the
+        model before its first token, or at its next piece. Its listener went away (an HTTP
+        client gone): nothing of it is kept. `keep` (a Ctrl-C): what was computed is kept,
+        as a Ctrl-C keeps it in process."""
         self.answers.stop(answer_id, keep)
 
-    def _answer(self, context, method, kwargs, track, on_text) -> GenerationResult:
+    def _answer(
+        self, context, method, kwargs, track, on_text=None, check_stop=None
+    ) -> GenerationResult:
         self.shared.redirect(context)  # the client routed this request: that choice stands
         with self._serving():
             manager = self._manager(context)
-            call = getattr(manager, method)
+            call = functools.partial(
+                getattr(manager, method), **kwargs, on_text=on_text, check_stop=check_stop
+            )
             if not track:
-                return call(**kwargs, on_text=on_text)
+                return call()
             # The client tracks outputs; the manager must know, for output_tokens="manual".
             with manager.track_output():
-                return call(**kwargs, on_text=on_text)
+                return call()
 
     @contextlib.contextmanager
     def _serving(self, routed_context: str | None = None) -> Iterator[None]:

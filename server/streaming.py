@@ -15,6 +15,11 @@ from kvchunks.common import ListenerGone
 # hold back the event loop that sends it, and the first token is what a user waits for.
 FIRST_PIECE_WAIT = 0.05
 
+# Until the first piece comes (a long prefill), whether the client is still there is asked
+# this often: one that left stops the generation within a layer of the model. (After it,
+# each piece is a chance to see the client gone.)
+CLIENT_POLL_S = 0.1
+
 
 async def stream_call(
     fn: Callable[..., Any],
@@ -22,13 +27,14 @@ async def stream_call(
     client_gone: Callable[[], Awaitable[bool]],
     **kwargs,
 ) -> AsyncIterator[tuple[str, Any]]:
-    """Run fn(**kwargs, on_text=...) on a thread; yield ("text", piece) as they come, then
-    ("result", value) or ("error", exception). Nothing, and fn is not run, when the client
-    went away while the call waited for its slot.
+    """Run fn(**kwargs, on_text=..., check_stop=...) on a thread; yield ("text", piece) as
+    they come, then ("result", value) or ("error", exception). Nothing, and fn is not run,
+    when the client went away while the call waited for its slot.
 
     The call holds one of `slots` until its thread ends, not until its caller stops
     listening: a generation whose client went away still holds KV until it has stopped. It
-    is told to stop when the caller stops listening (its next piece raises ListenerGone)."""
+    is told to stop when the caller stops listening or the client is seen gone (its
+    check_stop, between layers, or its next piece raises ListenerGone)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     gone, first_sent = threading.Event(), threading.Event()
@@ -36,16 +42,19 @@ async def stream_call(
     def put(item: tuple[str, Any]) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, item)
 
-    def on_text(piece: str) -> None:
+    def check_stop() -> None:
         if gone.is_set():
             raise ListenerGone("the client stopped listening")
+
+    def on_text(piece: str) -> None:
+        check_stop()
         put(("text", piece))
         if not first_sent.is_set():  # see FIRST_PIECE_WAIT
             first_sent.wait(FIRST_PIECE_WAIT)
 
     def work() -> None:
         try:
-            put(("result", fn(**kwargs, on_text=on_text)))
+            put(("result", fn(**kwargs, on_text=on_text, check_stop=check_stop)))
         except BaseException as e:  # handed to the caller, as raised
             put(("error", e))
         finally:
@@ -63,12 +72,32 @@ async def stream_call(
         return
     threading.Thread(target=work, name="kvchunks-http-generation", daemon=True).start()
     try:
+        first = await _first_event(queue, client_gone)
+        if first is None:
+            return
+        kind, value = first
         while True:
-            kind, value = await queue.get()
             yield kind, value
             first_sent.set()  # the caller asks for more once it has sent what it had
             if kind != "text":
                 return
+            kind, value = await queue.get()
     finally:
         gone.set()
         first_sent.set()  # its next piece raises ListenerGone: no need to wait
+
+
+async def _first_event(
+    queue: asyncio.Queue, client_gone: Callable[[], Awaitable[bool]]
+) -> tuple[str, Any] | None:
+    """The generation's first event, or None once its client is seen gone."""
+    getting = asyncio.ensure_future(queue.get())
+    try:
+        while True:
+            done, _ = await asyncio.wait({getting}, timeout=CLIENT_POLL_S)
+            if done:
+                return getting.result()
+            if await client_gone():
+                return None
+    finally:
+        getting.cancel()  # when done, a no-op

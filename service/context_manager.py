@@ -25,7 +25,7 @@ from kvchunks.service.conversation import (
     message_chunks,
     message_tokens,
 )
-from kvchunks.service.generation import Call, GenerationResult, Request
+from kvchunks.service.generation import Call, GenerationResult
 from kvchunks.service.output_tracking import OutputTracker, OutputTracking
 from kvchunks.service.pieces import spans_of
 from kvchunks.service.text_parts import split_text
@@ -257,18 +257,22 @@ class ContextManager(OutputTracking, Catalog):
         mode: str | None = None,
         on_text: Callable[[str], None] | None = None,
         recompute: float | None = None,
+        check_stop: Callable[[], None] | None = None,
     ) -> GenerationResult:
         """Answer `prompt` attending to the active chunks; the prompt and the answer become
         chunks whose parents are the active chunks (and, for the answer, the prompt).
 
         mode and recompute default to the context's settings; recompute (realign only) is
-        the fraction of the composed chunks' tokens whose KV is computed again in order."""
+        the fraction of the composed chunks' tokens whose KV is computed again in order.
+        on_text gets the answer's text as it comes. check_stop is called between the model's
+        layers until the first token, then after each token: what it (or on_text) raises ends
+        the call, keeping nothing, or with KeyboardInterrupt the answer so far (a Ctrl-C)."""
         check_prompt(prompt)
         settings = self.settings
         mode, recompute = call_mode(settings, mode, recompute)
-        call = Call(settings, mode, recompute, params, on_text)
+        call = Call(settings, mode, recompute, params, on_text, check_stop=check_stop)
         prompt_tokens = self.store.model.chat.prompt(prompt)
-        with self.store.maker.holding() as hold:
+        with self.store.maker.holding() as hold, generation.stop_checks(self.store, call):
             active, _ = held_context(self.store, self.context_name, hold, [])
             self.store.model.check_dtype(active)
             self._check_fits(_tokens(active) + len(prompt_tokens) + self._answer_room(call), active)
@@ -286,6 +290,7 @@ class ContextManager(OutputTracking, Catalog):
         recompute: float | None = None,
         chunks: list[str] | None = None,
         store: bool = True,
+        check_stop: Callable[[], None] | None = None,
     ) -> GenerationResult:
         """Answer a conversation sent whole, as OpenAI clients send it: {"role", "content"}
         messages, the last one the user's. The model attends to the active chunks, then
@@ -293,12 +298,13 @@ class ContextManager(OutputTracking, Catalog):
         what precedes it; stored ones are used again, so a conversation resent with one more
         message computes only that message. With store=False nothing of the call is kept.
         Under the context's auto_activate the messages, prompt and answer join the active
-        chunks (for clients that send only the new message, as the web page does)."""
+        chunks (for clients that send only the new message, as the web page does). on_text
+        and check_stop as in `generate`."""
         turns = checked_messages(messages)
         refs = checked_refs(chunks or [])
         settings = self.settings
         mode, recompute = call_mode(settings, mode, recompute)
-        call = Call(settings, mode, recompute, params, on_text, store)
+        call = Call(settings, mode, recompute, params, on_text, store, check_stop)
         chat = self.store.model.chat
         tokens = message_tokens(chat, turns)
         prompt_tokens = chat.prompt(turns[-1].content)
@@ -306,7 +312,7 @@ class ContextManager(OutputTracking, Catalog):
         made: list[ChunkInfo] = []  # the messages' chunks this call computes
         result = None
         maker = self.store.maker
-        with maker.holding() as hold:
+        with maker.holding() as hold, generation.stop_checks(self.store, call):
             active, before = held_context(self.store, self.context_name, hold, refs)
             self._check_fits(_tokens(before) + framed + self._answer_room(call), active)
             self.store.model.check_dtype(before)
@@ -338,27 +344,13 @@ class ContextManager(OutputTracking, Catalog):
                 self.activate_chunk(chunk.hash)
 
     def _answer(
-        self,
-        prompt: str,
-        prompt_tokens: list[int],
-        active: list[ChunkInfo],
-        call: Call,
-        hold: Hold,
+        self, prompt: str, prompt_tokens: list[int], active: list[ChunkInfo], call: Call, hold: Hold
     ) -> GenerationResult:
         """The answer to a prompt whose tokens, with `active` and the answer's room, were
         checked to fit the window and to be of the model's dtype."""
-        request = Request(
-            self.context_name,
-            prompt,
-            prompt_tokens,
-            active,
-            call.sampling,
-            call.mode,
-            call.recompute,
-            call.settings["output_tokens"] if call.store else "manual",
-            keep_manual=call.store and bool(self._trackers),
-        )
-        return generation.generate(self.store, request, call.on_text, hold)
+        tracked = bool(self._trackers)
+        request = call.request(self.context_name, prompt, prompt_tokens, active, tracked)
+        return generation.generate(self.store, request, call, hold)
 
     def _finished(self, result: GenerationResult, described: bool = True) -> GenerationResult:
         """The result as the caller sees it (chunks read for this context), tracked."""

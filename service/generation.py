@@ -8,8 +8,8 @@ import contextlib
 import copy
 import dataclasses
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from kvchunks.common import InvalidInput
 from kvchunks.engine import LLM, SamplingParams
@@ -86,6 +86,8 @@ class Call:
     params: SamplingParams | None
     on_text: Callable[[str], None] | None
     store: bool = True
+    check_stop: Callable[[], None] | None = None
+    answering: bool = field(default=False, init=False)  # the answer's first token has come
 
     def __post_init__(self) -> None:
         if self.params is not None:
@@ -96,6 +98,7 @@ class Call:
             # it was made (params are a plain dataclass, as vLLM's are), or be while it runs.
             self.params = dataclasses.replace(copy.deepcopy(self.params))
         check_callback("on_text", self.on_text)
+        check_callback("check_stop", self.check_stop)
         check_flag("store", self.store)
 
     @property
@@ -103,10 +106,47 @@ class Call:
         """The sampling asked for, else greedy answers of up to 256 tokens."""
         return self.params or SamplingParams(temperature=0, max_tokens=256)
 
+    def request(
+        self,
+        context: str,
+        prompt: str,
+        prompt_tokens: list[int],
+        active: list[ChunkInfo],
+        tracked: bool,
+    ) -> Request:
+        """The request answering `prompt` over `active` in `context`; `tracked`: an output
+        tracker wants the answer, stored or not."""
+        return Request(
+            context,
+            prompt,
+            prompt_tokens,
+            active,
+            self.sampling,
+            self.mode,
+            self.recompute,
+            self.settings["output_tokens"] if self.store else "manual",
+            keep_manual=self.store and tracked,
+        )
 
-def generate(
-    store: ChunkStore, request: Request, on_text: Callable[[str], None] | None, hold: Hold
-) -> GenerationResult:
+
+@contextlib.contextmanager
+def stop_checks(store: ChunkStore, call: Call) -> Iterator[None]:
+    """Within the block, check_stop runs between the model's layers in this thread until the
+    answer's first token: a call whose caller has gone stops within a layer of a long
+    prefill (its context's composition, earlier messages, the prompt), not after it."""
+    if call.check_stop is None:
+        yield
+        return
+
+    def between_layers(_done: int, _layers: int) -> None:
+        if not call.answering:
+            call.check_stop()
+
+    with store.model.llm.layer_progress(between_layers):
+        yield
+
+
+def generate(store: ChunkStore, request: Request, call: Call, hold: Hold) -> GenerationResult:
     """Answer the request attending to its active chunks; store the prompt and answer. The
     call holds the prompt chunk, whether it is new or found stored."""
     tiers, maker, composer = store.tiers, store.maker, store.composer
@@ -143,7 +183,7 @@ def generate(
                 store.maker.hold(hold, [record.hash])
                 seq, fresh = _start(store, record, ctx, request.params, seen)
             skip = len(request.prompt_tokens) if fresh else 1
-            answer, ttft, interrupted = _run(store, seq, on_text, started, skip)
+            answer, ttft, interrupted = _run(store, seq, call, started, skip)
             elapsed = time.perf_counter() - started
             with store.lock:
                 prompt_chunk, prompt_kv = _store_prompt(store, record, seq, fresh)
@@ -227,13 +267,17 @@ def _start(
 
 
 def _run(
-    store: ChunkStore, seq: Sequence, on_text, started: float, skip: int
+    store: ChunkStore, seq: Sequence, call: Call, started: float, skip: int
 ) -> tuple[list[int], float, bool]:
-    """Drive the engine until the answer is done; Ctrl-C keeps what was sampled."""
-    llm, ttft, shown = store.model.llm, 0.0, ""
+    """Drive the engine until the answer is done; Ctrl-C (or on_text or check_stop raising
+    KeyboardInterrupt) keeps what was sampled."""
+    llm, ttft, shown, on_text = store.model.llm, 0.0, "", call.on_text
     try:
         for _ in llm.steps(seq, store.lock):
             ttft = ttft or time.perf_counter() - started
+            call.answering = True
+            if call.check_stop:
+                call.check_stop()
             if on_text:
                 shown = _show(on_text, shown, _answer_text(llm, seq))
         if on_text:  # what was held back, now that the answer is done

@@ -13,6 +13,7 @@ from kvchunks.service.context_manager import ContextManager
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 DOC = "The ferry to Vaxholm leaves from Strömkajen at 9:15 and takes seventy minutes."
+OTHER = "The museum by the harbour opens at ten and closes at five, except on Mondays."
 
 
 def user(text: str) -> dict:
@@ -430,3 +431,70 @@ def test_bad_conversations_are_refused_and_change_nothing(make_cm, messages, err
     with pytest.raises(ChunkNotFound):
         cm.chat([user("Hi?")], GREEDY, chunks=["0000aaaa"])
     assert cm.list_chunks() == before
+
+
+class Stopped(Exception):
+    pass
+
+
+def stopped_call_state(cm: ContextManager) -> tuple:
+    """Chunks, holds, and pool blocks free or in a composition: a composition made whole
+    before the call stopped is kept (derived KV, used by the next call over those chunks)."""
+    tiers = cm.store.tiers
+    composed = sum(len(c.segment.blocks) for c in tiers.compositions.values())
+    free = tiers.model.llm.block_manager.num_free
+    return {c.hash for c in cm.list_chunks()}, cm.store.registry.held(), free + composed
+
+
+@pytest.mark.parametrize("mode", ["realign", "exact"])
+def test_a_call_stopped_before_its_first_token_leaves_nothing_behind(make_cm, tmp_path, mode):
+    """check_stop raising between layers before the first token (composing the documents,
+    computing the earlier turn, the prompt) ends the call: no chunk, pool block or hold
+    stays, and the call asked again (over the composition a stop in the prompt left) answers
+    as if it had never started."""
+    from kvchunks.service.audit import violations
+
+    conversation = [
+        user("When does the ferry leave?"),
+        {"role": "assistant", "content": "At 9:15."},
+    ]
+    conversation.append(user("How long does it take?"))
+
+    def with_documents(cm: ContextManager) -> ContextManager:
+        for text in (DOC, OTHER):
+            cm.activate_chunk(cm.add_chunk(text).hash)
+        return cm
+
+    # How many times check_stop runs before the first token, where nothing was computed yet.
+    fresh, calls, first_text_at = with_documents(make_cm("stop", at=tmp_path / "fresh")), [], []
+    expected = fresh.chat(
+        conversation,
+        GREEDY,
+        mode=mode,
+        on_text=lambda _: first_text_at.append(len(calls)),
+        check_stop=lambda: calls.append(1),
+    )
+    fresh.store.tiers.release_all()  # the pool's blocks are all the stopped calls' store's
+    before_first_token = first_text_at[0] - 1  # its last call came after the first token
+    assert before_first_token > 3 * len(fresh.store.model.llm.runner.model.layers)
+    cm = with_documents(make_cm("stop"))
+    before, tiers = stopped_call_state(cm), cm.store.tiers
+    for stop_at in (1, before_first_token // 2, before_first_token):
+        calls.clear()
+
+        def check_stop(stop_at: int = stop_at) -> None:
+            calls.append(1)
+            if len(calls) == stop_at:
+                raise Stopped
+
+        with pytest.raises(Stopped):
+            cm.chat(conversation, GREEDY, mode=mode, check_stop=check_stop)
+        assert stopped_call_state(cm) == before, stop_at
+        assert stop_at > 1 or not tiers.compositions  # none made in part
+        if stop_at < before_first_token:  # the next stop finds the same work ahead of it
+            with tiers.lock:
+                for key in list(tiers.compositions):
+                    tiers.drop_composition(key)
+        assert violations(cm.store.tiers) == []
+    answer = cm.chat(conversation, GREEDY, mode=mode)
+    assert answer.text == expected.text and answer.tokens_recomputed == expected.tokens_recomputed

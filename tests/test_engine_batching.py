@@ -330,3 +330,31 @@ def test_a_preempted_request_reopens_the_tail_it_continued(tiny_checkpoint):
     assert bm.blocks_to_follow(base, 1) == 0  # base can be continued in its block again
     small.release(base)
     assert bm.num_free == 6
+
+
+class Stopped(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_at", [1, 15, 30])
+def test_a_step_stopped_between_layers_leaves_its_batch_as_it_was(llm, stop_at):
+    """A caller's check may stop a step mid-pass (its client gone during a long prefill)
+    while other callers' sequences share the step: they are computed again by the next step
+    and answer as if nothing happened."""
+    prompts = prompts_of_lengths([90, 33, 150])
+    expected = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    free_before = llm.block_manager.num_free
+    seqs = [llm.add_request(p, GREEDY) for p in prompts]
+
+    def stop(done: int, _layers: int) -> None:
+        if done == stop_at:
+            raise Stopped
+
+    with pytest.raises(Stopped), llm.layer_progress(stop):
+        llm.step()  # the three prompts' prefill, in one pass
+    assert all(seq.num_computed == 0 for seq in seqs)
+    llm.abort(seqs[1])  # the stopped caller's own sequence goes
+    while not llm.scheduler.is_finished():
+        llm.step()
+    assert [s.completion_token_ids for s in (seqs[0], seqs[2])] == [expected[0], expected[2]]
+    assert llm.block_manager.num_free == free_before

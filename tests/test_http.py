@@ -586,12 +586,52 @@ def test_a_client_that_goes_away_stops_its_answer(served, stream):
     assert state(served) == before
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_a_client_that_goes_away_during_the_prefill_stops_it(served, stream):
+    """Each layer slowed to 0.1 s, so that one pass takes 3 s: the client gives up after
+    0.5 s, before any text, and the prompt's pass stops within a few layers of that, with
+    nothing stored and its KV back in the pool (before, it ran to the first token)."""
+    llm = served.cm.store.model.llm
+    with served.http() as http:  # the opening's KV, computed before any slowing
+        http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+    before, free, layers_run = state(served), llm.pool_usage()["free"], []
+
+    def slowly(*_) -> None:
+        layers_run.append(1)
+        time.sleep(0.1)
+
+    hooks = [layer.register_forward_hook(slowly) for layer in llm.runner.model.layers]
+    question = {
+        "messages": [{"role": "user", "content": "Tell me about the ferries of Stockholm."}],
+        "max_tokens": 100,
+        "stream": stream,
+        "context": "http-gone-early",
+    }
+    try:
+        with served.http() as http, pytest.raises(httpx.ReadTimeout):
+            timeout = httpx.Timeout(5, read=0.5)
+            if stream:
+                with http.stream("POST", "/v1/chat/completions", json=question, timeout=timeout):
+                    pass
+            else:
+                http.post("/v1/chat/completions", json=question, timeout=timeout)
+        deadline = time.monotonic() + 20
+        while llm.pool_usage()["free"] != free and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert llm.pool_usage()["free"] == free
+    assert 5 <= len(layers_run) < 20  # of the pass's 30 layers
+    assert state(served) == before
+
+
 def test_the_first_piece_is_sent_before_the_next_is_computed():
     """On few cores the next step's compute would hold back the event loop that sends the
     first piece: the generation waits until the consumer has taken it and asks for more."""
     order: list[str] = []
 
-    def generate(on_text) -> str:
+    def generate(on_text, check_stop) -> str:
         on_text("first")
         order.append("computed the next piece")
         return "done"
@@ -622,7 +662,7 @@ def test_a_call_whose_client_left_while_it_waited_for_its_slot_is_not_run():
     async def consume() -> None:
         slots = asyncio.Semaphore(1)
         await slots.acquire()  # another generation's
-        events = stream_call(lambda on_text: ran.append("ran"), slots, left)
+        events = stream_call(lambda **_: ran.append("ran"), slots, left)
         waiting = asyncio.ensure_future(anext(events, None))
         await asyncio.sleep(0.01)
         assert not waiting.done()  # its turn has not come

@@ -253,6 +253,32 @@ def test_an_answer_nobody_reads_any_more_stops_on_the_worker(ray_service):
     assert {c.hash for c in client.list_chunks()} == before
 
 
+@pytest.mark.parametrize("stop", [ConnectionResetError, KeyboardInterrupt])
+def test_a_caller_that_stops_before_any_text_stops_the_workers_answer(ray_service, stop):
+    """check_stop runs in the caller while it waits for the answer's first text (a long
+    prefill): what it raises stops the worker's answer, and nothing of it is stored. A
+    Ctrl-C there (KeyboardInterrupt) found nothing to keep, and goes on to the caller, as
+    in process."""
+    client = connect("auto", "stopped-early", worker=0)
+    worker = ray_service.worker("worker-0")
+    before = {c.hash for c in client.list_chunks()}
+    params = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)
+    pieces: list[str] = []
+
+    def gone() -> None:
+        raise stop
+
+    story = "Tell a long story about the sea. " * 40
+    with pytest.raises(stop):
+        client.generate(story, params, on_text=pieces.append, check_stop=gone)
+    wait_for(lambda: not ray.get(worker.status.remote())["busy"], "the answer ran on", 20)
+    assert pieces == [] and {c.hash for c in client.list_chunks()} == before
+    if stop is KeyboardInterrupt:  # a check that never stops, without on_text, changes nothing
+        short = SamplingParams(temperature=0, max_tokens=4)
+        checked = client.generate("Say hello.", short, check_stop=lambda: None)
+        assert checked.text == client.generate("Say hello.", short).text
+
+
 def test_killed_worker_loses_no_chunk_and_answers_the_same(ray_service):
     s = ray_service
     client = connect("auto", "kill", worker=1)

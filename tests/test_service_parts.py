@@ -233,9 +233,9 @@ def test_an_answer_stopped_before_it_started_never_runs():
     streams, ran = AnswerStreams(), []
     streams.stop("early")  # its caller went away while the call waited to start
     with pytest.raises(ListenerGone, match="before it started"):
-        list(streams.stream("early", lambda on_text: ran.append(on_text)))
+        list(streams.stream("early", lambda on_text, check_stop: ran.append(on_text)))
     assert ran == [] and streams.running == {}
-    answered = list(streams.stream("later", lambda on_text: (on_text("Hi"), "result")[1]))
+    answered = list(streams.stream("later", lambda on_text, _: (on_text("Hi"), "result")[1]))
     assert answered == ["Hi", "result"]
 
 
@@ -248,7 +248,7 @@ def test_a_running_answer_stopped_ends_at_its_next_text_keeping_its_part_if_aske
 
     streams, seen, stopped = AnswerStreams(), [], threading.Event()
 
-    def answer(on_text) -> str:
+    def answer(on_text, check_stop) -> str:
         try:
             on_text("one")
             stopped.wait(timeout=30)
@@ -265,6 +265,36 @@ def test_a_running_answer_stopped_ends_at_its_next_text_keeping_its_part_if_aske
     stopped.set()
     assert list(stream) == ["kept" if keep else "not kept"]
     assert seen == [KeyboardInterrupt if keep else ListenerGone]
+    assert streams.running == {}
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_an_answer_stopped_before_its_first_text_ends_at_its_next_check(keep):
+    """Before any text (a long prefill) the answer's check_stop raises once it is stopped;
+    a Ctrl-C's KeyboardInterrupt found nothing to keep, and the caller is told so."""
+    from kvchunks.actors.answer_stream import AnswerStreams
+    from kvchunks.common import ListenerGone
+
+    streams, started, stopped = AnswerStreams(), threading.Event(), threading.Event()
+
+    def answer(on_text, check_stop) -> str:
+        started.set()
+        stopped.wait(timeout=30)
+        check_stop()  # between two layers of the prompt's pass
+        on_text("never sent")
+        return "not stopped"
+
+    stream, raised = streams.stream("a2", answer), []
+    reading = threading.Thread(
+        target=lambda: raised.append(pytest.raises(ListenerGone, next, stream))
+    )
+    reading.start()
+    assert started.wait(timeout=30)
+    streams.stop("a2", keep=keep)
+    stopped.set()
+    reading.join(timeout=30)
+    message = "before its answer" if keep else "its caller went away"
+    assert message in str(raised[0].value)
     assert streams.running == {}
 
 
