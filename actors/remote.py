@@ -27,6 +27,7 @@ DISK_STORE = "disk-store"  # one per node: disk-store-<node id>
 CONTEXT_METHODS = frozenset(
     {
         "activate_chunk",
+        "activate_chunks",
         "add_chunk",
         "archive_to_disk",
         "clear",

@@ -20,7 +20,6 @@ import click
 
 from kvchunks.cli import render
 from kvchunks.cli.shared import (
-    activate_all,
     active_hashes,
     check_refs,
     found_once,
@@ -131,7 +130,7 @@ def _activate_loaded(cm: Catalog, chunks: list[ChunkInfo]) -> list[ChunkInfo]:
     """Activate what `load` made. The chunks' sizes are known only once they are computed,
     so a window too full for them is found after: the error says they are kept."""
     try:
-        return activate_all(cm, [c.hash for c in chunks], active_hashes(cm))
+        return cm.activate_chunks([c.hash for c in chunks])
     except ContextWindowExceeded as e:
         kept = ", ".join(render.describe(c) for c in chunks)
         raise ContextWindowExceeded(f"{e}; loaded all the same, not active: {kept}") from e
@@ -183,7 +182,7 @@ def info(state: State, ref: str, as_json: bool) -> None:
 def activate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
     """Let the model see these chunks, after the ones already active (all or none)."""
     before = active_hashes(state.catalog)
-    show_switched(state, as_json, True, activate_all(state.catalog, list(refs), before), before)
+    show_switched(state, as_json, True, state.catalog.activate_chunks(list(refs)), before)
 
 
 @click.command()

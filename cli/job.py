@@ -140,8 +140,7 @@ def run(
     check_fits(client, chunks)  # before the context changes
     client.configure(auto_activate=False)  # every question sees the documents only
     client.clear()
-    for chunk in chunks:
-        client.activate_chunk(chunk.hash)
+    client.activate_chunks([c.hash for c in chunks])
     # A run that fails (a question that does not fit, a worker gone) leaves the last whole
     # OUT as it was, and its answers so far beside it.
     partial = partial_path(out)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import click
 
 from kvchunks.cli import render
-from kvchunks.cli.shared import activate_all, active_hashes, json_option, show, show_switched
+from kvchunks.cli.shared import active_hashes, json_option, show, show_switched
 from kvchunks.cli.state import State, pass_state
 from kvchunks.common import ChunkNotFound, InvalidInput
 
@@ -42,7 +42,7 @@ def output_activate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
     cm = state.manager
     chosen = _answers(state, refs, "activate") or _last_turn(state, with_prompt=True)
     before = active_hashes(cm)
-    show_switched(state, as_json, True, activate_all(cm, chosen, before), before)
+    show_switched(state, as_json, True, cm.activate_chunks(chosen), before)
 
 
 @output.command("delete")

@@ -12,7 +12,6 @@ from rich.console import RenderableType
 
 from kvchunks.cli import render
 from kvchunks.cli.state import State
-from kvchunks.common import ContextWindowExceeded, KVChunksError
 from kvchunks.vocabulary import DTYPES
 
 if TYPE_CHECKING:
@@ -156,37 +155,6 @@ def check_refs(state: State, refs: Iterable[str]) -> None:
     """Refuse an unknown or ambiguous HASH from the registry, before the model loads."""
     for ref in refs:
         state.catalog.get_chunk(ref)
-
-
-def activate_all(cm: Catalog, refs: list[str], before: set[str]) -> list[ChunkInfo]:
-    """Activate in order, each chunk once; if one cannot be (unknown hash, window full),
-    none is (`before`: the chunks active before, which stay so)."""
-    hashes = found_once(cm, refs)
-    done: list[ChunkInfo] = []
-    try:
-        for chunk_hash in hashes:
-            done.append(cm.activate_chunk(chunk_hash))
-    except KVChunksError as e:
-        for chunk in done:
-            if chunk.hash not in before:
-                cm.deactivate_chunk(chunk.hash)
-        new = [h for h in hashes if h not in before]
-        if isinstance(e, ContextWindowExceeded) and len(new) > 1:
-            raise ContextWindowExceeded(_over_the_window(cm, new)) from None
-        raise
-    return done
-
-
-def _over_the_window(cm: Catalog, new: list[str]) -> str:
-    """Why chunks activated together do not fit: the refusal of the one that overflowed
-    would blame the chunks activated with it, which are taken back."""
-    adding = sum(cm.get_chunk(h).token_count for h in new)
-    context = cm.context()
-    return (
-        f"the {len(new)} chunks to activate hold {adding} tokens, {context.token_count} more are "
-        f"active: over the context window of {context.window} (with the model's opening); "
-        "activate fewer, or deactivate some first"
-    )
 
 
 def found_once(cm: Catalog, refs: list[str]) -> list[str]:

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from kvchunks import provenance_tree
 from kvchunks.common import InvalidInput
 from kvchunks.server.schemas import (
+    Activation,
     Body,
     ChunkRef,
     Compose,
@@ -138,8 +139,11 @@ def configure(name: str, body: Settings, request: Request) -> dict:
 
 
 @router.post("/v1/contexts/{name}/activate")
-def activate(name: str, body: ChunkRef, request: Request) -> dict:
-    return _api(request, name).activate_chunk(body.chunk).to_json()
+def activate(name: str, body: Activation, request: Request) -> dict:
+    api = _api(request, name)
+    if body.chunks is None:
+        return api.activate_chunk(body.chunk).to_json()
+    return {"object": "list", "data": [c.to_json() for c in api.activate_chunks(body.chunks)]}
 
 
 @router.post("/v1/contexts/{name}/deactivate")

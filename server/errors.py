@@ -104,6 +104,8 @@ async def on_validation_error(request: Request, error: RequestValidationError) -
         message = f"the body is not valid JSON: {reason}{at}"
     elif where:
         message = f"{'.'.join(where)}: {first.get('msg', 'invalid')}"
+    elif first.get("type") == "value_error":  # a rule over the whole body's fields
+        message = first.get("msg", "invalid").removeprefix("Value error, ")
     else:  # curl -d, for one, sends a form's Content-Type, and the body arrives as bytes
         message = "the body must be a JSON object, sent with Content-Type: application/json"
     return JSONResponse(body(message, "invalid_request_error", 400), status_code=400)

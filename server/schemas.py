@@ -13,6 +13,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     field_validator,
+    model_validator,
 )
 
 
@@ -153,6 +154,19 @@ class Split(Body):
 
 class ChunkRef(Body):
     chunk: str
+
+
+class Activation(Body):
+    """One chunk (`chunk`), or several all or none (`chunks`, in order)."""
+
+    chunk: str | None = None
+    chunks: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_of_them(self) -> Activation:
+        if (self.chunk is None) == (self.chunks is None):
+            raise ValueError("give either 'chunk' (one hash) or 'chunks' (a list of hashes)")
+        return self
 
 
 class Order(Body):

@@ -125,39 +125,56 @@ class Catalog:
 
     def activate_chunk(self, ref: str) -> ChunkInfo:
         """Let the model see this chunk, after the chunks already active (no KV is copied)."""
-        chunk, active = self.registry.find_with_active(ref, self.context_name)
-        check_dtype([chunk], self._dtype)
-        activated = False
+        return self.activate_chunks([ref])[0]
+
+    def activate_chunks(self, refs: list[str]) -> list[ChunkInfo]:
+        """activate_chunk of several chunks, in order, all or none: if one cannot be (not
+        found, of another dtype, over the window with the others), none is. A chunk already
+        active stays where it is; one named twice is activated once."""
+        refs = checked_refs(refs)
+        if not refs:
+            return []
+        chunks, active = self.registry.find_many_with_active(refs, self.context_name)
+        chunks = list({c.hash: c for c in chunks}.values())
+        check_dtype(chunks, self._dtype)
+        self._token_counts.update((c.hash, c.token_count) for c in chunks)
+        hashes = [c.hash for c in chunks]
         for attempt in range(ACTIVATE_ATTEMPTS):
             if attempt:  # someone changed the active chunks since they were read
                 time.sleep(random.uniform(0, ACTIVATE_BACKOFF_S * attempt))
                 active = self.registry.active(self.context_name)
-            if chunk.hash in active:
+            new = [h for h in hashes if h not in active]
+            if not new:
                 break
-            self._check_window_after(active, chunk.hash)
+            self._check_window_after(active, new)
             try:  # the window check holds only if nobody activated something meanwhile
-                self.registry.activate(self.context_name, chunk.hash, expected=active)
-                activated = True
+                self.registry.activate_many(self.context_name, new, expected=active)
                 break
             except ConcurrentChange:
                 if attempt == ACTIVATE_ATTEMPTS - 1:
                     raise
-        chunk = self._describe([ChunkInfo.view(chunk, chunk.tier, is_active=True)])[0]
-        # Only a new activation: a policy learning from co-activations would count one again.
-        if activated and self._on_activate is not None:
-            self._on_activate(chunk, active)
-        return chunk
+        views = self._describe([ChunkInfo.view(c, c.tier, is_active=True) for c in chunks])
+        # Only new activations: a policy learning from co-activations would count one again.
+        if self._on_activate is not None:
+            before = list(active)
+            for view in views:
+                if view.hash in new:
+                    self._on_activate(view, list(before))
+                    before.append(view.hash)
+        return views
 
-    def _check_window_after(self, active: list[str], chunk_hash: str) -> None:
-        total = self._token_count([*active, chunk_hash])
+    def _check_window_after(self, active: list[str], new: list[str]) -> None:
+        total = self._token_count([*active, *new])
         window, opening = self._window(), self._opening()
         if total > window - opening:
-            adding = self._token_count([chunk_hash])
+            adding = self._token_count(new)
+            what = new[0][:12] if len(new) == 1 else f"{len(new)} chunks"
             first = freeing(self.registry.get_many(active), total - (window - opening))
             raise ContextWindowExceeded(
-                f"activating {chunk_hash[:12]} ({adding} tokens) would make {total} "
-                f"active tokens, over the context window of {window} after the model's "
-                f"{opening}-token opening; deactivate something first{first}"
+                f"activating {what} ({adding} tokens) would make {total} active tokens, over "
+                f"the context window of {window} after the model's {opening}-token opening; "
+                f"{'' if len(new) == 1 else 'activate fewer, or '}deactivate something "
+                f"first{first}"
             )
 
     def deactivate_chunk(self, ref: str) -> ChunkInfo:

@@ -87,17 +87,27 @@ def _redis_errors(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-# With ARGV[3], the active list must still be what the caller checked (comma-joined), so a
-# check made on it (the context window) holds when the chunk is added.
+# The chunks (records KEYS[3..], hashes ARGV[3..]) not yet in the active list KEYS[1] are
+# appended in order, all or none. With ARGV[2] = "=<comma-joined hashes>" the list must
+# still be what the caller checked, so a check made on it (the context window) holds when
+# they are added. Returns {added, ""}, {-1, missing hash} or {-2, ""}.
 _ACTIVATE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('LPOS', KEYS[2], ARGV[1]) then return 0 end
-if ARGV[3] and table.concat(redis.call('LRANGE', KEYS[2], 0, -1), ',') ~= ARGV[3] then
-  return -2
+for i = 3, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then return {-1, ARGV[i]} end
 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('SADD', KEYS[3], ARGV[2])
-return 1
+if ARGV[2] ~= '' and '=' .. table.concat(redis.call('LRANGE', KEYS[1], 0, -1), ',') ~= ARGV[2]
+then
+  return {-2, ''}
+end
+local added = 0
+for i = 3, #ARGV do
+  if not redis.call('LPOS', KEYS[1], ARGV[i]) then
+    redis.call('RPUSH', KEYS[1], ARGV[i])
+    added = added + 1
+  end
+end
+if added > 0 then redis.call('SADD', KEYS[2], ARGV[1]) end
+return {added, ''}
 """
 
 
@@ -489,14 +499,23 @@ class ChunkRegistry:
         """The chunk a full hash or a unique prefix names (a full hash costs one lookup)."""
         return self.find_with_active(ref, context)[0]
 
-    @_redis_errors
     def find_with_active(self, ref: str, context: str | None) -> tuple[ChunkInfo, list[str]]:
         """As `find`, with the context's active chunk hashes read in the same round trip."""
-        full = self._full_hash(ref)
-        chunks, active = self._load_many([full], context)
-        if chunks[0] is None:
-            raise ChunkNotFound(f"no chunk has hash or prefix '{full}'")
+        chunks, active = self.find_many_with_active([ref], context)
         return chunks[0], active
+
+    @_redis_errors
+    def find_many_with_active(
+        self, refs: list[str], context: str | None
+    ) -> tuple[list[ChunkInfo], list[str]]:
+        """The chunks the refs name, in order, with the context's active chunk hashes read in
+        the same round trip; ChunkNotFound names the first one missing."""
+        full = [self._full_hash(ref) for ref in refs]
+        chunks, active = self._load_many(full, context)
+        for ref, chunk in zip(full, chunks, strict=True):
+            if chunk is None:
+                raise ChunkNotFound(f"no chunk has hash or prefix '{ref}'")
+        return chunks, active  # type: ignore[return-value]
 
     def _full_hash(self, ref: str) -> str:
         full = ref.strip().lower() if isinstance(ref, str) else ""
@@ -556,21 +575,30 @@ class ChunkRegistry:
         """The hashes of the chunks active in any context."""
         return {h for name in self.contexts() for h in self.active(name)}
 
-    @_redis_errors
     def activate(self, context: str, chunk_hash: str, expected: list[str] | None = None) -> bool:
         """Append the chunk to the context's active list; False if it was already there.
+        With `expected`, as in `activate_many`."""
+        return self.activate_many(context, [chunk_hash], expected) > 0
+
+    @_redis_errors
+    def activate_many(
+        self, context: str, chunk_hashes: list[str], expected: list[str] | None = None
+    ) -> int:
+        """Append those of the chunks not yet in the context's active list, in order, all or
+        none (ChunkNotFound if one is missing); how many were appended.
 
         With `expected`, only if the active list is still exactly that (else ConcurrentChange).
         """
         # One atomic script, one round trip: activation is on every request's path.
-        keys = [self._chunk_key(chunk_hash), self._active_key(context), self._key("contexts")]
-        args = [chunk_hash, context] + ([] if expected is None else [",".join(expected)])
-        added = self._activate_script(keys=keys, args=args)
+        keys = [self._active_key(context), self._key("contexts")]
+        keys += [self._chunk_key(h) for h in chunk_hashes]
+        guard = "" if expected is None else "=" + ",".join(expected)
+        added, missing = self._activate_script(keys=keys, args=[context, guard, *chunk_hashes])
         if added == -1:
-            raise ChunkNotFound(f"no chunk {chunk_hash}")
+            raise ChunkNotFound(f"no chunk {_strs([missing])[0]}")
         if added == -2:
             raise ConcurrentChange(f"context {context}'s active chunks changed meanwhile")
-        return bool(added)
+        return added
 
     @_redis_errors
     def set_tiers(self, tiers: dict[str, str]) -> None:

@@ -143,6 +143,30 @@ def test_activation_keeps_order_and_the_window(catalog, chunks):
     assert catalog.context().chunks == []
 
 
+def test_chunks_activated_together_go_in_all_or_none(catalog, chunks):
+    """In order, each once, after those already active, in one registry write; if one
+    cannot be (not found, of another dtype, past the window with the others), none is, and
+    the window's refusal names the request, not the chunk that would have overflowed."""
+    doc, question, answer, note = chunks.values()
+    catalog.activate_chunk(question.hash)
+    views = catalog.activate_chunks([doc.hash[:8], question.hash, doc.hash])
+    assert [(v.hash, v.is_active) for v in views] == [(doc.hash, True), (question.hash, True)]
+    assert catalog.registry.active(catalog.context_name) == [question.hash, doc.hash]
+    catalog.clear()
+    half = record([1, 2, 3], text="computed in bfloat16", metadata={"dtype": "bfloat16"})
+    catalog.registry.put(half)
+    over = r"activating 3 chunks \(73 tokens\) would make 73 active tokens, over the context "
+    for refs, refused, says in (
+        ([doc.hash, "ffff0000"], ChunkNotFound, "ffff0000"),
+        ([doc.hash, half.hash], DtypeMismatch, "bfloat16"),
+        ([doc.hash, question.hash, note.hash], ContextWindowExceeded, over),
+    ):
+        with pytest.raises(refused, match=says):
+            catalog.activate_chunks(refs)
+        assert catalog.context().chunks == []
+    assert catalog.activate_chunks([]) == []
+
+
 def test_activation_leaves_room_for_the_opening_its_models_engine_recorded(
     catalog, chunks, tmp_path
 ):

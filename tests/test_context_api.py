@@ -351,19 +351,19 @@ def test_activation_past_the_window_is_refused(make_cm):
 
 
 def test_chunks_activated_together_that_overflow_are_refused_as_one_request(make_cm):
-    """The command line activates several chunks all or none: the refusal names them
-    together, not the one that overflowed (it would blame those before it, taken back)."""
-    from kvchunks.cli.shared import activate_all
-
+    """activate_chunks is all or none: the refusal names the chunks together, not the one
+    that would have overflowed (it would blame those before it)."""
     cm = make_cm("activate-together")
     page = cm.add_chunk("lorem ipsum dolor sit amet " * 200)
     more_than_half = cm.store.model.window // page.token_count // 2 + 1
     a, b = (cm.compose_chunks([page.hash] * n) for n in (more_than_half, more_than_half + 1))
     before = snapshot(cm)
     with pytest.raises(ContextWindowExceeded) as refused:
-        activate_all(cm, [a.hash, b.hash[:8]], set())
-    says = f"the 2 chunks to activate hold {a.token_count + b.token_count} tokens, 0 more are"
+        cm.activate_chunks([a.hash, b.hash[:8]])
+    adding = a.token_count + b.token_count
+    says = f"activating 2 chunks ({adding} tokens) would make {adding} active tokens"
     assert str(refused.value).startswith(says)
+    assert "activate fewer, or deactivate something first" in str(refused.value)
     assert snapshot(cm) == before
 
 

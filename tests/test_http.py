@@ -205,6 +205,13 @@ def test_every_chunk_route(served):
         }
         off = http.post("/v1/contexts/http-routes/deactivate", json={"chunk": a["hash"]})
         assert not off.json()["is_active"]
+        both = {"chunks": [b["hash"], a["hash"][:8], b["hash"]]}  # all or none, each once
+        listed = http.post("/v1/contexts/http-routes/activate", json=both).json()
+        assert [(c["hash"], c["is_active"]) for c in listed["data"]] == [
+            (b["hash"], True),
+            (a["hash"], True),
+        ]
+        assert http.post("/v1/contexts/http-routes/clear").status_code == 204
         http.post("/v1/contexts/http-routes/activate", json={"chunk": b["hash"]})
         assert http.post("/v1/contexts/http-routes/clear").status_code == 204
         assert http.get("/v1/contexts/http-routes").json()["chunks"] == []
@@ -252,6 +259,9 @@ def too_long() -> str:
         ("post", "/v1/chunks", {"text": "x", "tags": ["has space"]}, 400),
         ("get", "/v1/chunks/0000aaaa", None, 404),
         ("post", "/v1/contexts/c/activate", {"chunk": "ffff0000"}, 404),
+        ("post", "/v1/contexts/c/activate", {}, 400),
+        ("post", "/v1/contexts/c/activate", {"chunk": "ffff0000", "chunks": ["ffff0000"]}, 400),
+        ("post", "/v1/contexts/c/activate", {"chunks": "ffff0000"}, 400),
         ("post", "/v1/chunks", {"text": too_long()}, 400),
         (
             "post",
@@ -337,6 +347,9 @@ def test_a_wrong_field_is_named_where_it_is_wrong(served):
         response = http.post("/v1/chat/completions", content=nan, headers=headers)
         says = "top_p: Input should be a finite number"
         assert response.json()["error"]["message"].startswith(says), response.text
+        # A rule over two fields is the body's: said as it is.
+        neither = http.post("/v1/contexts/c/activate", json={}).json()["error"]["message"]
+        assert neither == "give either 'chunk' (one hash) or 'chunks' (a list of hashes)"
 
 
 def test_openai_fields_that_ask_for_nothing_are_answered(served):

@@ -673,3 +673,19 @@ def test_activation_checked_against_a_stale_list_changes_nothing(reg):
     assert reg.active("ctx") == [a.hash]
     assert reg.activate("ctx", b.hash, expected=[a.hash])
     assert reg.active("ctx") == [a.hash, b.hash]
+
+
+def test_several_chunks_are_activated_in_one_write_all_or_none(reg):
+    a, b, c = make_chunk([1]), make_chunk([2]), make_chunk([3])
+    for chunk in (a, b, c):
+        reg.put(chunk)
+    reg.activate("ctx", b.hash)
+    with pytest.raises(ChunkNotFound, match=fake_hash("beef")):
+        reg.activate_many("ctx", [a.hash, fake_hash("beef"), c.hash])
+    with pytest.raises(ConcurrentChange):
+        reg.activate_many("ctx", [a.hash, c.hash], expected=[])  # checked before `b` came in
+    assert reg.active("ctx") == [b.hash]
+    assert reg.activate_many("ctx", [c.hash, b.hash, a.hash, c.hash], expected=[b.hash]) == 2
+    assert reg.active("ctx") == [b.hash, c.hash, a.hash]
+    assert reg.activate_many("new-ctx", [a.hash]) == 1 and "new-ctx" in reg.contexts()
+    assert reg.activate_many("ctx", [a.hash]) == 0
