@@ -122,12 +122,13 @@ class StepGraphs:
 
     def _record(self, forward: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
         """Capture `forward` in a graph; return it and the tensor the forward writes."""
-        forward()  # warm-up: compiles FlexAttention for the shape
         graph = torch.cuda.CUDAGraph()
-        # thread_local: tier moves copy out of the pool on other threads meanwhile (and may
-        # allocate); only this thread's calls must be capture-safe.
-        with torch.cuda.graph(graph, self.memory, capture_error_mode="thread_local"):
-            hidden = forward()
+        with self.model.unwatched():  # a stop check between layers waits for the capture
+            forward()  # warm-up: compiles FlexAttention for the shape
+            # thread_local: tier moves copy out of the pool on other threads meanwhile (and
+            # may allocate); only this thread's calls must be capture-safe.
+            with torch.cuda.graph(graph, self.memory, capture_error_mode="thread_local"):
+                hidden = forward()
         self.memory = graph.pool()
         return graph, hidden
 

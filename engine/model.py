@@ -100,36 +100,49 @@ class CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.lm_head_t: torch.Tensor | None = None
+        self._watching = threading.local()  # each thread's layer_progress callbacks
 
     def forward(
         self, input_ids: torch.Tensor, meta: AttentionMetadata, backend: AttentionBackend
     ) -> torch.Tensor:
         """Hidden states [N, hidden] for a flat batch of tokens."""
         x = self.embed_tokens(input_ids)
-        for layer in self.layers:
+        watchers = getattr(self._watching, "callbacks", None)
+        for done, layer in enumerate(self.layers, 1):
             x = layer(x, meta, backend)
+            for on_layer in watchers or ():
+                on_layer(done, len(self.layers))
         return self.norm(x)
 
     @contextlib.contextmanager
     def layer_progress(self, on_layer: Callable[[int, int], None]) -> Iterator[None]:
         """Within the block, `on_layer(done, layers)` after each decoder layer of the forward
-        passes this thread runs: how far one long prefill, a single pass, has gone. Other
-        threads' passes are not counted. (On CUDA a layer counts once its kernels are queued.)"""
-        thread, total = threading.get_ident(), len(self.layers)
-
-        def after(done: int) -> Callable[..., None]:
-            def hook(*_) -> None:
-                if threading.get_ident() == thread:
-                    on_layer(done, total)
-
-            return hook
-
-        handles = [layer.register_forward_hook(after(i + 1)) for i, layer in enumerate(self.layers)]
+        passes this thread runs: how far one long prefill, a single pass, has gone (or a
+        check between layers, which may raise to stop the pass). Other threads' passes are
+        not counted. (On CUDA a layer counts once its kernels are queued.)"""
+        callbacks = self._callbacks()
+        callbacks.append(on_layer)
         try:
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            callbacks.remove(on_layer)
+
+    @contextlib.contextmanager
+    def unwatched(self) -> Iterator[None]:
+        """No layer_progress callback of this thread runs within the block: a CUDA graph's
+        capture, which a callback raising would cut in the middle."""
+        callbacks = self._callbacks()
+        saved = callbacks[:]
+        callbacks.clear()
+        try:
+            yield
+        finally:
+            callbacks[:] = saved
+
+    def _callbacks(self) -> list[Callable[[int, int], None]]:
+        if not hasattr(self._watching, "callbacks"):
+            self._watching.callbacks = []
+        return self._watching.callbacks
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if len(hidden) <= 4 and self.lm_head_t is not None:

@@ -358,3 +358,18 @@ def test_a_step_stopped_between_layers_leaves_its_batch_as_it_was(llm, stop_at):
         llm.step()
     assert [s.completion_token_ids for s in (seqs[0], seqs[2])] == [expected[0], expected[2]]
     assert llm.block_manager.num_free == free_before
+
+
+def test_callbacks_between_layers_are_this_threads_own_and_none_while_unwatched(llm):
+    seen: list[int] = []
+    with llm.layer_progress(lambda done, _layers: seen.append(done)):
+        llm.release(llm.prefill(random_tokens(5, seed=29)).segment)
+        with llm.runner.model.unwatched():
+            llm.release(llm.prefill(random_tokens(5, seed=30)).segment)
+        other = threading.Thread(target=lambda: llm.generate([random_tokens(5, seed=31)], GREEDY))
+        other.start()
+        other.join()
+        llm.release(llm.prefill(random_tokens(5, seed=32)).segment)
+    llm.release(llm.prefill(random_tokens(5, seed=33)).segment)
+    layers = len(llm.runner.model.layers)
+    assert seen == [*range(1, layers + 1)] * 2

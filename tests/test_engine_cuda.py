@@ -102,6 +102,27 @@ def test_short_prefill_graphs_match_torch_backend(cuda_llm, torch_llm):
     assert {(1, 16), (1, 32)} <= set(cuda_llm.runner.graphs.captured)
 
 
+def test_a_check_between_layers_does_not_cut_a_graphs_capture(cuda_llm):
+    """A check that raises between layers (a client gone) does not run while a graph is
+    captured, and a replay runs no Python between layers: the step that captures a new
+    short-prefill graph completes, the graph is kept, and the answer is unchanged."""
+    graphs, prompt = cuda_llm.runner.graphs, random_tokens(100, seed=41)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = cuda_llm.generate([prompt], params)[0].token_ids
+    graphs.captured.pop((1, 128), None)  # captured again by the step below
+    seq = cuda_llm.add_request(prompt, params)
+
+    def stop(_done: int, _layers: int) -> None:
+        raise RuntimeError("stopped between layers")
+
+    with cuda_llm.layer_progress(stop):
+        cuda_llm.step()
+    assert (1, 128) in graphs.captured and seq.num_completion_tokens == 1
+    while not seq.is_finished:
+        cuda_llm.step()
+    assert seq.completion_token_ids == expected
+
+
 def test_cuda_batched_equals_one_at_a_time(cuda_llm):
     prompts = [random_tokens(n, seed=n) for n in (5, 77, 300)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
