@@ -78,7 +78,7 @@ class Request:
 class Call:
     """One generate or chat call's choices: the context's settings as read once at its
     start, the mode and recompute fraction they give, and the caller's arguments, checked
-    before any work."""
+    before any work; and whether its answer has begun (see stop_checks)."""
 
     settings: dict
     mode: str
