@@ -75,6 +75,9 @@ def scenario(cm, put) -> dict:
     cm.activate_chunk(b.hash)
     out["reordered"] = [c.hash for c in cm.reorder_chunks([b.hash, a.hash[:10]]).chunks]
     assert out["reordered"] == [b.hash, a.hash]
+    cm.clear()
+    out["together"] = [c.hash for c in cm.activate_chunks([b.hash[:10], a.hash, b.hash])]
+    assert [c.hash for c in cm.context().chunks] == out["together"] == [b.hash, a.hash]
     cm.deactivate_chunk(b.hash)
     composed = cm.compose_chunks([a.hash, b.hash])
     head, tail = cm.split_chunk(composed.hash, 7)
