@@ -282,6 +282,33 @@ def test_documents_activation_chat_and_tree_through_the_page(served, browser, tm
 
 
 @needs_chromium
+def test_an_answer_stopped_from_the_page_is_not_kept(served, browser, tmp_path):
+    """While an answer comes, the send button stops it: the request is closed, the server
+    stops the answer and keeps neither it nor its question, and the page says so."""
+    page = Page(browser, tmp_path)
+    context = f"web-stop-{uuid.uuid4().hex[:8]}"
+    open_on(page, served, context)
+    llm = served.cm.store.model.llm
+    page.type("max-tokens", "1")
+    page.type("chat-input", "Hello?")  # the opening's KV, computed once, before the count
+    page.find("#chat-send").click()
+    last_turn = "return document.querySelector('.turn:last-child')"
+    wait_for(lambda: page.js(f"{last_turn}.dataset.done") == "true", "a first answer")
+    before, free = {c.hash for c in served.cm.list_chunks()}, llm.pool_usage()["free"]
+    page.type("max-tokens", "500")
+    page.type("chat-input", "Tell me a long story about a lighthouse keeper and the sea.")
+    page.find("#chat-send").click()
+    wait_for(lambda: page.js(f"{last_turn}.querySelector('.answer').textContent"), "words")
+    assert page.find("#chat-send").text == "stop"
+    page.find("#chat-send").click()
+    wait_for(lambda: page.js(f"{last_turn}.dataset.done") == "stopped", "the answer stopped")
+    assert "neither the question nor the answer was kept" in page.find(".turn:last-child").text
+    assert page.find("#chat-send").text == "send"
+    wait_for(lambda: llm.pool_usage()["free"] == free, "the answer's KV given back", 20)
+    assert {c.hash for c in served.cm.list_chunks()} == before
+
+
+@needs_chromium
 def test_dragging_an_active_chunk_reorders_the_context(served, browser, tmp_path):
     page = Page(browser, tmp_path)
     context = f"web-{uuid.uuid4().hex[:8]}"

@@ -77,12 +77,14 @@ export const api = {
   usage: () => call("GET", "/v1/usage"),
 };
 
-// POST /v1/chat/completions with stream=true: yields each parsed server-sent event.
-export async function* streamChat(body) {
+// POST /v1/chat/completions with stream=true: yields each parsed server-sent event. An
+// abort of `signal` closes the request: the server stops the answer and keeps nothing of it.
+export async function* streamChat(body, signal) {
   const response = await send("/v1/chat/completions", {
     method: "POST",
     headers: headers(),
     body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }),
+    signal,
   });
   if (!response.ok) throw await failure(response);
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();

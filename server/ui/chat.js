@@ -5,12 +5,15 @@ import { ApiError, streamChat } from "./api.js";
 import { $, el, short } from "./util.js";
 
 let page;
+let answering = null; // the AbortController of the answer being streamed, if one is
 
 export function setup(p) {
   page = p;
+  // The button sends a question, or while an answer comes, stops it.
   $("chat-form").addEventListener("submit", (e) => {
     e.preventDefault();
-    ask();
+    if (answering) answering.abort();
+    else ask();
   });
   $("chat-input").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {  // not an input method's Enter
@@ -22,22 +25,29 @@ export function setup(p) {
 
 async function ask() {
   const question = $("chat-input").value.trim();
-  if (!question || $("chat-send").disabled) return;
+  if (!question || answering) return;
   const sampling = samplingFields();
   if (!sampling) return; // said why; the question stays in the box
   $("chat-input").value = "";
-  $("chat-send").disabled = true;
+  answering = new AbortController();
+  $("chat-send").textContent = "stop";
   const turn = newTurn(question);
   try {
-    const result = await stream(question, sampling, turn);
+    const result = await stream(question, sampling, turn, answering.signal);
     turn.facts.textContent = describe(result);
     turn.node.dataset.done = "true";
     toBottom();
   } catch (error) {
-    turn.facts.replaceChildren(el("span", { class: "error" }, error.message));
-    turn.node.dataset.done = "error";
+    if (answering.signal.aborted) {
+      turn.facts.textContent = "stopped: neither the question nor the answer was kept";
+      turn.node.dataset.done = "stopped";
+    } else {
+      turn.facts.replaceChildren(el("span", { class: "error" }, error.message));
+      turn.node.dataset.done = "error";
+    }
   } finally {
-    $("chat-send").disabled = false;
+    answering = null;
+    $("chat-send").textContent = "send";
     await page.run(async () => {});
   }
 }
@@ -71,7 +81,7 @@ function samplingFields() {
   return sampling;
 }
 
-async function stream(question, sampling, turn) {
+async function stream(question, sampling, turn, signal) {
   const body = {
     messages: [{ role: "user", content: question }],
     context: page.state.context,
@@ -80,7 +90,7 @@ async function stream(question, sampling, turn) {
   };
   const started = performance.now();
   const result = { firstMs: null, totalMs: null, extension: null, usage: null };
-  for await (const event of streamChat(body)) {
+  for await (const event of streamChat(body, signal)) {
     if (event.error) throw new ApiError(event.error.code, event.error.message);
     const text = event.choices?.[0]?.delta?.content;
     if (text) {
