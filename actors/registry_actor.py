@@ -42,6 +42,7 @@ WRITES = (
     "activate_many",
     "deactivate",
     "find_and_deactivate",
+    "find_and_deactivate_many",
     "reorder",
     "clear_context",
     "delete_context",

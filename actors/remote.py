@@ -35,6 +35,7 @@ CONTEXT_METHODS = frozenset(
         "configure",
         "context",
         "deactivate_chunk",
+        "deactivate_chunks",
         "delete_chunk",
         "delete_chunks",
         "delete_context",

@@ -22,7 +22,6 @@ from kvchunks.cli import render
 from kvchunks.cli.shared import (
     active_hashes,
     check_refs,
-    found_once,
     hash_argument,
     json_option,
     show,
@@ -191,9 +190,8 @@ def activate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
 @pass_state
 def deactivate(state: State, refs: tuple[str, ...], as_json: bool) -> None:
     """Hide these chunks from the model (they stay stored)."""
-    cm = state.catalog
-    hashes, before = found_once(cm, list(refs)), active_hashes(cm)
-    show_switched(state, as_json, False, [cm.deactivate_chunk(h) for h in hashes], before)
+    before = active_hashes(state.catalog)
+    show_switched(state, as_json, False, state.catalog.deactivate_chunks(list(refs)), before)
 
 
 @click.command()

@@ -157,12 +157,6 @@ def check_refs(state: State, refs: Iterable[str]) -> None:
         state.catalog.get_chunk(ref)
 
 
-def found_once(cm: Catalog, refs: list[str]) -> list[str]:
-    """The chunks' full hashes in order, each once (two prefixes may name one chunk), all
-    found before anything changes."""
-    return list(dict.fromkeys(cm.get_chunk(ref).hash for ref in refs))
-
-
 def active_hashes(cm: Catalog) -> set[str]:
     return {c.hash for c in cm.context().chunks}
 

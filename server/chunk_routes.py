@@ -12,9 +12,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from kvchunks import provenance_tree
 from kvchunks.common import InvalidInput
 from kvchunks.server.schemas import (
-    Activation,
     Body,
-    ChunkRef,
+    ChunkSelection,
     Compose,
     Move,
     NewChunk,
@@ -139,16 +138,23 @@ def configure(name: str, body: Settings, request: Request) -> dict:
 
 
 @router.post("/v1/contexts/{name}/activate")
-def activate(name: str, body: Activation, request: Request) -> dict:
+def activate(name: str, body: ChunkSelection, request: Request) -> dict:
     api = _api(request, name)
     if body.chunks is None:
         return api.activate_chunk(body.chunk).to_json()
-    return {"object": "list", "data": [c.to_json() for c in api.activate_chunks(body.chunks)]}
+    return _listed(api.activate_chunks(body.chunks))
 
 
 @router.post("/v1/contexts/{name}/deactivate")
-def deactivate(name: str, body: ChunkRef, request: Request) -> dict:
-    return _api(request, name).deactivate_chunk(body.chunk).to_json()
+def deactivate(name: str, body: ChunkSelection, request: Request) -> dict:
+    api = _api(request, name)
+    if body.chunks is None:
+        return api.deactivate_chunk(body.chunk).to_json()
+    return _listed(api.deactivate_chunks(body.chunks))
+
+
+def _listed(chunks: list) -> dict:
+    return {"object": "list", "data": [c.to_json() for c in chunks]}
 
 
 @router.post("/v1/contexts/{name}/order")

@@ -152,18 +152,14 @@ class Split(Body):
     at: StrictInt  # true is not token 1
 
 
-class ChunkRef(Body):
-    chunk: str
-
-
-class Activation(Body):
-    """One chunk (`chunk`), or several all or none (`chunks`, in order)."""
+class ChunkSelection(Body):
+    """One chunk (`chunk`), or several, all or none (`chunks`, in order)."""
 
     chunk: str | None = None
     chunks: list[str] | None = None
 
     @model_validator(mode="after")
-    def _one_of_them(self) -> Activation:
+    def _one_of_them(self) -> ChunkSelection:
         if (self.chunk is None) == (self.chunks is None):
             raise ValueError("give either 'chunk' (one hash) or 'chunks' (a list of hashes)")
         return self

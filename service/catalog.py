@@ -178,8 +178,16 @@ class Catalog:
             )
 
     def deactivate_chunk(self, ref: str) -> ChunkInfo:
-        chunk = self.registry.find_and_deactivate(ref, self.context_name)
-        return self._describe([chunk])[0]
+        """Hide this chunk from the model (it stays stored)."""
+        return self.deactivate_chunks([ref])[0]
+
+    def deactivate_chunks(self, refs: list[str]) -> list[ChunkInfo]:
+        """deactivate_chunk of several chunks (each once), all or none: every one is found
+        before any is hidden. One that was not active stays so."""
+        refs = checked_refs(refs)
+        if not refs:
+            return []
+        return self._describe(self.registry.find_and_deactivate_many(refs, self.context_name))
 
     def reorder_chunks(self, refs: list[str]) -> ContextView:
         """Lay the active chunks out in this order, which lists each of them once. No KV is

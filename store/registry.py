@@ -111,6 +111,22 @@ return {added, ''}
 """
 
 
+# The chunks (records KEYS[3..], hashes ARGV) leave the active list KEYS[1], all or none: each
+# record and its tier (from the hash KEYS[2], '' if never recorded) is read first, and a
+# missing one changes nothing. Returns {0, {record, tier, ...}} or {-1, missing hash}.
+_DEACTIVATE = """
+local found = {}
+for i = 3, #KEYS do
+  local record = redis.call('GET', KEYS[i])
+  if not record then return {-1, ARGV[i - 2]} end
+  found[#found + 1] = record
+  found[#found + 1] = redis.call('HGET', KEYS[2], ARGV[i - 2]) or ''
+end
+for i = 1, #ARGV do redis.call('LREM', KEYS[1], 0, ARGV[i]) end
+return {0, found}
+"""
+
+
 # A new layout order of the same active chunks, only if the list is still what the caller
 # checked it against (comma-joined in ARGV[1]): the chunks in ARGV[2..], in their order.
 _REORDER = """
@@ -165,6 +181,7 @@ class ChunkRegistry:
         self._activate_script = client.register_script(_ACTIVATE)
         self._set_tier_script = client.register_script(_SET_TIER)
         self._reorder_script = client.register_script(_REORDER)
+        self._deactivate_script = client.register_script(_DEACTIVATE)
         self._let_go_script = client.register_script(_LET_GO)
         self._parsed = ParsedRecords()
 
@@ -623,20 +640,25 @@ class ChunkRegistry:
             raise ChunkNotFound(f"no chunk {chunk_hash}")
         return bool(removed)
 
-    @_redis_errors
     def find_and_deactivate(self, ref: str, context: str) -> ChunkInfo:
-        """Remove the chunk a hash or prefix names from the context's active list and return
-        it, read in the same round trip. A chunk that does not exist is in no active list, so
-        ChunkNotFound changes nothing."""
-        full = self._full_hash(ref)
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.get(self._chunk_key(full))
-        pipe.hget(self._key("tiers"), full)
-        pipe.lrem(self._active_key(check_name(context)), 0, full)
-        data, tier, _ = pipe.execute()
-        if data is None:
-            raise ChunkNotFound(f"no chunk has hash or prefix '{full}'")
-        return self._with_state(full, data, tier, is_active=False)
+        """As `find_and_deactivate_many`, for one chunk."""
+        return self.find_and_deactivate_many([ref], context)[0]
+
+    @_redis_errors
+    def find_and_deactivate_many(self, refs: list[str], context: str) -> list[ChunkInfo]:
+        """Remove the chunks hashes or prefixes name (each once) from the context's active
+        list and return them, read in the same round trip; all or none: ChunkNotFound names
+        the first one missing and changes nothing."""
+        full = list(dict.fromkeys(self._full_hash(ref) for ref in refs))
+        keys = [self._active_key(check_name(context)), self._key("tiers")]
+        keys += [self._chunk_key(h) for h in full]
+        status, found = self._deactivate_script(keys=keys, args=full)
+        if status == -1:
+            raise ChunkNotFound(f"no chunk has hash or prefix '{found.decode()}'")
+        return [
+            self._with_state(h, found[2 * i], found[2 * i + 1], is_active=False)
+            for i, h in enumerate(full)
+        ]
 
     @_redis_errors
     def reorder(self, context: str, order: list[str], expected: list[str]) -> None:

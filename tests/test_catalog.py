@@ -143,7 +143,7 @@ def test_activation_keeps_order_and_the_window(catalog, chunks):
     assert catalog.context().chunks == []
 
 
-def test_chunks_activated_together_go_in_all_or_none(catalog, chunks):
+def test_chunks_activated_or_deactivated_together_are_all_or_none(catalog, chunks):
     """In order, each once, after those already active, in one registry write; if one
     cannot be (not found, of another dtype, past the window with the others), none is, and
     the window's refusal names the request, not the chunk that would have overflowed."""
@@ -165,6 +165,13 @@ def test_chunks_activated_together_go_in_all_or_none(catalog, chunks):
             catalog.activate_chunks(refs)
         assert catalog.context().chunks == []
     assert catalog.activate_chunks([]) == []
+    catalog.activate_chunks([doc.hash, question.hash])
+    with pytest.raises(ChunkNotFound):
+        catalog.deactivate_chunks([doc.hash, "ffff0000"])
+    assert len(catalog.context().chunks) == 2
+    hidden = catalog.deactivate_chunks([question.hash[:8], doc.hash, question.hash])
+    assert [(c.hash, c.is_active) for c in hidden] == [(question.hash, False), (doc.hash, False)]
+    assert catalog.context().chunks == [] and catalog.deactivate_chunks([]) == []
 
 
 def test_activation_leaves_room_for_the_opening_its_models_engine_recorded(

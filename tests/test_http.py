@@ -211,7 +211,11 @@ def test_every_chunk_route(served):
             (b["hash"], True),
             (a["hash"], True),
         ]
-        assert http.post("/v1/contexts/http-routes/clear").status_code == 204
+        hidden = http.post("/v1/contexts/http-routes/deactivate", json=both).json()
+        assert [(c["hash"], c["is_active"]) for c in hidden["data"]] == [
+            (b["hash"], False),
+            (a["hash"], False),
+        ]
         http.post("/v1/contexts/http-routes/activate", json={"chunk": b["hash"]})
         assert http.post("/v1/contexts/http-routes/clear").status_code == 204
         assert http.get("/v1/contexts/http-routes").json()["chunks"] == []
@@ -262,6 +266,8 @@ def too_long() -> str:
         ("post", "/v1/contexts/c/activate", {}, 400),
         ("post", "/v1/contexts/c/activate", {"chunk": "ffff0000", "chunks": ["ffff0000"]}, 400),
         ("post", "/v1/contexts/c/activate", {"chunks": "ffff0000"}, 400),
+        ("post", "/v1/contexts/c/deactivate", {"chunks": ["ffff0000"]}, 404),
+        ("post", "/v1/contexts/c/deactivate", {}, 400),
         ("post", "/v1/chunks", {"text": too_long()}, 400),
         (
             "post",

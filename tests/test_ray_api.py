@@ -78,7 +78,9 @@ def scenario(cm, put) -> dict:
     cm.clear()
     out["together"] = [c.hash for c in cm.activate_chunks([b.hash[:10], a.hash, b.hash])]
     assert [c.hash for c in cm.context().chunks] == out["together"] == [b.hash, a.hash]
-    cm.deactivate_chunk(b.hash)
+    out["apart"] = [c.hash for c in cm.deactivate_chunks([b.hash, a.hash[:10]])]
+    assert cm.context().chunks == [] and out["apart"] == [b.hash, a.hash]
+    cm.activate_chunk(a.hash)
     composed = cm.compose_chunks([a.hash, b.hash])
     head, tail = cm.split_chunk(composed.hash, 7)
     out["views"] = [brief(composed), brief(head), brief(tail)]

@@ -689,3 +689,21 @@ def test_several_chunks_are_activated_in_one_write_all_or_none(reg):
     assert reg.active("ctx") == [b.hash, c.hash, a.hash]
     assert reg.activate_many("new-ctx", [a.hash]) == 1 and "new-ctx" in reg.contexts()
     assert reg.activate_many("ctx", [a.hash]) == 0
+
+
+def test_several_chunks_are_deactivated_in_one_write_all_or_none(reg):
+    a, b, c = make_chunk([1]), make_chunk([2]), make_chunk([3])
+    for chunk in (a, b, c):
+        reg.put(chunk)
+    reg.activate_many("ctx", [a.hash, b.hash, c.hash])
+    reg.set_tiers({a.hash: "cpu"})
+    with pytest.raises(ChunkNotFound, match=fake_hash("beef")):
+        reg.find_and_deactivate_many([a.hash, fake_hash("beef")], "ctx")
+    assert reg.active("ctx") == [a.hash, b.hash, c.hash]
+    gone = reg.find_and_deactivate_many([c.hash[:10], a.hash, c.hash], "ctx")
+    assert [(g.hash, g.tier, g.is_active) for g in gone] == [
+        (c.hash, "disk", False),  # its tier never recorded: its KV is in its file
+        (a.hash, "cpu", False),
+    ]
+    assert reg.active("ctx") == [b.hash]
+    assert reg.find_and_deactivate(c.hash, "ctx").hash == c.hash  # not active: stays so

@@ -290,11 +290,11 @@ def test_an_answer_stopped_from_the_page_is_not_kept(served, browser, tmp_path):
     open_on(page, served, context)
     llm = served.cm.store.model.llm
     page.type("max-tokens", "1")
-    page.type("chat-input", "Hello?")  # the opening's KV, computed once, before the count
+    page.type("chat-input", "Hello?")  # the opening's KV, computed once, before the stop
     page.find("#chat-send").click()
     last_turn = "return document.querySelector('.turn:last-child')"
     wait_for(lambda: page.js(f"{last_turn}.dataset.done") == "true", "a first answer")
-    before, free = {c.hash for c in served.cm.list_chunks()}, llm.pool_usage()["free"]
+    before = {c.hash for c in served.cm.list_chunks()}
     page.type("max-tokens", "500")
     page.type("chat-input", "Tell me a long story about a lighthouse keeper and the sea.")
     page.find("#chat-send").click()
@@ -304,7 +304,8 @@ def test_an_answer_stopped_from_the_page_is_not_kept(served, browser, tmp_path):
     wait_for(lambda: page.js(f"{last_turn}.dataset.done") == "stopped", "the answer stopped")
     assert "neither the question nor the answer was kept" in page.find(".turn:last-child").text
     assert page.find("#chat-send").text == "send"
-    wait_for(lambda: llm.pool_usage()["free"] == free, "the answer's KV given back", 20)
+    # The engine has no request left (its pool count may differ: making room moved others).
+    wait_for(llm.scheduler.is_finished, "the answer stopped on the server", 20)
     assert {c.hash for c in served.cm.list_chunks()} == before
 
 
