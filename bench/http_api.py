@@ -10,6 +10,11 @@ benchmark run as `python bench/NAME.py`).
    HTTP's over the API's (goal <= 1.10).
 2. Chunk-route requests per second over one keep-alive connection: GET /v1/chunks/{ref}, and
    activate + deactivate pairs (two requests each), against the same calls in process.
+3. A client that leaves during a long prefill: the time to first token of a long message
+   (--long-copies times the document) run to its first token, against a short question's
+   sent right after another client sent the same long message and went away 0.3 s into its
+   prefill (the server stops the abandoned pass within a layer, so the short one waits only
+   for that; `left_prefill_cost_s` is what it waited beyond a short question's own TTFT).
 
 Prints one JSON object last.
 """
@@ -37,7 +42,8 @@ DOCUMENT = " ".join(
     f"Entry {i}: the {w} of the old harbour was repaired in {1900 + 7 * i}."
     for i, w in enumerate(["crane", "pier", "lighthouse", "warehouse", "bridge", "gate"] * 6)
 )
-SMOKE = {"repeats": 2, "route_seconds": 1.0}
+SMOKE = {"repeats": 2, "route_seconds": 1.0, "long_copies": 1}
+LEAVE_AFTER_S = 0.3
 
 
 def free_port() -> int:
@@ -97,6 +103,28 @@ def ttft_http(client: openai.OpenAI, question: str, max_tokens: int) -> float:
     return (first or time.perf_counter()) - start
 
 
+def leave_during_prefill(url: str, message: str) -> None:
+    """Send a chat request and go away LEAVE_AFTER_S later, before its first token (the
+    server sends its headers with the first piece)."""
+    body = {
+        "messages": [{"role": "user", "content": message}],
+        "max_tokens": 64,
+        "stream": True,
+        "context": "bench-http",
+        "store": False,
+    }
+    timeout = httpx.Timeout(30, read=LEAVE_AFTER_S)
+    try:
+        with (
+            httpx.Client(base_url=url, timeout=timeout) as http,
+            http.stream("POST", "/v1/chat/completions", json=body) as response,
+        ):
+            response.read()
+    except httpx.ReadTimeout:
+        return
+    raise RuntimeError("the long prefill ended before the client left: raise --long-copies")
+
+
 def rate(call, seconds: float) -> float:
     """Calls per second over `seconds` (after one warm-up call)."""
     call()
@@ -112,6 +140,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="TTFT runs of each (median)")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--route-seconds", type=float, default=5.0, help="per route rate")
+    parser.add_argument("--long-copies", type=int, default=3, help="the long message's size")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
     args = parser.parse_args()
     if args.smoke:
@@ -133,6 +162,13 @@ def main() -> None:
         for i in range(args.repeats):  # in turn, so that drift hits both alike
             theirs.append(ttft_in_process(cm, f"When was entry {i} repaired?", params))
             ours.append(ttft_http(client, f"When was entry {i} repaired?", args.max_tokens))
+        long_ttft, after_leaving = [], []
+        for i in range(args.repeats):
+            long_message = f"Note {i}. " + " ".join([DOCUMENT] * args.long_copies)
+            long_ttft.append(ttft_http(client, long_message, 1))
+            leave_during_prefill(url, f"Other note {i}. " + long_message)
+            after_leaving.append(ttft_http(client, f"Which entry is {i}?", args.max_tokens))
+        long_tokens = len(cm.store.model.chat.prompt(long_message))
         with httpx.Client(base_url=url) as http:
             get_rps = rate(
                 lambda: http.get(f"/v1/chunks/{doc.hash}").raise_for_status(), args.route_seconds
@@ -166,6 +202,10 @@ def main() -> None:
         "api_get_chunk_rps": round(api_get_rps, 1),
         "toggle_rps": round(toggle_rps, 1),
         "api_toggle_rps": round(api_toggle_rps, 1),
+        "long_message_tokens": long_tokens,
+        "long_ttft_s": round(statistics.median(long_ttft), 4),
+        "ttft_after_leaving_s": round(statistics.median(after_leaving), 4),
+        "left_prefill_cost_s": round(statistics.median(after_leaving) - http_ttft, 4),
     }
     print(json.dumps(result))
 
