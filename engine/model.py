@@ -89,6 +89,13 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class _LayerCallbacks(threading.local):
+    """Per thread: the callbacks its forward passes call after each decoder layer."""
+
+    def __init__(self):
+        self.callbacks: list[Callable[[int, int], None]] = []
+
+
 class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -100,17 +107,17 @@ class CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.lm_head_t: torch.Tensor | None = None
-        self._watching = threading.local()  # each thread's layer_progress callbacks
+        self._watching = _LayerCallbacks()  # each thread's layer_progress callbacks
 
     def forward(
         self, input_ids: torch.Tensor, meta: AttentionMetadata, backend: AttentionBackend
     ) -> torch.Tensor:
         """Hidden states [N, hidden] for a flat batch of tokens."""
         x = self.embed_tokens(input_ids)
-        watchers = getattr(self._watching, "callbacks", None)
+        watchers = self._watching.callbacks
         for done, layer in enumerate(self.layers, 1):
             x = layer(x, meta, backend)
-            for on_layer in watchers or ():
+            for on_layer in watchers:
                 on_layer(done, len(self.layers))
         return self.norm(x)
 
@@ -120,7 +127,7 @@ class CausalLM(nn.Module):
         passes this thread runs: how far one long prefill, a single pass, has gone (or a
         check between layers, which may raise to stop the pass). Other threads' passes are
         not counted. (On CUDA a layer counts once its kernels are queued.)"""
-        callbacks = self._callbacks()
+        callbacks = self._watching.callbacks
         callbacks.append(on_layer)
         try:
             yield
@@ -131,18 +138,13 @@ class CausalLM(nn.Module):
     def unwatched(self) -> Iterator[None]:
         """No layer_progress callback of this thread runs within the block: a CUDA graph's
         capture, which a callback raising would cut in the middle."""
-        callbacks = self._callbacks()
+        callbacks = self._watching.callbacks
         saved = callbacks[:]
         callbacks.clear()
         try:
             yield
         finally:
             callbacks[:] = saved
-
-    def _callbacks(self) -> list[Callable[[int, int], None]]:
-        if not hasattr(self._watching, "callbacks"):
-            self._watching.callbacks = []
-        return self._watching.callbacks
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if len(hidden) <= 4 and self.lm_head_t is not None:
