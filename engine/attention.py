@@ -29,10 +29,18 @@ class SequenceAttention:
     fresh: bool
     key_cos: torch.Tensor | None = None  # [T, 1, head_dim] RoPE delta of shifted segments
     key_sin: torch.Tensor | None = None
+    # Host memory copies, for a backend that plans on the host (see flex_attention): key_slots
+    # (None: read back from the device, a wait on a GPU), and the delta in positions behind
+    # key_cos (None: nothing shifted).
+    host_key_slots: torch.Tensor | None = None
+    key_shifts: torch.Tensor | None = None
     # Selective recompute: queries are some of the keys, not the last ones; each sees the
     # keys up to its own index here. None: the lower-right causal rule above.
     visible: torch.Tensor | None = None  # [queries] index of each query's own key
     _mask: torch.Tensor | None = field(default=None, repr=False)
+
+    def slots_on_host(self) -> torch.Tensor:
+        return self.key_slots.cpu() if self.host_key_slots is None else self.host_key_slots
 
     def mask(self) -> torch.Tensor | None:
         """The visibility mask [queries, keys] (None when fresh: plain causal), built on first

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from kvchunks.engine.attention import AttentionMetadata, SequenceAttention
-from kvchunks.engine.flex_attention import QUERY_TILE, FlexAttention, FlexPlan, build_plan
+from kvchunks.engine.flex_attention import FlexAttention
+from kvchunks.engine.flex_plan import QUERY_TILE, FlexPlan, HostPlan, plan_on_host
 from kvchunks.engine.model import CausalLM
 
 PREFILL_SIZES = [16, 32, 64, QUERY_TILE]  # new tokens of one sequence's short prefill
@@ -60,7 +61,8 @@ class StepGraphs:
         self.sizes = [s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, max_batch, 16))
         self.sizes.append(max_batch)
         self.max_entries, self.scratch_slot = max_entries, scratch_slot
-        self.scratch = torch.tensor([scratch_slot], device=backend.k_slots.device)
+        self.scratch_on_host = torch.tensor([scratch_slot])
+        self.scratch = self.scratch_on_host.to(backend.k_slots.device)
         self.captured: dict[tuple[int, int], Captured] = {}
         self.memory = None  # one memory pool for every graph: they never run at once
 
@@ -72,7 +74,7 @@ class StepGraphs:
             return None
         size, queries = shape
         plan = self._plan(meta.sequences + self._padding(tokens, size - n), queries)
-        if not plan.exact or plan.table.blocks.shape[1] != self.max_entries:
+        if not plan.exact or plan.entries != self.max_entries:
             return None  # a slot seen twice, or keys in more blocks than a graph holds
         captured = self.captured.get(shape) or self._capture(shape)
         captured.ids[:tokens] = ids
@@ -82,8 +84,7 @@ class StepGraphs:
         )
         captured.meta.cos[:tokens] = meta.cos
         captured.meta.sin[:tokens] = meta.sin
-        for fixed, fresh in zip(_tensors(captured.plan), _tensors(plan), strict=True):
-            fixed.copy_(fresh)
+        captured.plan.flat.copy_(plan.flat)  # the block lists' and ranks' one copy
         captured.graph.replay()
         return captured.hidden[:tokens]
 
@@ -106,11 +107,12 @@ class StepGraphs:
         if queries == 1:
             stand_ins = self._padding(0, size)
         else:
-            stand_ins = [SequenceAttention(0, queries, slots, fresh=False)]
+            stand_ins = [SequenceAttention(0, queries, slots, False, host_key_slots=slots.cpu())]
         meta = AttentionMetadata(slots, cos, cos.new_zeros(cos.shape), stand_ins)
         ids = torch.zeros(rows, dtype=torch.long, device=cache.device)
-        plan = self._plan(stand_ins, queries)
-        plan.exact = True  # the stand-in sees its slot many times; what replays never does
+        host = self._plan(stand_ins, queries)
+        host.exact = True  # the stand-in sees its slot many times; what replays never does
+        plan = host.to(cache.device)
 
         def forward() -> torch.Tensor:
             self.backend.use(meta, plan)
@@ -132,29 +134,16 @@ class StepGraphs:
         self.memory = graph.pool()
         return graph, hidden
 
-    def _plan(self, sequences: list[SequenceAttention], queries: int) -> FlexPlan:
+    def _plan(self, sequences: list[SequenceAttention], queries: int) -> HostPlan:
         backend = self.backend
-        return build_plan(
+        return plan_on_host(
             sequences, backend.block_size, backend.num_blocks, self.max_entries, queries
         )
 
     def _padding(self, first_row: int, count: int) -> list[SequenceAttention]:
         """`count` one-token sequences in the scratch slot, from row first_row on."""
         rows = range(first_row, first_row + count)
-        return [SequenceAttention(i, i + 1, self.scratch, fresh=False) for i in rows]
-
-
-def _tensors(plan: FlexPlan) -> list[torch.Tensor]:
-    """What a graph's FlexAttention reads of a plan (one key group)."""
-    (group,) = plan.groups
-    mask = group.mask
-    return [
-        plan.query_rows,
-        plan.query_rank,
-        plan.table.ranks,
-        plan.table.entry_of_block,
-        mask.kv_num_blocks,
-        mask.kv_indices,
-        mask.full_kv_num_blocks,
-        mask.full_kv_indices,
-    ]
+        return [
+            SequenceAttention(i, i + 1, self.scratch, False, host_key_slots=self.scratch_on_host)
+            for i in rows
+        ]

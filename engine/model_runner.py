@@ -143,12 +143,14 @@ class ModelRunner:
                 keys.append(slots_of([*seq.context, own], self.block_size))
         host = [torch.tensor(input_ids), torch.cat(positions), torch.cat(slots), *keys]
         moved = torch.cat(host).to(self.device).split([len(t) for t in host])
-        ids, pos, slot_mapping, key_slots = moved[0], moved[1], moved[2], iter(moved[3:])
+        ids, pos, slot_mapping, moved_keys = moved[0], moved[1], moved[2], iter(moved[3:])
+        host_keys = iter(keys)
         per_seq, offset = [], 0
-        for seq, new in zip(seqs, fresh, strict=True):
+        for seq, own, new in zip(seqs, slots, fresh, strict=True):
             end = offset + seq.num_tokens - seq.num_computed
-            own = slot_mapping[offset:end] if new else next(key_slots)
-            per_seq.append(self._sequence_attention(seq, own, offset, end, new))
+            # A fresh sequence's keys are its new tokens'; the keys are wanted on both sides.
+            both = (slot_mapping[offset:end], own) if new else (next(moved_keys), next(host_keys))
+            per_seq.append(self._sequence_attention(seq, offset, end, new, *both))
             offset = end
         cos, sin = cos_sin(self.inv_freq, pos, self.config.torch_dtype)
         return ids, AttentionMetadata(slot_mapping, cos, sin, per_seq)
@@ -179,19 +181,26 @@ class ModelRunner:
         return slots_of([segment], self.block_size).to(self.device)
 
     def _sequence_attention(
-        self, seq: Sequence, key_slots: torch.Tensor, q_start: int, q_end: int, fresh: bool
+        self,
+        seq: Sequence,
+        q_start: int,
+        q_end: int,
+        fresh: bool,
+        key_slots: torch.Tensor,
+        host_key_slots: torch.Tensor,
     ) -> SequenceAttention:
-        """key_slots: the sequence's own slots when fresh, else its context's, then its own."""
-        attention = SequenceAttention(q_start, q_end, key_slots, fresh)
+        attention = SequenceAttention(
+            q_start, q_end, key_slots, fresh, host_key_slots=host_key_slots
+        )
         if any(s.shift for s in seq.context):
-            attention.key_cos, attention.key_sin = self._key_rotation(seq)
+            # Every key's RoPE delta: its segment's shift, 0 for the sequence's own tokens.
+            own = torch.zeros(seq.num_tokens, dtype=torch.long)
+            shifts = torch.cat([torch.full((s.length,), s.shift) for s in seq.context] + [own])
+            attention.key_shifts = shifts
+            attention.key_cos, attention.key_sin = cos_sin(
+                self.inv_freq, shifts.to(self.device), self.config.torch_dtype
+            )
         return attention
-
-    def _key_rotation(self, seq: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE delta tables for every key of seq: its segments' shifts, 0 for its own tokens."""
-        own = torch.zeros(seq.num_tokens)
-        shifts = [torch.full((s.length,), s.shift) for s in seq.context] + [own]
-        return cos_sin(self.inv_freq, torch.cat(shifts).to(self.device), self.config.torch_dtype)
 
     def _decode_groups(self, per_seq: list[SequenceAttention]) -> list[DecodeBatch]:
         """Sequences (sorted by key count) padded in small groups: one kernel per group

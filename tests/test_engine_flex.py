@@ -15,12 +15,8 @@ from test_engine_reference import random_tokens
 from kvchunks.engine import LLM, EngineConfig, SamplingParams
 from kvchunks.engine.attention import SequenceAttention, TorchAttention
 from kvchunks.engine.cuda_graphs import StepGraphs
-from kvchunks.engine.flex_attention import (
-    QUERY_TILE,
-    FlexAttention,
-    _compiled_flex_attention,
-    build_plan,
-)
+from kvchunks.engine.flex_attention import FlexAttention, _compiled_flex_attention
+from kvchunks.engine.flex_plan import QUERY_TILE, build_plan, plan_on_host
 
 BLOCK = 16
 
@@ -103,6 +99,43 @@ def test_block_lists_cover_exactly_what_the_mask_shows():
 def test_a_slot_seen_twice_is_left_to_the_gather_path():
     assert build_plan([attention(0, 1, [range(5, 9), range(9, 12)])], BLOCK, 4).exact
     assert not build_plan([attention(0, 1, [range(5, 9), range(5, 9)])], BLOCK, 4).exact
+
+
+def test_a_plan_is_built_from_host_memory_alone():
+    """The plan reads each sequence's slots and RoPE shifts from their host copies (on a GPU,
+    reading the device's would wait for it): with the device's tensors on the meta device,
+    which holds no data, it is the plan of the same keys in host memory alone."""
+    slots = [torch.arange(5, 20), torch.cat([torch.arange(33, 36), torch.arange(64, 70)])]
+    shifts = torch.tensor([0, 0, 0, 7, 7, 7, 7, 7, 0])
+    tables = torch.randn(2, len(shifts), 1, 8)
+
+    def batch(device: str) -> list[SequenceAttention]:
+        first = SequenceAttention(0, 3, slots[0].to(device), False, host_key_slots=slots[0])
+        second = SequenceAttention(3, 4, slots[1].to(device), False, *tables.to(device))
+        second.host_key_slots, second.key_shifts = slots[1], shifts
+        return [first, second]
+
+    on_meta, on_host = plan_on_host(batch("meta"), BLOCK, 8), plan_on_host(batch("cpu"), BLOCK, 8)
+    assert torch.equal(on_meta.flat, on_host.flat)
+    assert on_meta.shapes == on_host.shapes and on_meta.entries == on_host.entries
+    (unshifted, _), (cos, sin) = on_meta.rotations  # the shift of 7, from its first key
+    assert unshifted is None and cos.device.type == "meta" and cos.shape == (1, 8)
+    assert torch.equal(on_host.rotations[1][0], tables[0, 3]) and torch.equal(
+        on_host.rotations[1][1], tables[1, 3]
+    )
+
+
+def test_a_plan_reaches_the_device_as_one_buffer():
+    """Every index tensor of a plan, its block masks' lists included, is a view of one
+    buffer: one copy moves it, and one refills a CUDA graph's."""
+    plan = build_plan([attention(0, 3, [range(5, 20)]), attention(3, 1, [range(40, 50)])], BLOCK, 8)
+    (group,) = plan.groups
+    mask = group.mask
+    views = [plan.query_rows, plan.query_rank, plan.ranks, plan.entry_of_block]
+    views += [mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices]
+    buffer = plan.flat.untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == buffer for t in views)
+    assert all(t.storage_offset() * t.element_size() % 128 == 0 for t in views)  # aligned
 
 
 def attention(query_start: int, queries: int, keys: list[range]) -> SequenceAttention:
