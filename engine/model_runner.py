@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
@@ -129,27 +130,34 @@ class ModelRunner:
     def _step_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, AttentionMetadata]:
         """The token ids of the sequences' new tokens, in this order, and their metadata.
 
-        Every index is made in host memory and crosses to the device in one copy: made
-        there, each sequence's few small tensors would cost a kernel launch apiece."""
-        input_ids, positions, slots, keys, fresh = [], [], [], [], []
+        Every index is made in host memory, from runs of consecutive integers expanded for
+        the whole batch at once, and crosses to the device in one copy: made there, each
+        sequence's few small tensors would cost a kernel launch apiece."""
+        bs = self.block_size
+        input_ids, positions, slots, keys, key_counts, fresh = [], [], [], [], [], []
         for seq in seqs:
             first, last = seq.num_computed, seq.num_tokens
             input_ids += seq.token_ids[first:last]
-            positions.append(torch.arange(seq.position + first, seq.position + last))
+            positions.append((seq.position + first, last - first))
             own = KVSegment(tuple(seq.blocks), seq.start, last, 0)
-            slots.append(slots_of([own.sub(first, last - first, self.block_size)], self.block_size))
+            slots += own.sub(first, last - first, bs).slot_runs(bs)
             fresh.append(not seq.context and first == 0)
             if not fresh[-1]:
-                keys.append(slots_of([*seq.context, own], self.block_size))
-        host = [torch.tensor(input_ids), torch.cat(positions), torch.cat(slots), *keys]
-        moved = torch.cat(host).to(self.device).split([len(t) for t in host])
-        ids, pos, slot_mapping, moved_keys = moved[0], moved[1], moved[2], iter(moved[3:])
-        host_keys = iter(keys)
+                keys += seq.context_slot_runs(bs) + own.slot_runs(bs)
+                key_counts.append(sum(segment.length for segment in seq.context) + last)
+        n = len(input_ids)
+        host = torch.from_numpy(np.concatenate([input_ids, expand_runs(positions + slots + keys)]))
+        ids, pos, slot_mapping, *moved_keys = host.to(self.device).split([n, n, n, *key_counts])
+        _, _, new_slots, *host_keys = host.split([n, n, n, *key_counts])
+        moved_keys, host_keys = iter(moved_keys), iter(host_keys)
         per_seq, offset = [], 0
-        for seq, own, new in zip(seqs, slots, fresh, strict=True):
+        for seq, new in zip(seqs, fresh, strict=True):
             end = offset + seq.num_tokens - seq.num_computed
             # A fresh sequence's keys are its new tokens'; the keys are wanted on both sides.
-            both = (slot_mapping[offset:end], own) if new else (next(moved_keys), next(host_keys))
+            if new:
+                both = (slot_mapping[offset:end], new_slots[offset:end])
+            else:
+                both = (next(moved_keys), next(host_keys))
             per_seq.append(self._sequence_attention(seq, offset, end, new, *both))
             offset = end
         cos, sin = cos_sin(self.inv_freq, pos, self.config.torch_dtype)
@@ -233,12 +241,17 @@ class ModelRunner:
 
 
 def slots_of(segments: list[KVSegment], block_size: int) -> torch.Tensor:
-    """The flat pool slot of each token of the segments, in order, in host memory: one
-    range per run of adjacent slots (a few per segment), so few operations."""
+    """The flat pool slot of each token of the segments, in order, in host memory."""
     runs = [run for segment in segments for run in segment.slot_runs(block_size)]
-    return torch.cat(
-        [torch.arange(first, first + count) for first, count in runs] or [torch.arange(0)]
-    )
+    return torch.from_numpy(expand_runs(runs))
+
+
+def expand_runs(runs: list[tuple[int, int]]) -> np.ndarray:
+    """The integers of (first, count) runs, one run after another: a few array operations
+    however many runs (a range per run would cost an operation each)."""
+    firsts, counts = np.array(runs, dtype=np.int64).reshape(-1, 2).T
+    starts = counts.cumsum() - counts
+    return np.repeat(firsts - starts, counts) + np.arange(counts.sum())
 
 
 def _num_keys(seq: Sequence) -> int:

@@ -49,6 +49,7 @@ class Sequence:
         self.generator = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
+        self._context_runs: list[tuple[int, int]] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -69,3 +70,11 @@ class Sequence:
     def own_segment(self) -> KVSegment:
         """The KV this sequence computed itself, as a segment of its blocks."""
         return KVSegment(tuple(self.blocks), self.start, self.num_computed, self.position)
+
+    def context_slot_runs(self, block_size: int) -> list[tuple[int, int]]:
+        """The pool slots of the stored KV it attends to, as runs (see KVSegment.slot_runs),
+        found once: the context stays as it is, and its blocks held, for the sequence's life."""
+        if self._context_runs is None:
+            runs = [run for segment in self.context for run in segment.slot_runs(block_size)]
+            self._context_runs = runs
+        return self._context_runs
