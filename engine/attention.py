@@ -29,7 +29,7 @@ class SequenceAttention:
     fresh: bool
     key_cos: torch.Tensor | None = None  # [T, 1, head_dim] RoPE delta of shifted segments
     key_sin: torch.Tensor | None = None
-    # Host memory copies, for a backend that plans on the host (see flex_attention): key_slots
+    # Host memory copies, for a backend that plans on the host (see flex_plan): key_slots
     # (None: read back from the device, a wait on a GPU), and the delta in positions behind
     # key_cos (None: nothing shifted).
     host_key_slots: torch.Tensor | None = None
