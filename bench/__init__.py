@@ -20,3 +20,16 @@ def token_range(text: str) -> tuple[int, int]:
     """A command line's MIN-MAX range of token counts."""
     low, high = (int(n) for n in text.split("-"))
     return low, high
+
+
+def machine(device: str) -> dict[str, str | int]:
+    """What a result was measured on: the device, the CPU, torch's threads."""
+    import platform
+
+    import torch
+
+    return {
+        "device": device,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import time
 
 import torch
 
-from kvchunks.bench import token_range
+from kvchunks.bench import machine, token_range
 from kvchunks.engine import LLM, EngineConfig, SamplingParams
 from kvchunks.engine.checkpoint import resolve_model
 
@@ -221,9 +220,7 @@ def main() -> None:
     uniform = bench_batch(plain, uniform_workload(rng, args), args.repeats)
     continuous = batch.get("hf_continuous")
     result = {
-        "device": llm.config.device,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
+        **machine(llm.config.device),
         "dtype": args.dtype,
         "repeats": args.repeats,
         "prefill_tokens": args.prefill_tokens,

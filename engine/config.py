@@ -93,7 +93,10 @@ class EngineConfig:
     kv_cache_bytes: int = 1 << 30
     num_blocks: int | None = None
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192
+    # New tokens one step computes at most: a longer prompt is computed in pieces, and
+    # running answers wait for their next token no longer than a step of this size takes.
+    # None: 2048 on CUDA, 512 on CPU, where a 2048-token step takes seconds.
+    max_num_batched_tokens: int | None = None
     dtype: str = DEFAULT_DTYPE
     device: str | None = None
     attention_backend: str = "auto"
@@ -108,6 +111,14 @@ class EngineConfig:
             raise InvalidInput(f"unknown attention backend {self.attention_backend!r}")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 2048 if self.device.startswith("cuda") else 512
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise InvalidInput(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs}): every running answer's next token goes "
+                "in each step"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -157,7 +157,11 @@ class LLM:
         if not seqs:
             raise InvalidInput("the KV pool cannot hold even one running request")
         logits = self.runner.run(seqs)
-        finished = self.scheduler.postprocess(seqs, sample(logits, seqs))
+        # A prompt computed in pieces samples nothing until its last piece (a seed's
+        # generator must not move on for the others).
+        rows = [i for i, seq in enumerate(seqs) if seq.catches_up]
+        tokens = sample(logits[rows], [seqs[i] for i in rows]) if rows else []
+        finished = self.scheduler.postprocess(seqs, tokens)
         for seq in finished:
             if seq.keep_kv:
                 self.block_manager.seal(seq.own_segment())
@@ -219,6 +223,7 @@ class LLM:
         seq = Sequence(token_ids, SamplingParams(temperature=0), context, position, keep_kv=True)
         self._check_window(seq.position + len(token_ids))
         after = self._after(continue_after, pack)
+        seq.num_scheduled = len(token_ids)
         with self._claim(after, len(token_ids)) as (seq.blocks, seq.start):
             logits = self.runner.run([seq], all_logits=all_logits)
         seq.num_computed = seq.num_tokens

@@ -100,7 +100,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], all_logits: bool = False) -> torch.Tensor:
-        """Compute KV for every sequence's not-yet-computed tokens and return logits.
+        """Compute KV for every sequence's scheduled tokens and return logits.
 
         Logits are one row per sequence (its last token), or one row per new token when
         all_logits is set.
@@ -108,7 +108,7 @@ class ModelRunner:
         decode = (
             self.backend.padded_decode
             and not all_logits
-            and all(seq.num_tokens - seq.num_computed == 1 for seq in seqs)
+            and all(seq.num_scheduled == 1 for seq in seqs)
         )
         # Decoding sequences are laid out by key count, so each padded group is a slice.
         order = range(len(seqs))
@@ -136,7 +136,7 @@ class ModelRunner:
         bs = self.block_size
         input_ids, positions, slots, keys, key_counts, fresh = [], [], [], [], [], []
         for seq in seqs:
-            first, last = seq.num_computed, seq.num_tokens
+            first, last = seq.num_computed, seq.num_computed + seq.num_scheduled
             input_ids += seq.token_ids[first:last]
             positions.append((seq.position + first, last - first))
             own = KVSegment(tuple(seq.blocks), seq.start, last, 0)
@@ -152,7 +152,7 @@ class ModelRunner:
         moved_keys, host_keys = iter(moved_keys), iter(host_keys)
         per_seq, offset = [], 0
         for seq, new in zip(seqs, fresh, strict=True):
-            end = offset + seq.num_tokens - seq.num_computed
+            end = offset + seq.num_scheduled
             # A fresh sequence's keys are its new tokens'; the keys are wanted on both sides.
             if new:
                 both = (slot_mapping[offset:end], new_slots[offset:end])
@@ -202,7 +202,7 @@ class ModelRunner:
         )
         if any(s.shift for s in seq.context):
             # Every key's RoPE delta: its segment's shift, 0 for the sequence's own tokens.
-            own = torch.zeros(seq.num_tokens, dtype=torch.long)
+            own = torch.zeros(seq.num_computed + seq.num_scheduled, dtype=torch.long)
             shifts = torch.cat([torch.full((s.length,), s.shift) for s in seq.context] + [own])
             attention.key_shifts = shifts
             attention.key_cos, attention.key_sin = cos_sin(
@@ -255,5 +255,5 @@ def expand_runs(runs: list[tuple[int, int]]) -> np.ndarray:
 
 
 def _num_keys(seq: Sequence) -> int:
-    """How many keys the sequence's next token attends to."""
-    return sum(segment.length for segment in seq.context) + seq.num_tokens
+    """How many keys the sequence's last scheduled token attends to."""
+    return sum(segment.length for segment in seq.context) + seq.num_computed + seq.num_scheduled

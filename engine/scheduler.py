@@ -1,4 +1,5 @@
-"""Continuous batching: admit waiting sequences for prefill, otherwise decode all running."""
+"""Continuous batching with chunked prefill: each step decodes every running answer and
+spends what is left of its token budget on prompts, long ones in pieces."""
 
 from __future__ import annotations
 
@@ -46,27 +47,49 @@ class Scheduler:
         return not self.waiting and not self.running
 
     def schedule(self) -> list[Sequence]:
-        """The next batch: new requests' prefills if any can be admitted, else a decode step."""
-        return self._admit() or self._decode_batch()
+        """One step's batch, at most max_num_batched_tokens new tokens: the next token of
+        every running answer first, so that a long prompt never stalls them, then the rest
+        of prompts begun in earlier steps, then waiting requests. A prompt longer than what
+        is left of the budget is computed in pieces over several steps."""
+        running = self._keep_running()
+        answering = [seq for seq in running if seq.num_uncomputed == 1]
+        budget = self.max_num_batched_tokens - len(answering)
+        batch = []
+        for seq in answering:
+            seq.num_scheduled = 1
+            batch.append(seq)
+        for seq in running:
+            if seq.num_uncomputed > 1 and budget:
+                budget -= self._schedule_part(seq, budget)
+                batch.append(seq)
+        return batch + self._admit(budget)
 
-    def _admit(self) -> list[Sequence]:
+    def _schedule_part(self, seq: Sequence, budget: int) -> int:
+        seq.num_scheduled = min(seq.num_uncomputed, budget)
+        return seq.num_scheduled
+
+    def _admit(self, budget: int) -> list[Sequence]:
+        """Waiting requests in the order they came, until one does not fit the pool; those
+        behind it whose blocks were reserved when queued need nothing from it and go too."""
         batch: list[Sequence] = []
-        tokens = 0
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            new_tokens = seq.num_tokens - seq.num_computed
-            over_budget = tokens + new_tokens > self.max_num_batched_tokens
-            if (batch and over_budget) or not self._grow(seq, seq.num_tokens):
+        blocked = False
+        for seq in list(self.waiting):
+            if not budget or len(self.running) >= self.max_num_seqs:
                 break
-            tokens += new_tokens
+            if not ((seq.reserved or not blocked) and self._grow(seq, seq.num_tokens)):
+                blocked = True
+                continue
+            budget -= self._schedule_part(seq, budget)
             seq.status = Status.RUNNING
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.running.append(seq)
             batch.append(seq)
         return batch
 
-    def _decode_batch(self) -> list[Sequence]:
-        batch: list[Sequence] = []
+    def _keep_running(self) -> list[Sequence]:
+        """The running sequences, each with blocks for all its tokens: when the pool is full,
+        the newest ones whose blocks were not reserved are preempted to make room."""
+        kept: list[Sequence] = []
         while self.running:
             seq = self.running.popleft()
             while not self._grow(seq, seq.num_tokens):
@@ -76,9 +99,9 @@ class Scheduler:
                     break
                 self._preempt(victim)
             else:
-                batch.append(seq)
-        self.running.extend(batch)
-        return batch
+                kept.append(seq)
+        self.running.extend(kept)
+        return kept
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Make sure seq has blocks for num_tokens own tokens; False if the pool is full."""
@@ -106,10 +129,16 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> list[Sequence]:
-        """Append sampled tokens; return the sequences that finished in this step."""
+        """Count what the step computed and append the sampled tokens, one for each sequence
+        that caught up, in order; return the sequences that finished in this step."""
         finished = []
-        for seq, token in zip(seqs, token_ids, strict=True):
-            seq.num_computed = seq.num_tokens
+        sampled = iter(token_ids)
+        for seq in seqs:
+            caught_up = seq.catches_up
+            seq.num_computed += seq.num_scheduled
+            if not caught_up:  # a prompt in pieces: no token until its last piece
+                continue
+            token = next(sampled)
             if seq.closing:
                 self._finish(seq)
                 finished.append(seq)

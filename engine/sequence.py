@@ -39,6 +39,9 @@ class Sequence:
         # reserve): it never needs to grow, and is never preempted to let another grow.
         self.reserved = False
         self.num_computed = 0
+        # Tokens the current step computes, from num_computed on: a prompt longer than a
+        # step's budget is computed over several steps (see Scheduler.schedule).
+        self.num_scheduled = 0
         self.blocks: list[int] = []
         self.start = 0  # slot offset of the first own token in blocks[0]
         self.closing = False  # finished, but the last token's KV is still to be computed
@@ -62,6 +65,15 @@ class Sequence:
     @property
     def num_completion_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    @property
+    def catches_up(self) -> bool:
+        """Whether the current step computes all its tokens, so that a token is sampled."""
+        return self.num_scheduled == self.num_uncomputed
 
     @property
     def is_finished(self) -> bool:

@@ -15,7 +15,17 @@ import torch
 import kvchunks.bench
 
 # Each takes --smoke; a new benchmark goes here too (the first test makes sure of it).
-SMOKE_TESTED = ["cli", "cluster", "engine", "fidelity", "http_api", "reuse", "soak", "tiers"]
+SMOKE_TESTED = [
+    "chunked",
+    "cli",
+    "cluster",
+    "engine",
+    "fidelity",
+    "http_api",
+    "reuse",
+    "soak",
+    "tiers",
+]
 # These need CUDA: smoke-tested where there is a device, else they must refuse in one line.
 CUDA_ONLY = ["gpu"]
 HAS_CUDA = torch.cuda.is_available()

@@ -317,10 +317,10 @@ def test_a_preempted_request_reopens_the_tail_it_continued(tiny_checkpoint):
     base = small.prefill(random_tokens(10, seed=12)).segment  # its block's tail is open
     assert bm.blocks_to_follow(base, 1) == 0
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    first = small.add_request(random_tokens(16, seed=13), params)
+    first = small.add_request(random_tokens(15, seed=13), params)
     small.step()
     after = small.add_request(random_tokens(10, seed=14), params, [base], 10, True, base)
-    small.step()
+    small.step()  # the first request's 16th token fills its block; the later one starts
     others = bm.allocate(bm.num_free)
     small.step()  # the first request must grow: the later one, in base's tail, is preempted
     assert after.blocks == [] and small.scheduler.num_preemptions
