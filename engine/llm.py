@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Sequence as Seq
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from threading import RLock
 
 import torch
 from transformers import AutoTokenizer
@@ -28,6 +29,9 @@ from kvchunks.engine.sequence import Sequence
 from kvchunks.engine.stop_strings import stop_window
 
 Prompt = str | list[int] | list[dict]
+# How often a thread waiting for the engine's lock looks whether another thread's steps
+# gave its sequence tokens to pass on.
+LOCK_POLL_S = 0.02
 
 
 @dataclass
@@ -156,6 +160,9 @@ class LLM:
         seqs = self.scheduler.schedule()
         if not seqs:
             raise InvalidInput("the KV pool cannot hold even one running request")
+        return self._run_step(seqs)
+
+    def _run_step(self, seqs: list[Sequence]) -> list[Sequence]:
         logits = self.runner.run(seqs)
         # A prompt computed in pieces samples nothing until its last piece (a seed's
         # generator must not move on for the others).
@@ -167,21 +174,25 @@ class LLM:
                 self.block_manager.seal(seq.own_segment())
         return finished
 
-    def steps(self, seq: Sequence, lock: AbstractContextManager | None = None) -> Iterator[None]:
+    def steps(self, seq: Sequence, lock: RLock | None = None) -> Iterator[None]:
         """Run the engine until seq finishes, yielding after each step that changed its tokens
-        or finished it.
-
-        With a lock, each step holds it, so other threads may use the pool between steps.
-        """
+        or finished it. With a lock, each step holds it, so other threads may use the pool
+        between steps; while another thread holds it (its own steps, or stored KV computed in
+        pieces with steps between them), what those steps give seq is yielded as it comes."""
         while not seq.is_finished:
             before = seq.num_tokens
-            with lock or nullcontext():
-                if not seq.is_finished:  # another thread's step may have finished it
-                    self.step()
+            if lock is None:
+                self.step()
+            elif lock.acquire(timeout=LOCK_POLL_S):
+                try:
+                    if not seq.is_finished:  # another thread's step may have finished it
+                        self.step()
+                finally:
+                    lock.release()
             if seq.num_tokens != before or seq.is_finished:
                 yield
 
-    def stream(self, seq: Sequence, lock: AbstractContextManager | None = None) -> Iterator[int]:
+    def stream(self, seq: Sequence, lock: RLock | None = None) -> Iterator[int]:
         """Run the engine until seq finishes, yielding each new token of seq once it is
         settled: while a stop string may still appear, the newest tokens it could cut away
         wait (see steps for the lock)."""
@@ -223,13 +234,25 @@ class LLM:
         seq = Sequence(token_ids, SamplingParams(temperature=0), context, position, keep_kv=True)
         self._check_window(seq.position + len(token_ids))
         after = self._after(continue_after, pack)
-        seq.num_scheduled = len(token_ids)
         with self._claim(after, len(token_ids)) as (seq.blocks, seq.start):
-            logits = self.runner.run([seq], all_logits=all_logits)
-        seq.num_computed = seq.num_tokens
+            logits = self._prefill_in_pieces(seq, all_logits)
         segment = seq.own_segment()
         self.block_manager.seal(segment, packed=pack)
         return PrefillResult(segment, logits)
+
+    def _prefill_in_pieces(self, seq: Sequence, all_logits: bool) -> torch.Tensor:
+        """Compute seq's tokens at most a step's budget at a time, with a step of the running
+        answers between pieces: stored KV being computed (a document, a composition) holds
+        them up no longer than a step does."""
+        logits = []
+        while seq.num_uncomputed:
+            running = self.scheduler.schedule() if seq.num_computed else []
+            if running:
+                self._run_step(running)
+            seq.num_scheduled = min(seq.num_uncomputed, self.scheduler.max_num_batched_tokens)
+            logits.append(self.runner.run([seq], all_logits=all_logits))
+            seq.num_computed += seq.num_scheduled
+        return torch.cat(logits) if all_logits else logits[-1]
 
     def layer_progress(self, on_layer: Callable[[int, int], None]) -> AbstractContextManager:
         """`on_layer(done, layers)` after each layer of this thread's passes within the block
