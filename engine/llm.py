@@ -29,9 +29,7 @@ from kvchunks.engine.sequence import Sequence
 from kvchunks.engine.stop_strings import stop_window
 
 Prompt = str | list[int] | list[dict]
-# How often a thread waiting for the engine's lock looks whether another thread's steps
-# gave its sequence tokens to pass on.
-LOCK_POLL_S = 0.02
+LOCK_POLL_S = 0.02  # how often a thread waiting for the lock looks for tokens (see steps)
 
 
 @dataclass
@@ -223,36 +221,38 @@ class LLM:
         continue_after: KVSegment | None = None,
         pack: bool = False,
     ) -> PrefillResult:
-        """Compute and keep the KV of token_ids attending to the stored `context` segments.
+        """Compute and keep the KV of token_ids attending to the stored `context` segments,
+        in pieces of a step's budget with the running answers' steps between them.
 
         Positions start at `position` (default: right after the context). The returned
         segment's blocks belong to the caller. With pack, the KV may start in a block other
-        packed KV partly fills (for chunks nothing is computed after in their blocks).
-        """
+        packed KV partly fills (for chunks nothing is computed after in their blocks)."""
         if not token_ids:
             raise InvalidInput("nothing to prefill: empty token list")
         seq = Sequence(token_ids, SamplingParams(temperature=0), context, position, keep_kv=True)
         self._check_window(seq.position + len(token_ids))
-        after = self._after(continue_after, pack)
-        with self._claim(after, len(token_ids)) as (seq.blocks, seq.start):
+        with self._claim(self._after(continue_after, pack), len(token_ids)) as claimed:
+            seq.blocks, seq.start = claimed
             logits = self._prefill_in_pieces(seq, all_logits)
         segment = seq.own_segment()
         self.block_manager.seal(segment, packed=pack)
         return PrefillResult(segment, logits)
 
     def _prefill_in_pieces(self, seq: Sequence, all_logits: bool) -> torch.Tensor:
-        """Compute seq's tokens at most a step's budget at a time, with a step of the running
-        answers between pieces: stored KV being computed (a document, a composition) holds
-        them up no longer than a step does."""
-        logits = []
+        logits = []  # a step's budget of seq's tokens at a time
         while seq.num_uncomputed:
-            running = self.scheduler.schedule() if seq.num_computed else []
-            if running:
-                self._run_step(running)
+            if seq.num_computed:
+                self._step_between_pieces()
             seq.num_scheduled = min(seq.num_uncomputed, self.scheduler.max_num_batched_tokens)
             logits.append(self.runner.run([seq], all_logits=all_logits))
             seq.num_computed += seq.num_scheduled
         return torch.cat(logits) if all_logits else logits[-1]
+
+    def _step_between_pieces(self) -> None:
+        """A step of the scheduler's work, if any fits, between two pieces of stored KV (a
+        document, a composition): it holds the running answers up no longer than a step."""
+        if seqs := self.scheduler.schedule():
+            self._run_step(seqs)
 
     def layer_progress(self, on_layer: Callable[[int, int], None]) -> AbstractContextManager:
         """`on_layer(done, layers)` after each layer of this thread's passes within the block
@@ -261,12 +261,10 @@ class LLM:
 
     @torch.inference_mode()
     def place(self, segments: Seq[KVSegment], position: int) -> KVSegment:
-        """A copy of the segments' KV in new blocks, as one run of tokens from `position` on.
-
-        Each segment's keys are re-rotated from the positions they were computed at to where
-        they land (RoPE composes: R(p') = R(p' - p) R(p)), once, so the copy is attended as
-        plain contiguous KV. The returned segment belongs to the caller.
-        """
+        """A copy of the segments' KV in new blocks, as one run of tokens from `position` on,
+        owned by the caller. Each segment's keys are re-rotated once from the positions they
+        were computed at to where they land (RoPE composes: R(p') = R(p' - p) R(p)), so the
+        copy is attended as plain contiguous KV."""
         k, v = self.read_kv(segments)
         deltas, at = [], position
         for segment in segments:
@@ -292,18 +290,21 @@ class LLM:
         if any(s.shift for s in context):
             raise InvalidInput("recompute reads its context as stored: no shifted segments")
         self._check_window(target.position + target.length)
-        runner = self.runner
-        chosen = torch.tensor(indices, device=runner.device)
-        own = runner.segment_slots(target)
-        before = [runner.segment_slots(s) for s in context]
-        keys = torch.cat([*before, own])
-        runner.recompute(
-            [token_ids[i] for i in indices],
-            target.position + chosen,
-            own[chosen],
-            keys,
-            keys.numel() - own.numel() + chosen,
-        )
+        own = self.runner.segment_slots(target)
+        keys = torch.cat([*(self.runner.segment_slots(s) for s in context), own])
+        budget = self.scheduler.max_num_batched_tokens
+        for first in range(0, len(indices), budget):  # a later piece reads the earlier ones'
+            if first:  # new KV, as later tokens of one pass would
+                self._step_between_pieces()
+            piece = indices[first : first + budget]
+            chosen = torch.tensor(piece, device=self.runner.device)
+            self.runner.recompute(
+                [token_ids[i] for i in piece],
+                target.position + chosen,
+                own[chosen],
+                keys,
+                keys.numel() - own.numel() + chosen,
+            )
 
     # -- KV handles: what callers above the engine hold, without block arithmetic ---------
 

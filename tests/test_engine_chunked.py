@@ -123,6 +123,31 @@ def test_stored_kv_is_computed_in_pieces_with_the_running_answers_stepped_betwee
     assert seq.completion_token_ids == alone
 
 
+def test_a_recompute_in_pieces_equals_one_pass_with_the_running_answers_stepped_between(
+    llm, budget
+):
+    first, second = random_tokens(100, seed=97), random_tokens(300, seed=98)
+    stored = llm.prefill(first).segment
+    chosen = list(range(0, 300, 2))  # 150 tokens: three pieces of at most 64
+    kv, stepped = [], []
+    for tokens_per_step in (1000, 64):
+        budget(tokens_per_step)
+        target = llm.prefill(second, position=100).segment  # computed without `first`
+        seq = llm.add_request(random_tokens(20, seed=99), GREEDY)
+        llm.step()
+        as_stored = llm.read_kv([target])[0]
+        llm.recompute(target, second, chosen, [stored])
+        stepped.append(seq.num_completion_tokens - 1)
+        kv.append(llm.read_kv([target]))
+        assert not torch.allclose(kv[-1][0], as_stored, atol=1e-3)  # it did recompute
+        llm.abort(seq)
+        llm.release(target)
+    llm.release(stored)
+    assert stepped == [0, 2]
+    for one_pass, pieces in zip(*kv, strict=True):
+        assert torch.allclose(one_pass, pieces, atol=1e-5)
+
+
 def test_an_answer_streams_while_another_thread_computes_stored_kv(llm, budget):
     """The answer's thread waits for the lock the whole time: the tokens the other thread's
     steps give it are passed on all the same."""
