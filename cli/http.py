@@ -6,7 +6,7 @@ import ipaddress
 
 import click
 
-from kvchunks.cli.shared import dtype_option
+from kvchunks.cli.shared import dtype_option, step_tokens_option
 from kvchunks.cli.state import State, pass_state
 from kvchunks.common import InvalidInput
 
@@ -42,8 +42,16 @@ def check_exposure(host: str, api_key: str | None) -> None:
 )
 @api_key_option
 @dtype_option
+@step_tokens_option
 @pass_state
-def http(state: State, host: str, port: int, api_key: str | None, dtype: str | None) -> None:
+def http(
+    state: State,
+    host: str,
+    port: int,
+    api_key: str | None,
+    dtype: str | None,
+    step_tokens: int | None,
+) -> None:
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models), the chunk
     REST API (/v1/chunks, /v1/contexts), /health and /metrics.
 
@@ -52,6 +60,7 @@ def http(state: State, host: str, port: int, api_key: str | None, dtype: str | N
     """
     check_exposure(host, api_key)
     state.dtype = dtype or state.dtype  # of the model loaded here (not a cluster's)
+    state.step_tokens = step_tokens
     import uvicorn
 
     from kvchunks.server.app import create_app

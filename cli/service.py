@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvchunks.cli.http import api_key_option, check_exposure, host_option
-from kvchunks.cli.shared import dtype_option
+from kvchunks.cli.shared import dtype_option, step_tokens_option
 from kvchunks.cli.state import State, pass_state
 
 address_option = click.option(
@@ -65,6 +65,7 @@ def _attach(state: State, address: str | None):
 @host_option
 @api_key_option
 @dtype_option
+@step_tokens_option
 @pass_state
 def serve(
     state: State,
@@ -78,14 +79,19 @@ def serve(
     host: str,
     api_key: str | None,
     dtype: str | None,
+    step_tokens: int | None,
 ) -> None:
     """Start the kvchunks actors (detached, namespace "kvchunks") and wait until ready."""
     if http_port is not None:
         check_exposure(host, api_key)
+    from kvchunks import EngineConfig
+
+    state.dtype, state.step_tokens = dtype or state.dtype, step_tokens
+    engine = state.engine_options()
+    if kv_cache_mb:
+        engine["kv_cache_bytes"] = kv_cache_mb << 20
+    EngineConfig(**engine)  # refused here, in one line, rather than by every worker
     service = _attach(state, address)
-    engine = {"kv_cache_bytes": kv_cache_mb << 20} if kv_cache_mb else {}
-    if dtype or state.dtype:
-        engine["dtype"] = dtype or state.dtype
     started = service.start(
         workers,
         model=state.model,

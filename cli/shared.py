@@ -43,6 +43,15 @@ dtype_option = click.option(
     "float32. Chunks computed in one dtype are used only in that dtype.",
 )
 
+step_tokens_option = click.option(
+    "--max-num-batched-tokens",
+    "step_tokens",
+    type=click.IntRange(min=1),
+    help="New tokens one step of the engine computes at most: longer prompts and documents "
+    "go in pieces, and running answers wait for a token at most a step "
+    "[512 on CPU, 2048 on CUDA].",
+)
+
 
 def say(state: State, line: str) -> None:
     """One plain line of output (no markup: chunk text and paths may contain brackets)."""

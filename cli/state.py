@@ -31,6 +31,7 @@ class State:
     recompute: float | None = None  # realign's fraction for them; None: the setting's
     address: str | None = None
     dtype: str | None = None  # of the model this process loads; None: EngineConfig's
+    step_tokens: int | None = None  # its max_num_batched_tokens; None: EngineConfig's
     sampling: dict = field(default_factory=dict)  # the chat's: the options given, then /set
     out: Console = field(default_factory=Console)
     err: Console = field(default_factory=lambda: Console(stderr=True))
@@ -53,9 +54,15 @@ class State:
 
         model = resolve(self.model)  # prepares the default model (with its own progress)
         self.model = str(model)
-        engine = EngineConfig(dtype=self.dtype) if self.dtype else None
+        options = self.engine_options()
+        engine = EngineConfig(**options) if options else None
         with self.err.status(f"loading {model.name}", spinner="dots"):
             return ContextManager(model, context=self.context, home=self.home, engine_config=engine)
+
+    def engine_options(self) -> dict:
+        """The EngineConfig fields given for the model this process (or a service) loads."""
+        given = {"dtype": self.dtype, "max_num_batched_tokens": self.step_tokens}
+        return {name: value for name, value in given.items() if value is not None}
 
     @property
     def catalog(self) -> Catalog:

@@ -548,3 +548,27 @@ def test_context_changes_print_what_the_routes_return(state, http, bell, context
         http.post(settings, json=before)
     cleared = as_json(state, "clear")
     assert cleared["chunks"] == [] and cleared == http.get("/v1/contexts/default").json()
+
+
+@pytest.mark.parametrize("command", ["http", "serve"])
+def test_a_step_budget_below_the_running_answers_is_refused_before_anything_starts(
+    command, model_path, tmp_path
+):
+    home = tmp_path / "home"
+    fresh = State(model=str(model_path), home=home)
+    args = [command, "--max-num-batched-tokens", "32"]
+    result = CliRunner().invoke(cli, args, obj=fresh)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: max_num_batched_tokens (32) must be at least max_num_seqs (64): every running "
+        "answer's next token goes in each step"
+    ]
+    assert not home.exists()  # no registry opened, no service asked for
+
+
+def test_the_step_budget_given_is_the_engines(model_path, tmp_path):
+    given = State(model=str(model_path), home=tmp_path / "home", step_tokens=128)
+    try:
+        assert given.manager.store.model.engine_config.max_num_batched_tokens == 128
+    finally:
+        given.close()
