@@ -136,7 +136,7 @@ class ModelRunner:
         bs = self.block_size
         input_ids, positions, slots, keys, key_counts, fresh = [], [], [], [], [], []
         for seq in seqs:
-            first, last = seq.num_computed, seq.num_computed + seq.num_scheduled
+            first, last = seq.num_computed, seq.num_computed_after_step
             input_ids += seq.token_ids[first:last]
             positions.append((seq.position + first, last - first))
             own = KVSegment(tuple(seq.blocks), seq.start, last, 0)
@@ -144,7 +144,7 @@ class ModelRunner:
             fresh.append(not seq.context and first == 0)
             if not fresh[-1]:
                 keys += seq.context_slot_runs(bs) + own.slot_runs(bs)
-                key_counts.append(sum(segment.length for segment in seq.context) + last)
+                key_counts.append(_num_keys(seq))
         n = len(input_ids)
         host = torch.from_numpy(np.concatenate([input_ids, expand_runs(positions + slots + keys)]))
         ids, pos, slot_mapping, *moved_keys = host.to(self.device).split([n, n, n, *key_counts])
@@ -202,7 +202,7 @@ class ModelRunner:
         )
         if any(s.shift for s in seq.context):
             # Every key's RoPE delta: its segment's shift, 0 for the sequence's own tokens.
-            own = torch.zeros(seq.num_computed + seq.num_scheduled, dtype=torch.long)
+            own = torch.zeros(seq.num_computed_after_step, dtype=torch.long)
             shifts = torch.cat([torch.full((s.length,), s.shift) for s in seq.context] + [own])
             attention.key_shifts = shifts
             attention.key_cos, attention.key_sin = cos_sin(
@@ -256,4 +256,4 @@ def expand_runs(runs: list[tuple[int, int]]) -> np.ndarray:
 
 def _num_keys(seq: Sequence) -> int:
     """How many keys the sequence's last scheduled token attends to."""
-    return sum(segment.length for segment in seq.context) + seq.num_computed + seq.num_scheduled
+    return sum(segment.length for segment in seq.context) + seq.num_computed_after_step

@@ -52,12 +52,10 @@ class Scheduler:
         of prompts begun in earlier steps, then waiting requests. A prompt longer than what
         is left of the budget is computed in pieces over several steps."""
         running = self._keep_running()
-        answering = [seq for seq in running if seq.num_uncomputed == 1]
-        budget = self.max_num_batched_tokens - len(answering)
-        batch = []
-        for seq in answering:
+        batch = [seq for seq in running if seq.num_uncomputed == 1]  # answering
+        for seq in batch:
             seq.num_scheduled = 1
-            batch.append(seq)
+        budget = self.max_num_batched_tokens - len(batch)
         for seq in running:
             if seq.num_uncomputed > 1 and budget:
                 budget -= self._schedule_part(seq, budget)

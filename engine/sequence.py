@@ -71,9 +71,13 @@ class Sequence:
         return self.num_tokens - self.num_computed
 
     @property
+    def num_computed_after_step(self) -> int:
+        return self.num_computed + self.num_scheduled
+
+    @property
     def catches_up(self) -> bool:
         """Whether the current step computes all its tokens, so that a token is sampled."""
-        return self.num_scheduled == self.num_uncomputed
+        return self.num_computed_after_step == self.num_tokens
 
     @property
     def is_finished(self) -> bool:
