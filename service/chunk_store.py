@@ -31,6 +31,7 @@ from kvchunks.service.chunk_files import AdmitFile, ChunkFiles
 from kvchunks.service.chunks import ChunkMaker
 from kvchunks.service.compose import Composer
 from kvchunks.service.kv_sources import KVLoader, KVSource
+from kvchunks.service.lease import StoreLease
 from kvchunks.service.model_host import ModelHost
 from kvchunks.service.node_memory import NodeMemory
 from kvchunks.service.pieces import owners
@@ -116,6 +117,9 @@ class ChunkStore:
             holder_name or uuid.uuid4().hex,
         )
         self.views = ChunkViews(self.tiers, pool_tiers)
+        self.lease = StoreLease(
+            self.registry, self.maker.holder_name, self.maker.let_go_of_lapsed_stores
+        )
         self.model.on_start(self.tiers.opening_kv)
         self.model.on_start(self._record_opening)
         if restore:
@@ -219,7 +223,9 @@ class ChunkStore:
         return audit.violations(self.tiers)
 
     def close(self) -> None:
-        """Finish transfers, give the pool blocks back to the engine, disconnect from Redis."""
+        """End the lease, finish transfers, give the pool blocks back to the engine,
+        disconnect from Redis."""
+        self.lease.close()
         self.prefetcher.close()
         self.tiers.release_all()
         self.tiers.records.close()

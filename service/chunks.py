@@ -245,12 +245,26 @@ class ChunkMaker:
     def let_go_of_earlier_life(self) -> None:
         """Let go of what calls held under this store's name when its process died: a
         worker started again after a crash (a store without a name of its own has a new
-        one in each process, and nothing to let go of). Each call's chunks newest first,
-        as the call itself would have let go of them; then the chunks it let go of but died
-        before taking back (a live call taking one back meanwhile makes the same delete)."""
+        one in each process, and nothing to let go of)."""
+        self._let_go_of_stores([self.holder_name])
+
+    def let_go_of_lapsed_stores(self) -> None:
+        """Let go of what the calls of stores whose lease has lapsed held: their process was
+        killed mid-call (see StoreLease)."""
+        lapsed = [name for name in self.registry.lapsed_stores() if name != self.holder_name]
+        if lapsed:
+            self._let_go_of_stores(lapsed)
+            for name in lapsed:
+                self.registry.forget_store(name)
+
+    def _let_go_of_stores(self, names: list[str]) -> None:
+        """Each dead call's chunks newest first, as the call itself would have let go of
+        them; then the chunks a call let go of but died before taking back (a live call
+        taking one back meanwhile makes the same delete)."""
         calls: dict[str, list[str]] = {}
-        for holder, held in self.registry.holds_named(f"{self.holder_name}:"):
-            calls.setdefault(holder, []).append(held)
+        for name in names:
+            for holder, held in self.registry.holds_named(f"{name}:"):
+                calls.setdefault(holder, []).append(held)
         for holder, hashes in calls.items():
             self._let_go(holder, self._newest_first(hashes), set())
         orphans = self._newest_first(self.registry.orphan_marks())

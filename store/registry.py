@@ -15,6 +15,8 @@ Key layout; every key starts with `<namespace>:` so several registries can share
     hold:<h>             hash    id of each running call that holds <h> -> 1 (see hold)
     kept:<h>             string  set while held: a holder stored <h> as its own
     unwanted:<h>         string  <h> was taken back while held: it goes once its last hold does
+    lease:<store>        string  set, with an expiry, while the store's process lives (renew_lease)
+    holding              set     names of the stores whose calls have held chunks (see hold)
 
 Every method takes full hashes; `resolve` turns a user's short prefix into one. Writes that
 touch several keys run in one MULTI/EXEC under WATCH, so a record and its index entries never
@@ -432,8 +434,10 @@ class ChunkRegistry:
     # -- holds of running calls ---------------------------------------------------------------
     # A running call holds the chunks it makes or finds, so that another call's take-back
     # (store=False) waits for it; kept in Redis, they hold across every process and worker
-    # on the registry. A call that dies holding leaves its holds, until its store lets go
-    # of them (holds_named, orphan_marks) or a delete clears them.
+    # on the registry. A call's id is `<store>:<call>`. A call that dies holding leaves its
+    # holds, until its store, made again, lets go of them (holds_named, orphan_marks), a
+    # live store finds that its store's lease has lapsed (lapsed_stores), or a delete
+    # clears them.
 
     def _hold_keys(self, chunk_hash: str) -> tuple[str, str, str]:
         return tuple(self._key(name, chunk_hash) for name in ("hold", "kept", "unwanted"))
@@ -443,9 +447,45 @@ class ChunkRegistry:
         """The call `holder` holds these chunks (holding one again changes nothing, so a
         command resent after a lost reply counts once)."""
         with self._redis.pipeline(transaction=False) as pipe:
+            pipe.sadd(self._key("holding"), holder.split(":")[0])
             for chunk_hash in hashes:
                 pipe.hset(self._key("hold", self._check_hash(chunk_hash)), holder, b"1")
             pipe.execute()
+
+    @_redis_errors
+    def renew_lease(self, store: str, seconds: float) -> bool:
+        """The store's process is alive, for `seconds` more (see lapsed_stores). Returns
+        whether its lease was still there: False after a gap (the registry away, the process
+        stopped), when other stores may not have renewed theirs yet either."""
+        with self._redis.pipeline() as pipe:
+            pipe.exists(self._key("lease", store))
+            pipe.set(self._key("lease", store), b"1", px=max(1, round(seconds * 1000)))
+            existed, _ = pipe.execute()
+        return bool(existed)
+
+    @_redis_errors
+    def end_lease(self, store: str) -> None:
+        """The store has closed: none of its calls runs, nor holds anything, any more."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.delete(self._key("lease", store))
+            pipe.srem(self._key("holding"), store)
+            pipe.execute()
+
+    @_redis_errors
+    def lapsed_stores(self) -> list[str]:
+        """The stores whose calls have held chunks and whose lease has run out: their
+        process was killed (or closed) and their calls' holds, if any are left, are dead."""
+        names = sorted(n.decode() for n in self._redis.smembers(self._key("holding")))
+        with self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.exists(self._key("lease", name))
+            alive = pipe.execute()
+        return [name for name, live in zip(names, alive, strict=True) if not live]
+
+    @_redis_errors
+    def forget_store(self, store: str) -> None:
+        """A lapsed store's holds are all let go: it is no longer one that holds."""
+        self._redis.srem(self._key("holding"), store)
 
     @_redis_errors
     def held(self) -> list[str]:

@@ -327,7 +327,7 @@ def test_a_worker_started_again_lets_go_of_what_its_last_life_held(make_store):
     """Holds are named after the store: a worker's store, made again after a crash under
     the same name, lets go of its dead calls' holds, newest chunk first (taking back what
     they marked: a chunk others were computed after goes only once they are gone), and
-    leaves other stores' holds alone."""
+    leaves the holds of other stores that are alive alone."""
     first = make_store(holder_name="worker-7")
     cm = ContextManager(store=first)
     note = cm.add_chunk("The ferry to Sandhamn leaves at noon.")
@@ -338,7 +338,8 @@ def test_a_worker_started_again_lets_go_of_what_its_last_life_held(make_store):
     made = [note, answer.prompt_chunk, *answer.output_chunks]  # each computed after the last
     registry = first.registry
     registry.hold("worker-7:dead-call", [c.hash for c in [*made, other]])
-    registry.hold("worker-70:running", [other.hash])  # another worker's call, still running
+    registry.renew_lease("worker-70", 600)  # another worker, alive, whose call still runs
+    registry.hold("worker-70:running", [other.hash])
     for chunk in [*made, other]:
         assert not registry.take_back(chunk.hash)  # marked, to go with the last hold
     # One more the dead worker let go of but did not live to take back.
