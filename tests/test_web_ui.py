@@ -309,6 +309,48 @@ def test_an_answer_stopped_from_the_page_is_not_kept(served, browser, tmp_path):
     assert {c.hash for c in served.cm.list_chunks()} == before
 
 
+# The chat's reply as the page sees it, once the server has sent all of it (so stored the
+# answer): a body that never ends, until the page aborts it. A stop then is one that comes
+# between the server's storing and the closing event reaching the page.
+HOLD_BACK_THE_END = """
+const fetched = window.fetch;
+window.fetch = async (url, init) => {
+  if (!String(url).endsWith("/v1/chat/completions")) return fetched(url, init);
+  const whole = await fetched(url, { ...init, signal: undefined });
+  await whole.text();
+  window.answerStored = true;
+  const body = new ReadableStream({
+    start(c) { init.signal.addEventListener("abort", () => c.error(init.signal.reason)); },
+  });
+  return new Response(body, { status: 200, headers: whole.headers });
+};
+"""
+
+
+@needs_chromium
+def test_a_stop_after_the_answer_was_stored_says_it_was_kept(served, browser, tmp_path):
+    page = Page(browser, tmp_path)
+    context = f"web-late-stop-{uuid.uuid4().hex[:8]}"
+    open_on(page, served, context)
+    question = "Which bird nests in the old barn?"
+    page.type("max-tokens", "4")
+    page.js(HOLD_BACK_THE_END)
+    page.type("chat-input", question)
+    page.find("#chat-send").click()
+    wait_for(lambda: page.js("return window.answerStored === true"), "the stored answer", 60)
+    assert page.find("#chat-send").text == "stop"
+    page.find("#chat-send").click()
+    last_turn = "return document.querySelector('.turn:last-child')"
+    wait_for(lambda: page.js(f"{last_turn}.dataset.done") == "kept", "the stop told")
+    prompt = next(c for c in served.cm.list_chunks() if c.type == "prompt" and c.text == question)
+    answer = next(c for c in served.cm.list_chunks() if prompt.hash in c.parent_chunks)
+    told = page.find(".turn:last-child .facts").text
+    assert told == (
+        "stopped after the answer was stored: both were kept "
+        f"(prompt {prompt.hash[:12]} → answer {answer.hash[:12]})"
+    ), told
+
+
 @needs_chromium
 def test_dragging_an_active_chunk_reorders_the_context(served, browser, tmp_path):
     page = Page(browser, tmp_path)

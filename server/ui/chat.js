@@ -32,16 +32,16 @@ async function ask() {
   answering = new AbortController();
   $("chat-send").textContent = "stop";
   const turn = newTurn(question);
+  const known = new Set(page.state.chunks.map((c) => c.hash));
+  let stopped = false;
   try {
     const result = await stream(question, sampling, turn, answering.signal);
     turn.facts.textContent = describe(result);
     turn.node.dataset.done = "true";
     toBottom();
   } catch (error) {
-    if (answering.signal.aborted) {
-      turn.facts.textContent = "stopped: neither the question nor the answer was kept";
-      turn.node.dataset.done = "stopped";
-    } else {
+    stopped = answering.signal.aborted;
+    if (!stopped) {
       turn.facts.replaceChildren(el("span", { class: "error" }, error.message));
       turn.node.dataset.done = "error";
     }
@@ -49,7 +49,25 @@ async function ask() {
     answering = null;
     $("chat-send").textContent = "send";
     await page.run(async () => {});
+    if (stopped) tellStopped(turn, question, known);
   }
+}
+
+// Stopped, the server keeps nothing, unless the stop came after it had stored the answer
+// (between its last words and the closing event): then the question's prompt chunk is new
+// in the chunks read again, and the answer follows it.
+function tellStopped(turn, question, known) {
+  const isNew = (c) => !known.has(c.hash);
+  const prompt = page.state.chunks.find((c) => isNew(c) && c.type === "prompt" && c.text === question);
+  if (!prompt) {
+    turn.facts.textContent = "stopped: neither the question nor the answer was kept";
+    turn.node.dataset.done = "stopped";
+    return;
+  }
+  const answer = page.state.chunks.find((c) => isNew(c) && c.follows === prompt.hash);
+  const stored = `prompt ${short(prompt.hash)}` + (answer ? ` → answer ${short(answer.hash)}` : "");
+  turn.facts.textContent = `stopped after the answer was stored: both were kept (${stored})`;
+  turn.node.dataset.done = "kept";
 }
 
 function newTurn(question) {
