@@ -1,7 +1,7 @@
 """CUDA paths: logits against HF in float32 and bfloat16, the flex backend against the torch
-reference path, batching, decode and short-prefill graphs against eager runs, flash-attn
-against torch, and the pinned host tier with its copy stream. Skipped without a CUDA
-device.
+reference path, batching, chunked prefill, decode and short-prefill graphs against eager
+runs, flash-attn against torch, and the pinned host tier with its copy stream. Skipped
+without a CUDA device.
 
 Tolerances: float32 logits within 1e-4 of HF's float32 forward (TF32 off), the design's
 oracle; the flex and torch backends within 1e-4 of each other in float32. bfloat16 logits
@@ -121,6 +121,38 @@ def test_a_check_between_layers_does_not_cut_a_graphs_capture(cuda_llm):
     while not seq.is_finished:
         cuda_llm.step()
     assert seq.completion_token_ids == expected
+
+
+def test_stored_kv_in_pieces_matches_reference(cuda_llm, hf_model, monkeypatch):
+    """LLM.prefill at a step budget of 100: three pieces, two of them ending inside a block;
+    1e-3 as on the CPU (pieces add up their attention in another order than one pass)."""
+    monkeypatch.setattr(cuda_llm.scheduler, "max_num_batched_tokens", 100)
+    ids = random_tokens(257, seed=5)
+    result = cuda_llm.prefill(ids, all_logits=True)
+    cuda_llm.release(result.segment)
+    assert (result.logits.cpu() - hf_logits(hf_model, ids)).abs().max().item() <= 1e-3
+
+
+def test_pieces_beside_running_answers_answer_as_the_torch_backend(
+    cuda_llm, torch_llm, monkeypatch
+):
+    """Chunked prefill on CUDA: a long prompt read in pieces of a 128-token budget while two
+    answers decode, in steps that mix both (run eager: graphs take decode-only steps and
+    one short prompt), then decode-only steps (graphs); every answer as the torch backend
+    gives it alone."""
+    prompts = [random_tokens(n, seed=90 + n) for n in (20, 45, 700)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    expected = [torch_llm.generate([p], params)[0].token_ids for p in prompts]
+    monkeypatch.setattr(cuda_llm.scheduler, "max_num_batched_tokens", 128)
+    seqs = [cuda_llm.add_request(p, params) for p in prompts[:2]]
+    cuda_llm.step()
+    seqs.append(cuda_llm.add_request(prompts[2], params))
+    mixed = 0
+    while not cuda_llm.scheduler.is_finished():
+        cuda_llm.step()
+        mixed += 0 < seqs[2].num_scheduled < 128 and not seqs[2].num_completion_tokens
+    assert mixed >= 5  # 700 tokens at most 126 a step beside the two answers
+    assert [s.completion_token_ids for s in seqs] == expected
 
 
 def test_cuda_batched_equals_one_at_a_time(cuda_llm):
