@@ -113,9 +113,13 @@ class ChunkMaker:
             **fields,
         )
 
-    def register(self, chunk: ChunkRecord, segments: list[KVSegment]) -> ChunkInfo:
+    def register(
+        self, chunk: ChunkRecord, segments: list[KVSegment], hold: Hold | None = None
+    ) -> ChunkInfo:
         """Store a computed chunk: KV file first, then the record. Returns the stored record
-        (an earlier one for a duplicate).
+        (an earlier one for a duplicate). Made by a call that holds it (`hold`, the call's),
+        it is taken back when the call lets go of it unless the call keeps it, even if the
+        call's process is killed first (see ChunkRegistry.put).
 
         The store owns `segments` from here on; if storing fails (a full disk, Redis gone),
         they are freed and nothing of the chunk is left."""
@@ -132,7 +136,8 @@ class ChunkMaker:
                 if owns_kv:
                     tiers.files.write(chunk, *tiers.model.llm.read_kv(segments))
                     written = True
-                self.registry.put(chunk, tier="gpu" if owns_kv else None)
+                tier = "gpu" if owns_kv else None
+                self.registry.put(chunk, tier, made_by_call=hold is not None)
             except BaseException:
                 tiers.free(segments)
                 if written:
@@ -168,7 +173,9 @@ class ChunkMaker:
             finally:
                 self.composer.release(ctx)
             stored = (
-                self.registry.get(chunk.hash) if found else self.register(chunk, [result.segment])
+                self.registry.get(chunk.hash)
+                if found
+                else self.register(chunk, [result.segment], hold)
             )
             return stored, not found
 

@@ -47,7 +47,7 @@ def import_chunk(store: ChunkStore, path: str | Path) -> str:
         store.maker.hold(hold, [chunk.hash])
         if not store.registry.exists(chunk.hash):
             with store.lock:
-                store.maker.register(chunk, [store.tiers.write(k, v, chunk)])
+                store.maker.register(chunk, [store.tiers.write(k, v, chunk)], hold)
         store.maker.keep(hold, [chunk])
     return chunk.hash
 

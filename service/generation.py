@@ -186,7 +186,7 @@ def generate(store: ChunkStore, request: Request, call: Call, hold: Hold) -> Gen
             answer, ttft, interrupted = _run(store, seq, call, started, skip)
             elapsed = time.perf_counter() - started
             with store.lock:
-                prompt_chunk, prompt_kv = _store_prompt(store, record, seq, fresh)
+                prompt_chunk, prompt_kv = _store_prompt(store, record, seq, fresh, hold)
                 try:
                     outputs = _store_answer(
                         store,
@@ -311,7 +311,7 @@ def _show(on_text: Callable[[str], None], shown: str, text: str) -> str:
 
 
 def _store_prompt(
-    store: ChunkStore, record: ChunkInfo, seq: Sequence, fresh: bool
+    store: ChunkStore, record: ChunkInfo, seq: Sequence, fresh: bool, hold: Hold
 ) -> tuple[ChunkInfo, list[KVSegment]]:
     """The prompt chunk and its KV (from the answer's sequence when it was new). If it
     cannot be stored, the sequence's KV is let go."""
@@ -321,7 +321,7 @@ def _store_prompt(
             own = seq.own_segment()
             if own.length < record.token_count:  # interrupted before the prompt was read
                 raise KeyboardInterrupt
-            store.maker.register(record, llm.share([own], 0, record.token_count))
+            store.maker.register(record, llm.share([own], 0, record.token_count), hold)
         chunk = store.registry.get(record.hash)
         return chunk, store.composer.segments(chunk)
     except BaseException:
@@ -390,7 +390,7 @@ def _store_answer(
         store.maker.hold(hold, [r.hash for r in records])
         for start, record in zip(starts, records, strict=True):
             part = llm.share(kv, start, min(size, len(tokens) - start))
-            outputs.append(store.maker.register(record, part))
+            outputs.append(store.maker.register(record, part, hold))
     except BaseException:
         store.maker.take_back(outputs[::-1])
         raise

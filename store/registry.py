@@ -14,7 +14,8 @@ Key layout; every key starts with `<namespace>:` so several registries can share
     ctx:<name>:settings  hash    setting name -> msgpack value (mode, auto_activate, ...)
     hold:<h>             hash    id of each running call that holds <h> -> 1 (see hold)
     kept:<h>             string  set while held: a holder stored <h> as its own
-    unwanted:<h>         string  <h> was taken back while held: it goes once its last hold does
+    unwanted:<h>         string  <h> was taken back while held, or made by a call that holds it
+                                 and has not stored it as its own: it goes once its last hold does
     lease:<store>        string  set, with an expiry, while the store's process lives (renew_lease)
     holding              set     names of the stores whose calls have held chunks (see hold)
 
@@ -190,10 +191,12 @@ class ChunkRegistry:
     # -- chunks ------------------------------------------------------------------------
 
     @_redis_errors
-    def put(self, chunk: ChunkRecord, tier: str | None = None) -> bool:
+    def put(self, chunk: ChunkRecord, tier: str | None = None, made_by_call: bool = False) -> bool:
         """Store a new chunk with its index entries, provenance edges and, if given, the tier
         its KV is in, atomically; a view counts as one more reference of each chunk it reads
-        (ChunkNotFound if one is gone).
+        (ChunkNotFound if one is gone). `made_by_call`: a running call that holds the chunk
+        made it, and it goes when the call lets go of it unless the call stores it as its own
+        (it is marked unwanted with it): so also when the call dies before either.
 
         Returns False, changing nothing, when the hash is already stored (deduplication).
         """
@@ -223,6 +226,8 @@ class ChunkRegistry:
                 pipe.sadd(self._key("tag", tag), chunk.hash)
             if tier is not None:
                 pipe.hset(self._key("tiers"), chunk.hash, tier)
+            if made_by_call:
+                pipe.set(self._key("unwanted", chunk.hash), b"1")
             if live:
                 pipe.rpush(self._key("parents", chunk.hash), *live)
             for parent in parents:  # a deleted parent's too, for when it is stored again

@@ -564,11 +564,11 @@ def test_an_answer_that_cannot_be_stored_leaves_no_prompt_behind(make_cm, monkey
     before = snapshot(cm)
     register = cm.store.maker.register
 
-    def disk_full_for_answers(chunk, segments):
+    def disk_full_for_answers(chunk, segments, hold=None):
         if chunk.kind == "output":
             cm.store.tiers.free(segments)  # what register does with what it refuses
             raise CapacityError("the disk tier is full")
-        return register(chunk, segments)
+        return register(chunk, segments, hold)
 
     monkeypatch.setattr(cm.store.maker, "register", disk_full_for_answers)
     with pytest.raises(CapacityError):

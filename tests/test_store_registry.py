@@ -335,6 +335,29 @@ def test_a_chunk_taken_back_while_held_goes_with_its_last_hold(reg, redis_client
     assert hold_keys(reg, redis_client) == [] and reg.held() == []
 
 
+def test_a_chunk_a_call_made_goes_with_its_hold_unless_a_holder_kept_it(reg, redis_client):
+    """Made by a call that holds it, a chunk is marked as one taken back: it goes when its
+    last holder lets go, whether the maker ended or died (its holds let go by another),
+    unless the maker or another holder stored it as its own. Found (already stored) it is
+    not marked."""
+    dropped, kept_by_other, kept_by_maker, found = (make_chunk([n]) for n in (31, 32, 33, 34))
+    assert reg.put(found)
+    reg.hold("maker", [c.hash for c in (dropped, kept_by_other, kept_by_maker, found)])
+    for chunk in (dropped, kept_by_other, kept_by_maker):
+        assert reg.put(chunk, made_by_call=True)
+    assert not reg.put(found, made_by_call=True)  # stored before: not the call's to drop
+    reg.hold("keeper", [kept_by_other.hash])
+    assert reg.let_go("keeper", [kept_by_other.hash], kept=[kept_by_other.hash]) is None
+    order = [kept_by_maker.hash, kept_by_other.hash, dropped.hash, found.hash]
+    assert reg.let_go("maker", order, kept=[kept_by_maker.hash]) == dropped.hash
+    assert reg.take_back(dropped.hash, marked=True)
+    assert reg.let_go("maker", order[3:]) is None
+    assert reg.missing([c.hash for c in (dropped, kept_by_other, kept_by_maker, found)]) == [
+        dropped.hash
+    ]
+    assert hold_keys(reg, redis_client) == []
+
+
 def test_a_keeper_between_the_last_let_go_and_its_take_back_wins(reg, redis_client):
     """A call that finds the chunk and keeps it after the maker let go of it, before the
     maker's take-back came: the take-back leaves it."""
