@@ -31,9 +31,10 @@ class StoreLease:
         registry: ChunkRegistry,
         name: str,
         on_renew: Callable[[], None],
-        seconds: float = LEASE_SECONDS,
+        seconds: float | None = None,  # None: LEASE_SECONDS
         clock: Callable[[], float] = time.monotonic,
     ):
+        seconds = LEASE_SECONDS if seconds is None else seconds
         self.registry, self.name, self.seconds = registry, name, seconds
         self.on_renew, self.clock = on_renew, clock
         registry.renew_lease(name, seconds)

@@ -27,6 +27,29 @@ time.sleep(600)
 """
 
 
+# A process whose chat is killed at its first token: the conversation's earlier messages are
+# stored by then (made, not yet stored as the call's own); its prompt and answer are not.
+KILLED_MID_CHAT = """
+import os, signal, sys
+from pathlib import Path
+import kvchunks.service.lease
+kvchunks.service.lease.LEASE_SECONDS = 1.0
+from kvchunks.engine import SamplingParams
+from kvchunks.service.context_manager import ContextManager
+
+model, home, document = sys.argv[1:]
+cm = ContextManager(model, home=Path(home), context="killed")
+cm.activate_chunk(document)
+messages = [
+    {"role": "user", "content": "Which lighthouse is white?"},
+    {"role": "assistant", "content": "The one on skerry 1."},
+    {"role": "user", "content": "And the other one?"},
+]
+params = SamplingParams(temperature=0, max_tokens=8)
+cm.chat(messages, params, on_text=lambda _: os.kill(os.getpid(), signal.SIGKILL))
+"""
+
+
 def _start_holding(home, name: str, chunk_hash: str) -> subprocess.Popen:
     args = [sys.executable, "-c", HOLDING_PROCESS, str(home), name, chunk_hash]
     process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
@@ -104,3 +127,26 @@ def test_a_store_lets_go_of_others_only_after_a_whole_lease_of_its_own(make_stor
     lease.close()
     registry.hold("renewing:call", [])  # no chunk: the store is one that holds all the same
     assert registry.lapsed_stores() == ["renewing"]  # closed: ended at once, not at its expiry
+
+
+def test_what_a_killed_call_made_and_had_not_stored_is_taken_back(make_store, home, model_path):
+    """As a call that fails leaves nothing: the messages its chat had computed go once its
+    process's lease lapses, while the document it read (stored before, found) stays."""
+    store = make_store()
+    cm = ContextManager(store=store)
+    document = cm.add_chunk("The lighthouse on skerry 1 is white; the one on skerry 2 is red.")
+    before = {c.hash for c in cm.list_chunks()}
+    args = [sys.executable, "-c", KILLED_MID_CHAT, str(model_path), str(home), document.hash]
+    died = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert died.returncode == -signal.SIGKILL, died.stderr
+    registry = store.registry
+    made = {c.hash for c in cm.list_chunks()} - before
+    assert {c.role for c in registry.get_many(made)} == {"user", "assistant"}  # the messages
+    assert set(registry.held()) >= {document.hash, *made}  # and the prompt, not yet stored
+    deadline = time.monotonic() + 10
+    while not registry.lapsed_stores():
+        assert time.monotonic() < deadline, "the killed process's lease did not lapse"
+        time.sleep(0.1)
+    store.maker.let_go_of_lapsed_stores()
+    assert {c.hash for c in cm.list_chunks()} == before and registry.held() == []
+    assert all(not store.files.exists(h) for h in made) and store.files.exists(document.hash)
