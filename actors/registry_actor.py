@@ -65,7 +65,7 @@ READS = (
     "find_many_with_active",
     "list_chunks",
     "held",
-    "holds_named",
+    "holds_of",
     "orphan_marks",
     "lapsed_stores",
     "by_content",

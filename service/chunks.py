@@ -269,9 +269,8 @@ class ChunkMaker:
         them; then the chunks a call let go of but died before taking back (a live call
         taking one back meanwhile makes the same delete)."""
         calls: dict[str, list[str]] = {}
-        for name in names:
-            for holder, held in self.registry.holds_named(f"{name}:"):
-                calls.setdefault(holder, []).append(held)
+        for holder, held in self.registry.holds_of(names):
+            calls.setdefault(holder, []).append(held)
         for holder, hashes in calls.items():
             self._let_go(holder, self._newest_first(hashes), set())
         orphans = self._newest_first(self.registry.orphan_marks())

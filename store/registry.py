@@ -440,7 +440,7 @@ class ChunkRegistry:
     # A running call holds the chunks it makes or finds, so that another call's take-back
     # (store=False) waits for it; kept in Redis, they hold across every process and worker
     # on the registry. A call's id is `<store>:<call>`. A call that dies holding leaves its
-    # holds, until its store, made again, lets go of them (holds_named, orphan_marks), a
+    # holds, until its store, made again, lets go of them (holds_of, orphan_marks), a
     # live store finds that its store's lease has lapsed (lapsed_stores), or a delete
     # clears them.
 
@@ -500,12 +500,12 @@ class ChunkRegistry:
         return sorted({h for name in names for _, h in self._keys_of(name)})
 
     @_redis_errors
-    def holds_named(self, prefix: str) -> list[tuple[str, str]]:
-        """Each hold whose call's id starts with `prefix`: (call's id, chunk hash)."""
-        found = []
+    def holds_of(self, stores: Iterable[str]) -> list[tuple[str, str]]:
+        """Each hold of a call of these stores: (call's id, chunk hash)."""
+        stores, found = set(stores), []
         for key, chunk_hash in self._keys_of("hold"):
             holders = (h.decode() for h in self._redis.hkeys(key))
-            found += [(h, chunk_hash) for h in holders if h.startswith(prefix)]
+            found += [(h, chunk_hash) for h in holders if h.split(":")[0] in stores]
         return found
 
     @_redis_errors

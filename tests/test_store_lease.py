@@ -83,7 +83,7 @@ def test_a_killed_process_holds_go_and_a_live_ones_stay(make_store, home):
         assert not registry.exists(dead_ones.hash)
         assert store.files.exists(live_ones.hash) and not store.files.exists(dead_ones.hash)
         assert registry.exists(live_ones.hash)
-        assert registry.holds_named("alive:") == [("alive:call", live_ones.hash)]
+        assert registry.holds_of(["alive"]) == [("alive:call", live_ones.hash)]
         assert registry.lapsed_stores() == []  # the killed one is forgotten once let go of
     finally:
         alive.kill()
