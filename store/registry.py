@@ -173,6 +173,11 @@ return 0
 """
 
 
+def _store_of(holder: str) -> str:
+    """The store whose call a hold's id names (`<store>:<call>`)."""
+    return holder.split(":")[0]
+
+
 class ChunkRegistry:
     """Chunk metadata, tags, provenance graph and contexts over one Redis client."""
 
@@ -452,7 +457,7 @@ class ChunkRegistry:
         """The call `holder` holds these chunks (holding one again changes nothing, so a
         command resent after a lost reply counts once)."""
         with self._redis.pipeline(transaction=False) as pipe:
-            pipe.sadd(self._key("holding"), holder.split(":")[0])
+            pipe.sadd(self._key("holding"), _store_of(holder))
             for chunk_hash in hashes:
                 pipe.hset(self._key("hold", self._check_hash(chunk_hash)), holder, b"1")
             pipe.execute()
@@ -505,7 +510,7 @@ class ChunkRegistry:
         stores, found = set(stores), []
         for key, chunk_hash in self._keys_of("hold"):
             holders = (h.decode() for h in self._redis.hkeys(key))
-            found += [(h, chunk_hash) for h in holders if h.split(":")[0] in stores]
+            found += [(h, chunk_hash) for h in holders if _store_of(h) in stores]
         return found
 
     @_redis_errors
