@@ -117,13 +117,18 @@ class ChunkStore:
             holder_name or uuid.uuid4().hex,
         )
         self.views = ChunkViews(self.tiers, pool_tiers)
+        try:  # on an engine already started the hooks run now, and may fail (Redis away)
+            self.model.on_start(self.tiers.opening_kv)
+            self.model.on_start(self._record_opening)
+            if restore:
+                self.model.on_start(self.restore_tiers)
+        except BaseException:  # a store never made leaves no pool blocks, thread or connection
+            self._let_go_of_parts()
+            raise
+        # Last, for the same reason; no call of this store holds a chunk before it exists.
         self.lease = StoreLease(
             self.registry, self.maker.holder_name, self.maker.let_go_of_lapsed_stores
         )
-        self.model.on_start(self.tiers.opening_kv)
-        self.model.on_start(self._record_opening)
-        if restore:
-            self.model.on_start(self.restore_tiers)
 
     # -- tier moves (a view: its sources') ------------------------------------------------
 
@@ -226,6 +231,9 @@ class ChunkStore:
         """End the lease, finish transfers, give the pool blocks back to the engine,
         disconnect from Redis."""
         self.lease.close()
+        self._let_go_of_parts()
+
+    def _let_go_of_parts(self) -> None:
         self.prefetcher.close()
         self.tiers.release_all()
         self.tiers.records.close()

@@ -4,8 +4,13 @@ live process's holds are not, however long its call runs."""
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import pytest
+
+from kvchunks.common import RegistryUnavailable
+from kvchunks.service.chunk_store import ChunkStore
 from kvchunks.service.context_manager import ContextManager
 from kvchunks.service.lease import StoreLease
 
@@ -150,3 +155,24 @@ def test_what_a_killed_call_made_and_had_not_stored_is_taken_back(make_store, ho
     store.maker.let_go_of_lapsed_stores()
     assert {c.hash for c in cm.list_chunks()} == before and registry.held() == []
     assert all(not store.files.exists(h) for h in made) and store.files.exists(document.hash)
+
+
+def test_a_store_that_fails_to_start_leaves_no_lease_blocks_or_threads(
+    make_store, llm, home, monkeypatch
+):
+    """On an engine already started, a store's start (the opening's KV, the tiers brought
+    back) runs in its constructor; when it fails, nothing of the store stays behind."""
+    registry = make_store().registry
+    free_blocks, threads = llm.block_manager.num_free, set(threading.enumerate())
+
+    def registry_gone(store):
+        raise RegistryUnavailable("the registry went away")
+
+    monkeypatch.setattr(ChunkStore, "restore_tiers", registry_gone)
+    with pytest.raises(RegistryUnavailable):
+        ChunkStore(home=home, llm=llm, holder_name="never-made")
+    assert llm.block_manager.num_free == free_blocks  # its opening's KV given back
+    assert {t for t in threading.enumerate() if t.is_alive()} <= threads
+    registry.hold("never-made:call", [])
+    assert registry.lapsed_stores() == ["never-made"]  # no lease was left renewing
+    registry.let_go("never-made:call", [])
