@@ -103,6 +103,10 @@ def load(
         + (" (already stored: nothing computed)" if old else "")
         for c, (_, path), old in zip(chunks, loaded, stored, strict=True)
     ]
+    if hidden := list(dict.fromkeys(render.short(c.hash) for c in chunks if not c.is_active)):
+        # The next question would not read them: the load alone does not say so.
+        them = "it" if len(hidden) == 1 else "them"
+        lines.append(f"not active: activate {' '.join(hidden)} for the model to see {them}")
     documents = [
         {**c.to_json(), "already_stored": old} for c, old in zip(chunks, stored, strict=True)
     ]

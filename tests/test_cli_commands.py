@@ -195,8 +195,12 @@ def test_load_takes_several_files_in_order(state, tmp_path):
         first.read_text().strip(),
         second.read_text().strip(),
     ]
-    assert [line.split()[1] for line in lines] == [c["hash"][:12] for c in chunks]
+    hashes = [c["hash"][:12] for c in chunks]
+    assert [line.split()[1] for line in lines[:2]] == hashes
     assert lines[0].endswith(f"from {first}") and lines[1].endswith(f"from {second}")
+    assert lines[2] == f"not active: activate {' '.join(hashes)} for the model to see them"
+    lines = kvchunks(state, "load", str(first), "--activate").stdout.splitlines()
+    assert len(lines) == 1 and ", active from" in lines[0]  # nothing to activate: no advice
     for chunk in chunks:
         kvchunks(state, "delete", chunk["hash"])
 
