@@ -20,6 +20,13 @@ from kvchunks.engine.flex_plan import QUERY_TILE, build_plan, plan_on_host
 
 BLOCK = 16
 
+# torch's own warnings about running flex_attention uncompiled, which is the point here (on
+# CUDA the backend compiles it), and about a deprecated call inside its eager path.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated"),
+]
+
 
 @pytest.fixture(scope="module")
 def engines(tiny_checkpoint):
