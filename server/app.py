@@ -19,6 +19,7 @@ from kvchunks.common import KVChunksError
 from kvchunks.server import chunk_routes, errors, openai_routes
 from kvchunks.server.backend import Backend
 from kvchunks.server.metrics import Metrics
+from kvchunks.server.streaming import RunningRequests
 
 MAX_BODY_BYTES = 8 << 20  # a request body larger than this is refused (413)
 # Generations run at once; more wait their turn. Each holds its prompt's and answer's KV
@@ -38,6 +39,7 @@ def create_app(backend: Backend, api_key: str | None = None) -> FastAPI:
     app.state.started = int(time.time())  # the model card's `created`
     app.state.generation_slots = asyncio.Semaphore(MAX_GENERATIONS)
     app.state.metrics = Metrics(backend.usage)
+    app.state.running = RunningRequests()
     app.add_exception_handler(KVChunksError, errors.on_kvchunks_error)
     app.add_exception_handler(RequestValidationError, errors.on_validation_error)
     app.add_exception_handler(HTTPException, errors.on_http_exception)

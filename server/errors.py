@@ -23,12 +23,17 @@ from kvchunks.common import (
     RegistryUnavailable,
     ServiceUnavailable,
 )
+from kvchunks.server.streaming import NoSuchRequest, RequestIdInUse, StoppedBeforeAnswer
 
 _log = logging.getLogger("kvchunks.server")
 
 # Most specific first: the first class an error is an instance of decides.
 STATUS: list[tuple[type[BaseException], int, str]] = [
     (ChunkNotFound, 404, "not_found_error"),
+    (NoSuchRequest, 404, "not_found_error"),
+    (RequestIdInUse, 409, "conflict_error"),
+    # The client asked for the stop and still listens: nginx's "client closed request".
+    (StoppedBeforeAnswer, 499, "request_stopped"),
     (AmbiguousHash, 409, "conflict_error"),
     (ChunkInUse, 409, "conflict_error"),
     (DtypeMismatch, 409, "conflict_error"),

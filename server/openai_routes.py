@@ -54,6 +54,15 @@ def _model_card(request: Request) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "kvchunks"}
 
 
+@router.post("/v1/requests/{request_id}/stop")
+async def stop_request(request_id: str, request: Request) -> dict:
+    """Stop a running generation named by its `request_id`, as a Ctrl-C stops one: its
+    response ends with the answer so far, kept and marked interrupted (before the first
+    token, a 499 error: nothing kept). The response says what was kept, not this."""
+    request.app.state.running.stop(request_id)
+    return {"request_id": request_id, "stopping": True}
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request) -> Response:
     return await _respond(request, body, body.messages, "chat.completion", CHAT_MAX_TOKENS)
@@ -131,7 +140,12 @@ async def _respond(
         "store": body.store,
     }
     reply = Reply(kind, state.backend.model_name, body)
-    events = stream_call(manager.chat, state.generation_slots, request.is_disconnected, **call)
+    stop = state.running.start(body.request_id) if body.request_id else None
+    events = stream_call(
+        manager.chat, state.generation_slots, request.is_disconnected, stop=stop, **call
+    )
+    if body.request_id:
+        events = state.running.until_closed(body.request_id, events)
     gone = Response(status_code=499)  # nobody left to answer (nginx's code)
     if not body.stream:
         async with contextlib.aclosing(events):  # closed: the generation stops at its next piece
@@ -150,6 +164,7 @@ async def _respond(
     if first is None:
         return gone
     if first[0] == "error":
+        await events.aclose()
         return as_response(first[1])
     return StreamingResponse(_sse(reply, first, events, state), media_type="text/event-stream")
 
@@ -252,6 +267,7 @@ class Reply:
             "output_chunks": [c.hash for c in result.output_chunks] if kept else [],
             "mode": result.mode,
             "recompute": result.recompute,
+            "interrupted": result.interrupted,  # stopped by POST /v1/requests/{id}/stop
             "reused_tokens": result.tokens_reused,
             "recomputed_tokens": result.tokens_recomputed,
         }

@@ -25,6 +25,8 @@ class ChunkFields(BaseModel):
     mode: Literal["exact", "reuse", "realign"] | None = None
     recompute: StrictFloat | None = None
     store: StrictBool = True  # False: nothing of the request is kept
+    # Names the request while it runs, for POST /v1/requests/{request_id}/stop.
+    request_id: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
 
     @field_validator("store", mode="before")
     @classmethod

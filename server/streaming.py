@@ -8,7 +8,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from kvchunks.common import ListenerGone
+from kvchunks.common import KVChunksError, ListenerGone
 
 # The generation waits (at most this long) until its first piece has been sent before it
 # computes the next: on a machine with few cores the next step's compute would otherwise
@@ -21,10 +21,16 @@ FIRST_PIECE_WAIT = 0.05
 CLIENT_POLL_S = 0.1
 
 
+class StoppedBeforeAnswer(KVChunksError):
+    """A request stopped by its client (POST /v1/requests/{id}/stop) before the answer's
+    first token: as a Ctrl-C then, nothing is kept."""
+
+
 async def stream_call(
     fn: Callable[..., Any],
     slots: asyncio.Semaphore,
     client_gone: Callable[[], Awaitable[bool]],
+    stop: threading.Event | None = None,
     **kwargs,
 ) -> AsyncIterator[tuple[str, Any]]:
     """Run fn(**kwargs, on_text=..., check_stop=...) on a thread; yield ("text", piece) as
@@ -34,7 +40,9 @@ async def stream_call(
     The call holds one of `slots` until its thread ends, not until its caller stops
     listening: a generation whose client went away still holds KV until it has stopped. It
     is told to stop when the caller stops listening or the client is seen gone (its
-    check_stop, between layers, or its next piece raises ListenerGone)."""
+    check_stop, between layers, or its next piece raises ListenerGone), and nothing of it
+    is kept. Once `stop` is set it stops as a Ctrl-C stops it: the answer so far is kept
+    and is the result, marked interrupted (StoppedBeforeAnswer before its first token)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     gone, first_sent = threading.Event(), threading.Event()
@@ -43,6 +51,8 @@ async def stream_call(
         loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def check_stop() -> None:
+        if stop is not None and stop.is_set():  # asked for: the client still listens
+            raise KeyboardInterrupt
         if gone.is_set():
             raise ListenerGone("the client stopped listening")
 
@@ -55,6 +65,8 @@ async def stream_call(
     def work() -> None:
         try:
             put(("result", fn(**kwargs, on_text=on_text, check_stop=check_stop)))
+        except KeyboardInterrupt:  # only check_stop raises it here: `stop`, before any token
+            put(("error", StoppedBeforeAnswer("stopped before the first token: nothing was kept")))
         except BaseException as e:  # handed to the caller, as raised
             put(("error", e))
         finally:
@@ -101,3 +113,43 @@ async def _first_event(
                 return None
     finally:
         getting.cancel()  # when done, a no-op
+
+
+class RunningRequests:
+    """The generation requests that a client named (`request_id`) while they run, so that it
+    can stop one and still read what was kept (POST /v1/requests/{id}/stop). Used on the
+    event loop only."""
+
+    def __init__(self):
+        self._stops: dict[str, threading.Event] = {}
+
+    def start(self, request_id: str) -> threading.Event:
+        """The stop of a new request; a name in use by a running one is refused."""
+        if request_id in self._stops:
+            raise RequestIdInUse(f"request_id {request_id!r} names a request still running")
+        stop = self._stops[request_id] = threading.Event()
+        return stop
+
+    async def until_closed(
+        self, request_id: str, events: AsyncIterator[tuple[str, Any]]
+    ) -> AsyncIterator[tuple[str, Any]]:
+        """`events`, the request named while they are read; closed, the name is free again."""
+        try:
+            async for event in events:
+                yield event
+        finally:
+            del self._stops[request_id]
+            await events.aclose()
+
+    def stop(self, request_id: str) -> None:
+        if request_id not in self._stops:
+            raise NoSuchRequest(f"no running request has request_id {request_id!r}")
+        self._stops[request_id].set()
+
+
+class RequestIdInUse(KVChunksError):
+    pass
+
+
+class NoSuchRequest(KVChunksError):
+    pass

@@ -645,6 +645,118 @@ def test_a_client_that_goes_away_during_the_prefill_stops_it(served, stream):
     assert state(served) == before
 
 
+def _answering(llm, tokens: int) -> bool:
+    return any(len(seq.completion_token_ids) >= tokens for seq in list(llm.scheduler.running))
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_a_request_stopped_by_its_id_ends_with_the_answer_so_far_kept(served, stream):
+    """POST /v1/requests/{id}/stop stops the answer as a Ctrl-C does: the response, streamed
+    or not, ends with the answer so far, kept as a chunk marked interrupted after the kept
+    prompt; the name is then free, and a stop of it a 404."""
+    llm = served.cm.store.model.llm
+    question = "Tell me a long story about a lighthouse keeper."
+    request_id = f"stop-{'streamed' if stream else 'whole'}"
+    body = {
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 1000,
+        "temperature": 0,
+        "stream": stream,
+        "context": f"http-{request_id}",
+        "request_id": request_id,
+    }
+    reply: dict = {}
+
+    def ask() -> None:
+        with served.http() as http:
+            if not stream:
+                reply["whole"] = http.post("/v1/chat/completions", json=body).json()
+                return
+            with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                lines = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
+                reply["events"] = [json.loads(line) for line in lines]
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    deadline = time.monotonic() + 60
+    while not _answering(llm, 3) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with served.http() as http:
+        again = http.post("/v1/chat/completions", json=body)
+        assert again.status_code == 409, again.text  # its name is taken while it runs
+        stopped = http.post(f"/v1/requests/{request_id}/stop")
+        assert stopped.json() == {"request_id": request_id, "stopping": True}, stopped.text
+        asking.join(60)
+        assert http.post(f"/v1/requests/{request_id}/stop").status_code == 404
+    if stream:
+        events = reply["events"]
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+        ending = events[-1]
+    else:
+        ending = reply["whole"]
+        text = ending["choices"][0]["message"]["content"]
+    extension = ending["kvchunks"]
+    assert extension["interrupted"] is True
+    assert ending["choices"][0]["finish_reason"] == "stop"
+    answer = served.cm.get_chunk(extension["output_chunk"])
+    prompt = served.cm.get_chunk(extension["prompt_chunk"])
+    assert answer.metadata["interrupted"] is True and answer.parent_chunks[-1] == prompt.hash
+    assert prompt.text.strip() == question
+    assert 3 <= len(answer.token_ids) < 1000 and answer.text.startswith(text) and text
+    assert llm.scheduler.is_finished()  # (its reserve may have moved other chunks out)
+    served.cm.delete_chunk(answer.hash)
+    served.cm.delete_chunk(prompt.hash)
+
+
+def test_a_request_stopped_before_its_first_token_keeps_nothing(served):
+    """Before the first token the stop ends the request with a 499 and its JSON error, and
+    nothing of it is kept (as a Ctrl-C then); a bad or unknown name is refused."""
+    llm = served.cm.store.model.llm
+    with served.http() as http:  # the opening's KV, computed before any slowing
+        http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+    before, free = state(served), llm.pool_usage()["free"]
+    hooks = [
+        layer.register_forward_hook(lambda *_: time.sleep(0.1)) for layer in llm.runner.model.layers
+    ]
+    body = {
+        "messages": [{"role": "user", "content": "Tell me about the ferries of Stockholm."}],
+        "stream": True,
+        "context": "http-stopped-early",
+        "request_id": "stopped-early",
+    }
+    reply: dict = {}
+
+    def ask() -> None:
+        with served.http() as http:
+            reply["response"] = http.post("/v1/chat/completions", json=body)
+
+    asking = threading.Thread(target=ask)
+    try:
+        asking.start()
+        time.sleep(0.5)  # into the prompt's pass of 3 s
+        with served.http() as http:
+            assert http.post("/v1/requests/stopped-early/stop").status_code == 200
+        asking.join(30)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    response = reply["response"]
+    assert response.status_code == 499, response.text
+    assert response.json()["error"] == {
+        "message": "stopped before the first token: nothing was kept",
+        "type": "request_stopped",
+        "code": 499,
+    }
+    assert state(served) == before and llm.pool_usage()["free"] == free
+    with served.http() as http:
+        unknown = http.post("/v1/requests/stopped-early/stop")
+        assert unknown.status_code == 404, unknown.text
+        assert "no running request" in unknown.json()["error"]["message"]
+        bad = http.post("/v1/chat/completions", json={**body, "request_id": "a b"})
+        assert bad.status_code == 400 and "request_id" in bad.json()["error"]["message"]
+    assert state(served) == before
+
+
 def test_the_first_piece_is_sent_before_the_next_is_computed():
     """On few cores the next step's compute would hold back the event loop that sends the
     first piece: the generation waits until the consumer has taken it and asks for more."""

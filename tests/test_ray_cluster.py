@@ -371,6 +371,33 @@ def test_serve_with_http_answers_through_ray_serve(ray_service, make_cm):
     assert reply.model_extra["kvchunks"]["output_chunk"] == local.output_chunk.hash
 
 
+def test_a_request_stopped_through_ray_serve_keeps_the_answer_so_far(ray_service):
+    """The stop reaches the worker's answer through the cluster's client as a Ctrl-C does:
+    the stream ends with the answer so far, kept and marked interrupted."""
+    url, events = ray_service.http_url, []
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a long story about an owl."}],
+        "max_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+        "context": "serve-stop",
+        "request_id": "serve-stop",
+    }
+    with httpx.Client(base_url=url, timeout=120) as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                events.append(json.loads(line[6:]))
+                if len(events) == 3:  # two pieces of text shown
+                    assert http.post("/v1/requests/serve-stop/stop").status_code == 200
+        extension = events[-1]["kvchunks"]
+        assert extension["interrupted"] is True
+        answer = http.get(f"/v1/chunks/{extension['output_chunk']}").json()
+    assert answer["metadata"]["interrupted"] is True
+    assert 2 <= answer["token_count"] < 400
+
+
 def test_status_shows_workers_pools_and_tiers(ray_service):
     result = CliRunner().invoke(cli, ["status", "--json"])
     assert result.exit_code == 0, result.output

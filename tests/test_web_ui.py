@@ -282,53 +282,68 @@ def test_documents_activation_chat_and_tree_through_the_page(served, browser, tm
 
 
 @needs_chromium
-def test_an_answer_stopped_from_the_page_is_not_kept(served, browser, tmp_path):
-    """While an answer comes, the send button stops it: the request is closed, the server
-    stops the answer and keeps neither it nor its question, and the page says so."""
+def test_an_answer_stopped_from_the_page_keeps_what_it_said(served, browser, tmp_path):
+    """While an answer comes, the send button stops it as a Ctrl-C does: the server keeps
+    the question and the answer so far, marked interrupted, and the page says so and names
+    them; one stopped before its first token keeps nothing, and the page says that."""
     page = Page(browser, tmp_path)
     context = f"web-stop-{uuid.uuid4().hex[:8]}"
     open_on(page, served, context)
     llm = served.cm.store.model.llm
-    page.type("max-tokens", "1")
-    page.type("chat-input", "Hello?")  # the opening's KV, computed once, before the stop
+    question = "Tell me a long story about a lighthouse keeper and the sea."
+    page.type("max-tokens", "500")
+    page.type("chat-input", question)
     page.find("#chat-send").click()
     last_turn = "return document.querySelector('.turn:last-child')"
-    wait_for(lambda: page.js(f"{last_turn}.dataset.done") == "true", "a first answer")
-    before = {c.hash for c in served.cm.list_chunks()}
-    page.type("max-tokens", "500")
-    page.type("chat-input", "Tell me a long story about a lighthouse keeper and the sea.")
-    page.find("#chat-send").click()
     wait_for(lambda: page.js(f"{last_turn}.querySelector('.answer').textContent"), "words")
     assert page.find("#chat-send").text == "stop"
     page.find("#chat-send").click()
     wait_for(lambda: page.js(f"{last_turn}.dataset.done") == "stopped", "the answer stopped")
-    assert "neither the question nor the answer was kept" in page.find(".turn:last-child").text
     assert page.find("#chat-send").text == "send"
-    # The engine has no request left (its pool count may differ: making room moved others).
     wait_for(llm.scheduler.is_finished, "the answer stopped on the server", 20)
+    prompt = next(c for c in served.cm.list_chunks() if c.type == "prompt" and c.text == question)
+    answer = next(c for c in served.cm.list_chunks() if prompt.hash in c.parent_chunks)
+    shown = page.js(f"{last_turn}.querySelector('.answer').textContent")
+    assert answer.metadata["interrupted"] and answer.text.startswith(shown) and shown
+    told = page.find(".turn:last-child .facts").text
+    assert told.startswith("stopped: the answer so far was kept, marked interrupted · "), told
+    assert told.endswith(f"prompt {prompt.hash[:12]} → answer {answer.hash[:12]}"), told
+
+    before = {c.hash for c in served.cm.list_chunks()}
+    hooks = [
+        layer.register_forward_hook(lambda *_: time.sleep(0.1)) for layer in llm.runner.model.layers
+    ]
+    try:  # a pass of 3 s: the stop comes before the first token
+        page.type("chat-input", "And what did the keeper see?")
+        page.find("#chat-send").click()
+        time.sleep(0.5)
+        page.find("#chat-send").click()
+        wait_for(lambda: page.js(f"{last_turn}.dataset.done") == "stopped", "stopped early")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    told = page.find(".turn:last-child .facts").text
+    assert told == "stopped before the first token: nothing was kept", told
     assert {c.hash for c in served.cm.list_chunks()} == before
 
 
-# The chat's reply as the page sees it, once the server has sent all of it (so stored the
-# answer): a body that never ends, until the page aborts it. A stop then is one that comes
-# between the server's storing and the closing event reaching the page.
+# The chat's reply as the page sees it, held back once the server has sent all of it (so
+# stored the answer) until the test lets it go: a stop in between comes too late.
 HOLD_BACK_THE_END = """
 const fetched = window.fetch;
 window.fetch = async (url, init) => {
   if (!String(url).endsWith("/v1/chat/completions")) return fetched(url, init);
-  const whole = await fetched(url, { ...init, signal: undefined });
-  await whole.text();
+  const whole = await fetched(url, init);
+  const text = await whole.text();
   window.answerStored = true;
-  const body = new ReadableStream({
-    start(c) { init.signal.addEventListener("abort", () => c.error(init.signal.reason)); },
-  });
-  return new Response(body, { status: 200, headers: whole.headers });
+  await new Promise((go) => (window.letTheEndGo = go));
+  return new Response(text, { status: 200, headers: whole.headers });
 };
 """
 
 
 @needs_chromium
-def test_a_stop_after_the_answer_was_stored_says_it_was_kept(served, browser, tmp_path):
+def test_a_stop_after_the_answer_was_stored_finds_it_whole(served, browser, tmp_path):
     page = Page(browser, tmp_path)
     context = f"web-late-stop-{uuid.uuid4().hex[:8]}"
     open_on(page, served, context)
@@ -339,16 +354,17 @@ def test_a_stop_after_the_answer_was_stored_says_it_was_kept(served, browser, tm
     page.find("#chat-send").click()
     wait_for(lambda: page.js("return window.answerStored === true"), "the stored answer", 60)
     assert page.find("#chat-send").text == "stop"
-    page.find("#chat-send").click()
+    page.find("#chat-send").click()  # no request of that name is running any more: a 404
+    wait_for(lambda: page.js("return document.querySelector('#chat-send').disabled"), "stop")
+    page.js("window.letTheEndGo()")
     last_turn = "return document.querySelector('.turn:last-child')"
-    wait_for(lambda: page.js(f"{last_turn}.dataset.done") == "kept", "the stop told")
+    wait_for(lambda: page.js(f"{last_turn}.dataset.done") == "true", "the whole answer")
     prompt = next(c for c in served.cm.list_chunks() if c.type == "prompt" and c.text == question)
     answer = next(c for c in served.cm.list_chunks() if prompt.hash in c.parent_chunks)
+    assert not answer.metadata.get("interrupted")
     told = page.find(".turn:last-child .facts").text
-    assert told == (
-        "stopped after the answer was stored: both were kept "
-        f"(prompt {prompt.hash[:12]} → answer {answer.hash[:12]})"
-    ), told
+    assert "stopped" not in told and "no running request" not in status(page)[1], told
+    assert told.endswith(f"prompt {prompt.hash[:12]} → answer {answer.hash[:12]}"), told
 
 
 @needs_chromium

@@ -75,16 +75,16 @@ export const api = {
   deactivate: (name, chunk) => call("POST", `${ctx(name)}/deactivate`, { chunk }),
   reorder: (name, chunks) => call("POST", `${ctx(name)}/order`, { chunks }),
   usage: () => call("GET", "/v1/usage"),
+  // The answer stops as a Ctrl-C stops it: its stream ends with what was kept.
+  stopRequest: (id) => call("POST", `/v1/requests/${q(id)}/stop`),
 };
 
-// POST /v1/chat/completions with stream=true: yields each parsed server-sent event. An
-// abort of `signal` closes the request: the server stops the answer and keeps nothing of it.
-export async function* streamChat(body, signal) {
+// POST /v1/chat/completions with stream=true: yields each parsed server-sent event.
+export async function* streamChat(body) {
   const response = await send("/v1/chat/completions", {
     method: "POST",
     headers: headers(),
     body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }),
-    signal,
   });
   if (!response.ok) throw await failure(response);
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();

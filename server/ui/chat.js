@@ -1,18 +1,18 @@
 // The chat box: a question over the context's active chunks, its answer streamed as it is
 // generated, and what kvchunks did for it (mode, tokens reused and recomputed, first token).
 
-import { ApiError, streamChat } from "./api.js";
+import { ApiError, api, streamChat } from "./api.js";
 import { $, el, short } from "./util.js";
 
 let page;
-let answering = null; // the AbortController of the answer being streamed, if one is
+let answering = null; // the request_id of the answer being streamed, if one is
 
 export function setup(p) {
   page = p;
   // The button sends a question, or while an answer comes, stops it.
   $("chat-form").addEventListener("submit", (e) => {
     e.preventDefault();
-    if (answering) answering.abort();
+    if (answering) stop(answering);
     else ask();
   });
   $("chat-input").addEventListener("keydown", (e) => {
@@ -29,46 +29,42 @@ async function ask() {
   const sampling = samplingFields();
   if (!sampling) return; // said why; the question stays in the box
   $("chat-input").value = "";
-  answering = new AbortController();
+  answering = requestId();
   $("chat-send").textContent = "stop";
   const turn = newTurn(question);
-  const known = new Set(page.state.chunks.map((c) => c.hash));
-  let stopped = false;
   try {
-    const result = await stream(question, sampling, turn, answering.signal);
+    const result = await stream(question, sampling, turn, answering);
     turn.facts.textContent = describe(result);
-    turn.node.dataset.done = "true";
+    turn.node.dataset.done = result.extension?.interrupted ? "stopped" : "true";
     toBottom();
   } catch (error) {
-    stopped = answering.signal.aborted;
-    if (!stopped) {
-      turn.facts.replaceChildren(el("span", { class: "error" }, error.message));
-      turn.node.dataset.done = "error";
-    }
+    const early = error instanceof ApiError && error.status === 499; // stopped, nothing kept
+    turn.facts.replaceChildren(el("span", { class: !early && "error" }, error.message));
+    turn.node.dataset.done = early ? "stopped" : "error";
   } finally {
     answering = null;
     $("chat-send").textContent = "send";
+    $("chat-send").disabled = false;
     await page.run(async () => {});
-    if (stopped) tellStopped(turn, question, known);
   }
 }
 
-// Stopped, the server keeps nothing, unless the stop came after it had stored the answer
-// (between its last words and the closing event): then the question's prompt chunk is new
-// in the chunks read again, and the answer follows it.
-function tellStopped(turn, question, known) {
-  const isNew = (c) => !known.has(c.hash);
-  const prompt = page.state.chunks.find((c) => isNew(c) && c.type === "prompt" && c.text === question);
-  if (!prompt) {
-    turn.facts.textContent = "stopped: neither the question nor the answer was kept";
-    turn.node.dataset.done = "stopped";
-    return;
+// The server stops the answer and ends its stream with what it kept: the answer so far,
+// or, before the first token, nothing. Too late (the answer had ended), there is no
+// request left to stop, and the answer reads as one that was not stopped.
+async function stop(id) {
+  $("chat-send").disabled = true;
+  try {
+    await api.stopRequest(id);
+  } catch (error) {
+    if (!(error instanceof ApiError && error.status === 404)) page.status(error.message);
   }
-  const answer = page.state.chunks.find((c) => isNew(c) && c.follows === prompt.hash);
-  const stored = `prompt ${short(prompt.hash)}` + (answer ? ` → answer ${short(answer.hash)}` : "");
-  turn.facts.textContent = `stopped after the answer was stored: both were kept (${stored})`;
-  turn.node.dataset.done = "kept";
 }
+
+// 128 random bits in hex: crypto.randomUUID is only there in a secure context, which a
+// server reached over plain HTTP beyond loopback is not.
+const requestId = () =>
+  Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
 
 function newTurn(question) {
   const answer = el("div", { class: "answer" });
@@ -99,16 +95,17 @@ function samplingFields() {
   return sampling;
 }
 
-async function stream(question, sampling, turn, signal) {
+async function stream(question, sampling, turn, id) {
   const body = {
     messages: [{ role: "user", content: question }],
     context: page.state.context,
     temperature: 0, // greedy unless the field says otherwise (OpenAI's default is 1)
+    request_id: id,
     ...sampling,
   };
   const started = performance.now();
   const result = { firstMs: null, totalMs: null, extension: null, usage: null };
-  for await (const event of streamChat(body, signal)) {
+  for await (const event of streamChat(body)) {
     if (event.error) throw new ApiError(event.error.code, event.error.message);
     const text = event.choices?.[0]?.delta?.content;
     if (text) {
@@ -126,6 +123,7 @@ async function stream(question, sampling, turn, signal) {
 
 function describe({ firstMs, totalMs, extension, usage }) {
   const parts = [];
+  if (extension?.interrupted) parts.push("stopped: the answer so far was kept, marked interrupted");
   if (extension) {
     const fraction = extension.recompute === null ? "" : ` ${extension.recompute}`;
     parts.push(`mode ${extension.mode}${fraction}`);
