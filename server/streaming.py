@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from kvchunks.common import KVChunksError, ListenerGone
@@ -26,13 +26,21 @@ class StoppedBeforeAnswer(KVChunksError):
     first token: as a Ctrl-C then, nothing is kept."""
 
 
+class RequestIdInUse(KVChunksError):
+    """A new request named as one still running."""
+
+
+class NoSuchRequest(KVChunksError):
+    """A stop for a name no running request has."""
+
+
 async def stream_call(
     fn: Callable[..., Any],
     slots: asyncio.Semaphore,
     client_gone: Callable[[], Awaitable[bool]],
     stop: threading.Event | None = None,
     **kwargs,
-) -> AsyncIterator[tuple[str, Any]]:
+) -> AsyncGenerator[tuple[str, Any], None]:
     """Run fn(**kwargs, on_text=..., check_stop=...) on a thread; yield ("text", piece) as
     they come, then ("result", value) or ("error", exception). Nothing, and fn is not run,
     when the client went away while the call waited for its slot.
@@ -131,8 +139,8 @@ class RunningRequests:
         return stop
 
     async def until_closed(
-        self, request_id: str, events: AsyncIterator[tuple[str, Any]]
-    ) -> AsyncIterator[tuple[str, Any]]:
+        self, request_id: str, events: AsyncGenerator[tuple[str, Any], None]
+    ) -> AsyncGenerator[tuple[str, Any], None]:
         """`events`, the request named while they are read; closed, the name is free again."""
         try:
             async for event in events:
@@ -145,11 +153,3 @@ class RunningRequests:
         if request_id not in self._stops:
             raise NoSuchRequest(f"no running request has request_id {request_id!r}")
         self._stops[request_id].set()
-
-
-class RequestIdInUse(KVChunksError):
-    pass
-
-
-class NoSuchRequest(KVChunksError):
-    pass
