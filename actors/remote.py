@@ -51,6 +51,7 @@ CONTEXT_METHODS = frozenset(
         "prefetch",
         "provenance",
         "reorder_chunks",
+        "same_text",
         "settings",
         "split_chunk",
         "stats",

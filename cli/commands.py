@@ -163,19 +163,23 @@ def info(state: State, ref: str, as_json: bool) -> None:
 
     Of the chunks computed after it, "continued by" are those of its own timeline (its
     subtree in `kvchunks tree`); the others were computed where another chunk came last.
+    "Same text" are the chunks with its tokens computed in other contexts.
     """
     cm = state.catalog
     chunk = cm.get_chunk(ref)
     parents, children = cm.provenance(chunk.hash)
     continued, elsewhere = split_timelines(cm, chunk.hash, children)
+    same_text = cm.same_text(chunk.hash)
     document = {
         **chunk.to_json(tokens=True),
         "parents": [p.hash for p in parents],
         "children": [c.hash for c in children],  # every chunk computed after it
         "continued_by": [c.hash for c in continued],
         "later_in_other_timelines": [c.hash for c in elsewhere],
+        "same_text": [c.hash for c in same_text],
     }
-    show(state, as_json, document, lambda: render.info_table(chunk, parents, continued, elsewhere))
+    lines = (parents, continued, elsewhere, same_text)
+    show(state, as_json, document, lambda: render.info_table(chunk, *lines))
 
 
 @click.command()

@@ -110,6 +110,7 @@ def info_table(
     parents: list[ChunkInfo],
     continued: list[ChunkInfo],
     elsewhere: list[ChunkInfo],
+    same_text: list[ChunkInfo],
 ) -> Table:
     table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
     table.add_column(style="bold", no_wrap=True)
@@ -130,6 +131,7 @@ def info_table(
         ("parents", _chunk_lines(parents)),
         ("continued by", _chunk_lines(continued)),
         ("later in other timelines", _chunk_lines(elsewhere)),
+        ("same text", _chunk_lines(same_text)),
         ("sources", "\n".join(f"{short(s.hash)} [{s.offset}:+{s.length}]" for s in chunk.sources)),
         ("blocks", _segments(chunk)),
         ("text", preview(chunk.text, 400)),

@@ -97,7 +97,8 @@ def move_chunk(ref: str, body: Move, request: Request, context: str = "default")
 
 @router.get("/v1/chunks/{ref}/provenance")
 def provenance(ref: str, request: Request, context: str = "default") -> dict:
-    """The chunk, what it was computed after (in order) and the chunks computed after it."""
+    """The chunk, what it was computed after (in order), the chunks computed after it, and
+    those with its text computed in other contexts."""
     api = _api(request, context)
     chunk = api.get_chunk(ref)
     parents, children = api.provenance(chunk.hash)
@@ -105,6 +106,7 @@ def provenance(ref: str, request: Request, context: str = "default") -> dict:
         "chunk": chunk.to_json(),
         "parents": [p.to_json() for p in parents],
         "children": [c.to_json() for c in children],
+        "same_text": [c.to_json() for c in api.same_text(chunk.hash)],
     }
 
 

@@ -105,6 +105,15 @@ class Catalog:
         with collector_paused():
             return self._describe(self.registry.list_chunks(pattern, tag, self.context_name))
 
+    def same_text(self, ref: str) -> list[ChunkInfo]:
+        """The other chunks with this chunk's tokens (its content hash), computed in other
+        contexts: the same question asked over other documents, the same passage after
+        others. Oldest first."""
+        chunk = self.registry.find(ref, self.context_name)
+        others = [h for h in self.registry.by_content(chunk.content_hash) if h != chunk.hash]
+        found = self.registry.get_present(others, self.context_name)
+        return self._describe(sorted(found, key=lambda c: (c.created_at, c.hash)))
+
     def provenance(self, ref: str) -> tuple[list[ChunkInfo], list[ChunkInfo]]:
         """The chunk's parents (what it was computed after, in order) and its children."""
         chunk_hash = self.registry.resolve(ref)

@@ -20,6 +20,7 @@ from kvchunks.cli import progress
 from kvchunks.cli.chat import Chat
 from kvchunks.cli.main import cli
 from kvchunks.cli.state import State
+from kvchunks.engine import SamplingParams
 from kvchunks.store.chunk import ChunkInfo
 from kvchunks.store.hashing import content_hash
 from kvchunks.store.kv_file import read_kv_file, write_kv_file
@@ -576,3 +577,17 @@ def test_the_step_budget_given_is_the_engines(model_path, tmp_path):
         assert given.manager.store.model.engine_config.max_num_batched_tokens == 128
     finally:
         given.close()
+
+
+def test_info_names_the_chunks_with_the_same_text_in_other_contexts(state, doc):
+    [chunk] = as_json(state, "load", str(doc))
+    over_doc, over_nothing = (state.manager.with_context(n) for n in ("same-a", "same-b"))
+    over_doc.activate_chunk(chunk["hash"])
+    one_token = SamplingParams(temperature=0, max_tokens=1)
+    first = over_doc.generate("Say hi.", one_token).prompt_chunk.hash
+    second = over_nothing.generate("Say hi.", one_token).prompt_chunk.hash
+    info = as_json(state, "info", first)
+    assert first != second and info["same_text"] == [second]
+    shown = kvchunks(state, "info", first).stdout
+    assert second[:12] in shown[shown.index("same text") : shown.index("blocks")]
+    assert as_json(state, "info", chunk["hash"])["same_text"] == []

@@ -63,6 +63,10 @@ def test_content_hash_finds_the_same_text_in_other_contexts(make_cm):
     assert alone.prompt_chunk.content_hash == first.prompt_chunk.content_hash
     same = cm.registry.by_content(first.prompt_chunk.content_hash)
     assert set(same) == {first.prompt_chunk.hash, alone.prompt_chunk.hash}
+    assert [c.hash for c in cm.same_text(first.prompt_chunk.hash)] == [alone.prompt_chunk.hash]
+    found = cm.same_text(alone.prompt_chunk.hash[:10])  # a prefix, as everywhere
+    assert [(c.hash, c.is_active) for c in found] == [(first.prompt_chunk.hash, False)]
+    assert cm.same_text(doc.hash) == []
 
 
 def test_generation_provenance(make_cm):

@@ -180,6 +180,7 @@ def test_every_chunk_route(served):
         assert one["type"] == "document" and "follows" not in one
         tree = http.get(f"/v1/chunks/{a['hash']}/provenance").json()
         assert composed.json()["hash"] in {c["hash"] for c in tree["children"]}
+        assert tree["same_text"] == []  # its text is in no other context
         on = http.post("/v1/contexts/http-routes/activate", json={"chunk": a["hash"]}).json()
         assert on["is_active"]
         context = http.get("/v1/contexts/http-routes").json()

@@ -60,7 +60,7 @@ def test_every_process_shows_the_tier_of_the_process_that_holds_the_kv(make_stor
         chunk = other.get_chunk(note.hash)
         assert chunk.tier == "gpu" and chunk.segments == []
         console = Console(file=io.StringIO(), width=200)
-        console.print(render.info_table(chunk, [], [], []))
+        console.print(render.info_table(chunk, [], [], [], []))
         shown = console.file.getvalue()
         assert "not in the pool" not in shown and "the process that holds it" in shown
     finally:
