@@ -163,7 +163,7 @@ def info(state: State, ref: str, as_json: bool) -> None:
 
     Of the chunks computed after it, "continued by" are those of its own timeline (its
     subtree in `kvchunks tree`); the others were computed where another chunk came last.
-    "Same text" are the chunks with its tokens computed in other contexts.
+    "Same text" are the chunks with its tokens computed after other chunks than it was.
     """
     cm = state.catalog
     chunk = cm.get_chunk(ref)

@@ -98,7 +98,7 @@ def move_chunk(ref: str, body: Move, request: Request, context: str = "default")
 @router.get("/v1/chunks/{ref}/provenance")
 def provenance(ref: str, request: Request, context: str = "default") -> dict:
     """The chunk, what it was computed after (in order), the chunks computed after it, and
-    those with its text computed in other contexts."""
+    those with its text computed after other chunks."""
     api = _api(request, context)
     chunk = api.get_chunk(ref)
     parents, children = api.provenance(chunk.hash)

@@ -106,9 +106,9 @@ class Catalog:
             return self._describe(self.registry.list_chunks(pattern, tag, self.context_name))
 
     def same_text(self, ref: str) -> list[ChunkInfo]:
-        """The other chunks with this chunk's tokens (its content hash), computed in other
-        contexts: the same question asked over other documents, the same passage after
-        others. Oldest first."""
+        """The other chunks with this chunk's tokens (its content hash), computed after other
+        chunks than it was: the same question asked over other documents, the same passage
+        read after others. Oldest first."""
         chunk = self.registry.find(ref, self.context_name)
         others = [h for h in self.registry.by_content(chunk.content_hash) if h != chunk.hash]
         found = self.registry.get_present(others, self.context_name)
