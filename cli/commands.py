@@ -178,8 +178,12 @@ def info(state: State, ref: str, as_json: bool) -> None:
         "later_in_other_timelines": [c.hash for c in elsewhere],
         "same_text": [c.hash for c in same_text],
     }
-    lines = (parents, continued, elsewhere, same_text)
-    show(state, as_json, document, lambda: render.info_table(chunk, *lines))
+    show(
+        state,
+        as_json,
+        document,
+        lambda: render.info_table(chunk, parents, continued, elsewhere, same_text),
+    )
 
 
 @click.command()
